@@ -1,0 +1,56 @@
+"""Running a click command so that expected failures print one line, never a traceback."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import traceback
+
+import click
+
+from slimfleet.agent.errors import SlimfleetError
+
+DEBUG_ENV = "SLIMFLEET_DEBUG"
+EXIT_INTERNAL = 70  # sysexits EX_SOFTWARE: a bug in slimfleet, please report it
+
+
+def run_cli(command: click.Command, prog_name: str) -> None:
+    """Invoke ``command``; map SlimfleetError to its exit code and one line on stderr."""
+    try:
+        command.main(prog_name=prog_name, standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except SlimfleetError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except Exception as exc:  # a bug: still one line unless the user asks for more
+        if os.environ.get(DEBUG_ENV):
+            traceback.print_exc()
+        else:
+            click.echo(
+                f"internal error: {type(exc).__name__}: {exc} (set {DEBUG_ENV}=1 for details)",
+                err=True,
+            )
+        sys.exit(EXIT_INTERNAL)
+    sys.exit(0)
+
+
+def setup_logging(verbose: int, quiet: bool = False) -> None:
+    level = logging.WARNING
+    if quiet:
+        level = logging.ERROR
+    elif verbose == 1:
+        level = logging.INFO
+    elif verbose > 1:
+        level = logging.DEBUG
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", force=True)

@@ -1,0 +1,159 @@
+"""YAML config loading whose errors name the file and line of the offending value."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from slimfleet.agent.errors import ConfigError
+
+
+@dataclass
+class Node:
+    """A parsed YAML value that remembers where it came from."""
+
+    value: Any
+    path: str
+    line: int
+    file: str
+
+    def where(self) -> str:
+        return f"{self.file}:{self.line}: {self.path or '<root>'}"
+
+    def error(self, message: str) -> ConfigError:
+        return ConfigError(f"{self.where()}: {message}")
+
+    # -- mappings -----------------------------------------------------------------
+    def keys(self) -> list[str]:
+        return list(self.as_mapping())
+
+    def as_mapping(self) -> dict[str, Node]:
+        if not isinstance(self.value, dict):
+            raise self.error(f"expected a mapping, got {_kind(self.value)}")
+        return self.value
+
+    def get(self, key: str) -> Node | None:
+        return self.as_mapping().get(key)
+
+    def require(self, key: str) -> Node:
+        node = self.get(key)
+        if node is None:
+            raise self.error(f"missing required key {key!r}")
+        return node
+
+    def reject_unknown(self, allowed: set[str]) -> None:
+        for key, node in self.as_mapping().items():
+            if key not in allowed:
+                raise node.error(f"unknown key {key!r} (allowed: {', '.join(sorted(allowed))})")
+
+    # -- sequences ----------------------------------------------------------------
+    def items(self) -> Iterator[Node]:
+        if not isinstance(self.value, list):
+            raise self.error(f"expected a list, got {_kind(self.value)}")
+        yield from self.value
+
+    # -- scalars ------------------------------------------------------------------
+    def scalar(self) -> Any:
+        if isinstance(self.value, (dict, list)):
+            raise self.error(f"expected a single value, got {_kind(self.value)}")
+        return self.value
+
+    def str(self) -> str:
+        value = self.scalar()
+        if not isinstance(value, str) or not value:
+            raise self.error(f"expected a non-empty string, got {value!r}")
+        return value
+
+    def int(self, minimum: int | None = None) -> int:
+        value = self.scalar()
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.error(f"expected an integer, got {value!r}")
+        if minimum is not None and value < minimum:
+            raise self.error(f"must be >= {minimum}, got {value}")
+        return value
+
+    def float(self, minimum: float | None = None) -> float:
+        value = self.scalar()
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self.error(f"expected a number, got {value!r}")
+        if minimum is not None and value < minimum:
+            raise self.error(f"must be >= {minimum}, got {value}")
+        return float(value)
+
+    def bool(self) -> bool:
+        value = self.scalar()
+        if not isinstance(value, bool):
+            raise self.error(f"expected true or false, got {value!r}")
+        return value
+
+    def check(self, predicate: Callable[[Any], bool], message: str) -> Any:
+        value = self.scalar()
+        if not predicate(value):
+            raise self.error(message)
+        return value
+
+    def plain(self) -> Any:
+        """The value with all position information stripped."""
+        if isinstance(self.value, dict):
+            return {k: v.plain() for k, v in self.value.items()}
+        if isinstance(self.value, list):
+            return [v.plain() for v in self.value]
+        return self.value
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    return f"{value!r}"
+
+
+def parse_yaml(text: str, file: str) -> Node:
+    """Parse YAML text into a :class:`Node` tree; syntax errors become ConfigError."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else 0
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{file}:{line}: invalid YAML: {problem}") from None
+    if root is None:
+        raise ConfigError(f"{file}:1: the file is empty")
+    return _convert(root, "", file)
+
+
+def _convert(node: yaml.Node, path: str, file: str) -> Node:
+    line = node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        mapping: dict[str, Node] = {}
+        for key_node, value_node in node.value:
+            key = key_node.value
+            if key in mapping:
+                raise ConfigError(f"{file}:{key_node.start_mark.line + 1}: duplicate key {key!r}")
+            child = f"{path}.{key}" if path else str(key)
+            mapping[key] = _convert(value_node, child, file)
+        return Node(mapping, path, line, file)
+    if isinstance(node, yaml.SequenceNode):
+        items = [_convert(v, f"{path}[{i}]", file) for i, v in enumerate(node.value)]
+        return Node(items, path, line, file)
+    value = yaml.SafeLoader(  # resolve the scalar's type exactly as safe_load would
+        ""
+    ).construct_object(node, deep=True)
+    return Node(value, path, line, file)
+
+
+def load_yaml(path: str | Path) -> Node:
+    """Read and parse a YAML config file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: config is not UTF-8 text") from None
+    return parse_yaml(text, str(path))

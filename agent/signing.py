@@ -1,0 +1,116 @@
+"""Ed25519 signatures over canonical JSON, in a small TUF-like envelope.
+
+An envelope is ``{"signed": <document>, "signature": <base64>}``; the document
+carries the ``key_id`` of the key that signed it, so the signature covers it too.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from slimfleet.agent.errors import InputError, VerifyError
+from slimfleet.agent.wire import canonical_json
+
+
+def key_id(public_key: Ed25519PublicKey) -> str:
+    """The first 16 hex digits of the sha256 of the raw public key."""
+    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return hashlib.sha256(raw).hexdigest()[:16]
+
+
+def generate_keypair(private_path: Path, public_path: Path) -> str:
+    """Write a new private key (mode 0600) and its public key as PEM; return the key id."""
+    key = Ed25519PrivateKey.generate()
+    private_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    public_pem = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    private_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(private_pem)
+    public_path.write_bytes(public_pem)
+    return key_id(key.public_key())
+
+
+def load_private_key(path: Path) -> Ed25519PrivateKey:
+    try:
+        key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read signing key: {exc.strerror or exc}") from None
+    except (ValueError, TypeError):
+        raise InputError(f"{path}: not an unencrypted PEM private key") from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise InputError(f"{path}: not an Ed25519 key")
+    return key
+
+
+def load_public_key(path: Path) -> Ed25519PublicKey:
+    try:
+        key = serialization.load_pem_public_key(Path(path).read_bytes())
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read public key: {exc.strerror or exc}") from None
+    except ValueError:
+        raise InputError(f"{path}: not a PEM public key") from None
+    if not isinstance(key, Ed25519PublicKey):
+        raise InputError(f"{path}: not an Ed25519 key")
+    return key
+
+
+class Signer:
+    """Signs documents with one private key."""
+
+    def __init__(self, private_key: Ed25519PrivateKey) -> None:
+        self._key = private_key
+        self.key_id = key_id(private_key.public_key())
+
+    def sign(self, document: dict[str, Any]) -> bytes:
+        """Return the envelope bytes for ``document`` (which must carry this key_id)."""
+        if document.get("key_id") != self.key_id:
+            raise ValueError("document key_id does not match the signing key")
+        signature = self._key.sign(canonical_json(document))
+        envelope = {"signed": document, "signature": base64.b64encode(signature).decode()}
+        return json.dumps(envelope, sort_keys=True, separators=(",", ":")).encode()
+
+
+class Verifier:
+    """Checks envelopes against pinned public keys."""
+
+    def __init__(self, public_keys: list[Ed25519PublicKey]) -> None:
+        self._keys = {key_id(k): k for k in public_keys}
+
+    @property
+    def key_ids(self) -> list[str]:
+        return sorted(self._keys)
+
+    def verify(self, payload: bytes, what: str) -> dict[str, Any]:
+        """Return the signed document or raise VerifyError saying why it was refused."""
+        try:
+            envelope = json.loads(payload.decode("utf-8"))
+            document = envelope["signed"]
+            signature = base64.b64decode(envelope["signature"], validate=True)
+        except (UnicodeDecodeError, ValueError, KeyError, TypeError, binascii.Error):
+            raise VerifyError(f"{what}: not a signed envelope") from None
+        if not isinstance(document, dict):
+            raise VerifyError(f"{what}: signed part is not a JSON object")
+        kid = document.get("key_id")
+        key = self._keys.get(kid) if isinstance(kid, str) else None
+        if key is None:
+            raise VerifyError(f"{what}: signed by unknown key {kid!r}")
+        try:
+            key.verify(signature, canonical_json(document))
+        except InvalidSignature:
+            raise VerifyError(f"{what}: bad signature") from None
+        return document

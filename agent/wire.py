@@ -1,0 +1,334 @@
+"""The wire format: MQTT topics, the signed model manifest, chunks and message bodies.
+
+Everything a third party needs to write a monitor or an agent is defined here and
+documented in the README ("Wire format"). All bodies are UTF-8 JSON except chunks,
+which are raw bytes. Documents that change what a device runs (manifests, desired
+state) travel inside a signed envelope, see :mod:`slimfleet.agent.signing`.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from slimfleet.agent.errors import VerifyError
+
+SCHEMA_VERSION = 1
+DEFAULT_CHUNK_SIZE = 256 * 1024
+# mosquitto 2.1 rejects packets over 2 MB by default; leave room for topic and headers.
+MAX_PAYLOAD_BYTES = 2 * 1024 * 1024 - 64 * 1024
+
+# Event types an agent publishes on devices/<id>/events.
+EVENT_DOWNLOAD_PROGRESS = "download_progress"
+EVENT_VERIFY_FAILED = "verify_failed"
+EVENT_SWAP_STARTED = "swap_started"
+EVENT_SWAP_OK = "swap_ok"
+EVENT_SWAP_FAILED = "swap_failed"
+EVENT_FALLBACK = "fallback"
+EVENT_TYPES = (
+    EVENT_DOWNLOAD_PROGRESS,
+    EVENT_VERIFY_FAILED,
+    EVENT_SWAP_STARTED,
+    EVENT_SWAP_OK,
+    EVENT_SWAP_FAILED,
+    EVENT_FALLBACK,
+)
+
+
+class Topics:
+    """Topic names under one fleet prefix, e.g. ``slimfleet/demo``.
+
+    ==========================================  ========  ===========================
+    topic                                       retained  body
+    ==========================================  ========  ===========================
+    models/<name>/<version>/manifest            yes       signed manifest envelope
+    models/<name>/<version>/chunk/<i>           yes       raw bytes of chunk i
+    devices/<id>/desired                        yes       signed desired-state envelope
+    devices/<id>/state                          yes       agent state (JSON)
+    devices/<id>/status                         yes       "online" / "offline" (Last Will)
+    devices/<id>/telemetry                      no        telemetry (JSON)
+    devices/<id>/events                         no        one event (JSON)
+    ==========================================  ========  ===========================
+    """
+
+    def __init__(self, prefix: str) -> None:
+        prefix = prefix.strip("/")
+        if not prefix or any(c in prefix for c in "+#\0"):
+            raise ValueError(f"invalid topic prefix {prefix!r}")
+        self.prefix = prefix
+
+    def manifest(self, name: str, version: int) -> str:
+        return f"{self.prefix}/models/{name}/{version}/manifest"
+
+    def chunk(self, name: str, version: int, index: int) -> str:
+        return f"{self.prefix}/models/{name}/{version}/chunk/{index}"
+
+    def device(self, device_id: str, leaf: str) -> str:
+        """``devices/<id>/<leaf>``; leaf is desired, state, status, telemetry or events."""
+        return f"{self.prefix}/devices/{device_id}/{leaf}"
+
+    def all_devices(self, leaf: str) -> str:
+        """A subscription filter for one leaf of every device."""
+        return f"{self.prefix}/devices/+/{leaf}"
+
+    def parse_device_topic(self, topic: str) -> tuple[str, str] | None:
+        """Return ``(device_id, leaf)`` for a device topic under this prefix, else None."""
+        head = f"{self.prefix}/devices/"
+        if not topic.startswith(head):
+            return None
+        rest = topic[len(head) :].split("/")
+        if len(rest) != 2:
+            return None
+        return rest[0], rest[1]
+
+
+def check_name(name: str) -> str:
+    """Model names and device ids become topic levels: no wildcards, slashes or blanks."""
+    if not name or any(c in name for c in "/+#\0 ") or len(name) > 128:
+        raise ValueError(f"invalid name {name!r}: use letters, digits, '-', '_' or '.'")
+    return name
+
+
+def canonical_json(doc: Any) -> bytes:
+    """The exact bytes that are signed: sorted keys, no spaces, ASCII only."""
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def split_chunks(data: bytes, chunk_size: int = DEFAULT_CHUNK_SIZE) -> list[bytes]:
+    """Cut a file into fixed-size blocks (the last one may be shorter)."""
+    if not 0 < chunk_size <= MAX_PAYLOAD_BYTES:
+        raise ValueError(f"chunk size must be between 1 and {MAX_PAYLOAD_BYTES} bytes")
+    return [data[i : i + chunk_size] for i in range(0, len(data), chunk_size)] or [b""]
+
+
+# -- tensors ------------------------------------------------------------------------
+
+
+def encode_tensor(array: np.ndarray) -> dict[str, Any]:
+    """A JSON-safe tensor: dtype, shape and little-endian bytes in base64."""
+    array = np.ascontiguousarray(array)
+    return {
+        "dtype": array.dtype.name,
+        "shape": list(array.shape),
+        "data": base64.b64encode(array.astype(array.dtype.newbyteorder("<")).tobytes()).decode(),
+    }
+
+
+def decode_tensor(doc: Any, where: str = "tensor") -> np.ndarray:
+    try:
+        dtype = np.dtype(doc["dtype"]).newbyteorder("<")
+        shape = tuple(int(d) for d in doc["shape"])
+        raw = base64.b64decode(doc["data"], validate=True)
+        return np.frombuffer(raw, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise VerifyError(f"{where}: malformed tensor ({exc})") from None
+
+
+# -- manifest -------------------------------------------------------------------------
+
+
+@dataclass
+class SmokeTest:
+    """A tiny input with the output the model must reproduce on the device."""
+
+    inputs: dict[str, np.ndarray]
+    outputs: dict[str, np.ndarray]
+    atol: float = 1e-3
+    rtol: float = 1e-2
+    max_latency_ms: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "inputs": {k: encode_tensor(v) for k, v in self.inputs.items()},
+            "outputs": {k: encode_tensor(v) for k, v in self.outputs.items()},
+            "atol": self.atol,
+            "rtol": self.rtol,
+            "max_latency_ms": self.max_latency_ms,
+        }
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any]) -> SmokeTest:
+        try:
+            return cls(
+                inputs={k: decode_tensor(v, f"smoke.inputs.{k}") for k, v in doc["inputs"].items()},
+                outputs={
+                    k: decode_tensor(v, f"smoke.outputs.{k}") for k, v in doc["outputs"].items()
+                },
+                atol=float(doc.get("atol", 1e-3)),
+                rtol=float(doc.get("rtol", 1e-2)),
+                max_latency_ms=doc.get("max_latency_ms"),
+            )
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            raise VerifyError(f"manifest smoke test is malformed: {exc}") from None
+
+
+@dataclass
+class Manifest:
+    """What a device needs to fetch, verify and smoke-test one model version."""
+
+    name: str
+    version: int
+    sha256: str
+    size: int
+    chunk_size: int
+    chunks: list[str]  # sha256 of each chunk, in order
+    io: dict[str, Any]  # {"inputs": [{"name","dtype","shape"}], "outputs": [...]}
+    opset: int
+    key_id: str
+    created: float
+    expires: float | None = None
+    report: dict[str, Any] = field(default_factory=dict)
+    smoke: SmokeTest | None = None
+    schema: int = SCHEMA_VERSION
+
+    @property
+    def chunk_count(self) -> int:
+        return len(self.chunks)
+
+    def to_dict(self) -> dict[str, Any]:
+        doc = asdict(self)
+        doc["kind"] = "manifest"
+        doc["smoke"] = self.smoke.to_dict() if self.smoke else None
+        return doc
+
+    @classmethod
+    def from_dict(cls, doc: Any) -> Manifest:
+        """Validate a decoded manifest; any problem is a VerifyError naming the field."""
+        if not isinstance(doc, dict) or doc.get("kind") != "manifest":
+            raise VerifyError("not a manifest document")
+        if doc.get("schema") != SCHEMA_VERSION:
+            raise VerifyError(f"unsupported manifest schema {doc.get('schema')!r}")
+        expect = {
+            "name": str,
+            "version": int,
+            "sha256": str,
+            "size": int,
+            "chunk_size": int,
+            "chunks": list,
+            "io": dict,
+            "opset": int,
+            "key_id": str,
+            "created": (int, float),
+        }
+        for key, kind in expect.items():
+            if not isinstance(doc.get(key), kind) or isinstance(doc.get(key), bool):
+                raise VerifyError(f"manifest field {key!r} is missing or has the wrong type")
+        if doc["version"] < 1 or doc["size"] < 0 or doc["chunk_size"] < 1:
+            raise VerifyError("manifest version, size or chunk_size out of range")
+        expected_chunks = max(1, -(-doc["size"] // doc["chunk_size"]))
+        if len(doc["chunks"]) != expected_chunks:
+            raise VerifyError(
+                f"manifest lists {len(doc['chunks'])} chunks, size implies {expected_chunks}"
+            )
+        smoke = SmokeTest.from_dict(doc["smoke"]) if doc.get("smoke") else None
+        return cls(
+            name=doc["name"],
+            version=doc["version"],
+            sha256=doc["sha256"],
+            size=doc["size"],
+            chunk_size=doc["chunk_size"],
+            chunks=[str(c) for c in doc["chunks"]],
+            io=doc["io"],
+            opset=doc["opset"],
+            key_id=doc["key_id"],
+            created=float(doc["created"]),
+            expires=float(doc["expires"]) if doc.get("expires") is not None else None,
+            report=doc.get("report") or {},
+            smoke=smoke,
+        )
+
+    def expired(self, now: float | None = None) -> bool:
+        return self.expires is not None and (now if now is not None else time.time()) > self.expires
+
+
+def make_manifest(
+    name: str,
+    version: int,
+    data: bytes,
+    *,
+    io: dict[str, Any],
+    opset: int,
+    key_id: str,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    report: dict[str, Any] | None = None,
+    smoke: SmokeTest | None = None,
+    ttl_s: float | None = None,
+    created: float | None = None,
+) -> tuple[Manifest, list[bytes]]:
+    """Build the manifest for ``data`` and return it with the chunks it describes."""
+    check_name(name)
+    chunks = split_chunks(data, chunk_size)
+    created = time.time() if created is None else created
+    manifest = Manifest(
+        name=name,
+        version=version,
+        sha256=sha256_hex(data),
+        size=len(data),
+        chunk_size=chunk_size,
+        chunks=[sha256_hex(c) for c in chunks],
+        io=io,
+        opset=opset,
+        key_id=key_id,
+        created=created,
+        expires=created + ttl_s if ttl_s else None,
+        report=report or {},
+        smoke=smoke,
+    )
+    return manifest, chunks
+
+
+# -- desired state --------------------------------------------------------------------
+
+
+@dataclass
+class Desired:
+    """What the host wants a device to run. ``rollback`` permits an older version."""
+
+    device: str
+    name: str
+    version: int
+    key_id: str
+    rollback: bool = False
+    issued: float = field(default_factory=time.time)
+
+    def to_dict(self) -> dict[str, Any]:
+        doc = asdict(self)
+        doc["kind"] = "desired"
+        return doc
+
+    @classmethod
+    def from_dict(cls, doc: Any) -> Desired:
+        if not isinstance(doc, dict) or doc.get("kind") != "desired":
+            raise VerifyError("not a desired-state document")
+        try:
+            desired = cls(
+                device=str(doc["device"]),
+                name=check_name(str(doc["name"])),
+                version=int(doc["version"]),
+                key_id=str(doc["key_id"]),
+                rollback=bool(doc.get("rollback", False)),
+                issued=float(doc.get("issued", 0.0)),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise VerifyError(f"desired state is malformed: {exc}") from None
+        if desired.version < 1:
+            raise VerifyError("desired state: version must be >= 1")
+        return desired
+
+
+def parse_json(payload: bytes, what: str) -> Any:
+    """Decode a JSON body; a malformed one is a VerifyError saying what it was."""
+    try:
+        return json.loads(payload.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise VerifyError(f"{what}: not valid JSON ({exc})") from None

@@ -1,0 +1,1 @@
+"""Compression: data loading, candidate evaluation, the recipe search and the report."""

@@ -1,0 +1,1 @@
+"""Fleet side: fleet.yaml, signing keys, publishing models and assigning them to devices."""

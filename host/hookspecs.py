@@ -1,0 +1,92 @@
+"""The hooks a slimfleet plugin can implement.
+
+A plugin is a module or object with functions named like the specs below and
+decorated with :data:`hookimpl`. Built-in plugins live in ``slimfleet.plugins``;
+third-party packages expose theirs through the ``slimfleet`` entry-point group::
+
+    [project.entry-points.slimfleet]
+    acme = "acme_slimfleet.plugin"
+
+Each function's docstring is that hook's reference documentation (the README's hook
+reference is generated from it, and a test fails when a hook has none).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    import onnx
+
+    from slimfleet.host.compress.report import ReportSection
+    from slimfleet.host.metrics import Metric
+    from slimfleet.host.passes import Feed, Pass, PassContext, PassResult
+    from slimfleet.host.recipes import Recipe
+    from slimfleet.host.registry import Registry
+
+PROJECT = "slimfleet"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@hookspec
+def slimfleet_add_passes(passes: Registry[Pass]) -> None:
+    """Register compression passes by calling ``passes.add(MyPass())``.
+
+    Called once when the plugin manager is set up. A name already taken by
+    another plugin is an error that names both plugins.
+    """
+
+
+@hookspec
+def slimfleet_add_recipes(recipes: Registry[Recipe], passes: Registry[Pass]) -> None:
+    """Register recipes (named pass sequences) that ``compress``'s search tries.
+
+    ``passes`` holds every registered pass, so a plugin can skip recipes whose
+    passes are missing or disabled.
+    """
+
+
+@hookspec
+def slimfleet_add_metrics(metrics: Registry[Metric]) -> None:
+    """Register task metrics computed for every candidate beside built-in fidelity.
+
+    A metric scores a candidate's outputs against the original's in [0, 1]; a
+    candidate scoring below the fidelity budget is rejected.
+    """
+
+
+@hookspec(firstresult=True)
+def slimfleet_load_data(path: Path, inputs: Sequence[dict[str, Any]]) -> list[Feed] | None:
+    """Load user samples from ``path`` for the model inputs described by ``inputs``.
+
+    ``inputs`` is the model's input signature: ``[{"name", "dtype", "shape"}]``.
+    Return one feed (input name -> array) per sample, or None when this plugin
+    does not read that kind of path. The first non-None result wins; the
+    built-in ``.npz`` reader runs last. Raise ``InputError`` for a file this
+    plugin owns but cannot read.
+    """
+
+
+@hookspec(firstresult=True)
+def slimfleet_apply_pass(
+    pass_: Pass, model: onnx.ModelProto, context: PassContext, options: dict[str, Any]
+) -> PassResult | None:
+    """Apply one pass to a model and return its result.
+
+    The built-in implementation calls ``pass_.apply``. Implement this hook with
+    ``wrapper=True`` to time, log or post-process every pass (the way pytest's
+    ``pytest_runtest_call`` is wrapped), or return a result to replace a pass.
+    """
+
+
+@hookspec
+def slimfleet_report_section(report: dict[str, Any]) -> ReportSection | None:
+    """Return a section to append to ``report.json`` and ``report.html``, or None.
+
+    ``report`` is the finished report dictionary (candidates, choice, reasons).
+    """

@@ -1,0 +1,156 @@
+"""Small ONNX models built with onnx.helper, shaped like the real ones slimfleet meets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+RNG = np.random.default_rng(0)
+
+
+def _init(name: str, array: np.ndarray) -> onnx.TensorProto:
+    return numpy_helper.from_array(array.astype(np.float32), name)
+
+
+def _model(graph: onnx.GraphProto, opset: int) -> onnx.ModelProto:
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def conv_bn_net(opset: int = 13, channels: int = 16, classes: int = 10) -> onnx.ModelProto:
+    """Conv -> BatchNorm -> Relu twice, global pool, Gemm classifier; input 1x3x32x32."""
+    c = channels
+    inits = [
+        _init("w1", RNG.normal(0, 0.3, (c, 3, 3, 3))),
+        _init("b1", RNG.normal(0, 0.1, (c,))),
+        _init("w2", RNG.normal(0, 0.1, (c, c, 3, 3))),
+        _init("b2", RNG.normal(0, 0.1, (c,))),
+        _init("wf", RNG.normal(0, 0.3, (classes, c))),
+        _init("bf", RNG.normal(0, 0.1, (classes,))),
+    ]
+    for i in (1, 2):
+        inits += [
+            _init(f"bn{i}_s", RNG.uniform(0.5, 1.5, (c,))),
+            _init(f"bn{i}_b", RNG.normal(0, 0.1, (c,))),
+            _init(f"bn{i}_m", RNG.normal(0, 0.1, (c,))),
+            _init(f"bn{i}_v", RNG.uniform(0.5, 1.5, (c,))),
+        ]
+    nodes = [
+        helper.make_node("Conv", ["input", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node(
+            "BatchNormalization", ["c1", "bn1_s", "bn1_b", "bn1_m", "bn1_v"], ["n1"], name="bn1"
+        ),
+        helper.make_node("Relu", ["n1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+        helper.make_node(
+            "BatchNormalization", ["c2", "bn2_s", "bn2_b", "bn2_m", "bn2_v"], ["n2"], name="bn2"
+        ),
+        helper.make_node("Relu", ["n2"], ["r2"], name="relu2"),
+        helper.make_node("GlobalAveragePool", ["r2"], ["p"], name="pool"),
+        helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
+        helper.make_node("Gemm", ["f", "wf", "bf"], ["logits"], name="fc", transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "conv_bn_net",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 32, 32])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, classes])],
+        inits,
+    )
+    return _model(graph, opset)
+
+
+def mlp(opset: int = 13, features: int = 64, hidden: int = 128, classes: int = 10) -> onnx.ModelProto:
+    """MatMul/Add/Relu x2 with a dynamic batch axis: input [batch, features]."""
+    inits = [
+        _init("w1", RNG.normal(0, 0.2, (features, hidden))),
+        _init("b1", RNG.normal(0, 0.1, (hidden,))),
+        _init("w2", RNG.normal(0, 0.2, (hidden, classes))),
+        _init("b2", RNG.normal(0, 0.1, (classes,))),
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),
+        helper.make_node("Add", ["h", "b1"], ["hb"], name="add1"),
+        helper.make_node("Relu", ["hb"], ["r"], name="relu"),
+        helper.make_node("MatMul", ["r", "w2"], ["o"], name="mm2"),
+        helper.make_node("Add", ["o", "b2"], ["y"], name="add2"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", features])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", classes])],
+        inits,
+    )
+    return _model(graph, opset)
+
+
+def lstm(opset: int = 13, steps: int = 8, features: int = 16, hidden: int = 32) -> onnx.ModelProto:
+    """A single-direction LSTM followed by a MatMul head: input [steps, 1, features]."""
+    inits = [
+        _init("W", RNG.normal(0, 0.2, (1, 4 * hidden, features))),
+        _init("R", RNG.normal(0, 0.2, (1, 4 * hidden, hidden))),
+        _init("B", RNG.normal(0, 0.1, (1, 8 * hidden))),
+        _init("head", RNG.normal(0, 0.2, (hidden, 5))),
+        onnx.helper.make_tensor("axes", TensorProto.INT64, [1], [1]),
+    ]
+    nodes = [
+        helper.make_node("LSTM", ["seq", "W", "R", "B"], ["Y"], name="lstm", hidden_size=hidden),
+        helper.make_node("Squeeze", ["Y", "axes"], ["Ys"], name="squeeze"),
+        helper.make_node("MatMul", ["Ys", "head"], ["out"], name="head_mm"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "lstm",
+        [helper.make_tensor_value_info("seq", TensorProto.FLOAT, [steps, 1, features])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [steps, 1, 5])],
+        inits,
+    )
+    return _model(graph, opset)
+
+
+def constant_weights(opset: int = 13) -> onnx.ModelProto:
+    """Like :func:`mlp` but the weights are Constant nodes, as some converters export them."""
+    base = mlp(opset)
+    nodes = [
+        helper.make_node("Constant", [], [init.name], name=f"const_{init.name}", value=init)
+        for init in base.graph.initializer
+    ]
+    graph = helper.make_graph(
+        nodes + list(base.graph.node),
+        "constant_weights",
+        list(base.graph.input),
+        list(base.graph.output),
+    )
+    return _model(graph, opset)
+
+
+def add_one(opset: int = 13, size: int = 4) -> onnx.ModelProto:
+    """y = x + c; tiny and exact, for delivery tests. ``c`` can be varied per version."""
+    return add_const(1.0, opset, size)
+
+
+def add_const(value: float, opset: int = 13, size: int = 4, pad_bytes: int = 0) -> onnx.ModelProto:
+    """y = x + value. ``pad_bytes`` adds an unused initializer to make the file bigger."""
+    inits = [_init("c", np.full((size,), value))]
+    if pad_bytes:
+        inits.append(_init("pad", RNG.normal(size=(pad_bytes // 4,))))
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "c"], ["y"], name="add")],
+        "add_const",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, size])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, size])],
+        inits,
+    )
+    return _model(graph, opset)
+
+
+def save(model: onnx.ModelProto, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    return path
