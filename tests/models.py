@@ -65,7 +65,9 @@ def conv_bn_net(opset: int = 13, channels: int = 16, classes: int = 10) -> onnx.
     return _model(graph, opset)
 
 
-def mlp(opset: int = 13, features: int = 64, hidden: int = 128, classes: int = 10) -> onnx.ModelProto:
+def mlp(
+    opset: int = 13, features: int = 64, hidden: int = 128, classes: int = 10
+) -> onnx.ModelProto:
     """MatMul/Add/Relu x2 with a dynamic batch axis: input [batch, features]."""
     inits = [
         _init("w1", RNG.normal(0, 0.2, (features, hidden))),
