@@ -91,8 +91,13 @@ class Pass:
         """The lowest ai.onnx opset this pass needs; the runner upgrades the model first."""
         return 1
 
-    def check(self, model: onnx.ModelProto, options: dict[str, Any]) -> str | None:
-        """Return None when the pass applies, else a one-line reason why it does not."""
+    def check(
+        self, model: onnx.ModelProto, context: PassContext, options: dict[str, Any]
+    ) -> str | None:
+        """Return None when the pass applies, else a one-line reason why it does not.
+
+        Example reasons: "no LSTM, MatMul or Gemm nodes", "needs calibration data".
+        """
         return None
 
     def apply(
