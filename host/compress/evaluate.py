@@ -91,8 +91,9 @@ class Measurement:
     """What the child process measured, or why it failed (``error``)."""
 
     load_ms: float | None = None
-    latency_ms: dict[str, float] = field(default_factory=dict)
-    """``{"median", "p90", "runs"}``."""
+    latency_ms: dict[str, Any] = field(default_factory=dict)
+    """``{"median", "p90", "runs", "method"}``; method ``alone`` (in its own process) or
+    ``interleaved`` (raced round-robin against the original, see :func:`race`)."""
     peak_memory_bytes: int | None = None
     outputs: list[Outputs] = field(default_factory=list)
     """Outputs per evaluation sample, by output name."""
@@ -116,6 +117,27 @@ def write_samples(feeds: Sequence[dict[str, np.ndarray]], directory: Path) -> li
     return paths
 
 
+def _run_child(job: dict[str, Any], workdir: Path, timeout: float) -> dict[str, Any]:
+    """Run one job in a fresh process; its result, or ``{"error": reason}``."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    job = {**job, "result": str(workdir / "result.json")}
+    job_path = workdir / "job.json"
+    job_path.write_text(json.dumps(job))
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", WORKER_MODULE, str(job_path)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:g} s"}
+    result_path = Path(job["result"])
+    if proc.returncode != 0 or not result_path.exists():
+        return {"error": _exit_reason(proc.returncode, proc.stderr)}
+    return json.loads(result_path.read_text())
+
+
 def measure(
     model: Path,
     samples: Sequence[Path],
@@ -125,30 +147,15 @@ def measure(
     latency: bool = True,
 ) -> Measurement:
     """Run ``model`` on ``samples`` in a fresh process; time it unless ``latency`` is False."""
-    workdir.mkdir(parents=True, exist_ok=True)
     job = {
+        "kind": "measure",
         "model": str(model),
         "samples": [str(p) for p in samples],
         "settings": asdict(settings),
         "latency": latency,
         "outputs": str(workdir / "outputs.npz"),
-        "result": str(workdir / "result.json"),
     }
-    job_path = workdir / "job.json"
-    job_path.write_text(json.dumps(job))
-    try:
-        proc = subprocess.run(
-            [sys.executable, "-m", WORKER_MODULE, str(job_path)],
-            capture_output=True,
-            text=True,
-            timeout=settings.timeout,
-        )
-    except subprocess.TimeoutExpired:
-        return Measurement(error=f"timed out after {settings.timeout:g} s")
-    result_path = Path(job["result"])
-    if proc.returncode != 0 or not result_path.exists():
-        return Measurement(error=_exit_reason(proc.returncode, proc.stderr))
-    result = json.loads(result_path.read_text())
+    result = _run_child(job, workdir, settings.timeout)
     if result.get("error"):
         return Measurement(error=result["error"])
     return Measurement(
@@ -157,6 +164,26 @@ def measure(
         peak_memory_bytes=result["peak_memory_bytes"],
         outputs=_load_outputs(Path(job["outputs"]), result["output_names"], len(samples)),
     )
+
+
+def race(
+    models: Sequence[Path], sample: Path, settings: EvalSettings, workdir: Path
+) -> list[dict[str, float]] | str:
+    """Time ``models`` round-robin in one process: one run of each per round.
+
+    Every model then meets the same background load (other processes, thermal state),
+    so their latencies compare fairly even on a busy machine. Only models that already
+    ran cleanly in their own process should race. Returns latency figures per model,
+    in order, or the reason the race failed.
+    """
+    job = {
+        "kind": "race",
+        "models": [str(m) for m in models],
+        "samples": [str(sample)],
+        "settings": asdict(settings),
+    }
+    result = _run_child(job, workdir, settings.timeout)
+    return result.get("error") or result["latency_ms"]
 
 
 def _exit_reason(returncode: int, stderr: str) -> str:
@@ -308,6 +335,17 @@ def score_metrics(
 
 
 def _peak_rss() -> int:
+    """This process's peak resident set size in bytes.
+
+    Linux: ``VmHWM``, which belongs to the process image; ``ru_maxrss`` is no good there
+    because it keeps the parent's RSS from before ``exec``.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     try:
         import resource
     except ImportError:  # Windows
@@ -324,21 +362,30 @@ def _current_rss() -> int:
     return int(psutil.Process().memory_info().rss)
 
 
-def _run_job(job: dict[str, Any]) -> dict[str, Any]:
+def _session(path: str, settings: EvalSettings) -> Any:
     import onnxruntime as ort
 
-    settings = EvalSettings(**job["settings"])
-    feeds = []
-    for path in job["samples"]:
-        with np.load(path, allow_pickle=False) as npz:
-            feeds.append({key: npz[key] for key in npz.files})
     options = ort.SessionOptions()
     options.intra_op_num_threads = settings.threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
+    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+
+def _load_feeds(paths: Sequence[str]) -> list[dict[str, np.ndarray]]:
+    feeds = []
+    for path in paths:
+        with np.load(path, allow_pickle=False) as npz:
+            feeds.append({key: npz[key] for key in npz.files})
+    return feeds
+
+
+def _measure_job(job: dict[str, Any]) -> dict[str, Any]:
+    settings = EvalSettings(**job["settings"])
+    feeds = _load_feeds(job["samples"])
     rss_before = _current_rss()
     start = time.perf_counter()
-    session = ort.InferenceSession(job["model"], options, providers=["CPUExecutionProvider"])
+    session = _session(job["model"], settings)
     load_ms = (time.perf_counter() - start) * 1000
     names = [o.name for o in session.get_outputs()]
     arrays = {}
@@ -348,7 +395,8 @@ def _run_job(job: dict[str, Any]) -> dict[str, Any]:
     np.savez(job["outputs"], **arrays)
     latency: dict[str, float] = {}
     if job["latency"] and feeds:
-        latency = _time_runs(session, feeds[0], settings)
+        latency = _time_runs([session], feeds[0], settings)[0]
+        latency["method"] = "alone"
     return {
         "load_ms": load_ms,
         "latency_ms": latency,
@@ -357,28 +405,51 @@ def _run_job(job: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _time_runs(session: Any, feed: dict[str, np.ndarray], settings: EvalSettings) -> dict:
+def _race_job(job: dict[str, Any]) -> dict[str, Any]:
+    settings = EvalSettings(**job["settings"])
+    (feed,) = _load_feeds(job["samples"])
+    sessions = [_session(path, settings) for path in job["models"]]
+    figures = _time_runs(sessions, feed, settings)
+    for entry in figures:
+        entry["method"] = "interleaved"
+    return {"latency_ms": figures}
+
+
+def _time_runs(sessions: Sequence[Any], feed: dict[str, np.ndarray], settings: EvalSettings):
+    """Round-robin timing: each round runs every session once, in a rotating order.
+
+    Stops after ``max_repeats`` rounds, or once ``latency_seconds`` per session have
+    passed and at least ``min_repeats`` rounds ran.
+    """
     for _ in range(settings.warmup):
-        session.run(None, feed)
-    times: list[float] = []
-    deadline = time.perf_counter() + settings.latency_seconds
-    while len(times) < settings.max_repeats and (
-        len(times) < settings.min_repeats or time.perf_counter() < deadline
+        for session in sessions:
+            session.run(None, feed)
+    times: list[list[float]] = [[] for _ in sessions]
+    deadline = time.perf_counter() + settings.latency_seconds * len(sessions)
+    rounds = 0
+    while rounds < settings.max_repeats and (
+        rounds < settings.min_repeats or time.perf_counter() < deadline
     ):
-        start = time.perf_counter()
-        session.run(None, feed)
-        times.append((time.perf_counter() - start) * 1000)
-    return {
-        "median": float(np.median(times)),
-        "p90": float(np.percentile(times, 90)),
-        "runs": len(times),
-    }
+        for k in range(len(sessions)):
+            index = (rounds + k) % len(sessions)
+            start = time.perf_counter()
+            sessions[index].run(None, feed)
+            times[index].append((time.perf_counter() - start) * 1000)
+        rounds += 1
+    return [
+        {
+            "median": float(np.median(t)),
+            "p90": float(np.percentile(t, 90)),
+            "runs": len(t),
+        }
+        for t in times
+    ]
 
 
 def _child_main(job_path: str) -> None:
     job = json.loads(Path(job_path).read_text())
     try:
-        result = _run_job(job)
+        result = _race_job(job) if job["kind"] == "race" else _measure_job(job)
     except Exception as exc:  # onnxruntime raises its own types for bad models
         text = str(exc).strip() or type(exc).__name__
         result = {"error": f"{type(exc).__name__}: {text.splitlines()[0]}"}

@@ -25,23 +25,31 @@ def _producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
 
 
 def quantized_nodes(float_model: onnx.ModelProto, quantized: onnx.ModelProto) -> list[str]:
-    """Names of float-model nodes the quantizer replaced or fed with dequantized values.
+    """Names of float-model nodes whose weights or op a quantizer (or fp16) changed.
 
     A node counts when the tensor it produced is now made by another op type
-    (``MatMul`` -> ``MatMulInteger`` ... ``Mul``) or by a node reading a
-    ``DequantizeLinear`` output (QDQ format). Unnamed nodes cannot be excluded by name
-    and are left out.
+    (``MatMul`` -> ``MatMulInteger`` ... ``Mul``), or by a node that reads a weight
+    through ``DequantizeLinear`` (QDQ format) or a weight whose type changed (fp16).
+    Activation-only ops between them (Relu, Sigmoid, Mul) are not listed: quantizers
+    keep their inputs quantized for the neighbours' sake, so leaving one of them out
+    changes nothing. Unnamed nodes cannot be excluded by name and are left out.
     """
     made_by = _producers(quantized.graph)
+    weight_types = {t.name: t.data_type for t in float_model.graph.initializer}
+    now_types = {t.name: t.data_type for t in quantized.graph.initializer}
+
+    def changed_weight(tensor: str) -> bool:
+        if tensor in now_types:
+            return tensor in weight_types and now_types[tensor] != weight_types[tensor]
+        src = made_by.get(tensor)
+        return src is not None and src.op_type == "DequantizeLinear" and src.input[0] in now_types
+
     names = []
     for node in float_model.graph.node:
         now = made_by.get(node.output[0]) if node.output else None
         if not node.name or now is None:
             continue
-        if now.op_type != node.op_type or any(
-            (src := made_by.get(i)) is not None and src.op_type == "DequantizeLinear"
-            for i in now.input
-        ):
+        if now.op_type != node.op_type or any(changed_weight(i) for i in now.input):
             names.append(node.name)
     return names
 
@@ -81,30 +89,46 @@ def rank_nodes(
     names = set(quantized_nodes(float_model, quantized))
     if not names:
         return []
-    weights = {t.name for t in float_model.graph.initializer}
+    graph = float_model.graph
+    weights = {t.name for t in graph.initializer}
     in_quantized = set(_producers(quantized.graph)) | {i.name for i in quantized.graph.input}
-    nodes = [n for n in float_model.graph.node if n.name in names]
-    tensors = {
-        t
-        for n in nodes
-        for t in [n.output[0], *n.input]
-        if t and t not in weights and t in in_quantized
-    }
-    ordered = sorted(tensors)
-    float_out = run(with_outputs(float_model, ordered))
-    quant_out = run(with_outputs(quantized, ordered))
+    tensors = sorted(
+        {o for n in graph.node for o in n.output if o and o in in_quantized} - weights
+    )
+    float_out = run(with_outputs(float_model, tensors))
+    quant_out = run(with_outputs(quantized, tensors))
     if float_out is None or quant_out is None:
         return []
     error = {
-        t: _relative_error([s[t] for s in float_out], [s[t] for s in quant_out]) for t in ordered
+        t: _relative_error([s[t] for s in float_out], [s[t] for s in quant_out]) for t in tensors
     }
-    harm = []
-    for node in nodes:
-        if node.output[0] not in error:
-            continue
-        inherited = max((error.get(i, 0.0) for i in node.input if i in error), default=0.0)
-        harm.append((node.name, error[node.output[0]] - inherited))
+    inherited = _inherited_error(graph, error)
+    harm = [
+        (node.name, error[node.output[0]] - max((inherited(i) for i in node.input), default=0.0))
+        for node in graph.node
+        if node.name in names and node.output[0] in error
+    ]
     return sorted(harm, key=lambda item: -item[1])
+
+
+def _inherited_error(
+    graph: onnx.GraphProto, error: dict[str, float]
+) -> Callable[[str], float]:
+    """The error a tensor carries in: its own when measured, else its nearest measured
+    ancestors' worst (a tensor the quantizer fused away is looked through)."""
+    producers = _producers(graph)
+    memo: dict[str, float] = {}
+
+    def inherited(tensor: str) -> float:
+        if tensor in error:
+            return error[tensor]
+        if tensor not in memo:
+            memo[tensor] = 0.0  # cycles cannot happen in a valid graph; this guards anyway
+            node = producers.get(tensor)
+            memo[tensor] = max((inherited(i) for i in node.input if i), default=0.0) if node else 0.0
+        return memo[tensor]
+
+    return inherited
 
 
 def exclusion_sizes(count: int) -> list[int]:
