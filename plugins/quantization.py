@@ -27,6 +27,8 @@ from slimfleet.plugins.onnxgraph import (
 
 INT8_TYPES = (TensorProto.INT8, TensorProto.UINT8)
 _QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
+WEIGHT_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
+"""Ops quantized in QDQ only when their weight (input 1) is 8-bit."""
 
 
 def op_types_option(supported: Iterable[str], note: str = "") -> Option:
@@ -134,8 +136,9 @@ def quantized_ops(before: onnx.ModelProto, after: onnx.ModelProto) -> Counter[st
     """Op types (as named in ``before``) of the nodes that got quantized, with counts.
 
     A node is quantized when it reads an 8-bit weight, directly (dynamic: MatMulInteger,
-    ConvInteger, DynamicQuantizeLSTM...) or through DequantizeLinear (QDQ), or when in
-    QDQ it reads a dequantized input and its output is quantized again. Nodes that
+    ConvInteger, DynamicQuantizeLSTM...) or through DequantizeLinear (QDQ; for Conv,
+    Gemm and MatMul that weight must be input 1), or when in QDQ a weightless node
+    reads a dequantized input and its output is quantized again. Nodes that
     were quantized already in ``before`` are not counted again.
     """
     original = {n.name: n.op_type for n in before.graph.node if n.name}
@@ -156,8 +159,13 @@ def _quantized_nodes(model: onnx.ModelProto, original: dict[str, str]) -> Counte
     for node in model.graph.node:
         if node.op_type in _QDQ_OPS:
             continue
-        reads_dq = dequantized.intersection(node.input)
-        if weights.intersection(node.input) or (reads_dq and requantized.intersection(node.output)):
+        if node.op_type in WEIGHT_OPS:
+            quantized = len(node.input) > 1 and node.input[1] in weights
+        else:
+            quantized = bool(weights.intersection(node.input)) or bool(
+                dequantized.intersection(node.input) and requantized.intersection(node.output)
+            )
+        if quantized:
             counts[_source_op(node, original)] += 1
     return counts
 

@@ -78,6 +78,12 @@ class QuantizeStatic(Pass):
             "8-bit type of activations",
             choices=("uint8", "int8"),
         ),
+        Option(
+            "percentile",
+            float,
+            99.999,
+            "with calibration=percentile: the percentile of absolute activations kept in range",
+        ),
         Option("weight_type", str, "int8", "8-bit type of weights", choices=("int8", "uint8")),
         q.EXCLUDE_NODES,
         Option(
@@ -101,6 +107,8 @@ class QuantizeStatic(Pass):
         self, model: onnx.ModelProto, context: PassContext, options: dict[str, Any]
     ) -> str | None:
         opts = self.resolve_options(options)
+        if not 0 < opts["percentile"] <= 100:
+            return f"percentile {opts['percentile']} is not in (0, 100]"
         if not context.calibration:
             return "needs calibration data"
         need, have = self.min_opset(opts), opset_of(model)
@@ -131,13 +139,16 @@ class QuantizeStatic(Pass):
                 weight_type=q.quant_type(opts["weight_type"]),
                 nodes_to_exclude=opts["exclude_nodes"],
                 calibrate_method=CALIBRATION[opts["calibration"]],
+                extra_options={"CalibPercentile": opts["percentile"]},
             )
 
         quantized = q.run_quantizer(model, context, self.name, quantize)
+        method = opts["calibration"]
+        if method == "percentile":
+            method += f" {opts['percentile']:g}"
         summary = (
             f"QDQ, {'per-channel ' if opts['per_channel'] else ''}{opts['weight_type']} weights, "
-            f"{opts['activation_type']} activations, {opts['calibration']} on "
-            f"{len(context.calibration)} samples"
+            f"{opts['activation_type']} activations, {method} on {len(context.calibration)} samples"
         )
         result = q.result(model, quantized, summary, opts["exclude_nodes"])
         result.notes = "; ".join([result.notes, *notes])

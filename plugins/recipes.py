@@ -19,6 +19,10 @@ CONV_FAMILY = ["Conv", "ConvTranspose", "Add", "Mul", "Sigmoid", "Relu", "Clip",
 CONV_FAMILY += ["MaxPool", "AveragePool", "GlobalAveragePool", "Concat", "Resize", "Pad"]
 """Ops around convolutions that QDQ keeps in int8 between QLinearConv kernels."""
 
+PERCENTILE = {"calibration": "percentile", "percentile": 99.99}
+"""Measured on ddddocr's OCR and detector: clipping the top 0.01% of activations beat
+min-max and onnxruntime's default 99.999 (detector output cosine 0.983-0.988 -> 0.994)."""
+
 BUILTIN_RECIPES = (
     Recipe(
         "lossless",
@@ -38,14 +42,14 @@ BUILTIN_RECIPES = (
     ),
     Recipe(
         "int8_static",
-        (*PREPARE_OPSET13, Step("quantize_static", {"calibration": "percentile"})),
-        "static int8 QDQ, per-channel weights, percentile calibration",
+        (*PREPARE_OPSET13, Step("quantize_static", PERCENTILE)),
+        "static int8 QDQ, per-channel weights, 99.99th-percentile calibration",
     ),
     Recipe(
         "int8_combined",
         (
             *PREPARE_OPSET13,
-            Step("quantize_static", {"op_types": CONV_FAMILY, "calibration": "percentile"}),
+            Step("quantize_static", {"op_types": CONV_FAMILY, **PERCENTILE}),
             Step("quantize_dynamic", {"op_types": DYNAMIC_OPS, "per_channel": True}),
         ),
         "static int8 QDQ on the convolutional part, dynamic int8 on MatMul/Gemm/LSTM",

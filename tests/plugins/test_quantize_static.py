@@ -84,3 +84,13 @@ def test_other_calibration_methods_and_types(context, helpers):
     assert "(QDQ, int8 weights, int8 activations, entropy on 16 samples)" in result.notes
     feed = helpers.feeds(model, 1, seed=7)[0]
     assert helpers.cosine(helpers.run(result.model, feed)[0], helpers.run(model, feed)[0]) > 0.95
+
+
+def test_percentile_calibration_takes_its_percentile(context, helpers):
+    model = models.conv_bn_net()
+    options = PASS.resolve_options({"calibration": "percentile", "percentile": "99.9"})
+    result = PASS.apply(model, context(model), options)
+    assert "percentile 99.9 on 16 samples" in result.notes
+    feed = helpers.feeds(model, 1, seed=7)[0]
+    assert helpers.cosine(helpers.run(result.model, feed)[0], helpers.run(model, feed)[0]) > 0.95
+    assert PASS.check(model, context(model), {"percentile": 0}) == "percentile 0.0 is not in (0, 100]"
