@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Iterable
 
+import numpy as np
 import onnx
 from onnx import TensorProto
 
@@ -97,6 +99,48 @@ def fix_ir_version(model: onnx.ModelProto) -> None:
     """Raise ``ir_version`` to the lowest one that the model's opset imports allow."""
     needed = onnx.helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True)
     model.ir_version = max(model.ir_version, needed)
+
+
+def multiply_accumulates(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> dict[str, int]:
+    """Multiply-accumulates of each Conv, ConvTranspose, Gemm and MatMul node whose weight
+    (input 1) is an initializer, for inputs shaped like ``feed``; {} when shapes stay
+    unknown. A measure of where a model spends its arithmetic."""
+    fixed = copy_model(model)
+    for value in fixed.graph.input:
+        if value.name in feed:
+            declared = value.type.tensor_type.shape.dim
+            for dim, size in zip(declared, feed[value.name].shape, strict=False):
+                dim.dim_value = size
+    try:
+        graph = onnx.shape_inference.infer_shapes(fixed, data_prop=True).graph
+    except Exception:  # onnx raises InferenceError and, for odd models, others
+        return {}
+    shapes = {
+        v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
+        for v in [*graph.input, *graph.value_info, *graph.output]
+    }
+    weights = {t.name: list(t.dims) for t in model.graph.initializer}
+    counts = {}
+    for node in model.graph.node:
+        if node.op_type not in _PER_OUTPUT or len(node.input) < 2 or node.input[1] not in weights:
+            continue
+        shape = shapes.get(node.input[0] if node.op_type == "ConvTranspose" else node.output[0])
+        if shape and all(shape):
+            counts[node.name] = math.prod(shape) * _PER_OUTPUT[node.op_type](
+                node, weights[node.input[1]]
+            )
+    return counts
+
+
+_PER_OUTPUT = {
+    "Conv": lambda node, w: math.prod(w[1:]),
+    "ConvTranspose": lambda node, w: math.prod(w[1:]),  # per input element
+    "MatMul": lambda node, w: w[0],
+    "Gemm": lambda node, w: (
+        w[1] if any(a.name == "transB" and a.i for a in node.attribute) else w[0]
+    ),
+}
+"""Multiply-accumulates per output element, from the node and its weight's shape."""
 
 
 def error_line(exc: BaseException) -> str:

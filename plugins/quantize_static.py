@@ -7,6 +7,7 @@ exists from opset 13: :meth:`QuantizeStatic.min_opset` tells the runner to upgra
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,12 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from slimfleet.host.hookspecs import hookimpl
 from slimfleet.host.passes import Feed, Option, Pass, PassContext, PassResult
 from slimfleet.plugins import quantization as q
-from slimfleet.plugins.onnxgraph import error_line, opset_of
+from slimfleet.plugins.onnxgraph import (
+    describe_counts,
+    error_line,
+    multiply_accumulates,
+    opset_of,
+)
 
 SUPPORTED = tuple(sorted({*QDQRegistry, *QLinearOpsRegistry}))
 """What quantize_static picks when op_types is empty (its own default)."""
@@ -93,6 +99,14 @@ class QuantizeStatic(Pass):
             "7-bit weights, for CPUs without VNNI where 8-bit products can saturate",
         ),
         Option(
+            "mac_share",
+            float,
+            1.0,
+            "quantize only the heaviest Conv/Gemm/MatMul nodes that together do this share "
+            "of their multiply-accumulates (measured on a calibration sample); the light "
+            "ones, often the sensitive ones, stay in float (1: all)",
+        ),
+        Option(
             "preprocess",
             bool,
             True,
@@ -109,6 +123,8 @@ class QuantizeStatic(Pass):
         opts = self.resolve_options(options)
         if not 0 < opts["percentile"] <= 100:
             return f"percentile {opts['percentile']} is not in (0, 100]"
+        if not 0 < opts["mac_share"] <= 1:
+            return f"mac_share {opts['mac_share']} is not in (0, 1]"
         if not context.calibration:
             return "needs calibration data"
         need, have = self.min_opset(opts), opset_of(model)
@@ -123,7 +139,10 @@ class QuantizeStatic(Pass):
         self, model: onnx.ModelProto, context: PassContext, options: dict[str, Any]
     ) -> PassResult:
         opts = self.resolve_options(options)
-        notes = []
+        notes: list[str] = []
+        excluded = list(opts["exclude_nodes"])
+        if opts["mac_share"] < 1:
+            excluded += _light_nodes(model, context, opts, notes)
 
         def quantize(source: Path, target: Path) -> None:
             prepared = _preprocess(source, notes) if opts["preprocess"] else source
@@ -137,7 +156,7 @@ class QuantizeStatic(Pass):
                 reduce_range=opts["reduce_range"],
                 activation_type=q.quant_type(opts["activation_type"]),
                 weight_type=q.quant_type(opts["weight_type"]),
-                nodes_to_exclude=opts["exclude_nodes"],
+                nodes_to_exclude=excluded,
                 calibrate_method=CALIBRATION[opts["calibration"]],
                 extra_options={"CalibPercentile": opts["percentile"]},
             )
@@ -153,6 +172,33 @@ class QuantizeStatic(Pass):
         result = q.result(model, quantized, summary, opts["exclude_nodes"])
         result.notes = "; ".join([result.notes, *notes])
         return result
+
+
+def _light_nodes(
+    model: onnx.ModelProto, context: PassContext, opts: dict[str, Any], notes: list[str]
+) -> list[str]:
+    """Names of the weighted nodes left out by ``mac_share`` (lightest first out)."""
+    wanted = set(opts["op_types"] or SUPPORTED)
+    kinds = {n.name: n.op_type for n in model.graph.node if n.op_type in wanted}
+    macs = multiply_accumulates(model, context.calibration[0])
+    macs = {
+        name: m for name, m in macs.items() if name in kinds and name not in opts["exclude_nodes"]
+    }
+    if not macs:
+        notes.append("mac_share ignored: no weighted node with known shapes")
+        return []
+    heaviest = sorted(macs, key=macs.__getitem__, reverse=True)
+    total, done, keep = sum(macs.values()), 0, 0
+    while done < opts["mac_share"] * total:
+        done += macs[heaviest[keep]]
+        keep += 1
+    light = heaviest[keep:]
+    ops = describe_counts(Counter(kinds[n] for n in light))
+    notes.append(
+        f"left the {len(light)} lightest weighted nodes in float ({ops}; "
+        f"{1 - done / total:.0%} of their multiply-accumulates)"
+    )
+    return light
 
 
 def _preprocess(source: Path, notes: list[str]) -> Path:

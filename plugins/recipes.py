@@ -55,6 +55,19 @@ BUILTIN_RECIPES = (
         "static int8 QDQ on the convolutional part, dynamic int8 on MatMul/Gemm/LSTM",
     ),
     Recipe(
+        "int8_combined_heavy",
+        (
+            *PREPARE_OPSET13,
+            Step(
+                "quantize_static",
+                {"op_types": ["Conv", "ConvTranspose"], "mac_share": 0.85, **PERCENTILE},
+            ),
+            Step("quantize_dynamic", {"op_types": DYNAMIC_OPS, "per_channel": True}),
+        ),
+        "static int8 QDQ on the convolutions doing 85% of the arithmetic, dynamic int8 on "
+        "MatMul/Gemm/LSTM; light convolutions and activations stay float (more accurate)",
+    ),
+    Recipe(
         "fp16",
         (*PREPARE, Step("fp16")),
         "float16 weights and activations, float32 inputs and outputs",

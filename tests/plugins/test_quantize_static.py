@@ -93,4 +93,15 @@ def test_percentile_calibration_takes_its_percentile(context, helpers):
     assert "percentile 99.9 on 16 samples" in result.notes
     feed = helpers.feeds(model, 1, seed=7)[0]
     assert helpers.cosine(helpers.run(result.model, feed)[0], helpers.run(model, feed)[0]) > 0.95
-    assert PASS.check(model, context(model), {"percentile": 0}) == "percentile 0.0 is not in (0, 100]"
+    assert (
+        PASS.check(model, context(model), {"percentile": 0}) == "percentile 0.0 is not in (0, 100]"
+    )
+
+
+def test_mac_share_leaves_the_light_convs_in_float(context):
+    model = models.conv_bn_net()  # conv2 does 84% of the convolutions' arithmetic
+    options = PASS.resolve_options({"op_types": "Conv", "mac_share": 0.5})
+    result = PASS.apply(model, context(model), options)
+    assert weights_read_through_dequantize(result.model) == {"conv2"}
+    assert "left the 1 lightest weighted nodes in float (1 Conv; 16% of their" in result.notes
+    assert PASS.check(model, context(model), {"mac_share": 0}) == "mac_share 0.0 is not in (0, 1]"

@@ -56,6 +56,7 @@ def test_every_recipe_names_registered_passes_with_valid_options(plugins):
         "int8_dynamic_matmul",
         "int8_static",
         "int8_combined",
+        "int8_combined_heavy",
         "fp16",
     }
     for recipe in loaded.recipes:

@@ -1,0 +1,61 @@
+"""quantization: what the int8 passes share (running onnxruntime's quantizer, counting)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import models
+import pytest
+from onnxruntime.quantization import quantize_dynamic
+
+from slimfleet.agent.errors import SlimfleetError
+from slimfleet.plugins import quantization as q
+
+
+def test_run_quantizer_works_in_a_scratch_folder_it_removes(context):
+    ctx = context()
+    seen = []
+
+    def quantize(source, target):
+        seen.append(source.parent)
+        quantize_dynamic(source, target)
+
+    quantized = q.run_quantizer(models.mlp(), ctx, "label", quantize)
+    assert q.quantized_ops(models.mlp(), quantized) == Counter({"MatMul": 2})
+    assert seen == [ctx.workdir / "label"] and not seen[0].exists()
+
+
+def test_a_quantizer_crash_is_one_line(context):
+    ctx = context()
+
+    def crash(source, target):
+        raise ValueError("bad tensor\nmore detail")
+
+    with pytest.raises(
+        SlimfleetError, match=r"^label: onnxruntime's quantizer failed: bad tensor$"
+    ):
+        q.run_quantizer(models.mlp(), ctx, "label", crash)
+    assert not (ctx.workdir / "label").exists()
+
+
+def test_quantized_ops_skip_excluded_and_already_quantized_nodes(context):
+    model = models.conv_bn_net()
+
+    def only_conv2(source, target):
+        quantize_dynamic(source, target, op_types_to_quantize=["Conv"], nodes_to_exclude=["conv1"])
+
+    quantized = q.run_quantizer(model, context(), "dyn", only_conv2)
+    assert q.quantized_ops(model, quantized) == Counter({"Conv": 1})
+    assert q.quantized_ops(quantized, quantized) == Counter()
+
+
+def test_no_targets_reason():
+    model = models.mlp()
+    assert q.no_targets_reason(model, ["LSTM"], ["LSTM", "MatMul"], []) == "no LSTM nodes"
+    assert q.no_targets_reason(model, [], ["MatMul"], ["mm1", "mm2"]) == (
+        "all 2 MatMul nodes are in exclude_nodes"
+    )
+    many = ["A", "B", "C", "D", "E"]
+    assert q.no_targets_reason(model, many, many, []) == (
+        "none of the 5 op types to quantize (A, B, C, ...) is in the model"
+    )
