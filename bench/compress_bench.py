@@ -12,6 +12,7 @@ pip when they are missing. Run: ``python bench/compress_bench.py [--model common
 from __future__ import annotations
 
 import importlib
+import logging
 import random
 import subprocess
 import sys
@@ -171,9 +172,15 @@ def latencies_ms(paths: dict[str, Path], feeds: list[dict], rounds: int) -> dict
 
 
 def ort_dynamic_defaults(model: Path, target: Path) -> None:
+    """What a user gets from onnxruntime by hand (its "consider pre-processing" warning
+    silenced)."""
     from onnxruntime.quantization import quantize_dynamic
 
-    quantize_dynamic(model, target)
+    logging.disable(logging.WARNING)
+    try:
+        quantize_dynamic(model, target)
+    finally:
+        logging.disable(logging.NOTSET)
 
 
 def run_slimfleet(model: Path, data: Path, outdir: Path) -> dict:

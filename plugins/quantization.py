@@ -10,10 +10,10 @@ import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
 
 import onnx
 from onnx import TensorProto
+from onnxruntime.quantization import QuantType
 
 from slimfleet.agent.errors import SlimfleetError
 from slimfleet.host.passes import Option, PassContext, PassResult
@@ -70,7 +70,8 @@ def no_targets_reason(
         kinds = or_list(sorted({n.op_type for n in present}))
         return f"all {len(present)} {kinds} nodes are in exclude_nodes"
     if len(wanted) > 4:
-        return f"none of the {len(wanted)} op types to quantize ({', '.join(wanted[:3])}, ...) is in the model"
+        first = ", ".join(wanted[:3])
+        return f"none of the {len(wanted)} op types to quantize ({first}, ...) is in the model"
     return f"no {or_list(wanted)} nodes"
 
 
@@ -106,7 +107,8 @@ def run_quantizer(
 
 @contextlib.contextmanager
 def _tempdir(path: Path) -> Iterator[None]:
-    """onnxruntime's quantizer writes augmented models through ``tempfile``."""
+    """onnxruntime's quantizer writes augmented models through ``tempfile`` (process-wide
+    setting: one quantizer at a time per process, as the search runs them)."""
     saved, tempfile.tempdir = tempfile.tempdir, str(path)
     try:
         yield
@@ -210,8 +212,6 @@ def result(
     return PassResult(quantized, True, "; ".join(notes))
 
 
-def quant_type(name: str) -> Any:
+def quant_type(name: str) -> QuantType:
     """``"int8"`` / ``"uint8"`` -> onnxruntime's QuantType."""
-    from onnxruntime.quantization import QuantType
-
     return {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}[name]

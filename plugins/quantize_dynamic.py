@@ -20,7 +20,7 @@ from slimfleet.plugins import quantization as q
 from slimfleet.plugins.onnxgraph import or_list
 
 SUPPORTED = (*IntegerOpsRegistry, "Gemm")
-_WEIGHT_OPS = ("Conv", "MatMul", "Gemm", "LSTM", "Attention")
+_WEIGHT_OPS = (*q.WEIGHT_OPS, "LSTM", "Attention")
 """Op types whose weight (an initializer) is what dynamic quantization shrinks."""
 
 
