@@ -121,6 +121,9 @@ def parse_yaml(text: str, file: str) -> Node:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark is not None else 0
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        context = getattr(exc, "context_mark", None)
+        if context is not None and context.line + 1 != line:
+            problem += f" ({getattr(exc, 'context', 'started')} at line {context.line + 1})"
         raise ConfigError(f"{file}:{line}: invalid YAML: {problem}") from None
     if root is None:
         raise ConfigError(f"{file}:1: the file is empty")
