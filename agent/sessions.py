@@ -293,7 +293,7 @@ class Serving:
         self._wake = threading.Event()
         self._watcher: threading.Thread | None = None
         self._closed = False
-        ort.set_default_logger_severity(3)
+        ort.set_default_logger_severity(4)  # failures are raised, not logged
 
     # -- requests -------------------------------------------------------------------
 
@@ -498,7 +498,7 @@ class Serving:
         options.intra_op_num_threads = self.threads
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.log_severity_level = 3
+        options.log_severity_level = 4
         try:
             session = ort.InferenceSession(
                 str(path), sess_options=options, providers=["CPUExecutionProvider"]
