@@ -186,10 +186,15 @@ class ModelStore:
             if not folder.is_dir():
                 continue
             for entry in folder.iterdir():
-                if entry.name.isdigit() and int(entry.name) >= 1:
+                if not entry.name.isdigit() or int(entry.name) < 1:
+                    continue  # temporaries of an install in progress, stray files
+                try:
                     ref = ModelRef(model_name, int(entry.name))
-                    if self.has(ref):
-                        refs.append(ref)
+                except ValueError:
+                    log.warning("ignoring %s: not a valid model name", folder)
+                    break
+                if self.has(ref):
+                    refs.append(ref)
         return sorted(refs)
 
     def install(

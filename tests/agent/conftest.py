@@ -98,6 +98,10 @@ class ModelFiles:
     def gather(self, value: float, table: int = 2) -> Path:
         return self._save(gather_add(value, table), f"gather{value:g}")
 
+    def mlp(self) -> Path:
+        """Input x [batch, 64]: a free dimension, so no zeros can be made up for it."""
+        return self._save(models.mlp(), "mlp")
+
     def two_inputs(self) -> Path:
         return self._save(two_inputs(), "two_inputs")
 

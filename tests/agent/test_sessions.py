@@ -159,6 +159,17 @@ def test_a_model_failing_at_run_time_raises_inference_error(make_serving, model_
     assert (snapshot["requests"], snapshot["errors"]) == (2, 1)
 
 
+def test_start_warms_up_on_the_given_inputs(make_serving, model_files) -> None:
+    serving = make_serving()
+    path = model_files.mlp()
+    serving.start(ref(1), path, warmup={"x": np.zeros((2, 64), np.float32)})
+    assert serving.infer({"x": np.ones((3, 64), np.float32)})["y"].shape == (3, 10)
+    with pytest.raises(SwapError, match="warmup sample does not fit") as caught:
+        serving.start(ref(2), path, warmup={"x": np.zeros((2, 3), np.float32)})
+    assert caught.value.stage == "warmup"
+    assert serving.current == ref(1)
+
+
 def test_start_refuses_a_broken_file(make_serving, model_files) -> None:
     serving = make_serving()
     with pytest.raises(SwapError, match=r"m@1: load failed: .*") as caught:

@@ -135,6 +135,7 @@ def test_temporaries_left_by_a_crash_are_removed_at_open(tmp_path: Path) -> None
     half.mkdir()
     (half / "model.onnx").write_bytes(b"half a mod")
     (tmp_path / "store/.tmp-state.json.xyz").write_text('{"curr')
+    (tmp_path / "store/models/not a name/1").mkdir(parents=True)  # put there by hand
     assert store.installed() == [ref("m", 1)]  # a temporary is never a version
     ModelStore(tmp_path / "store")
     assert leftovers(tmp_path) == []
