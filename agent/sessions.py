@@ -24,6 +24,7 @@ In ``fallback``, ``model`` is the version given up and ``to`` the one serving no
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import threading
 import time
@@ -72,6 +73,18 @@ SMOKE_RUNS = 3  # timed runs after the warm-up; the median is compared with the 
 RECENT_SAMPLES = 2048  # per session, for the watch window
 DRAIN_TIMEOUT_S = 60.0
 WATCH_TICK_S = 0.1
+
+
+try:  # glibc keeps freed heap pages; a released session's arena would stay in RSS
+    _malloc_trim = ctypes.CDLL(None).malloc_trim
+except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to do
+    _malloc_trim = None
+
+
+def _return_freed_memory() -> None:
+    """Hand the heap pages a released session freed back to the OS."""
+    if _malloc_trim is not None:
+        _malloc_trim(0)
 
 
 class NoModelError(SlimfleetError):
@@ -605,6 +618,7 @@ class Serving:
                     DRAIN_TIMEOUT_S,
                 )
             loaded.session = None
+        _return_freed_memory()
 
     # -- watch window -----------------------------------------------------------------
 
