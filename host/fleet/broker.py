@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import threading
 from types import TracebackType
 from typing import Any
@@ -19,6 +20,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 1883
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def broker_config(host: str, port: int) -> dict[str, Any]:
@@ -112,9 +114,13 @@ class EmbeddedBroker:
 
 
 def run_broker(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> None:
-    """Run the embedded broker in the foreground until interrupted (Ctrl-C)."""
-    broker = EmbeddedBroker(host, port).start()
+    """Run the embedded broker in the foreground until SIGINT (Ctrl-C) or SIGTERM."""
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in STOP_SIGNALS}
     try:
-        threading.Event().wait()
+        with EmbeddedBroker(host, port):
+            while not stop.wait(1.0):
+                pass
     finally:
-        broker.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -158,10 +158,11 @@ def _devices(node: Node | None) -> dict[str, dict[str, str]]:
             continue
         devices[device_id] = {}
         for key, value in labels.as_mapping().items():
-            scalar = value.scalar()
-            if isinstance(scalar, bool) or not isinstance(scalar, (str, int, float)):
-                raise value.error(f"label {key!r} must be a string or number, got {scalar!r}")
-            devices[device_id][str(key)] = str(scalar)
+            if isinstance(value.value, bool) or not isinstance(value.value, (str, int, float)):
+                raise value.error(
+                    f"label {key!r} must be a string or number, got {value.plain()!r}"
+                )
+            devices[device_id][str(key)] = str(value.value)
     return devices
 
 
