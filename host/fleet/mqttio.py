@@ -27,6 +27,7 @@ DEFAULT_TIMEOUT_S = 30.0
 PUBLISH_WINDOW = 16
 
 Progress = Callable[[int, int], None]
+UNSPECIFIED = 128  # the reason code paho reports when the TCP link just drops
 
 
 class BrokerLink:
@@ -111,7 +112,8 @@ class BrokerLink:
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         if self._client is not None:
-            self._lost = str(reason_code)
+            # MQTT 3.1.1 carries no reason: paho reports "Unspecified error" for a dropped link
+            self._lost = "" if reason_code == UNSPECIFIED else f" ({reason_code})"
             client.disconnect()  # no automatic reconnect: a host command fails instead
 
     def _on_ack(self, client, userdata, mid, reason_codes, properties) -> None:
@@ -126,7 +128,10 @@ class BrokerLink:
     # -- operations -------------------------------------------------------------
     def _check(self, rc: int, what: str) -> None:
         if self._lost is not None:
-            raise SlimfleetError(f"lost the connection to {self.settings.url}: {self._lost}")
+            raise SlimfleetError(
+                f"lost the connection to {self.settings.url}{self._lost}: "
+                "the broker stopped or refused a packet (too large? not authorized?)"
+            )
         if rc != mqtt.MQTT_ERR_SUCCESS:
             raise SlimfleetError(f"{what} on {self.settings.url} failed: {mqtt.error_string(rc)}")
 
@@ -162,11 +167,17 @@ class BrokerLink:
             )
 
     def publish_all(
-        self, messages: Iterable[tuple[str, bytes]], *, progress: Progress | None = None
+        self,
+        messages: Iterable[tuple[str, bytes]],
+        *,
+        progress: Progress | None = None,
+        confirm: bool = True,
     ) -> int:
         """Publish retained QoS 1 messages, a window at a time; return how many were acked.
 
-        ``progress(done, total)`` is called after each PUBACK when ``messages`` is sized.
+        ``progress(done, total)`` is called after each PUBACK. With ``confirm``, the last
+        message is then read back (see :meth:`confirm_retained`); brokers handle one
+        client's messages in order, so that vouches for the ones before it too.
         """
         messages = list(messages)
         pending: deque[tuple[mqtt.MQTTMessageInfo, str]] = deque()
@@ -186,7 +197,25 @@ class BrokerLink:
                 settle_oldest()
         while pending:
             settle_oldest()
+        if confirm and messages:
+            self.confirm_retained(*messages[-1])
         return done
+
+    def confirm_retained(self, topic: str, payload: bytes) -> None:
+        """Wait until the broker serves ``payload`` as the retained message of ``topic``.
+
+        A PUBACK alone does not prove it: mosquitto acknowledges what its ACL silently
+        discards, a broker may have retained messages disabled, and amqtt acknowledges
+        before it stores.
+        """
+        deadline = time.monotonic() + self.timeout
+        while self.read_retained([topic]).get(topic) != payload:
+            if time.monotonic() >= deadline:
+                raise SlimfleetError(
+                    f"{self.settings.url} acknowledged {topic} but does not serve it as a "
+                    "retained message (an ACL denying this client? retain disabled?)"
+                )
+            time.sleep(0.05)
 
     def read_retained(self, topics: list[str]) -> dict[str, bytes]:
         """The retained payloads of ``topics`` (absent topics are missing from the result).

@@ -187,7 +187,7 @@ def publish_manifest(
             (topics.chunk(manifest.name, manifest.version, i), chunk)
             for i, chunk in enumerate(chunks)
         ]
-        link.publish_all(messages, progress=progress)
+        link.publish_all(messages, progress=progress, confirm=False)
         link.publish_all([(result.manifest_topic, envelope)])
     return result
 
