@@ -46,10 +46,9 @@ class BrokerLink:
         self._connected = threading.Event()
         self._connect_rc: Any = None
         self._lost: str | None = None
-        self._acks: dict[int, threading.Event] = {}
+        self._acks: dict[int, list[Any]] = {}  # message id -> reason codes of SUBACK/UNSUBACK
         self._wanted: set[str] = set()
         self._retained: dict[str, bytes] = {}
-        self._lock = threading.Lock()
 
     # -- connection -------------------------------------------------------------
     def __enter__(self) -> BrokerLink:
@@ -117,9 +116,7 @@ class BrokerLink:
             client.disconnect()  # no automatic reconnect: a host command fails instead
 
     def _on_ack(self, client, userdata, mid, reason_codes, properties) -> None:
-        with self._lock:
-            event = self._acks.setdefault(mid, threading.Event())
-        event.set()
+        self._acks[mid] = reason_codes if isinstance(reason_codes, list) else [reason_codes]
 
     def _on_message(self, client, userdata, message: mqtt.MQTTMessage) -> None:
         if message.retain and message.payload and message.topic in self._wanted:
@@ -135,13 +132,13 @@ class BrokerLink:
         if rc != mqtt.MQTT_ERR_SUCCESS:
             raise SlimfleetError(f"{what} on {self.settings.url} failed: {mqtt.error_string(rc)}")
 
-    def _wait_ack(self, mid: int, what: str) -> None:
-        with self._lock:
-            event = self._acks.setdefault(mid, threading.Event())
-        if not self._wait(event.is_set):
+    def _request(self, sent: tuple[int, int | None], what: str) -> list[Any]:
+        """Wait for the SUBACK/UNSUBACK of a ``(rc, mid)`` from paho; return its codes."""
+        rc, mid = sent
+        self._check(rc, what)
+        if not self._wait(lambda: mid in self._acks):
             raise SlimfleetError(f"{what}: no answer from {self.settings.url} in {self.timeout:g}s")
-        with self._lock:
-            del self._acks[mid]
+        return self._acks.pop(mid)  # type: ignore[arg-type]
 
     def _wait(self, done: Callable[[], bool]) -> bool:
         """Poll ``done`` until it is true, the timeout passes, or the connection drops."""
@@ -153,14 +150,12 @@ class BrokerLink:
             time.sleep(0.005)
         return True
 
-    def publish(self, topic: str, payload: bytes, *, retain: bool = True) -> mqtt.MQTTMessageInfo:
-        """Send one QoS 1 message; return its handle for :meth:`wait_published`."""
-        info = self.client.publish(topic, payload, qos=1, retain=retain)
+    def _publish(self, topic: str, payload: bytes) -> mqtt.MQTTMessageInfo:
+        info = self.client.publish(topic, payload, qos=1, retain=True)
         self._check(info.rc, f"publishing {topic}")
         return info
 
-    def wait_published(self, info: mqtt.MQTTMessageInfo, topic: str) -> None:
-        """Block until the broker acknowledged ``info`` (PUBACK)."""
+    def _wait_published(self, info: mqtt.MQTTMessageInfo, topic: str) -> None:
         if not self._wait(info.is_published):
             raise SlimfleetError(
                 f"publishing {topic}: no PUBACK from {self.settings.url} in {self.timeout:g}s"
@@ -186,13 +181,13 @@ class BrokerLink:
         def settle_oldest() -> None:
             nonlocal done
             info, topic = pending.popleft()
-            self.wait_published(info, topic)
+            self._wait_published(info, topic)
             done += 1
             if progress is not None:
                 progress(done, len(messages))
 
         for topic, payload in messages:
-            pending.append((self.publish(topic, payload), topic))
+            pending.append((self._publish(topic, payload), topic))
             if len(pending) >= PUBLISH_WINDOW:
                 settle_oldest()
         while pending:
@@ -228,16 +223,15 @@ class BrokerLink:
         self._wanted = set(topics)
         self._retained = {}
         try:
-            rc, mid = self.client.subscribe([(t, 0) for t in topics])
-            self._check(rc, "subscribing")
-            self._wait_ack(mid, "subscribing")
+            codes = self._request(self.client.subscribe([(t, 0) for t in topics]), "subscribing")
+            if any(code.is_failure for code in codes):
+                raise SlimfleetError(
+                    f"{self.settings.url} refused the subscription to {topics[0]}: "
+                    "is this client allowed to read the fleet's topics?"
+                )
             barrier = f"{topics[0]}/_barrier/{self.client_id}"
-            rc, mid = self.client.subscribe(barrier, 0)
-            self._check(rc, "subscribing")
-            self._wait_ack(mid, "subscribing")
-            rc, mid = self.client.unsubscribe([*topics, barrier])
-            self._check(rc, "unsubscribing")
-            self._wait_ack(mid, "unsubscribing")
+            self._request(self.client.subscribe(barrier, 0), "subscribing")
+            self._request(self.client.unsubscribe([*topics, barrier]), "unsubscribing")
             return dict(self._retained)
         finally:
             self._wanted = set()

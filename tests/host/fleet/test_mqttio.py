@@ -5,13 +5,16 @@ from __future__ import annotations
 import os
 import socket
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from brokers import Mosquitto, free_port
 
 from slimfleet.agent.errors import SlimfleetError
 from slimfleet.agent.mqtt import BrokerSettings
+from slimfleet.host.fleet import broker as broker_module
 from slimfleet.host.fleet.mqttio import BrokerLink
 
 
@@ -72,21 +75,59 @@ def test_packet_over_the_broker_limit_fails_fast(strict_mosquitto: Mosquitto, pr
         assert time.monotonic() - started < 10
 
 
+@pytest.fixture
+def acl_mosquitto(tmp_path: Path) -> Iterator[Callable[[str], Mosquitto]]:
+    """Start a mosquitto whose anonymous clients get one ACL rule."""
+    started: list[Mosquitto] = []
+
+    def start(rule: str) -> Mosquitto:
+        acl = tmp_path / "acl"
+        acl.write_text(rule + "\n")
+        broker = Mosquitto(tmp_path / "acl-mosquitto")
+        # started as root, mosquitto would become user "mosquitto", who cannot read tmp_path
+        broker.conf.write_text(broker.conf.read_text() + f"acl_file {acl}\nuser root\n")
+        broker.start()
+        started.append(broker)
+        return broker
+
+    yield start
+    for broker in started:
+        broker.stop()
+
+
 def test_a_publish_the_broker_acknowledges_but_drops_is_an_error(
-    tmp_path: Path, prefix: str
+    acl_mosquitto: Callable[[str], Mosquitto], prefix: str
 ) -> None:
     """mosquitto PUBACKs (MQTT 3.1.1) a message its ACL forbids, then discards it."""
-    acl = tmp_path / "acl"
-    acl.write_text("topic read #\n")  # anonymous clients may read, not write
-    broker = Mosquitto(tmp_path / "acl-mosquitto")
-    # started as root, mosquitto would become user "mosquitto", who cannot read tmp_path
-    broker.conf.write_text(broker.conf.read_text() + f"acl_file {acl}\nuser root\n")
-    broker.start()
-    try:
-        with (
-            BrokerLink(settings(broker.url), timeout=2) as link,
-            pytest.raises(SlimfleetError, match="does not serve it as a retained message"),
-        ):
-            link.publish_all([(f"{prefix}/denied", b"x")])
-    finally:
-        broker.stop()
+    broker = acl_mosquitto("topic read #")
+    with (
+        BrokerLink(settings(broker.url), timeout=2) as link,
+        pytest.raises(SlimfleetError, match="does not serve it as a retained message"),
+    ):
+        link.publish_all([(f"{prefix}/denied", b"x")])
+
+
+# amqtt 0.12.1's config dataclass rejects the new "subscribe-acl" key; "acl" still works
+@pytest.mark.filterwarnings("ignore:The 'acl' option is deprecated:DeprecationWarning")
+def test_a_refused_subscription_is_an_error_not_an_empty_answer(
+    monkeypatch: pytest.MonkeyPatch, prefix: str
+) -> None:
+    """Reading nothing would make publish overwrite a version it cannot see. Brokers
+    that check ACLs on SUBSCRIBE (amqtt here, EMQX, HiveMQ) say so in the SUBACK;
+    mosquitto grants the subscription and delivers nothing, undetectable."""
+    plain = broker_module.broker_config
+
+    def with_acl(host: str, port: int) -> dict[str, Any]:
+        config = plain(host, port)
+        config["plugins"]["amqtt.plugins.topic_checking.TopicAccessControlListPlugin"] = {
+            "acl": {"anonymous": ["elsewhere/#"]}
+        }
+        return config
+
+    monkeypatch.setattr(broker_module, "broker_config", with_acl)
+    with (
+        broker_module.EmbeddedBroker("127.0.0.1", free_port()) as broker,
+        BrokerLink(settings(broker.url), timeout=5) as link,
+        pytest.raises(SlimfleetError, match="refused the subscription"),
+    ):
+        link.read_retained([f"{prefix}/anything"])
