@@ -4,6 +4,7 @@ reassembles what was published and checks hashes and signatures."""
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -151,6 +152,7 @@ def test_oversized_smoke_sample_is_dropped_with_a_warning(
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.WARNING, logger="slimfleet.host.fleet.publish")
     size = 400_000  # a 1.6 MB input: input + output in base64 exceed one packet
     path = models.save(models.add_const(1.0, size=size), tmp_path / "wide.onnx")
     result = publish_model(fleet, path, "wide", 1)
