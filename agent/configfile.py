@@ -20,6 +20,8 @@ class Node:
     path: str
     line: int
     file: str
+    key_line: int = 0
+    """For a mapping value, the line of its key (a block value starts a line later)."""
 
     def where(self) -> str:
         return f"{self.file}:{self.line}: {self.path or '<root>'}"
@@ -48,7 +50,10 @@ class Node:
     def reject_unknown(self, allowed: set[str]) -> None:
         for key, node in self.as_mapping().items():
             if key not in allowed:
-                raise node.error(f"unknown key {key!r} (allowed: {', '.join(sorted(allowed))})")
+                where = f"{node.file}:{node.key_line or node.line}: {node.path}"
+                raise ConfigError(
+                    f"{where}: unknown key {key!r} (allowed: {', '.join(sorted(allowed))})"
+                )
 
     # -- sequences ----------------------------------------------------------------
     def items(self) -> Iterator[Node]:
@@ -130,7 +135,7 @@ def parse_yaml(text: str, file: str) -> Node:
     return _convert(root, "", file)
 
 
-def _convert(node: yaml.Node, path: str, file: str) -> Node:
+def _convert(node: yaml.Node, path: str, file: str, key_line: int = 0) -> Node:
     line = node.start_mark.line + 1
     if isinstance(node, yaml.MappingNode):
         mapping: dict[str, Node] = {}
@@ -139,15 +144,15 @@ def _convert(node: yaml.Node, path: str, file: str) -> Node:
             if key in mapping:
                 raise ConfigError(f"{file}:{key_node.start_mark.line + 1}: duplicate key {key!r}")
             child = f"{path}.{key}" if path else str(key)
-            mapping[key] = _convert(value_node, child, file)
-        return Node(mapping, path, line, file)
+            mapping[key] = _convert(value_node, child, file, key_node.start_mark.line + 1)
+        return Node(mapping, path, line, file, key_line)
     if isinstance(node, yaml.SequenceNode):
         items = [_convert(v, f"{path}[{i}]", file) for i, v in enumerate(node.value)]
-        return Node(items, path, line, file)
+        return Node(items, path, line, file, key_line)
     value = yaml.SafeLoader(  # resolve the scalar's type exactly as safe_load would
         ""
     ).construct_object(node, deep=True)
-    return Node(value, path, line, file)
+    return Node(value, path, line, file, key_line)
 
 
 def load_yaml(path: str | Path) -> Node:

@@ -49,6 +49,12 @@ def test_errors_name_file_line_and_path(call, message):
     assert str(info.value).startswith(message)
 
 
+def test_unknown_block_key_is_reported_at_the_key_line():
+    root = parse_yaml("known: 1\nextra:\n  nested: 2\n", "f.yaml")
+    with pytest.raises(ConfigError, match="f.yaml:2: extra: unknown key 'extra'"):
+        root.reject_unknown({"known"})
+
+
 def test_yaml_syntax_error_gives_line():
     with pytest.raises(ConfigError, match=r"f.yaml:3: invalid YAML: .*flow sequence at line 2"):
         parse_yaml("a: 1\nb: [unclosed\n", "f.yaml")

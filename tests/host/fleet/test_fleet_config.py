@@ -91,8 +91,8 @@ def test_credentials_come_from_the_environment(
 @pytest.mark.parametrize(
     ("old", "new", "line", "message"),
     [
-        # a key's error points at its value, which for a block mapping is the next line
-        ("groups:", "group:", 11, "unknown key 'group'"),
+        # an unknown key is reported at the key's own line, even with a block value
+        ("groups:", "group:", 10, "unknown key 'group'"),
         ("  public: k/signing.pub", "  pub: k/signing.pub", 5, "unknown key 'pub'"),
         ("  all: [a, b, c]", "  all: [a, b, d]", 12, "device 'd' is not declared"),
         ("  all: [a, b, c]", "  all: [a, b, a]", 12, "listed twice in group 'all'"),
