@@ -84,7 +84,6 @@ def acl_mosquitto(tmp_path: Path) -> Iterator[Callable[[str], Mosquitto]]:
         acl = tmp_path / "acl"
         acl.write_text(rule + "\n")
         broker = Mosquitto(tmp_path / "acl-mosquitto")
-        # started as root, mosquitto would become user "mosquitto", who cannot read tmp_path
         broker.conf.write_text(broker.conf.read_text() + f"acl_file {acl}\n")
         broker.start()
         started.append(broker)
