@@ -271,7 +271,10 @@ def _steps(candidate: dict[str, Any]) -> str:
         f"{' – ' + _e(s['notes']) if s['notes'] else ''}</li>"
         for s in candidate["steps"]
     )
-    return f"<details><summary>{_e(candidate['label'])}</summary><ol>{items}</ol></details>"
+    return (
+        f"<details><summary>{_e(candidate['label'])}</summary><code>{_e(candidate['pipeline'])}"
+        f"</code><ol>{items}</ol></details>"
+    )
 
 
 def _table(candidates: list[dict[str, Any]], chosen: int) -> str:

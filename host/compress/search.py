@@ -225,7 +225,9 @@ class Search:
         self._done += counts
 
     def _measure_original(self) -> None:
-        original = Candidate(0, "original", "(original)", "the model as given", lossless=True)
+        original = Candidate(
+            0, "original", "(original)", "(original)", "the model as given", lossless=True
+        )
         original.path = self.model_path
         original.size_bytes = self.model_path.stat().st_size
         self.candidates.append(original)
@@ -259,7 +261,8 @@ class Search:
         candidate = Candidate(
             id=len(self.candidates),
             recipe=recipe.name,
-            label=label or recipe.label(),
+            label=label or (recipe.name if recipe.name in self.plugins.recipes else recipe.label()),
+            pipeline=recipe.label(),
             description=recipe.description,
             lossless=self._lossless(recipe),
             parent=parent,
