@@ -101,11 +101,11 @@ def compress(
     plugins = plugins or load_plugins()
     recipes = _recipes(plugins, passes)
     signature = io_signature(model)
-    samples = load_samples(plugins.pm.hook, data, signature["inputs"], input_shapes)
     out = Path(outdir_path)
     created = not out.exists()
     outdir.prepare(out)
     try:
+        samples = load_samples(plugins.pm.hook, data, signature["inputs"], input_shapes)
         with tempfile.TemporaryDirectory(prefix="slimfleet-compress-") as tmp:
             search = Search(
                 model, model_path, plugins, samples, settings, Path(tmp), fidelity, objective
@@ -123,6 +123,8 @@ def compress(
                     "fidelity": fidelity,
                     "threads": threads,
                     "passes": passes,
+                    "data": str(data) if data is not None else None,
+                    "input_shapes": {k: list(v) for k, v in (input_shapes or {}).items()},
                     "evaluation": asdict(settings),
                 },
                 samples=samples,
