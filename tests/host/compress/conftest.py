@@ -8,7 +8,7 @@ from pathlib import Path
 import models
 import onnx
 import pytest
-from onnx import numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
 from slimfleet.host.compress.evaluate import EvalSettings
 from slimfleet.host.plugins import Plugins, load_plugins, make_plugin_manager
@@ -58,3 +58,17 @@ def outlier_mlp() -> onnx.ModelProto:
             array[0] = -1000.0
         init.CopyFrom(numpy_helper.from_array(array, init.name))
     return model
+
+
+@pytest.fixture
+def unrunnable() -> onnx.ModelProto:
+    """Valid ONNX that onnxruntime loads but cannot run: reshape 4 values into 3."""
+    shape = helper.make_tensor("shape", TensorProto.INT64, [1], [3])
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["x", "shape"], ["y"], name="reshape")],
+        "unrunnable",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3])],
+        [shape],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])

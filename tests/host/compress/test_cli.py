@@ -107,19 +107,7 @@ def _custom_domain_model():
     return helper.make_model(graph, opset_imports=opsets)
 
 
-def _unrunnable():
-    shape = helper.make_tensor("shape", TensorProto.INT64, [1], [3])
-    graph = helper.make_graph(
-        [helper.make_node("Reshape", ["x", "shape"], ["y"], name="reshape")],
-        "unrunnable",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3])],
-        [shape],
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-
-
-def _bad_case(case: str, tmp_path: Path, save_model) -> tuple[list, str]:
+def _bad_case(case: str, tmp_path: Path, save_model, unrunnable) -> tuple[list, str]:
     """Arguments for one kind of bad input, and the text its error line must contain."""
     good = save_model(models.mlp())
     data = tmp_path / "data.npz"
@@ -150,7 +138,7 @@ def _bad_case(case: str, tmp_path: Path, save_model) -> tuple[list, str]:
         args = [good, "-o", tmp_path / "file" / "out", "--input-shape", "x:1x64"]
         return args, "cannot write there"
     if case == "model onnxruntime cannot run":
-        model = save_model(_unrunnable(), "reshape.onnx")
+        model = save_model(unrunnable, "reshape.onnx")
         args = [model, "-o", out, "--passes", "normalize", "--input-shape", "x:1x4"]
         return args, "onnxruntime cannot run the original model"
     raise AssertionError(case)
@@ -171,8 +159,10 @@ def _bad_case(case: str, tmp_path: Path, save_model) -> tuple[list, str]:
         "model onnxruntime cannot run",
     ],
 )
-def test_bad_input_is_one_line_and_exit_2(slimfleet, tmp_path, save_model, scratch, case):
-    args, expected = _bad_case(case, tmp_path, save_model)
+def test_bad_input_is_one_line_and_exit_2(
+    slimfleet, tmp_path, save_model, scratch, unrunnable, case
+):
+    args, expected = _bad_case(case, tmp_path, save_model, unrunnable)
     code, stdout, stderr = slimfleet("-q", "compress", *args, "--quick")
     assert code == 2
     assert stdout == ""

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import re
+from xml.etree import ElementTree
 
 import models
 import numpy as np
@@ -135,6 +136,8 @@ def test_chart_plots_measured_candidates_and_rings_the_choice():
     assert "#1 f=0.995" in svg and "#2 f=0.991" in svg and "#3" not in svg
     assert "fill='#e07000'" in svg  # rejected in orange
     assert ">size (MB)<" in svg and ">latency median (ms)<" in svg
+    root = ElementTree.fromstring(svg)  # well-formed SVG
+    assert root.tag == "{http://www.w3.org/2000/svg}svg"
 
 
 def test_chart_without_measurements():

@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import numpy_helper
 
 from slimfleet.agent.errors import InputError
 from slimfleet.host.compress import search
@@ -325,21 +325,8 @@ def test_bad_settings(tmp_path, save_model, kwargs, message):
         search.compress(save_model(models.mlp()), tmp_path / "out", **kwargs)
 
 
-def _unrunnable() -> onnx.ModelProto:
-    """Valid ONNX that fails at run time: reshape 4 values into 3."""
-    shape = helper.make_tensor("shape", TensorProto.INT64, [1], [3])
-    graph = helper.make_graph(
-        [helper.make_node("Reshape", ["x", "shape"], ["y"], name="reshape")],
-        "unrunnable",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3])],
-        [shape],
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-
-
 def test_temp_files_go_away_after_success_and_failure(
-    tmp_path, save_model, make_plugins, quick, monkeypatch
+    tmp_path, save_model, make_plugins, quick, monkeypatch, unrunnable
 ):
     scratch = tmp_path / "scratch"
     scratch.mkdir()
@@ -359,7 +346,7 @@ def test_temp_files_go_away_after_success_and_failure(
     ]  # fmt: skip
     with pytest.raises(InputError, match="onnxruntime cannot run the original model") as info:
         search.compress(
-            save_model(_unrunnable(), "bad.onnx"),
+            save_model(unrunnable, "bad.onnx"),
             tmp_path / "bad",
             passes="noise",
             plugins=plugins,
