@@ -56,8 +56,8 @@ def slimfleet(monkeypatch):
 
 @pytest.fixture
 def mlp_case(tmp_path, save_model):
-    data = tmp_path / "data.npz"
-    np.savez(data, x=RNG.normal(size=(6, 1, 64)).astype(np.float32))
+    data = tmp_path / "data.npz"  # 20 evaluation samples: chance agreement cannot pass
+    np.savez(data, x=RNG.normal(size=(40, 1, 64)).astype(np.float32))
     return save_model(models.mlp()), data
 
 

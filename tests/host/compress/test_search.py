@@ -119,7 +119,8 @@ class TestRecipes:
             recipes.add(Recipe(name, steps, f"test recipe {name}"))
 
 
-def _mlp_data(tmp_path, count: int = 8):
+def _mlp_data(tmp_path, count: int = 40):
+    """Samples for the MLP; 20 of them evaluate, so chance argmax agreement cannot pass."""
     path = tmp_path / "data.npz"
     np.savez(path, x=RNG.normal(size=(count, 1, 64)).astype(np.float32))
     return path
