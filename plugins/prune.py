@@ -10,6 +10,7 @@ output reaches anything else is left alone, and the notes say why.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -85,7 +86,7 @@ def _unstructured(model: onnx.ModelProto, sparsity: float) -> PassResult:
     zeroed = total = 0
     for name in sorted(names):
         weights = numpy_helper.to_array(inits[name])
-        k = int(weights.size * sparsity)
+        k = math.ceil(weights.size * sparsity - 1e-9)  # at least the asked fraction
         if k == 0:
             continue
         threshold = np.partition(np.abs(weights).ravel(), k - 1)[k - 1]
@@ -169,8 +170,10 @@ def _plan_cut(
     norms = np.abs(weights).reshape(count, -1).sum(axis=1)
     cut = _Cut(conv.name or conv.output[0], count, np.sort(np.argsort(norms)[:k]))
     cut.slices = [(conv.input[1], 0)] + ([(conv.input[2], 0)] if len(conv.input) > 2 else [])
-    region = {conv.output[0]: "spatial"}  # value -> layout: spatial, pooled or flat
     outputs = {o.name for o in graph.output}
+    if conv.output[0] in outputs:
+        return None, f"{conv.output[0]} is a graph output"
+    region = {conv.output[0]: "spatial"}  # value -> layout: spatial, pooled or flat
     for node in list(graph.node)[position + 1 :]:
         inside = [i for i, name in enumerate(node.input) if name in region]
         if not inside:
@@ -183,8 +186,6 @@ def _plan_cut(
             if node.output[0] in outputs:
                 return None, f"{node.output[0]} is a graph output"
             region[node.output[0]] = after
-    if conv.output[0] in outputs:
-        return None, f"{conv.output[0]} is a graph output"
     return cut, ""
 
 

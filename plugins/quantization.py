@@ -65,7 +65,10 @@ def no_targets_reason(
     wanted = sorted(set(op_types or supported))
     present = [n for n in model.graph.node if n.op_type in wanted]
     if present:
-        return f"all {len(present)} {or_list(wanted)} nodes are in exclude_nodes"
+        kinds = or_list(sorted({n.op_type for n in present}))
+        return f"all {len(present)} {kinds} nodes are in exclude_nodes"
+    if len(wanted) > 4:
+        return f"none of the {len(wanted)} op types to quantize ({', '.join(wanted[:3])}, ...) is in the model"
     return f"no {or_list(wanted)} nodes"
 
 
