@@ -1,0 +1,205 @@
+"""Loading an ONNX model file the way ``compress`` and ``inspect`` need it, and describing it.
+
+Every problem with the file itself (missing, not ONNX, too big, external data, operators
+onnxruntime does not know) is an :class:`InputError` whose message names the file.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Iterator
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from google.protobuf.message import DecodeError
+from onnx import helper
+
+from slimfleet.agent.errors import InputError
+
+log = logging.getLogger(__name__)
+
+PROTOBUF_LIMIT = 2 * 1024**3
+"""protobuf cannot parse a message of 2 GB or more; such models keep weights outside."""
+
+CONSTANT_WEIGHT_MIN_ELEMENTS = 2
+"""A Constant node holding at least this many floats counts as a weight, not a scalar."""
+
+
+def load_model(path: Path | str) -> onnx.ModelProto:
+    """Read ``path`` as a self-contained ONNX model that onnxruntime knows every op of."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such model file")
+    size = path.stat().st_size
+    if size >= PROTOBUF_LIMIT:
+        raise InputError(
+            f"{path}: {size / 1e9:.1f} GB is over the 2 GB protobuf limit; "
+            "models with external data are not supported"
+        )
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, ValueError, RuntimeError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: not an ONNX model ({_first_line(exc)})") from None
+    if not model.graph.node and not model.graph.output:
+        raise InputError(f"{path}: not an ONNX model (no graph)")
+    if _uses_external_data(model):
+        raise InputError(
+            f"{path}: weights are stored in external data files; "
+            "slimfleet needs a self-contained model under 2 GB"
+        )
+    _check_operators(model, path)
+    return model
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]
+
+
+def _uses_external_data(model: onnx.ModelProto) -> bool:
+    tensors = [t for g in _all_graphs(model.graph) for t in g.initializer]
+    tensors += [
+        a.t
+        for n in _all_nodes(model.graph)
+        for a in n.attribute
+        if a.type == onnx.AttributeProto.TENSOR
+    ]
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in tensors)
+
+
+@cache
+def _ort_operators() -> frozenset[tuple[str, str]]:
+    """(domain, op) pairs onnxruntime has a schema for; "" and "ai.onnx" are one domain."""
+    from onnxruntime.capi import _pybind_state
+
+    known = {(s.domain or "", s.name) for s in _pybind_state.get_all_operator_schema()}
+    return frozenset(known | {("ai.onnx", op) for domain, op in known if domain == ""})
+
+
+def _check_operators(model: onnx.ModelProto, path: Path) -> None:
+    local = {(f.domain, f.name) for f in model.functions}
+    known = _ort_operators()
+    for node in _all_nodes(model.graph):
+        key = (node.domain or "", node.op_type)
+        if key not in known and key not in local:
+            where = f"node {node.name!r}" if node.name else "a node"
+            domain = f"custom domain {node.domain!r}" if node.domain else "the default domain"
+            raise InputError(
+                f"{path}: {where} uses op {node.op_type!r} from {domain}, "
+                "which onnxruntime cannot run"
+            )
+
+
+def _all_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """``graph`` and every subgraph (If/Loop/Scan bodies), depth first."""
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _all_graphs(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for sub in attr.graphs:
+                    yield from _all_graphs(sub)
+
+
+def _all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
+    for g in _all_graphs(graph):
+        yield from g.node
+
+
+def opset(model: onnx.ModelProto) -> int:
+    """The ai.onnx opset the model imports."""
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            return entry.version
+    return 1
+
+
+def _dim(d: onnx.TensorShapeProto.Dimension) -> int | str | None:
+    if d.HasField("dim_value"):
+        return d.dim_value
+    return d.dim_param or None
+
+
+def _value_info(value: onnx.ValueInfoProto) -> dict[str, Any]:
+    tensor = value.type.tensor_type
+    try:
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.elem_type)).name
+    except (KeyError, TypeError):
+        dtype = str(tensor.elem_type)
+    shape = [_dim(d) for d in tensor.shape.dim] if tensor.HasField("shape") else None
+    return {"name": value.name, "dtype": dtype, "shape": shape}
+
+
+def io_signature(model: onnx.ModelProto) -> dict[str, list[dict[str, Any]]]:
+    """``{"inputs": [...], "outputs": [...]}``, each ``{"name", "dtype", "shape"}``.
+
+    Shapes hold ints for fixed dims and the dim name (or None) for dynamic ones;
+    initializers listed as inputs (old IR versions) are left out.
+    """
+    weights = {t.name for t in model.graph.initializer}
+    return {
+        "inputs": [_value_info(v) for v in model.graph.input if v.name not in weights],
+        "outputs": [_value_info(v) for v in model.graph.output],
+    }
+
+
+def _constant_tensor(node: onnx.NodeProto) -> onnx.TensorProto | None:
+    for attr in node.attribute:
+        if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
+            return attr.t
+    return None
+
+
+def _elements(tensor: onnx.TensorProto) -> int:
+    return int(np.prod(tensor.dims, dtype=np.int64)) if tensor.dims else 1
+
+
+def constant_weights(model: onnx.ModelProto) -> list[str]:
+    """Names of Constant nodes that hold float weights (converters export these).
+
+    ORT's quantizer needs weights as initializers, so ``normalize`` moves them.
+    """
+    names = []
+    for node in model.graph.node:
+        tensor = _constant_tensor(node) if node.op_type == "Constant" else None
+        if (
+            tensor is not None
+            and tensor.data_type in _FLOAT_TYPES
+            and _elements(tensor) >= CONSTANT_WEIGHT_MIN_ELEMENTS
+        ):
+            names.append(node.name or node.output[0])
+    return names
+
+
+_FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
+
+
+def describe(model: onnx.ModelProto, size_bytes: int | None = None) -> dict[str, Any]:
+    """What ``slimfleet inspect`` shows: size, opset, io, op histogram, parameters."""
+    constants = [
+        t
+        for n in model.graph.node
+        if n.op_type == "Constant" and (t := _constant_tensor(n)) is not None
+    ]
+    histogram = Counter(
+        f"{n.domain}.{n.op_type}" if n.domain else n.op_type for n in model.graph.node
+    )
+    return {
+        "size_bytes": size_bytes if size_bytes is not None else model.ByteSize(),
+        "ir_version": model.ir_version,
+        "opset": opset(model),
+        "opsets": {e.domain or "ai.onnx": e.version for e in model.opset_import},
+        "producer": " ".join(p for p in (model.producer_name, model.producer_version) if p),
+        **io_signature(model),
+        "nodes": len(model.graph.node),
+        "ops": dict(histogram.most_common()),
+        "parameters": sum(_elements(t) for t in model.graph.initializer)
+        + sum(_elements(t) for t in constants),
+        "initializers": len(model.graph.initializer),
+        "constant_weights": constant_weights(model),
+    }

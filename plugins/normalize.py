@@ -1,0 +1,137 @@
+"""Pass ``normalize``: Constant-node weights to initializers, opset upgrade, shape inference.
+
+Converters often emit weights as ``Constant`` nodes; onnxruntime's quantizer then
+quantizes nothing (or fails with "Expected ... to be an initializer"). This pass moves
+them into initializers, so every later pass sees ordinary weights. It is lossless.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper, version_converter
+
+from slimfleet.agent.errors import SlimfleetError
+from slimfleet.host.hookspecs import hookimpl
+from slimfleet.host.passes import Option, Pass, PassContext, PassResult
+from slimfleet.plugins.onnxgraph import (
+    DEFAULT_DOMAINS,
+    copy_model,
+    error_line,
+    fix_ir_version,
+    opset_of,
+)
+
+_IR_WITH_FREE_INITIALIZERS = 4  # before IR 4 every initializer had to be a graph input too
+
+
+def upgrade_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
+    """A copy of ``model`` converted to ai.onnx opset ``target`` (never downgraded).
+
+    Returns an unchanged copy when the model's opset is already ``target`` or higher.
+    Raises :class:`SlimfleetError` with one line when onnx's version converter cannot
+    convert the model (for example an op it has no adapter for).
+    """
+    current = opset_of(model)
+    if target <= current:
+        return copy_model(model)
+    newest = onnx.defs.onnx_opset_version()
+    if target > newest:
+        raise SlimfleetError(
+            f"cannot upgrade opset {current} -> {target}: onnx knows up to {newest}"
+        )
+    try:
+        converted = version_converter.convert_version(model, target)
+    except Exception as exc:  # the converter raises bare RuntimeError/IndexError/...
+        raise SlimfleetError(
+            f"cannot upgrade opset {current} -> {target}: {error_line(exc)}"
+        ) from None
+    fix_ir_version(converted)
+    return converted
+
+
+def constants_to_initializers(model: onnx.ModelProto) -> int:
+    """Move Constant nodes of the main graph into initializers, in place; return how many.
+
+    A Constant whose output is also a graph output stays, since an initializer
+    cannot be one portably.
+    """
+    graph = model.graph
+    outputs = {o.name for o in graph.output}
+    kept, moved = [], 0
+    for node in graph.node:
+        tensor = _constant_value(node)
+        if tensor is None or node.output[0] in outputs:
+            kept.append(node)
+            continue
+        tensor.name = node.output[0]
+        graph.initializer.append(tensor)
+        moved += 1
+    if moved:
+        del graph.node[:]
+        graph.node.extend(kept)
+        model.ir_version = max(model.ir_version, _IR_WITH_FREE_INITIALIZERS)
+    return moved
+
+
+def _constant_value(node: onnx.NodeProto) -> onnx.TensorProto | None:
+    if node.op_type != "Constant" or node.domain not in DEFAULT_DOMAINS or len(node.attribute) != 1:
+        return None
+    attr = node.attribute[0]
+    if attr.name == "value":
+        tensor = onnx.TensorProto()
+        tensor.CopyFrom(attr.t)
+        return tensor
+    if attr.name in ("value_float", "value_floats", "value_int", "value_ints"):
+        dtype = np.float32 if attr.name.startswith("value_float") else np.int64
+        return numpy_helper.from_array(np.array(helper.get_attribute_value(attr), dtype=dtype))
+    return None  # sparse_value and strings stay as they are
+
+
+def infer_shapes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str]:
+    """``model`` with inferred value_info, or the model as given and why inference failed."""
+    try:
+        return onnx.shape_inference.infer_shapes(model, data_prop=True), ""
+    except Exception as exc:  # onnx raises InferenceError and, for odd models, others
+        return model, f"shape inference failed ({error_line(exc)})"
+
+
+class Normalize(Pass):
+    name = "normalize"
+    description = (
+        "Move Constant-node weights into initializers, upgrade the opset on request, "
+        "infer shapes (lossless; lets the quantizers see every weight)"
+    )
+    lossless = True
+    options = (Option("opset", int, 0, "upgrade to this ai.onnx opset (0 keeps the model's own)"),)
+
+    def apply(
+        self, model: onnx.ModelProto, context: PassContext, options: dict[str, Any]
+    ) -> PassResult:
+        out = copy_model(model)
+        moved = constants_to_initializers(out)
+        notes = [f"moved {moved} Constant tensors to initializers"] if moved else []
+        before, target = opset_of(out), self.resolve_options(options)["opset"]
+        if target > before:
+            out = upgrade_opset(out, target)
+            notes.append(f"opset {before} -> {target}")
+        elif target:
+            notes.append(f"opset {before} kept (>= {target})")
+        known = len(out.graph.value_info)
+        out, failure = infer_shapes(out)
+        inferred = len(out.graph.value_info) - known
+        if inferred > 0:
+            notes.append(f"inferred {inferred} value shapes")
+        if failure:
+            notes.append(failure)
+        changed = bool(moved or target > before or inferred > 0)
+        if not changed:
+            notes.insert(0, "changed nothing: no Constant weights, opset kept, shapes known")
+        return PassResult(out, changed, "; ".join(notes))
+
+
+@hookimpl
+def slimfleet_add_passes(passes):
+    passes.add(Normalize())

@@ -1,0 +1,106 @@
+"""Graph queries and small edits shared by the built-in passes (not a plugin itself)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+
+import onnx
+from onnx import TensorProto
+
+DEFAULT_DOMAINS = ("", "ai.onnx")
+
+
+def copy_model(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A deep copy, so a pass never modifies the model it was given."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    return copy
+
+
+def opset_of(model: onnx.ModelProto) -> int:
+    """The model's ai.onnx opset version (0 when it imports none)."""
+    return max((o.version for o in model.opset_import if o.domain in DEFAULT_DOMAINS), default=0)
+
+
+def op_counts(model: onnx.ModelProto) -> Counter[str]:
+    """How many nodes of each op type the main graph holds."""
+    return Counter(node.op_type for node in model.graph.node)
+
+
+def describe_counts(counts: Counter[str] | dict[str, int]) -> str:
+    """``{"MatMul": 2, "LSTM": 1}`` -> ``"2 MatMul, 1 LSTM"`` (largest first)."""
+    items = sorted(((n, op) for op, n in counts.items() if n), key=lambda x: (-x[0], x[1]))
+    return ", ".join(f"{n} {op}" for n, op in items)
+
+
+def describe_change(before: onnx.ModelProto, after: onnx.ModelProto) -> str:
+    """``"nodes 9 -> 7; removed 2 BatchNormalization"``, or "" when the op histogram and
+    the number of initializers are the same."""
+    old, new = op_counts(before), op_counts(after)
+    if old == new and len(before.graph.initializer) == len(after.graph.initializer):
+        return ""
+    parts = [f"nodes {sum(old.values())} -> {sum(new.values())}"]
+    if old - new:
+        parts.append(f"removed {describe_counts(old - new)}")
+    if new - old:
+        parts.append(f"added {describe_counts(new - old)}")
+    return "; ".join(parts)
+
+
+def or_list(names: Iterable[str]) -> str:
+    """``["MatMul", "Gemm", "LSTM"]`` -> ``"MatMul, Gemm or LSTM"``."""
+    names = list(names)
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+
+
+def consumers(graph: onnx.GraphProto) -> dict[str, list[tuple[onnx.NodeProto, int]]]:
+    """Value name -> the (node, input index) pairs that read it."""
+    found: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
+    for node in graph.node:
+        for index, name in enumerate(node.input):
+            if name:
+                found.setdefault(name, []).append((node, index))
+    return found
+
+
+def has_subgraphs(model: onnx.ModelProto) -> bool:
+    """True when a node carries a graph attribute (If, Loop, Scan bodies)."""
+    return any(
+        attr.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+        for node in model.graph.node
+        for attr in node.attribute
+    )
+
+
+def constant_tensor(node: onnx.NodeProto) -> onnx.TensorProto | None:
+    """The tensor a Constant node holds in its ``value`` attribute, else None."""
+    if node.op_type != "Constant" or node.domain not in DEFAULT_DOMAINS:
+        return None
+    return next((a.t for a in node.attribute if a.name == "value"), None)
+
+
+def constant_float_weights(model: onnx.ModelProto) -> int:
+    """How many Constant nodes hold float tensors with more than one element (weights)."""
+    count = 0
+    for node in model.graph.node:
+        tensor = constant_tensor(node)
+        if tensor is not None and tensor.data_type == TensorProto.FLOAT:
+            elements = 1
+            for d in tensor.dims:
+                elements *= d
+            count += elements > 1
+    return count
+
+
+def fix_ir_version(model: onnx.ModelProto) -> None:
+    """Raise ``ir_version`` to the lowest one that the model's opset imports allow."""
+    needed = onnx.helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True)
+    model.ir_version = max(model.ir_version, needed)
+
+
+def error_line(exc: BaseException) -> str:
+    """The first line of an exception raised by onnx, onnxsim or onnxruntime (their
+    messages run to many lines), or its type name when it has no message."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -1,0 +1,86 @@
+"""Pass ``ortopt``: onnxruntime's graph optimizations, applied once and saved offline."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import onnx
+import onnxruntime as ort
+
+from slimfleet.agent.errors import SlimfleetError
+from slimfleet.host.hookspecs import hookimpl
+from slimfleet.host.passes import Option, Pass, PassContext, PassResult
+from slimfleet.plugins.onnxgraph import (
+    DEFAULT_DOMAINS,
+    copy_model,
+    describe_change,
+    error_line,
+)
+
+LEVELS = {
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
+class OrtOptimize(Pass):
+    name = "ortopt"
+    description = (
+        "Save onnxruntime's graph optimizations offline (level basic is portable and "
+        "lossless; extended/all add onnxruntime contrib ops tied to the CPU provider)"
+    )
+    lossless = True
+    """At the default level ``basic``; recipes using extended/all should count as lossy."""
+    options = (
+        Option(
+            "level",
+            str,
+            "basic",
+            "basic: constant folding and redundant-node removal, standard ops only; "
+            "extended: adds fusions into onnxruntime contrib ops; all: adds CPU layout "
+            "changes (NCHWc), only for the same onnxruntime on the same kind of CPU",
+            choices=tuple(LEVELS),
+        ),
+    )
+
+    def apply(
+        self, model: onnx.ModelProto, context: PassContext, options: dict[str, Any]
+    ) -> PassResult:
+        level = self.resolve_options(options)["level"]
+        context.workdir.mkdir(parents=True, exist_ok=True)
+        target = context.workdir / f"ortopt_{level}.onnx"
+        session_options = ort.SessionOptions()
+        session_options.graph_optimization_level = LEVELS[level]
+        session_options.optimized_model_filepath = str(target)
+        session_options.intra_op_num_threads = context.threads
+        session_options.log_severity_level = 3  # level all warns that NCHWc is CPU-specific
+        try:
+            ort.InferenceSession(
+                model.SerializeToString(), session_options, providers=["CPUExecutionProvider"]
+            )
+        except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
+            raise SlimfleetError(
+                f"ortopt: onnxruntime cannot load the model: {error_line(exc)}"
+            ) from None
+        optimized = onnx.load(str(target))
+        target.unlink()
+        change = describe_change(model, optimized)
+        if not change:
+            return PassResult(copy_model(model), False, f"changed nothing at level {level}")
+        notes = f"level {level}: {change}"
+        contrib = sorted(
+            {
+                f"{n.domain}.{n.op_type}"
+                for n in optimized.graph.node
+                if n.domain not in DEFAULT_DOMAINS
+            }
+        )
+        if contrib:
+            notes += f"; needs onnxruntime's own ops ({', '.join(contrib)})"
+        return PassResult(optimized, True, notes)
+
+
+@hookimpl
+def slimfleet_add_passes(passes):
+    passes.add(OrtOptimize())

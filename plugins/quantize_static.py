@@ -1,0 +1,170 @@
+"""Pass ``quantize_static``: int8 QDQ with activation ranges calibrated on the user's samples.
+
+Wraps ``onnxruntime.quantization.quantize_static`` (QDQ format) after
+``quant_pre_process``. Per-channel weights need per-axis DequantizeLinear, which
+exists from opset 13: :meth:`QuantizeStatic.min_opset` tells the runner to upgrade.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import onnx
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    CalibrationMethod,
+    QuantFormat,
+    quantize_static,
+)
+from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+from onnxruntime.quantization.shape_inference import quant_pre_process
+
+from slimfleet.host.hookspecs import hookimpl
+from slimfleet.host.passes import Feed, Option, Pass, PassContext, PassResult
+from slimfleet.plugins import quantization as q
+from slimfleet.plugins.onnxgraph import error_line, opset_of
+
+SUPPORTED = tuple(sorted({*QDQRegistry, *QLinearOpsRegistry}))
+"""What quantize_static picks when op_types is empty (its own default)."""
+CALIBRATION = {
+    "minmax": CalibrationMethod.MinMax,
+    "entropy": CalibrationMethod.Entropy,
+    "percentile": CalibrationMethod.Percentile,
+}
+PER_AXIS_OPSET = 13
+QDQ_OPSET = 10
+
+
+class FeedReader(CalibrationDataReader):
+    """Hands the calibration feeds to onnxruntime one at a time."""
+
+    def __init__(self, feeds: list[Feed]) -> None:
+        self._feeds = feeds
+        self._next = iter(feeds)
+
+    def get_next(self) -> Feed | None:
+        return next(self._next, None)
+
+    def rewind(self) -> None:
+        self._next = iter(self._feeds)
+
+
+class QuantizeStatic(Pass):
+    name = "quantize_static"
+    description = (
+        "int8 QDQ weights and activations with ranges calibrated on the calibration "
+        "samples (onnxruntime quantize_static); fast Conv/MatMul kernels on CPU"
+    )
+    options = (
+        q.op_types_option(SUPPORTED),
+        Option(
+            "per_channel",
+            bool,
+            True,
+            "one scale per output channel of each weight (needs opset 13, upgraded first)",
+        ),
+        Option(
+            "calibration",
+            str,
+            "minmax",
+            "how activation ranges are chosen from the samples",
+            choices=tuple(CALIBRATION),
+        ),
+        Option(
+            "activation_type",
+            str,
+            "uint8",
+            "8-bit type of activations",
+            choices=("uint8", "int8"),
+        ),
+        Option("weight_type", str, "int8", "8-bit type of weights", choices=("int8", "uint8")),
+        q.EXCLUDE_NODES,
+        Option(
+            "reduce_range",
+            bool,
+            False,
+            "7-bit weights, for CPUs without VNNI where 8-bit products can saturate",
+        ),
+        Option(
+            "preprocess",
+            bool,
+            True,
+            "run onnxruntime's quant_pre_process shape inference first",
+        ),
+    )
+
+    def min_opset(self, options: dict[str, Any]) -> int:
+        return PER_AXIS_OPSET if self.resolve_options(options)["per_channel"] else QDQ_OPSET
+
+    def check(
+        self, model: onnx.ModelProto, context: PassContext, options: dict[str, Any]
+    ) -> str | None:
+        opts = self.resolve_options(options)
+        if not context.calibration:
+            return "needs calibration data"
+        need, have = self.min_opset(opts), opset_of(model)
+        if have < need:
+            what = "per-channel QDQ" if opts["per_channel"] else "QDQ"
+            return f"{what} needs opset {need}, the model has {have}"
+        if not q.selected(model, opts["op_types"], SUPPORTED, opts["exclude_nodes"]):
+            return q.no_targets_reason(model, opts["op_types"], SUPPORTED, opts["exclude_nodes"])
+        return None
+
+    def apply(
+        self, model: onnx.ModelProto, context: PassContext, options: dict[str, Any]
+    ) -> PassResult:
+        opts = self.resolve_options(options)
+        notes = []
+
+        def quantize(source: Path, target: Path) -> None:
+            prepared = _preprocess(source, notes) if opts["preprocess"] else source
+            quantize_static(
+                prepared,
+                target,
+                FeedReader(context.calibration),
+                quant_format=QuantFormat.QDQ,
+                op_types_to_quantize=opts["op_types"] or None,
+                per_channel=opts["per_channel"],
+                reduce_range=opts["reduce_range"],
+                activation_type=q.quant_type(opts["activation_type"]),
+                weight_type=q.quant_type(opts["weight_type"]),
+                nodes_to_exclude=opts["exclude_nodes"],
+                calibrate_method=CALIBRATION[opts["calibration"]],
+            )
+
+        quantized = q.run_quantizer(model, context, self.name, quantize)
+        summary = (
+            f"QDQ, {'per-channel ' if opts['per_channel'] else ''}{opts['weight_type']} weights, "
+            f"{opts['activation_type']} activations, {opts['calibration']} on "
+            f"{len(context.calibration)} samples"
+        )
+        result = q.result(model, quantized, summary, opts["exclude_nodes"])
+        result.notes = "; ".join([result.notes, *notes])
+        return result
+
+
+def _preprocess(source: Path, notes: list[str]) -> Path:
+    """Shape inference by quant_pre_process on ``source``; without its symbolic part when
+    that fails, and not at all when both fail (noted). Its optimizer is skipped: it
+    would rename fused nodes, and ``exclude_nodes`` must name what the caller sees."""
+    target = source.with_name(source.stem + "_pre.onnx")
+    try:
+        quant_pre_process(str(source), str(target), skip_optimization=True)
+        return target
+    except Exception as exc:  # symbolic shape inference fails on many real models
+        first = error_line(exc)
+    try:
+        quant_pre_process(
+            str(source), str(target), skip_optimization=True, skip_symbolic_shape=True
+        )
+        notes.append(f"pre-processed without symbolic shape inference ({first})")
+        return target
+    except Exception as exc:  # onnx shape inference or the optimizer failed as well
+        notes.append(f"skipped pre-processing ({error_line(exc)})")
+        return source
+
+
+@hookimpl
+def slimfleet_add_passes(passes):
+    passes.add(QuantizeStatic())

@@ -1,0 +1,65 @@
+"""The built-in recipes: the candidates ``slimfleet compress`` measures by default.
+
+Every recipe starts with ``normalize`` and ``simplify`` (both lossless): quantizers then
+see Constant-node weights, and BatchNorm is folded before float16 can clamp its
+statistics. A recipe whose passes are not all registered is left out.
+"""
+
+from __future__ import annotations
+
+from slimfleet.host.hookspecs import hookimpl
+from slimfleet.host.recipes import Recipe, Step
+
+PREPARE = (Step("normalize"), Step("simplify"))
+PREPARE_OPSET13 = (Step("normalize", {"opset": 13}), Step("simplify"))
+"""Per-channel QDQ needs per-axis DequantizeLinear, which arrived in opset 13."""
+DYNAMIC_OPS = ["MatMul", "Gemm", "LSTM", "Attention"]
+"""What dynamic quantization speeds up on CPU (GRU has no dynamic int8 kernel in ORT)."""
+CONV_FAMILY = ["Conv", "ConvTranspose", "Add", "Mul", "Sigmoid", "Relu", "Clip", "LeakyRelu"]
+CONV_FAMILY += ["MaxPool", "AveragePool", "GlobalAveragePool", "Concat", "Resize", "Pad"]
+"""Ops around convolutions that QDQ keeps in int8 between QLinearConv kernels."""
+
+BUILTIN_RECIPES = (
+    Recipe(
+        "lossless",
+        (*PREPARE, Step("ortopt", {"level": "basic"})),
+        "normalize, simplify and onnxruntime's portable graph optimizations",
+        lossy=False,
+    ),
+    Recipe(
+        "int8_dynamic",
+        (*PREPARE, Step("quantize_dynamic")),
+        "onnxruntime's dynamic int8 defaults (Conv too, which is often slower on CPU)",
+    ),
+    Recipe(
+        "int8_dynamic_matmul",
+        (*PREPARE, Step("quantize_dynamic", {"op_types": DYNAMIC_OPS, "per_channel": True})),
+        "dynamic int8 on MatMul, Gemm, LSTM and Attention only, per channel",
+    ),
+    Recipe(
+        "int8_static",
+        (*PREPARE_OPSET13, Step("quantize_static", {"calibration": "percentile"})),
+        "static int8 QDQ, per-channel weights, percentile calibration",
+    ),
+    Recipe(
+        "int8_combined",
+        (
+            *PREPARE_OPSET13,
+            Step("quantize_static", {"op_types": CONV_FAMILY, "calibration": "percentile"}),
+            Step("quantize_dynamic", {"op_types": DYNAMIC_OPS, "per_channel": True}),
+        ),
+        "static int8 QDQ on the convolutional part, dynamic int8 on MatMul/Gemm/LSTM",
+    ),
+    Recipe(
+        "fp16",
+        (*PREPARE, Step("fp16")),
+        "float16 weights and activations, float32 inputs and outputs",
+    ),
+)
+
+
+@hookimpl
+def slimfleet_add_recipes(recipes, passes):
+    for recipe in BUILTIN_RECIPES:
+        if all(step.pass_name in passes for step in recipe.steps):
+            recipes.add(recipe)

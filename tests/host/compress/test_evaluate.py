@@ -1,0 +1,217 @@
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+import time
+
+import models
+import numpy as np
+import onnx
+import psutil
+import pytest
+
+from slimfleet.agent.errors import SlimfleetError
+from slimfleet.host.compress import evaluate
+from slimfleet.host.compress.evaluate import EvalSettings, compare, measure, write_samples
+from slimfleet.host.metrics import Metric
+from slimfleet.host.registry import Registry
+
+RNG = np.random.default_rng(3)
+
+
+@pytest.fixture
+def conv_samples(tmp_path):
+    feeds = [{"input": RNG.random((1, 3, 32, 32)).astype(np.float32)} for _ in range(3)]
+    return feeds, write_samples(feeds, tmp_path / "samples")
+
+
+def test_measure_reports_outputs_latency_memory_and_load_time(save_model, conv_samples, tmp_path):
+    paths = conv_samples[1]
+    settings = EvalSettings(warmup=1, min_repeats=5, max_repeats=5, latency_seconds=0)
+    result = measure(save_model(models.conv_bn_net()), paths, settings, tmp_path / "work")
+    assert result.error is None
+    assert result.latency_ms["runs"] == 5
+    assert 0 < result.latency_ms["median"] <= result.latency_ms["p90"]
+    assert result.load_ms > 0 and result.peak_memory_bytes > 0
+    assert len(result.outputs) == 3 and result.outputs[0]["logits"].shape == (1, 10)
+    assert "outputs" not in result.figures()
+
+
+def test_outputs_match_an_in_process_session(save_model, conv_samples, tmp_path, quick):
+    import onnxruntime as ort
+
+    feeds, paths = conv_samples
+    path = save_model(models.conv_bn_net())
+    result = measure(path, paths, quick, tmp_path / "work", latency=False)
+    assert result.latency_ms == {}
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for feed, got in zip(feeds, result.outputs, strict=True):
+        np.testing.assert_allclose(got["logits"], session.run(None, feed)[0], rtol=1e-5)
+
+
+def test_a_model_that_fails_to_load_is_an_error_not_an_exception(tmp_path, conv_samples, quick):
+    model = models.conv_bn_net()
+    model.graph.node[0].input[1] = "no_such_weight"
+    path = tmp_path / "bad.onnx"
+    onnx.save(model, str(path))
+    result = measure(path, conv_samples[1], quick, tmp_path / "work")
+    assert result.error is not None and "no_such_weight" in result.error
+    assert "\n" not in result.error
+
+
+def test_a_timeout_is_an_error(save_model, conv_samples, tmp_path):
+    settings = EvalSettings(timeout=0.05)
+    result = measure(save_model(models.conv_bn_net()), conv_samples[1], settings, tmp_path / "w")
+    assert result.error == "timed out after 0.05 s"
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_a_crashing_evaluation_process_is_an_error(save_model, conv_samples, tmp_path):
+    """Kill the real child with SIGSEGV while it times runs: the caller gets a reason."""
+    settings = EvalSettings(min_repeats=10**6, max_repeats=10**6, latency_seconds=60)
+    path = save_model(models.conv_bn_net())
+    results = []
+    worker = threading.Thread(
+        target=lambda: results.append(measure(path, conv_samples[1], settings, tmp_path / "w"))
+    )
+    worker.start()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not (tmp_path / "w" / "outputs.npz").exists():
+        time.sleep(0.05)  # outputs are written before timing starts
+    children = [
+        p for p in psutil.Process().children() if evaluate.WORKER_MODULE in " ".join(p.cmdline())
+    ]
+    assert len(children) == 1
+    children[0].send_signal(signal.SIGSEGV)
+    worker.join(30)
+    assert results[0].error == "the evaluation process crashed (SIGSEGV)"
+
+
+def test_exit_reason_of_a_failing_process():
+    reason = evaluate._exit_reason(3, "warning: x\nMemoryError: out of memory\n\n")
+    assert reason == "the evaluation process exited with code 3: MemoryError: out of memory"
+
+
+# -- compare ------------------------------------------------------------------------------
+
+
+def _outs(**arrays: np.ndarray) -> dict[str, np.ndarray]:
+    return {k: np.asarray(v) for k, v in arrays.items()}
+
+
+def test_identical_outputs_are_perfect():
+    logits = RNG.normal(size=(1, 10)).astype(np.float32)
+    fidelity = compare([_outs(y=logits)], [_outs(y=logits.copy())])
+    assert fidelity.problem is None and fidelity.score == 1.0
+    (out,) = fidelity.outputs
+    assert (out.judged_by, out.argmax_agreement, out.max_abs_error) == ("argmax", 1.0, 0.0)
+    assert out.cosine == pytest.approx(1.0)
+
+
+def test_argmax_agreement_counts_positions_over_samples():
+    ref = [_outs(y=np.eye(4, dtype=np.float32)[None].repeat(2, 0)) for _ in range(2)]  # 2x4x4
+    got = [_outs(y=r["y"].copy()) for r in ref]
+    got[1]["y"][0, 0] = [0, 0, 0, 5]  # one of the 16 positions now picks class 3
+    fidelity = compare(ref, got)
+    assert fidelity.outputs[0].argmax_agreement == pytest.approx(15 / 16)
+    assert fidelity.score == pytest.approx(15 / 16)
+
+
+def test_feature_maps_are_judged_by_cosine():
+    ref = RNG.normal(size=(1, 4, 8, 8)).astype(np.float32)
+    got = ref + RNG.normal(0, 0.1, ref.shape).astype(np.float32)
+    (out,) = compare([_outs(f=ref)], [_outs(f=got)]).outputs
+    assert out.judged_by == "cosine" and out.argmax_agreement is None
+    assert 0.98 < out.score == out.cosine < 1.0
+    assert out.max_abs_error == pytest.approx(np.abs(ref - got).max())
+
+
+def test_integer_outputs_must_match_exactly():
+    ref, got = np.array([[1, 2, 3, 4]]), np.array([[1, 2, 0, 4]])
+    (out,) = compare([_outs(ids=ref)], [_outs(ids=got)]).outputs
+    assert out.judged_by == "exact" and out.score == 0.75
+
+
+def test_wrong_shape_is_a_problem():
+    fidelity = compare([_outs(y=np.zeros((1, 10)))], [_outs(y=np.zeros((1, 9)))])
+    assert (
+        fidelity.problem == "output 'y' has shape [1, 9] where the original has [1, 10] (sample 0)"
+    )
+    assert fidelity.score == 0.0
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_nan_or_inf_is_a_problem(bad):
+    got = np.ones((1, 10), np.float32)
+    got[0, 3] = bad
+    fidelity = compare([_outs(y=np.ones((1, 10), np.float32))], [_outs(y=got)])
+    assert fidelity.problem == "output 'y' contains NaN or Inf (sample 0)"
+
+
+def test_missing_output_is_a_problem():
+    assert compare([_outs(y=np.ones(3))], [_outs(z=np.ones(3))]).problem == "output 'y' is missing"
+
+
+def test_score_is_the_worst_output():
+    ref = _outs(a=np.eye(3, dtype=np.float32), b=np.ones((1, 2, 8, 8), np.float32))
+    got = _outs(a=np.eye(3, dtype=np.float32), b=-np.ones((1, 2, 8, 8), np.float32))
+    fidelity = compare([ref], [got])
+    assert [o.score for o in fidelity.outputs] == [1.0, pytest.approx(-1.0)]
+    assert fidelity.score == pytest.approx(-1.0)
+
+
+@pytest.mark.parametrize(
+    ("shape", "expected"),
+    [
+        ((1, 1000), True),
+        ((25, 1, 8210), True),
+        ((1, 8400, 85), False),
+        ((1, 3, 32, 32), False),
+        ((8, 1, 5), False),
+        ((1, 1), False),
+    ],
+)
+def test_class_like(shape, expected):
+    assert evaluate.class_like(np.zeros(shape, np.float32)) is expected
+
+
+def test_class_like_needs_floats():
+    assert not evaluate.class_like(np.zeros((1, 10), np.int64))
+
+
+# -- task metrics ---------------------------------------------------------------------------
+
+
+def _documented_ctc_plugin() -> dict:
+    """Run the CTC metric example from evaluate's docstring, exactly as documented."""
+    doc = evaluate.__doc__
+    block = doc[doc.index("::\n") + 3 : doc.index("Every candidate then gets")]
+    namespace: dict = {}
+    exec(compile(block.replace("\n    ", "\n"), "ctc_example", "exec"), namespace)
+    return namespace
+
+
+def test_the_documented_ctc_metric_decodes_and_compares():
+    plugin = _documented_ctc_plugin()
+    metrics: Registry[Metric] = Registry("metric")
+    plugin["slimfleet_add_metrics"](metrics=metrics)
+    blank, a, b = np.eye(3, dtype=np.float32)
+    text_ab = _outs(logits=np.stack([a, a, blank, b, b])[:, None])  # "a a _ b b" -> [1, 2]
+    text_aab = _outs(logits=np.stack([a, blank, a, b, b])[:, None])  # -> [1, 1, 2]
+    assert plugin["ctc_decode"](text_ab["logits"]) == [1, 2]
+    assert plugin["ctc_decode"](text_aab["logits"]) == [1, 1, 2]
+    scores = evaluate.score_metrics(metrics, [text_ab, text_ab], [text_ab, text_aab])
+    assert scores == {"ctc_text": 0.5}
+
+
+def test_a_metric_that_raises_names_itself():
+    broken = Metric("broken", "always fails", lambda ref, got: 1 / 0)
+    with pytest.raises(SlimfleetError, match="task metric 'broken' raised ZeroDivisionError"):
+        evaluate.score_metrics([broken], [], [])
+
+
+def test_a_nan_metric_counts_as_zero():
+    assert evaluate.score_metrics([Metric("n", "nan", lambda r, c: float("nan"))], [], []) == {
+        "n": 0.0
+    }

@@ -1,0 +1,99 @@
+"""quantize_dynamic: int8 weights via onnxruntime, op types and exclusions respected."""
+
+from __future__ import annotations
+
+import models
+import pytest
+
+from slimfleet.agent.errors import InputError
+from slimfleet.plugins.normalize import Normalize
+from slimfleet.plugins.quantize_dynamic import QuantizeDynamic
+
+PASS = QuantizeDynamic()
+
+
+def apply(model, context, **options):
+    return PASS.apply(model, context(), PASS.resolve_options(options))
+
+
+def test_registers_through_the_hook(plugins):
+    assert "quantize_dynamic" in plugins("quantize_dynamic").passes
+
+
+def test_quantizes_matmul_weights(context, helpers):
+    model = models.mlp()
+    result = apply(model, context)
+    assert result.changed
+    assert result.notes == "quantized 2 MatMul (dynamic, int8 weights)"
+    assert helpers.ops(result.model)["MatMulInteger"] == 2
+    assert result.model.ByteSize() < model.ByteSize() * 0.4
+    for feed in helpers.feeds(model, 4):
+        assert (
+            helpers.cosine(helpers.run(result.model, feed)[0], helpers.run(model, feed)[0]) > 0.99
+        )
+
+
+def test_respects_op_types(context, helpers):
+    model = models.lstm()
+    result = apply(model, context, op_types="LSTM")
+    counts = helpers.ops(result.model)
+    assert counts["DynamicQuantizeLSTM"] == 1 and counts["MatMul"] == 1
+    assert result.notes.startswith("quantized 1 LSTM (")
+    feed = helpers.feeds(model, 1)[0]
+    assert helpers.cosine(helpers.run(result.model, feed)[0], helpers.run(model, feed)[0]) > 0.99
+
+
+def test_gemm_is_quantized_as_matmul_and_conv_left_alone(context, helpers):
+    result = apply(models.conv_bn_net(), context, op_types="Gemm", per_channel="true")
+    counts = helpers.ops(result.model)
+    assert counts["MatMulInteger"] == 1 and counts["ConvInteger"] == 0 and counts["Conv"] == 2
+    assert result.notes == "quantized 1 Gemm (dynamic, int8 weights, per channel)"
+
+
+def test_excluded_nodes_stay_in_float(context, helpers):
+    result = apply(models.conv_bn_net(), context, exclude_nodes="conv1+fc+nosuch")
+    counts = helpers.ops(result.model)
+    assert counts["ConvInteger"] == 1 and counts["Conv"] == 1 and counts["MatMulInteger"] == 0
+    assert "quantized 1 Conv" in result.notes
+    assert "ignored unknown exclude_nodes nosuch" in result.notes
+    assert "kept 2 excluded nodes in float" in result.notes
+
+
+def test_constant_node_weights_are_reported_not_hidden(context):
+    model = models.constant_weights()
+    reason = PASS.check(model, context(), {})
+    assert reason == "no MatMul node has its weights in an initializer (run normalize first)"
+    result = apply(model, context)
+    assert not result.changed
+    assert result.notes == (
+        "changed nothing: no node got quantized "
+        "(weights are Constant nodes, not initializers: run normalize first)"
+    )
+    assert result.model.SerializeToString() == model.SerializeToString()
+
+
+def test_normalize_first_makes_constant_weights_quantizable(context, helpers):
+    model = Normalize().apply(models.constant_weights(), context(), {}).model
+    assert PASS.check(model, context(), {}) is None
+    result = apply(model, context)
+    assert result.changed and helpers.ops(result.model)["MatMulInteger"] == 2
+
+
+def test_check_says_why_it_does_not_apply(context):
+    assert PASS.check(models.mlp(), context(), {"op_types": ["LSTM"]}) == "no LSTM nodes"
+    all_excluded = {"exclude_nodes": ["mm1", "mm2"]}
+    assert PASS.check(models.mlp(), context(), all_excluded) == (
+        "all 2 MatMul nodes are in exclude_nodes"
+    )
+
+
+def test_op_types_are_validated():
+    with pytest.raises(InputError, match="op_types='GRU' is not one of"):
+        PASS.resolve_options({"op_types": "MatMul+GRU"})
+
+
+def test_input_model_is_not_modified(context):
+    model = models.conv_bn_net()
+    before = model.SerializeToString()
+    apply(model, context)
+    assert model.SerializeToString() == before
