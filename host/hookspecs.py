@@ -8,12 +8,11 @@ third-party packages expose theirs through the ``slimfleet`` entry-point group::
     acme = "acme_slimfleet.plugin"
 
 Each function's docstring is that hook's reference documentation (the README's hook
-reference is generated from it, and a test fails when a hook has none).
+reference is generated from it by ``python -m slimfleet.host.hookdoc``, and a test fails when a hook has none).
 """
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -91,20 +90,3 @@ def slimfleet_report_section(report: dict[str, Any]) -> ReportSection | None:
 
     ``report`` is the finished report dictionary (candidates, choice, reasons).
     """
-
-
-def reference_markdown() -> str:
-    """The README's hook reference, built from the specs above (``python -m`` prints it)."""
-    parts = []
-    for name, func in sorted(globals().items()):
-        if not name.startswith("slimfleet_") or not inspect.isfunction(func):
-            continue
-        spec = getattr(func, f"{PROJECT}_spec", {})
-        first = " (first result wins)" if spec.get("firstresult") else ""
-        params = ", ".join(inspect.signature(func).parameters)
-        parts.append(f"#### `{name}({params})`{first}\n\n{inspect.getdoc(func)}\n")
-    return "\n".join(parts)
-
-
-if __name__ == "__main__":
-    print(reference_markdown())
