@@ -1,0 +1,102 @@
+"""Fixtures for the fleet tests: the repository's fleet.yaml on a test broker, fresh keys,
+an independent paho subscriber, and a compress-style OUTDIR."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+import models
+import numpy as np
+import paho.mqtt.client as mqtt
+import pytest
+from brokers import Mosquitto
+from paho.mqtt.enums import CallbackAPIVersion
+
+from slimfleet.agent.mqtt import BrokerSettings
+from slimfleet.host.fleet.config import FleetConfig, load_fleet
+from slimfleet.host.fleet.keys import generate_keys
+
+REPO = Path(__file__).resolve().parents[3]
+FLEET_YAML = REPO / "fleet.yaml"
+
+Collect = Callable[..., dict[str, mqtt.MQTTMessage]]
+
+
+MakeFleet = Callable[[str], FleetConfig]
+
+
+@pytest.fixture
+def fleet_yaml() -> Path:
+    """The repository's example fleet.yaml."""
+    return FLEET_YAML
+
+
+@pytest.fixture
+def make_fleet(prefix: str, tmp_path: Path) -> MakeFleet:
+    """The repository's fleet.yaml on a given broker URL, with this test's prefix and
+    fresh keys in tmp_path (the repository's keys/ is never touched)."""
+
+    def make(url: str) -> FleetConfig:
+        fleet = load_fleet(FLEET_YAML, broker_url=url)
+        private, public = tmp_path / "keys" / "signing.key", tmp_path / "keys" / "signing.pub"
+        if not private.exists():
+            generate_keys(private, public)
+        return replace(fleet, prefix=prefix, private_key=private, public_key=public)
+
+    return make
+
+
+@pytest.fixture
+def fleet(mosquitto: Mosquitto, make_fleet: MakeFleet) -> FleetConfig:
+    return make_fleet(mosquitto.url)
+
+
+@pytest.fixture
+def collect() -> Collect:
+    """``collect(url, topic_filter, count, timeout=15)``: see :func:`collect_retained`."""
+    return collect_retained
+
+
+def collect_retained(
+    url: str, topic_filter: str, count: int, timeout: float = 15.0
+) -> dict[str, mqtt.MQTTMessage]:
+    """Subscribe with a plain paho client and gather ``count`` messages (topic -> last)."""
+    settings = BrokerSettings.from_url(url)
+    got: dict[str, mqtt.MQTTMessage] = {}
+    done = threading.Event()
+    client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2)
+
+    def on_connect(c, userdata, flags, rc, props):
+        c.subscribe(topic_filter, qos=1)
+
+    def on_message(c, userdata, msg):
+        got[msg.topic] = msg
+        if len(got) >= count:
+            done.set()
+
+    client.on_connect = on_connect
+    client.on_message = on_message
+    client.connect(settings.host, settings.port)
+    client.loop_start()
+    try:
+        done.wait(timeout)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    return got
+
+
+@pytest.fixture
+def outdir(tmp_path: Path) -> Path:
+    """What 'slimfleet compress' leaves behind: model.onnx, report.json, sample.npz."""
+    out = tmp_path / "out"
+    models.save(models.conv_bn_net(), out / "model.onnx")
+    summary = {"size_ratio": 0.5, "latency_ratio": 0.8, "passes": ["simplify", "fuse"]}
+    (out / "report.json").write_text(json.dumps({"summary": summary, "candidates": []}))
+    sample = np.random.default_rng(1).normal(size=(1, 3, 32, 32)).astype(np.float32)
+    np.savez(out / "sample.npz", input=sample)
+    return out
