@@ -53,6 +53,7 @@ class PartialFile:
         self.data_path = Path(directory) / f"{stem}.part"
         self.bitmap_path = Path(directory) / f"{stem}.bitmap"
         self.done: set[int] = set()
+        self.dirty = False  # chunks written since the bitmap was last persisted
         self._fd = -1
 
     def open(self) -> None:
@@ -88,6 +89,7 @@ class PartialFile:
     def write(self, index: int, payload: bytes) -> None:
         os.pwrite(self._fd, payload, index * self.manifest.chunk_size)
         self.done.add(index)
+        self.dirty = True
 
     def persist(self) -> None:
         """Make the data durable, then record which chunks it holds."""
@@ -102,6 +104,7 @@ class PartialFile:
             "done": base64.b64encode(bytes(bits)).decode(),
         }
         atomic_write_bytes(self.bitmap_path, json.dumps(doc).encode())
+        self.dirty = False
 
     def verify(self) -> Path:
         """Check the whole file's size and sha256; a mismatch discards it."""
@@ -255,6 +258,9 @@ class ChunkDownload:
                 if not self.link.connected:
                     last_chunk = now  # a broker outage is not the chunks' fault
                 if msg is None:
+                    if self.partial.dirty:  # idle: a good moment to record progress
+                        self.partial.persist()
+                        last_persist = now
                     if now - last_chunk > self.chunk_timeout_s:
                         self.partial.persist()
                         raise DownloadError(

@@ -137,6 +137,7 @@ class Link:
         self._connected = threading.Event()
         self._stop = threading.Event()
         self._connack: Any = None
+        self._session_present = False
         self._thread: threading.Thread | None = None
         self._client = self._make_client()
 
@@ -197,6 +198,7 @@ class Link:
             started = time.monotonic()
             try:
                 self._connect()
+                self._connected_now()
                 self._pump()
             except LinkError as exc:
                 self.last_error = str(exc)
@@ -283,13 +285,19 @@ class Link:
         client.on_socket_unregister_write = _ignore
         return client
 
-    def _on_connect(self, client: mqtt.Client, _u: Any, flags: Any, reason: Any, _p: Any) -> None:
+    def _on_connect(self, _c: mqtt.Client, _u: Any, flags: Any, reason: Any, _p: Any) -> None:
         self._connack = reason
-        if reason.is_failure:
-            return
+        self._session_present = bool(flags.session_present)
+
+    def _connected_now(self) -> None:
+        """Subscribe and publish what every (re)connection needs.
+
+        Runs after paho has handled the CONNACK, so anything paho re-sends from before
+        the outage goes out first and the fresh retained documents land last.
+        """
         self.connects += 1
         self.last_error = None
-        log.info("connected to %s (session present: %s)", self.settings.url, flags.session_present)
+        log.info("connected to %s (session present: %s)", self.settings.url, self._session_present)
         # Set before the snapshot: a filter or document added from now on is sent by
         # its caller, one added before is in the snapshot (at worst both: harmless).
         self._connected.set()
@@ -299,13 +307,13 @@ class Link:
             self._stale.clear()
             retained = dict(self._retained)
         if stale:
-            client.unsubscribe(stale)
+            self._client.unsubscribe(stale)
         if filters:
-            client.subscribe([(f, 1) for f in filters])
+            self._client.subscribe([(f, 1) for f in filters])
         if self.status_topic:
-            client.publish(self.status_topic, STATUS_ONLINE, qos=1, retain=True)
+            self._client.publish(self.status_topic, STATUS_ONLINE, qos=1, retain=True)
         for topic, payload in retained.items():
-            client.publish(topic, payload, qos=1, retain=True)
+            self._client.publish(topic, payload, qos=1, retain=True)
 
     def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
         try:
