@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import getpass
 import json
+import os
+import signal
+import subprocess
+import sys
 import time
 import zlib
 from collections.abc import Callable, Iterator
@@ -155,17 +159,24 @@ class Rig:
 
 
 @pytest.fixture
-def rig(mosquitto: Mosquitto, prefix: str, tmp_path: Path) -> Rig:
-    return Rig(mosquitto.url, prefix, tmp_path)
+def make_rig(prefix: str, tmp_path: Path) -> Callable[[str], Rig]:
+    """``make_rig(broker_url)``: the fleet and device of this test on that broker."""
+    return lambda url: Rig(url, prefix, tmp_path)
+
+
+@pytest.fixture
+def rig(mosquitto: Mosquitto, make_rig: Callable[[str], Rig]) -> Rig:
+    return make_rig(mosquitto.url)
 
 
 class Watcher:
     """Everything a device publishes, as a monitor would see it."""
 
-    def __init__(self, broker: Mosquitto, topics: Topics, device: str, client_id: str) -> None:
+    def __init__(self, broker_url: str, topics: Topics, device: str, client_id: str) -> None:
         self.topics = topics
-        self.link = Link(BrokerSettings("127.0.0.1", broker.port), client_id)
-        self.sub = self.link.subscribe([topics.device(device, "#")])
+        self.link = Link(BrokerSettings.from_url(broker_url), client_id)
+        leaves = ("status", "state", "events", "telemetry")  # what the agent publishes
+        self.sub = self.link.subscribe([topics.device(device, leaf) for leaf in leaves])
         self.seen: dict[str, list[Any]] = {}
         self.link.start()
         assert self.link.wait_connected(10)
@@ -213,11 +224,12 @@ class Watcher:
 
 
 @pytest.fixture
-def watcher_for(prefix: str) -> Iterator[Callable[[Mosquitto, Rig], Watcher]]:
+def watcher_for(prefix: str) -> Iterator[Callable[[str, Rig], Watcher]]:
+    """``watcher_for(broker_url, rig)``: a monitor of the rig's device, closed after the test."""
     made: list[Watcher] = []
 
-    def make(broker: Mosquitto, rig: Rig) -> Watcher:
-        made.append(Watcher(broker, rig.topics, rig.device, f"watch{len(made)}-{prefix}"))
+    def make(url: str, rig: Rig) -> Watcher:
+        made.append(Watcher(url, rig.topics, rig.device, f"watch{len(made)}-{prefix}"))
         return made[-1]
 
     yield make
@@ -227,4 +239,42 @@ def watcher_for(prefix: str) -> Iterator[Callable[[Mosquitto, Rig], Watcher]]:
 
 @pytest.fixture
 def watcher(mosquitto: Mosquitto, rig: Rig, watcher_for) -> Watcher:
-    return watcher_for(mosquitto, rig)
+    return watcher_for(mosquitto.url, rig)
+
+
+class AgentProcess:
+    """``slimfleet-agent --config ...`` as a child process, its log in ``log``."""
+
+    def __init__(self, config: Path, log: Path) -> None:
+        exe = Path(sys.executable).with_name("slimfleet-agent")
+        if exe.exists():
+            command = [str(exe)]
+        else:  # not installed as a script: the same entry point through python
+            command = [sys.executable, "-c", "from slimfleet.agent.daemon import main; main()"]
+        self.log = log
+        with open(log, "ab") as out:
+            self.proc = subprocess.Popen([*command, "--config", str(config), "-v"], stderr=out)
+
+    def kill(self) -> None:
+        """SIGKILL: no clean shutdown, no offline message (the Last Will says it)."""
+        os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def terminate(self) -> int:
+        self.proc.terminate()
+        return self.proc.wait(timeout=30)
+
+
+@pytest.fixture
+def spawn_agent(tmp_path: Path) -> Iterator[Callable[[Path], AgentProcess]]:
+    """``spawn_agent(agent_yaml)`` starts an agent process; all are killed after the test."""
+    started: list[AgentProcess] = []
+
+    def spawn(config: Path) -> AgentProcess:
+        started.append(AgentProcess(config, tmp_path / f"agent{len(started)}.log"))
+        return started[-1]
+
+    yield spawn
+    for agent in started:
+        if agent.proc.poll() is None:
+            agent.kill()
