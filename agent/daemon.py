@@ -81,7 +81,6 @@ STATUS_SERVING = "serving"
 STATUS_DOWNLOADING = "downloading"
 STATUS_ACTIVATING = "activating"
 DESIRED_FILE = "desired.json"  # the last accepted desired state, in the store root
-VERIFY_STAGES = ("desired", "manifest", "version", "expired", "size", "download")
 
 
 @dataclass(frozen=True)
@@ -99,14 +98,24 @@ class _Failed(Exception):
     """Internal: reaching a desired state failed at ``stage``.
 
     ``permanent`` failures are not retried until a new desired state arrives;
-    ``reported`` means the events were already emitted (by Serving).
+    ``verify`` ones are refusals (reported as verify_failed too); ``reported`` means
+    the events were already emitted (by Serving).
     """
 
-    def __init__(self, stage: str, reason: str, *, permanent: bool, reported: bool = False) -> None:
+    def __init__(
+        self,
+        stage: str,
+        reason: str,
+        *,
+        permanent: bool = False,
+        verify: bool = False,
+        reported: bool = False,
+    ) -> None:
         super().__init__(reason)
         self.stage = stage
         self.reason = reason
         self.permanent = permanent
+        self.verify = verify
         self.reported = reported
 
 
@@ -150,6 +159,7 @@ class Agent:
         self._status = STATUS_NO_MODEL
         self._error: dict[str, Any] | None = None
         self._desired: Desired | None = None
+        self._desired_envelope: bytes | None = None  # its signed bytes, as persisted
         self._done: Desired | None = None  # applied, or failed for good
         self._wake = threading.Event()
         self._cancel = threading.Event()
@@ -246,7 +256,7 @@ class Agent:
         except (ValueError, KeyError, TypeError, AttributeError, VerifyError) as exc:
             log.warning("ignoring %s: %s", path, exc)
             return
-        self._desired = desired
+        self._desired, self._desired_envelope = desired, doc["envelope"].encode()
         if doc.get("failed"):
             self._done = desired
 
@@ -281,7 +291,7 @@ class Agent:
         with self._lock:
             if desired == self._desired:
                 return
-            self._desired = desired
+            self._desired, self._desired_envelope = desired, message.payload
             self._save_desired(message.payload, failed=False)
         log.info(
             "desired: %s@%s%s", desired.name, desired.version, " (rollback)" * desired.rollback
@@ -327,7 +337,7 @@ class Agent:
                     continue
             except Exception as exc:  # a bug must not kill the agent: report, retry later
                 log.exception("applying %s@%s failed", desired.name, desired.version)
-                self._failed(desired, _Failed("internal", repr(exc), permanent=False))
+                self._failed(desired, _Failed("internal", repr(exc)))
                 retry_at = time.monotonic() + self.timing.retry.delay(attempt)
                 attempt += 1
                 continue
@@ -351,17 +361,31 @@ class Agent:
             return
         self._check_order(desired, target)
         if self.store.has(target):
-            envelope = self.store.read_manifest(target)
-            manifest = self._check_manifest(envelope, target, str(self.store.manifest_path(target)))
+            manifest = self._stored_manifest(target)
         else:
             envelope = self._fetch_manifest(target)
             where = self.topics.manifest(target.name, target.version)
             manifest = self._check_manifest(envelope, target, where)
             self._set_status(STATUS_DOWNLOADING)
             path = self._download(manifest)
-            self.store.install(target, path, envelope)
+            try:
+                self.store.install(target, path, envelope)
+            except SlimfleetError as exc:
+                raise _Failed("install", str(exc)) from None
             clear_partials(self.store.partial_dir())
         self._activate(target, manifest)
+
+    def _stored_manifest(self, target: ModelRef) -> Manifest:
+        """The manifest ``target`` was installed with, checked again (keys may have changed).
+
+        A stored version that no longer verifies is removed, so the retry downloads it.
+        """
+        try:
+            envelope = self.store.read_manifest(target)
+            return self._check_manifest(envelope, target, str(self.store.manifest_path(target)))
+        except (SlimfleetError, _Failed):
+            self.store.remove(target)
+            raise
 
     def _check_order(self, desired: Desired, target: ModelRef) -> None:
         state = self._state
@@ -373,6 +397,7 @@ class Agent:
                     f"{target} is older than the last good {floor} and the desired state "
                     "is not a signed rollback",
                     permanent=True,
+                    verify=True,
                 )
             log.info("rolling back from %s to %s", floor, target)
 
@@ -395,25 +420,24 @@ class Agent:
                     raise _Failed(
                         "manifest",
                         f"no manifest on {topic} after {self.timing.manifest_timeout_s:g}s",
-                        permanent=False,
                     )
 
     def _check_manifest(self, envelope: bytes, target: ModelRef, where: str) -> Manifest:
         try:
             manifest = Manifest.from_dict(self.verifier.verify(envelope, where))
         except VerifyError as exc:
-            raise _Failed("manifest", str(exc), permanent=False) from None
+            raise _Failed("manifest", str(exc), verify=True) from None
         if (manifest.name, manifest.version) != (target.name, target.version):
             raise _Failed(
                 "manifest",
                 f"{where}: describes {manifest.name}@{manifest.version}, not {target}",
-                permanent=False,
+                verify=True,
             )
         if manifest.expired():
             raise _Failed(
                 "expired",
                 f"{target}: the manifest expired at {time.ctime(manifest.expires)}",
-                permanent=False,
+                verify=True,
             )
         if manifest.size > self.config.max_model_bytes:
             raise _Failed(
@@ -421,6 +445,7 @@ class Agent:
                 f"{target} is {manifest.size} bytes, over this device's limit of "
                 f"{self.config.max_model_bytes}",
                 permanent=True,
+                verify=True,
             )
         return manifest
 
@@ -440,9 +465,9 @@ class Agent:
         except DownloadCancelled:
             raise _Superseded() from None
         except VerifyError as exc:
-            raise _Failed("download", str(exc), permanent=False) from None
+            raise _Failed("download", str(exc), verify=True) from None
         except (DownloadError, OSError) as exc:
-            raise _Failed("download", str(exc), permanent=False) from None
+            raise _Failed("download", str(exc)) from None
         log.info(
             "downloaded %s@%s: %d bytes in %.2fs (%d chunks resumed)",
             manifest.name,
@@ -478,12 +503,13 @@ class Agent:
             )
         except SwapError as exc:
             raise _Failed(exc.stage, exc.reason, permanent=True, reported=True) from None
+        # Watched, it becomes the last good one when it survives the window (_on_settled).
         watched = before is not None and self.config.watch.window_s > 0
-        state = self._state
-        last_good = state.last_good if watched else target
-        self._save_state(AgentState(current=target, last_good=last_good, previous=before))
-        self._status = STATUS_SERVING
-        self._error = None
+        with self._lock:
+            last_good = self._state.last_good if watched else target
+            self._save_state(AgentState(current=target, last_good=last_good, previous=before))
+            self._status = STATUS_SERVING
+            self._error = None
         self._publish_state()
 
     def _failed(self, desired: Desired, failure: _Failed) -> None:
@@ -491,7 +517,7 @@ class Agent:
         target = ModelRef(desired.name, desired.version)
         log.warning("%s: %s failed: %s", target, failure.stage, failure.reason)
         if not failure.reported:
-            if failure.stage in VERIFY_STAGES:
+            if failure.verify:
                 self._emit(EVENT_VERIFY_FAILED, target, stage=failure.stage, reason=failure.reason)
             self._emit(
                 EVENT_FALLBACK,
@@ -501,27 +527,24 @@ class Agent:
                 reason=failure.reason,
             )
         with self._lock:
-            self._error = {
-                "model": target.to_dict(),
-                "stage": failure.stage,
-                "reason": failure.reason,
-                "ts": time.time(),
-            }
+            self._record_error(target, failure.stage, failure.reason)
             if failure.permanent:
-                self._done = desired
-                self._mark_failed(desired)
+                self._give_up(desired)
         self._set_status(STATUS_SERVING if self.serving.current else STATUS_NO_MODEL)
 
-    def _mark_failed(self, desired: Desired) -> None:
-        """Persist that ``desired`` failed for good, so a restart does not retry it."""
-        path = self.store.root / DESIRED_FILE
-        try:
-            doc = json.loads(path.read_bytes())
-            envelope = doc["envelope"].encode()
-            if self._verify_desired(envelope, str(path)) == desired:
-                self._save_desired(envelope, failed=True)
-        except (OSError, ValueError, KeyError, TypeError, AttributeError, VerifyError) as exc:
-            log.warning("cannot record the failure in %s: %s", path, exc)
+    def _record_error(self, model: ModelRef, stage: str, reason: str) -> None:
+        self._error = {
+            "model": model.to_dict(),
+            "stage": stage,
+            "reason": reason,
+            "ts": time.time(),
+        }
+
+    def _give_up(self, desired: Desired) -> None:
+        """No more attempts at ``desired``, even after a restart, until a new one arrives."""
+        self._done = desired
+        if desired == self._desired and self._desired_envelope is not None:
+            self._save_desired(self._desired_envelope, failed=True)
 
     # -- Serving callbacks (watch thread) ---------------------------------------------
 
@@ -530,16 +553,10 @@ class Agent:
             state = self._state
             last_good = to if state.last_good in (None, bad) else state.last_good
             self._save_state(AgentState(current=to, last_good=last_good, previous=None))
-            self._error = {
-                "model": bad.to_dict(),
-                "stage": "watch",
-                "reason": reason,
-                "ts": time.time(),
-            }
+            self._record_error(bad, "watch", reason)
             desired = self._desired
             if desired is not None and (desired.name, desired.version) == (bad.name, bad.version):
-                self._done = desired
-                self._mark_failed(desired)
+                self._give_up(desired)
         self._publish_state()
 
     def _on_settled(self, ref: ModelRef) -> None:
