@@ -21,9 +21,11 @@ Content-Length, 413 body too big, 415 other content types, 500 the model failed,
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
+import socket
 import threading
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -91,26 +93,26 @@ class HttpApi:
             return
         handler = type("Handler", (_Handler,), {"api": self})
         try:
-            server = ThreadingHTTPServer((self.host, self._requested_port), handler)
+            server = _Server((self.host, self._requested_port), handler)
         except OSError as exc:
             raise SlimfleetError(
                 f"cannot listen on {self.host}:{self._requested_port}: {exc.strerror or exc}"
             ) from None
-        server.daemon_threads = True
         self._server = server
         self._thread = threading.Thread(
-            target=server.serve_forever, name="slimfleet-http", daemon=True
+            target=server.serve_forever, args=(0.05,), name="slimfleet-http", daemon=True
         )
         self._thread.start()
         log.info("HTTP API on %s", self.url)
 
     def stop(self) -> None:
-        """Stop accepting requests and close the socket."""
+        """Stop accepting requests and close the socket and every open connection."""
         server, self._server = self._server, None
         if server is None:
             return
         server.shutdown()
         server.server_close()
+        server.close_connections()
         if self._thread is not None:
             self._thread.join(timeout=5)
 
@@ -122,10 +124,38 @@ class HttpApi:
         self.stop()
 
 
+class _Server(ThreadingHTTPServer):
+    """A threading server that can close its keep-alive connections on stop."""
+
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler]) -> None:
+        super().__init__(address, handler)
+        self._connections: set[socket.socket] = set()
+        self._connections_lock = threading.Lock()
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        with self._connections_lock:
+            self._connections.add(request)
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self._connections_lock:
+                self._connections.discard(request)
+
+    def close_connections(self) -> None:
+        with self._connections_lock:
+            connections = list(self._connections)
+        for connection in connections:
+            with contextlib.suppress(OSError):
+                connection.shutdown(socket.SHUT_RDWR)
+
+
 class _Handler(BaseHTTPRequestHandler):
     api: HttpApi
     protocol_version = "HTTP/1.1"
     timeout = REQUEST_TIMEOUT_S
+    disable_nagle_algorithm = True  # headers and body go out as separate writes
     server_version = "slimfleet-agent"
 
     # -- routing --------------------------------------------------------------------

@@ -24,6 +24,7 @@ In ``fallback``, ``model`` is the version given up and ``to`` the one serving no
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import threading
 import time
@@ -72,6 +73,18 @@ SMOKE_RUNS = 3  # timed runs after the warm-up; the median is compared with the 
 RECENT_SAMPLES = 2048  # per session, for the watch window
 DRAIN_TIMEOUT_S = 60.0
 WATCH_TICK_S = 0.1
+
+
+try:  # glibc keeps freed heap pages; a released session's arena would stay in RSS
+    _malloc_trim = ctypes.CDLL(None).malloc_trim
+except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to do
+    _malloc_trim = None
+
+
+def _return_freed_memory() -> None:
+    """Hand the heap pages a released session freed back to the OS."""
+    if _malloc_trim is not None:
+        _malloc_trim(0)
 
 
 class NoModelError(SlimfleetError):
@@ -182,6 +195,7 @@ class _Loaded:
         self.retired = False
         # Latency in seconds of recent requests; -1.0 marks a failed one.
         self.recent: deque[float] = deque(maxlen=RECENT_SAMPLES)
+        self.sample: dict[str, np.ndarray] | None = None  # the inputs it was warmed up on
 
     def check_feeds(self, feeds: Any, cast: bool) -> dict[str, np.ndarray]:
         """The feeds as onnxruntime wants them, or FeedError saying what is wrong."""
@@ -288,12 +302,12 @@ class Serving:
         self._activate_lock = threading.Lock()
         self._active: _Loaded | None = None
         self._standby: _Loaded | None = None
-        self._previous: tuple[ModelRef, Path] | None = None
+        self._previous: _Loaded | None = None  # what rollback() returns to (maybe released)
         self._watch: _Watch | None = None
         self._wake = threading.Event()
         self._watcher: threading.Thread | None = None
         self._closed = False
-        ort.set_default_logger_severity(3)
+        ort.set_default_logger_severity(4)  # failures are raised, not logged
 
     # -- requests -------------------------------------------------------------------
 
@@ -309,7 +323,7 @@ class Serving:
         with self._swap_lock:
             if self._standby is not None:
                 return self._standby.ref
-            return self._previous[0] if self._previous else None
+            return self._previous.ref if self._previous else None
 
     @property
     def io(self) -> ModelIO | None:
@@ -364,17 +378,22 @@ class Serving:
 
     # -- changing the model -----------------------------------------------------------
 
-    def start(self, ref: ModelRef, path: Path) -> None:
+    def start(
+        self, ref: ModelRef, path: Path, warmup: Mapping[str, np.ndarray] | None = None
+    ) -> None:
         """Load ``ref`` and serve it at once, without smoke test or watch window.
 
-        Meant for startup with the last good model. Raises SwapError when it cannot
-        be loaded or fails its warm-up (whatever served before keeps serving).
+        Meant for startup with the last good model. ``warmup`` are inputs to run once
+        before serving (e.g. the stored manifest's smoke-test inputs); without them
+        the model is warmed up on zeros when all its input dimensions are fixed.
+        Raises SwapError when it cannot be loaded or fails its warm-up (whatever
+        served before keeps serving).
         """
         with self._activate_lock:
             self._check_open()
             try:
                 loaded = self._load(ref, path)
-                self._warm_up(loaded, None)
+                self._warm_up(loaded, None, warmup)
             except _Failure as failure:
                 raise SwapError(ref, failure.stage, failure.reason) from None
             self._swap_in(loaded, watch=False)
@@ -458,10 +477,10 @@ class Serving:
                 if previous is None:
                     raise SlimfleetError("no previous model to roll back to")
                 try:
-                    target = self._load(*previous)
-                    self._warm_up(target, None)
+                    target = self._load(previous.ref, previous.path)
+                    self._warm_up(target, None, previous.sample)
                 except _Failure as failure:
-                    raise SwapError(previous[0], failure.stage, failure.reason) from None
+                    raise SwapError(previous.ref, failure.stage, failure.reason) from None
             self._switch_back(target, "rollback", reason, expected=None)
             return target.ref
 
@@ -498,7 +517,7 @@ class Serving:
         options.intra_op_num_threads = self.threads
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.log_severity_level = 3
+        options.log_severity_level = 4
         try:
             session = ort.InferenceSession(
                 str(path), sess_options=options, providers=["CPUExecutionProvider"]
@@ -507,24 +526,32 @@ class Serving:
             raise _Failure("load", _first_line(exc)) from None
         return _Loaded(ref, Path(path), session)
 
-    def _warm_up(self, loaded: _Loaded, smoke: SmokeTest | None) -> float | None:
-        """Run the smoke test (or zeros) once to warm up, then time it; return the median ms.
+    def _warm_up(
+        self,
+        loaded: _Loaded,
+        smoke: SmokeTest | None,
+        sample: Mapping[str, np.ndarray] | None = None,
+    ) -> float | None:
+        """Warm up on the smoke test, ``sample`` or zeros, then time it; return the median ms.
 
         Returns None when there was nothing to run (free input dimensions, no sample).
         """
         stage = "smoke" if smoke else "warmup"
-        if smoke is not None:
+        given = smoke.inputs if smoke is not None else sample
+        if given is not None:
             try:
-                feeds = loaded.check_feeds(smoke.inputs, cast=False)
+                feeds = loaded.check_feeds(given, cast=False)
             except FeedError as exc:
-                raise _Failure("smoke", f"smoke-test sample does not fit: {exc}") from None
-            missing = sorted(set(smoke.outputs) - set(loaded.output_names))
-            if missing:
-                raise _Failure("smoke", f"the model has no output {', '.join(missing)}")
+                raise _Failure(stage, f"{stage} sample does not fit: {exc}") from None
         else:
             feeds = loaded.sample_feeds()
             if feeds is None:
                 return None
+        if smoke is not None:
+            missing = sorted(set(smoke.outputs) - set(loaded.output_names))
+            if missing:
+                raise _Failure("smoke", f"the model has no output {', '.join(missing)}")
+        loaded.sample = feeds
         timings = []
         for _ in range(1 + SMOKE_RUNS):
             began = time.perf_counter()
@@ -547,7 +574,7 @@ class Serving:
             release = [self._standby] if self._standby is not None else []
             self._standby, self._watch = None, None
             if old is not None:
-                self._previous = (old.ref, old.path)
+                self._previous = old
                 if watch and policy.window_s > 0:
                     self._standby = old
                     self._watch = self._start_watch(new, old)
@@ -591,6 +618,7 @@ class Serving:
                     DRAIN_TIMEOUT_S,
                 )
             loaded.session = None
+        _return_freed_memory()
 
     # -- watch window -----------------------------------------------------------------
 

@@ -186,10 +186,15 @@ class ModelStore:
             if not folder.is_dir():
                 continue
             for entry in folder.iterdir():
-                if entry.name.isdigit() and int(entry.name) >= 1:
+                if not entry.name.isdigit() or int(entry.name) < 1:
+                    continue  # temporaries of an install in progress, stray files
+                try:
                     ref = ModelRef(model_name, int(entry.name))
-                    if self.has(ref):
-                        refs.append(ref)
+                except ValueError:
+                    log.warning("ignoring %s: not a valid model name", folder)
+                    break
+                if self.has(ref):
+                    refs.append(ref)
         return sorted(refs)
 
     def install(
@@ -200,9 +205,12 @@ class ModelStore:
         Both files are written into a temporary folder beside the final one, fsynced,
         and the folder is renamed into place, so ``has(ref)`` never sees half a
         version. ``move`` (default) consumes ``source_file`` when it is on the same
-        file system (a finished download); otherwise it is copied. Installing a
-        version that is already there replaces it.
+        file system (a finished download); otherwise it is copied. Versions are
+        immutable: installing one that is already there is an error (``remove`` it
+        first to replace it).
         """
+        if self.version_dir(ref).exists():
+            raise SlimfleetError(f"{ref} is already installed in {self.root}")
         parent = self.version_dir(ref).parent
         parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{ref.version}.", dir=parent))
@@ -225,13 +233,7 @@ class ModelStore:
                 os.fsync(f.fileno())
             fsync_dir(tmp)
             target = self.version_dir(ref)
-            if target.exists():
-                old = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}old.", dir=parent))
-                os.replace(target, old / "v")
-                os.replace(tmp, target)
-                shutil.rmtree(old)
-            else:
-                os.replace(tmp, target)
+            os.rename(tmp, target)  # fails rather than merge if a racing install won
             fsync_dir(parent)
         except OSError as exc:
             shutil.rmtree(tmp, ignore_errors=True)
