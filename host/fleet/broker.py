@@ -31,6 +31,27 @@ def broker_config(host: str, port: int) -> dict[str, Any]:
     }
 
 
+def make_broker(host: str, port: int) -> Any:
+    """An amqtt Broker (created inside the event loop that will run it).
+
+    amqtt 0.12.1 sends a connecting client the retained messages of every topic filter
+    that any client ever subscribed to; a device would receive other devices' desired
+    state and every model's chunks each time it connects. This subclass sends retained
+    messages only for the session's own subscriptions, as MQTT 3.1.1 (3.3.1.3) says.
+    """
+    from amqtt.broker import Broker  # heavy import, only when a broker is wanted
+
+    class FleetBroker(Broker):
+        async def _publish_retained_messages_for_subscription(
+            self, subscription: tuple[str, int], session: Any
+        ) -> None:
+            subscribers = self._subscriptions.get(subscription[0], [])
+            if any(s.client_id == session.client_id for s, _ in subscribers):
+                await super()._publish_retained_messages_for_subscription(subscription, session)
+
+    return FleetBroker(broker_config(host, port))
+
+
 class EmbeddedBroker:
     """amqtt running on its own event loop in a daemon thread.
 
@@ -96,11 +117,9 @@ class EmbeddedBroker:
             self._loop = None
 
     async def _serve(self) -> None:
-        from amqtt.broker import Broker  # heavy import, only when a broker is wanted
-
         self._stop = asyncio.Event()
         try:
-            broker = Broker(broker_config(self.host, self.port))
+            broker = make_broker(self.host, self.port)
             await broker.start()
         except Exception as exc:  # amqtt wraps OSError (port in use) in BrokerError
             self._error = exc.__cause__ or exc

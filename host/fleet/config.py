@@ -27,7 +27,13 @@ from pathlib import Path
 from slimfleet.agent.configfile import Node, load_yaml
 from slimfleet.agent.errors import InputError
 from slimfleet.agent.mqtt import BrokerSettings
-from slimfleet.agent.signing import Signer, Verifier, load_private_key, load_public_key
+from slimfleet.agent.signing import (
+    Signer,
+    Verifier,
+    key_id,
+    load_private_key,
+    load_public_key,
+)
 from slimfleet.agent.wire import Topics, check_name
 
 BROKER_ENV = "SLIMFLEET_BROKER"
@@ -51,12 +57,19 @@ class FleetConfig:
         return Topics(self.prefix)
 
     def signer(self) -> Signer:
-        """The signer for the fleet's private key (InputError if it cannot be read)."""
+        """The signer for the fleet's private key; InputError if it cannot be read or the
+        public key (the one devices pin) is not its pair."""
         if not self.private_key.exists():
             raise InputError(
                 f"{self.private_key}: signing key not found (run 'slimfleet keys generate')"
             )
-        return Signer(load_private_key(self.private_key))
+        signer = Signer(load_private_key(self.private_key))
+        if key_id(load_public_key(self.public_key)) != signer.key_id:
+            raise InputError(
+                f"{self.public_key} is not the public key of {self.private_key}: "
+                "devices pinning it would refuse everything signed"
+            )
+        return signer
 
     def verifier(self) -> Verifier:
         """A verifier pinned to the fleet's public key, as devices pin it."""
@@ -87,7 +100,7 @@ class FleetConfig:
                 raise InputError(f"unknown device {device!r}: it is not declared in {self.path}")
             targets.append(device)
         if not targets:
-            raise InputError("name at least one --device or --group")
+            raise InputError("no devices given: name at least one device or group")
         return list(dict.fromkeys(targets))
 
 

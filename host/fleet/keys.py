@@ -17,10 +17,12 @@ def generate_keys(private_path: Path, public_path: Path) -> str:
         if path.exists():
             raise InputError(f"{path} already exists; refusing to overwrite a signing key")
     try:
+        for path in (private_path, public_path):
+            path.parent.mkdir(parents=True, exist_ok=True)
         return generate_keypair(private_path, public_path)
-    except FileExistsError:
-        raise InputError(f"{private_path} already exists; refusing to overwrite it") from None
     except OSError as exc:
+        if isinstance(exc, FileExistsError) and Path(exc.filename) == private_path:
+            raise InputError(f"{private_path} already exists; refusing to overwrite it") from None
         raise InputError(
             f"cannot write the key pair: {exc.strerror or exc}: {exc.filename}"
         ) from None

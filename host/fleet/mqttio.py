@@ -27,6 +27,7 @@ DEFAULT_TIMEOUT_S = 30.0
 PUBLISH_WINDOW = 16
 
 Progress = Callable[[int, int], None]
+UNSPECIFIED = 128  # the reason code paho reports when the TCP link just drops
 
 
 class BrokerLink:
@@ -45,10 +46,9 @@ class BrokerLink:
         self._connected = threading.Event()
         self._connect_rc: Any = None
         self._lost: str | None = None
-        self._acks: dict[int, threading.Event] = {}
+        self._acks: dict[int, list[Any]] = {}  # message id -> reason codes of SUBACK/UNSUBACK
         self._wanted: set[str] = set()
         self._retained: dict[str, bytes] = {}
-        self._lock = threading.Lock()
 
     # -- connection -------------------------------------------------------------
     def __enter__(self) -> BrokerLink:
@@ -111,13 +111,12 @@ class BrokerLink:
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         if self._client is not None:
-            self._lost = str(reason_code)
+            # MQTT 3.1.1 carries no reason: paho reports "Unspecified error" for a dropped link
+            self._lost = "" if reason_code == UNSPECIFIED else f" ({reason_code})"
             client.disconnect()  # no automatic reconnect: a host command fails instead
 
     def _on_ack(self, client, userdata, mid, reason_codes, properties) -> None:
-        with self._lock:
-            event = self._acks.setdefault(mid, threading.Event())
-        event.set()
+        self._acks[mid] = reason_codes if isinstance(reason_codes, list) else [reason_codes]
 
     def _on_message(self, client, userdata, message: mqtt.MQTTMessage) -> None:
         if message.retain and message.payload and message.topic in self._wanted:
@@ -126,17 +125,20 @@ class BrokerLink:
     # -- operations -------------------------------------------------------------
     def _check(self, rc: int, what: str) -> None:
         if self._lost is not None:
-            raise SlimfleetError(f"lost the connection to {self.settings.url}: {self._lost}")
+            raise SlimfleetError(
+                f"lost the connection to {self.settings.url}{self._lost}: "
+                "the broker stopped or refused a packet (too large? not authorized?)"
+            )
         if rc != mqtt.MQTT_ERR_SUCCESS:
             raise SlimfleetError(f"{what} on {self.settings.url} failed: {mqtt.error_string(rc)}")
 
-    def _wait_ack(self, mid: int, what: str) -> None:
-        with self._lock:
-            event = self._acks.setdefault(mid, threading.Event())
-        if not self._wait(event.is_set):
+    def _request(self, sent: tuple[int, int | None], what: str) -> list[Any]:
+        """Wait for the SUBACK/UNSUBACK of a ``(rc, mid)`` from paho; return its codes."""
+        rc, mid = sent
+        self._check(rc, what)
+        if not self._wait(lambda: mid in self._acks):
             raise SlimfleetError(f"{what}: no answer from {self.settings.url} in {self.timeout:g}s")
-        with self._lock:
-            del self._acks[mid]
+        return self._acks.pop(mid)  # type: ignore[arg-type]
 
     def _wait(self, done: Callable[[], bool]) -> bool:
         """Poll ``done`` until it is true, the timeout passes, or the connection drops."""
@@ -148,25 +150,29 @@ class BrokerLink:
             time.sleep(0.005)
         return True
 
-    def publish(self, topic: str, payload: bytes, *, retain: bool = True) -> mqtt.MQTTMessageInfo:
-        """Send one QoS 1 message; return its handle for :meth:`wait_published`."""
-        info = self.client.publish(topic, payload, qos=1, retain=retain)
+    def _publish(self, topic: str, payload: bytes) -> mqtt.MQTTMessageInfo:
+        info = self.client.publish(topic, payload, qos=1, retain=True)
         self._check(info.rc, f"publishing {topic}")
         return info
 
-    def wait_published(self, info: mqtt.MQTTMessageInfo, topic: str) -> None:
-        """Block until the broker acknowledged ``info`` (PUBACK)."""
+    def _wait_published(self, info: mqtt.MQTTMessageInfo, topic: str) -> None:
         if not self._wait(info.is_published):
             raise SlimfleetError(
                 f"publishing {topic}: no PUBACK from {self.settings.url} in {self.timeout:g}s"
             )
 
     def publish_all(
-        self, messages: Iterable[tuple[str, bytes]], *, progress: Progress | None = None
+        self,
+        messages: Iterable[tuple[str, bytes]],
+        *,
+        progress: Progress | None = None,
+        confirm: bool = True,
     ) -> int:
         """Publish retained QoS 1 messages, a window at a time; return how many were acked.
 
-        ``progress(done, total)`` is called after each PUBACK when ``messages`` is sized.
+        ``progress(done, total)`` is called after each PUBACK. With ``confirm``, the last
+        message is then read back (see :meth:`confirm_retained`); brokers handle one
+        client's messages in order, so that vouches for the ones before it too.
         """
         messages = list(messages)
         pending: deque[tuple[mqtt.MQTTMessageInfo, str]] = deque()
@@ -175,18 +181,36 @@ class BrokerLink:
         def settle_oldest() -> None:
             nonlocal done
             info, topic = pending.popleft()
-            self.wait_published(info, topic)
+            self._wait_published(info, topic)
             done += 1
             if progress is not None:
                 progress(done, len(messages))
 
         for topic, payload in messages:
-            pending.append((self.publish(topic, payload), topic))
+            pending.append((self._publish(topic, payload), topic))
             if len(pending) >= PUBLISH_WINDOW:
                 settle_oldest()
         while pending:
             settle_oldest()
+        if confirm and messages:
+            self.confirm_retained(*messages[-1])
         return done
+
+    def confirm_retained(self, topic: str, payload: bytes) -> None:
+        """Wait until the broker serves ``payload`` as the retained message of ``topic``.
+
+        A PUBACK alone does not prove it: mosquitto acknowledges what its ACL silently
+        discards, a broker may have retained messages disabled, and amqtt acknowledges
+        before it stores.
+        """
+        deadline = time.monotonic() + self.timeout
+        while self.read_retained([topic]).get(topic) != payload:
+            if time.monotonic() >= deadline:
+                raise SlimfleetError(
+                    f"{self.settings.url} acknowledged {topic} but does not serve it as a "
+                    "retained message (an ACL denying this client? retain disabled?)"
+                )
+            time.sleep(0.05)
 
     def read_retained(self, topics: list[str]) -> dict[str, bytes]:
         """The retained payloads of ``topics`` (absent topics are missing from the result).
@@ -199,16 +223,15 @@ class BrokerLink:
         self._wanted = set(topics)
         self._retained = {}
         try:
-            rc, mid = self.client.subscribe([(t, 0) for t in topics])
-            self._check(rc, "subscribing")
-            self._wait_ack(mid, "subscribing")
+            codes = self._request(self.client.subscribe([(t, 0) for t in topics]), "subscribing")
+            if any(code.is_failure for code in codes):
+                raise SlimfleetError(
+                    f"{self.settings.url} refused the subscription to {topics[0]}: "
+                    "is this client allowed to read the fleet's topics?"
+                )
             barrier = f"{topics[0]}/_barrier/{self.client_id}"
-            rc, mid = self.client.subscribe(barrier, 0)
-            self._check(rc, "subscribing")
-            self._wait_ack(mid, "subscribing")
-            rc, mid = self.client.unsubscribe([*topics, barrier])
-            self._check(rc, "unsubscribing")
-            self._wait_ack(mid, "unsubscribing")
+            self._request(self.client.subscribe(barrier, 0), "subscribing")
+            self._request(self.client.unsubscribe([*topics, barrier]), "unsubscribing")
             return dict(self._retained)
         finally:
             self._wanted = set()

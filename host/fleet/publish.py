@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +48,7 @@ class PublishResult:
     warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        return asdict(self)
 
 
 def check_version(version: object) -> int:
@@ -187,7 +187,7 @@ def publish_manifest(
             (topics.chunk(manifest.name, manifest.version, i), chunk)
             for i, chunk in enumerate(chunks)
         ]
-        link.publish_all(messages, progress=progress)
+        link.publish_all(messages, progress=progress, confirm=False)
         link.publish_all([(result.manifest_topic, envelope)])
     return result
 

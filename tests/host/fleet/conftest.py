@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -68,7 +69,10 @@ def collect_retained(
     settings = BrokerSettings.from_url(url)
     got: dict[str, mqtt.MQTTMessage] = {}
     done = threading.Event()
-    client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2)
+    # an explicit id: amqtt gives every client with an empty id the same session
+    client = mqtt.Client(
+        callback_api_version=CallbackAPIVersion.VERSION2, client_id=f"collect-{uuid.uuid4().hex}"
+    )
 
     def on_connect(c, userdata, flags, rc, props):
         c.subscribe(topic_filter, qos=1)
@@ -100,3 +104,17 @@ def outdir(tmp_path: Path) -> Path:
     sample = np.random.default_rng(1).normal(size=(1, 3, 32, 32)).astype(np.float32)
     np.savez(out / "sample.npz", input=sample)
     return out
+
+
+# mosquitto 2.1's default; the installed 2.0 accepts anything unless told.
+MQTT_MAX_PACKET = 2 * 1024 * 1024
+
+
+@pytest.fixture
+def strict_mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
+    """A mosquitto that, like 2.1 by default, drops clients sending packets over 2 MB."""
+    broker = Mosquitto(tmp_path / "strict-mosquitto")
+    broker.conf.write_text(broker.conf.read_text() + f"max_packet_size {MQTT_MAX_PACKET}\n")
+    broker.start()
+    yield broker
+    broker.stop()

@@ -8,6 +8,7 @@ import pytest
 
 from slimfleet.agent.errors import ConfigError, InputError
 from slimfleet.host.fleet.config import BROKER_ENV, load_fleet
+from slimfleet.host.fleet.keys import generate_keys
 
 GOOD = """\
 broker: mqtt://127.0.0.1:1883
@@ -137,11 +138,19 @@ def test_resolve_targets(tmp_path: Path) -> None:
         fleet.resolve(groups=["prod"])
     with pytest.raises(InputError, match="unknown device 'zz'"):
         fleet.resolve(devices=["zz"])
-    with pytest.raises(InputError, match="at least one"):
+    with pytest.raises(InputError, match="name at least one device or group"):
         fleet.resolve()
 
 
-def test_signer_needs_the_key(tmp_path: Path) -> None:
+def test_signer_needs_the_key_and_its_public_pair(tmp_path: Path) -> None:
     fleet = load_fleet(write(tmp_path, GOOD))
     with pytest.raises(InputError, match=r"signing key not found .*keys generate"):
+        fleet.signer()
+    kid = generate_keys(fleet.private_key, fleet.public_key)
+    assert fleet.signer().key_id == kid
+    fleet.public_key.unlink()
+    with pytest.raises(InputError, match="cannot read public key"):
+        fleet.signer()
+    generate_keys(tmp_path / "other.key", fleet.public_key)
+    with pytest.raises(InputError, match="is not the public key of"):
         fleet.signer()

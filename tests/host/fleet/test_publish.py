@@ -296,3 +296,16 @@ def test_assign_checks_its_input_before_connecting(
         assign(fleet, "a", 0, devices=["cam-01"])
     with pytest.raises(InputError, match="invalid name"):
         assign(fleet, "a/b", 1, devices=["cam-01"])
+
+
+def test_publish_and_assign_over_mqtt5(
+    fleet: FleetConfig, collect: Collect, tmp_path: Path
+) -> None:
+    fleet = replace(fleet, broker=replace(fleet.broker, protocol="5"))
+    path = models.save(models.add_one(), tmp_path / "a.onnx")
+    assert publish_model(fleet, path, "a", 1, chunk_size=100).published
+    assert not publish_model(fleet, path, "a", 1).published
+    _, data, _ = fetch(fleet, collect, "a", 1)
+    assert data == path.read_bytes()
+    assert assign(fleet, "a", 1, devices=["cam-01"]) == ["cam-01"]
+    assert desired_of(fleet, collect, ["cam-01"])["cam-01"].version == 1
