@@ -232,7 +232,7 @@ class Agent:
                 log.warning("%s is not in the store", ref)
                 continue
             try:
-                self.serving.start(ref, self.store.model_path(ref))
+                self.serving.start(ref, self.store.model_path(ref), self._smoke_inputs(ref))
             except SwapError as exc:
                 following = candidates[i + 1] if i + 1 < len(candidates) else None
                 self._emit(EVENT_FALLBACK, ref, to=_ref(following), stage="start", reason=str(exc))
@@ -244,6 +244,18 @@ class Agent:
             return
         if state.current is not None:
             self._save_state(AgentState())
+
+    def _smoke_inputs(self, ref: ModelRef) -> dict[str, np.ndarray] | None:
+        """The smoke-test inputs of an installed model, to warm it up on real shapes."""
+        try:
+            where = str(self.store.manifest_path(ref))
+            manifest = Manifest.from_dict(
+                self.verifier.verify(self.store.read_manifest(ref), where)
+            )
+        except SlimfleetError as exc:
+            log.warning("%s: no warm-up inputs: %s", ref, exc)
+            return None
+        return manifest.smoke.inputs if manifest.smoke else None
 
     def _load_desired(self) -> None:
         """The last accepted desired state (replay protection; failed ones stay failed)."""
