@@ -22,9 +22,14 @@ Published by the agent (``<prefix>/devices/<id>/...``):
      "last_good": {"name": "ocr", "version": 2} | null,   # survived its watch window
      "previous":  {"name": "ocr", "version": 2} | null,   # served before current
      "desired":   {"name": "ocr", "version": 3, "rollback": false, "issued": ...} | null,
-     "error": {"model": {...}, "stage": "smoke", "reason": "...", "ts": ...} | null}
+     "error": {"model": {...}, "stage": "smoke", "reason": "...", "ts": ...} | null,
+     "last_update": {...} | null}
 
 ``error`` is the last failure to reach ``desired``; it is cleared by a success.
+``last_update`` times the last model change: ``{"model", "download_s", "install_s",
+"bytes", "resumed_chunks", "activate_s" (load + smoke test + swap), "total_s" (from
+the manifest seen to the new model serving)}``; the download keys are 0/absent when
+the model came from the store.
 ``events`` (QoS 1, not retained): one JSON object per event, always with ``type``,
 ``ts``, ``device`` and ``model``; swap events are documented in
 :mod:`slimfleet.agent.sessions`, the others are::
@@ -166,6 +171,8 @@ class Agent:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._subscription: Subscription | None = None
+        # Timings of the last model update (seconds), also in the state document.
+        self.last_update: dict[str, Any] | None = None
         self._load_desired()
 
     # -- in-process API -----------------------------------------------------------
@@ -372,20 +379,35 @@ class Agent:
             self._set_status(STATUS_SERVING, clear_error=True)
             return
         self._check_order(desired, target)
+        update: dict[str, Any] = {"model": target.to_dict(), "download_s": 0.0, "bytes": 0}
         if self.store.has(target):
+            seen = time.monotonic()
             manifest = self._stored_manifest(target)
         else:
             envelope = self._fetch_manifest(target)
+            seen = time.monotonic()
             where = self.topics.manifest(target.name, target.version)
             manifest = self._check_manifest(envelope, target, where)
             self._set_status(STATUS_DOWNLOADING)
-            path = self._download(manifest)
+            download = self._download(manifest)
+            installing = time.monotonic()
             try:
-                self.store.install(target, path, envelope)
+                self.store.install(target, download.partial.data_path, envelope)
             except SlimfleetError as exc:
                 raise _Failed("install", str(exc)) from None
             clear_partials(self.store.partial_dir())
-        self._activate(target, manifest)
+            update.update(
+                download_s=round(download.seconds, 4),
+                install_s=round(time.monotonic() - installing, 4),
+                bytes=manifest.size,
+                resumed_chunks=download.resumed,
+            )
+        swap_ok = self._activate(target, manifest)
+        update["activate_s"] = round(swap_ok["total_ms"] / 1000, 4)
+        update["total_s"] = round(time.monotonic() - seen, 4)
+        with self._lock:
+            self.last_update = update
+        self._publish_state()
 
     def _stored_manifest(self, target: ModelRef) -> Manifest:
         """The manifest ``target`` was installed with, checked again (keys may have changed).
@@ -461,7 +483,8 @@ class Agent:
             )
         return manifest
 
-    def _download(self, manifest: Manifest) -> Path:
+    def _download(self, manifest: Manifest) -> ChunkDownload:
+        """Fetch and verify the model file (``download.partial.data_path``)."""
         download = ChunkDownload(
             self.link,
             self.topics,
@@ -473,7 +496,7 @@ class Agent:
             cancel=self._cancel,
         )
         try:
-            path = download.run()
+            download.run()
         except DownloadCancelled:
             raise _Superseded() from None
         except VerifyError as exc:
@@ -488,7 +511,7 @@ class Agent:
             download.seconds,
             download.resumed,
         )
-        return path
+        return download
 
     def _on_progress(self, download: ChunkDownload) -> None:
         m = download.manifest
@@ -503,11 +526,12 @@ class Agent:
             percent=round(100 * download.done_count / download.total, 1),
         )
 
-    def _activate(self, target: ModelRef, manifest: Manifest) -> None:
+    def _activate(self, target: ModelRef, manifest: Manifest) -> dict[str, Any]:
+        """Load, smoke-test and swap in ``target``; persist the state; return ``swap_ok``."""
         self._set_status(STATUS_ACTIVATING)
         before = self.serving.current
         try:
-            self.serving.activate(
+            swap_ok = self.serving.activate(
                 target,
                 self.store.model_path(target),
                 smoke=manifest.smoke,
@@ -522,7 +546,7 @@ class Agent:
             self._save_state(AgentState(current=target, last_good=last_good, previous=before))
             self._status = STATUS_SERVING
             self._error = None
-        self._publish_state()
+        return swap_ok
 
     def _failed(self, desired: Desired, failure: _Failed) -> None:
         """Report a failure to reach ``desired``; the serving model is unchanged."""
@@ -617,6 +641,7 @@ class Agent:
                 if desired
                 else None,
                 "error": self._error,
+                "last_update": self.last_update,
             }
 
     def _publish_state(self) -> None:

@@ -54,8 +54,13 @@ def test_publish_download_swap_with_events_state_and_telemetry(mosquitto, rig, w
         event = watcher.event("swap_ok", model=ref("m", 2))
         assert event["from"] == ref("m", 1)
         assert served_const(agent) == 2.0
-        state = watcher.wait("state", lambda s: s["current"] == ref("m", 2))
+        state = watcher.wait(
+            "state", lambda s: (s["last_update"] or {}).get("model") == ref("m", 2)
+        )
         assert state["previous"] == ref("m", 1) and state["last_good"] == ref("m", 2)
+        update = state["last_update"]
+        assert update["bytes"] > 100_000 and update["resumed_chunks"] == 0
+        assert 0 < update["download_s"] and 0 < update["activate_s"] < update["total_s"]
         assert agent.state.previous.version == 1  # persisted too
     finally:
         agent.stop()
