@@ -4,10 +4,11 @@ Like AWS IoT's MQTT file delivery, the device keeps a bitmap of the blocks it ha
 asks only for the missing ones: it subscribes to a small window of the chunk topics
 it still needs (``models/<name>/<version>/chunk/<i>``, retained by the host), checks
 each chunk's sha256 against the manifest, writes it at its offset in a preallocated
-partial file and, every so often, persists the bitmap (data fsynced first, then the
-bitmap replaced atomically). A restart re-checks the chunks the bitmap claims and
-fetches the rest. The finished file is checked whole (size and sha256) before the
-caller installs it.
+partial file and, every so often, replaces the persisted bitmap atomically. The
+bitmap is only a claim: a restart re-checks the hash of every chunk it claims (data
+that never reached the disk fails and is fetched again), so the data needs no fsync
+until the finished file is installed. The whole-file sha256 is computed as the
+chunks arrive in order and checked, with the size, before the caller installs it.
 """
 
 from __future__ import annotations
@@ -28,8 +29,6 @@ from slimfleet.agent.store import atomic_write_bytes
 from slimfleet.agent.wire import Manifest, Topics, sha256_hex
 
 log = logging.getLogger(__name__)
-
-READ_BLOCK = 1 << 20
 
 
 class DownloadError(SlimfleetError):
@@ -55,6 +54,8 @@ class PartialFile:
         self.done: set[int] = set()
         self.dirty = False  # chunks written since the bitmap was last persisted
         self._fd = -1
+        self._digest = hashlib.sha256()  # of chunks 0 .. _hashed-1
+        self._hashed = 0
 
     def open(self) -> None:
         """Open (creating and preallocating if needed) and load the verified done set."""
@@ -90,10 +91,22 @@ class PartialFile:
         os.pwrite(self._fd, payload, index * self.manifest.chunk_size)
         self.done.add(index)
         self.dirty = True
+        self._hash_prefix(index, payload)
+
+    def _hash_prefix(self, index: int = -1, payload: bytes = b"") -> None:
+        """Feed the whole-file hash every chunk of the done prefix not fed yet."""
+        while self._hashed in self.done:
+            i = self._hashed
+            self._digest.update(payload if i == index else self._read_chunk(i))
+            self._hashed += 1
+
+    def _read_chunk(self, index: int) -> bytes:
+        m = self.manifest
+        start = index * m.chunk_size
+        return os.pread(self._fd, min(m.chunk_size, m.size - start), start)
 
     def persist(self) -> None:
-        """Make the data durable, then record which chunks it holds."""
-        os.fsync(self._fd)
+        """Record which chunks the file holds (atomically; see the module docstring)."""
         bits = bytearray((self.manifest.chunk_count + 7) // 8)
         for i in self.done:
             bits[i // 8] |= 1 << (i % 8)
@@ -107,21 +120,17 @@ class PartialFile:
         self.dirty = False
 
     def verify(self) -> Path:
-        """Check the whole file's size and sha256; a mismatch discards it."""
+        """Check the whole file's size and sha256 (every chunk done); a mismatch discards it."""
         m = self.manifest
         size = os.fstat(self._fd).st_size
-        digest = hashlib.sha256()
-        offset = 0
-        while offset < size:
-            block = os.pread(self._fd, min(READ_BLOCK, size - offset), offset)
-            digest.update(block)
-            offset += len(block)
-        if size != m.size or digest.hexdigest() != m.sha256:
+        self._hash_prefix()
+        digest = self._digest.hexdigest() if self._hashed == m.chunk_count else "incomplete"
+        if size != m.size or digest != m.sha256:
             self.close()
             self.discard()
             raise VerifyError(
                 f"{m.name}@{m.version}: the assembled file does not match the manifest "
-                f"(size {size}/{m.size}, sha256 {digest.hexdigest()[:16]}…/{m.sha256[:16]}…)"
+                f"(size {size}/{m.size}, sha256 {digest[:16]}…/{m.sha256[:16]}…)"
             )
         return self.data_path
 
@@ -141,10 +150,7 @@ class PartialFile:
         return {i for i in range(min(m.chunk_count, len(bits) * 8)) if bits[i // 8] >> (i % 8) & 1}
 
     def _chunk_ok(self, index: int) -> bool:
-        m = self.manifest
-        start = index * m.chunk_size
-        data = os.pread(self._fd, min(m.chunk_size, m.size - start), start)
-        return sha256_hex(data) == m.chunks[index]
+        return sha256_hex(self._read_chunk(index)) == self.manifest.chunks[index]
 
 
 def clear_partials(directory: Path) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import queue
 import random
+import socket
 import ssl
 import threading
 import time
@@ -227,6 +228,9 @@ class Link:
             self._client.connect(
                 self.settings.host, self.settings.port, self.settings.keepalive, **kwargs
             )
+            # Small packets (PUBACK, SUBSCRIBE) must not wait for Nagle's algorithm:
+            # the download asks for each chunk and would stall on delayed ACKs.
+            self._client.socket().setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except (OSError, ssl.SSLError, ValueError) as exc:
             raise LinkError(f"cannot connect: {exc}") from None
         deadline = time.monotonic() + self.connect_timeout_s
