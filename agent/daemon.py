@@ -27,9 +27,9 @@ Published by the agent (``<prefix>/devices/<id>/...``):
 
 ``error`` is the last failure to reach ``desired``; it is cleared by a success.
 ``last_update`` times the last model change: ``{"model", "download_s", "install_s",
-"bytes", "resumed_chunks", "activate_s" (load + smoke test + swap), "total_s" (from
-the manifest seen to the new model serving)}``; the download keys are 0/absent when
-the model came from the store.
+"bytes", "resumed_chunks", "load_s", "activate_s" (load + smoke test + swap),
+"total_s" (from the manifest seen to the new model serving)}``; the download keys are
+0/absent when the model came from the store.
 ``events`` (QoS 1, not retained): one JSON object per event, always with ``type``,
 ``ts``, ``device`` and ``model``; swap events are documented in
 :mod:`slimfleet.agent.sessions`, the others are::
@@ -402,9 +402,10 @@ class Agent:
                 bytes=manifest.size,
                 resumed_chunks=download.resumed,
             )
-        swap_ok = self._activate(target, manifest)
+        swap_ok, serving = self._activate(target, manifest)
+        update["load_s"] = round(swap_ok["load_ms"] / 1000, 4)
         update["activate_s"] = round(swap_ok["total_ms"] / 1000, 4)
-        update["total_s"] = round(time.monotonic() - seen, 4)
+        update["total_s"] = round(serving - seen, 4)
         with self._lock:
             self.last_update = update
         self._publish_state()
@@ -526,8 +527,11 @@ class Agent:
             percent=round(100 * download.done_count / download.total, 1),
         )
 
-    def _activate(self, target: ModelRef, manifest: Manifest) -> dict[str, Any]:
-        """Load, smoke-test and swap in ``target``; persist the state; return ``swap_ok``."""
+    def _activate(self, target: ModelRef, manifest: Manifest) -> tuple[dict[str, Any], float]:
+        """Load, smoke-test and swap in ``target``; persist the state.
+
+        Returns the ``swap_ok`` event and the monotonic time the new model began serving.
+        """
         self._set_status(STATUS_ACTIVATING)
         before = self.serving.current
         try:
@@ -539,6 +543,7 @@ class Agent:
             )
         except SwapError as exc:
             raise _Failed(exc.stage, exc.reason, permanent=True, reported=True) from None
+        serving = time.monotonic()
         # Watched, it becomes the last good one when it survives the window (_on_settled).
         watched = before is not None and self.config.watch.window_s > 0
         with self._lock:
@@ -546,7 +551,7 @@ class Agent:
             self._save_state(AgentState(current=target, last_good=last_good, previous=before))
             self._status = STATUS_SERVING
             self._error = None
-        return swap_ok
+        return swap_ok, serving
 
     def _failed(self, desired: Desired, failure: _Failed) -> None:
         """Report a failure to reach ``desired``; the serving model is unchanged."""

@@ -60,7 +60,7 @@ def test_publish_download_swap_with_events_state_and_telemetry(mosquitto, rig, w
         assert state["previous"] == ref("m", 1) and state["last_good"] == ref("m", 2)
         update = state["last_update"]
         assert update["bytes"] > 100_000 and update["resumed_chunks"] == 0
-        assert 0 < update["download_s"] and 0 < update["activate_s"] < update["total_s"]
+        assert update["download_s"] > 0 and 0 < update["activate_s"] < update["total_s"]
         assert agent.state.previous.version == 1  # persisted too
     finally:
         agent.stop()
