@@ -47,7 +47,7 @@ MAX_BODY_BYTES = 64 * 1024 * 1024
 REQUEST_TIMEOUT_S = 30
 
 
-class HttpError(Exception):
+class _HttpError(Exception):
     """Internal: answer the request with ``status`` and a JSON error."""
 
     def __init__(self, status: HTTPStatus, message: str) -> None:
@@ -172,14 +172,14 @@ class _Handler(BaseHTTPRequestHandler):
             route = routes.get(path)
             if route is None:
                 known = path in ("/healthz", "/metrics", "/v1/predict")
-                raise HttpError(
+                raise _HttpError(
                     HTTPStatus.METHOD_NOT_ALLOWED if known else HTTPStatus.NOT_FOUND,
                     f"{self.command} {path} is not supported"
                     if known
                     else f"no such endpoint: {path}",
                 )
             route()
-        except HttpError as exc:
+        except _HttpError as exc:
             self._send_json(exc.status, {"error": exc.message})
         except Exception as exc:  # a bug must cost one request, not the server
             log.exception("HTTP %s %s failed", self.command, path)
@@ -207,7 +207,7 @@ class _Handler(BaseHTTPRequestHandler):
         elif kind == NPY:
             self._predict_npy(body)
         else:
-            raise HttpError(
+            raise _HttpError(
                 HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
                 f"Content-Type must be {JSON} or {NPY}, got {kind or 'none'}",
             )
@@ -216,9 +216,9 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             doc = json.loads(body)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise HttpError(HTTPStatus.BAD_REQUEST, f"body is not valid JSON: {exc}") from None
+            raise _HttpError(HTTPStatus.BAD_REQUEST, f"body is not valid JSON: {exc}") from None
         if not isinstance(doc, dict) or not isinstance(doc.get("inputs"), dict):
-            raise HttpError(
+            raise _HttpError(
                 HTTPStatus.BAD_REQUEST, 'body must be {"inputs": {"<input name>": [...]}}'
             )
         model, outputs = self._infer(doc["inputs"])
@@ -229,15 +229,15 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             array = np.load(io.BytesIO(body), allow_pickle=False)
         except (ValueError, OSError, EOFError) as exc:
-            raise HttpError(HTTPStatus.BAD_REQUEST, f"body is not a .npy array: {exc}") from None
+            raise _HttpError(HTTPStatus.BAD_REQUEST, f"body is not a .npy array: {exc}") from None
         if not isinstance(array, np.ndarray):
-            raise HttpError(HTTPStatus.BAD_REQUEST, "body must be a single .npy array, not .npz")
+            raise _HttpError(HTTPStatus.BAD_REQUEST, "body must be a single .npy array, not .npz")
         model_io = self.api.serving.io
         if model_io is None:
-            raise HttpError(HTTPStatus.SERVICE_UNAVAILABLE, "no model is loaded")
+            raise _HttpError(HTTPStatus.SERVICE_UNAVAILABLE, "no model is loaded")
         if len(model_io.inputs) != 1:
             names = ", ".join(s.name for s in model_io.inputs)
-            raise HttpError(
+            raise _HttpError(
                 HTTPStatus.BAD_REQUEST,
                 f"a .npy body needs a single-input model; this one takes {names}: send JSON",
             )
@@ -257,32 +257,32 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             return self.api.serving.predict(feeds, cast=True)
         except FeedError as exc:
-            raise HttpError(HTTPStatus.BAD_REQUEST, str(exc)) from None
+            raise _HttpError(HTTPStatus.BAD_REQUEST, str(exc)) from None
         except NoModelError as exc:
-            raise HttpError(HTTPStatus.SERVICE_UNAVAILABLE, str(exc)) from None
+            raise _HttpError(HTTPStatus.SERVICE_UNAVAILABLE, str(exc)) from None
         except SlimfleetError as exc:
-            raise HttpError(HTTPStatus.INTERNAL_SERVER_ERROR, str(exc)) from None
+            raise _HttpError(HTTPStatus.INTERNAL_SERVER_ERROR, str(exc)) from None
 
     def _read_body(self) -> bytes:
         length = self.headers.get("Content-Length")
         if length is None:
             self.close_connection = True
-            raise HttpError(HTTPStatus.LENGTH_REQUIRED, "send a Content-Length header")
+            raise _HttpError(HTTPStatus.LENGTH_REQUIRED, "send a Content-Length header")
         try:
             size = int(length)
         except ValueError:
             self.close_connection = True
-            raise HttpError(HTTPStatus.BAD_REQUEST, f"bad Content-Length {length!r}") from None
+            raise _HttpError(HTTPStatus.BAD_REQUEST, f"bad Content-Length {length!r}") from None
         if size < 0 or size > self.api.max_body_bytes:
             self.close_connection = True
-            raise HttpError(
+            raise _HttpError(
                 HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                 f"body of {size} bytes is over the limit of {self.api.max_body_bytes}",
             )
         body = self.rfile.read(size)
         if len(body) != size:
             self.close_connection = True
-            raise HttpError(HTTPStatus.BAD_REQUEST, "body is shorter than its Content-Length")
+            raise _HttpError(HTTPStatus.BAD_REQUEST, "body is shorter than its Content-Length")
         return body
 
     def _send_json(self, status: HTTPStatus, doc: dict[str, Any]) -> None:
