@@ -11,7 +11,6 @@ import asyncio
 import logging
 import signal
 import threading
-from types import TracebackType
 from typing import Any
 
 from slimfleet.agent.errors import SlimfleetError
@@ -100,12 +99,7 @@ class EmbeddedBroker:
     def __enter__(self) -> EmbeddedBroker:
         return self.start()
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
     def _run(self) -> None:

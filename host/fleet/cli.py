@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -66,20 +66,18 @@ def keys_generate(out: Path | None, fleet_path: Path, as_json: bool) -> None:
 @contextmanager
 def _progress_bar(enabled: bool) -> Iterator[Progress]:
     """A progress callback drawing a bar on stderr once the chunk count is known."""
-    bar: Any = None
+    with ExitStack() as stack:
+        bar: Any = None
 
-    def update(done: int, total: int) -> None:
-        nonlocal bar
-        if bar is None:
-            bar = click.progressbar(length=total, label="chunks", file=sys.stderr)
-            bar.__enter__()
-        bar.update(done - bar.pos)
+        def update(done: int, total: int) -> None:
+            nonlocal bar
+            if bar is None:
+                bar = stack.enter_context(
+                    click.progressbar(length=total, label="chunks", file=sys.stderr)
+                )
+            bar.update(done - bar.pos)
 
-    try:
         yield update if enabled else (lambda done, total: None)
-    finally:
-        if bar is not None:
-            bar.__exit__(None, None, None)
 
 
 @click.command()

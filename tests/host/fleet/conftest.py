@@ -3,6 +3,7 @@ an independent paho subscriber, and a compress-style OUTDIR."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 import uuid
@@ -14,10 +15,12 @@ import models
 import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
-from brokers import Mosquitto
+from brokers import Mosquitto, free_port
 from paho.mqtt.enums import CallbackAPIVersion
 
 from slimfleet.agent.mqtt import BrokerSettings
+from slimfleet.agent.wire import MAX_PAYLOAD_BYTES, Desired, Manifest
+from slimfleet.host.fleet.broker import EmbeddedBroker
 from slimfleet.host.fleet.config import FleetConfig, load_fleet
 from slimfleet.host.fleet.keys import generate_keys
 
@@ -94,6 +97,58 @@ def collect_retained(
     return got
 
 
+def fetch_model(fleet: FleetConfig, name: str, version: int) -> tuple[Manifest, bytes, dict]:
+    """Read manifest and chunks as a device would, verifying signature and every hash.
+
+    Returns the manifest, the reassembled bytes and the raw manifest messages.
+    """
+    topics, url = fleet.topics, fleet.broker.url
+    manifest_topic = topics.manifest(name, version)
+    got = collect_retained(url, manifest_topic, 1)
+    assert got[manifest_topic].retain
+    manifest = Manifest.from_dict(fleet.verifier().verify(got[manifest_topic].payload, "manifest"))
+    chunk_filter = f"{fleet.prefix}/models/{name}/{version}/chunk/+"
+    chunks = collect_retained(url, chunk_filter, manifest.chunk_count)
+    assert len(chunks) == manifest.chunk_count
+    parts = []
+    for i, expected in enumerate(manifest.chunks):
+        message = chunks[topics.chunk(name, version, i)]
+        assert message.retain
+        assert len(message.payload) <= manifest.chunk_size <= MAX_PAYLOAD_BYTES
+        assert hashlib.sha256(message.payload).hexdigest() == expected
+        parts.append(message.payload)
+    data = b"".join(parts)
+    assert len(data) == manifest.size
+    assert hashlib.sha256(data).hexdigest() == manifest.sha256
+    return manifest, data, got
+
+
+def read_desired(
+    fleet: FleetConfig, devices: list[str], timeout: float = 5.0
+) -> dict[str, Desired]:
+    """The retained, signature-checked desired state of the fleet's devices; waits up to
+    ``timeout`` for ``len(devices)`` of them."""
+    got = collect_retained(
+        fleet.broker.url, fleet.topics.all_devices("desired"), len(devices), timeout=timeout
+    )
+    out = {}
+    for topic, message in got.items():
+        assert message.retain
+        device, _ = fleet.topics.parse_device_topic(topic)
+        out[device] = Desired.from_dict(fleet.verifier().verify(message.payload, topic))
+    return out
+
+
+@pytest.fixture
+def fetch() -> Callable[[FleetConfig, str, int], tuple[Manifest, bytes, dict]]:
+    return fetch_model
+
+
+@pytest.fixture
+def desired() -> Callable[..., dict[str, Desired]]:
+    return read_desired
+
+
 @pytest.fixture
 def outdir(tmp_path: Path) -> Path:
     """What 'slimfleet compress' leaves behind: model.onnx, report.json, sample.npz."""
@@ -118,3 +173,10 @@ def strict_mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
     broker.start()
     yield broker
     broker.stop()
+
+
+@pytest.fixture
+def embedded() -> Iterator[EmbeddedBroker]:
+    """The embedded amqtt broker on a free port."""
+    with EmbeddedBroker("127.0.0.1", free_port()) as broker:
+        yield broker

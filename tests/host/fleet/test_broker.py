@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,43 +14,32 @@ from brokers import free_port
 
 from slimfleet.agent.errors import InputError, SlimfleetError
 from slimfleet.agent.mqtt import BrokerSettings
-from slimfleet.agent.signing import Verifier, load_public_key
-from slimfleet.agent.wire import MAX_PAYLOAD_BYTES, Desired, Manifest
+from slimfleet.agent.wire import Desired, Manifest
 from slimfleet.host.fleet.broker import EmbeddedBroker
 from slimfleet.host.fleet.config import FleetConfig
 from slimfleet.host.fleet.mqttio import BrokerLink
 from slimfleet.host.fleet.publish import assign, publish_model
 
+Fetch = Callable[[FleetConfig, str, int], tuple[Manifest, bytes, dict[str, Any]]]
+ReadDesired = Callable[..., dict[str, Desired]]
+
 
 @pytest.fixture
-def embedded() -> Iterator[EmbeddedBroker]:
-    with EmbeddedBroker("127.0.0.1", free_port()) as broker:
-        yield broker
+def embedded_fleet(
+    embedded: EmbeddedBroker, make_fleet: Callable[[str], FleetConfig]
+) -> FleetConfig:
+    return make_fleet(embedded.url)
 
 
 def test_publish_and_assign_through_the_embedded_broker(
-    embedded: EmbeddedBroker,
-    make_fleet: Callable[[str], FleetConfig],
-    collect: Callable[..., dict[str, Any]],
-    tmp_path: Path,
+    embedded_fleet: FleetConfig, fetch: Fetch, desired: ReadDesired, tmp_path: Path
 ) -> None:
-    fleet = make_fleet(embedded.url)
+    fleet = embedded_fleet
     path = models.save(models.conv_bn_net(), tmp_path / "net.onnx")
     result = publish_model(fleet, path, "net", 1, chunk_size=2048)
     assert result.published and result.chunks > 5
-
     # a subscriber that arrives afterwards gets everything from the retained store
-    verifier = Verifier([load_public_key(fleet.public_key)])
-    topic = fleet.topics.manifest("net", 1)
-    got = collect(embedded.url, topic, 1)
-    manifest = Manifest.from_dict(verifier.verify(got[topic].payload, topic))
-    chunk_filter = f"{fleet.prefix}/models/net/1/chunk/+"
-    chunks = collect(embedded.url, chunk_filter, manifest.chunk_count)
-    data = b"".join(
-        chunks[fleet.topics.chunk("net", 1, i)].payload for i in range(manifest.chunk_count)
-    )
-    assert hashlib.sha256(data).hexdigest() == manifest.sha256
-    assert data == path.read_bytes()
+    assert fetch(fleet, "net", 1)[1] == path.read_bytes()
 
     # idempotency needs the retained read to work on amqtt too
     assert not publish_model(fleet, path, "net", 1, chunk_size=2048).published
@@ -59,27 +47,9 @@ def test_publish_and_assign_through_the_embedded_broker(
     with pytest.raises(InputError, match="already published with different content"):
         publish_model(fleet, other, "net", 1)
 
-    assert assign(fleet, "net", 1, groups=["canary"]) == fleet.groups["canary"]
-    desired_topic = fleet.topics.device(fleet.groups["canary"][0], "desired")
-    desired = collect(embedded.url, desired_topic, 1)[desired_topic]
-    assert Desired.from_dict(verifier.verify(desired.payload, "desired")).version == 1
-
-
-def test_largest_chunk_size_goes_through_amqtt(
-    embedded: EmbeddedBroker,
-    make_fleet: Callable[[str], FleetConfig],
-    collect: Callable[..., dict[str, Any]],
-    tmp_path: Path,
-) -> None:
-    fleet = make_fleet(embedded.url)
-    path = models.save(models.add_const(3.0, pad_bytes=3 * 1024 * 1024), tmp_path / "big.onnx")
-    result = publish_model(fleet, path, "big", 1, chunk_size=MAX_PAYLOAD_BYTES)
-    assert result.chunks == 2
-    chunks = collect(embedded.url, f"{fleet.prefix}/models/big/1/chunk/+", 2)
-    assert len(chunks[fleet.topics.chunk("big", 1, 0)].payload) == MAX_PAYLOAD_BYTES
-    assert b"".join(chunks[fleet.topics.chunk("big", 1, i)].payload for i in (0, 1)) == (
-        path.read_bytes()
-    )
+    canary = fleet.groups["canary"]
+    assert assign(fleet, "net", 1, groups=["canary"]) == canary
+    assert {d: s.version for d, s in desired(fleet, canary).items()} == dict.fromkeys(canary, 1)
 
 
 def test_busy_port_is_a_clean_error() -> None:

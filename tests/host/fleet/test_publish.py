@@ -3,8 +3,8 @@ reassembles what was published and checks hashes and signatures."""
 
 from __future__ import annotations
 
-import hashlib
 import json
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -18,41 +18,18 @@ import pytest
 from brokers import free_port
 
 from slimfleet.agent.errors import InputError, SlimfleetError, VerifyError
-from slimfleet.agent.signing import Verifier, load_public_key
 from slimfleet.agent.wire import MAX_PAYLOAD_BYTES, Desired, Manifest
 from slimfleet.host.fleet.config import FleetConfig
 from slimfleet.host.fleet.keys import generate_keys
 from slimfleet.host.fleet.publish import assign, build_manifest, publish_manifest, publish_model
 
 Collect = Callable[..., dict[str, Any]]
-
-
-def fetch(fleet, collect, name: str, version: int) -> tuple[Manifest, bytes, dict]:
-    """Read manifest and chunks as a device would; verify everything."""
-    topics = fleet.topics
-    verifier = Verifier([load_public_key(fleet.public_key)])
-    manifest_topic = topics.manifest(name, version)
-    got = collect(fleet.broker.url, manifest_topic, 1)
-    assert got[manifest_topic].retain
-    manifest = Manifest.from_dict(verifier.verify(got[manifest_topic].payload, "manifest"))
-    chunk_filter = f"{fleet.prefix}/models/{name}/{version}/chunk/+"
-    chunks = collect(fleet.broker.url, chunk_filter, manifest.chunk_count)
-    assert len(chunks) == manifest.chunk_count
-    parts = []
-    for i, expected in enumerate(manifest.chunks):
-        message = chunks[topics.chunk(name, version, i)]
-        assert message.retain
-        assert len(message.payload) <= manifest.chunk_size <= MAX_PAYLOAD_BYTES
-        assert hashlib.sha256(message.payload).hexdigest() == expected
-        parts.append(message.payload)
-    data = b"".join(parts)
-    assert len(data) == manifest.size
-    assert hashlib.sha256(data).hexdigest() == manifest.sha256
-    return manifest, data, got
+Fetch = Callable[[FleetConfig, str, int], tuple[Manifest, bytes, dict[str, Any]]]
+ReadDesired = Callable[..., dict[str, Desired]]
 
 
 def test_publish_outdir_puts_manifest_and_chunks_retained(
-    fleet: FleetConfig, collect: Collect, outdir: Path
+    fleet: FleetConfig, fetch: Fetch, outdir: Path
 ) -> None:
     calls: list[tuple[int, int]] = []
     result = publish_model(
@@ -69,7 +46,7 @@ def test_publish_outdir_puts_manifest_and_chunks_retained(
     assert result.published and result.chunks == expected_chunks > 1
     assert calls == [(i, expected_chunks) for i in range(1, expected_chunks + 1)]
 
-    manifest, data, _ = fetch(fleet, collect, "net", 3)
+    manifest, data, _ = fetch(fleet, "net", 3)
     assert data == model_bytes
     assert (manifest.name, manifest.version, manifest.opset) == ("net", 3, 13)
     assert manifest.key_id == result.key_id == fleet.signer().key_id
@@ -89,13 +66,13 @@ def test_publish_outdir_puts_manifest_and_chunks_retained(
 
 
 def test_bare_model_gets_a_random_smoke_input_with_dynamic_dims_as_one(
-    fleet,
-    collect,
+    fleet: FleetConfig,
+    fetch: Fetch,
     tmp_path: Path,
 ) -> None:
     path = models.save(models.mlp(), tmp_path / "mlp.onnx")
     publish_model(fleet, path, "mlp", 1, ttl_s=3600)
-    manifest, _, _ = fetch(fleet, collect, "mlp", 1)
+    manifest, _, _ = fetch(fleet, "mlp", 1)
     assert manifest.io["inputs"][0]["shape"] == ["batch", 64]
     assert manifest.smoke is not None
     assert manifest.smoke.inputs["x"].shape == (1, 64)
@@ -105,10 +82,10 @@ def test_bare_model_gets_a_random_smoke_input_with_dynamic_dims_as_one(
 
 
 def test_republishing_the_same_bytes_is_a_no_op(
-    fleet: FleetConfig, collect: Collect, outdir: Path
+    fleet: FleetConfig, fetch: Fetch, outdir: Path
 ) -> None:
     first = publish_model(fleet, outdir, "net", 1, chunk_size=8192)
-    before, _, _ = fetch(fleet, collect, "net", 1)
+    before, _, _ = fetch(fleet, "net", 1)
     again = publish_model(fleet, outdir, "net", 1, chunk_size=4096)
     assert first.published and not again.published
     assert (again.sha256, again.chunk_size, again.chunks) == (
@@ -116,13 +93,13 @@ def test_republishing_the_same_bytes_is_a_no_op(
         8192,
         first.chunks,
     )
-    after, _, _ = fetch(fleet, collect, "net", 1)
+    after, _, _ = fetch(fleet, "net", 1)
     assert after.created == before.created and after.chunk_size == 8192
 
 
 def test_different_bytes_under_a_published_version_are_refused(
-    fleet,
-    collect,
+    fleet: FleetConfig,
+    fetch: Fetch,
     outdir: Path,
     tmp_path: Path,
 ) -> None:
@@ -133,7 +110,7 @@ def test_different_bytes_under_a_published_version_are_refused(
     assert str(info.value) == (
         "version 1 of net is already published with different content; versions are immutable"
     )
-    _, data, _ = fetch(fleet, collect, "net", 1)
+    _, data, _ = fetch(fleet, "net", 1)
     assert data == (outdir / "model.onnx").read_bytes()
     assert publish_model(fleet, other, "net", 2).published
 
@@ -152,29 +129,37 @@ def test_chunk_size_limits(fleet: FleetConfig, outdir: Path, chunk_size: int) ->
         publish_model(fleet, outdir, "net", 1, chunk_size=chunk_size)
 
 
-def test_largest_chunk_size_is_accepted_by_mosquitto(
-    fleet: FleetConfig, collect: Collect, tmp_path: Path
+@pytest.mark.parametrize("broker", ["strict_mosquitto", "embedded"])
+def test_largest_chunk_size_fits_a_2mb_packet_limit(
+    broker: str,
+    request: pytest.FixtureRequest,
+    make_fleet: Callable[[str], FleetConfig],
+    fetch: Fetch,
+    tmp_path: Path,
 ) -> None:
+    """mosquitto 2.1 drops clients sending packets over 2 MB; amqtt has no limit."""
+    fleet = make_fleet(request.getfixturevalue(broker).url)
     path = models.save(models.add_const(2.0, pad_bytes=3 * 1024 * 1024), tmp_path / "big.onnx")
     result = publish_model(fleet, path, "big", 1, chunk_size=MAX_PAYLOAD_BYTES)
     assert result.chunks == 2
-    _, data, _ = fetch(fleet, collect, "big", 1)
-    assert data == path.read_bytes()
+    manifest, data, _ = fetch(fleet, "big", 1)
+    assert manifest.chunk_size == MAX_PAYLOAD_BYTES and data == path.read_bytes()
 
 
 def test_oversized_smoke_sample_is_dropped_with_a_warning(
-    fleet,
-    collect,
+    fleet: FleetConfig,
+    fetch: Fetch,
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.WARNING, logger="slimfleet.host.fleet.publish")
     size = 400_000  # a 1.6 MB input: input + output in base64 exceed one packet
     path = models.save(models.add_const(1.0, size=size), tmp_path / "wide.onnx")
     result = publish_model(fleet, path, "wide", 1)
     assert len(result.warnings) == 1 and "without a smoke test" in result.warnings[0]
     assert "without a smoke test" in caplog.text
     assert result.manifest_bytes <= MAX_PAYLOAD_BYTES
-    manifest, _, raw = fetch(fleet, collect, "wide", 1)
+    manifest, _, raw = fetch(fleet, "wide", 1)
     assert manifest.smoke is None
     assert len(raw[fleet.topics.manifest("wide", 1)].payload) == result.manifest_bytes
 
@@ -189,7 +174,7 @@ def test_manifest_over_the_packet_limit_is_an_error(
 
 
 def test_publish_manifest_signs_a_hand_made_manifest(
-    fleet: FleetConfig, collect: Collect, tmp_path: Path
+    fleet: FleetConfig, fetch: Fetch, tmp_path: Path
 ) -> None:
     """The lower-level entry point: tests of the agent craft manifests (say, a smoke
     test the model cannot pass) and still get them signed and chunked."""
@@ -200,7 +185,7 @@ def test_publish_manifest_signs_a_hand_made_manifest(
     assert manifest.smoke is not None
     manifest.smoke.outputs["y"] = manifest.smoke.outputs["y"] + 100.0
     publish_manifest(fleet, manifest, chunks, signer=signer)
-    fetched, _, _ = fetch(fleet, collect, "a", 1)
+    fetched, _, _ = fetch(fleet, "a", 1)
     assert fetched.smoke is not None
     np.testing.assert_array_equal(fetched.smoke.outputs["y"], manifest.smoke.outputs["y"])
 
@@ -219,20 +204,9 @@ def test_broker_down_is_one_line_naming_the_url(
 # -- assign -----------------------------------------------------------------------------
 
 
-def desired_of(fleet: FleetConfig, collect: Collect, devices: list[str]) -> dict[str, Desired]:
-    verifier = Verifier([load_public_key(fleet.public_key)])
-    got = collect(fleet.broker.url, fleet.topics.all_devices("desired"), len(devices), timeout=5)
-    out = {}
-    for topic, message in got.items():
-        assert message.retain
-        device, _ = fleet.topics.parse_device_topic(topic)
-        out[device] = Desired.from_dict(verifier.verify(message.payload, topic))
-    return out
-
-
 def test_assign_writes_signed_desired_state_for_a_device_and_a_group(
-    fleet,
-    collect,
+    fleet: FleetConfig,
+    desired: ReadDesired,
     tmp_path: Path,
 ) -> None:
     path = models.save(models.add_one(), tmp_path / "a.onnx")
@@ -240,21 +214,21 @@ def test_assign_writes_signed_desired_state_for_a_device_and_a_group(
     publish_model(fleet, models.save(models.add_const(2.0), tmp_path / "b.onnx"), "a", 2)
 
     assert assign(fleet, "a", 2, devices=["cam-02"]) == ["cam-02"]
-    desired = desired_of(fleet, collect, ["cam-02"])
-    assert set(desired) == {"cam-02"}
-    assert (desired["cam-02"].name, desired["cam-02"].version) == ("a", 2)
-    assert desired["cam-02"].key_id == fleet.signer().key_id
-    assert not desired["cam-02"].rollback
+    state = desired(fleet, ["cam-02"])
+    assert set(state) == {"cam-02"}
+    assert (state["cam-02"].name, state["cam-02"].version) == ("a", 2)
+    assert state["cam-02"].key_id == fleet.signer().key_id
+    assert not state["cam-02"].rollback
 
     group = fleet.groups["all"]
     assert assign(fleet, "a", 1, groups=["all"], rollback=True) == group
-    desired = desired_of(fleet, collect, group)
-    assert set(desired) == set(group)
-    assert all(d.version == 1 and d.rollback and d.device == k for k, d in desired.items())
+    state = desired(fleet, group)
+    assert set(state) == set(group)
+    assert all(d.version == 1 and d.rollback and d.device == k for k, d in state.items())
 
 
 def test_assign_refuses_an_unpublished_version(
-    fleet: FleetConfig, collect: Collect, tmp_path: Path
+    fleet: FleetConfig, desired: ReadDesired, tmp_path: Path
 ) -> None:
     publish_model(fleet, models.save(models.add_one(), tmp_path / "a.onnx"), "a", 1)
     with pytest.raises(
@@ -263,7 +237,7 @@ def test_assign_refuses_an_unpublished_version(
         assign(fleet, "a", 2, groups=["canary"])
     with pytest.raises(InputError, match="not published"):
         assign(fleet, "nothing", 1, devices=["cam-01"])
-    assert desired_of(fleet, collect, ["cam-01"]) == {}
+    assert desired(fleet, ["cam-01"], timeout=1.0) == {}
 
 
 def test_assign_refuses_a_manifest_the_fleet_key_does_not_verify(
@@ -299,13 +273,13 @@ def test_assign_checks_its_input_before_connecting(
 
 
 def test_publish_and_assign_over_mqtt5(
-    fleet: FleetConfig, collect: Collect, tmp_path: Path
+    fleet: FleetConfig, fetch: Fetch, desired: ReadDesired, tmp_path: Path
 ) -> None:
     fleet = replace(fleet, broker=replace(fleet.broker, protocol="5"))
     path = models.save(models.add_one(), tmp_path / "a.onnx")
     assert publish_model(fleet, path, "a", 1, chunk_size=100).published
     assert not publish_model(fleet, path, "a", 1).published
-    _, data, _ = fetch(fleet, collect, "a", 1)
+    _, data, _ = fetch(fleet, "a", 1)
     assert data == path.read_bytes()
     assert assign(fleet, "a", 1, devices=["cam-01"]) == ["cam-01"]
-    assert desired_of(fleet, collect, ["cam-01"])["cam-01"].version == 1
+    assert desired(fleet, ["cam-01"])["cam-01"].version == 1
