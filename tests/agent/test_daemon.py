@@ -64,14 +64,18 @@ def test_publish_download_swap_with_events_state_and_telemetry(mosquitto, rig, w
     watcher.wait("status", lambda s: s == "offline")
 
 
-def start_serving_v1(mosquitto, rig, watcher, **extra):
-    """An agent serving m@1 (add 1.0)."""
+@pytest.fixture
+def agent(mosquitto, rig, watcher):
+    """An in-process agent serving m@1 (add 1.0), stopped after the test."""
     rig.publish(models.add_const(1.0), 1)
-    agent = rig.agent(mosquitto.url, **extra)
+    agent = rig.agent(mosquitto.url)
     agent.start()
-    rig.assign(1)
-    watcher.event("swap_ok", model=ref("m", 1))
-    return agent
+    try:
+        rig.assign(1)
+        watcher.event("swap_ok", model=ref("m", 1))
+        yield agent
+    finally:
+        agent.stop()
 
 
 def assert_still_serving_v1(agent, watcher, stage: str) -> dict:
@@ -84,119 +88,91 @@ def assert_still_serving_v1(agent, watcher, stage: str) -> dict:
     return fallback
 
 
-def test_bad_signature_is_refused(mosquitto, rig, watcher, publisher):
-    agent = start_serving_v1(mosquitto, rig, watcher)
-    try:
-        rig.publish(models.add_const(2.0), 2)
-        topic = rig.topics.manifest("m", 2)
-        envelope = json.loads(_retained(publisher, topic))
-        envelope["signed"]["size"] += 1  # tampered after signing
-        publisher.put(topic, json.dumps(envelope).encode())
-        publisher.put(rig.topics.device(rig.device, "desired"), rig.signed_desired(2))
-        failed = watcher.event("verify_failed", model=ref("m", 2))
-        assert failed["stage"] == "manifest" and "bad signature" in failed["reason"]
-        assert_still_serving_v1(agent, watcher, "manifest")
-    finally:
-        agent.stop()
+def test_bad_signature_is_refused(agent, rig, watcher, publisher):
+    rig.publish(models.add_const(2.0), 2)
+    topic = rig.topics.manifest("m", 2)
+    envelope = json.loads(_retained(publisher, topic))
+    envelope["signed"]["size"] += 1  # tampered after signing
+    publisher.put(topic, json.dumps(envelope).encode())
+    publisher.put(rig.topics.device(rig.device, "desired"), rig.signed_desired(2))
+    failed = watcher.event("verify_failed", model=ref("m", 2))
+    assert failed["stage"] == "manifest" and "bad signature" in failed["reason"]
+    assert_still_serving_v1(agent, watcher, "manifest")
 
 
-def test_older_version_is_refused_and_a_signed_rollback_accepted(
-    mosquitto, rig, watcher, publisher
-):
-    agent = start_serving_v1(mosquitto, rig, watcher)
-    try:
-        captured_rollback = rig.signed_desired(1, rollback=True)  # issued now
-        rig.publish(models.add_const(2.0), 2)
-        rig.assign(2)
-        watcher.event("swap_ok", model=ref("m", 2))
+def test_older_version_is_refused_and_a_signed_rollback_accepted(agent, rig, watcher, publisher):
+    captured_rollback = rig.signed_desired(1, rollback=True)  # issued now
+    rig.publish(models.add_const(2.0), 2)
+    rig.assign(2)
+    watcher.event("swap_ok", model=ref("m", 2))
 
-        rig.assign(1)  # not a rollback
-        failed = watcher.event("verify_failed", model=ref("m", 1))
-        assert failed["stage"] == "version" and "older than the last good m@2" in failed["reason"]
-        assert served_const(agent) == 2.0
+    rig.assign(1)  # not a rollback
+    failed = watcher.event("verify_failed", model=ref("m", 1))
+    assert failed["stage"] == "version" and "older than the last good m@2" in failed["reason"]
+    assert served_const(agent) == 2.0
 
-        # a rollback issued before the current desired state is a replay
-        publisher.put(rig.topics.device(rig.device, "desired"), captured_rollback)
-        replay = watcher.event("verify_failed", stage="desired")
-        assert "replay" in replay["reason"]
+    # a rollback issued before the current desired state is a replay
+    publisher.put(rig.topics.device(rig.device, "desired"), captured_rollback)
+    replay = watcher.event("verify_failed", stage="desired")
+    assert "replay" in replay["reason"]
 
-        rig.assign(1, rollback=True)
-        watcher.event("swap_ok", model=ref("m", 1), **{"from": ref("m", 2)})
-        assert served_const(agent) == 1.0
-        progress = [e for e in watcher.events("download_progress") if e["model"] == ref("m", 1)]
-        assert len(progress) == 1  # m@1 came from the store, not downloaded twice
-    finally:
-        agent.stop()
+    rig.assign(1, rollback=True)
+    watcher.event("swap_ok", model=ref("m", 1), **{"from": ref("m", 2)})
+    assert served_const(agent) == 1.0
+    progress = [e for e in watcher.events("download_progress") if e["model"] == ref("m", 1)]
+    assert len(progress) == 1  # m@1 came from the store, not downloaded twice
 
 
-def test_corrupted_chunk_is_refused_then_repaired_chunk_completes(
-    mosquitto, rig, watcher, publisher
-):
-    agent = start_serving_v1(mosquitto, rig, watcher)
-    try:
-        path = rig.publish(models.add_const(2.0, pad_bytes=100_000), 2)
-        chunk_topic = rig.topics.chunk("m", 2, 3)
-        good = path.read_bytes()[3 * 16384 : 4 * 16384]
-        publisher.put(chunk_topic, b"\0" * len(good))  # over the retained one
-        rig.assign(2)
-        failed = watcher.event("verify_failed", model=ref("m", 2))
-        assert failed["stage"] == "download" and "chunk 3 does not match" in failed["reason"]
-        assert_still_serving_v1(agent, watcher, "download")
+def test_corrupted_chunk_is_refused_then_repaired_chunk_completes(agent, rig, watcher, publisher):
+    path = rig.publish(models.add_const(2.0, pad_bytes=100_000), 2)
+    chunk_topic = rig.topics.chunk("m", 2, 3)
+    good = path.read_bytes()[3 * 16384 : 4 * 16384]
+    publisher.put(chunk_topic, b"\0" * len(good))  # over the retained one
+    rig.assign(2)
+    failed = watcher.event("verify_failed", model=ref("m", 2))
+    assert failed["stage"] == "download" and "chunk 3 does not match" in failed["reason"]
+    assert_still_serving_v1(agent, watcher, "download")
 
-        publisher.put(chunk_topic, good)  # the host repairs it; the agent retries by itself
-        watcher.event("swap_ok", model=ref("m", 2))
-        assert served_const(agent) == 2.0
-        resumed = [e for e in watcher.events("download_progress") if e["model"] == ref("m", 2)]
-        assert resumed[-1]["resumed_chunks"] == 3  # chunks 0-2 were not fetched again
-    finally:
-        agent.stop()
+    publisher.put(chunk_topic, good)  # the host repairs it; the agent retries by itself
+    watcher.event("swap_ok", model=ref("m", 2))
+    assert served_const(agent) == 2.0
+    resumed = [e for e in watcher.events("download_progress") if e["model"] == ref("m", 2)]
+    assert resumed[-1]["resumed_chunks"] == 3  # chunks 0-2 were not fetched again
 
 
-def test_model_that_fails_to_load_is_not_swapped_in(mosquitto, rig, watcher):
-    agent = start_serving_v1(mosquitto, rig, watcher)
-    try:
-        signer = rig.fleet.signer()
-        manifest, chunks = make_manifest(
-            "m", 2, b"not an onnx model" * 1000, io={}, opset=13, key_id=signer.key_id
-        )
-        publish_manifest(rig.fleet, manifest, chunks, signer=signer)
-        rig.assign(2)
-        failed = watcher.event("swap_failed", model=ref("m", 2))
-        assert failed["stage"] == "load"
-        assert_still_serving_v1(agent, watcher, "load")
-        time.sleep(1.5)  # longer than the retry backoff: a load failure is not retried
-        assert len(watcher.events("swap_started")) == 2
-    finally:
-        agent.stop()
+def test_model_that_fails_to_load_is_not_swapped_in(agent, rig, watcher):
+    signer = rig.fleet.signer()
+    manifest, chunks = make_manifest(
+        "m", 2, b"not an onnx model" * 1000, io={}, opset=13, key_id=signer.key_id
+    )
+    publish_manifest(rig.fleet, manifest, chunks, signer=signer)
+    rig.assign(2)
+    failed = watcher.event("swap_failed", model=ref("m", 2))
+    assert failed["stage"] == "load"
+    assert_still_serving_v1(agent, watcher, "load")
+    time.sleep(1.5)  # longer than the retry backoff: a load failure is not retried
+    assert len(watcher.events("swap_started")) == 2
     assert json.loads((agent.store.root / "desired.json").read_text())["failed"] is True
 
 
-def test_model_whose_smoke_test_fails_is_not_swapped_in(mosquitto, rig, watcher):
-    agent = start_serving_v1(mosquitto, rig, watcher)
-    try:
-        signer = rig.fleet.signer()
-        path = rig.model_file(models.add_const(2.0), "m-2")
-        manifest, chunks = build_manifest(signer, path, "m", 2)
-        manifest.smoke.outputs = {k: v + 5 for k, v in manifest.smoke.outputs.items()}
-        publish_manifest(rig.fleet, manifest, chunks, signer=signer)
-        rig.assign(2)
-        failed = watcher.event("swap_failed", model=ref("m", 2))
-        assert failed["stage"] == "smoke" and "differs from the expected" in failed["reason"]
-        assert_still_serving_v1(agent, watcher, "smoke")
-    finally:
-        agent.stop()
+def test_model_whose_smoke_test_fails_is_not_swapped_in(agent, rig, watcher):
+    signer = rig.fleet.signer()
+    path = rig.model_file(models.add_const(2.0), "m-2")
+    manifest, chunks = build_manifest(signer, path, "m", 2)
+    manifest.smoke.outputs = {k: v + 5 for k, v in manifest.smoke.outputs.items()}
+    publish_manifest(rig.fleet, manifest, chunks, signer=signer)
+    rig.assign(2)
+    failed = watcher.event("swap_failed", model=ref("m", 2))
+    assert failed["stage"] == "smoke" and "differs from the expected" in failed["reason"]
+    assert_still_serving_v1(agent, watcher, "smoke")
 
 
-def test_model_over_the_smoke_latency_budget_is_not_swapped_in(mosquitto, rig, watcher):
-    agent = start_serving_v1(mosquitto, rig, watcher)
-    try:
-        rig.publish(models.add_const(2.0), 2, max_latency_ms=0.000001)  # the publisher's budget
-        rig.assign(2)
-        failed = watcher.event("swap_failed", model=ref("m", 2))
-        assert failed["stage"] == "latency"
-        assert_still_serving_v1(agent, watcher, "latency")
-    finally:
-        agent.stop()
+def test_model_over_the_smoke_latency_budget_is_not_swapped_in(agent, rig, watcher):
+    rig.publish(models.add_const(2.0), 2, max_latency_ms=0.000001)  # the publisher's budget
+    rig.assign(2)
+    failed = watcher.event("swap_failed", model=ref("m", 2))
+    assert failed["stage"] == "latency"
+    assert_still_serving_v1(agent, watcher, "latency")
 
 
 def test_slower_model_is_rolled_back_by_the_watch_window(mosquitto, rig, watcher):
@@ -279,42 +255,34 @@ def test_swaps_under_concurrent_requests_fail_no_request(mosquitto, rig, watcher
 
 
 def test_malformed_messages_are_reported_and_the_agent_keeps_running(
-    mosquitto, rig, watcher, publisher
+    agent, rig, watcher, publisher
 ):
-    agent = start_serving_v1(mosquitto, rig, watcher)
     desired_topic = rig.topics.device(rig.device, "desired")
-    try:
-        for body in (b"\xff\xfe not utf-8", b"{not json", b'{"signed": {"kind": "desired"}}'):
-            before = len(watcher.events("verify_failed"))
-            publisher.put(desired_topic, body)
-            watcher.wait("events", lambda e, n=before: len(watcher.events("verify_failed")) > n)
-            failed = watcher.events("verify_failed")[-1]
-            assert failed["stage"] == "desired" and failed["model"] is None
-        publisher.put(rig.topics.manifest("m", 2), b'{"signed": [1, 2], "signature": "x"}')
-        publisher.put(desired_topic, rig.signed_desired(2))
-        failed = watcher.event("verify_failed", model=ref("m", 2))
-        assert failed["stage"] == "manifest"
-        assert served_const(agent) == 1.0
+    for body in (b"\xff\xfe not utf-8", b"{not json", b'{"signed": {"kind": "desired"}}'):
+        before = len(watcher.events("verify_failed"))
+        publisher.put(desired_topic, body)
+        watcher.wait("events", lambda e, n=before: len(watcher.events("verify_failed")) > n)
+        failed = watcher.events("verify_failed")[-1]
+        assert failed["stage"] == "desired" and failed["model"] is None
+    publisher.put(rig.topics.manifest("m", 2), b'{"signed": [1, 2], "signature": "x"}')
+    publisher.put(desired_topic, rig.signed_desired(2))
+    failed = watcher.event("verify_failed", model=ref("m", 2))
+    assert failed["stage"] == "manifest"
+    assert served_const(agent) == 1.0
 
-        rig.publish(models.add_const(3.0), 3)  # and it still follows new desired states
-        rig.assign(3)
-        watcher.event("swap_ok", model=ref("m", 3))
-        assert served_const(agent) == 3.0
-    finally:
-        agent.stop()
+    rig.publish(models.add_const(3.0), 3)  # and it still follows new desired states
+    rig.assign(3)
+    watcher.event("swap_ok", model=ref("m", 3))
+    assert served_const(agent) == 3.0
 
 
-def test_expired_manifest_is_refused(mosquitto, rig, watcher, publisher):
-    agent = start_serving_v1(mosquitto, rig, watcher)
-    try:
-        rig.publish(models.add_const(2.0), 2, ttl_s=0.5)
-        time.sleep(1.0)
-        publisher.put(rig.topics.device(rig.device, "desired"), rig.signed_desired(2))
-        failed = watcher.event("verify_failed", model=ref("m", 2))
-        assert failed["stage"] == "expired"
-        assert_still_serving_v1(agent, watcher, "expired")
-    finally:
-        agent.stop()
+def test_expired_manifest_is_refused(agent, rig, watcher, publisher):
+    rig.publish(models.add_const(2.0), 2, ttl_s=0.5)
+    time.sleep(1.0)
+    publisher.put(rig.topics.device(rig.device, "desired"), rig.signed_desired(2))
+    failed = watcher.event("verify_failed", model=ref("m", 2))
+    assert failed["stage"] == "expired"
+    assert_still_serving_v1(agent, watcher, "expired")
 
 
 def test_model_over_the_size_limit_is_refused_before_download(mosquitto, rig, watcher):
@@ -332,9 +300,8 @@ def test_model_over_the_size_limit_is_refused_before_download(mosquitto, rig, wa
         agent.stop()
 
 
-def test_restart_serves_the_last_good_model_at_once_without_a_broker(mosquitto, rig, watcher):
-    agent = start_serving_v1(mosquitto, rig, watcher)
-    agent.stop()
+def test_restart_serves_the_last_good_model_at_once_without_a_broker(agent, rig):
+    agent.stop()  # the fixture's stop() again at the end is harmless
     offline = rig.agent(f"mqtt://127.0.0.1:{free_port()}")  # nothing listens there
     offline.start()
     try:
