@@ -40,10 +40,13 @@ Published by the agent (``<prefix>/devices/<id>/...``):
     {"type": "fallback", "model", "to", "stage", "reason"}    # gave up on "model"
 
 ``stage`` of verify_failed is ``desired``, ``manifest``, ``version`` (older than the
-last good one), ``expired``, ``size`` or ``download`` (a chunk or the assembled file);
-a fallback emitted here (rather than by the swap) has one of those stages or
-``download`` for chunks that stopped coming, ``start`` when a model could not be
-loaded at startup.
+last good one), ``expired``, ``size`` or ``download`` (a chunk or the assembled file).
+Every failure to reach a desired model (except a bad desired state itself) also emits
+one fallback; those emitted here rather than by the swap have the stages above,
+``manifest`` or ``download`` when the manifest or chunks did not arrive in time,
+``install`` (disk), ``internal`` (a bug), or ``start`` when a stored model could not
+be loaded at startup. Transient failures (manifest, download, install, expired,
+internal) are retried with backoff; the others wait for a new desired state.
 ``telemetry`` (QoS 0, every ``telemetry_interval_s``): see :mod:`slimfleet.agent.telemetry`.
 """
 
