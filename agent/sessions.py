@@ -424,7 +424,7 @@ class Serving:
             try:
                 loaded = self._load(ref, path)
                 loaded_at = time.perf_counter()
-                latency_ms = self._warm_up(loaded, smoke)
+                latency_ms = self._warm_up(loaded, smoke, timed=bool(budgets))
                 if budgets and latency_ms is not None and latency_ms > min(budgets):
                     raise _Failure(
                         "latency",
@@ -531,9 +531,14 @@ class Serving:
         loaded: _Loaded,
         smoke: SmokeTest | None,
         sample: Mapping[str, np.ndarray] | None = None,
+        *,
+        timed: bool = False,
     ) -> float | None:
-        """Warm up on the smoke test, ``sample`` or zeros, then time it; return the median ms.
+        """Warm up on the smoke test, ``sample`` or zeros; return its latency in ms.
 
+        With ``timed`` (a latency budget applies) the warm-up run is followed by
+        ``SMOKE_RUNS`` timed runs and their median is returned; otherwise the one
+        warm-up run is all, so a swap costs no more than a load plus one inference.
         Returns None when there was nothing to run (free input dimensions, no sample).
         """
         stage = "smoke" if smoke else "warmup"
@@ -553,7 +558,7 @@ class Serving:
                 raise _Failure("smoke", f"the model has no output {', '.join(missing)}")
         loaded.sample = feeds
         timings = []
-        for _ in range(1 + SMOKE_RUNS):
+        for _ in range(1 + (SMOKE_RUNS if timed else 0)):
             began = time.perf_counter()
             try:
                 outputs = loaded.run(feeds)
@@ -562,7 +567,7 @@ class Serving:
             timings.append((time.perf_counter() - began) * 1000)
         if smoke is not None:
             _compare(outputs, smoke)
-        return float(np.median(timings[1:]))
+        return float(np.median(timings[1:] or timings))
 
     def _swap_in(self, new: _Loaded, *, watch: bool) -> ModelRef | None:
         """Make ``new`` current; keep the replaced one as standby when watching."""

@@ -3,7 +3,6 @@ a fleet with one device, a watcher of what it publishes, agent processes."""
 
 from __future__ import annotations
 
-import getpass
 import json
 import os
 import signal
@@ -144,21 +143,6 @@ def model_files(tmp_path: Path) -> ModelFiles:
 
 
 # -- brokers and MQTT ------------------------------------------------------------
-
-
-@pytest.fixture
-def own_mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
-    """Like the shared fixture, but its retained messages really survive a restart.
-
-    Started as root, mosquitto drops to the ``mosquitto`` user, which cannot write
-    into pytest's 0700 tmp dirs: persistence (and the log) silently fail. ``user``
-    set to the current user keeps it as is (and does nothing when not root).
-    """
-    broker = Mosquitto(tmp_path / "mosquitto")
-    broker.conf.write_text(broker.conf.read_text() + f"user {getpass.getuser()}\n")
-    broker.start()
-    yield broker
-    broker.stop()
 
 
 class Publisher:
