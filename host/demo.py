@@ -71,6 +71,11 @@ def demo_model(features: int = 256, hidden: int = 1024, classes: int = 12) -> on
     return model
 
 
+def _times(ratio: float | None, word: str) -> str:
+    """0.25 -> '4.0x smaller'."""
+    return f"{1 / ratio:.1f}x {word}" if ratio else f"? {word}"
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -202,9 +207,10 @@ def demo(workdir: Path, model_path: Path | None, requests: int, as_json: bool) -
 
         report = compress(model_path, workdir / "compressed", data=data_path, progress=progress)
     summary["compress"] = report.summary
-    say(f"    chose: {report.summary.get('chosen')}")
+    s = report.summary
     say(
-        f"    size x{report.summary.get('size_ratio')}, latency x{report.summary.get('latency_ratio')}"
+        f"    chose {s.get('chosen')}: {_times(s.get('size_ratio'), 'smaller')}, "
+        f"{_times(s.get('latency_ratio'), 'faster')}, fidelity {s.get('fidelity')}"
     )
 
     say("2/4 start an embedded MQTT broker and a device agent")
