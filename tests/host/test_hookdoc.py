@@ -3,6 +3,7 @@ from __future__ import annotations
 import inspect
 import subprocess
 import sys
+from pathlib import Path
 
 from slimfleet.host import hookdoc, hookspecs
 
@@ -37,3 +38,11 @@ def test_runs_as_a_module():
         [sys.executable, "-m", "slimfleet.host.hookdoc"], capture_output=True, text=True, check=True
     )
     assert proc.stdout.startswith("## Hook reference")
+
+
+def test_readme_carries_the_current_reference():
+    """Regenerate with: python -m slimfleet.host.hookdoc, pasted between the markers."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    start = readme.index("-->\n", readme.index("<!-- hooks:start")) + len("-->\n")
+    end = readme.index("<!-- hooks:end -->")
+    assert readme[start:end].strip() == hookdoc.render().strip()
