@@ -15,10 +15,11 @@ against a baseline taken in the same run:
     the fp32 model alternating) against one session's footprint (measured in a fresh
     process), and the agent's RSS with no model loaded.
 
-The compressed model is ``onnxruntime.quantization.quantize_dynamic`` on MatMul/Gemm/LSTM
-(what ``slimfleet compress`` picks for this model in the design notes). Run::
+The compressed model is what ``slimfleet compress`` chooses for common.onnx on captcha
+samples (generated as in ``compress_bench.py``), or an existing compress OUTDIR given
+with ``--compressed``. Run::
 
-    python bench/agent_bench.py            # about 3 minutes on 2 cores
+    python bench/agent_bench.py            # about 5 minutes on 2 cores (2 of them compressing)
 """
 
 from __future__ import annotations
@@ -90,25 +91,33 @@ def common_onnx() -> Path:
     return path
 
 
-def make_outdirs(tmp: Path, width: int) -> dict[str, Path]:
-    """fp32 and int8 OUTDIRs (model.onnx + sample.npz), as 'slimfleet compress' leaves them."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+def compress_common(tmp: Path) -> Path:
+    """Run slimfleet's search on common.onnx with captcha samples; return its OUTDIR."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from compress_bench import ensure_packages, ocr_samples
 
+    from slimfleet.host.compress.search import compress
+
+    ensure_packages()
+    data = tmp / "captcha.npz"
+    np.savez(data, input1=np.concatenate(ocr_samples(24, seed=11)))
+    note("compressing common.onnx with slimfleet (about 90 s) ...")
+    compress(common_onnx(), tmp / "compressed", data=data)
+    return tmp / "compressed"
+
+
+def make_outdirs(tmp: Path, width: int, compressed: Path | None) -> dict[str, Path]:
+    """fp32 and compressed OUTDIRs (model.onnx + sample.npz) with the same smoke sample."""
+    compressed = compressed or compress_common(tmp)
     sample = np.random.default_rng(0).random((1, 1, 64, width), dtype=np.float32)
+    sources = {"fp32": common_onnx(), "int8": compressed / "model.onnx"}
     dirs = {}
-    for kind in ("fp32", "int8"):
+    for kind, source in sources.items():
         out = tmp / kind
         out.mkdir()
         np.savez(out / "sample.npz", input1=sample)
+        (out / "model.onnx").write_bytes(source.read_bytes())
         dirs[kind] = out
-    (dirs["fp32"] / "model.onnx").write_bytes(common_onnx().read_bytes())
-    note("quantizing common.onnx (MatMul/Gemm/LSTM, dynamic int8)")
-    quantize_dynamic(
-        str(dirs["fp32"] / "model.onnx"),
-        str(dirs["int8"] / "model.onnx"),
-        op_types_to_quantize=["MatMul", "Gemm", "LSTM"],
-        weight_type=QuantType.QInt8,
-    )
     return dirs
 
 
@@ -506,6 +515,9 @@ def session_footprint(outdir: Path) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--width", type=int, default=160, help="captcha image width")
+    parser.add_argument(
+        "--compressed", type=Path, help="a 'slimfleet compress' OUTDIR for common.onnx"
+    )
     parser.add_argument("--runs", type=int, default=40, help="timed calls per block in (a)/(b)")
     parser.add_argument("--repeats", type=int, default=5, help="interleaved blocks in (a)/(b)")
     parser.add_argument("--swaps", type=int, default=20)
@@ -515,11 +527,11 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="slimfleet-bench-") as name:
         tmp = Path(name)
-        dirs = make_outdirs(tmp, args.width)
+        dirs = make_outdirs(tmp, args.width, args.compressed)
         sizes = {k: (d / "model.onnx").stat().st_size / MB for k, d in dirs.items()}
         say(
-            f"models: common.onnx fp32 {sizes['fp32']:.1f} MB, int8 (quantize_dynamic "
-            f"MatMul/Gemm/LSTM) {sizes['int8']:.1f} MB; input 1x1x64x{args.width}; "
+            f"models: common.onnx fp32 {sizes['fp32']:.1f} MB, int8 (slimfleet compress's "
+            f"choice) {sizes['int8']:.1f} MB; input 1x1x64x{args.width}; "
             f"1 onnxruntime thread; {os.cpu_count()} cores"
         )
         feeds = dict(np.load(dirs["fp32"] / "sample.npz"))
