@@ -61,7 +61,8 @@ class Backoff:
     stable_s: float = 10.0  # a connection that lived this long resets the backoff
 
     def delay(self, attempt: int) -> float:
-        ceiling = min(self.max_s, self.initial_s * 2**attempt)
+        # The exponent is capped: 2.0**1024 overflows a float, and 2**30 exceeds any max_s.
+        ceiling = min(self.max_s, self.initial_s * 2 ** min(attempt, 30))
         return ceiling / 2 + random.uniform(0, ceiling / 2)
 
 

@@ -204,3 +204,9 @@ def test_backoff_grows_with_jitter_and_is_capped():
         delays = [backoff.delay(attempt) for _ in range(200)]
         assert all(ceiling / 2 <= d <= ceiling for d in delays)
         assert len(set(delays)) > 100  # jittered, not a constant
+
+
+def test_backoff_survives_any_number_of_attempts():
+    backoff = Backoff(initial_s=0.5, max_s=30.0)
+    for attempt in (1023, 1024, 5000, 10**9):
+        assert 15.0 <= backoff.delay(attempt) <= 30.0
