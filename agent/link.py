@@ -205,6 +205,9 @@ class Link:
             except LinkError as exc:
                 self.last_error = str(exc)
                 log.warning("MQTT link to %s: %s", self.settings.url, exc)
+            except Exception as exc:  # paho re-raises errors from callbacks: reconnect anyway
+                self.last_error = f"unexpected error: {exc!r}"
+                log.exception("MQTT link to %s failed unexpectedly", self.settings.url)
             finally:
                 self._connected.clear()
             if self._stop.is_set():
