@@ -283,8 +283,13 @@ class Agent:
             self._done = desired
 
     def _save_desired(self, envelope: bytes, failed: bool) -> None:
+        """Persist the accepted desired state; a disk error is logged, not raised, so the
+        agent keeps following it in memory (a restart then resumes the previous one)."""
         doc = {"envelope": envelope.decode(), "failed": failed}
-        atomic_write_bytes(self.store.root / DESIRED_FILE, json.dumps(doc).encode())
+        try:
+            atomic_write_bytes(self.store.root / DESIRED_FILE, json.dumps(doc).encode())
+        except OSError as exc:
+            log.error("cannot persist the desired state: %s", exc)
 
     # -- threads --------------------------------------------------------------------
 
@@ -293,8 +298,12 @@ class Agent:
         while not self._stop.is_set():
             assert self._subscription is not None
             message = self._subscription.get(timeout=0.5)
-            if message is not None:
+            if message is None:
+                continue
+            try:
                 self._on_desired(message)
+            except Exception:  # a bug must not stop the agent following its desired state
+                log.exception("handling %s failed", message.topic)
 
     def _on_desired(self, message: Message) -> None:
         if not message.payload:
@@ -371,8 +380,11 @@ class Agent:
         """Publish telemetry every interval (QoS 0: dropped while offline)."""
         topic = self._topic("telemetry")
         while not self._stop.wait(self.config.telemetry_interval_s):
-            snapshot = self.telemetry.snapshot()
-            self.link.publish(topic, json.dumps(snapshot).encode(), qos=0)
+            try:
+                snapshot = self.telemetry.snapshot()
+                self.link.publish(topic, json.dumps(snapshot).encode(), qos=0)
+            except Exception:  # a bug costs one report, not all the following ones
+                log.exception("publishing telemetry failed")
 
     # -- applying a desired state ---------------------------------------------------------
 

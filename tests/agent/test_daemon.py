@@ -424,3 +424,33 @@ def test_bad_config_is_one_line_and_exit_code_2(tmp_path, spawn_agent):
     assert agent.proc.wait(timeout=60) == 2
     error = agent.log.read_text()
     assert error.count("\n") == 1 and error.startswith(f"error: {config}:")
+
+
+def test_a_desired_state_that_cannot_be_saved_is_still_followed(agent, rig, watcher, caplog):
+    saved = agent.store.root / "desired.json"
+    saved.unlink()
+    saved.mkdir()  # the write fails with an OSError, as on a full or read-only disk
+    (saved / "keep").touch()
+    for version in (2, 3):
+        rig.publish(models.add_const(float(version)), version)
+        rig.assign(version)
+        watcher.event("swap_ok", model=ref("m", version))
+        assert served_const(agent) == float(version)
+    assert "cannot persist the desired state" in caplog.text
+
+
+def test_a_failed_telemetry_report_does_not_stop_the_next_ones(agent, watcher, monkeypatch):
+    # A fault no real part produces on demand: the first snapshot raises.
+    real_snapshot = agent.telemetry.snapshot
+    calls = []
+
+    def failing_once() -> dict:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("injected")
+        return real_snapshot()
+
+    patched = time.time()
+    monkeypatch.setattr(agent.telemetry, "snapshot", failing_once)
+    watcher.wait("telemetry", lambda t: t["ts"] > patched)  # published after the failure
+    assert len(calls) > 1
