@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -319,8 +320,10 @@ class Desired:
                 rollback=bool(doc.get("rollback", False)),
                 issued=float(doc.get("issued", 0.0)),
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise VerifyError(f"desired state is malformed: {exc}") from None
+        if not math.isfinite(desired.issued):
+            raise VerifyError(f"desired state is malformed: issued is {desired.issued}")
         if desired.version < 1:
             raise VerifyError("desired state: version must be >= 1")
         return desired

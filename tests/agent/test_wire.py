@@ -132,6 +132,15 @@ def test_desired_round_trip_and_validation():
         Desired.from_dict(bad)
 
 
+@pytest.mark.parametrize(
+    "change", [{"version": 1e999}, {"version": float("nan")}, {"issued": float("inf")}]
+)
+def test_desired_with_a_non_finite_number_is_malformed(change):
+    doc = json.loads(json.dumps(Desired("cam-1", "ocr", 3, "k1").to_dict() | change))
+    with pytest.raises(VerifyError, match="desired state is malformed"):
+        Desired.from_dict(doc)
+
+
 def test_parse_json_errors_say_what():
     assert parse_json(b'{"a": 1}', "state") == {"a": 1}
     with pytest.raises(VerifyError, match="telemetry: not valid JSON"):
