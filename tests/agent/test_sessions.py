@@ -178,6 +178,14 @@ def test_start_refuses_a_broken_file(make_serving, model_files) -> None:
     assert serving.current is None
 
 
+def test_a_session_option_onnxruntime_refuses_is_a_load_failure(make_serving, model_files) -> None:
+    serving = make_serving(threads=2**31)  # over onnxruntime's int range
+    with pytest.raises(SwapError, match=r"m@1: load failed: ") as caught:
+        serving.start(ref(1), model_files.add(1.0))
+    assert caught.value.stage == "load"
+    assert serving.current is None
+
+
 # -- activation -------------------------------------------------------------------------
 
 
