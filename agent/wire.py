@@ -12,6 +12,7 @@ import base64
 import hashlib
 import json
 import math
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -89,10 +90,17 @@ class Topics:
         return rest[0], rest[1]
 
 
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
+
+
 def check_name(name: str) -> str:
-    """Model names and device ids become topic levels: no wildcards, slashes or blanks."""
-    if not name or any(c in name for c in "/+#\0 ") or len(name) > 128:
-        raise ValueError(f"invalid name {name!r}: use letters, digits, '-', '_' or '.'")
+    """Model names and device ids become topic levels and folder names: ASCII letters,
+    digits, '_', '.' and '-', not starting with '.' or '-' (so never '.' or '..')."""
+    if not isinstance(name, str) or _NAME.fullmatch(name) is None:
+        raise ValueError(
+            f"invalid name {name!r}: use 1 to 128 letters, digits, '_', '.' or '-', "
+            "starting with a letter, digit or '_'"
+        )
     return name
 
 

@@ -57,6 +57,8 @@ def test_model_refs_order_by_version_within_a_name() -> None:
         lambda: ModelRef("m", "3"),
         lambda: ModelRef("a/b", 1),
         lambda: ModelRef("", 1),
+        lambda: ModelRef("..", 3),  # would resolve outside models/
+        lambda: ModelRef(".", 3),
         lambda: ModelRef.parse("m"),
         lambda: ModelRef.parse("m@x"),
         lambda: ModelRef.from_dict(["m", 1]),

@@ -38,10 +38,17 @@ def test_topics_reject_wildcard_prefix(prefix):
         Topics(prefix)
 
 
-@pytest.mark.parametrize("name", ["", "a/b", "a+b", "x#", "has space"])
-def test_check_name_rejects_topic_breakers(name):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize(
+    "name", ["", "a/b", "a+b", "x#", "has space", ".", "..", ".hidden", "-x", "é", "x" * 129]
+)
+def test_check_name_rejects_topic_breakers_and_path_tricks(name):
+    with pytest.raises(ValueError, match="letters, digits"):
         check_name(name)
+
+
+@pytest.mark.parametrize("name", ["ocr", "cam-01", "_a.b-c_9", "x" * 128, "1.2"])
+def test_check_name_accepts_what_its_message_promises(name):
+    assert check_name(name) == name
 
 
 def test_canonical_json_is_order_independent():
