@@ -312,6 +312,7 @@ class ModelStore:
     def _clean_temporaries(self) -> None:
         leftovers = list(self.root.glob(f"{TMP_PREFIX}*"))
         leftovers += list(self._models.glob(f"*/{TMP_PREFIX}*"))
+        leftovers += list(self._partial.glob(f"{TMP_PREFIX}*"))  # bitmaps being replaced
         for path in leftovers:
             log.info("removing %s left by an interrupted write", path)
             if path.is_dir():

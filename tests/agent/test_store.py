@@ -137,11 +137,15 @@ def test_temporaries_left_by_a_crash_are_removed_at_open(tmp_path: Path) -> None
     half.mkdir()
     (half / "model.onnx").write_bytes(b"half a mod")
     (tmp_path / "store/.tmp-state.json.xyz").write_text('{"curr')
+    # a bitmap being replaced by the downloader (atomic_write_bytes in partial/)
+    (store.partial_dir() / "m-2-0123456789abcdef.bitmap").write_text("{}")
+    (store.partial_dir() / ".tmp-m-2-0123456789abcdef.bitmap.k3x9").write_text('{"do')
     (tmp_path / "store/models/not a name/1").mkdir(parents=True)  # put there by hand
     assert store.installed() == [ref("m", 1)]  # a temporary is never a version
     ModelStore(tmp_path / "store")
     assert leftovers(tmp_path) == []
     assert store.installed() == [ref("m", 1)]
+    assert [p.name for p in store.partial_dir().iterdir()] == ["m-2-0123456789abcdef.bitmap"]
 
 
 def test_an_unusable_root_is_a_clear_error(tmp_path: Path) -> None:
