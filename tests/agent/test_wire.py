@@ -117,13 +117,41 @@ def test_manifest_round_trip_through_json():
         ({"size": 999999}, "chunks, size implies"),
         ({"chunk_size": 0}, "out of range"),
         ({"smoke": {"inputs": 3}}, "smoke test is malformed"),
+        ({"expires": "tomorrow"}, "'expires'"),
+        ({"expires": [1]}, "'expires'"),
+        ({"expires": True}, "'expires'"),
+        ({"expires": float("inf")}, "'expires'"),
+        ({"created": float("nan")}, "'created'"),
+        ({"sha256": "abc"}, "'sha256'"),
+        ({"sha256": "A" * 64}, "'sha256'"),
+        ({"chunks": ["0" * 64, "x" * 64, "0" * 64]}, r"'chunks\[1\]'"),
+        ({"chunks": ["0" * 64, 7, "0" * 64]}, r"'chunks\[1\]'"),
+        ({"report": [1, 2]}, "'report'"),
+        ({"report": "fine"}, "'report'"),
+        ({"smoke.max_latency_ms": "50"}, "max_latency_ms"),
+        ({"smoke.max_latency_ms": -1}, "max_latency_ms"),
+        ({"smoke.max_latency_ms": float("nan")}, "max_latency_ms"),
+        ({"smoke.atol": float("nan")}, "atol"),
     ],
 )
 def test_manifest_validation_names_the_problem(change, message):
-    doc = _manifest()[0].to_dict()
-    doc.update(change)
+    doc = json.loads(json.dumps(_manifest()[0].to_dict()))
+    for key, value in change.items():
+        *parents, leaf = key.split(".")
+        target = doc
+        for parent in parents:
+            target = target[parent]
+        target[leaf] = value
     with pytest.raises(VerifyError, match=message):
         Manifest.from_dict(doc)
+
+
+def test_manifest_optional_fields_may_be_absent():
+    doc = _manifest(smoke=None)[0].to_dict()
+    for key in ("expires", "report", "smoke"):
+        del doc[key]
+    manifest = Manifest.from_dict(doc)
+    assert (manifest.expires, manifest.report, manifest.smoke) == (None, {}, None)
 
 
 def test_desired_round_trip_and_validation():
