@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import signal
+import stat
 import subprocess
 import sys
 import textwrap
@@ -185,12 +186,21 @@ def test_a_corrupt_state_is_empty_with_a_warning(tmp_path: Path, caplog, content
     assert store.load_state().current == ref("m", 1)
 
 
+def current_umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
 def test_atomic_write_replaces_whole_files(tmp_path: Path) -> None:
     target = tmp_path / "f.json"
     atomic_write_bytes(target, b"one")
     atomic_write_bytes(target, b"two")
     assert target.read_bytes() == b"two"
     assert list(tmp_path.iterdir()) == [target]
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600  # private by default
+    atomic_write_bytes(target, b"three", mode=0o640)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o640 & ~current_umask()
 
 
 # -- crashes ----------------------------------------------------------------------------
