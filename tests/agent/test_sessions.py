@@ -22,7 +22,7 @@ from slimfleet.agent.sessions import (
     WatchPolicy,
 )
 from slimfleet.agent.store import ModelRef
-from slimfleet.agent.wire import SmokeTest
+from slimfleet.agent.wire import EVENT_TYPES, SmokeTest
 
 X = np.full((1, 4), 0.5, dtype=np.float32)
 NO_WATCH = WatchPolicy(window_s=0)
@@ -47,6 +47,7 @@ class Recorder:
         self.changed = threading.Event()
 
     def on_event(self, event: dict[str, Any]) -> None:
+        assert event["type"] in EVENT_TYPES, event  # every type is part of the wire format
         self.events.append(event)
 
     def on_fallback(self, bad: ModelRef, good: ModelRef | None, reason: str) -> None:
