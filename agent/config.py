@@ -1,6 +1,6 @@
 """agent.yaml: who the device is, where the broker is, which keys it trusts, how it serves.
 
-Every value is validated on load; a wrong one is a ConfigError naming file and line.
+Every value is validated on load (numbers must be finite); a wrong one is a ConfigError naming file and line.
 Relative paths are relative to the config file. See ``examples/agent.yaml``::
 
     device_id: cam-01                    # required, one MQTT topic level
@@ -10,9 +10,9 @@ Relative paths are relative to the config file. See ``examples/agent.yaml``::
     store_dir: store                     # required, models and state live here
     keep_versions: 3                     # versions of each model kept on disk
     max_model_bytes: 512 MiB             # bigger manifests are refused (int or "N KiB/MiB/GiB")
-    threads: 1                           # onnxruntime intra-op threads
+    threads: 1                           # onnxruntime intra-op threads, 1..1024
     http: {host: 127.0.0.1, port: 8080}  # port 0 picks a free one; absent or null: no HTTP
-    telemetry_interval_s: 10
+    telemetry_interval_s: 10             # seconds, at most 86400 (as is watch.window_s)
     smoke: {max_latency_ms: 50}          # device latency budget for the smoke test
     watch: {window_s: 30, min_requests: 20, max_error_rate: 0.05, max_p95_ratio: 1.5}
 """
@@ -39,6 +39,8 @@ DEFAULT_MAX_MODEL_BYTES = 512 * 1024**2
 _UNITS = {"": 1, "b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3}
 _UNITS.update({"kib": 1024, "mib": 1024**2, "gib": 1024**3})
 _SIZE = re.compile(r"^\s*(\d+)\s*([a-zA-Z]*)\s*$")
+MAX_THREADS = 1024
+MAX_INTERVAL_S = 86400  # telemetry interval and watch window: at most a day
 
 
 @dataclass(frozen=True)
@@ -122,9 +124,9 @@ def load_agent_config(path: str | Path) -> AgentConfig:
         store_dir=(base / root.require("store_dir").str()).resolve(),
         keep_versions=_get(values, "keep_versions", _at_least_one, 3),
         max_model_bytes=_get(values, "max_model_bytes", _size, DEFAULT_MAX_MODEL_BYTES),
-        threads=_get(values, "threads", _at_least_one, 1),
+        threads=_get(values, "threads", lambda n: n.int(minimum=1, maximum=MAX_THREADS), 1),
         http=_http(values.get("http")),
-        telemetry_interval_s=_get(values, "telemetry_interval_s", _positive, 10.0),
+        telemetry_interval_s=_get(values, "telemetry_interval_s", _interval, 10.0),
         smoke_max_latency_ms=_smoke(values.get("smoke")),
         watch=_watch(values.get("watch")),
     )
@@ -171,11 +173,15 @@ def _at_least_one(node: Node) -> int:
     return node.int(minimum=1)
 
 
-def _positive(node: Node) -> float:
-    value = node.float()
+def _positive(node: Node, maximum: float | None = None) -> float:
+    value = node.float(maximum=maximum)
     if value <= 0:
         raise node.error(f"must be > 0, got {value:g}")
     return value
+
+
+def _interval(node: Node) -> float:
+    return _positive(node, MAX_INTERVAL_S)
 
 
 def _http(node: Node | None) -> HttpSettings | None:
@@ -209,7 +215,12 @@ def _watch(node: Node | None) -> WatchPolicy:
     values = node.as_mapping()
     default = WatchPolicy()
     return WatchPolicy(
-        window_s=_get(values, "window_s", lambda n: n.float(minimum=0), default.window_s),
+        window_s=_get(
+            values,
+            "window_s",
+            lambda n: n.float(minimum=0, maximum=MAX_INTERVAL_S),
+            default.window_s,
+        ),
         min_requests=_get(values, "min_requests", _at_least_one, default.min_requests),
         max_error_rate=_get(values, "max_error_rate", _fraction, default.max_error_rate),
         max_p95_ratio=_get(values, "max_p95_ratio", _ratio, default.max_p95_ratio),

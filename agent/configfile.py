@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,21 +74,28 @@ class Node:
             raise self.error(f"expected a non-empty string, got {value!r}")
         return value
 
-    def int(self, minimum: int | None = None) -> int:
+    def int(self, minimum: int | None = None, maximum: int | None = None) -> int:
         value = self.scalar()
         if isinstance(value, bool) or not isinstance(value, int):
             raise self.error(f"expected an integer, got {value!r}")
-        if minimum is not None and value < minimum:
-            raise self.error(f"must be >= {minimum}, got {value}")
+        self._check_range(value, minimum, maximum)
         return value
 
-    def float(self, minimum: float | None = None) -> float:
+    def float(self, minimum: float | None = None, maximum: float | None = None) -> float:
+        """A finite number: ``.inf`` and ``.nan`` are refused."""
         value = self.scalar()
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise self.error(f"expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise self.error(f"expected a finite number, got {value!r}")
+        self._check_range(value, minimum, maximum)
+        return float(value)
+
+    def _check_range(self, value: float, minimum: float | None, maximum: float | None) -> None:
         if minimum is not None and value < minimum:
             raise self.error(f"must be >= {minimum}, got {value}")
-        return float(value)
+        if maximum is not None and value > maximum:
+            raise self.error(f"must be <= {maximum}, got {value}")
 
     def bool(self) -> bool:
         value = self.scalar()

@@ -45,8 +45,10 @@ Every failure to reach a desired model (except a bad desired state itself) also 
 one fallback; those emitted here rather than by the swap have the stages above,
 ``manifest`` or ``download`` when the manifest or chunks did not arrive in time,
 ``install`` (disk), ``internal`` (a bug), or ``start`` when a stored model could not
-be loaded at startup. Transient failures (manifest, download, install, expired,
-internal) are retried with backoff; the others wait for a new desired state.
+be loaded at startup. Transient failures (manifest, download, install, internal)
+are retried with backoff; the others wait for a new desired state. An installed
+version's manifest is not checked for expiry again, so a signed rollback to it works
+after its TTL.
 ``telemetry`` (QoS 0, every ``telemetry_interval_s``): see :mod:`slimfleet.agent.telemetry`.
 """
 
@@ -283,8 +285,13 @@ class Agent:
             self._done = desired
 
     def _save_desired(self, envelope: bytes, failed: bool) -> None:
+        """Persist the accepted desired state; a disk error is logged, not raised, so the
+        agent keeps following it in memory (a restart then resumes the previous one)."""
         doc = {"envelope": envelope.decode(), "failed": failed}
-        atomic_write_bytes(self.store.root / DESIRED_FILE, json.dumps(doc).encode())
+        try:
+            atomic_write_bytes(self.store.root / DESIRED_FILE, json.dumps(doc).encode())
+        except OSError as exc:
+            log.error("cannot persist the desired state: %s", exc)
 
     # -- threads --------------------------------------------------------------------
 
@@ -293,8 +300,12 @@ class Agent:
         while not self._stop.is_set():
             assert self._subscription is not None
             message = self._subscription.get(timeout=0.5)
-            if message is not None:
+            if message is None:
+                continue
+            try:
                 self._on_desired(message)
+            except Exception:  # a bug must not stop the agent following its desired state
+                log.exception("handling %s failed", message.topic)
 
     def _on_desired(self, message: Message) -> None:
         if not message.payload:
@@ -371,8 +382,11 @@ class Agent:
         """Publish telemetry every interval (QoS 0: dropped while offline)."""
         topic = self._topic("telemetry")
         while not self._stop.wait(self.config.telemetry_interval_s):
-            snapshot = self.telemetry.snapshot()
-            self.link.publish(topic, json.dumps(snapshot).encode(), qos=0)
+            try:
+                snapshot = self.telemetry.snapshot()
+                self.link.publish(topic, json.dumps(snapshot).encode(), qos=0)
+            except Exception:  # a bug costs one report, not all the following ones
+                log.exception("publishing telemetry failed")
 
     # -- applying a desired state ---------------------------------------------------------
 
@@ -416,11 +430,14 @@ class Agent:
     def _stored_manifest(self, target: ModelRef) -> Manifest:
         """The manifest ``target`` was installed with, checked again (keys may have changed).
 
-        A stored version that no longer verifies is removed, so the retry downloads it.
+        Its expiry is not checked: it was valid when installed, and a signed rollback to
+        it must work after its TTL. A stored version that no longer verifies is removed,
+        so the retry downloads it.
         """
         try:
             envelope = self.store.read_manifest(target)
-            return self._check_manifest(envelope, target, str(self.store.manifest_path(target)))
+            where = str(self.store.manifest_path(target))
+            return self._check_manifest(envelope, target, where, installed=True)
         except (SlimfleetError, _Failed):
             self.store.remove(target)
             raise
@@ -460,7 +477,10 @@ class Agent:
                         f"no manifest on {topic} after {self.timing.manifest_timeout_s:g}s",
                     )
 
-    def _check_manifest(self, envelope: bytes, target: ModelRef, where: str) -> Manifest:
+    def _check_manifest(
+        self, envelope: bytes, target: ModelRef, where: str, *, installed: bool = False
+    ) -> Manifest:
+        """Verify ``envelope`` describes ``target``; a fetched one must not have expired."""
         try:
             manifest = Manifest.from_dict(self.verifier.verify(envelope, where))
         except VerifyError as exc:
@@ -471,10 +491,11 @@ class Agent:
                 f"{where}: describes {manifest.name}@{manifest.version}, not {target}",
                 verify=True,
             )
-        if manifest.expired():
+        if not installed and manifest.expired():  # published versions never change: final
             raise _Failed(
                 "expired",
                 f"{target}: the manifest expired at {time.ctime(manifest.expires)}",
+                permanent=True,
                 verify=True,
             )
         if manifest.size > self.config.max_model_bytes:

@@ -224,8 +224,8 @@ class ChunkDownload:
     def run(self) -> Path:
         """Download what is missing and return the verified file's path."""
         started = time.monotonic()
-        self.partial.open()
         try:
+            self.partial.open()  # in the try: a failed preallocation must close the file
             self.resumed = self.done_count
             if self.resumed:
                 log.info("%s: resuming with %d/%d chunks", self._label, self.resumed, self.total)

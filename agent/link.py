@@ -61,7 +61,8 @@ class Backoff:
     stable_s: float = 10.0  # a connection that lived this long resets the backoff
 
     def delay(self, attempt: int) -> float:
-        ceiling = min(self.max_s, self.initial_s * 2**attempt)
+        # The exponent is capped: 2.0**1024 overflows a float, and 2**30 exceeds any max_s.
+        ceiling = min(self.max_s, self.initial_s * 2 ** min(attempt, 30))
         return ceiling / 2 + random.uniform(0, ceiling / 2)
 
 
@@ -204,6 +205,9 @@ class Link:
             except LinkError as exc:
                 self.last_error = str(exc)
                 log.warning("MQTT link to %s: %s", self.settings.url, exc)
+            except Exception as exc:  # paho re-raises errors from callbacks: reconnect anyway
+                self.last_error = f"unexpected error: {exc!r}"
+                log.exception("MQTT link to %s failed unexpectedly", self.settings.url)
             finally:
                 self._connected.clear()
             if self._stop.is_set():

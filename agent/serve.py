@@ -16,7 +16,8 @@
 
 Errors are JSON ``{"error": "..."}``: 400 bad body or feeds, 404, 405, 411 no
 Content-Length, 413 body too big, 415 other content types, 500 the model failed,
-503 no model. A failing request never stops the server.
+503 no model. A failing request never stops the server; a client that disconnects
+or stalls for ``REQUEST_TIMEOUT_S`` loses its connection (logged at debug level).
 """
 
 from __future__ import annotations
@@ -143,6 +144,11 @@ class _Server(ThreadingHTTPServer):
             with self._connections_lock:
                 self._connections.discard(request)
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """What escapes a handler is a connection problem (see ``_Handler.handle``):
+        logged at debug level instead of a traceback on stderr."""
+        log.debug("HTTP connection from %s failed", client_address[0], exc_info=True)
+
     def close_connections(self) -> None:
         with self._connections_lock:
             connections = list(self._connections)
@@ -157,6 +163,14 @@ class _Handler(BaseHTTPRequestHandler):
     timeout = REQUEST_TIMEOUT_S
     disable_nagle_algorithm = True  # headers and body go out as separate writes
     server_version = "slimfleet-agent"
+
+    def handle(self) -> None:
+        """Serve the connection; a client that disconnects or stalls just ends it."""
+        try:
+            super().handle()
+        except (ConnectionError, TimeoutError) as exc:
+            self.close_connection = True
+            log.debug("HTTP client %s went away: %s", self.client_address[0], exc)
 
     # -- routing --------------------------------------------------------------------
 
@@ -181,6 +195,8 @@ class _Handler(BaseHTTPRequestHandler):
             route()
         except _HttpError as exc:
             self._send_json(exc.status, {"error": exc.message})
+        except (ConnectionError, TimeoutError):  # the client went away: nobody to answer
+            raise
         except Exception as exc:  # a bug must cost one request, not the server
             log.exception("HTTP %s %s failed", self.command, path)
             self._send_json(

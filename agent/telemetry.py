@@ -12,7 +12,7 @@ every interval, and starts the next interval::
       "requests": 120,               # requests finished in the interval (ok + failed)
       "errors": 1,                   # of which failed (bad feeds, model errors, no model)
       "throughput_rps": 12.0,        # requests / interval_s
-      "latency_ms": {"p50": 4.1, "p95": 6.0, "p99": 7.2},  # successful requests; null if none
+      "latency_ms": {"p50": 4.1, "p95": 6.0, "p99": 7.2} | null,  # of successful requests
       "rss_bytes": 123456789,        # resident memory of the agent process
       "cpu_percent": 35.0            # process CPU since the previous snapshot (100 = one core)
     }
@@ -125,13 +125,12 @@ class Telemetry:
             self._latencies.clear()
             self._requests = self._errors = 0
             self._interval_start = now
+        latency = None  # null when no request succeeded in the interval
         if latencies.size:
             p50, p95, p99 = (
                 round(float(v) * 1000, 3) for v in np.percentile(latencies, [50, 95, 99])
             )
             latency = {"p50": p50, "p95": p95, "p99": p99}
-        else:
-            latency = {"p50": None, "p95": None, "p99": None}
         with self._process.oneshot():
             rss = self._process.memory_info().rss
             cpu = self._process.cpu_percent(None)

@@ -470,7 +470,7 @@ class Search:
         mine = candidate.latency_ms or np.inf
         if mine > (base or 0) * (1 + SLOWER_TOLERANCE):
             candidate.status = REJECTED
-            candidate.reason = f"slower than the original: {mine:.3f} ms vs {base:.3f} ms"
+            candidate.reason = f"slower than the original: {_ms(mine)} vs {_ms(base)}"
             return
         candidate.reason = (
             f"fidelity {candidate.fidelity.score:.6g} within budget; "
@@ -571,8 +571,8 @@ def _digest(model: onnx.ModelProto) -> str:
     return hashlib.sha256(model.SerializeToString()).hexdigest()
 
 
-def _slower(candidate: Candidate, baseline: Candidate) -> bool:
-    return (candidate.latency_ms or 0) > (baseline.latency_ms or 0) * (1 + SLOWER_TOLERANCE)
+def _ms(value: float | None) -> str:
+    return f"{value:.3f} ms" if value is not None and np.isfinite(value) else "n/a"
 
 
 def _ratio(value: float | None, base: float | None) -> str:

@@ -82,7 +82,11 @@ def _progress_bar(enabled: bool) -> Iterator[Progress]:
 
 @click.command()
 @click.argument("source", type=click.Path(exists=True, path_type=Path), metavar="OUTDIR|MODEL")
-@click.option("--name", required=True, help="Model name (a topic level: no '/', '+', '#').")
+@click.option(
+    "--name",
+    required=True,
+    help="Model name: letters, digits, '_', '.', '-' (no leading '.' or '-').",
+)
 @click.option("--version", "version", type=int, required=True, help="Version, an integer >= 1.")
 @fleet_option
 @click.option(

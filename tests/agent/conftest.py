@@ -27,7 +27,7 @@ from slimfleet.agent.config import load_agent_config
 from slimfleet.agent.daemon import Agent, Timing
 from slimfleet.agent.link import Backoff, Link
 from slimfleet.agent.mqtt import BrokerSettings, make_client
-from slimfleet.agent.wire import Desired, Topics
+from slimfleet.agent.wire import EVENT_TYPES, Desired, Topics
 from slimfleet.host.fleet.config import load_fleet
 from slimfleet.host.fleet.keys import generate_keys
 from slimfleet.host.fleet.publish import assign, publish_model
@@ -289,6 +289,8 @@ class Watcher:
                 body: Any = msg.payload.decode()
                 if leaf != "status" and msg.payload:
                     body = json.loads(msg.payload)
+                if leaf == "events":  # every type the agent emits is part of the wire format
+                    assert body["type"] in EVENT_TYPES, body
                 self.seen.setdefault(leaf, []).append(body)
             msg = self.sub.get(timeout=0)
 

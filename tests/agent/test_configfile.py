@@ -13,6 +13,8 @@ items:
   - b
 nested:
   key: value
+huge: 1.0e+999
+nan: .NaN
 """
 
 
@@ -35,6 +37,10 @@ def test_nodes_remember_lines_and_paths():
         (lambda r: r.require("name").int(), "f.yaml:1: name: expected an integer"),
         (lambda r: r.require("flag").int(), "f.yaml:4: flag: expected an integer"),
         (lambda r: r.require("count").int(minimum=5), "f.yaml:2: count: must be >= 5"),
+        (lambda r: r.require("count").int(maximum=2), "f.yaml:2: count: must be <= 2"),
+        (lambda r: r.require("ratio").float(maximum=0.1), "f.yaml:3: ratio: must be <= 0.1"),
+        (lambda r: r.require("huge").float(), "f.yaml:10: huge: expected a finite number"),
+        (lambda r: r.require("nan").float(), "f.yaml:11: nan: expected a finite number"),
         (lambda r: r.require("name").items(), "f.yaml:1: name: expected a list"),
         (lambda r: r.require("items").scalar(), "f.yaml:6: items: expected a single value"),
         (lambda r: r.require("missing"), "f.yaml:1: <root>: missing required key 'missing'"),

@@ -13,7 +13,8 @@ import pytest
 from brokers import free_port
 
 from slimfleet.agent.errors import SlimfleetError
-from slimfleet.agent.wire import make_manifest
+from slimfleet.agent.store import ModelRef
+from slimfleet.agent.wire import Manifest, make_manifest
 from slimfleet.host.fleet.broker import EmbeddedBroker
 from slimfleet.host.fleet.publish import build_manifest, publish_manifest
 
@@ -276,13 +277,40 @@ def test_malformed_messages_are_reported_and_the_agent_keeps_running(
     assert served_const(agent) == 3.0
 
 
-def test_expired_manifest_is_refused(agent, rig, watcher, publisher):
+def test_expired_manifest_is_refused_for_good(agent, rig, watcher, publisher):
     rig.publish(models.add_const(2.0), 2, ttl_s=0.5)
     time.sleep(1.0)
     publisher.put(rig.topics.device(rig.device, "desired"), rig.signed_desired(2))
     failed = watcher.event("verify_failed", model=ref("m", 2))
     assert failed["stage"] == "expired"
     assert_still_serving_v1(agent, watcher, "expired")
+    # A published version never changes, so it never becomes valid: no retries.
+    saved = json.loads((agent.store.root / "desired.json").read_text())
+    assert saved["failed"] is True
+    time.sleep(3 * agent.timing.retry.max_s)  # several retry periods
+    assert len(watcher.events("verify_failed")) == 1
+
+
+def test_signed_rollback_to_an_installed_version_works_after_its_manifest_expired(
+    agent, rig, watcher, publisher
+):
+    rig.publish(models.add_const(2.0), 2, ttl_s=5)
+    rig.assign(2)
+    watcher.event("swap_ok", model=ref("m", 2))
+    rig.publish(models.add_const(3.0), 3)
+    rig.assign(3)
+    watcher.event("swap_ok", model=ref("m", 3))
+    manifest = Manifest.from_dict(json.loads(agent.store.read_manifest(ModelRef("m", 2)))["signed"])
+    time.sleep(max(0.0, manifest.expires - time.time()) + 0.5)
+    assert manifest.expired()
+
+    desired = rig.topics.device(rig.device, "desired")
+    publisher.put(desired, rig.signed_desired(2, rollback=True))
+    watcher.event("swap_ok", model=ref("m", 2), **{"from": ref("m", 3)})
+    assert served_const(agent) == 2.0
+    progress = [e for e in watcher.events("download_progress") if e["model"] == ref("m", 2)]
+    assert len(progress) == 1  # from the store, not downloaded again
+    assert watcher.events("verify_failed") == []
 
 
 def test_model_over_the_size_limit_is_refused_before_download(mosquitto, rig, watcher):
@@ -424,3 +452,33 @@ def test_bad_config_is_one_line_and_exit_code_2(tmp_path, spawn_agent):
     assert agent.proc.wait(timeout=60) == 2
     error = agent.log.read_text()
     assert error.count("\n") == 1 and error.startswith(f"error: {config}:")
+
+
+def test_a_desired_state_that_cannot_be_saved_is_still_followed(agent, rig, watcher, caplog):
+    saved = agent.store.root / "desired.json"
+    saved.unlink()
+    saved.mkdir()  # the write fails with an OSError, as on a full or read-only disk
+    (saved / "keep").touch()
+    for version in (2, 3):
+        rig.publish(models.add_const(float(version)), version)
+        rig.assign(version)
+        watcher.event("swap_ok", model=ref("m", version))
+        assert served_const(agent) == float(version)
+    assert "cannot persist the desired state" in caplog.text
+
+
+def test_a_failed_telemetry_report_does_not_stop_the_next_ones(agent, watcher, monkeypatch):
+    # A fault no real part produces on demand: the first snapshot raises.
+    real_snapshot = agent.telemetry.snapshot
+    calls = []
+
+    def failing_once() -> dict:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("injected")
+        return real_snapshot()
+
+    patched = time.time()
+    monkeypatch.setattr(agent.telemetry, "snapshot", failing_once)
+    watcher.wait("telemetry", lambda t: t["ts"] > patched)  # published after the failure
+    assert len(calls) > 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -201,3 +202,14 @@ def test_whole_file_mismatch_discards_the_download(link, publisher, prefix, tmp_
     with pytest.raises(VerifyError, match="assembled file does not match"):
         dl.run()
     assert list(Path(tmp_path).iterdir()) == []
+
+
+def test_a_failing_preallocation_leaks_no_file_descriptor(link, prefix, tmp_path):
+    _, manifest, _ = make_file()
+    huge = replace(manifest, size=1 << 50)  # more than any test disk: fallocate fails
+    download = ChunkDownload(link, Topics(prefix), huge, tmp_path, max_bytes=huge.size)
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(3):  # as the daemon's retries would
+        with pytest.raises(OSError):
+            download.run()
+    assert len(os.listdir("/proc/self/fd")) == before

@@ -204,3 +204,26 @@ def test_backoff_grows_with_jitter_and_is_capped():
         delays = [backoff.delay(attempt) for _ in range(200)]
         assert all(ceiling / 2 <= d <= ceiling for d in delays)
         assert len(set(delays)) > 100  # jittered, not a constant
+
+
+def test_backoff_survives_any_number_of_attempts():
+    backoff = Backoff(initial_s=0.5, max_s=30.0)
+    for attempt in (1023, 1024, 5000, 10**9):
+        assert 15.0 <= backoff.delay(attempt) <= 30.0
+
+
+def test_an_unexpected_error_in_the_loop_is_logged_and_retried(mosquitto, prefix, caplog):
+    # paho raises ValueError for this filter when the link subscribes on connect.
+    link = make_link(mosquitto, f"dev-{prefix}")
+    link.subscribe(["bad/#/filter"])
+    link.start()
+    try:
+        deadline = time.monotonic() + 20
+        while link.connects < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert link.connects >= 3, link.last_error  # kept reconnecting after the error
+        assert link._thread is not None and link._thread.is_alive()
+        assert "Invalid subscription filter" in (link.last_error or "")
+        assert "Invalid subscription filter" in caplog.text
+    finally:
+        link.stop()

@@ -5,8 +5,11 @@ from __future__ import annotations
 import http.client
 import io
 import json
+import logging
 import socket
+import struct
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -270,3 +273,34 @@ def test_stop_closes_the_port_and_a_taken_port_is_an_error(serving: Serving) -> 
         socket.create_connection(("127.0.0.1", port), timeout=2)
     with pytest.raises((OSError, http.client.HTTPException)):  # open connections are closed too
         request(api, "GET", "/healthz", conn=kept_alive)
+
+
+def _wait_until_no_connections(api: HttpApi) -> None:
+    server = api._server
+    assert server is not None
+    deadline = time.monotonic() + 20
+    while server._connections and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not server._connections, "the server still holds the dropped connection"
+
+
+def test_a_client_that_drops_mid_request_costs_no_traceback(
+    api: HttpApi, serving: Serving, model_files, caplog, capfd
+) -> None:
+    serving.start(ModelRef("m", 1), model_files.add(1.0))
+    caplog.set_level(logging.DEBUG, logger="slimfleet.agent.serve")
+    body = json.dumps({"inputs": {"x": X.tolist()}}).encode()
+    head = b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    for _ in range(3):
+        sock = socket.create_connection(("127.0.0.1", api.port), timeout=10)
+        # one whole request first, so the server is reading this connection
+        sock.sendall(head + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        assert sock.makefile("rb").readline().startswith(b"HTTP/1.1 200")
+        sock.sendall(head + b"Content-Length: %d\r\n\r\n" % len(body) + body[:10])
+        # close with a reset, as a killed client or a dropped link does
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
+        _wait_until_no_connections(api)
+    assert "Traceback" not in capfd.readouterr().err
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert request(api, "GET", "/healthz").status == 200

@@ -22,7 +22,7 @@ from slimfleet.agent.sessions import (
     WatchPolicy,
 )
 from slimfleet.agent.store import ModelRef
-from slimfleet.agent.wire import SmokeTest
+from slimfleet.agent.wire import EVENT_TYPES, SmokeTest
 
 X = np.full((1, 4), 0.5, dtype=np.float32)
 NO_WATCH = WatchPolicy(window_s=0)
@@ -47,6 +47,7 @@ class Recorder:
         self.changed = threading.Event()
 
     def on_event(self, event: dict[str, Any]) -> None:
+        assert event["type"] in EVENT_TYPES, event  # every type is part of the wire format
         self.events.append(event)
 
     def on_fallback(self, bad: ModelRef, good: ModelRef | None, reason: str) -> None:
@@ -174,6 +175,14 @@ def test_start_refuses_a_broken_file(make_serving, model_files) -> None:
     serving = make_serving()
     with pytest.raises(SwapError, match=r"m@1: load failed: .*") as caught:
         serving.start(ref(1), model_files.broken())
+    assert caught.value.stage == "load"
+    assert serving.current is None
+
+
+def test_a_session_option_onnxruntime_refuses_is_a_load_failure(make_serving, model_files) -> None:
+    serving = make_serving(threads=2**31)  # over onnxruntime's int range
+    with pytest.raises(SwapError, match=r"m@1: load failed: ") as caught:
+        serving.start(ref(1), model_files.add(1.0))
     assert caught.value.stage == "load"
     assert serving.current is None
 

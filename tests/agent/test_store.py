@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import signal
+import stat
 import subprocess
 import sys
 import textwrap
@@ -57,6 +58,8 @@ def test_model_refs_order_by_version_within_a_name() -> None:
         lambda: ModelRef("m", "3"),
         lambda: ModelRef("a/b", 1),
         lambda: ModelRef("", 1),
+        lambda: ModelRef("..", 3),  # would resolve outside models/
+        lambda: ModelRef(".", 3),
         lambda: ModelRef.parse("m"),
         lambda: ModelRef.parse("m@x"),
         lambda: ModelRef.from_dict(["m", 1]),
@@ -135,11 +138,15 @@ def test_temporaries_left_by_a_crash_are_removed_at_open(tmp_path: Path) -> None
     half.mkdir()
     (half / "model.onnx").write_bytes(b"half a mod")
     (tmp_path / "store/.tmp-state.json.xyz").write_text('{"curr')
+    # a bitmap being replaced by the downloader (atomic_write_bytes in partial/)
+    (store.partial_dir() / "m-2-0123456789abcdef.bitmap").write_text("{}")
+    (store.partial_dir() / ".tmp-m-2-0123456789abcdef.bitmap.k3x9").write_text('{"do')
     (tmp_path / "store/models/not a name/1").mkdir(parents=True)  # put there by hand
     assert store.installed() == [ref("m", 1)]  # a temporary is never a version
     ModelStore(tmp_path / "store")
     assert leftovers(tmp_path) == []
     assert store.installed() == [ref("m", 1)]
+    assert [p.name for p in store.partial_dir().iterdir()] == ["m-2-0123456789abcdef.bitmap"]
 
 
 def test_an_unusable_root_is_a_clear_error(tmp_path: Path) -> None:
@@ -179,12 +186,21 @@ def test_a_corrupt_state_is_empty_with_a_warning(tmp_path: Path, caplog, content
     assert store.load_state().current == ref("m", 1)
 
 
+def current_umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
 def test_atomic_write_replaces_whole_files(tmp_path: Path) -> None:
     target = tmp_path / "f.json"
     atomic_write_bytes(target, b"one")
     atomic_write_bytes(target, b"two")
     assert target.read_bytes() == b"two"
     assert list(tmp_path.iterdir()) == [target]
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600  # private by default
+    atomic_write_bytes(target, b"three", mode=0o640)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o640 & ~current_umask()
 
 
 # -- crashes ----------------------------------------------------------------------------

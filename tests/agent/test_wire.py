@@ -38,10 +38,17 @@ def test_topics_reject_wildcard_prefix(prefix):
         Topics(prefix)
 
 
-@pytest.mark.parametrize("name", ["", "a/b", "a+b", "x#", "has space"])
-def test_check_name_rejects_topic_breakers(name):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize(
+    "name", ["", "a/b", "a+b", "x#", "has space", ".", "..", ".hidden", "-x", "é", "x" * 129]
+)
+def test_check_name_rejects_topic_breakers_and_path_tricks(name):
+    with pytest.raises(ValueError, match="letters, digits"):
         check_name(name)
+
+
+@pytest.mark.parametrize("name", ["ocr", "cam-01", "_a.b-c_9", "x" * 128, "1.2"])
+def test_check_name_accepts_what_its_message_promises(name):
+    assert check_name(name) == name
 
 
 def test_canonical_json_is_order_independent():
@@ -110,13 +117,41 @@ def test_manifest_round_trip_through_json():
         ({"size": 999999}, "chunks, size implies"),
         ({"chunk_size": 0}, "out of range"),
         ({"smoke": {"inputs": 3}}, "smoke test is malformed"),
+        ({"expires": "tomorrow"}, "'expires'"),
+        ({"expires": [1]}, "'expires'"),
+        ({"expires": True}, "'expires'"),
+        ({"expires": float("inf")}, "'expires'"),
+        ({"created": float("nan")}, "'created'"),
+        ({"sha256": "abc"}, "'sha256'"),
+        ({"sha256": "A" * 64}, "'sha256'"),
+        ({"chunks": ["0" * 64, "x" * 64, "0" * 64]}, r"'chunks\[1\]'"),
+        ({"chunks": ["0" * 64, 7, "0" * 64]}, r"'chunks\[1\]'"),
+        ({"report": [1, 2]}, "'report'"),
+        ({"report": "fine"}, "'report'"),
+        ({"smoke.max_latency_ms": "50"}, "max_latency_ms"),
+        ({"smoke.max_latency_ms": -1}, "max_latency_ms"),
+        ({"smoke.max_latency_ms": float("nan")}, "max_latency_ms"),
+        ({"smoke.atol": float("nan")}, "atol"),
     ],
 )
 def test_manifest_validation_names_the_problem(change, message):
-    doc = _manifest()[0].to_dict()
-    doc.update(change)
+    doc = json.loads(json.dumps(_manifest()[0].to_dict()))
+    for key, value in change.items():
+        *parents, leaf = key.split(".")
+        target = doc
+        for parent in parents:
+            target = target[parent]
+        target[leaf] = value
     with pytest.raises(VerifyError, match=message):
         Manifest.from_dict(doc)
+
+
+def test_manifest_optional_fields_may_be_absent():
+    doc = _manifest(smoke=None)[0].to_dict()
+    for key in ("expires", "report", "smoke"):
+        del doc[key]
+    manifest = Manifest.from_dict(doc)
+    assert (manifest.expires, manifest.report, manifest.smoke) == (None, {}, None)
 
 
 def test_desired_round_trip_and_validation():
@@ -130,6 +165,15 @@ def test_desired_round_trip_and_validation():
     bad = desired.to_dict() | {"version": 0}
     with pytest.raises(VerifyError, match="version must be >= 1"):
         Desired.from_dict(bad)
+
+
+@pytest.mark.parametrize(
+    "change", [{"version": 1e999}, {"version": float("nan")}, {"issued": float("inf")}]
+)
+def test_desired_with_a_non_finite_number_is_malformed(change):
+    doc = json.loads(json.dumps(Desired("cam-1", "ocr", 3, "k1").to_dict() | change))
+    with pytest.raises(VerifyError, match="desired state is malformed"):
+        Desired.from_dict(doc)
 
 
 def test_parse_json_errors_say_what():

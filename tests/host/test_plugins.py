@@ -4,6 +4,7 @@ duplicate names, and a real third-party distribution installed with pip."""
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import json
 import logging
 import os
@@ -30,6 +31,18 @@ def test_builtins_are_registered_by_module_name():
     loaded = plugins.load_plugins(pm)
     assert loaded.passes.plugin_of("fp16") == "slimfleet.plugins.fp16"
     assert len(loaded.recipes) > 0
+
+
+def test_builtin_hookimpls_are_documented_and_typed():
+    pm = plugins.make_plugin_manager(entry_points=False)
+    for name in plugins.BUILTIN_PLUGINS:
+        for caller in pm.get_hookcallers(pm.get_plugin(name)) or []:
+            function = getattr(sys.modules[name], caller.name)
+            where = f"{name}.{caller.name}"
+            assert (function.__doc__ or "").strip(), f"{where} has no docstring"
+            params = inspect.signature(function).parameters
+            assert all(p.annotation is not p.empty for p in params.values()), where
+            assert "return" in function.__annotations__, f"{where} has no return type"
 
 
 def test_managers_are_independent():

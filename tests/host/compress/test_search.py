@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import re
 import tempfile
+from types import SimpleNamespace
 from typing import Any
 
 import models
@@ -22,7 +23,7 @@ from slimfleet.host.compress.candidate import (
     SKIPPED,
     Candidate,
 )
-from slimfleet.host.compress.evaluate import Measurement
+from slimfleet.host.compress.evaluate import Fidelity, Measurement
 from slimfleet.host.hookspecs import hookimpl
 from slimfleet.host.metrics import Metric
 from slimfleet.host.passes import Option, Pass, PassResult
@@ -447,3 +448,15 @@ def test_a_lossless_candidate_stands_in_for_the_original():
     assert choice.candidate.id == 1 and choice.kept_original
     assert "keeping the original, simplified losslessly (r1)" in choice.reason
     assert "(1 accepted, 1 not)" in choice.reason
+
+
+def test_latency_verdict_without_a_timed_original_is_a_reason_not_a_crash():
+    # The original's latency could not be measured: the verdict must still be a sentence.
+    baseline = _cand(0, 10.0, 1000, BASELINE)
+    baseline.measurement = Measurement(latency_ms={})
+    candidate = _cand(1, 5.0, 500)
+    candidate.fidelity = Fidelity()
+    judge = SimpleNamespace(candidates=[baseline], _alone={})
+    search.Search._judge_latency(judge, candidate)
+    assert candidate.status == REJECTED
+    assert candidate.reason == "slower than the original: 5.000 ms vs n/a"

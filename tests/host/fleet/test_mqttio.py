@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import socket
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -43,36 +42,36 @@ def test_unreachable_broker_is_one_line_with_the_url() -> None:
     assert message.startswith(f"cannot reach the MQTT broker at {url}: ") and "\n" not in message
 
 
+@pytest.mark.timeout(60)  # a hang fails here
 def test_silent_server_times_out() -> None:
     with socket.socket() as server:  # accepts TCP, never answers CONNECT
         server.bind(("127.0.0.1", 0))
         server.listen()
         url = f"mqtt://127.0.0.1:{server.getsockname()[1]}"
-        started = time.monotonic()
         with pytest.raises(SlimfleetError, match="did not accept the connection in time"):
             BrokerLink(settings(url), timeout=1).connect()
-        assert time.monotonic() - started < 10
 
 
+# The link's own timeout is far beyond the test's: only noticing the loss passes.
+@pytest.mark.timeout(60)
 def test_broker_gone_mid_session_fails_fast(own_mosquitto: Mosquitto, prefix: str) -> None:
-    link = BrokerLink(settings(own_mosquitto.url), timeout=20).__enter__()
+    link = BrokerLink(settings(own_mosquitto.url), timeout=3600).__enter__()
     try:
         own_mosquitto.stop()
-        started = time.monotonic()
         with pytest.raises(SlimfleetError, match=own_mosquitto.url):
             link.publish_all([(f"{prefix}/x/{i}", b"x" * 1000) for i in range(50)])
-        assert time.monotonic() - started < 10  # not the 20 s timeout
     finally:
         link.close()
 
 
+@pytest.mark.timeout(60)
 def test_packet_over_the_broker_limit_fails_fast(strict_mosquitto: Mosquitto, prefix: str) -> None:
     """A broker that drops the client for an oversized packet: an error, not a hang."""
-    with BrokerLink(settings(strict_mosquitto.url), timeout=20) as link:
-        started = time.monotonic()
-        with pytest.raises(SlimfleetError, match="lost the connection"):
-            link.publish_all([(f"{prefix}/big", os.urandom(3 * 1024 * 1024))])
-        assert time.monotonic() - started < 10
+    with (
+        BrokerLink(settings(strict_mosquitto.url), timeout=3600) as link,
+        pytest.raises(SlimfleetError, match="lost the connection"),
+    ):
+        link.publish_all([(f"{prefix}/big", os.urandom(3 * 1024 * 1024))])
 
 
 @pytest.fixture
