@@ -231,8 +231,9 @@ def assign(
 ) -> list[str]:
     """Write a signed desired state (name@version) for each device; return their ids.
 
-    Refuses a version that is not published, whose manifest the fleet's public key does
-    not verify, or that has expired.
+    Refuses a version that is not published, or whose manifest the fleet's public key
+    does not verify. An expired version is refused too, except as a rollback: devices
+    that still hold it go back to it, the others report ``expired``.
     """
     _check_name(name)
     check_version(version)
@@ -248,7 +249,11 @@ def assign(
                 f"under {fleet.prefix}: run 'slimfleet publish' first"
             )
         if manifest.expired():
-            raise InputError(f"{name}@{version} has expired: publish a new version")
+            if not rollback:
+                raise InputError(f"{name}@{version} has expired: publish a new version")
+            log.warning(
+                "%s@%s has expired: only devices that still hold it can roll back", name, version
+            )
         messages = []
         for device in targets:
             desired = Desired(device, name, version, signer.key_id, rollback=rollback)

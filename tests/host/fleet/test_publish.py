@@ -260,6 +260,16 @@ def test_assign_refuses_an_expired_version(fleet: FleetConfig, tmp_path: Path) -
         assign(fleet, "a", 1, devices=["cam-01"])
 
 
+def test_assign_rolls_back_to_an_expired_version_with_a_warning(
+    fleet: FleetConfig, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    publish_model(fleet, models.save(models.add_one(), tmp_path / "a.onnx"), "a", 1, ttl_s=0.2)
+    time.sleep(0.3)
+    caplog.set_level(logging.WARNING, logger="slimfleet.host.fleet.publish")
+    assert assign(fleet, "a", 1, devices=["cam-01"], rollback=True) == ["cam-01"]
+    assert "only devices that still hold it can roll back" in caplog.text
+
+
 def test_assign_checks_its_input_before_connecting(
     make_fleet: Callable[[str], FleetConfig],
 ) -> None:
