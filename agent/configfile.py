@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,8 @@ class Node:
     path: str
     line: int
     file: str
+    key_line: int = 0
+    """For a mapping value, the line of its key (a block value starts a line later)."""
 
     def where(self) -> str:
         return f"{self.file}:{self.line}: {self.path or '<root>'}"
@@ -48,7 +51,10 @@ class Node:
     def reject_unknown(self, allowed: set[str]) -> None:
         for key, node in self.as_mapping().items():
             if key not in allowed:
-                raise node.error(f"unknown key {key!r} (allowed: {', '.join(sorted(allowed))})")
+                where = f"{node.file}:{node.key_line or node.line}: {node.path}"
+                raise ConfigError(
+                    f"{where}: unknown key {key!r} (allowed: {', '.join(sorted(allowed))})"
+                )
 
     # -- sequences ----------------------------------------------------------------
     def items(self) -> Iterator[Node]:
@@ -68,21 +74,28 @@ class Node:
             raise self.error(f"expected a non-empty string, got {value!r}")
         return value
 
-    def int(self, minimum: int | None = None) -> int:
+    def int(self, minimum: int | None = None, maximum: int | None = None) -> int:
         value = self.scalar()
         if isinstance(value, bool) or not isinstance(value, int):
             raise self.error(f"expected an integer, got {value!r}")
-        if minimum is not None and value < minimum:
-            raise self.error(f"must be >= {minimum}, got {value}")
+        self._check_range(value, minimum, maximum)
         return value
 
-    def float(self, minimum: float | None = None) -> float:
+    def float(self, minimum: float | None = None, maximum: float | None = None) -> float:
+        """A finite number: ``.inf`` and ``.nan`` are refused."""
         value = self.scalar()
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise self.error(f"expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise self.error(f"expected a finite number, got {value!r}")
+        self._check_range(value, minimum, maximum)
+        return float(value)
+
+    def _check_range(self, value: float, minimum: float | None, maximum: float | None) -> None:
         if minimum is not None and value < minimum:
             raise self.error(f"must be >= {minimum}, got {value}")
-        return float(value)
+        if maximum is not None and value > maximum:
+            raise self.error(f"must be <= {maximum}, got {value}")
 
     def bool(self) -> bool:
         value = self.scalar()
@@ -121,13 +134,16 @@ def parse_yaml(text: str, file: str) -> Node:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark is not None else 0
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        context = getattr(exc, "context_mark", None)
+        if context is not None and context.line + 1 != line:
+            problem += f" ({getattr(exc, 'context', 'started')} at line {context.line + 1})"
         raise ConfigError(f"{file}:{line}: invalid YAML: {problem}") from None
     if root is None:
         raise ConfigError(f"{file}:1: the file is empty")
     return _convert(root, "", file)
 
 
-def _convert(node: yaml.Node, path: str, file: str) -> Node:
+def _convert(node: yaml.Node, path: str, file: str, key_line: int = 0) -> Node:
     line = node.start_mark.line + 1
     if isinstance(node, yaml.MappingNode):
         mapping: dict[str, Node] = {}
@@ -136,15 +152,15 @@ def _convert(node: yaml.Node, path: str, file: str) -> Node:
             if key in mapping:
                 raise ConfigError(f"{file}:{key_node.start_mark.line + 1}: duplicate key {key!r}")
             child = f"{path}.{key}" if path else str(key)
-            mapping[key] = _convert(value_node, child, file)
-        return Node(mapping, path, line, file)
+            mapping[key] = _convert(value_node, child, file, key_node.start_mark.line + 1)
+        return Node(mapping, path, line, file, key_line)
     if isinstance(node, yaml.SequenceNode):
         items = [_convert(v, f"{path}[{i}]", file) for i, v in enumerate(node.value)]
-        return Node(items, path, line, file)
+        return Node(items, path, line, file, key_line)
     value = yaml.SafeLoader(  # resolve the scalar's type exactly as safe_load would
         ""
     ).construct_object(node, deep=True)
-    return Node(value, path, line, file)
+    return Node(value, path, line, file, key_line)
 
 
 def load_yaml(path: str | Path) -> Node:

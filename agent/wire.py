@@ -11,6 +11,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import math
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -88,11 +90,29 @@ class Topics:
         return rest[0], rest[1]
 
 
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
+
+
 def check_name(name: str) -> str:
-    """Model names and device ids become topic levels: no wildcards, slashes or blanks."""
-    if not name or any(c in name for c in "/+#\0 ") or len(name) > 128:
-        raise ValueError(f"invalid name {name!r}: use letters, digits, '-', '_' or '.'")
+    """Model names and device ids become topic levels and folder names: ASCII letters,
+    digits, '_', '.' and '-', not starting with '.' or '-' (so never '.' or '..')."""
+    if not isinstance(name, str) or _NAME.fullmatch(name) is None:
+        raise ValueError(
+            f"invalid name {name!r}: use 1 to 128 letters, digits, '_', '.' or '-', "
+            "starting with a letter, digit or '_'"
+        )
     return name
+
+
+def _finite(value: Any) -> bool:
+    """A JSON number (not a bool) that is a finite float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False
 
 
 def canonical_json(doc: Any) -> bytes:
@@ -159,7 +179,7 @@ class SmokeTest:
     @classmethod
     def from_dict(cls, doc: dict[str, Any]) -> SmokeTest:
         try:
-            return cls(
+            smoke = cls(
                 inputs={k: decode_tensor(v, f"smoke.inputs.{k}") for k, v in doc["inputs"].items()},
                 outputs={
                     k: decode_tensor(v, f"smoke.outputs.{k}") for k, v in doc["outputs"].items()
@@ -168,8 +188,17 @@ class SmokeTest:
                 rtol=float(doc.get("rtol", 1e-2)),
                 max_latency_ms=doc.get("max_latency_ms"),
             )
-        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        except (AttributeError, KeyError, TypeError, ValueError, OverflowError) as exc:
             raise VerifyError(f"manifest smoke test is malformed: {exc}") from None
+        for key in ("atol", "rtol"):
+            if not (_finite(getattr(smoke, key)) and getattr(smoke, key) >= 0):
+                raise VerifyError(f"manifest smoke test is malformed: {key} must be >= 0")
+        latency = smoke.max_latency_ms
+        if latency is not None and not (_finite(latency) and latency > 0):
+            raise VerifyError(
+                "manifest smoke test is malformed: max_latency_ms must be a positive number or null"
+            )
+        return smoke
 
 
 @dataclass
@@ -223,6 +252,17 @@ class Manifest:
         for key, kind in expect.items():
             if not isinstance(doc.get(key), kind) or isinstance(doc.get(key), bool):
                 raise VerifyError(f"manifest field {key!r} is missing or has the wrong type")
+        if not _finite(doc["created"]):
+            raise VerifyError("manifest field 'created' must be a finite number")
+        if doc.get("expires") is not None and not _finite(doc["expires"]):
+            raise VerifyError("manifest field 'expires' must be a finite number or null")
+        if not _SHA256.fullmatch(doc["sha256"]):
+            raise VerifyError("manifest field 'sha256' must be 64 lowercase hex digits")
+        for i, chunk in enumerate(doc["chunks"]):
+            if not isinstance(chunk, str) or not _SHA256.fullmatch(chunk):
+                raise VerifyError(f"manifest field 'chunks[{i}]' must be 64 lowercase hex digits")
+        if not isinstance(doc.get("report", {}), dict):
+            raise VerifyError("manifest field 'report' must be a mapping")
         if doc["version"] < 1 or doc["size"] < 0 or doc["chunk_size"] < 1:
             raise VerifyError("manifest version, size or chunk_size out of range")
         expected_chunks = max(1, -(-doc["size"] // doc["chunk_size"]))
@@ -237,13 +277,13 @@ class Manifest:
             sha256=doc["sha256"],
             size=doc["size"],
             chunk_size=doc["chunk_size"],
-            chunks=[str(c) for c in doc["chunks"]],
+            chunks=list(doc["chunks"]),
             io=doc["io"],
             opset=doc["opset"],
             key_id=doc["key_id"],
             created=float(doc["created"]),
             expires=float(doc["expires"]) if doc.get("expires") is not None else None,
-            report=doc.get("report") or {},
+            report=doc.get("report", {}),
             smoke=smoke,
         )
 
@@ -319,8 +359,10 @@ class Desired:
                 rollback=bool(doc.get("rollback", False)),
                 issued=float(doc.get("issued", 0.0)),
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise VerifyError(f"desired state is malformed: {exc}") from None
+        if not math.isfinite(desired.issued):
+            raise VerifyError(f"desired state is malformed: issued is {desired.issued}")
         if desired.version < 1:
             raise VerifyError("desired state: version must be >= 1")
         return desired

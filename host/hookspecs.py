@@ -7,8 +7,9 @@ third-party packages expose theirs through the ``slimfleet`` entry-point group::
     [project.entry-points.slimfleet]
     acme = "acme_slimfleet.plugin"
 
-Each function's docstring is that hook's reference documentation (the README's hook
-reference is generated from it, and a test fails when a hook has none).
+Each function's docstring is that hook's reference documentation: the README's hook
+reference is generated from it (``python -m slimfleet.host.hookdoc``), and a test fails
+when a hook has none.
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from slimfleet.host.hookspecs import hookimpl
 from slimfleet.host.passes import Option, Pass, PassContext, PassResult
+from slimfleet.host.registry import Registry
 from slimfleet.plugins.normalize import constants_to_initializers, infer_shapes
 from slimfleet.plugins.onnxgraph import DEFAULT_DOMAINS, copy_model, has_subgraphs, opset_of
 
@@ -245,5 +246,6 @@ def _float32_slots(op_type: str, domain: str, opset: int, inputs: bool) -> Calla
 
 
 @hookimpl
-def slimfleet_add_passes(passes):
+def slimfleet_add_passes(passes: Registry[Pass]) -> None:
+    """Register the built-in ``fp16`` pass."""
     passes.add(Fp16())

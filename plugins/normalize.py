@@ -16,6 +16,7 @@ from onnx import helper, numpy_helper, version_converter
 from slimfleet.agent.errors import SlimfleetError
 from slimfleet.host.hookspecs import hookimpl
 from slimfleet.host.passes import Option, Pass, PassContext, PassResult
+from slimfleet.host.registry import Registry
 from slimfleet.plugins.onnxgraph import (
     DEFAULT_DOMAINS,
     copy_model,
@@ -133,5 +134,6 @@ class Normalize(Pass):
 
 
 @hookimpl
-def slimfleet_add_passes(passes):
+def slimfleet_add_passes(passes: Registry[Pass]) -> None:
+    """Register the built-in ``normalize`` pass."""
     passes.add(Normalize())

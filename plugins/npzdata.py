@@ -75,6 +75,7 @@ def _single(path: Path, arrays: dict[str, np.ndarray], inputs: Sequence[dict]) -
 
 @hookimpl(trylast=True)
 def slimfleet_load_data(path: Path, inputs: Sequence[dict[str, Any]]) -> list[Feed] | None:
+    """Read a ``.npz`` file, or a folder of them, as samples (runs after other readers)."""
     if path.is_dir():
         files = sorted(path.glob("*.npz"))
         if not files:

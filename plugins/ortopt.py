@@ -10,6 +10,7 @@ import onnxruntime as ort
 from slimfleet.agent.errors import SlimfleetError
 from slimfleet.host.hookspecs import hookimpl
 from slimfleet.host.passes import Option, Pass, PassContext, PassResult
+from slimfleet.host.registry import Registry
 from slimfleet.plugins.onnxgraph import (
     DEFAULT_DOMAINS,
     copy_model,
@@ -82,5 +83,6 @@ class OrtOptimize(Pass):
 
 
 @hookimpl
-def slimfleet_add_passes(passes):
+def slimfleet_add_passes(passes: Registry[Pass]) -> None:
+    """Register the built-in ``ortopt`` pass."""
     passes.add(OrtOptimize())

@@ -20,6 +20,7 @@ from onnx import numpy_helper
 
 from slimfleet.host.hookspecs import hookimpl
 from slimfleet.host.passes import Option, Pass, PassContext, PassResult
+from slimfleet.host.registry import Registry
 from slimfleet.plugins.normalize import infer_shapes
 from slimfleet.plugins.onnxgraph import consumers, copy_model
 
@@ -259,5 +260,6 @@ def _attr(node: onnx.NodeProto, name: str, default: int) -> int:
 
 
 @hookimpl
-def slimfleet_add_passes(passes):
+def slimfleet_add_passes(passes: Registry[Pass]) -> None:
+    """Register the built-in ``prune`` pass."""
     passes.add(Prune())

@@ -16,6 +16,7 @@ from onnxruntime.quantization.registry import IntegerOpsRegistry
 
 from slimfleet.host.hookspecs import hookimpl
 from slimfleet.host.passes import Option, Pass, PassContext, PassResult
+from slimfleet.host.registry import Registry
 from slimfleet.plugins import quantization as q
 from slimfleet.plugins.onnxgraph import or_list
 
@@ -101,5 +102,6 @@ def _family(op_types: list[str]) -> list[str]:
 
 
 @hookimpl
-def slimfleet_add_passes(passes):
+def slimfleet_add_passes(passes: Registry[Pass]) -> None:
+    """Register the built-in ``quantize_dynamic`` pass."""
     passes.add(QuantizeDynamic())

@@ -23,6 +23,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from slimfleet.host.hookspecs import hookimpl
 from slimfleet.host.passes import Feed, Option, Pass, PassContext, PassResult
+from slimfleet.host.registry import Registry
 from slimfleet.plugins import quantization as q
 from slimfleet.plugins.onnxgraph import (
     describe_counts,
@@ -223,5 +224,6 @@ def _preprocess(source: Path, notes: list[str]) -> Path:
 
 
 @hookimpl
-def slimfleet_add_passes(passes):
+def slimfleet_add_passes(passes: Registry[Pass]) -> None:
+    """Register the built-in ``quantize_static`` pass."""
     passes.add(QuantizeStatic())

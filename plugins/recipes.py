@@ -8,7 +8,9 @@ statistics. A recipe whose passes are not all registered is left out.
 from __future__ import annotations
 
 from slimfleet.host.hookspecs import hookimpl
+from slimfleet.host.passes import Pass
 from slimfleet.host.recipes import Recipe, Step
+from slimfleet.host.registry import Registry
 
 PREPARE = (Step("normalize"), Step("simplify"))
 PREPARE_OPSET13 = (Step("normalize", {"opset": 13}), Step("simplify"))
@@ -76,7 +78,8 @@ BUILTIN_RECIPES = (
 
 
 @hookimpl
-def slimfleet_add_recipes(recipes, passes):
+def slimfleet_add_recipes(recipes: Registry[Recipe], passes: Registry[Pass]) -> None:
+    """Register the built-in recipes whose passes are all registered."""
     for recipe in BUILTIN_RECIPES:
         if all(step.pass_name in passes for step in recipe.steps):
             recipes.add(recipe)

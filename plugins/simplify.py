@@ -15,6 +15,7 @@ import onnxsim
 
 from slimfleet.host.hookspecs import hookimpl
 from slimfleet.host.passes import Option, Pass, PassContext, PassResult
+from slimfleet.host.registry import Registry
 from slimfleet.plugins.onnxgraph import copy_model, describe_change, error_line, op_counts
 
 
@@ -81,5 +82,6 @@ def _compare(before: onnx.ModelProto, after: onnx.ModelProto) -> tuple[bool, str
 
 
 @hookimpl
-def slimfleet_add_passes(passes):
+def slimfleet_add_passes(passes: Registry[Pass]) -> None:
+    """Register the built-in ``simplify`` pass."""
     passes.add(Simplify())

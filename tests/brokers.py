@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -37,15 +38,20 @@ class Mosquitto:
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.conf = workdir / "mosquitto.conf"
-        self.conf.write_text(
-            f"listener {self.port} 127.0.0.1\n"
-            "allow_anonymous true\n"
-            "persistence true\n"
-            f"persistence_location {workdir}/\n"
-            "autosave_interval 1\n"
-            "max_queued_messages 10000\n"
-            f"log_dest file {workdir}/mosquitto.log\n"
-        )
+        lines = [
+            f"listener {self.port} 127.0.0.1",
+            "allow_anonymous true",
+            "persistence true",
+            f"persistence_location {workdir}/",
+            "autosave_interval 1",
+            "max_queued_messages 10000",
+            f"log_dest file {workdir}/mosquitto.log",
+        ]
+        if os.geteuid() == 0:
+            # As root, mosquitto drops to user "mosquitto", which cannot enter pytest's
+            # 0700 temp folders to write its log and persistence file.
+            lines.append("user root")
+        self.conf.write_text("\n".join(lines) + "\n")
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property

@@ -8,7 +8,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-RNG = np.random.default_rng(0)
+SEED = 0
+"""Every factory draws its weights from a fresh generator: the same model in any test order."""
 
 
 def _init(name: str, array: np.ndarray) -> onnx.TensorProto:
@@ -22,23 +23,26 @@ def _model(graph: onnx.GraphProto, opset: int) -> onnx.ModelProto:
     return model
 
 
-def conv_bn_net(opset: int = 13, channels: int = 16, classes: int = 10) -> onnx.ModelProto:
+def conv_bn_net(
+    opset: int = 13, channels: int = 16, classes: int = 10, seed: int = SEED
+) -> onnx.ModelProto:
     """Conv -> BatchNorm -> Relu twice, global pool, Gemm classifier; input 1x3x32x32."""
+    rng = np.random.default_rng(seed)
     c = channels
     inits = [
-        _init("w1", RNG.normal(0, 0.3, (c, 3, 3, 3))),
-        _init("b1", RNG.normal(0, 0.1, (c,))),
-        _init("w2", RNG.normal(0, 0.1, (c, c, 3, 3))),
-        _init("b2", RNG.normal(0, 0.1, (c,))),
-        _init("wf", RNG.normal(0, 0.3, (classes, c))),
-        _init("bf", RNG.normal(0, 0.1, (classes,))),
+        _init("w1", rng.normal(0, 0.3, (c, 3, 3, 3))),
+        _init("b1", rng.normal(0, 0.1, (c,))),
+        _init("w2", rng.normal(0, 0.1, (c, c, 3, 3))),
+        _init("b2", rng.normal(0, 0.1, (c,))),
+        _init("wf", rng.normal(0, 0.3, (classes, c))),
+        _init("bf", rng.normal(0, 0.1, (classes,))),
     ]
     for i in (1, 2):
         inits += [
-            _init(f"bn{i}_s", RNG.uniform(0.5, 1.5, (c,))),
-            _init(f"bn{i}_b", RNG.normal(0, 0.1, (c,))),
-            _init(f"bn{i}_m", RNG.normal(0, 0.1, (c,))),
-            _init(f"bn{i}_v", RNG.uniform(0.5, 1.5, (c,))),
+            _init(f"bn{i}_s", rng.uniform(0.5, 1.5, (c,))),
+            _init(f"bn{i}_b", rng.normal(0, 0.1, (c,))),
+            _init(f"bn{i}_m", rng.normal(0, 0.1, (c,))),
+            _init(f"bn{i}_v", rng.uniform(0.5, 1.5, (c,))),
         ]
     nodes = [
         helper.make_node("Conv", ["input", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
@@ -66,14 +70,15 @@ def conv_bn_net(opset: int = 13, channels: int = 16, classes: int = 10) -> onnx.
 
 
 def mlp(
-    opset: int = 13, features: int = 64, hidden: int = 128, classes: int = 10
+    opset: int = 13, features: int = 64, hidden: int = 128, classes: int = 10, seed: int = SEED
 ) -> onnx.ModelProto:
     """MatMul/Add/Relu x2 with a dynamic batch axis: input [batch, features]."""
+    rng = np.random.default_rng(seed)
     inits = [
-        _init("w1", RNG.normal(0, 0.2, (features, hidden))),
-        _init("b1", RNG.normal(0, 0.1, (hidden,))),
-        _init("w2", RNG.normal(0, 0.2, (hidden, classes))),
-        _init("b2", RNG.normal(0, 0.1, (classes,))),
+        _init("w1", rng.normal(0, 0.2, (features, hidden))),
+        _init("b1", rng.normal(0, 0.1, (hidden,))),
+        _init("w2", rng.normal(0, 0.2, (hidden, classes))),
+        _init("b2", rng.normal(0, 0.1, (classes,))),
     ]
     nodes = [
         helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),
@@ -92,13 +97,16 @@ def mlp(
     return _model(graph, opset)
 
 
-def lstm(opset: int = 13, steps: int = 8, features: int = 16, hidden: int = 32) -> onnx.ModelProto:
+def lstm(
+    opset: int = 13, steps: int = 8, features: int = 16, hidden: int = 32, seed: int = SEED
+) -> onnx.ModelProto:
     """A single-direction LSTM followed by a MatMul head: input [steps, 1, features]."""
+    rng = np.random.default_rng(seed)
     inits = [
-        _init("W", RNG.normal(0, 0.2, (1, 4 * hidden, features))),
-        _init("R", RNG.normal(0, 0.2, (1, 4 * hidden, hidden))),
-        _init("B", RNG.normal(0, 0.1, (1, 8 * hidden))),
-        _init("head", RNG.normal(0, 0.2, (hidden, 5))),
+        _init("W", rng.normal(0, 0.2, (1, 4 * hidden, features))),
+        _init("R", rng.normal(0, 0.2, (1, 4 * hidden, hidden))),
+        _init("B", rng.normal(0, 0.1, (1, 8 * hidden))),
+        _init("head", rng.normal(0, 0.2, (hidden, 5))),
         onnx.helper.make_tensor("axes", TensorProto.INT64, [1], [1]),
     ]
     nodes = [
@@ -137,11 +145,14 @@ def add_one(opset: int = 13, size: int = 4) -> onnx.ModelProto:
     return add_const(1.0, opset, size)
 
 
-def add_const(value: float, opset: int = 13, size: int = 4, pad_bytes: int = 0) -> onnx.ModelProto:
+def add_const(
+    value: float, opset: int = 13, size: int = 4, pad_bytes: int = 0, seed: int = SEED
+) -> onnx.ModelProto:
     """y = x + value. ``pad_bytes`` adds an unused initializer to make the file bigger."""
+    rng = np.random.default_rng(seed)
     inits = [_init("c", np.full((size,), value))]
     if pad_bytes:
-        inits.append(_init("pad", RNG.normal(size=(pad_bytes // 4,))))
+        inits.append(_init("pad", rng.normal(size=(pad_bytes // 4,))))
     graph = helper.make_graph(
         [helper.make_node("Add", ["x", "c"], ["y"], name="add")],
         "add_const",

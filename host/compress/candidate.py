@@ -52,6 +52,10 @@ class Candidate:
     id: int
     recipe: str
     label: str
+    """Short name: the recipe's, or its steps for a ``--passes`` recipe; variants add
+    "+ fallback: N nodes in float"."""
+    pipeline: str
+    """The steps with their options, e.g. ``normalize > simplify > fp16``."""
     description: str = ""
     lossless: bool = False
     steps: list[StepRecord] = field(default_factory=list)
@@ -86,6 +90,7 @@ class Candidate:
             "id": self.id,
             "recipe": self.recipe,
             "label": self.label,
+            "pipeline": self.pipeline,
             "description": self.description,
             "lossless": self.lossless,
             "parent": self.parent,

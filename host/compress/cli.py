@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,8 @@ from slimfleet.host.compress.modelfile import describe, load_model
 from slimfleet.host.compress.search import OBJECTIVES
 from slimfleet.host.compress.search import compress as run_compress
 from slimfleet.host.plugins import load_plugins
+
+log = logging.getLogger(__name__)
 
 
 def _print_json(doc: Any) -> None:
@@ -99,13 +103,20 @@ def compress(
     """
     shapes = dict(parse_input_shape(text) for text in input_shapes)
     settings = EvalSettings.quick() if quick else EvalSettings()
-    with click.progressbar(
-        length=1, label="compress", file=sys.stderr, item_show_func=lambda s: s
-    ) as bar:
+    with contextlib.ExitStack() as stack:
+        bars: list[Any] = []
 
         def progress(done: int, total: int, label: str) -> None:
-            bar.length = max(total, 1)
-            bar.update(done - bar.pos, label[:60])
+            log.info("[%d/%d] %s", done, total, label)
+            if not sys.stderr.isatty():
+                return
+            if not bars:  # started on the first report, so input errors print alone
+                bar = click.progressbar(
+                    length=max(total, 1), label="compress", file=sys.stderr, item_show_func=str
+                )
+                bars.append(stack.enter_context(bar))
+            bars[0].length = max(total, 1)
+            bars[0].update(done - bars[0].pos, label[:60])
 
         result = run_compress(
             model,

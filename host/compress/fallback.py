@@ -92,9 +92,7 @@ def rank_nodes(
     graph = float_model.graph
     weights = {t.name for t in graph.initializer}
     in_quantized = set(_producers(quantized.graph)) | {i.name for i in quantized.graph.input}
-    tensors = sorted(
-        {o for n in graph.node for o in n.output if o and o in in_quantized} - weights
-    )
+    tensors = sorted({o for n in graph.node for o in n.output if o and o in in_quantized} - weights)
     float_out = run(with_outputs(float_model, tensors))
     quant_out = run(with_outputs(quantized, tensors))
     if float_out is None or quant_out is None:
@@ -111,9 +109,7 @@ def rank_nodes(
     return sorted(harm, key=lambda item: -item[1])
 
 
-def _inherited_error(
-    graph: onnx.GraphProto, error: dict[str, float]
-) -> Callable[[str], float]:
+def _inherited_error(graph: onnx.GraphProto, error: dict[str, float]) -> Callable[[str], float]:
     """The error a tensor carries in: its own when measured, else its nearest measured
     ancestors' worst (a tensor the quantizer fused away is looked through)."""
     producers = _producers(graph)
@@ -125,7 +121,9 @@ def _inherited_error(
         if tensor not in memo:
             memo[tensor] = 0.0  # cycles cannot happen in a valid graph; this guards anyway
             node = producers.get(tensor)
-            memo[tensor] = max((inherited(i) for i in node.input if i), default=0.0) if node else 0.0
+            memo[tensor] = (
+                max((inherited(i) for i in node.input if i), default=0.0) if node else 0.0
+            )
         return memo[tensor]
 
     return inherited

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import os
 import tempfile
-import uuid
 from pathlib import Path
 
 from slimfleet.agent.errors import InputError
+from slimfleet.agent.store import atomic_write_bytes
 
 MODEL = "model.onnx"
 REPORT_JSON = "report.json"
@@ -29,18 +29,6 @@ def prepare(outdir: Path | str) -> Path:
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temp file beside ``path``, fsync, then rename over ``path``.
-
-    The file gets the usual permissions (0666 less the umask), unlike ``mkstemp``'s 0600.
-    """
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """Write ``data`` to ``path`` atomically, with the usual permissions (0666 less the
+    umask) rather than the agent store's private ones."""
+    atomic_write_bytes(path, data, mode=0o666)

@@ -271,7 +271,10 @@ def _steps(candidate: dict[str, Any]) -> str:
         f"{' – ' + _e(s['notes']) if s['notes'] else ''}</li>"
         for s in candidate["steps"]
     )
-    return f"<details><summary>{_e(candidate['label'])}</summary><ol>{items}</ol></details>"
+    return (
+        f"<details><summary>{_e(candidate['label'])}</summary><code>{_e(candidate['pipeline'])}"
+        f"</code><ol>{items}</ol></details>"
+    )
 
 
 def _table(candidates: list[dict[str, Any]], chosen: int) -> str:
@@ -296,7 +299,7 @@ def _table(candidates: list[dict[str, Any]], chosen: int) -> str:
     return f"<table>{head}{''.join(rows)}</table>"
 
 
-def _ticks(top: float, count: int = 5) -> list[float]:
+def _ticks(top: float, count: int = 6) -> list[float]:
     step = 10 ** math.floor(math.log10(top / count)) if top > 0 else 1
     for factor in (1, 2, 5, 10):
         if top / (step * factor) <= count:

@@ -101,11 +101,11 @@ def compress(
     plugins = plugins or load_plugins()
     recipes = _recipes(plugins, passes)
     signature = io_signature(model)
-    samples = load_samples(plugins.pm.hook, data, signature["inputs"], input_shapes)
     out = Path(outdir_path)
     created = not out.exists()
     outdir.prepare(out)
     try:
+        samples = load_samples(plugins.pm.hook, data, signature["inputs"], input_shapes)
         with tempfile.TemporaryDirectory(prefix="slimfleet-compress-") as tmp:
             search = Search(
                 model, model_path, plugins, samples, settings, Path(tmp), fidelity, objective
@@ -123,6 +123,8 @@ def compress(
                     "fidelity": fidelity,
                     "threads": threads,
                     "passes": passes,
+                    "data": str(data) if data is not None else None,
+                    "input_shapes": {k: list(v) for k, v in (input_shapes or {}).items()},
                     "evaluation": asdict(settings),
                 },
                 samples=samples,
@@ -225,7 +227,9 @@ class Search:
         self._done += counts
 
     def _measure_original(self) -> None:
-        original = Candidate(0, "original", "(original)", "the model as given", lossless=True)
+        original = Candidate(
+            0, "original", "(original)", "(original)", "the model as given", lossless=True
+        )
         original.path = self.model_path
         original.size_bytes = self.model_path.stat().st_size
         self.candidates.append(original)
@@ -259,7 +263,8 @@ class Search:
         candidate = Candidate(
             id=len(self.candidates),
             recipe=recipe.name,
-            label=label or recipe.label(),
+            label=label or (recipe.name if recipe.name in self.plugins.recipes else recipe.label()),
+            pipeline=recipe.label(),
             description=recipe.description,
             lossless=self._lossless(recipe),
             parent=parent,
@@ -465,7 +470,7 @@ class Search:
         mine = candidate.latency_ms or np.inf
         if mine > (base or 0) * (1 + SLOWER_TOLERANCE):
             candidate.status = REJECTED
-            candidate.reason = f"slower than the original: {mine:.3f} ms vs {base:.3f} ms"
+            candidate.reason = f"slower than the original: {_ms(mine)} vs {_ms(base)}"
             return
         candidate.reason = (
             f"fidelity {candidate.fidelity.score:.6g} within budget; "
@@ -566,8 +571,8 @@ def _digest(model: onnx.ModelProto) -> str:
     return hashlib.sha256(model.SerializeToString()).hexdigest()
 
 
-def _slower(candidate: Candidate, baseline: Candidate) -> bool:
-    return (candidate.latency_ms or 0) > (baseline.latency_ms or 0) * (1 + SLOWER_TOLERANCE)
+def _ms(value: float | None) -> str:
+    return f"{value:.3f} ms" if value is not None and np.isfinite(value) else "n/a"
 
 
 def _ratio(value: float | None, base: float | None) -> str:

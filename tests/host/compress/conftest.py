@@ -8,6 +8,7 @@ from pathlib import Path
 import models
 import onnx
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 
 from slimfleet.host.compress.evaluate import EvalSettings
 from slimfleet.host.plugins import Plugins, load_plugins, make_plugin_manager
@@ -39,3 +40,35 @@ def save_model(tmp_path: Path) -> Callable[..., Path]:
         return models.save(model, tmp_path / "models" / name)
 
     return save
+
+
+@pytest.fixture
+def outlier_mlp() -> onnx.ModelProto:
+    """An MLP whose second weight has one huge entry: int8 ruins mm2, barely touches mm1.
+
+    The outlier sits on a hidden unit that Relu always zeroes (its bias is -1000), so
+    it wrecks mm2's quantization scale without amplifying mm1's small errors.
+    """
+    model = models.mlp()
+    for init in model.graph.initializer:
+        array = numpy_helper.to_array(init).copy()
+        if init.name == "w2":
+            array[0, 0] = 200.0
+        elif init.name == "b1":
+            array[0] = -1000.0
+        init.CopyFrom(numpy_helper.from_array(array, init.name))
+    return model
+
+
+@pytest.fixture
+def unrunnable() -> onnx.ModelProto:
+    """Valid ONNX that onnxruntime loads but cannot run: reshape 4 values into 3."""
+    shape = helper.make_tensor("shape", TensorProto.INT64, [1], [3])
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["x", "shape"], ["y"], name="reshape")],
+        "unrunnable",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3])],
+        [shape],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])

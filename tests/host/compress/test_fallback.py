@@ -14,33 +14,20 @@ from slimfleet.host.compress import fallback
 RNG = np.random.default_rng(7)
 
 
-def _mlp_with_an_outlier() -> onnx.ModelProto:
-    """An MLP whose second weight has one huge entry: int8 ruins mm2, barely touches mm1.
-
-    The outlier sits on a hidden unit that Relu always zeroes (its bias is -1000), so
-    it wrecks mm2's quantization scale without amplifying mm1's small errors.
-    """
-    model = models.mlp()
-    for init in model.graph.initializer:
-        array = numpy_helper.to_array(init).copy()
-        if init.name == "w2":
-            array[0, 0] = 200.0
-        elif init.name == "b1":
-            array[0] = -1000.0
-        init.CopyFrom(numpy_helper.from_array(array, init.name))
-    return model
-
-
 def _dynamic(model: onnx.ModelProto, tmp_path, exclude=()) -> onnx.ModelProto:
     src, dst = tmp_path / "f.onnx", tmp_path / "q.onnx"
     onnx.save(model, str(src))
-    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, nodes_to_exclude=list(exclude))
+    quantize_dynamic(
+        str(src), str(dst), weight_type=QuantType.QInt8, nodes_to_exclude=list(exclude)
+    )
     return onnx.load(str(dst))
 
 
 def _runner(samples):
     def run(model: onnx.ModelProto):
-        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(
+            model.SerializeToString(), providers=["CPUExecutionProvider"]
+        )
         names = [o.name for o in session.get_outputs()]
         return [dict(zip(names, session.run(None, s), strict=True)) for s in samples]
 
@@ -76,16 +63,16 @@ def test_qdq_quantization_is_detected_per_node(tmp_path):
     assert {name for name, _ in ranked} == {"conv1", "conv2"}
 
 
-def test_the_node_that_hurts_most_ranks_first(tmp_path):
-    model = _mlp_with_an_outlier()
+def test_the_node_that_hurts_most_ranks_first(tmp_path, outlier_mlp):
+    model = outlier_mlp
     samples = [{"x": RNG.normal(size=(4, 64)).astype(np.float32)} for _ in range(3)]
     ranked = fallback.rank_nodes(model, _dynamic(model, tmp_path), _runner(samples))
     assert [name for name, _ in ranked] == ["mm2", "mm1"]
     assert ranked[0][1] > 5 * ranked[1][1] > 0
 
 
-def test_keeping_the_top_ranked_node_in_float_recovers_fidelity(tmp_path):
-    model = _mlp_with_an_outlier()
+def test_keeping_the_top_ranked_node_in_float_recovers_fidelity(tmp_path, outlier_mlp):
+    model = outlier_mlp
     samples = [{"x": RNG.normal(size=(4, 64)).astype(np.float32)} for _ in range(3)]
     run = _runner(samples)
     (top, _), _ = fallback.rank_nodes(model, _dynamic(model, tmp_path), run)
@@ -107,7 +94,7 @@ def test_probe_models_expose_intermediate_tensors():
     probe = fallback.with_outputs(models.mlp(), ["h", "r", "y"])
     assert [o.name for o in probe.graph.output] == ["y", "h", "r"]
     session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
-    h, = session.run(["h"], {"x": np.ones((2, 64), np.float32)})
+    (h,) = session.run(["h"], {"x": np.ones((2, 64), np.float32)})
     assert h.shape == (2, 128)
 
 

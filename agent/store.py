@@ -1,0 +1,326 @@
+"""The agent's files: versioned models, the signed manifests they came with, and its state.
+
+Layout under the store root::
+
+    models/<name>/<version>/model.onnx      the verified model
+    models/<name>/<version>/manifest.json   the raw signed envelope it was delivered with
+    partial/                                downloads in progress (filled by the downloader)
+    state.json                              current, last good and previous model
+
+Every write goes to a temporary name in the same directory, is fsynced, renamed into
+place and the directory fsynced, so a crash at any moment leaves either the old or
+the new file, never half of one. Temporaries left by a crash are removed at open.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from slimfleet.agent.errors import SlimfleetError
+from slimfleet.agent.wire import check_name
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.onnx"
+MANIFEST_FILE = "manifest.json"
+STATE_FILE = "state.json"
+TMP_PREFIX = ".tmp-"
+
+
+@dataclass(frozen=True, order=True)
+class ModelRef:
+    """One version of one model. Refs sort by name, then by version."""
+
+    name: str
+    version: int
+
+    def __post_init__(self) -> None:
+        check_name(self.name)
+        if isinstance(self.version, bool) or not isinstance(self.version, int):
+            raise ValueError(f"model version must be an integer, got {self.version!r}")
+        if self.version < 1:
+            raise ValueError(f"model version must be >= 1, got {self.version}")
+
+    def __str__(self) -> str:
+        return f"{self.name}@{self.version}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "version": self.version}
+
+    @classmethod
+    def from_dict(cls, doc: Any) -> ModelRef:
+        """Inverse of :meth:`to_dict`; raises ValueError on anything else."""
+        if not isinstance(doc, dict):
+            raise ValueError(f"expected {{'name': ..., 'version': ...}}, got {doc!r}")
+        return cls(doc.get("name"), doc.get("version"))  # type: ignore[arg-type]
+
+    @classmethod
+    def parse(cls, text: str) -> ModelRef:
+        """Parse ``name@version``; raises ValueError."""
+        name, sep, version = text.rpartition("@")
+        if not sep or not version.isdigit():
+            raise ValueError(f"expected name@version, got {text!r}")
+        return cls(name, int(version))
+
+
+@dataclass(frozen=True)
+class AgentState:
+    """What the agent serves now, the last model that proved good, and the one before."""
+
+    current: ModelRef | None = None
+    last_good: ModelRef | None = None
+    previous: ModelRef | None = None
+
+    def refs(self) -> list[ModelRef]:
+        """The models this state points at (the ones pruning must keep)."""
+        return [r for r in (self.current, self.last_good, self.previous) if r is not None]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "current": self.current.to_dict() if self.current else None,
+            "last_good": self.last_good.to_dict() if self.last_good else None,
+            "previous": self.previous.to_dict() if self.previous else None,
+        }
+
+    @classmethod
+    def from_dict(cls, doc: Any) -> AgentState:
+        """Inverse of :meth:`to_dict`; raises ValueError on anything else."""
+        if not isinstance(doc, dict):
+            raise ValueError("state is not a JSON object")
+        refs = {}
+        for key in ("current", "last_good", "previous"):
+            value = doc.get(key)
+            refs[key] = ModelRef.from_dict(value) if value is not None else None
+        return cls(**refs)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or unlink inside ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Replace ``path`` with ``data``: temp file in the same directory, fsync, rename, fsync dir.
+
+    ``mode`` is the new file's permissions before the umask (by default private).
+    """
+    path = Path(path)
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{uuid.uuid4().hex[:12]}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+class ModelStore:
+    """Versioned model files and the agent state under one root directory.
+
+    ``keep`` is how many versions of each model :meth:`prune` leaves on disk (the
+    ones the state points at are kept in addition).
+    """
+
+    def __init__(self, root: Path, keep: int = 3) -> None:
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1, got {keep}")
+        self.root = Path(root)
+        self.keep = keep
+        self._models = self.root / "models"
+        self._partial = self.root / "partial"
+        try:
+            self._models.mkdir(parents=True, exist_ok=True)
+            self._partial.mkdir(exist_ok=True)
+        except OSError as exc:
+            raise SlimfleetError(f"{self.root}: cannot create the model store: {exc}") from None
+        self._clean_temporaries()
+
+    # -- models ---------------------------------------------------------------------
+
+    def version_dir(self, ref: ModelRef) -> Path:
+        return self._models / ref.name / str(ref.version)
+
+    def model_path(self, ref: ModelRef) -> Path:
+        """Where the model file of ``ref`` lives (whether or not it is installed)."""
+        return self.version_dir(ref) / MODEL_FILE
+
+    def manifest_path(self, ref: ModelRef) -> Path:
+        return self.version_dir(ref) / MANIFEST_FILE
+
+    def has(self, ref: ModelRef) -> bool:
+        """True when ``ref`` is fully installed (both files are there)."""
+        return self.model_path(ref).is_file() and self.manifest_path(ref).is_file()
+
+    def read_manifest(self, ref: ModelRef) -> bytes:
+        """The signed envelope ``ref`` was installed with."""
+        try:
+            return self.manifest_path(ref).read_bytes()
+        except OSError as exc:
+            raise SlimfleetError(f"{ref}: cannot read its manifest: {exc}") from None
+
+    def installed(self, name: str | None = None) -> list[ModelRef]:
+        """Installed refs, sorted; only those of ``name`` when given."""
+        names = [name] if name is not None else [p.name for p in self._models.iterdir()]
+        refs = []
+        for model_name in names:
+            folder = self._models / model_name
+            if not folder.is_dir():
+                continue
+            for entry in folder.iterdir():
+                if not entry.name.isdigit() or int(entry.name) < 1:
+                    continue  # temporaries of an install in progress, stray files
+                try:
+                    ref = ModelRef(model_name, int(entry.name))
+                except ValueError:
+                    log.warning("ignoring %s: not a valid model name", folder)
+                    break
+                if self.has(ref):
+                    refs.append(ref)
+        return sorted(refs)
+
+    def install(
+        self, ref: ModelRef, source_file: Path, manifest_bytes: bytes, *, move: bool = True
+    ) -> Path:
+        """Put a verified model into the store atomically and return its path.
+
+        Both files are written into a temporary folder beside the final one, fsynced,
+        and the folder is renamed into place, so ``has(ref)`` never sees half a
+        version. ``move`` (default) consumes ``source_file`` when it is on the same
+        file system (a finished download); otherwise it is copied. Versions are
+        immutable: installing one that is already there is an error (``remove`` it
+        first to replace it).
+        """
+        if self.version_dir(ref).exists():
+            raise SlimfleetError(f"{ref} is already installed in {self.root}")
+        parent = self.version_dir(ref).parent
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{ref.version}.", dir=parent))
+        try:
+            model = tmp / MODEL_FILE
+            try:
+                if move:
+                    os.replace(source_file, model)
+                else:
+                    shutil.copyfile(source_file, model)
+            except OSError as exc:
+                if not move or exc.errno != errno.EXDEV:  # on another file system: copy
+                    raise
+                shutil.copyfile(source_file, model)
+                Path(source_file).unlink()
+            _fsync_file(model)
+            with open(tmp / MANIFEST_FILE, "wb") as f:
+                f.write(manifest_bytes)
+                f.flush()
+                os.fsync(f.fileno())
+            fsync_dir(tmp)
+            target = self.version_dir(ref)
+            os.rename(tmp, target)  # fails rather than merge if a racing install won
+            fsync_dir(parent)
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise SlimfleetError(f"{ref}: cannot install into {parent}: {exc}") from None
+        log.info("installed %s at %s", ref, target)
+        return target / MODEL_FILE
+
+    def remove(self, ref: ModelRef) -> None:
+        """Delete one installed version (no error when it is not there)."""
+        target = self.version_dir(ref)
+        if not target.exists():
+            return
+        # Rename first so a crash mid-delete leaves a temporary, not a half version.
+        trash = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}del.", dir=target.parent))
+        os.replace(target, trash / "v")
+        fsync_dir(target.parent)
+        shutil.rmtree(trash)
+
+    def prune(self, protect: Iterable[ModelRef] = ()) -> list[ModelRef]:
+        """Keep the newest ``keep`` versions of every model plus ``protect``; return the removed."""
+        protected = set(protect)
+        by_name: dict[str, list[ModelRef]] = {}
+        for ref in self.installed():
+            by_name.setdefault(ref.name, []).append(ref)
+        removed = []
+        for refs in by_name.values():
+            for ref in sorted(refs, reverse=True)[self.keep :]:
+                if ref not in protected:
+                    self.remove(ref)
+                    removed.append(ref)
+        if removed:
+            log.info("pruned %s", ", ".join(map(str, removed)))
+        return removed
+
+    def partial_dir(self) -> Path:
+        """A folder for downloads in progress (on the store's file system, so install can move)."""
+        self._partial.mkdir(parents=True, exist_ok=True)
+        return self._partial
+
+    # -- state ----------------------------------------------------------------------
+
+    @property
+    def state_path(self) -> Path:
+        return self.root / STATE_FILE
+
+    def load_state(self) -> AgentState:
+        """The saved state; a missing or corrupt file gives an empty state, never an error.
+
+        A corrupt file is kept as ``state.json.corrupt`` for a post-mortem.
+        """
+        try:
+            raw = self.state_path.read_bytes()
+        except FileNotFoundError:
+            log.info("no saved state in %s: starting empty", self.root)
+            return AgentState()
+        except OSError as exc:
+            log.warning("cannot read %s (%s): starting with an empty state", self.state_path, exc)
+            return AgentState()
+        try:
+            return AgentState.from_dict(json.loads(raw.decode("utf-8")))
+        except (UnicodeDecodeError, ValueError) as exc:
+            log.warning(
+                "%s is corrupt (%s): starting with an empty state, kept as %s.corrupt",
+                self.state_path,
+                exc,
+                STATE_FILE,
+            )
+            os.replace(self.state_path, self.root / f"{STATE_FILE}.corrupt")
+            return AgentState()
+
+    def save_state(self, state: AgentState) -> None:
+        atomic_write_bytes(self.state_path, json.dumps(state.to_dict(), indent=2).encode() + b"\n")
+
+    # -- crash leftovers ------------------------------------------------------------
+
+    def _clean_temporaries(self) -> None:
+        leftovers = list(self.root.glob(f"{TMP_PREFIX}*"))
+        leftovers += list(self._models.glob(f"*/{TMP_PREFIX}*"))
+        leftovers += list(self._partial.glob(f"{TMP_PREFIX}*"))  # bitmaps being replaced
+        for path in leftovers:
+            log.info("removing %s left by an interrupted write", path)
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)

@@ -1,0 +1,199 @@
+"""fleet.yaml: where the broker is, the topic prefix, the signing key, devices and groups.
+
+Example (the repository's ``fleet.yaml``)::
+
+    broker: mqtt://127.0.0.1:1883     # or a mapping, see BrokerSettings.from_node
+    prefix: slimfleet/demo
+    keys:
+      private: keys/signing.key       # relative to fleet.yaml
+      public: keys/signing.pub
+    devices:
+      cam-01: {site: lab}             # id -> labels (optional)
+    groups:
+      canary: [cam-01]
+
+The environment variable ``SLIMFLEET_BROKER`` (a broker URL) overrides the URL in the
+file, and ``load_fleet(path, broker_url=...)`` overrides both: the same fleet file can
+point at a test broker or an embedded one without editing it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from slimfleet.agent.configfile import Node, load_yaml
+from slimfleet.agent.errors import InputError
+from slimfleet.agent.mqtt import BrokerSettings
+from slimfleet.agent.signing import (
+    Signer,
+    Verifier,
+    key_id,
+    load_private_key,
+    load_public_key,
+)
+from slimfleet.agent.wire import Topics, check_name
+
+BROKER_ENV = "SLIMFLEET_BROKER"
+DEFAULT_FLEET_FILE = "fleet.yaml"
+
+
+@dataclass(frozen=True)
+class FleetConfig:
+    """A validated fleet.yaml. Key paths are absolute; the key files are read on use."""
+
+    path: Path
+    broker: BrokerSettings
+    prefix: str
+    private_key: Path
+    public_key: Path
+    devices: dict[str, dict[str, str]] = field(default_factory=dict)
+    groups: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def topics(self) -> Topics:
+        return Topics(self.prefix)
+
+    def signer(self) -> Signer:
+        """The signer for the fleet's private key; InputError if it cannot be read or the
+        public key (the one devices pin) is not its pair."""
+        if not self.private_key.exists():
+            raise InputError(
+                f"{self.private_key}: signing key not found (run 'slimfleet keys generate')"
+            )
+        signer = Signer(load_private_key(self.private_key))
+        if key_id(load_public_key(self.public_key)) != signer.key_id:
+            raise InputError(
+                f"{self.public_key} is not the public key of {self.private_key}: "
+                "devices pinning it would refuse everything signed"
+            )
+        return signer
+
+    def verifier(self) -> Verifier:
+        """A verifier pinned to the fleet's public key, as devices pin it."""
+        return Verifier([load_public_key(self.public_key)])
+
+    def with_broker_url(self, url: str) -> FleetConfig:
+        """The same fleet on another broker URL (credentials and CA file are kept)."""
+        try:
+            base = BrokerSettings.from_url(url)
+        except ValueError as exc:
+            raise InputError(str(exc)) from None
+        broker = replace(self.broker, host=base.host, port=base.port, tls=base.tls)
+        return replace(self, broker=broker)
+
+    def resolve(self, devices: Iterable[str] = (), groups: Iterable[str] = ()) -> list[str]:
+        """Device ids named directly or through groups, in order, without repeats.
+
+        Every device must be declared in fleet.yaml and every group must exist.
+        """
+        targets: list[str] = []
+        for group in groups:
+            if group not in self.groups:
+                known = ", ".join(sorted(self.groups)) or "none"
+                raise InputError(f"unknown group {group!r} in {self.path} (groups: {known})")
+            targets += self.groups[group]
+        for device in devices:
+            if device not in self.devices:
+                raise InputError(f"unknown device {device!r}: it is not declared in {self.path}")
+            targets.append(device)
+        if not targets:
+            raise InputError("no devices given: name at least one device or group")
+        return list(dict.fromkeys(targets))
+
+
+def load_fleet(
+    path: str | Path = DEFAULT_FLEET_FILE, *, broker_url: str | None = None
+) -> FleetConfig:
+    """Read and validate fleet.yaml; every problem is a ConfigError naming file and line.
+
+    The broker URL comes from ``broker_url`` if given, else from ``$SLIMFLEET_BROKER``,
+    else from the file.
+    """
+    path = Path(path)
+    root = load_yaml(path)
+    root.reject_unknown({"broker", "prefix", "keys", "devices", "groups"})
+    base_dir = path.resolve().parent
+    broker = BrokerSettings.from_node(root.require("broker"), base_dir)
+    prefix = _prefix(root.require("prefix"))
+    private_key, public_key = _keys(root.require("keys"), base_dir)
+    devices = _devices(root.get("devices"))
+    groups = _groups(root.get("groups"), devices)
+    fleet = FleetConfig(path.resolve(), broker, prefix, private_key, public_key, devices, groups)
+    override = broker_url or os.environ.get(BROKER_ENV)
+    if override:
+        try:
+            fleet = fleet.with_broker_url(override)
+        except InputError as exc:
+            source = "broker_url" if broker_url else f"${BROKER_ENV}"
+            raise InputError(f"{source}: {exc}") from None
+    return fleet
+
+
+def _prefix(node: Node) -> str:
+    value = node.str()
+    if value != value.strip("/") or "//" in value:
+        raise node.error(f"prefix must not start or end with '/' or contain '//', got {value!r}")
+    if value.startswith("$") or any(c in value for c in "+# \0"):
+        raise node.error(f"prefix must not start with '$' or contain '+', '#' or spaces: {value!r}")
+    return value
+
+
+def _keys(node: Node, base_dir: Path) -> tuple[Path, Path]:
+    node.reject_unknown({"private", "public"})
+    private = (base_dir / node.require("private").str()).resolve()
+    public = (base_dir / node.require("public").str()).resolve()
+    if private == public:
+        raise node.require("public").error("the public and private key must be different files")
+    return private, public
+
+
+def _name(node: Node, what: str) -> str:
+    value = node.scalar()
+    if not isinstance(value, str):
+        raise node.error(f"{what} must be a string, got {value!r}")
+    try:
+        return check_name(value)
+    except ValueError as exc:
+        raise node.error(f"{what}: {exc}") from None
+
+
+def _devices(node: Node | None) -> dict[str, dict[str, str]]:
+    if node is None or node.value is None:
+        return {}
+    devices: dict[str, dict[str, str]] = {}
+    for device_id, labels in node.as_mapping().items():
+        _name(Node(device_id, labels.path, labels.line, labels.file), "device id")
+        if labels.value is None:
+            devices[device_id] = {}
+            continue
+        devices[device_id] = {}
+        for key, value in labels.as_mapping().items():
+            if isinstance(value.value, bool) or not isinstance(value.value, (str, int, float)):
+                raise value.error(
+                    f"label {key!r} must be a string or number, got {value.plain()!r}"
+                )
+            devices[device_id][str(key)] = str(value.value)
+    return devices
+
+
+def _groups(node: Node | None, devices: dict[str, dict[str, str]]) -> dict[str, list[str]]:
+    if node is None or node.value is None:
+        return {}
+    groups: dict[str, list[str]] = {}
+    for group, members in node.as_mapping().items():
+        _name(Node(group, members.path, members.line, members.file), "group name")
+        ids: list[str] = []
+        for item in members.items():
+            device_id = _name(item, "device id")
+            if device_id not in devices:
+                raise item.error(f"device {device_id!r} is not declared under 'devices'")
+            if device_id in ids:
+                raise item.error(f"device {device_id!r} is listed twice in group {group!r}")
+            ids.append(device_id)
+        if not ids:
+            raise members.error(f"group {group!r} has no devices")
+        groups[group] = ids
+    return groups

@@ -1,0 +1,57 @@
+import logging
+
+import click
+import pytest
+
+from slimfleet.agent.cli_runner import EXIT_INTERNAL, run_cli, setup_logging
+from slimfleet.agent.errors import ConfigError, SlimfleetError
+
+
+def _command(exc: BaseException | None):
+    @click.command()
+    def cmd() -> None:
+        if exc is not None:
+            raise exc
+        click.echo("fine")
+
+    return cmd
+
+
+@pytest.mark.parametrize(
+    ("exc", "code", "stderr"),
+    [
+        (None, 0, ""),
+        (SlimfleetError("broker unreachable"), 1, "error: broker unreachable\n"),
+        (ConfigError("f.yaml:3: bad"), 2, "error: f.yaml:3: bad\n"),
+        (KeyboardInterrupt(), 130, "aborted\n"),  # click turns Ctrl-C into Abort
+        (click.UsageError("no such option"), 2, "Error: no such option\n"),
+    ],
+)
+def test_exit_codes_and_one_line(monkeypatch, capsys, exc, code, stderr):
+    monkeypatch.setattr("sys.argv", ["prog"])
+    with pytest.raises(SystemExit) as info:
+        run_cli(_command(exc), "prog")
+    assert info.value.code == code
+    assert capsys.readouterr().err.endswith(stderr)
+
+
+def test_bug_is_one_line_unless_debug(monkeypatch, capsys):
+    monkeypatch.setattr("sys.argv", ["prog"])
+    monkeypatch.delenv("SLIMFLEET_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as info:
+        run_cli(_command(ZeroDivisionError("oops")), "prog")
+    assert info.value.code == EXIT_INTERNAL
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "ZeroDivisionError: oops" in err
+    monkeypatch.setenv("SLIMFLEET_DEBUG", "1")
+    with pytest.raises(SystemExit):
+        run_cli(_command(ZeroDivisionError("oops")), "prog")
+    assert "Traceback" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("verbose", "quiet", "level"), [(0, False, 30), (1, False, 20), (2, False, 10), (0, True, 40)]
+)
+def test_setup_logging_levels(verbose, quiet, level):
+    setup_logging(verbose, quiet)
+    assert logging.getLogger().level == level

@@ -1,0 +1,58 @@
+import paho.mqtt.client as mqtt
+import pytest
+
+from slimfleet.agent.configfile import parse_yaml
+from slimfleet.agent.errors import ConfigError
+from slimfleet.agent.mqtt import BrokerSettings, make_client
+
+
+def test_from_url_defaults_ports():
+    assert BrokerSettings.from_url("mqtt://h").port == 1883
+    tls = BrokerSettings.from_url("mqtts://h")
+    assert tls.tls and tls.port == 8883 and tls.url == "mqtts://h:8883"
+    with pytest.raises(ValueError):
+        BrokerSettings.from_url("http://h")
+
+
+def test_from_node_full(tmp_path, monkeypatch):
+    (tmp_path / "ca.pem").write_text("x")
+    monkeypatch.setenv("U", "user")
+    monkeypatch.setenv("P", "secret")
+    node = parse_yaml(
+        "broker:\n  url: mqtts://b:8884\n  username_env: U\n  password_env: P\n"
+        "  ca_file: ca.pem\n  protocol: '5'\n  keepalive: 10\n",
+        "f.yaml",
+    ).require("broker")
+    s = BrokerSettings.from_node(node, tmp_path)
+    assert (s.host, s.port, s.tls, s.username, s.password) == ("b", 8884, True, "user", "secret")
+    assert s.ca_file == tmp_path / "ca.pem" and s.protocol == "5" and s.keepalive == 10
+
+
+def test_from_node_shorthand():
+    node = parse_yaml("broker: mqtt://b:1999\n", "f.yaml").require("broker")
+    assert BrokerSettings.from_node(node, ".").port == 1999
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("broker:\n  url: http://x\n", "f.yaml:2: broker.url: broker URL must look like"),
+        ("broker:\n  url: mqtt://x\n  username_env: NOPE_UNSET\n", "NOPE_UNSET is not set"),
+        ("broker:\n  url: mqtt://x\n  ca_file: none.pem\n", "f.yaml:3: broker.ca_file"),
+        ("broker:\n  url: mqtt://x\n  protocol: 4\n", "f.yaml:3: broker.protocol"),
+        ("broker:\n  url: mqtt://x\n  colour: red\n", "unknown key 'colour'"),
+    ],
+)
+def test_from_node_errors(tmp_path, text, message):
+    node = parse_yaml(text, "f.yaml").require("broker")
+    with pytest.raises(ConfigError, match=message):
+        BrokerSettings.from_node(node, tmp_path)
+
+
+@pytest.mark.parametrize("protocol", ["3.1.1", "5"])
+def test_make_client_connects_to_mosquitto(mosquitto, protocol):
+    settings = BrokerSettings.from_url(mosquitto.url, protocol=protocol)
+    client = make_client(settings, f"t-{protocol}", persistent=True)
+    assert client.protocol == (mqtt.MQTTv5 if protocol == "5" else mqtt.MQTTv311)
+    assert client.connect(settings.host, settings.port) == mqtt.MQTT_ERR_SUCCESS
+    client.disconnect()

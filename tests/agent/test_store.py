@@ -1,0 +1,255 @@
+"""ModelStore: versioned files and state on a real file system, including crashes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import stat
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from slimfleet.agent.errors import SlimfleetError
+from slimfleet.agent.store import AgentState, ModelRef, ModelStore, atomic_write_bytes
+
+
+def ref(name: str, version: int) -> ModelRef:
+    return ModelRef(name, version)
+
+
+def download(folder: Path, data: bytes) -> Path:
+    """A finished download, as the downloader leaves it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"dl-{len(list(folder.iterdir()))}"
+    path.write_bytes(data)
+    return path
+
+
+def leftovers(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if p.name.startswith(".tmp-")]
+
+
+# -- ModelRef / AgentState ------------------------------------------------------------
+
+
+def test_model_refs_order_by_version_within_a_name() -> None:
+    assert sorted([ref("m", 10), ref("m", 2), ref("m", 1)]) == [
+        ref("m", 1),
+        ref("m", 2),
+        ref("m", 10),
+    ]
+    assert ref("m", 2) > ref("m", 1)
+    assert str(ref("ocr", 3)) == "ocr@3"
+    assert ModelRef.parse("ocr.v2@12") == ref("ocr.v2", 12)
+    assert ModelRef.from_dict(ref("m", 4).to_dict()) == ref("m", 4)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: ModelRef("m", 0),
+        lambda: ModelRef("m", True),
+        lambda: ModelRef("m", "3"),
+        lambda: ModelRef("a/b", 1),
+        lambda: ModelRef("", 1),
+        lambda: ModelRef("..", 3),  # would resolve outside models/
+        lambda: ModelRef(".", 3),
+        lambda: ModelRef.parse("m"),
+        lambda: ModelRef.parse("m@x"),
+        lambda: ModelRef.from_dict(["m", 1]),
+        lambda: ModelRef.from_dict({"name": "m"}),
+    ],
+)
+def test_invalid_model_refs_are_refused(make) -> None:
+    with pytest.raises(ValueError):
+        make()
+
+
+def test_state_round_trips() -> None:
+    state = AgentState(current=ref("m", 3), last_good=ref("m", 2), previous=None)
+    assert AgentState.from_dict(json.loads(json.dumps(state.to_dict()))) == state
+    assert state.refs() == [ref("m", 3), ref("m", 2)]
+
+
+# -- models ---------------------------------------------------------------------------
+
+
+def test_install_puts_both_files_in_the_versioned_folder(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path / "store")
+    source = download(store.partial_dir(), b"model-bytes")
+    path = store.install(ref("m", 1), source, b'{"signed": {}}')
+    assert path == tmp_path / "store/models/m/1/model.onnx" == store.model_path(ref("m", 1))
+    assert path.read_bytes() == b"model-bytes"
+    assert store.read_manifest(ref("m", 1)) == b'{"signed": {}}'
+    assert store.has(ref("m", 1)) and not store.has(ref("m", 2))
+    assert not source.exists(), "a download is moved into the store, not copied"
+    assert store.installed() == [ref("m", 1)]
+    assert leftovers(tmp_path) == []
+
+
+def test_install_can_copy_and_versions_are_immutable(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path / "store")
+    source = download(tmp_path / "elsewhere", b"first")
+    store.install(ref("m", 1), source, b"manifest-1", move=False)
+    assert source.read_bytes() == b"first"
+    second = download(tmp_path / "elsewhere", b"second")
+    with pytest.raises(SlimfleetError, match="m@1 is already installed"):
+        store.install(ref("m", 1), second, b"manifest-2")
+    assert store.model_path(ref("m", 1)).read_bytes() == b"first"
+    store.remove(ref("m", 1))
+    assert not store.has(ref("m", 1))
+    store.install(ref("m", 1), second, b"manifest-2")
+    assert store.model_path(ref("m", 1)).read_bytes() == b"second"
+    assert store.read_manifest(ref("m", 1)) == b"manifest-2"
+    assert leftovers(tmp_path) == []
+
+
+def test_a_failed_install_leaves_nothing_behind(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path / "store")
+    with pytest.raises(SlimfleetError, match=r"m@1: cannot install"):
+        store.install(ref("m", 1), tmp_path / "no-such-download", b"manifest")
+    assert not store.has(ref("m", 1))
+    assert store.installed() == []
+    assert leftovers(tmp_path) == []
+
+
+def test_prune_keeps_the_newest_and_the_protected(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path / "store", keep=2)
+    for version in range(1, 6):
+        store.install(ref("m", version), download(tmp_path / "dl", b"m"), b"{}")
+    store.install(ref("other", 1), download(tmp_path / "dl", b"o"), b"{}")
+    removed = store.prune(protect=[ref("m", 1)])
+    assert removed == [ref("m", 3), ref("m", 2)]
+    assert store.installed() == [ref("m", 1), ref("m", 4), ref("m", 5), ref("other", 1)]
+    assert store.prune(AgentState(current=ref("m", 5), last_good=ref("m", 1)).refs()) == []
+    assert sorted(p.name for p in (tmp_path / "store/models/m").iterdir()) == ["1", "4", "5"]
+
+
+def test_temporaries_left_by_a_crash_are_removed_at_open(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path / "store")
+    store.install(ref("m", 1), download(tmp_path / "dl", b"x"), b"{}")
+    half = tmp_path / "store/models/m/.tmp-2.abcd"
+    half.mkdir()
+    (half / "model.onnx").write_bytes(b"half a mod")
+    (tmp_path / "store/.tmp-state.json.xyz").write_text('{"curr')
+    # a bitmap being replaced by the downloader (atomic_write_bytes in partial/)
+    (store.partial_dir() / "m-2-0123456789abcdef.bitmap").write_text("{}")
+    (store.partial_dir() / ".tmp-m-2-0123456789abcdef.bitmap.k3x9").write_text('{"do')
+    (tmp_path / "store/models/not a name/1").mkdir(parents=True)  # put there by hand
+    assert store.installed() == [ref("m", 1)]  # a temporary is never a version
+    ModelStore(tmp_path / "store")
+    assert leftovers(tmp_path) == []
+    assert store.installed() == [ref("m", 1)]
+    assert [p.name for p in store.partial_dir().iterdir()] == ["m-2-0123456789abcdef.bitmap"]
+
+
+def test_an_unusable_root_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SlimfleetError, match="cannot create the model store"):
+        ModelStore(tmp_path / "file" / "store")
+
+
+# -- state ------------------------------------------------------------------------------
+
+
+def test_state_is_saved_and_loaded(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path)
+    state = AgentState(current=ref("m", 2), last_good=ref("m", 2), previous=ref("m", 1))
+    store.save_state(state)
+    assert ModelStore(tmp_path).load_state() == state
+    assert json.loads(store.state_path.read_text())["previous"] == {"name": "m", "version": 1}
+
+
+def test_a_missing_state_is_empty(tmp_path: Path) -> None:
+    assert ModelStore(tmp_path).load_state() == AgentState()
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b'{"current": {"name": "m", "vers', b"\xff\xfe", b"[1, 2]", b'{"current": {"name": "m"}}'],
+    ids=["truncated", "not-utf8", "not-an-object", "bad-ref"],
+)
+def test_a_corrupt_state_is_empty_with_a_warning(tmp_path: Path, caplog, content: bytes) -> None:
+    store = ModelStore(tmp_path)
+    store.state_path.write_bytes(content)
+    with caplog.at_level(logging.WARNING, logger="slimfleet.agent.store"):
+        assert store.load_state() == AgentState()
+    assert "corrupt" in caplog.text and "empty state" in caplog.text
+    assert (tmp_path / "state.json.corrupt").read_bytes() == content
+    store.save_state(AgentState(current=ref("m", 1)))  # and the agent goes on
+    assert store.load_state().current == ref("m", 1)
+
+
+def current_umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def test_atomic_write_replaces_whole_files(tmp_path: Path) -> None:
+    target = tmp_path / "f.json"
+    atomic_write_bytes(target, b"one")
+    atomic_write_bytes(target, b"two")
+    assert target.read_bytes() == b"two"
+    assert list(tmp_path.iterdir()) == [target]
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600  # private by default
+    atomic_write_bytes(target, b"three", mode=0o640)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o640 & ~current_umask()
+
+
+# -- crashes ----------------------------------------------------------------------------
+
+CRASHER = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+    from slimfleet.agent.store import AgentState, ModelRef, ModelStore
+
+    store = ModelStore(Path(sys.argv[1]), keep=2)
+    data = b"w" * 200_000
+    print("ready", flush=True)
+    installed = store.installed()
+    version = installed[-1].version if installed else 0
+    while True:
+        version += 1
+        ref = ModelRef("m", version)
+        source = store.partial_dir() / "download"
+        source.write_bytes(data + str(version).encode())
+        store.install(ref, source, b'{"v": %d}' % version)
+        store.save_state(AgentState(current=ref, last_good=ref, previous=None))
+        store.prune(protect=[ref])
+    """
+)
+
+
+def test_sigkill_at_any_moment_leaves_a_consistent_store(tmp_path: Path) -> None:
+    """Kill a process that installs, saves state and prunes in a loop; reopen each time."""
+    root = tmp_path / "store"
+    interrupted = 0
+    for attempt in range(6):
+        proc = subprocess.Popen(
+            [sys.executable, "-c", CRASHER, str(root)], stdout=subprocess.PIPE, text=True
+        )
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        time.sleep(0.05 + 0.037 * attempt)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raw = (root / "state.json").read_bytes() if (root / "state.json").exists() else None
+        interrupted += bool(leftovers(root))
+        store = ModelStore(root, keep=2)
+        if raw is not None:
+            json.loads(raw)  # the state file is never half written
+            state = store.load_state()
+            assert state.current is not None and store.has(state.current)
+        for installed in store.installed():
+            body = store.model_path(installed).read_bytes()
+            assert body == b"w" * 200_000 + str(installed.version).encode()
+            assert store.read_manifest(installed) == b'{"v": %d}' % installed.version
+        assert leftovers(root) == []
+    assert interrupted, "no kill landed in the middle of a write: the test proved nothing"

@@ -1,0 +1,51 @@
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+
+from slimfleet.agent.errors import InputError
+from slimfleet.host.compress import outdir
+
+
+def test_prepare_creates_nested_directories_and_leaves_nothing(tmp_path):
+    path = outdir.prepare(tmp_path / "a" / "b")
+    assert path.is_dir() and list(path.iterdir()) == []
+
+
+def test_prepare_refuses_a_path_under_a_file(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(InputError, match=r"output directory .*file/out: cannot write there"):
+        outdir.prepare(tmp_path / "file" / "out")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere")
+def test_prepare_refuses_a_read_only_directory(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        with pytest.raises(InputError, match="cannot write there"):
+            outdir.prepare(locked)
+    finally:
+        locked.chmod(0o700)
+
+
+def test_write_atomic_replaces_with_normal_permissions(tmp_path):
+    target = tmp_path / "model.onnx"
+    target.write_bytes(b"old")
+    outdir.write_atomic(target, b"new")
+    assert target.read_bytes() == b"new"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~umask
+    assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]
+
+
+def test_write_atomic_cleans_up_when_the_rename_fails(tmp_path):
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "child").write_text("so the directory cannot be replaced")
+    with pytest.raises(OSError):
+        outdir.write_atomic(tmp_path / "taken", b"data")
+    assert [p.name for p in tmp_path.iterdir()] == ["taken"]

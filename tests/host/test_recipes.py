@@ -1,0 +1,35 @@
+import pytest
+
+from slimfleet.agent.errors import InputError
+from slimfleet.host.recipes import Recipe, Step, parse_recipe
+
+
+def test_parse_plain_and_optioned_steps():
+    recipe = parse_recipe("simplify, quantize_dynamic[op_types=MatMul+LSTM,per_channel=true],fp16")
+    assert recipe.steps == (
+        Step("simplify"),
+        Step("quantize_dynamic", {"op_types": "MatMul+LSTM", "per_channel": "true"}),
+        Step("fp16"),
+    )
+    assert recipe.label() == (
+        "simplify > quantize_dynamic[op_types=MatMul+LSTM,per_channel=true] > fp16"
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", "no pass given"),
+        (" , ", "no pass given"),
+        ("prune[sparsity=0.5", "missing ']'"),
+        ("prune[sparsity]", "expected key=value"),
+    ],
+)
+def test_parse_errors(text, message):
+    with pytest.raises(InputError, match=message):
+        parse_recipe(text)
+
+
+def test_labels_show_lists_and_empty_recipe():
+    assert Step("q", {"exclude_nodes": ["a", "b"]}).label() == "q[exclude_nodes=a+b]"
+    assert Recipe("none", ()).label() == "(original)"
