@@ -87,6 +87,10 @@ class Pass:
     lossless: ClassVar[bool] = False
     """True when outputs are expected to match the input model up to float rounding."""
 
+    def is_lossless(self, options: dict[str, Any]) -> bool:
+        """Whether this pass with these (resolved) options is lossless; ``lossless`` by default."""
+        return self.lossless
+
     def min_opset(self, options: dict[str, Any]) -> int:
         """The lowest ai.onnx opset this pass needs; the runner upgrades the model first."""
         return 1

@@ -32,6 +32,11 @@ class OrtOptimize(Pass):
         "lossless; extended/all add onnxruntime contrib ops tied to the CPU provider)"
     )
     lossless = True
+
+    def is_lossless(self, options: dict[str, Any]) -> bool:
+        """Only ``basic`` keeps standard ops and exact numerics; fusions may round differently."""
+        return options["level"] == "basic"
+
     """At the default level ``basic``; recipes using extended/all should count as lossy."""
     options = (
         Option(

@@ -301,7 +301,11 @@ class Search:
 
     def _lossless(self, recipe: Recipe) -> bool:
         passes = self.plugins.passes
-        return all(s.pass_name in passes and passes.get(s.pass_name).lossless for s in recipe.steps)
+        return all(
+            s.pass_name in passes
+            and (impl := passes.get(s.pass_name)).is_lossless(impl.resolve_options(s.options))
+            for s in recipe.steps
+        )
 
     def _build(
         self, steps: Sequence[Step], records: list[StepRecord], candidate_id: int

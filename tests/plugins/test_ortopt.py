@@ -63,3 +63,10 @@ def test_a_model_onnxruntime_cannot_load_is_one_line(context):
     ) as err:
         OrtOptimize().apply(model, context(), {})
     assert "\n" not in str(err.value)
+
+
+def test_only_basic_level_is_lossless():
+    impl = OrtOptimize()
+    assert impl.is_lossless(impl.resolve_options({}))
+    assert not impl.is_lossless(impl.resolve_options({"level": "extended"}))
+    assert not impl.is_lossless(impl.resolve_options({"level": "all"}))
