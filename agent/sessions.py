@@ -306,6 +306,7 @@ class Serving:
         self._watch: _Watch | None = None
         self._wake = threading.Event()
         self._watcher: threading.Thread | None = None
+        self._releasers: list[threading.Thread] = []  # replaced sessions draining
         self._closed = False
         ort.set_default_logger_severity(4)  # failures are raised, not logged
 
@@ -495,6 +496,7 @@ class Serving:
             self._previous = None
         self.telemetry.set_model(None)
         self._wake.set()
+        self.drained()
         for loaded in released:
             self._release(loaded)
         if self._watcher is not None:
@@ -586,8 +588,8 @@ class Serving:
                     self._wake.set()
                 else:
                     release.append(old)
-        for loaded in release:
-            self._release(loaded)
+        if release:  # off the swap's path: the new model already serves
+            self._release_later(release)
         return old.ref if old else None
 
     def _switch_back(
@@ -609,6 +611,24 @@ class Serving:
         self._emit(EVENT_FALLBACK, bad_ref, to=target.ref.to_dict(), stage=stage, reason=reason)
         self._call(self._on_fallback, bad_ref, target.ref, reason)
         return True
+
+    def _release_later(self, sessions: list[_Loaded]) -> None:
+        """Drain and drop ``sessions`` on a thread; :meth:`close` and :meth:`drained` wait."""
+        thread = threading.Thread(
+            target=lambda: [self._release(s) for s in sessions], name="release", daemon=True
+        )
+        with self._lock:
+            self._releasers = [t for t in self._releasers if t.is_alive()] + [thread]
+        thread.start()
+
+    def drained(self, timeout: float | None = None) -> bool:
+        """Wait until every replaced session has been released; False on timeout."""
+        with self._lock:
+            pending = list(self._releasers)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for thread in pending:
+            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        return not any(t.is_alive() for t in pending)
 
     def _release(self, loaded: _Loaded) -> None:
         """Wait until no request runs on ``loaded``, then drop its session."""

@@ -385,7 +385,7 @@ def bench_swaps(agent: Agent, pub: Publisher, dirs: dict[str, Path], feeds, args
             f"both under the {CLIENTS}-client load)"
         )
         note(
-            f"{kind} swap: install {ms(install)}, load {ms(load)}, smoke test (4 runs) + swap "
+            f"{kind} swap: install {ms(install)}, load {ms(load)}, smoke test + swap "
             f"{ms(activate - load)}, the rest (manifest checks, events) "
             f"{ms(swap_s - install - activate)}"
         )

@@ -344,10 +344,28 @@ def test_twenty_swaps_under_concurrent_requests_fail_no_request(
         assert out == sorted(out)
     assert max(max(out) for out in seen) == 21.0
     assert sum(len(out) for out in seen) == serving.telemetry.snapshot()["requests"]
-    # Replaced sessions were released: only the serving one (and the standby) remain.
+    # Replaced sessions were released (off the swap path): only the serving one (and the
+    # standby) remain.
+    assert serving.drained(timeout=30)
     gc.collect()
     live = [o for o in gc.get_objects() if isinstance(o, ort.InferenceSession)]
     assert len(live) == (2 if watch.window_s else 1)
+
+
+def test_a_swap_does_not_wait_for_the_old_session_to_drain(make_serving, model_files) -> None:
+    serving = make_serving(watch=NO_WATCH)
+    serving.start(ref(1), model_files.slow(1.0, rows=1024, width=512, depth=24))  # ~0.5 s
+    running = threading.Thread(target=serving.infer, args=({"x": X},))
+    running.start()
+    deadline = time.monotonic() + 10
+    while not serving._active.inflight and time.monotonic() < deadline:  # in flight on v1
+        time.sleep(0.005)
+    assert serving._active.inflight == 1
+    serving.activate(ref(2), model_files.add(2.0), smoke_for(2.0))
+    assert serving.current == ref(2)
+    assert not serving.drained(timeout=0)  # version 1 is still draining behind the swap
+    running.join(timeout=30)
+    assert serving.drained(timeout=30)
 
 
 @pytest.mark.parametrize("watch", [NO_WATCH, WatchPolicy(window_s=60)], ids=["drain", "standby"])
