@@ -41,7 +41,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 import psutil
 import yaml
 
@@ -55,8 +54,10 @@ from slimfleet.host.fleet.keys import generate_keys
 from slimfleet.host.fleet.publish import assign, publish_model
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
+sys.path[:0] = [str(REPO / "tests"), str(REPO / "bench")]
 from brokers import Mosquitto  # noqa: E402  (the tests' mosquitto launcher)
+from compress_bench import ensure_packages, ocr_samples  # noqa: E402
+from compress_bench import session as bare_session  # noqa: E402  (the agent's session options)
 
 DEVICE = "bench-01"  # the in-process agent
 RSS_DEVICE = "bench-02"  # the agent process of (e), a fresh device
@@ -93,9 +94,6 @@ def common_onnx() -> Path:
 
 def compress_common(tmp: Path) -> Path:
     """Run slimfleet's search on common.onnx with captcha samples; return its OUTDIR."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from compress_bench import ensure_packages, ocr_samples
-
     from slimfleet.host.compress.search import compress
 
     ensure_packages()
@@ -193,16 +191,6 @@ def wait_serving(agent: Agent, version: int, timeout: float = 300.0) -> dict[str
             sys.exit(f"the agent could not switch to {NAME}@{version}: {error['reason']}")
         time.sleep(0.02)
     sys.exit(f"{NAME}@{version} was not serving after {timeout:.0f}s")
-
-
-def bare_session(path: Path) -> ort.InferenceSession:
-    """The session options the agent uses, without the agent."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def timed(call: Callable[[], Any], runs: int) -> list[float]:

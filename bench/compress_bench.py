@@ -145,6 +145,7 @@ CASES = {
 
 
 def session(path: Path):
+    """A one-thread, sequential CPU session: the options the agent serves with."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
