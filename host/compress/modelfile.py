@@ -126,6 +126,8 @@ def _dim(d: onnx.TensorShapeProto.Dimension) -> int | str | None:
 
 
 def _value_info(value: onnx.ValueInfoProto) -> dict[str, Any]:
+    if not value.type.HasField("tensor_type"):
+        raise InputError(f"{value.name!r} is not a tensor; slimfleet handles tensor inputs/outputs")
     tensor = value.type.tensor_type
     try:
         dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.elem_type)).name

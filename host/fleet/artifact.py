@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 
 from slimfleet.agent.errors import InputError
 from slimfleet.agent.wire import SmokeTest
+from slimfleet.host.compress.modelfile import io_signature, load_model, opset
 
 log = logging.getLogger(__name__)
 
@@ -62,12 +62,12 @@ def load_artifact(source: str | Path) -> Artifact:
         model_path, report, sample = source, {}, None
     else:
         raise InputError(f"{source}: no such file or directory")
+    model = load_model(model_path)
     try:
         data = model_path.read_bytes()
     except OSError as exc:
         raise InputError(f"{model_path}: cannot read: {exc.strerror or exc}") from None
-    model = _parse_model(model_path, data)
-    artifact = Artifact(source, data, io_signature(model), default_opset(model), report, sample)
+    artifact = Artifact(source, data, io_signature(model), opset(model), report, sample)
     if sample is not None:
         expected = {i["name"] for i in artifact.io["inputs"]}
         if set(sample) != expected:
@@ -76,22 +76,6 @@ def load_artifact(source: str | Path) -> Artifact:
                 f"the model's inputs are {sorted(expected)}"
             )
     return artifact
-
-
-def _parse_model(path: Path, data: bytes) -> onnx.ModelProto:
-    try:
-        model = onnx.load_from_string(data)
-    except Exception as exc:  # protobuf raises its own DecodeError
-        raise InputError(f"{path}: not an ONNX model ({type(exc).__name__})") from None
-    if not model.graph.node and not model.graph.output:
-        raise InputError(f"{path}: not an ONNX model (empty graph)")
-    for tensor in model.graph.initializer:
-        if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            raise InputError(
-                f"{path}: weights are stored in external data files; "
-                "save the model as a single file to publish it"
-            )
-    return model
 
 
 def _read_summary(path: Path) -> dict[str, Any]:
@@ -111,43 +95,6 @@ def _read_sample(path: Path) -> dict[str, np.ndarray]:
             return {name: np.asarray(npz[name]) for name in npz.files}
     except (OSError, ValueError, zipfile.BadZipFile) as exc:
         raise InputError(f"{path}: not a readable .npz of arrays: {exc}") from None
-
-
-# -- io signature ---------------------------------------------------------------------
-
-
-def _value_info(value: onnx.ValueInfoProto) -> dict[str, Any]:
-    if not value.type.HasField("tensor_type"):
-        raise InputError(f"{value.name!r} is not a tensor; only tensor inputs/outputs are served")
-    tensor = value.type.tensor_type
-    try:
-        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type)).name
-    except (KeyError, TypeError, ValueError):
-        dtype = onnx.TensorProto.DataType.Name(tensor.elem_type).lower()
-    shape: list[int | str | None] = []
-    for dim in tensor.shape.dim:
-        if dim.HasField("dim_value"):
-            shape.append(dim.dim_value)
-        else:
-            shape.append(dim.dim_param or None)
-    return {"name": value.name, "dtype": dtype, "shape": shape}
-
-
-def io_signature(model: onnx.ModelProto) -> dict[str, Any]:
-    """``{"inputs": [{"name", "dtype", "shape"}], "outputs": [...]}``; dynamic dims are
-    their symbolic name (a string) or null. Initializers listed as inputs are skipped."""
-    weights = {t.name for t in model.graph.initializer}
-    return {
-        "inputs": [_value_info(v) for v in model.graph.input if v.name not in weights],
-        "outputs": [_value_info(v) for v in model.graph.output],
-    }
-
-
-def default_opset(model: onnx.ModelProto) -> int:
-    for opset in model.opset_import:
-        if opset.domain in ("", "ai.onnx"):
-            return int(opset.version)
-    raise InputError("the model imports no default-domain (ai.onnx) opset")
 
 
 # -- smoke test -----------------------------------------------------------------------

@@ -121,3 +121,11 @@ def test_opset_of_a_model():
 def test_load_reads_a_path_given_as_text(save_model):
     path = save_model(models.add_one())
     assert modelfile.load_model(str(path)).graph.node[0].op_type == "Add"
+
+
+def test_a_non_tensor_output_is_a_clear_input_error():
+    model = models.add_one()
+    seq = onnx.helper.make_tensor_sequence_value_info("y", onnx.TensorProto.FLOAT, None)
+    model.graph.output[0].CopyFrom(seq)
+    with pytest.raises(InputError, match="'y' is not a tensor"):
+        modelfile.io_signature(model)
