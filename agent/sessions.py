@@ -38,6 +38,7 @@ import numpy as np
 import onnxruntime as ort
 
 from slimfleet.agent.errors import InputError, SlimfleetError
+from slimfleet.agent.runtime import open_session
 from slimfleet.agent.store import ModelRef
 from slimfleet.agent.telemetry import Telemetry
 from slimfleet.agent.wire import (
@@ -516,14 +517,7 @@ class Serving:
 
     def _load(self, ref: ModelRef, path: Path) -> _Loaded:
         try:
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = self.threads
-            options.inter_op_num_threads = 1
-            options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-            options.log_severity_level = 4
-            session = ort.InferenceSession(
-                str(path), sess_options=options, providers=["CPUExecutionProvider"]
-            )
+            session = open_session(path, self.threads, log_severity=4)
         except Exception as exc:  # onnxruntime raises plain Exception subclasses
             raise _Failure("load", _first_line(exc)) from None
         return _Loaded(ref, Path(path), session)

@@ -479,12 +479,12 @@ def bench_memory(fleet: FleetConfig, pub: Publisher, url: str, tmp: Path, args) 
 def session_footprint(outdir: Path) -> int:
     """RSS added by one loaded and warmed-up session, in a fresh process."""
     code = (
-        "import sys, numpy as np, onnxruntime as ort, psutil\n"
+        "import sys, numpy as np, psutil\n"
+        "from slimfleet.agent.runtime import open_session\n"
         "p = psutil.Process()\n"
         "feeds = dict(np.load(sys.argv[2]))\n"
         "before = p.memory_info().rss\n"
-        "o = ort.SessionOptions(); o.intra_op_num_threads = 1; o.log_severity_level = 3\n"
-        "s = ort.InferenceSession(sys.argv[1], o, providers=['CPUExecutionProvider'])\n"
+        "s = open_session(sys.argv[1], 1)\n"
         "s.run(None, feeds)\n"
         "print(p.memory_info().rss - before)\n"
     )

@@ -146,14 +146,9 @@ CASES = {
 
 def session(path: Path):
     """A one-thread, sequential CPU session: the options the agent serves with."""
-    import onnxruntime as ort
+    from slimfleet.agent.runtime import open_session
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return open_session(path, 1)
 
 
 def latencies_ms(paths: dict[str, Path], feeds: list[dict], rounds: int) -> dict[str, float]:

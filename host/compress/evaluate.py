@@ -363,13 +363,9 @@ def _current_rss() -> int:
 
 
 def _session(path: str, settings: EvalSettings) -> Any:
-    import onnxruntime as ort
+    from slimfleet.agent.runtime import open_session
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = settings.threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    return open_session(path, settings.threads)
 
 
 def _load_feeds(paths: Sequence[str]) -> list[dict[str, np.ndarray]]:

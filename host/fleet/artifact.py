@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 
 from slimfleet.agent.errors import InputError
+from slimfleet.agent.runtime import open_session
 from slimfleet.agent.wire import SmokeTest
 from slimfleet.host.compress.modelfile import io_signature, load_model, opset
 
@@ -127,9 +127,7 @@ def make_smoke(artifact: Artifact, max_latency_ms: float | None = None) -> Smoke
     """Run the model here on its sample (or a random one) and record the outputs."""
     inputs = artifact.sample if artifact.sample is not None else random_inputs(artifact.io)
     try:
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        session = ort.InferenceSession(artifact.data, options, providers=["CPUExecutionProvider"])
+        session = open_session(artifact.data)
         names = [o.name for o in session.get_outputs()]
         outputs = dict(zip(names, session.run(names, inputs), strict=True))
     except Exception as exc:  # onnxruntime raises several unrelated types
