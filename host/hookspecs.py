@@ -23,11 +23,11 @@ import pluggy
 if TYPE_CHECKING:
     import onnx
 
-    from slimfleet.host.compress.report import ReportSection
     from slimfleet.host.metrics import Metric
     from slimfleet.host.passes import Feed, Pass, PassContext, PassResult
     from slimfleet.host.recipes import Recipe
     from slimfleet.host.registry import Registry
+    from slimfleet.host.sections import ReportSection
 
 PROJECT = "slimfleet"
 hookspec = pluggy.HookspecMarker(PROJECT)

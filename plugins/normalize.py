@@ -114,7 +114,7 @@ class Normalize(Pass):
         out = copy_model(model)
         moved = constants_to_initializers(out)
         notes = [f"moved {moved} Constant tensors to initializers"] if moved else []
-        before, target = opset_of(out), self.resolve_options(options)["opset"]
+        before, target = opset_of(out), options["opset"]
         if target > before:
             out = upgrade_opset(out, target)
             notes.append(f"opset {before} -> {target}")

@@ -13,7 +13,7 @@ import html
 import io
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,23 +26,11 @@ from slimfleet.host.compress import outdir
 from slimfleet.host.compress.candidate import Candidate
 from slimfleet.host.compress.modelfile import io_signature, opset
 from slimfleet.host.passes import Feed
+from slimfleet.host.sections import ReportSection
 
 if TYPE_CHECKING:
+    from slimfleet.host.compress.choice import Choice
     from slimfleet.host.compress.data import Samples
-    from slimfleet.host.compress.search import Choice
-
-
-@dataclass
-class ReportSection:
-    """A plugin's addition to the report: a title, a paragraph, and key/value figures.
-
-    ``data`` must be JSON-serialisable; ``report.html`` shows it as a table and
-    ``report.json`` stores the section under ``sections``.
-    """
-
-    title: str
-    text: str = ""
-    data: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

@@ -11,7 +11,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,15 +29,16 @@ from slimfleet.host.compress.candidate import (
     Candidate,
     StepRecord,
 )
+from slimfleet.host.compress.choice import choose, ratio_text
 from slimfleet.host.compress.data import Samples, load_samples
-from slimfleet.host.compress.evaluate import (
-    EvalSettings,
-    Outputs,
+from slimfleet.host.compress.evaluate import EvalSettings, Outputs, measure, race, write_samples
+from slimfleet.host.compress.fidelity import (
+    MetricSpec,
     compare,
-    measure,
-    race,
+    metric_specs,
+    samples_to_settle,
     score_metrics,
-    write_samples,
+    straddles,
 )
 from slimfleet.host.compress.modelfile import io_signature, load_model, opset
 from slimfleet.host.passes import Pass, PassContext
@@ -49,9 +50,6 @@ log = logging.getLogger(__name__)
 OBJECTIVES = ("latency", "size")
 SLOWER_TOLERANCE = 0.05
 """A candidate up to 5% slower than the original still counts as "not slower" (timing noise)."""
-TIE = 0.03
-"""Latencies within 3% (sizes within 1%) are a tie, broken by the other figure."""
-SIZE_TIE = 0.01
 RACE_SIZE = 8
 """Accepted candidates (best on the objective first) re-timed round-robin with the original."""
 FALLBACK_SERIES = 2
@@ -76,6 +74,7 @@ def compress(
     objective: str = "latency",
     threads: int = 1,
     input_shapes: dict[str, tuple[int, ...]] | None = None,
+    metrics: dict[str, MetricSpec] | None = None,
     progress: Progress | None = None,
     plugins: Plugins | None = None,
     settings: EvalSettings | None = None,
@@ -108,7 +107,15 @@ def compress(
         samples = load_samples(plugins.pm.hook, data, signature["inputs"], input_shapes)
         with tempfile.TemporaryDirectory(prefix="slimfleet-compress-") as tmp:
             search = Search(
-                model, model_path, plugins, samples, settings, Path(tmp), fidelity, objective
+                model,
+                model_path,
+                plugins,
+                samples,
+                settings,
+                Path(tmp),
+                fidelity,
+                objective,
+                metrics,
             )
             search.progress = progress
             search.run(recipes)
@@ -125,6 +132,7 @@ def compress(
                     "passes": passes,
                     "data": str(data) if data is not None else None,
                     "input_shapes": {k: list(v) for k, v in (input_shapes or {}).items()},
+                    "metrics": {k: v.label() for k, v in (metrics or {}).items()},
                     "evaluation": asdict(settings),
                 },
                 samples=samples,
@@ -176,6 +184,7 @@ class Search:
         workdir: Path,
         budget: float,
         objective: str = "latency",
+        metrics: dict[str, MetricSpec] | None = None,
     ) -> None:
         self.model = model
         self.model_path = model_path
@@ -189,6 +198,10 @@ class Search:
         self.candidates: list[Candidate] = []
         self.recipes: dict[int, Recipe] = {}
         self.reference: list[Outputs] = []
+        self.given_metrics = dict(metrics or {})
+        """``--metric`` choices by output name; the others are detected."""
+        self.specs: dict[str, MetricSpec] = {}
+        """The metric of every output, fixed once the original has run."""
         self.progress: Progress | None = None
         self._done = 0
         self._total = 0
@@ -200,6 +213,8 @@ class Search:
         self._alone: dict[str, Any] = {}
         """The original's latency measured alone, for candidates that did not race."""
         self._probes = 0
+        self._resolved: dict[str, dict[str, Any]] = {}
+        """Resolved options by step label (see :meth:`_options`)."""
 
     # -- driving ------------------------------------------------------------------------
 
@@ -244,7 +259,8 @@ class Search:
             )
         self.reference = original.measurement.outputs
         original.measurement.outputs = []
-        original.fidelity = compare(self.reference, self.reference)
+        self.specs = metric_specs(self.reference, self.given_metrics)
+        original.fidelity = compare(self.reference, self.reference, self.specs)
         original.metrics = score_metrics(self.plugins.metrics, self.reference, self.reference)
         original.status, original.reason = BASELINE, "the reference for every other candidate"
         self._digests[_digest(self.model)] = 0
@@ -301,11 +317,23 @@ class Search:
 
     def _lossless(self, recipe: Recipe) -> bool:
         passes = self.plugins.passes
-        return all(
-            s.pass_name in passes
-            and (impl := passes.get(s.pass_name)).is_lossless(impl.resolve_options(s.options))
-            for s in recipe.steps
-        )
+        try:
+            return all(
+                s.pass_name in passes and passes.get(s.pass_name).is_lossless(self._options(s))
+                for s in recipe.steps
+            )
+        except SlimfleetError:
+            return False  # a bad option: the candidate fails when it is built
+
+    def _options(self, step: Step) -> dict[str, Any]:
+        """``step``'s options resolved by its pass, once per distinct step; passes only
+        ever see resolved options. Raises the pass's InputError for a bad option."""
+        key = step.label()
+        if key not in self._resolved:
+            self._resolved[key] = self.plugins.passes.get(step.pass_name).resolve_options(
+                step.options
+            )
+        return self._resolved[key]
 
     def _build(
         self, steps: Sequence[Step], records: list[StepRecord], candidate_id: int
@@ -340,7 +368,7 @@ class Search:
     ) -> onnx.ModelProto:
         try:
             pass_ = self.plugins.passes.get(step.pass_name)
-            options = pass_.resolve_options(step.options)
+            options = self._options(step)
         except SlimfleetError as exc:
             records.append(StepRecord(step.pass_name, dict(step.options), "failed", str(exc)))
             raise _StepFailed(str(exc)) from None
@@ -396,7 +424,7 @@ class Search:
             records.append(StepRecord(for_pass, {}, "failed", reason))
             raise _StepFailed(reason)
         upgrade = self.plugins.passes.get(UPGRADE_PASS)
-        options = upgrade.resolve_options({"opset": needed})
+        options = self._options(Step(UPGRADE_PASS, {"opset": needed}))
         return self._run_pass(upgrade, model, options, records, context, auto=True)
 
     # -- judging ------------------------------------------------------------------------
@@ -408,7 +436,8 @@ class Search:
             candidate.status, candidate.reason = FAILED, measurement.error
             return
         outputs, measurement.outputs = measurement.outputs, []
-        candidate.fidelity = compare(self.reference, outputs)
+        candidate.fidelity = compare(self.reference, outputs, self.specs)
+        candidate.undecided = self._undecided(candidate)
         try:
             candidate.metrics = score_metrics(self.plugins.metrics, self.reference, outputs)
         except SlimfleetError as exc:
@@ -419,11 +448,12 @@ class Search:
         if fidelity.problem:
             candidate.status, candidate.reason = REJECTED, fidelity.problem
         elif fidelity.score < self.budget:
-            worst = min(fidelity.outputs, key=lambda o: o.score)
+            worst = fidelity.worst()
+            assert worst is not None
             candidate.status = REJECTED
             candidate.reason = (
                 f"fidelity {fidelity.score:.6g} is below the budget {self.budget} "
-                f"(output {worst.name!r}, {worst.judged_by})"
+                f"(output {worst.name!r}, {worst.metric}, {worst.samples} samples)"
             )
         elif low_metrics:
             name, value = next(iter(low_metrics.items()))
@@ -433,6 +463,20 @@ class Search:
             candidate.status = ACCEPTED
             return
         self._missed_budget.add(candidate.id)
+
+    def _undecided(self, candidate: Candidate) -> list[dict[str, Any]]:
+        """Outputs whose 95% interval holds the budget: the samples cannot tell."""
+        assert candidate.fidelity is not None
+        return [
+            {
+                "output": o.name,
+                "interval": list(o.interval or ()),
+                "samples": o.samples,
+                "samples_to_settle": samples_to_settle(o, self.budget),
+            }
+            for o in candidate.fidelity.outputs
+            if straddles(o, self.budget)
+        ]
 
     def _race(self) -> None:
         """Re-time the best accepted candidates round-robin with the original."""
@@ -478,8 +522,7 @@ class Search:
             return
         candidate.reason = (
             f"fidelity {candidate.fidelity.score:.6g} within budget; "
-            f"latency {_ratio(mine, base)}, "
-            f"size {_ratio(candidate.size_bytes, baseline.size_bytes)} of the original"
+            f"{ratio_text(mine, base, candidate.size_bytes, baseline.size_bytes)}"
         )
 
     # -- per-layer fallback ---------------------------------------------------------------
@@ -524,7 +567,7 @@ class Search:
         self._total += len(sizes)
         for done, count in enumerate(sizes, 1):
             variant = self.try_recipe(
-                _excluding(recipe, names[:count], self.plugins),
+                self._excluding(recipe, names[:count]),
                 parent=candidate.id,
                 excluded=names[:count],
                 label=f"{candidate.label} + fallback: {count} node{'s' * (count > 1)} in float",
@@ -534,6 +577,18 @@ class Search:
             if variant.id not in self._missed_budget:
                 self._total -= len(sizes) - done  # met the budget, or failed
                 break
+
+    def _excluding(self, recipe: Recipe, names: Sequence[str]) -> Recipe:
+        """``recipe`` with ``names`` added to ``exclude_nodes`` of every step that takes it."""
+        steps = []
+        for step in recipe.steps:
+            pass_ = self.plugins.passes.get(step.pass_name)
+            if any(o.name == EXCLUDE_OPTION for o in pass_.options):
+                kept = list(self._options(step)[EXCLUDE_OPTION])
+                merged = kept + [n for n in names if n not in kept]
+                step = Step(step.pass_name, {**step.options, EXCLUDE_OPTION: merged})
+            steps.append(step)
+        return Recipe(recipe.name, tuple(steps), recipe.description, recipe.lossy)
 
     def _probe(self, model: onnx.ModelProto) -> list[Outputs] | None:
         self._probes += 1
@@ -554,19 +609,6 @@ class Search:
         return measurement.outputs
 
 
-def _excluding(recipe: Recipe, names: Sequence[str], plugins: Plugins) -> Recipe:
-    """``recipe`` with ``names`` added to ``exclude_nodes`` of every step that takes it."""
-    steps = []
-    for step in recipe.steps:
-        pass_ = plugins.passes.get(step.pass_name)
-        if any(o.name == EXCLUDE_OPTION for o in pass_.options):
-            kept = list(pass_.resolve_options(step.options)[EXCLUDE_OPTION])
-            merged = kept + [n for n in names if n not in kept]
-            step = Step(step.pass_name, {**step.options, EXCLUDE_OPTION: merged})
-        steps.append(step)
-    return Recipe(recipe.name, tuple(steps), recipe.description, recipe.lossy)
-
-
 def _key(steps: Sequence[Step]) -> tuple[str, ...]:
     return tuple(s.label() for s in steps)
 
@@ -577,74 +619,3 @@ def _digest(model: onnx.ModelProto) -> str:
 
 def _ms(value: float | None) -> str:
     return f"{value:.3f} ms" if value is not None and np.isfinite(value) else "n/a"
-
-
-def _ratio(value: float | None, base: float | None) -> str:
-    return f"{value / base:.2f}x" if value and base else "n/a"
-
-
-# -- choosing -------------------------------------------------------------------------------
-
-
-def _beats(candidate: Candidate, baseline: Candidate, objective: str) -> bool:
-    """Better than the original on the objective, or tied on it and better on the other."""
-    lat, base_lat = candidate.latency_ms or np.inf, baseline.latency_ms or np.inf
-    size, base_size = candidate.size_bytes or np.inf, baseline.size_bytes or np.inf
-    faster, smaller = lat < base_lat * (1 - TIE), size < base_size * (1 - SIZE_TIE)
-    if objective == "latency":
-        return faster or (lat <= base_lat * (1 + TIE) and smaller)
-    return smaller or (size <= base_size * (1 + SIZE_TIE) and faster)
-
-
-def _best(candidates: Sequence[Candidate], objective: str) -> Candidate:
-    """Best on the objective; near-ties on it go to the better other figure."""
-    if objective == "latency":
-        fastest = min(c.latency_ms or np.inf for c in candidates)
-        tied = [c for c in candidates if (c.latency_ms or np.inf) <= fastest * (1 + TIE)]
-        return min(tied, key=lambda c: (c.size_bytes, c.latency_ms, c.id))
-    smallest = min(c.size_bytes or np.inf for c in candidates)
-    tied = [c for c in candidates if (c.size_bytes or np.inf) <= smallest * (1 + SIZE_TIE)]
-    return min(tied, key=lambda c: (c.latency_ms, c.size_bytes, c.id))
-
-
-@dataclass(frozen=True)
-class Choice:
-    """The candidate to ship, why, and whether that means keeping the original."""
-
-    candidate: Candidate
-    reason: str
-    kept_original: bool
-
-
-def choose(candidates: Sequence[Candidate], objective: str) -> Choice:
-    """Pick from ``candidates``, whose first entry is the original (the baseline).
-
-    Among accepted candidates that beat the original, the best on ``objective``. When
-    none beats it: the best lossless accepted candidate (the original, simplified), or
-    the original itself.
-    """
-    baseline = candidates[0]
-    accepted = [c for c in candidates if c.status == ACCEPTED]
-    winners = [c for c in accepted if _beats(c, baseline, objective)]
-    if winners:
-        best = _best(winners, objective)
-        figure = "fastest" if objective == "latency" else "smallest"
-        return Choice(
-            best,
-            f"{figure} of {len(winners)} candidate{'s' * (len(winners) > 1)} that beat the "
-            f"original inside the fidelity budget: latency "
-            f"{_ratio(best.latency_ms, baseline.latency_ms)}, size "
-            f"{_ratio(best.size_bytes, baseline.size_bytes)} of the original",
-            kept_original=False,
-        )
-    nothing = (
-        f"no candidate beat the original on {objective} inside the fidelity budget "
-        f"({len(accepted)} accepted, {len(candidates) - 1 - len(accepted)} not)"
-    )
-    lossless = [c for c in accepted if c.lossless]
-    if lossless:
-        best = _best(lossless, objective)
-        return Choice(
-            best, f"{nothing}; keeping the original, simplified losslessly ({best.label})", True
-        )
-    return Choice(baseline, f"{nothing}; keeping the original model unchanged", True)

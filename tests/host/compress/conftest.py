@@ -10,7 +10,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from slimfleet.host.compress.evaluate import EvalSettings
+from slimfleet.host.compress.candidate import ACCEPTED, Candidate
+from slimfleet.host.compress.evaluate import EvalSettings, Measurement
 from slimfleet.host.plugins import Plugins, load_plugins, make_plugin_manager
 
 
@@ -72,3 +73,18 @@ def unrunnable() -> onnx.ModelProto:
         [shape],
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+@pytest.fixture
+def make_candidate() -> Callable[..., Candidate]:
+    """``make_candidate(id, latency_ms, size_bytes, status=ACCEPTED, lossless=False)``."""
+
+    def make(
+        id_: int, latency: float, size: int, status: str = ACCEPTED, lossless: bool = False
+    ) -> Candidate:
+        candidate = Candidate(id_, f"r{id_}", f"r{id_}", f"r{id_}", lossless=lossless)
+        candidate.status, candidate.size_bytes = status, size
+        candidate.measurement = Measurement(latency_ms={"median": latency})
+        return candidate
+
+    return make

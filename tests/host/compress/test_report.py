@@ -11,10 +11,10 @@ import pytest
 from slimfleet.agent.errors import InputError
 from slimfleet.host.compress import report
 from slimfleet.host.compress.evaluate import EvalSettings
-from slimfleet.host.compress.report import ReportSection
 from slimfleet.host.compress.search import compress
 from slimfleet.host.hookspecs import hookimpl
 from slimfleet.host.plugins import load_plugins, make_plugin_manager
+from slimfleet.host.sections import ReportSection
 
 
 class FleetNotes:
@@ -67,7 +67,8 @@ def test_report_json_holds_every_candidate_and_the_summary(finished):
         assert key in candidate
     assert set(candidate["latency_ms"]) == {"median", "p90", "runs", "method"}
     assert set(candidate["fidelity"]["outputs"]["y"]) == {
-        "judged_by", "score", "argmax_agreement", "cosine", "max_abs_error"
+        "metric", "score", "samples", "interval", "interval_method", "detected",
+        "step_agreement", "cosine", "max_abs_error",
     }  # fmt: skip
     summary = doc["summary"]
     for key in ("chosen", "size_ratio", "latency_ratio", "fidelity", "kept_original", "metrics"):
