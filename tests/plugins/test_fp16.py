@@ -89,9 +89,8 @@ def test_overflowing_batchnorm_is_clamped_and_said(context, helpers):
     variance.CopyFrom(numpy_helper.from_array(big, "bn2_v"))
     clamped = PASS.apply(model, context(), PASS.resolve_options({}))
     assert "clamped 16 weights beyond ±65504 in bn2_v" in clamped.notes
-    folded = PASS.apply(
-        Simplify().apply(model, context(), Simplify().resolve_options({})).model, context(), {}
-    )
+    simplified = Simplify().apply(model, context(), Simplify().resolve_options({})).model
+    folded = PASS.apply(simplified, context(), PASS.resolve_options({}))
     assert "clamped" not in folded.notes
     feed = helpers.feeds(model, 1)[0]
     assert helpers.cosine(helpers.run(folded.model, feed)[0], helpers.run(model, feed)[0]) > 0.999
