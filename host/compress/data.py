@@ -75,6 +75,12 @@ def random_feeds(
 ) -> list[Feed]:
     """``count`` random samples: floats uniform in [0, 1), integers and bools 0 or 1."""
     rng = np.random.default_rng(SPLIT_SEED)
+    for spec in inputs:
+        if spec["shape"] is None and "(" in str(spec["dtype"]):
+            raise InputError(
+                f"input {spec['name']!r} is a {spec['dtype']}, not a tensor: slimfleet feeds "
+                "tensor inputs only"
+            )
     resolved = {spec["name"]: _random_shape(spec, shapes.get(spec["name"])) for spec in inputs}
     feeds = []
     for _ in range(count):

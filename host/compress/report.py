@@ -141,10 +141,14 @@ def _npz_bytes(feed: Feed) -> bytes:
     return buffer.getvalue()
 
 
-def write(out: Path, doc: dict[str, Any], model_bytes: bytes, sample: Feed) -> None:
-    """Write model.onnx, report.json, report.html and sample.npz into ``out`` atomically."""
+def write(out: Path, doc: dict[str, Any], model: Path, sample: Feed) -> None:
+    """Write model.onnx (from the file ``model``), report.json, report.html and sample.npz
+    into ``out``, each atomically."""
+    try:
+        outdir.write_model(out, model)
+    except OSError as exc:
+        raise InputError(f"{out / outdir.MODEL}: cannot write ({exc.strerror or exc})") from None
     files = {
-        outdir.MODEL: model_bytes,
         outdir.SAMPLE: _npz_bytes(sample),
         outdir.REPORT_JSON: (json.dumps(doc, indent=2, default=_json_default) + "\n").encode(),
         outdir.REPORT_HTML: to_html(doc).encode(),

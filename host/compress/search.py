@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import shutil
 import tempfile
@@ -40,7 +39,14 @@ from slimfleet.host.compress.fidelity import (
     score_metrics,
     straddles,
 )
-from slimfleet.host.compress.modelfile import io_signature, load_model, opset
+from slimfleet.host.compress.modelfile import (
+    digest,
+    io_signature,
+    load_model,
+    opset,
+    save_model,
+    total_size,
+)
 from slimfleet.host.passes import Pass, PassContext
 from slimfleet.host.plugins import Plugins, load_plugins
 from slimfleet.host.recipes import Recipe, Step, parse_recipe
@@ -96,7 +102,7 @@ def compress(
         raise InputError(f"threads {threads}: must be at least 1")
     settings = replace(settings or EvalSettings(), threads=threads)
     model_path = Path(model_path)
-    model = load_model(model_path)
+    model = load_model(model_path, external_data=True)
     plugins = plugins or load_plugins()
     recipes = _recipes(plugins, passes)
     signature = io_signature(model)
@@ -140,7 +146,7 @@ def compress(
             )
             doc["sections"] = report.sections(plugins.pm.hook, doc)
             assert choice.candidate.path is not None
-            report.write(out, doc, choice.candidate.path.read_bytes(), samples.evaluation[0])
+            report.write(out, doc, choice.candidate.path, samples.evaluation[0])
     except BaseException:
         if created and out.is_dir() and not any(out.iterdir()):
             out.rmdir()
@@ -246,7 +252,7 @@ class Search:
             0, "original", "(original)", "(original)", "the model as given", lossless=True
         )
         original.path = self.model_path
-        original.size_bytes = self.model_path.stat().st_size
+        original.size_bytes = total_size(self.model_path)
         self.candidates.append(original)
         self._step("measuring the original")
         original.measurement = measure(
@@ -263,7 +269,7 @@ class Search:
         original.fidelity = compare(self.reference, self.reference, self.specs)
         original.metrics = score_metrics(self.plugins.metrics, self.reference, self.reference)
         original.status, original.reason = BASELINE, "the reference for every other candidate"
-        self._digests[_digest(self.model)] = 0
+        self._digests[digest(self.model)] = 0
 
     # -- building -----------------------------------------------------------------------
 
@@ -294,9 +300,9 @@ class Search:
         except _StepFailed as exc:
             candidate.status, candidate.reason = FAILED, str(exc)
             return candidate
-        digest = _digest(model)
-        if digest in self._digests:
-            same = self._digests[digest]
+        content = digest(model)
+        if content in self._digests:
+            same = self._digests[content]
             candidate.status = SKIPPED
             candidate.reason = (
                 "no pass changed the model" if same == 0 else f"same model as candidate #{same}"
@@ -305,10 +311,10 @@ class Search:
             if why:
                 candidate.reason += f" ({why})"
             return candidate
-        self._digests[digest] = candidate.id
+        self._digests[content] = candidate.id
         candidate.path = self.workdir / f"candidate-{candidate.id}.onnx"
-        onnx.save_model(model, str(candidate.path))
-        candidate.size_bytes = candidate.path.stat().st_size
+        save_model(model, candidate.path)
+        candidate.size_bytes = total_size(candidate.path)
         candidate.measurement = measure(
             candidate.path, self.sample_paths, self.settings, self.workdir / f"cand-{candidate.id}"
         )
@@ -593,7 +599,7 @@ class Search:
     def _probe(self, model: onnx.ModelProto) -> list[Outputs] | None:
         self._probes += 1
         path = self.workdir / f"probe-{self._probes}.onnx"
-        onnx.save_model(model, str(path))
+        save_model(model, path)
         measurement = measure(
             path,
             self.sample_paths[:PROBE_SAMPLES],
@@ -602,6 +608,7 @@ class Search:
             latency=False,
         )
         path.unlink()
+        path.with_name(path.name + ".data").unlink(missing_ok=True)  # save_model's, if any
         shutil.rmtree(self.workdir / f"probe-{self._probes}", ignore_errors=True)
         if measurement.error:
             log.info("fallback probe failed: %s", measurement.error)
@@ -611,10 +618,6 @@ class Search:
 
 def _key(steps: Sequence[Step]) -> tuple[str, ...]:
     return tuple(s.label() for s in steps)
-
-
-def _digest(model: onnx.ModelProto) -> str:
-    return hashlib.sha256(model.SerializeToString()).hexdigest()
 
 
 def _ms(value: float | None) -> str:

@@ -163,8 +163,10 @@ def test_write_replaces_files_atomically(tmp_path, finished):
     out = tmp_path / "out"
     out.mkdir()
     (out / "model.onnx").write_bytes(b"old")
-    report.write(out, finished.data, b"new model", {"x": np.zeros((1, 4), np.float32)})
-    assert (out / "model.onnx").read_bytes() == b"new model"
+    (out / "model.onnx.data").write_bytes(b"an earlier output's external data")
+    model = models.save(models.add_one(), tmp_path / "new.onnx")
+    report.write(out, finished.data, model, {"x": np.zeros((1, 4), np.float32)})
+    assert (out / "model.onnx").read_bytes() == model.read_bytes()
     assert sorted(p.name for p in out.iterdir()) == [
         "model.onnx", "report.html", "report.json", "sample.npz"
     ]  # fmt: skip
@@ -174,7 +176,12 @@ def test_write_failure_is_one_line_and_leaves_no_temp_file(tmp_path, finished):
     out = tmp_path / "out"
     (out / "report.json").mkdir(parents=True)  # a directory where the file should go
     with pytest.raises(InputError, match=r"report\.json: cannot write"):
-        report.write(out, finished.data, b"m", {"x": np.zeros((1, 4), np.float32)})
+        report.write(
+            out,
+            finished.data,
+            models.save(models.add_one(), tmp_path / "m.onnx"),
+            {"x": np.zeros((1, 4), np.float32)},
+        )
     assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "report.json", "sample.npz"]
 
 
