@@ -410,10 +410,28 @@ def score_output(
     return result
 
 
+def state_outputs(signature: dict[str, list[dict[str, Any]]]) -> set[str]:
+    """Float outputs shaped and typed like one of the inputs: a streaming model's state
+    (``h_out`` for ``h_in``), judged by cosine rather than as class scores."""
+    inputs = {
+        (spec["dtype"], tuple(spec["shape"]))
+        for spec in signature["inputs"]
+        if spec["shape"] and spec["dtype"].startswith("float")
+    }
+    return {
+        spec["name"]
+        for spec in signature["outputs"]
+        if spec["shape"] and (spec["dtype"], tuple(spec["shape"])) in inputs
+    }
+
+
 def metric_specs(
-    reference: Sequence[Outputs], given: dict[str, MetricSpec] | None = None
+    reference: Sequence[Outputs],
+    given: dict[str, MetricSpec] | None = None,
+    states: Iterable[str] = (),
 ) -> dict[str, MetricSpec]:
-    """The metric of every output: ``given`` (``--metric``) where set, else detected.
+    """The metric of every output: ``given`` (``--metric``) where set, cosine for the
+    ``states`` (see :func:`state_outputs`), else detected from the values.
 
     A ``given`` name that is not an output is an InputError naming the outputs.
     """
@@ -422,7 +440,12 @@ def metric_specs(
     unknown = [n for n in given if n not in names]
     if unknown:
         raise InputError(f"--metric {unknown[0]!r}: the model has no such output ({names})")
-    return {n: given.get(n) or detect([r[n] for r in reference]) for n in names}
+    states = set(states)
+    return {
+        n: given.get(n)
+        or (MetricSpec("cosine") if n in states else detect([r[n] for r in reference]))
+        for n in names
+    }
 
 
 def compare(

@@ -225,6 +225,21 @@ def _type_text(type_: onnx.TypeProto) -> str:
     return kind or "unknown"
 
 
+def name_dynamic_dims(model: onnx.ModelProto) -> int:
+    """Rewrite input/output dims written as ``-1`` or ``0`` as named dynamic dims, in
+    place; how many were rewritten. onnxruntime refuses data for a ``0`` dim, and shape
+    inference and quantizers read ``-1`` as a size."""
+    count = 0
+    for value in [*model.graph.input, *model.graph.output]:
+        if not value.type.HasField("tensor_type"):
+            continue
+        for index, dim in enumerate(value.type.tensor_type.shape.dim):
+            if dim.HasField("dim_value") and dim.dim_value <= 0:
+                dim.dim_param = f"{value.name}_dim{index}"  # clears dim_value (a oneof)
+                count += 1
+    return count
+
+
 def io_signature(model: onnx.ModelProto) -> dict[str, list[dict[str, Any]]]:
     """``{"inputs": [...], "outputs": [...]}``, each ``{"name", "dtype", "shape"}``.
 

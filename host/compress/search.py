@@ -37,12 +37,14 @@ from slimfleet.host.compress.fidelity import (
     metric_specs,
     samples_to_settle,
     score_metrics,
+    state_outputs,
     straddles,
 )
 from slimfleet.host.compress.modelfile import (
     digest,
     io_signature,
     load_model,
+    name_dynamic_dims,
     opset,
     save_model,
     total_size,
@@ -112,9 +114,13 @@ def compress(
     try:
         samples = load_samples(plugins.pm.hook, data, signature["inputs"], input_shapes)
         with tempfile.TemporaryDirectory(prefix="slimfleet-compress-") as tmp:
+            runnable = model_path
+            if name_dynamic_dims(model):  # measured, and kept, with its dims named
+                runnable = Path(tmp) / "original.onnx"
+                save_model(model, runnable)
             search = Search(
                 model,
-                model_path,
+                runnable,
                 plugins,
                 samples,
                 settings,
@@ -265,7 +271,8 @@ class Search:
             )
         self.reference = original.measurement.outputs
         original.measurement.outputs = []
-        self.specs = metric_specs(self.reference, self.given_metrics)
+        states = state_outputs(io_signature(self.model))
+        self.specs = metric_specs(self.reference, self.given_metrics, states)
         original.fidelity = compare(self.reference, self.reference, self.specs)
         original.metrics = score_metrics(self.plugins.metrics, self.reference, self.reference)
         original.status, original.reason = BASELINE, "the reference for every other candidate"

@@ -202,3 +202,21 @@ def test_bad_metric_text(text, message):
 def test_a_metric_for_an_unknown_output_is_refused():
     with pytest.raises(InputError, match="the model has no such output"):
         fidelity.metric_specs([_outs(y=np.ones(2))], {"z": MetricSpec("cosine", given=True)})
+
+
+def test_outputs_shaped_like_inputs_are_state_and_judged_by_cosine():
+    signature = {
+        "inputs": [
+            {"name": "frame", "dtype": "float32", "shape": [1, 12]},
+            {"name": "h_in", "dtype": "float32", "shape": [16]},
+        ],
+        "outputs": [
+            {"name": "scores", "dtype": "float32", "shape": [1, 5]},
+            {"name": "h_out", "dtype": "float32", "shape": [16]},
+        ],
+    }
+    assert fidelity.state_outputs(signature) == {"h_out"}
+    reference = [_outs(scores=RNG.normal(size=(1, 5)), h_out=RNG.normal(size=16))]
+    specs = fidelity.metric_specs(reference, states={"h_out"})
+    assert (specs["scores"].kind, specs["h_out"].kind) == ("top1", "cosine")
+    assert fidelity.metric_specs(reference)["h_out"].kind == "top1"  # what it would be
