@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -18,9 +19,27 @@ REPORT_HTML = "report.html"
 SAMPLE = "sample.npz"
 
 
-def prepare(outdir: Path | str) -> Path:
-    """Create ``outdir`` if needed and prove it is writable, before any long work starts."""
+def earlier_output(path: Path) -> bool:
+    """True when ``path`` holds a report.json written by slimfleet compress."""
+    try:
+        doc = json.loads((path / REPORT_JSON).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(doc, dict) and "slimfleet_version" in doc
+
+
+def prepare(outdir: Path | str, *, force: bool = False) -> Path:
+    """Create ``outdir`` if needed and prove it is writable, before any long work starts.
+
+    A non-empty directory that is not an earlier output is refused unless ``force``:
+    compress overwrites model.onnx there, and a typo in ``-o`` must not cost a file.
+    """
     path = Path(outdir)
+    if path.is_dir() and not force and any(path.iterdir()) and not earlier_output(path):
+        raise InputError(
+            f"output directory {path} is not empty and holds no earlier slimfleet output; "
+            "choose another or pass --force to write into it"
+        )
     try:
         path.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(dir=path, prefix=".slimfleet-probe-")

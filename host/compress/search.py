@@ -86,12 +86,16 @@ def compress(
     progress: Progress | None = None,
     plugins: Plugins | None = None,
     settings: EvalSettings | None = None,
+    force: bool = False,
 ) -> report.Report:
     """Find the best model inside the fidelity budget and write it with its report.
 
     ``outdir_path`` receives ``model.onnx``, ``report.json``, ``report.html`` and
     ``sample.npz``. ``passes`` (``"simplify,quantize_dynamic[op_types=MatMul]"``) runs
-    that one recipe instead of every registered one. ``settings`` overrides how
+    that one recipe instead of every registered one; a pass in it that skips (its check
+    says why not) is an InputError. ``metrics`` sets the task metric of outputs by name
+    (``--metric``); the others are detected. ``force`` writes into a non-empty
+    ``outdir`` that holds no earlier output. ``settings`` overrides how
     candidates are measured (its ``threads`` is replaced by ``threads``). Bad input
     raises :class:`InputError`; temp files are removed in every case.
     """
@@ -110,7 +114,7 @@ def compress(
     signature = io_signature(model)
     out = Path(outdir_path)
     created = not out.exists()
-    outdir.prepare(out)
+    outdir.prepare(out, force=force)
     try:
         samples = load_samples(plugins.pm.hook, data, signature["inputs"], input_shapes)
         with tempfile.TemporaryDirectory(prefix="slimfleet-compress-") as tmp:
@@ -131,6 +135,8 @@ def compress(
             )
             search.progress = progress
             search.run(recipes)
+            if passes is not None:
+                _refuse_skipped_steps(search.candidates[1:])
             choice = choose(search.candidates, objective)
             doc = report.build(
                 model_path=model_path,
@@ -170,6 +176,14 @@ def _recipes(plugins: Plugins, passes: str | None) -> list[Recipe]:
     for step in recipe.steps:
         plugins.passes.get(step.pass_name).resolve_options(step.options)
     return [recipe]
+
+
+def _refuse_skipped_steps(candidates: Sequence[Candidate]) -> None:
+    """A pass the user asked for by name that did not run is invalid input (exit 2)."""
+    for candidate in candidates:
+        for step in candidate.steps:
+            if step.status == "skipped" and not step.auto:
+                raise InputError(f"--passes: pass {step.pass_name} was skipped: {step.notes}")
 
 
 def _one_line(exc: BaseException) -> str:

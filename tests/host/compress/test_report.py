@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from slimfleet.agent.errors import InputError
-from slimfleet.host.compress import report
+from slimfleet.host.compress import report, reporthtml
 from slimfleet.host.compress.evaluate import EvalSettings
 from slimfleet.host.compress.search import compress
 from slimfleet.host.hookspecs import hookimpl
@@ -131,7 +131,7 @@ def test_chart_plots_measured_candidates_and_rings_the_choice():
         _candidate(2, "rejected", 13_600_000, 35.9, 0.991),
         _candidate(3, "failed", None, None, None),
     ]
-    svg = report.chart(candidates, chosen=1)
+    svg = reporthtml.chart(candidates, chosen=1)
     assert svg.count("r='5'") == 3 + 3  # three points and the three legend dots
     assert svg.count("r='10'") == 1
     assert "#1 f=0.995" in svg and "#2 f=0.991" in svg and "#3" not in svg
@@ -142,13 +142,13 @@ def test_chart_plots_measured_candidates_and_rings_the_choice():
 
 
 def test_chart_without_measurements():
-    assert report.chart([_candidate(0, "failed", None, None, None)], 0) == (
+    assert reporthtml.chart([_candidate(0, "failed", None, None, None)], 0) == (
         "<p>No candidate was measured.</p>"
     )
 
 
 def test_labels_are_escaped_in_the_table():
-    html = report._table([_candidate(0, "baseline", 10, 1.0, 1.0, label="<b>x</b>")], 0)
+    html = reporthtml.table([_candidate(0, "baseline", 10, 1.0, 1.0, label="<b>x</b>")], 0)
     assert "<b>x</b>" not in html and "&lt;b&gt;x&lt;/b&gt;" in html
 
 
@@ -156,7 +156,7 @@ def test_labels_are_escaped_in_the_table():
     ("top", "ticks"), [(54.1, [0, 10, 20, 30, 40, 50]), (0.9, [0, 0.2, 0.4, 0.6, 0.8])]
 )
 def test_ticks(top, ticks):
-    assert report._ticks(top) == pytest.approx(ticks)
+    assert reporthtml._ticks(top) == pytest.approx(ticks)
 
 
 def test_write_replaces_files_atomically(tmp_path, finished):
