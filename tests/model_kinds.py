@@ -23,11 +23,8 @@ def _i64(name: str, values: list[int]) -> onnx.TensorProto:
     return numpy_helper.from_array(np.asarray(values, np.int64), name)
 
 
-def _model(graph: onnx.GraphProto, opset: int, ml: bool = False) -> onnx.ModelProto:
-    imports = [helper.make_opsetid("", opset)]
-    if ml:
-        imports.append(helper.make_opsetid("ai.onnx.ml", 3))
-    model = helper.make_model(graph, opset_imports=imports)
+def _model(graph: onnx.GraphProto, opset: int) -> onnx.ModelProto:
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = 8 if opset < 21 else 10
     onnx.checker.check_model(model)
     return model
@@ -222,8 +219,9 @@ def control_flow(opset: int = 13) -> onnx.ModelProto:
 
 
 def ml_classifier() -> onnx.ModelProto:
-    """scikit-learn style: ``ai.onnx.ml`` LinearClassifier + ZipMap. Outputs ``label``
-    int64 [N] and ``probabilities`` seq(map(int64, float)). Input ``x`` float [N, 4]."""
+    """scikit-learn style: ``ai.onnx.ml`` LinearClassifier + ZipMap and no ``ai.onnx``
+    import. Outputs ``label`` int64 [N] and ``probabilities`` seq(map(int64, float)).
+    Input ``x`` float [N, 4]."""
     rng = np.random.default_rng(SEED)
     nodes = [
         helper.make_node(
@@ -258,7 +256,10 @@ def ml_classifier() -> onnx.ModelProto:
             helper.make_value_info("probabilities", seq_map),
         ],
     )
-    return _model(graph, 13, ml=True)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("ai.onnx.ml", 3)])
+    model.ir_version = 8  # like logreg_iris: no ai.onnx import at all
+    onnx.checker.check_model(model)
+    return model
 
 
 def wrong_output_shape(model: onnx.ModelProto, dims: list[int]) -> onnx.ModelProto:

@@ -190,6 +190,11 @@ def opset(model: onnx.ModelProto) -> int:
     return 1
 
 
+def imports_default_domain(model: onnx.ModelProto) -> bool:
+    """True unless the model uses other domains only (a pure ``ai.onnx.ml`` model)."""
+    return any(e.domain in ("", "ai.onnx") for e in model.opset_import)
+
+
 def _dim(d: onnx.TensorShapeProto.Dimension) -> int | str | None:
     """A positive size, the symbol, or None: ``-1`` and ``0`` (as Paddle writes a dynamic
     dimension) and a missing value are dynamic."""

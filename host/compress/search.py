@@ -42,6 +42,7 @@ from slimfleet.host.compress.fidelity import (
 )
 from slimfleet.host.compress.modelfile import (
     digest,
+    imports_default_domain,
     io_signature,
     load_model,
     name_dynamic_dims,
@@ -400,6 +401,10 @@ class Search:
             records.append(StepRecord(step.pass_name, dict(step.options), "failed", str(exc)))
             raise _StepFailed(str(exc)) from None
         needed = pass_.min_opset(options)
+        if needed > opset(model) and not imports_default_domain(model):
+            reason = "the model has no ai.onnx operators to upgrade (only other domains)"
+            records.append(StepRecord(pass_.name, options, "skipped", reason))
+            return model
         if needed > opset(model):
             model = self._upgrade(model, needed, pass_.name, records, context)
         reason = pass_.check(model, context, options)

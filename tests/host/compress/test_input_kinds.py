@@ -175,6 +175,12 @@ def test_ai_onnx_ml_operators_and_a_seq_map_output(tmp_path, quick):
     assert {c["status"] for c in result.candidates} <= STATUSES
     assert result.data["model"]["outputs"][1]["dtype"] == "seq(map(int64,tensor(float32)))"
     assert result.summary["kept_original"]
+    steps = [s for c in result.candidates for s in c["steps"]]
+    assert all(s["status"] != "failed" for s in steps), _reasons(result)
+    assert any(
+        s["status"] == "skipped" and s["notes"].startswith("the model has no ai.onnx operators")
+        for s in steps
+    )
 
 
 def test_control_flow_never_takes_the_search_down(tmp_path, quick):
