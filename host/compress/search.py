@@ -350,8 +350,8 @@ class Search:
                 s.pass_name in passes and passes.get(s.pass_name).is_lossless(self._options(s))
                 for s in recipe.steps
             )
-        except SlimfleetError:
-            return False  # a bad option: the candidate fails when it is built
+        except Exception:  # a bad option or a plugin's bug: the candidate fails when built
+            return False
 
     def _options(self, step: Step) -> dict[str, Any]:
         """``step``'s options resolved by its pass, once per distinct step; passes only
@@ -400,14 +400,24 @@ class Search:
         except SlimfleetError as exc:
             records.append(StepRecord(step.pass_name, dict(step.options), "failed", str(exc)))
             raise _StepFailed(str(exc)) from None
-        needed = pass_.min_opset(options)
+        try:
+            needed = pass_.min_opset(options)
+        except Exception as exc:  # a plugin's bug fails this candidate, never the search
+            reason = f"{pass_.name}: min_opset raised {_one_line(exc)}"
+            records.append(StepRecord(pass_.name, options, "failed", reason))
+            raise _StepFailed(reason) from None
         if needed > opset(model) and not imports_default_domain(model):
             reason = "the model has no ai.onnx operators to upgrade (only other domains)"
             records.append(StepRecord(pass_.name, options, "skipped", reason))
             return model
         if needed > opset(model):
             model = self._upgrade(model, needed, pass_.name, records, context)
-        reason = pass_.check(model, context, options)
+        try:
+            reason = pass_.check(model, context, options)
+        except Exception as exc:  # as above: the candidate fails with the reason
+            reason = f"{pass_.name}: check raised {_one_line(exc)}"
+            records.append(StepRecord(pass_.name, options, "failed", reason))
+            raise _StepFailed(reason) from None
         if reason:
             records.append(StepRecord(pass_.name, options, "skipped", reason))
             return model

@@ -410,3 +410,52 @@ def test_latency_verdict_without_a_timed_original_is_a_reason_not_a_crash(make_c
     search.Search._judge_latency(judge, candidate)
     assert candidate.status == REJECTED
     assert candidate.reason == "slower than the original: 5.000 ms vs n/a"
+
+
+class BuggyCheck(Pass):
+    name = "buggy_check"
+    description = "a plugin whose check() and min_opset() raise"
+    options = (Option("where", str, "check", "which method raises"),)
+
+    def min_opset(self, options):
+        if options["where"] == "min_opset":
+            raise KeyError("opset")
+        return 1
+
+    def check(self, model, context, options):
+        raise ZeroDivisionError("division by zero")
+
+    def apply(self, model, context, options):
+        raise AssertionError("never reached")
+
+
+class BuggyPlugin:
+    @hookimpl
+    def slimfleet_add_passes(self, passes):
+        passes.add(BuggyCheck())
+
+    @hookimpl
+    def slimfleet_add_recipes(self, recipes, passes):
+        recipes.add(Recipe("bad_check", (Step("buggy_check"),), "check raises"))
+        recipes.add(Recipe("bad_opset", (Step("buggy_check", {"where": "min_opset"}),), "x"))
+        recipes.add(Recipe("fine", (Step("noise", {"scale": 1e-6}),), "still measured"))
+
+
+def test_a_pass_whose_check_raises_fails_its_candidate_not_the_search(
+    tmp_path, save_model, make_plugins, quick, no_builtin_recipes
+):
+    plugins = make_plugins(TestPasses(), BuggyPlugin())
+    result = search.compress(
+        save_model(models.mlp()),
+        tmp_path / "out",
+        data=_mlp_data(tmp_path),
+        plugins=plugins,
+        settings=quick,
+    )
+    rows = {c["label"]: c for c in result.candidates}
+    assert rows["bad_check"]["status"] == FAILED
+    assert rows["bad_check"]["reason"] == (
+        "buggy_check: check raised ZeroDivisionError: division by zero"
+    )
+    assert rows["bad_opset"]["reason"] == "buggy_check: min_opset raised KeyError: 'opset'"
+    assert rows["fine"]["status"] in (ACCEPTED, REJECTED)
