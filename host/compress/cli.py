@@ -16,7 +16,7 @@ from slimfleet.host.compress.data import parse_input_shape, show_shape
 from slimfleet.host.compress.evaluate import EvalSettings
 from slimfleet.host.compress.fidelity import parse_metric
 from slimfleet.host.compress.modelfile import describe, load_model
-from slimfleet.host.compress.reporthtml import output_line, undecided_lines
+from slimfleet.host.compress.reporthtml import output_line, undecided_notes
 from slimfleet.host.compress.search import OBJECTIVES
 from slimfleet.host.compress.search import compress as run_compress
 from slimfleet.host.plugins import load_plugins
@@ -207,9 +207,8 @@ def _print_summary(doc: dict[str, Any], out: Path) -> None:
     chosen = doc["candidates"][choice["candidate"]]
     for name, output in (chosen["fidelity"] or {}).get("outputs", {}).items():
         click.echo(f"  judged {output_line(name, output)}")
-    for c in doc["candidates"]:
-        for text in undecided_lines(c, summary["fidelity_budget"]):
-            click.secho(f"note: #{c['id']} {c['label']}: {text}", fg="yellow", err=True)
+    for text in undecided_notes(doc):
+        click.secho(f"note: {text}", fg="yellow", err=True)
     click.echo(f"wrote {out}/{{model.onnx, report.json, report.html, sample.npz}}")
     for warning in doc["warnings"]:
         click.secho(f"warning: {warning}", fg="yellow", bold=True, err=True)

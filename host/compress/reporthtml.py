@@ -1,5 +1,5 @@
 """``report.html``: the report as one self-contained page (no scripts, no network), and
-the sentences it shares with the CLI (:func:`output_line`, :func:`undecided_lines`).
+the sentences it shares with the CLI (:func:`output_line`, :func:`undecided_notes`).
 
 A summary, an inline SVG chart of latency against size whose labels are placed so they
 never overlap, and the candidates' table. The table puts the figures people compare
@@ -67,6 +67,22 @@ def undecided_lines(candidate: dict[str, Any], budget: float) -> list[str]:
     return lines
 
 
+def undecided_notes(doc: dict[str, Any]) -> list[str]:
+    """The chosen candidate's undecided outputs in words, and how many others are undecided
+    (each is marked in the table and listed under ``undecided`` in report.json)."""
+    budget, chosen = doc["summary"]["fidelity_budget"], doc["choice"]["candidate"]
+    by_id = {c["id"]: c for c in doc["candidates"]}
+    notes = [f"#{chosen} (chosen): {t}" for t in undecided_lines(by_id[chosen], budget)]
+    others = [c for c in doc["candidates"] if c["undecided"] and c["id"] != chosen]
+    if others:
+        ids = ", ".join(f"#{c['id']}" for c in others)
+        notes.append(
+            f"{len(others)} other candidate(s) ({ids}) have an interval holding the budget "
+            "too: their verdict could flip with more data"
+        )
+    return notes
+
+
 def _e(value: Any) -> str:
     return html.escape(str(value), quote=True)
 
@@ -99,13 +115,7 @@ def to_html(doc: dict[str, Any]) -> str:
         f"{doc['samples']['calibration']} calibration samples). "
         f"Search took {doc['elapsed_seconds']:.1f} s.</p>"
     )
-    budget = summary["fidelity_budget"]
-    notes = [
-        f"#{c['id']} {c['label']}: {text}"
-        for c in doc["candidates"]
-        for text in undecided_lines(c, budget)
-    ]
-    parts += [f"<p class=undecided>Undecided: {_e(n)}</p>" for n in notes]
+    parts += [f"<p class=undecided>Undecided: {_e(n)}</p>" for n in undecided_notes(doc)]
     parts.append("<h2>Latency against size</h2>")
     parts.append(chart(doc["candidates"], choice["candidate"]))
     parts.append("<h2>Candidates</h2>")

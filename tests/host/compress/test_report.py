@@ -195,3 +195,26 @@ def test_a_section_that_is_not_a_report_section_is_a_plugin_bug(finished):
     pm.register(Wrong())
     with pytest.raises(TypeError, match="returned dict"):
         report.sections(pm.hook, finished.data)
+
+
+def test_undecided_notes_speak_for_the_choice_and_count_the_others():
+    entry = {"output": "y", "interval": [0.8389, 1.0], "samples": 20, "samples_to_settle": 35}
+    doc = {
+        "summary": {"fidelity_budget": 0.9},
+        "choice": {"candidate": 1},
+        "candidates": [
+            {"id": 0, "undecided": []},
+            {"id": 1, "undecided": [entry]},
+            {"id": 2, "undecided": [{**entry, "samples_to_settle": None}]},
+        ],
+    }
+    assert reporthtml.undecided_notes(doc) == [
+        "#1 (chosen): output y: the 95% interval [0.8389, 1.0000] holds the budget 0.9, so "
+        "20 samples cannot tell; about 35 samples would settle it",
+        "1 other candidate(s) (#2) have an interval holding the budget too: their verdict "
+        "could flip with more data",
+    ]
+    doc["choice"]["candidate"] = 2
+    assert reporthtml.undecided_notes(doc)[0].endswith(
+        "no amount of data settles a score this close to the budget"
+    )
