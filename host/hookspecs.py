@@ -23,11 +23,11 @@ import pluggy
 if TYPE_CHECKING:
     import onnx
 
-    from slimfleet.host.compress.report import ReportSection
     from slimfleet.host.metrics import Metric
     from slimfleet.host.passes import Feed, Pass, PassContext, PassResult
     from slimfleet.host.recipes import Recipe
     from slimfleet.host.registry import Registry
+    from slimfleet.host.sections import ReportSection
 
 PROJECT = "slimfleet"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -79,7 +79,9 @@ def slimfleet_apply_pass(
 ) -> PassResult | None:
     """Apply one pass to a model and return its result.
 
-    The built-in implementation calls ``pass_.apply``. Implement this hook with
+    ``options`` are already resolved: the search calls ``pass_.resolve_options`` once
+    per step, so every declared option is present, defaults filled in and values
+    coerced. The built-in implementation calls ``pass_.apply``. Implement this hook with
     ``wrapper=True`` to time, log or post-process every pass (the way pytest's
     ``pytest_runtest_call`` is wrapped), or return a result to replace a pass.
     """

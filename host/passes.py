@@ -79,6 +79,11 @@ class Pass:
 
     Subclasses set ``name``, ``description`` and ``options`` and implement
     :meth:`check` and :meth:`apply`. ``apply`` must not modify its input model.
+
+    Every method that takes ``options`` receives them **resolved**: the search calls
+    :meth:`resolve_options` once per step, so every declared option is present with its
+    default filled in and its value coerced and checked. A pass reads ``options[name]``
+    and never resolves them again.
     """
 
     name: ClassVar[str]

@@ -57,10 +57,9 @@ class Fp16(Pass):
     def apply(
         self, model: onnx.ModelProto, context: PassContext, options: dict[str, Any]
     ) -> PassResult:
-        opts = self.resolve_options(options)
         out = copy_model(model)
         constants_to_initializers(out)
-        plan = _Plan(out, set(opts["keep_ops"]), set(opts["exclude_nodes"]))
+        plan = _Plan(out, set(options["keep_ops"]), set(options["exclude_nodes"]))
         clamped, flushed = plan.convert_initializers()
         if not plan.converted:
             return PassResult(copy_model(model), False, "changed nothing: no float32 weights")

@@ -14,6 +14,7 @@ import onnx
 from onnx import helper, numpy_helper, version_converter
 
 from slimfleet.agent.errors import SlimfleetError
+from slimfleet.host.compress.modelfile import imports_default_domain
 from slimfleet.host.hookspecs import hookimpl
 from slimfleet.host.passes import Option, Pass, PassContext, PassResult
 from slimfleet.host.registry import Registry
@@ -114,7 +115,10 @@ class Normalize(Pass):
         out = copy_model(model)
         moved = constants_to_initializers(out)
         notes = [f"moved {moved} Constant tensors to initializers"] if moved else []
-        before, target = opset_of(out), self.resolve_options(options)["opset"]
+        before, target = opset_of(out), options["opset"]
+        if target > before and not imports_default_domain(out):
+            notes.append("opset kept: the model has no ai.onnx operators (only other domains)")
+            target = 0
         if target > before:
             out = upgrade_opset(out, target)
             notes.append(f"opset {before} -> {target}")

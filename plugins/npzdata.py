@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from slimfleet.agent.errors import InputError
-from slimfleet.host.compress.data import check_feed, check_keys, show_shape
+from slimfleet.host.feeds import check_keys, conform_feed, show_shape
 from slimfleet.host.hookspecs import hookimpl
 from slimfleet.host.passes import Feed
 
@@ -47,7 +47,7 @@ def _stacked(path: Path, arrays: dict[str, np.ndarray], inputs: Sequence[dict]) 
         name, array = spec["name"], arrays[spec["name"]]
         rank = _rank(spec, array)
         if array.ndim == rank + 1:
-            samples[name] = list(array)
+            samples[name] = [np.asarray(item) for item in array]  # 0-d items stay arrays
         elif array.ndim == rank > 0:
             samples[name] = [array[i : i + 1] for i in range(len(array))]
         else:
@@ -58,10 +58,11 @@ def _stacked(path: Path, arrays: dict[str, np.ndarray], inputs: Sequence[dict]) 
     counts = {name: len(items) for name, items in samples.items()}
     if len(set(counts.values())) > 1:
         raise InputError(f"{path}: keys hold different sample counts {counts}")
-    feeds = [dict(zip(samples, row, strict=True)) for row in zip(*samples.values(), strict=True)]
-    for i, feed in enumerate(feeds):
-        check_feed(feed, inputs, f"{path} sample {i}")
-    return feeds
+    rows = zip(*samples.values(), strict=True)
+    return [
+        conform_feed(dict(zip(samples, row, strict=True)), inputs, f"{path} sample {i}")
+        for i, row in enumerate(rows)
+    ]
 
 
 def _single(path: Path, arrays: dict[str, np.ndarray], inputs: Sequence[dict]) -> Feed:
@@ -69,8 +70,7 @@ def _single(path: Path, arrays: dict[str, np.ndarray], inputs: Sequence[dict]) -
     for spec in inputs:
         array = arrays[spec["name"]]
         feed[spec["name"]] = array[np.newaxis] if array.ndim == _rank(spec, array) - 1 else array
-    check_feed(feed, inputs, str(path))
-    return feed
+    return conform_feed(feed, inputs, str(path))
 
 
 @hookimpl(trylast=True)

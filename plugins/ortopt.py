@@ -8,6 +8,7 @@ import onnx
 import onnxruntime as ort
 
 from slimfleet.agent.errors import SlimfleetError
+from slimfleet.agent.runtime import session_options
 from slimfleet.host.hookspecs import hookimpl
 from slimfleet.host.passes import Option, Pass, PassContext, PassResult
 from slimfleet.host.registry import Registry
@@ -53,17 +54,16 @@ class OrtOptimize(Pass):
     def apply(
         self, model: onnx.ModelProto, context: PassContext, options: dict[str, Any]
     ) -> PassResult:
-        level = self.resolve_options(options)["level"]
+        level = options["level"]
         context.workdir.mkdir(parents=True, exist_ok=True)
         target = context.workdir / f"ortopt_{level}.onnx"
-        session_options = ort.SessionOptions()
-        session_options.graph_optimization_level = LEVELS[level]
-        session_options.optimized_model_filepath = str(target)
-        session_options.intra_op_num_threads = context.threads
-        session_options.log_severity_level = 3  # level all warns that NCHWc is CPU-specific
+        # the device's options (level all warns that NCHWc is CPU-specific: QUIET hides it)
+        optimizing = session_options(context.threads)
+        optimizing.graph_optimization_level = LEVELS[level]
+        optimizing.optimized_model_filepath = str(target)
         try:
             ort.InferenceSession(
-                model.SerializeToString(), session_options, providers=["CPUExecutionProvider"]
+                model.SerializeToString(), optimizing, providers=["CPUExecutionProvider"]
             )
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
             raise SlimfleetError(

@@ -53,26 +53,24 @@ class Prune(Pass):
     def check(
         self, model: onnx.ModelProto, context: PassContext, options: dict[str, Any]
     ) -> str | None:
-        opts = self.resolve_options(options)
-        if not 0.0 < opts["sparsity"] < 1.0:
-            return f"sparsity {opts['sparsity']} is not between 0 and 1"
+        if not 0.0 < options["sparsity"] < 1.0:
+            return f"sparsity {options['sparsity']} is not between 0 and 1"
         inits = {t.name for t in model.graph.initializer}
-        ops = ("Conv",) if opts["mode"] == "channels" else tuple(WEIGHT_INPUT)
+        ops = ("Conv",) if options["mode"] == "channels" else tuple(WEIGHT_INPUT)
         if not any(
             n.op_type in ops and len(n.input) > 1 and n.input[1] in inits for n in model.graph.node
         ):
-            kinds = "Conv" if opts["mode"] == "channels" else "MatMul, Gemm or Conv"
+            kinds = "Conv" if options["mode"] == "channels" else "MatMul, Gemm or Conv"
             return f"no {kinds} node with its weights in an initializer"
         return None
 
     def apply(
         self, model: onnx.ModelProto, context: PassContext, options: dict[str, Any]
     ) -> PassResult:
-        opts = self.resolve_options(options)
         out = copy_model(model)
-        if opts["mode"] == "unstructured":
-            return _unstructured(out, opts["sparsity"])
-        return _channels(model, out, opts["sparsity"])
+        if options["mode"] == "unstructured":
+            return _unstructured(out, options["sparsity"])
+        return _channels(model, out, options["sparsity"])
 
 
 def _unstructured(model: onnx.ModelProto, sparsity: float) -> PassResult:

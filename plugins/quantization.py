@@ -84,16 +84,24 @@ def run_quantizer(
     """Run ``quantize(input_path, output_path)`` on ``model`` and load the result.
 
     Everything happens in a scratch folder of the workdir (removed afterwards), the
-    quantizer's own temporary files included. Its root-logger chatter goes to the pass
+    quantizer's own temporary files included: it is also the working directory while the
+    quantizer runs, because onnxruntime's symbolic shape inference writes
+    ``sym_shape_infer_temp.onnx`` and uuid-named ``.data`` files into the current
+    directory and leaves them there when it fails. Its root-logger chatter goes to the pass
     log at DEBUG; its crashes become one-line SlimfleetErrors.
     """
-    scratch = context.workdir / label
+    scratch = (context.workdir / label).resolve()
     scratch.mkdir(parents=True, exist_ok=True)
     source, target = scratch / "input.onnx", scratch / "output.onnx"
     try:
         onnx.save(model, str(source))
         chatter = io.StringIO()  # calibration prints progress
-        with _quiet_root_logger(context), _tempdir(scratch), contextlib.redirect_stdout(chatter):
+        with (
+            _quiet_root_logger(context),
+            _tempdir(scratch),
+            contextlib.chdir(scratch),  # process-wide, like _tempdir
+            contextlib.redirect_stdout(chatter),
+        ):
             quantize(source, target)
         context.log.debug("%s: %s", label, chatter.getvalue().strip())
         return onnx.load(str(target))

@@ -59,8 +59,7 @@ class QuantizeDynamic(Pass):
     def check(
         self, model: onnx.ModelProto, context: PassContext, options: dict[str, Any]
     ) -> str | None:
-        opts = self.resolve_options(options)
-        op_types, exclude = opts["op_types"], opts["exclude_nodes"]
+        op_types, exclude = options["op_types"], options["exclude_nodes"]
         nodes = q.selected(model, _family(op_types), SUPPORTED, exclude)
         if not nodes:
             return q.no_targets_reason(model, _family(op_types), SUPPORTED, exclude)
@@ -74,24 +73,23 @@ class QuantizeDynamic(Pass):
     def apply(
         self, model: onnx.ModelProto, context: PassContext, options: dict[str, Any]
     ) -> PassResult:
-        opts = self.resolve_options(options)
-        op_types = _ort_op_types(_family(opts["op_types"]))
+        op_types = _ort_op_types(_family(options["op_types"]))
 
         def quantize(source: Path, target: Path) -> None:
             quantize_dynamic(
                 source,
                 target,
                 op_types_to_quantize=op_types,
-                per_channel=opts["per_channel"],
-                weight_type=q.quant_type(opts["weight_type"]),
-                nodes_to_exclude=_ort_exclude(model, opts["exclude_nodes"]),
+                per_channel=options["per_channel"],
+                weight_type=q.quant_type(options["weight_type"]),
+                nodes_to_exclude=_ort_exclude(model, options["exclude_nodes"]),
             )
 
         quantized = q.run_quantizer(model, context, self.name, quantize)
-        summary = f"dynamic, {opts['weight_type']} weights"
-        if opts["per_channel"]:
+        summary = f"dynamic, {options['weight_type']} weights"
+        if options["per_channel"]:
             summary += ", per channel"
-        return q.result(model, quantized, summary, opts["exclude_nodes"])
+        return q.result(model, quantized, summary, options["exclude_nodes"])
 
 
 def _family(op_types: list[str]) -> list[str]:

@@ -116,81 +116,83 @@ class QuantizeStatic(Pass):
     )
 
     def min_opset(self, options: dict[str, Any]) -> int:
-        return PER_AXIS_OPSET if self.resolve_options(options)["per_channel"] else QDQ_OPSET
+        return PER_AXIS_OPSET if options["per_channel"] else QDQ_OPSET
 
     def check(
         self, model: onnx.ModelProto, context: PassContext, options: dict[str, Any]
     ) -> str | None:
-        opts = self.resolve_options(options)
-        if not 0 < opts["percentile"] <= 100:
-            return f"percentile {opts['percentile']} is not in (0, 100]"
-        if not 0 < opts["mac_share"] <= 1:
-            return f"mac_share {opts['mac_share']} is not in (0, 1]"
+        if not 0 < options["percentile"] <= 100:
+            return f"percentile {options['percentile']} is not in (0, 100]"
+        if not 0 < options["mac_share"] <= 1:
+            return f"mac_share {options['mac_share']} is not in (0, 1]"
         if not context.calibration:
             return "needs calibration data"
-        need, have = self.min_opset(opts), opset_of(model)
+        need, have = self.min_opset(options), opset_of(model)
         if have < need:
-            what = "per-channel QDQ" if opts["per_channel"] else "QDQ"
+            what = "per-channel QDQ" if options["per_channel"] else "QDQ"
             return f"{what} needs opset {need}, the model has {have}"
-        if not q.selected(model, opts["op_types"], SUPPORTED, opts["exclude_nodes"]):
-            return q.no_targets_reason(model, opts["op_types"], SUPPORTED, opts["exclude_nodes"])
+        if not q.selected(model, options["op_types"], SUPPORTED, options["exclude_nodes"]):
+            return q.no_targets_reason(
+                model, options["op_types"], SUPPORTED, options["exclude_nodes"]
+            )
         return None
 
     def apply(
         self, model: onnx.ModelProto, context: PassContext, options: dict[str, Any]
     ) -> PassResult:
-        opts = self.resolve_options(options)
         notes: list[str] = []
-        excluded = list(opts["exclude_nodes"])
-        if opts["mac_share"] < 1:
-            excluded += _light_nodes(model, context, opts, notes)
+        excluded = list(options["exclude_nodes"])
+        if options["mac_share"] < 1:
+            excluded += _light_nodes(model, context, options, notes)
 
         def quantize(source: Path, target: Path) -> None:
-            prepared = _preprocess(source, notes) if opts["preprocess"] else source
+            prepared = _preprocess(source, notes) if options["preprocess"] else source
             quantize_static(
                 prepared,
                 target,
                 FeedReader(context.calibration),
                 quant_format=QuantFormat.QDQ,
-                op_types_to_quantize=opts["op_types"] or None,
-                per_channel=opts["per_channel"],
-                reduce_range=opts["reduce_range"],
-                activation_type=q.quant_type(opts["activation_type"]),
-                weight_type=q.quant_type(opts["weight_type"]),
+                op_types_to_quantize=options["op_types"] or None,
+                per_channel=options["per_channel"],
+                reduce_range=options["reduce_range"],
+                activation_type=q.quant_type(options["activation_type"]),
+                weight_type=q.quant_type(options["weight_type"]),
                 nodes_to_exclude=excluded,
-                calibrate_method=CALIBRATION[opts["calibration"]],
-                extra_options={"CalibPercentile": opts["percentile"]},
+                calibrate_method=CALIBRATION[options["calibration"]],
+                extra_options={"CalibPercentile": options["percentile"]},
             )
 
         quantized = q.run_quantizer(model, context, self.name, quantize)
-        method = opts["calibration"]
+        method = options["calibration"]
         if method == "percentile":
-            method += f" {opts['percentile']:g}"
+            method += f" {options['percentile']:g}"
         summary = (
-            f"QDQ, {'per-channel ' if opts['per_channel'] else ''}{opts['weight_type']} weights, "
-            f"{opts['activation_type']} activations, {method} on {len(context.calibration)} samples"
+            f"QDQ, {'per-channel ' if options['per_channel'] else ''}{options['weight_type']} weights, "
+            f"{options['activation_type']} activations, {method} on {len(context.calibration)} samples"
         )
-        result = q.result(model, quantized, summary, opts["exclude_nodes"])
+        result = q.result(model, quantized, summary, options["exclude_nodes"])
         result.notes = "; ".join([result.notes, *notes])
         return result
 
 
 def _light_nodes(
-    model: onnx.ModelProto, context: PassContext, opts: dict[str, Any], notes: list[str]
+    model: onnx.ModelProto, context: PassContext, options: dict[str, Any], notes: list[str]
 ) -> list[str]:
     """Names of the weighted nodes left out by ``mac_share`` (lightest first out)."""
-    wanted = set(opts["op_types"] or SUPPORTED)
+    wanted = set(options["op_types"] or SUPPORTED)
     kinds = {n.name: n.op_type for n in model.graph.node if n.op_type in wanted}
     macs = multiply_accumulates(model, context.calibration[0])
     macs = {
-        name: m for name, m in macs.items() if name in kinds and name not in opts["exclude_nodes"]
+        name: m
+        for name, m in macs.items()
+        if name in kinds and name not in options["exclude_nodes"]
     }
     if not macs:
         notes.append("mac_share ignored: no weighted node with known shapes")
         return []
     heaviest = sorted(macs, key=macs.__getitem__, reverse=True)
     total, done, keep = sum(macs.values()), 0, 0
-    while done < opts["mac_share"] * total:
+    while done < options["mac_share"] * total:
         done += macs[heaviest[keep]]
         keep += 1
     light = heaviest[keep:]

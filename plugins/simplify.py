@@ -39,7 +39,7 @@ class Simplify(Pass):
     def apply(
         self, model: onnx.ModelProto, context: PassContext, options: dict[str, Any]
     ) -> PassResult:
-        runs = self.resolve_options(options)["check_runs"]
+        runs = options["check_runs"]
         kwargs: dict[str, Any] = {"check_n": runs, "certify": False}
         if runs and context.calibration:
             kwargs.update(check_n=1, input_data=dict(context.calibration[0]))

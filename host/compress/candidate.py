@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from slimfleet.host.compress.evaluate import Fidelity, Measurement
+from slimfleet.host.compress.evaluate import Measurement
+from slimfleet.host.compress.fidelity import Fidelity
 
 BASELINE = "baseline"
 """The original model's status: the reference every other candidate is judged against."""
@@ -66,6 +67,9 @@ class Candidate:
     measurement: Measurement | None = None
     fidelity: Fidelity | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+    undecided: list[dict[str, Any]] = field(default_factory=list)
+    """Outputs whose 95% interval holds the fidelity budget: ``{"output", "interval",
+    "samples", "samples_to_settle"}``; more samples would settle the verdict."""
     status: str = "pending"
     reason: str = ""
     path: Path | None = None
@@ -102,10 +106,11 @@ class Candidate:
             "peak_memory_bytes": figures.get("peak_memory_bytes"),
             "fidelity": fidelity,
             "metrics": self.metrics,
+            "undecided": self.undecided,
             "status": self.status,
             "reason": self.reason,
         }
 
 
 def _public(doc: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in doc.items() if k != "name"}
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in doc.items() if k != "name"}

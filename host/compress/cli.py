@@ -14,7 +14,9 @@ import click
 from slimfleet.host.compress import outdir
 from slimfleet.host.compress.data import parse_input_shape, show_shape
 from slimfleet.host.compress.evaluate import EvalSettings
+from slimfleet.host.compress.fidelity import parse_metric
 from slimfleet.host.compress.modelfile import describe, load_model
+from slimfleet.host.compress.reporthtml import output_line, undecided_notes
 from slimfleet.host.compress.search import OBJECTIVES
 from slimfleet.host.compress.search import compress as run_compress
 from slimfleet.host.plugins import load_plugins
@@ -78,6 +80,18 @@ def _print_json(doc: Any) -> None:
     "Repeat per input.",
 )
 @click.option(
+    "--metric",
+    "metrics",
+    multiple=True,
+    metavar="OUTPUT=KIND",
+    help="How to judge an output instead of the detected metric: top1, ctc[:blank=N], "
+    "steps, iou[:threshold=T], binary[:threshold=T], cosine, exact or ignore, e.g. "
+    "logits=ctc:blank=0. Repeat per output.",
+)
+@click.option(
+    "--force", is_flag=True, help="Write into a non-empty OUTDIR that holds no earlier output."
+)
+@click.option(
     "--quick", is_flag=True, help="Few latency repeats: a faster, noisier search for trials."
 )
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary.")
@@ -90,6 +104,8 @@ def compress(
     objective: str,
     threads: int,
     input_shapes: tuple[str, ...],
+    metrics: tuple[str, ...],
+    force: bool,
     quick: bool,
     as_json: bool,
 ) -> None:
@@ -102,13 +118,15 @@ def compress(
     written to OUTDIR/model.onnx; when none beats the original, the original is kept.
     """
     shapes = dict(parse_input_shape(text) for text in input_shapes)
+    judged = dict(parse_metric(text) for text in metrics)
     settings = EvalSettings.quick() if quick else EvalSettings()
     with contextlib.ExitStack() as stack:
         bars: list[Any] = []
 
         def progress(done: int, total: int, label: str) -> None:
-            log.info("[%d/%d] %s", done, total, label)
-            if not sys.stderr.isatty():
+            if not sys.stderr.isatty():  # a log or a CI job: one line per step, unless -q
+                if log.isEnabledFor(logging.WARNING):
+                    click.echo(f"[{done}/{total}] {label}", err=True)
                 return
             if not bars:  # started on the first report, so input errors print alone
                 bar = click.progressbar(
@@ -127,8 +145,10 @@ def compress(
             objective=objective,
             threads=threads,
             input_shapes=shapes,
+            metrics=judged,
             progress=progress,
             settings=settings,
+            force=force,
         )
     doc = result.data
     if as_json:
@@ -156,6 +176,7 @@ def compress(
                         "size_bytes": c["size_bytes"],
                         "latency_ms": (c["latency_ms"] or {}).get("median"),
                         "fidelity": (c["fidelity"] or {}).get("score"),
+                        "undecided": c["undecided"],
                     }
                     for c in doc["candidates"]
                 ],
@@ -177,12 +198,17 @@ def _print_summary(doc: dict[str, Any], out: Path) -> None:
     click.secho(f"chosen: #{choice['candidate']} {choice['label']}", bold=True)
     original = summary["original"]
     click.echo(
-        f"  size {original['size_bytes'] / 1e6:.2f} MB -> {summary['size_bytes'] / 1e6:.2f} MB "
-        f"({summary['size_ratio']:.2f}x), latency {original['latency_ms']:.3f} ms -> "
-        f"{summary['latency_ms']:.3f} ms ({summary['latency_ratio']:.2f}x), "
-        f"fidelity {summary['fidelity']:.4f} (budget {summary['fidelity_budget']})"
+        f"  {summary['ratios']}: size {original['size_bytes'] / 1e6:.2f} MB -> "
+        f"{summary['size_bytes'] / 1e6:.2f} MB, latency {original['latency_ms']:.3f} ms -> "
+        f"{summary['latency_ms']:.3f} ms, fidelity {summary['fidelity']:.4f} "
+        f"(budget {summary['fidelity_budget']})"
     )
     click.echo(f"  why: {choice['reason']}")
+    chosen = doc["candidates"][choice["candidate"]]
+    for name, output in (chosen["fidelity"] or {}).get("outputs", {}).items():
+        click.echo(f"  judged {output_line(name, output)}")
+    for text in undecided_notes(doc):
+        click.secho(f"note: {text}", fg="yellow", err=True)
     click.echo(f"wrote {out}/{{model.onnx, report.json, report.html, sample.npz}}")
     for warning in doc["warnings"]:
         click.secho(f"warning: {warning}", fg="yellow", bold=True, err=True)

@@ -1,14 +1,16 @@
 """Samples for calibration and evaluation: user data through the data hook, or random inputs.
 
-Calibration and evaluation samples never overlap, so a static quantizer is never judged
-on the samples it was calibrated with. The split is deterministic (seeded shuffle).
+The split (seeded shuffle, so deterministic): calibration takes half the samples, at most
+:data:`MAX_CALIBRATION`; evaluation takes every other sample, however many. The two never
+overlap, so a static quantizer is never judged on the samples it was calibrated with,
+and every sample a calibrator does not need narrows the fidelity interval. A single
+sample only evaluates.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,18 +18,15 @@ from typing import Any
 import numpy as np
 
 from slimfleet.agent.errors import InputError
+from slimfleet.host.feeds import InputSpec, conform_feed, fits, fixed, show_shape
 from slimfleet.host.passes import Feed
 
 log = logging.getLogger(__name__)
 
 SPLIT_SEED = 0
-MAX_EVALUATION = 32
-"""Evaluation samples used at most (each candidate runs all of them)."""
 MAX_CALIBRATION = 64
+"""Calibration samples used at most; the rest all evaluate."""
 RANDOM_SAMPLES = 16
-
-InputSpec = Mapping[str, Any]
-"""One model input: ``{"name", "dtype", "shape"}`` as in :func:`modelfile.io_signature`."""
 
 
 @dataclass
@@ -39,53 +38,6 @@ class Samples:
     source: str
     """The data path, or ``"random"``."""
     warnings: list[str] = field(default_factory=list)
-
-
-def show_shape(shape: Sequence[Any] | None) -> str:
-    """``[1, 3, "width"]`` -> ``"1x3xwidth"`` (dynamic dims without a name show as ``?``)."""
-    if shape is None:
-        return "?"
-    return "x".join(str(d) if d not in (None, "") else "?" for d in shape) or "scalar"
-
-
-def _fits(shape: Sequence[int], expected: Sequence[Any] | None) -> bool:
-    if expected is None:
-        return True
-    return len(shape) == len(expected) and all(
-        not isinstance(e, int) or e == s for s, e in zip(shape, expected, strict=True)
-    )
-
-
-def check_keys(keys: Iterable[str], inputs: Sequence[InputSpec], where: str) -> None:
-    """Raise InputError unless ``keys`` are exactly the model's input names."""
-    keys = set(keys)
-    names = [spec["name"] for spec in inputs]
-    missing = [n for n in names if n not in keys]
-    extra = sorted(keys - set(names))
-    if missing or extra:
-        problems = []
-        if missing:
-            problems.append(f"missing {', '.join(map(repr, missing))}")
-        if extra:
-            problems.append(f"unexpected {', '.join(map(repr, extra))}")
-        raise InputError(
-            f"{where}: keys do not match the model inputs {names} ({'; '.join(problems)})"
-        )
-
-
-def check_feed(feed: Mapping[str, Any], inputs: Sequence[InputSpec], where: str) -> None:
-    """Raise InputError unless ``feed`` has exactly the model's inputs with fitting arrays."""
-    check_keys(feed, inputs, where)
-    for spec in inputs:
-        array = feed[spec["name"]]
-        if not isinstance(array, np.ndarray):
-            raise InputError(f"{where}: input {spec['name']!r} is not an array")
-        dtype_ok = array.dtype.name == spec["dtype"]
-        if not dtype_ok or not _fits(array.shape, spec["shape"]):
-            raise InputError(
-                f"{where}: input {spec['name']!r} expects {spec['dtype']} "
-                f"{show_shape(spec['shape'])}, got {array.dtype.name} {show_shape(array.shape)}"
-            )
 
 
 def parse_input_shape(text: str) -> tuple[str, tuple[int, ...]]:
@@ -103,14 +55,14 @@ def parse_input_shape(text: str) -> tuple[str, tuple[int, ...]]:
 def _random_shape(spec: InputSpec, given: tuple[int, ...] | None) -> tuple[int, ...]:
     expected = spec["shape"]
     if given is not None:
-        if not _fits(given, expected):
+        if not fits(given, expected):
             raise InputError(
                 f"--input-shape {spec['name']}:{show_shape(given)} does not fit the model's "
                 f"{show_shape(expected)}"
             )
         return given
-    if expected is None or not all(isinstance(d, int) for d in expected):
-        example = show_shape([d if isinstance(d, int) else f"<{d or 'N'}>" for d in expected or []])
+    if expected is None or not all(fixed(d) for d in expected):
+        example = show_shape([d if fixed(d) else f"<{d or 'N'}>" for d in expected or []])
         raise InputError(
             f"input {spec['name']!r} has dynamic dims ({show_shape(expected)}): without --data, "
             f"give its shape with --input-shape {spec['name']}:{example}"
@@ -123,6 +75,12 @@ def random_feeds(
 ) -> list[Feed]:
     """``count`` random samples: floats uniform in [0, 1), integers and bools 0 or 1."""
     rng = np.random.default_rng(SPLIT_SEED)
+    for spec in inputs:
+        if spec["shape"] is None and "(" in str(spec["dtype"]):
+            raise InputError(
+                f"input {spec['name']!r} is a {spec['dtype']}, not a tensor: slimfleet feeds "
+                "tensor inputs only"
+            )
     resolved = {spec["name"]: _random_shape(spec, shapes.get(spec["name"])) for spec in inputs}
     feeds = []
     for _ in range(count):
@@ -143,19 +101,17 @@ def random_feeds(
 
 
 def split(
-    feeds: Sequence[Feed],
-    max_evaluation: int = MAX_EVALUATION,
-    max_calibration: int = MAX_CALIBRATION,
+    feeds: Sequence[Feed], max_calibration: int = MAX_CALIBRATION
 ) -> tuple[list[Feed], list[Feed]]:
     """Disjoint ``(calibration, evaluation)`` lists from a seeded shuffle.
 
-    Half the samples (at most ``max_evaluation``) evaluate; the rest calibrate. A
-    single sample only evaluates.
+    Calibration gets half the samples (rounded down), at most ``max_calibration``;
+    evaluation gets all the others.
     """
     order = np.random.default_rng(SPLIT_SEED).permutation(len(feeds))
-    n_eval = min(max_evaluation, math.ceil(len(feeds) / 2))
-    evaluation = [feeds[i] for i in order[:n_eval]]
-    calibration = [feeds[i] for i in order[n_eval:][:max_calibration]]
+    n_cal = min(max_calibration, len(feeds) // 2)
+    calibration = [feeds[i] for i in order[:n_cal]]
+    evaluation = [feeds[i] for i in order[n_cal:]]
     return calibration, evaluation
 
 
@@ -164,8 +120,6 @@ def load_samples(
     data: Path | str | None,
     inputs: Sequence[InputSpec],
     input_shapes: Mapping[str, tuple[int, ...]] | None = None,
-    *,
-    max_evaluation: int = MAX_EVALUATION,
 ) -> Samples:
     """Samples from ``data`` via ``slimfleet_load_data``, or random ones with a warning.
 
@@ -198,12 +152,11 @@ def load_samples(
         feeds = list(loaded)
         if not feeds:
             raise InputError(f"--data {path}: holds no samples")
-        for i, feed in enumerate(feeds):
-            check_feed(feed, inputs, f"{path} sample {i}")
+        feeds = [conform_feed(f, inputs, f"{path} sample {i}") for i, f in enumerate(feeds)]
         if shapes:
             warnings.append("--input-shape only sizes random inputs; ignored with --data")
         source = str(path)
-    calibration, evaluation = split(feeds, max_evaluation)
+    calibration, evaluation = split(feeds)
     if not calibration:
         warnings.append("only one sample: it is used for evaluation, none for calibration")
     for text in warnings:

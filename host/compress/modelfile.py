@@ -1,11 +1,15 @@
-"""Loading an ONNX model file the way ``compress`` and ``inspect`` need it, and describing it.
+"""Loading and saving ONNX model files the way ``compress`` and ``inspect`` need them.
 
-Every problem with the file itself (missing, not ONNX, too big, external data, operators
-onnxruntime does not know) is an :class:`InputError` whose message names the file.
+Every problem with the file itself (missing, not ONNX, too big, a missing external data
+file, operators onnxruntime does not know) is an :class:`InputError` whose message
+names the file. Weights in external data files are read from beside the model when the
+caller allows it (``compress`` does; ``publish`` ships one file and does not), and
+:func:`save_model` writes external data only when the model would pass protobuf's 2 GB.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections import Counter
 from collections.abc import Iterator
@@ -29,8 +33,12 @@ CONSTANT_WEIGHT_MIN_ELEMENTS = 2
 """A Constant node holding at least this many floats counts as a weight, not a scalar."""
 
 
-def load_model(path: Path | str) -> onnx.ModelProto:
-    """Read ``path`` as a self-contained ONNX model that onnxruntime knows every op of."""
+def load_model(path: Path | str, *, external_data: bool = False) -> onnx.ModelProto:
+    """Read ``path`` as an ONNX model that onnxruntime knows every op of.
+
+    With ``external_data``, weights stored in files beside the model are loaded into
+    the returned model; without, such a model is an InputError.
+    """
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such model file")
@@ -47,12 +55,75 @@ def load_model(path: Path | str) -> onnx.ModelProto:
     if not model.graph.node and not model.graph.output:
         raise InputError(f"{path}: not an ONNX model (no graph)")
     if _uses_external_data(model):
-        raise InputError(
-            f"{path}: weights are stored in external data files; "
-            "slimfleet needs a self-contained model under 2 GB"
-        )
+        if not external_data:
+            raise InputError(
+                f"{path}: weights are stored in external data files; "
+                "this command needs a self-contained model under 2 GB"
+            )
+        try:
+            onnx.load_external_data_for_model(model, str(path.parent))
+        except (OSError, ValueError, onnx.checker.ValidationError) as exc:
+            raise InputError(
+                f"{path}: cannot read its external data ({_first_line(exc)})"
+            ) from None
     _check_operators(model, path)
     return model
+
+
+EXTERNAL_DATA_LIMIT = PROTOBUF_LIMIT - 64 * 1024**2
+"""Models whose serialized size reaches this are saved with external data (headroom
+below protobuf's limit for the graph itself)."""
+
+
+def save_model(model: onnx.ModelProto, path: Path) -> None:
+    """Write ``model`` to ``path``: one file, or with its weights in ``<name>.data``
+    beside it when it would reach :data:`EXTERNAL_DATA_LIMIT`. ``model`` is unchanged."""
+    if model.ByteSize() < EXTERNAL_DATA_LIMIT:
+        onnx.save_model(model, str(path))
+        return
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    onnx.save_model(
+        copy,
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=path.name + ".data",
+        size_threshold=1024,
+    )
+
+
+def external_files(path: Path) -> list[Path]:
+    """The external data files ``path`` refers to (existing ones), without duplicates."""
+    model = onnx.load(str(path), load_external_data=False)
+    found: list[Path] = []
+    for tensor in (t for g in _all_graphs(model.graph) for t in g.initializer):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        file = path.parent / location
+        if location and file.is_file() and file not in found:
+            found.append(file)
+    return found
+
+
+def total_size(path: Path) -> int:
+    """Bytes of the model file and every external data file it refers to."""
+    return path.stat().st_size + sum(f.stat().st_size for f in external_files(path))
+
+
+def digest(model: onnx.ModelProto) -> str:
+    """sha256 of the model's content; works past protobuf's 2 GB (hashed part by part)."""
+    if model.ByteSize() < PROTOBUF_LIMIT:
+        return hashlib.sha256(model.SerializeToString()).hexdigest()
+    h = hashlib.sha256()
+    for tensor in model.graph.initializer:
+        h.update(tensor.SerializeToString())
+    for node in model.graph.node:
+        h.update(node.SerializeToString())
+    for value in [*model.graph.input, *model.graph.output]:
+        h.update(value.SerializeToString())
+    return h.hexdigest()
 
 
 def _first_line(exc: BaseException) -> str:
@@ -119,15 +190,24 @@ def opset(model: onnx.ModelProto) -> int:
     return 1
 
 
+def imports_default_domain(model: onnx.ModelProto) -> bool:
+    """True unless the model uses other domains only (a pure ``ai.onnx.ml`` model)."""
+    return any(e.domain in ("", "ai.onnx") for e in model.opset_import)
+
+
 def _dim(d: onnx.TensorShapeProto.Dimension) -> int | str | None:
-    if d.HasField("dim_value"):
+    """A positive size, the symbol, or None: ``-1`` and ``0`` (as Paddle writes a dynamic
+    dimension) and a missing value are dynamic."""
+    if d.HasField("dim_value") and d.dim_value > 0:
         return d.dim_value
     return d.dim_param or None
 
 
 def _value_info(value: onnx.ValueInfoProto) -> dict[str, Any]:
+    """``{"name", "dtype", "shape"}``; a non-tensor (``seq(map(int64,tensor(float)))``, as
+    scikit-learn's converters emit) has its type as ``dtype`` and shape None."""
     if not value.type.HasField("tensor_type"):
-        raise InputError(f"{value.name!r} is not a tensor; slimfleet handles tensor inputs/outputs")
+        return {"name": value.name, "dtype": _type_text(value.type), "shape": None}
     tensor = value.type.tensor_type
     try:
         dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.elem_type)).name
@@ -135,6 +215,34 @@ def _value_info(value: onnx.ValueInfoProto) -> dict[str, Any]:
         dtype = str(tensor.elem_type)
     shape = [_dim(d) for d in tensor.shape.dim] if tensor.HasField("shape") else None
     return {"name": value.name, "dtype": dtype, "shape": shape}
+
+
+def _type_text(type_: onnx.TypeProto) -> str:
+    kind = type_.WhichOneof("value")
+    if kind == "sequence_type":
+        return f"seq({_type_text(type_.sequence_type.elem_type)})"
+    if kind == "map_type":
+        key = helper.tensor_dtype_to_np_dtype(type_.map_type.key_type).name
+        return f"map({key},{_type_text(type_.map_type.value_type)})"
+    if kind == "tensor_type":
+        elem = type_.tensor_type.elem_type
+        return f"tensor({helper.tensor_dtype_to_np_dtype(elem).name})"
+    return kind or "unknown"
+
+
+def name_dynamic_dims(model: onnx.ModelProto) -> int:
+    """Rewrite input/output dims written as ``-1`` or ``0`` as named dynamic dims, in
+    place; how many were rewritten. onnxruntime refuses data for a ``0`` dim, and shape
+    inference and quantizers read ``-1`` as a size."""
+    count = 0
+    for value in [*model.graph.input, *model.graph.output]:
+        if not value.type.HasField("tensor_type"):
+            continue
+        for index, dim in enumerate(value.type.tensor_type.shape.dim):
+            if dim.HasField("dim_value") and dim.dim_value <= 0:
+                dim.dim_param = f"{value.name}_dim{index}"  # clears dim_value (a oneof)
+                count += 1
+    return count
 
 
 def io_signature(model: onnx.ModelProto) -> dict[str, list[dict[str, Any]]]:

@@ -5,13 +5,12 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import shutil
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,17 +28,28 @@ from slimfleet.host.compress.candidate import (
     Candidate,
     StepRecord,
 )
+from slimfleet.host.compress.choice import choose, ratio_text
 from slimfleet.host.compress.data import Samples, load_samples
-from slimfleet.host.compress.evaluate import (
-    EvalSettings,
-    Outputs,
+from slimfleet.host.compress.evaluate import EvalSettings, Outputs, measure, race, write_samples
+from slimfleet.host.compress.fidelity import (
+    MetricSpec,
     compare,
-    measure,
-    race,
+    metric_specs,
+    samples_to_settle,
     score_metrics,
-    write_samples,
+    state_outputs,
+    straddles,
 )
-from slimfleet.host.compress.modelfile import io_signature, load_model, opset
+from slimfleet.host.compress.modelfile import (
+    digest,
+    imports_default_domain,
+    io_signature,
+    load_model,
+    name_dynamic_dims,
+    opset,
+    save_model,
+    total_size,
+)
 from slimfleet.host.passes import Pass, PassContext
 from slimfleet.host.plugins import Plugins, load_plugins
 from slimfleet.host.recipes import Recipe, Step, parse_recipe
@@ -49,9 +59,6 @@ log = logging.getLogger(__name__)
 OBJECTIVES = ("latency", "size")
 SLOWER_TOLERANCE = 0.05
 """A candidate up to 5% slower than the original still counts as "not slower" (timing noise)."""
-TIE = 0.03
-"""Latencies within 3% (sizes within 1%) are a tie, broken by the other figure."""
-SIZE_TIE = 0.01
 RACE_SIZE = 8
 """Accepted candidates (best on the objective first) re-timed round-robin with the original."""
 FALLBACK_SERIES = 2
@@ -76,15 +83,20 @@ def compress(
     objective: str = "latency",
     threads: int = 1,
     input_shapes: dict[str, tuple[int, ...]] | None = None,
+    metrics: dict[str, MetricSpec] | None = None,
     progress: Progress | None = None,
     plugins: Plugins | None = None,
     settings: EvalSettings | None = None,
+    force: bool = False,
 ) -> report.Report:
     """Find the best model inside the fidelity budget and write it with its report.
 
     ``outdir_path`` receives ``model.onnx``, ``report.json``, ``report.html`` and
     ``sample.npz``. ``passes`` (``"simplify,quantize_dynamic[op_types=MatMul]"``) runs
-    that one recipe instead of every registered one. ``settings`` overrides how
+    that one recipe instead of every registered one; a pass in it that skips (its check
+    says why not) is an InputError. ``metrics`` sets the task metric of outputs by name
+    (``--metric``); the others are detected. ``force`` writes into a non-empty
+    ``outdir`` that holds no earlier output. ``settings`` overrides how
     candidates are measured (its ``threads`` is replaced by ``threads``). Bad input
     raises :class:`InputError`; temp files are removed in every case.
     """
@@ -97,21 +109,35 @@ def compress(
         raise InputError(f"threads {threads}: must be at least 1")
     settings = replace(settings or EvalSettings(), threads=threads)
     model_path = Path(model_path)
-    model = load_model(model_path)
+    model = load_model(model_path, external_data=True)
     plugins = plugins or load_plugins()
     recipes = _recipes(plugins, passes)
     signature = io_signature(model)
     out = Path(outdir_path)
     created = not out.exists()
-    outdir.prepare(out)
+    outdir.prepare(out, force=force)
     try:
         samples = load_samples(plugins.pm.hook, data, signature["inputs"], input_shapes)
         with tempfile.TemporaryDirectory(prefix="slimfleet-compress-") as tmp:
+            runnable = model_path
+            if name_dynamic_dims(model):  # measured, and kept, with its dims named
+                runnable = Path(tmp) / "original.onnx"
+                save_model(model, runnable)
             search = Search(
-                model, model_path, plugins, samples, settings, Path(tmp), fidelity, objective
+                model,
+                runnable,
+                plugins,
+                samples,
+                settings,
+                Path(tmp),
+                fidelity,
+                objective,
+                metrics,
             )
             search.progress = progress
             search.run(recipes)
+            if passes is not None:
+                _refuse_skipped_steps(search.candidates[1:])
             choice = choose(search.candidates, objective)
             doc = report.build(
                 model_path=model_path,
@@ -125,6 +151,7 @@ def compress(
                     "passes": passes,
                     "data": str(data) if data is not None else None,
                     "input_shapes": {k: list(v) for k, v in (input_shapes or {}).items()},
+                    "metrics": {k: v.label() for k, v in (metrics or {}).items()},
                     "evaluation": asdict(settings),
                 },
                 samples=samples,
@@ -132,7 +159,7 @@ def compress(
             )
             doc["sections"] = report.sections(plugins.pm.hook, doc)
             assert choice.candidate.path is not None
-            report.write(out, doc, choice.candidate.path.read_bytes(), samples.evaluation[0])
+            report.write(out, doc, choice.candidate.path, samples.evaluation[0])
     except BaseException:
         if created and out.is_dir() and not any(out.iterdir()):
             out.rmdir()
@@ -150,6 +177,14 @@ def _recipes(plugins: Plugins, passes: str | None) -> list[Recipe]:
     for step in recipe.steps:
         plugins.passes.get(step.pass_name).resolve_options(step.options)
     return [recipe]
+
+
+def _refuse_skipped_steps(candidates: Sequence[Candidate]) -> None:
+    """A pass the user asked for by name that did not run is invalid input (exit 2)."""
+    for candidate in candidates:
+        for step in candidate.steps:
+            if step.status == "skipped" and not step.auto:
+                raise InputError(f"--passes: pass {step.pass_name} was skipped: {step.notes}")
 
 
 def _one_line(exc: BaseException) -> str:
@@ -176,6 +211,7 @@ class Search:
         workdir: Path,
         budget: float,
         objective: str = "latency",
+        metrics: dict[str, MetricSpec] | None = None,
     ) -> None:
         self.model = model
         self.model_path = model_path
@@ -189,6 +225,10 @@ class Search:
         self.candidates: list[Candidate] = []
         self.recipes: dict[int, Recipe] = {}
         self.reference: list[Outputs] = []
+        self.given_metrics = dict(metrics or {})
+        """``--metric`` choices by output name; the others are detected."""
+        self.specs: dict[str, MetricSpec] = {}
+        """The metric of every output, fixed once the original has run."""
         self.progress: Progress | None = None
         self._done = 0
         self._total = 0
@@ -200,6 +240,8 @@ class Search:
         self._alone: dict[str, Any] = {}
         """The original's latency measured alone, for candidates that did not race."""
         self._probes = 0
+        self._resolved: dict[str, dict[str, Any]] = {}
+        """Resolved options by step label (see :meth:`_options`)."""
 
     # -- driving ------------------------------------------------------------------------
 
@@ -231,7 +273,7 @@ class Search:
             0, "original", "(original)", "(original)", "the model as given", lossless=True
         )
         original.path = self.model_path
-        original.size_bytes = self.model_path.stat().st_size
+        original.size_bytes = total_size(self.model_path)
         self.candidates.append(original)
         self._step("measuring the original")
         original.measurement = measure(
@@ -244,10 +286,12 @@ class Search:
             )
         self.reference = original.measurement.outputs
         original.measurement.outputs = []
-        original.fidelity = compare(self.reference, self.reference)
+        states = state_outputs(io_signature(self.model))
+        self.specs = metric_specs(self.reference, self.given_metrics, states)
+        original.fidelity = compare(self.reference, self.reference, self.specs)
         original.metrics = score_metrics(self.plugins.metrics, self.reference, self.reference)
         original.status, original.reason = BASELINE, "the reference for every other candidate"
-        self._digests[_digest(self.model)] = 0
+        self._digests[digest(self.model)] = 0
 
     # -- building -----------------------------------------------------------------------
 
@@ -278,9 +322,9 @@ class Search:
         except _StepFailed as exc:
             candidate.status, candidate.reason = FAILED, str(exc)
             return candidate
-        digest = _digest(model)
-        if digest in self._digests:
-            same = self._digests[digest]
+        content = digest(model)
+        if content in self._digests:
+            same = self._digests[content]
             candidate.status = SKIPPED
             candidate.reason = (
                 "no pass changed the model" if same == 0 else f"same model as candidate #{same}"
@@ -289,10 +333,10 @@ class Search:
             if why:
                 candidate.reason += f" ({why})"
             return candidate
-        self._digests[digest] = candidate.id
+        self._digests[content] = candidate.id
         candidate.path = self.workdir / f"candidate-{candidate.id}.onnx"
-        onnx.save_model(model, str(candidate.path))
-        candidate.size_bytes = candidate.path.stat().st_size
+        save_model(model, candidate.path)
+        candidate.size_bytes = total_size(candidate.path)
         candidate.measurement = measure(
             candidate.path, self.sample_paths, self.settings, self.workdir / f"cand-{candidate.id}"
         )
@@ -301,11 +345,23 @@ class Search:
 
     def _lossless(self, recipe: Recipe) -> bool:
         passes = self.plugins.passes
-        return all(
-            s.pass_name in passes
-            and (impl := passes.get(s.pass_name)).is_lossless(impl.resolve_options(s.options))
-            for s in recipe.steps
-        )
+        try:
+            return all(
+                s.pass_name in passes and passes.get(s.pass_name).is_lossless(self._options(s))
+                for s in recipe.steps
+            )
+        except Exception:  # a bad option or a plugin's bug: the candidate fails when built
+            return False
+
+    def _options(self, step: Step) -> dict[str, Any]:
+        """``step``'s options resolved by its pass, once per distinct step; passes only
+        ever see resolved options. Raises the pass's InputError for a bad option."""
+        key = step.label()
+        if key not in self._resolved:
+            self._resolved[key] = self.plugins.passes.get(step.pass_name).resolve_options(
+                step.options
+            )
+        return self._resolved[key]
 
     def _build(
         self, steps: Sequence[Step], records: list[StepRecord], candidate_id: int
@@ -340,14 +396,28 @@ class Search:
     ) -> onnx.ModelProto:
         try:
             pass_ = self.plugins.passes.get(step.pass_name)
-            options = pass_.resolve_options(step.options)
+            options = self._options(step)
         except SlimfleetError as exc:
             records.append(StepRecord(step.pass_name, dict(step.options), "failed", str(exc)))
             raise _StepFailed(str(exc)) from None
-        needed = pass_.min_opset(options)
+        try:
+            needed = pass_.min_opset(options)
+        except Exception as exc:  # a plugin's bug fails this candidate, never the search
+            reason = f"{pass_.name}: min_opset raised {_one_line(exc)}"
+            records.append(StepRecord(pass_.name, options, "failed", reason))
+            raise _StepFailed(reason) from None
+        if needed > opset(model) and not imports_default_domain(model):
+            reason = "the model has no ai.onnx operators to upgrade (only other domains)"
+            records.append(StepRecord(pass_.name, options, "skipped", reason))
+            return model
         if needed > opset(model):
             model = self._upgrade(model, needed, pass_.name, records, context)
-        reason = pass_.check(model, context, options)
+        try:
+            reason = pass_.check(model, context, options)
+        except Exception as exc:  # as above: the candidate fails with the reason
+            reason = f"{pass_.name}: check raised {_one_line(exc)}"
+            records.append(StepRecord(pass_.name, options, "failed", reason))
+            raise _StepFailed(reason) from None
         if reason:
             records.append(StepRecord(pass_.name, options, "skipped", reason))
             return model
@@ -396,7 +466,7 @@ class Search:
             records.append(StepRecord(for_pass, {}, "failed", reason))
             raise _StepFailed(reason)
         upgrade = self.plugins.passes.get(UPGRADE_PASS)
-        options = upgrade.resolve_options({"opset": needed})
+        options = self._options(Step(UPGRADE_PASS, {"opset": needed}))
         return self._run_pass(upgrade, model, options, records, context, auto=True)
 
     # -- judging ------------------------------------------------------------------------
@@ -408,7 +478,8 @@ class Search:
             candidate.status, candidate.reason = FAILED, measurement.error
             return
         outputs, measurement.outputs = measurement.outputs, []
-        candidate.fidelity = compare(self.reference, outputs)
+        candidate.fidelity = compare(self.reference, outputs, self.specs)
+        candidate.undecided = self._undecided(candidate)
         try:
             candidate.metrics = score_metrics(self.plugins.metrics, self.reference, outputs)
         except SlimfleetError as exc:
@@ -419,11 +490,12 @@ class Search:
         if fidelity.problem:
             candidate.status, candidate.reason = REJECTED, fidelity.problem
         elif fidelity.score < self.budget:
-            worst = min(fidelity.outputs, key=lambda o: o.score)
+            worst = fidelity.worst()
+            assert worst is not None
             candidate.status = REJECTED
             candidate.reason = (
                 f"fidelity {fidelity.score:.6g} is below the budget {self.budget} "
-                f"(output {worst.name!r}, {worst.judged_by})"
+                f"(output {worst.name!r}, {worst.metric}, {worst.samples} samples)"
             )
         elif low_metrics:
             name, value = next(iter(low_metrics.items()))
@@ -433,6 +505,20 @@ class Search:
             candidate.status = ACCEPTED
             return
         self._missed_budget.add(candidate.id)
+
+    def _undecided(self, candidate: Candidate) -> list[dict[str, Any]]:
+        """Outputs whose 95% interval holds the budget: the samples cannot tell."""
+        assert candidate.fidelity is not None
+        return [
+            {
+                "output": o.name,
+                "interval": list(o.interval or ()),
+                "samples": o.samples,
+                "samples_to_settle": samples_to_settle(o, self.budget),
+            }
+            for o in candidate.fidelity.outputs
+            if straddles(o, self.budget)
+        ]
 
     def _race(self) -> None:
         """Re-time the best accepted candidates round-robin with the original."""
@@ -478,8 +564,7 @@ class Search:
             return
         candidate.reason = (
             f"fidelity {candidate.fidelity.score:.6g} within budget; "
-            f"latency {_ratio(mine, base)}, "
-            f"size {_ratio(candidate.size_bytes, baseline.size_bytes)} of the original"
+            f"{ratio_text(mine, base, candidate.size_bytes, baseline.size_bytes)}"
         )
 
     # -- per-layer fallback ---------------------------------------------------------------
@@ -524,7 +609,7 @@ class Search:
         self._total += len(sizes)
         for done, count in enumerate(sizes, 1):
             variant = self.try_recipe(
-                _excluding(recipe, names[:count], self.plugins),
+                self._excluding(recipe, names[:count]),
                 parent=candidate.id,
                 excluded=names[:count],
                 label=f"{candidate.label} + fallback: {count} node{'s' * (count > 1)} in float",
@@ -535,10 +620,22 @@ class Search:
                 self._total -= len(sizes) - done  # met the budget, or failed
                 break
 
+    def _excluding(self, recipe: Recipe, names: Sequence[str]) -> Recipe:
+        """``recipe`` with ``names`` added to ``exclude_nodes`` of every step that takes it."""
+        steps = []
+        for step in recipe.steps:
+            pass_ = self.plugins.passes.get(step.pass_name)
+            if any(o.name == EXCLUDE_OPTION for o in pass_.options):
+                kept = list(self._options(step)[EXCLUDE_OPTION])
+                merged = kept + [n for n in names if n not in kept]
+                step = Step(step.pass_name, {**step.options, EXCLUDE_OPTION: merged})
+            steps.append(step)
+        return Recipe(recipe.name, tuple(steps), recipe.description, recipe.lossy)
+
     def _probe(self, model: onnx.ModelProto) -> list[Outputs] | None:
         self._probes += 1
         path = self.workdir / f"probe-{self._probes}.onnx"
-        onnx.save_model(model, str(path))
+        save_model(model, path)
         measurement = measure(
             path,
             self.sample_paths[:PROBE_SAMPLES],
@@ -547,6 +644,7 @@ class Search:
             latency=False,
         )
         path.unlink()
+        path.with_name(path.name + ".data").unlink(missing_ok=True)  # save_model's, if any
         shutil.rmtree(self.workdir / f"probe-{self._probes}", ignore_errors=True)
         if measurement.error:
             log.info("fallback probe failed: %s", measurement.error)
@@ -554,97 +652,9 @@ class Search:
         return measurement.outputs
 
 
-def _excluding(recipe: Recipe, names: Sequence[str], plugins: Plugins) -> Recipe:
-    """``recipe`` with ``names`` added to ``exclude_nodes`` of every step that takes it."""
-    steps = []
-    for step in recipe.steps:
-        pass_ = plugins.passes.get(step.pass_name)
-        if any(o.name == EXCLUDE_OPTION for o in pass_.options):
-            kept = list(pass_.resolve_options(step.options)[EXCLUDE_OPTION])
-            merged = kept + [n for n in names if n not in kept]
-            step = Step(step.pass_name, {**step.options, EXCLUDE_OPTION: merged})
-        steps.append(step)
-    return Recipe(recipe.name, tuple(steps), recipe.description, recipe.lossy)
-
-
 def _key(steps: Sequence[Step]) -> tuple[str, ...]:
     return tuple(s.label() for s in steps)
 
 
-def _digest(model: onnx.ModelProto) -> str:
-    return hashlib.sha256(model.SerializeToString()).hexdigest()
-
-
 def _ms(value: float | None) -> str:
     return f"{value:.3f} ms" if value is not None and np.isfinite(value) else "n/a"
-
-
-def _ratio(value: float | None, base: float | None) -> str:
-    return f"{value / base:.2f}x" if value and base else "n/a"
-
-
-# -- choosing -------------------------------------------------------------------------------
-
-
-def _beats(candidate: Candidate, baseline: Candidate, objective: str) -> bool:
-    """Better than the original on the objective, or tied on it and better on the other."""
-    lat, base_lat = candidate.latency_ms or np.inf, baseline.latency_ms or np.inf
-    size, base_size = candidate.size_bytes or np.inf, baseline.size_bytes or np.inf
-    faster, smaller = lat < base_lat * (1 - TIE), size < base_size * (1 - SIZE_TIE)
-    if objective == "latency":
-        return faster or (lat <= base_lat * (1 + TIE) and smaller)
-    return smaller or (size <= base_size * (1 + SIZE_TIE) and faster)
-
-
-def _best(candidates: Sequence[Candidate], objective: str) -> Candidate:
-    """Best on the objective; near-ties on it go to the better other figure."""
-    if objective == "latency":
-        fastest = min(c.latency_ms or np.inf for c in candidates)
-        tied = [c for c in candidates if (c.latency_ms or np.inf) <= fastest * (1 + TIE)]
-        return min(tied, key=lambda c: (c.size_bytes, c.latency_ms, c.id))
-    smallest = min(c.size_bytes or np.inf for c in candidates)
-    tied = [c for c in candidates if (c.size_bytes or np.inf) <= smallest * (1 + SIZE_TIE)]
-    return min(tied, key=lambda c: (c.latency_ms, c.size_bytes, c.id))
-
-
-@dataclass(frozen=True)
-class Choice:
-    """The candidate to ship, why, and whether that means keeping the original."""
-
-    candidate: Candidate
-    reason: str
-    kept_original: bool
-
-
-def choose(candidates: Sequence[Candidate], objective: str) -> Choice:
-    """Pick from ``candidates``, whose first entry is the original (the baseline).
-
-    Among accepted candidates that beat the original, the best on ``objective``. When
-    none beats it: the best lossless accepted candidate (the original, simplified), or
-    the original itself.
-    """
-    baseline = candidates[0]
-    accepted = [c for c in candidates if c.status == ACCEPTED]
-    winners = [c for c in accepted if _beats(c, baseline, objective)]
-    if winners:
-        best = _best(winners, objective)
-        figure = "fastest" if objective == "latency" else "smallest"
-        return Choice(
-            best,
-            f"{figure} of {len(winners)} candidate{'s' * (len(winners) > 1)} that beat the "
-            f"original inside the fidelity budget: latency "
-            f"{_ratio(best.latency_ms, baseline.latency_ms)}, size "
-            f"{_ratio(best.size_bytes, baseline.size_bytes)} of the original",
-            kept_original=False,
-        )
-    nothing = (
-        f"no candidate beat the original on {objective} inside the fidelity budget "
-        f"({len(accepted)} accepted, {len(candidates) - 1 - len(accepted)} not)"
-    )
-    lossless = [c for c in accepted if c.lossless]
-    if lossless:
-        best = _best(lossless, objective)
-        return Choice(
-            best, f"{nothing}; keeping the original, simplified losslessly ({best.label})", True
-        )
-    return Choice(baseline, f"{nothing}; keeping the original model unchanged", True)

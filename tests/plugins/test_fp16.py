@@ -25,7 +25,7 @@ def test_registers_through_the_hook(plugins):
 @pytest.mark.parametrize("build", [models.conv_bn_net, models.mlp, models.lstm])
 def test_half_size_float32_io_close_outputs(build, context, helpers):
     model = build()
-    result = PASS.apply(model, context(), {})
+    result = PASS.apply(model, context(), PASS.resolve_options({}))
     assert result.changed
     onnx.checker.check_model(result.model)
     assert float_io(result.model) == {TensorProto.FLOAT}
@@ -40,7 +40,7 @@ def test_half_size_float32_io_close_outputs(build, context, helpers):
 
 def test_constant_node_weights_are_converted(context, helpers):
     model = models.constant_weights()
-    result = PASS.apply(model, context(), {})
+    result = PASS.apply(model, context(), PASS.resolve_options({}))
     assert result.model.ByteSize() < model.ByteSize() * 0.6
     feed = helpers.feeds(model, 1)[0]
     assert helpers.cosine(helpers.run(result.model, feed)[0], helpers.run(model, feed)[0]) > 0.999
@@ -73,7 +73,7 @@ def test_float32_only_inputs_keep_their_type(context, helpers):
         ],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    result = PASS.apply(model, context(), {})
+    result = PASS.apply(model, context(), PASS.resolve_options({}))
     types = {t.name: t.data_type for t in result.model.graph.initializer}
     assert types == {"w": TensorProto.FLOAT16, "scales": TensorProto.FLOAT}
     feed = helpers.feeds(model, 1)[0]
@@ -87,9 +87,10 @@ def test_overflowing_batchnorm_is_clamped_and_said(context, helpers):
     variance = next(t for t in model.graph.initializer if t.name == "bn2_v")
     big = np.full(numpy_helper.to_array(variance).shape, 1e6, np.float32)
     variance.CopyFrom(numpy_helper.from_array(big, "bn2_v"))
-    clamped = PASS.apply(model, context(), {})
+    clamped = PASS.apply(model, context(), PASS.resolve_options({}))
     assert "clamped 16 weights beyond ±65504 in bn2_v" in clamped.notes
-    folded = PASS.apply(Simplify().apply(model, context(), {}).model, context(), {})
+    simplified = Simplify().apply(model, context(), Simplify().resolve_options({})).model
+    folded = PASS.apply(simplified, context(), PASS.resolve_options({}))
     assert "clamped" not in folded.notes
     feed = helpers.feeds(model, 1)[0]
     assert helpers.cosine(helpers.run(folded.model, feed)[0], helpers.run(model, feed)[0]) > 0.999
@@ -103,12 +104,14 @@ def test_check_says_why_it_does_not_apply(context):
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    assert PASS.check(model, context(), {}) == "no float32 weights or constants"
-    assert PASS.check(models.mlp(), context(), {}) is None
+    assert (
+        PASS.check(model, context(), PASS.resolve_options({})) == "no float32 weights or constants"
+    )
+    assert PASS.check(models.mlp(), context(), PASS.resolve_options({})) is None
 
 
 def test_input_model_is_not_modified(context):
     model = models.lstm()
     before = model.SerializeToString()
-    PASS.apply(model, context(), {})
+    PASS.apply(model, context(), PASS.resolve_options({}))
     assert model.SerializeToString() == before

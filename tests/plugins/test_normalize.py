@@ -20,7 +20,7 @@ def test_registers_through_the_hook(plugins):
 def test_moves_constant_weights_to_initializers_losslessly(context, helpers):
     model = models.constant_weights()
     before = model.SerializeToString()
-    result = Normalize().apply(model, context(), {})
+    result = Normalize().apply(model, context(), Normalize().resolve_options({}))
     assert result.changed
     assert "moved 4 Constant tensors" in result.notes
     assert helpers.ops(result.model)["Constant"] == 0
@@ -44,14 +44,20 @@ def test_upgrades_the_opset_on_request(context, helpers):
 
 
 def test_a_normalized_model_is_left_as_it_is(context):
-    once = Normalize().apply(models.constant_weights(), context(), {}).model
-    again = Normalize().apply(once, context(), {})
+    once = (
+        Normalize()
+        .apply(models.constant_weights(), context(), Normalize().resolve_options({}))
+        .model
+    )
+    again = Normalize().apply(once, context(), Normalize().resolve_options({}))
     assert not again.changed
     assert again.notes.startswith("changed nothing")
 
 
 def test_lower_target_opset_is_kept(context):
-    result = Normalize().apply(models.mlp(opset=13), context(), {"opset": 11})
+    result = Normalize().apply(
+        models.mlp(opset=13), context(), Normalize().resolve_options({"opset": 11})
+    )
     assert opset_of(result.model) == 13
     assert "opset 13 kept" in result.notes
 

@@ -75,11 +75,14 @@ def test_wrong_rank_says_how_samples_are_stacked(tmp_path):
         slimfleet_load_data(path=path, inputs=IMAGE)
 
 
-def test_wrong_dtype_is_rejected(tmp_path):
+def test_float64_becomes_float32_but_floats_never_become_integers(tmp_path):
     path = tmp_path / "data.npz"
-    np.savez(path, x=RNG.random((3, 4)))  # float64
-    with pytest.raises(InputError, match="expects float32 batchx4, got float64 1x4"):
-        slimfleet_load_data(path=path, inputs=VECTOR)
+    np.savez(path, x=RNG.random((3, 4)))  # float64, as numpy makes by default
+    (feed, *_) = slimfleet_load_data(path=path, inputs=VECTOR)
+    assert feed["x"].dtype == np.float32
+    ids = [{"name": "x", "dtype": "int64", "shape": ["batch", 4]}]
+    with pytest.raises(InputError, match="expects int64 batchx4, got float64 1x4"):
+        slimfleet_load_data(path=path, inputs=ids)
 
 
 def test_keys_with_different_sample_counts(tmp_path):

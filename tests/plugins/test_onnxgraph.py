@@ -47,7 +47,7 @@ def test_descriptions():
 
 def test_describe_change(context):
     before = models.constant_weights()
-    after = Normalize().apply(before, context(), {}).model
+    after = Normalize().apply(before, context(), Normalize().resolve_options({})).model
     assert describe_change(before, after) == "nodes 9 -> 5; removed 4 Constant"
     assert describe_change(after, after) == ""
 

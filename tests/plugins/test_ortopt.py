@@ -17,7 +17,7 @@ def test_registers_through_the_hook(plugins):
 
 def test_basic_level_is_portable_and_lossless(context, helpers):
     model = models.conv_bn_net()
-    result = OrtOptimize().apply(model, context(), {})
+    result = OrtOptimize().apply(model, context(), OrtOptimize().resolve_options({}))
     assert result.changed and result.notes.startswith("level basic:")
     assert helpers.ops(result.model)["BatchNormalization"] == 0
     assert {n.domain for n in result.model.graph.node} <= {"", "ai.onnx"}
@@ -29,7 +29,9 @@ def test_basic_level_is_portable_and_lossless(context, helpers):
 
 def test_extended_level_says_it_needs_onnxruntime_ops(context, helpers):
     model = models.mlp()
-    result = OrtOptimize().apply(model, context(), {"level": "extended"})
+    result = OrtOptimize().apply(
+        model, context(), OrtOptimize().resolve_options({"level": "extended"})
+    )
     assert "needs onnxruntime's own ops (com.microsoft.FusedGemm)" in result.notes
     feed = helpers.feeds(model, 1)[0]
     np.testing.assert_allclose(
@@ -38,7 +40,7 @@ def test_extended_level_says_it_needs_onnxruntime_ops(context, helpers):
 
 
 def test_nothing_to_optimize_is_reported(context):
-    result = OrtOptimize().apply(models.lstm(), context(), {})
+    result = OrtOptimize().apply(models.lstm(), context(), OrtOptimize().resolve_options({}))
     assert not result.changed
     assert result.notes == "changed nothing at level basic"
 
@@ -61,7 +63,7 @@ def test_a_model_onnxruntime_cannot_load_is_one_line(context):
     with pytest.raises(
         SlimfleetError, match=r"^ortopt: onnxruntime cannot load the model: "
     ) as err:
-        OrtOptimize().apply(model, context(), {})
+        OrtOptimize().apply(model, context(), OrtOptimize().resolve_options({}))
     assert "\n" not in str(err.value)
 
 

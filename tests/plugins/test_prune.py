@@ -36,7 +36,7 @@ def test_unstructured_reaches_the_sparsity(context, helpers):
 def test_channels_shrink_convs_and_everything_downstream(context, helpers):
     model = models.conv_bn_net()
     options = PASS.resolve_options({"mode": "channels", "sparsity": 0.25})
-    result = PASS.apply(model, context(), options)
+    result = PASS.apply(model, context(), PASS.resolve_options(options))
     onnx.checker.check_model(result.model, full_check=True)
     shapes = {name: array.shape for name, array in weights(result.model).items()}
     assert shapes["w1"] == (12, 3, 3, 3) and shapes["b1"] == (12,)
@@ -78,12 +78,12 @@ def test_channels_left_alone_where_shapes_do_not_allow(context):
 
 
 def test_check_says_why_it_does_not_apply(context):
-    assert PASS.check(models.mlp(), context(), {"mode": "channels"}) == (
+    assert PASS.check(models.mlp(), context(), PASS.resolve_options({"mode": "channels"})) == (
         "no Conv node with its weights in an initializer"
     )
-    assert PASS.check(models.constant_weights(), context(), {}) == (
+    assert PASS.check(models.constant_weights(), context(), PASS.resolve_options({})) == (
         "no MatMul, Gemm or Conv node with its weights in an initializer"
     )
-    assert PASS.check(models.mlp(), context(), {"sparsity": 1.5}) == (
+    assert PASS.check(models.mlp(), context(), PASS.resolve_options({"sparsity": 1.5})) == (
         "sparsity 1.5 is not between 0 and 1"
     )

@@ -61,7 +61,7 @@ def test_excluded_nodes_stay_in_float(context, helpers):
 
 def test_constant_node_weights_are_reported_not_hidden(context):
     model = models.constant_weights()
-    reason = PASS.check(model, context(), {})
+    reason = PASS.check(model, context(), PASS.resolve_options({}))
     assert reason == "no MatMul node has its weights in an initializer (run normalize first)"
     result = apply(model, context)
     assert not result.changed
@@ -73,16 +73,23 @@ def test_constant_node_weights_are_reported_not_hidden(context):
 
 
 def test_normalize_first_makes_constant_weights_quantizable(context, helpers):
-    model = Normalize().apply(models.constant_weights(), context(), {}).model
-    assert PASS.check(model, context(), {}) is None
+    model = (
+        Normalize()
+        .apply(models.constant_weights(), context(), Normalize().resolve_options({}))
+        .model
+    )
+    assert PASS.check(model, context(), PASS.resolve_options({})) is None
     result = apply(model, context)
     assert result.changed and helpers.ops(result.model)["MatMulInteger"] == 2
 
 
 def test_check_says_why_it_does_not_apply(context):
-    assert PASS.check(models.mlp(), context(), {"op_types": ["LSTM"]}) == "no LSTM nodes"
+    assert (
+        PASS.check(models.mlp(), context(), PASS.resolve_options({"op_types": ["LSTM"]}))
+        == "no LSTM nodes"
+    )
     all_excluded = {"exclude_nodes": ["mm1", "mm2"]}
-    assert PASS.check(models.mlp(), context(), all_excluded) == (
+    assert PASS.check(models.mlp(), context(), PASS.resolve_options(all_excluded)) == (
         "all 2 MatMul nodes are in exclude_nodes"
     )
 

@@ -29,7 +29,7 @@ def test_registers_through_the_hook(plugins):
 def test_quantizes_convs_to_qdq_per_channel(context, helpers):
     model = models.conv_bn_net()
     ctx = context(model)
-    assert PASS.check(model, ctx, {}) is None
+    assert PASS.check(model, ctx, PASS.resolve_options({})) is None
     result = PASS.apply(model, ctx, PASS.resolve_options({}))
     assert result.changed
     assert result.notes.startswith("quantized ")
@@ -52,16 +52,22 @@ def test_per_channel_needs_opset_13(context, helpers):
     ctx = context(model)
     assert PASS.min_opset({"per_channel": True}) == 13
     assert PASS.min_opset({"per_channel": False}) == 10
-    assert PASS.check(model, ctx, {}) == "per-channel QDQ needs opset 13, the model has 12"
-    assert PASS.check(model, ctx, {"per_channel": False}) is None
-    upgraded = upgrade_opset(model, PASS.min_opset({}))
+    assert (
+        PASS.check(model, ctx, PASS.resolve_options({}))
+        == "per-channel QDQ needs opset 13, the model has 12"
+    )
+    assert PASS.check(model, ctx, PASS.resolve_options({"per_channel": False})) is None
+    upgraded = upgrade_opset(model, PASS.min_opset(PASS.resolve_options({})))
     result = PASS.apply(upgraded, ctx, PASS.resolve_options({}))
     feed = helpers.feeds(model, 1, seed=7)[0]
     assert helpers.cosine(helpers.run(result.model, feed)[0], helpers.run(model, feed)[0]) > 0.98
 
 
 def test_needs_calibration_data(context):
-    assert PASS.check(models.conv_bn_net(), context(), {}) == "needs calibration data"
+    assert (
+        PASS.check(models.conv_bn_net(), context(), PASS.resolve_options({}))
+        == "needs calibration data"
+    )
 
 
 def test_respects_op_types_and_exclusions(context, helpers):
@@ -70,9 +76,9 @@ def test_respects_op_types_and_exclusions(context, helpers):
     result = PASS.apply(model, context(model), options)
     assert weights_read_through_dequantize(result.model) == {"conv2"}
     assert "kept 1 excluded nodes in float" in result.notes
-    assert PASS.check(models.mlp(), context(models.mlp()), {"op_types": ["Conv"]}) == (
-        "no Conv nodes"
-    )
+    assert PASS.check(
+        models.mlp(), context(models.mlp()), PASS.resolve_options({"op_types": ["Conv"]})
+    ) == ("no Conv nodes")
 
 
 def test_other_calibration_methods_and_types(context, helpers):
@@ -94,7 +100,8 @@ def test_percentile_calibration_takes_its_percentile(context, helpers):
     feed = helpers.feeds(model, 1, seed=7)[0]
     assert helpers.cosine(helpers.run(result.model, feed)[0], helpers.run(model, feed)[0]) > 0.95
     assert (
-        PASS.check(model, context(model), {"percentile": 0}) == "percentile 0.0 is not in (0, 100]"
+        PASS.check(model, context(model), PASS.resolve_options({"percentile": 0}))
+        == "percentile 0.0 is not in (0, 100]"
     )
 
 
@@ -104,4 +111,7 @@ def test_mac_share_leaves_the_light_convs_in_float(context):
     result = PASS.apply(model, context(model), options)
     assert weights_read_through_dequantize(result.model) == {"conv2"}
     assert "left the 1 lightest weighted nodes in float (1 Conv; 16% of their" in result.notes
-    assert PASS.check(model, context(model), {"mac_share": 0}) == "mac_share 0.0 is not in (0, 1]"
+    assert (
+        PASS.check(model, context(model), PASS.resolve_options({"mac_share": 0}))
+        == "mac_share 0.0 is not in (0, 1]"
+    )

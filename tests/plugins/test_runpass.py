@@ -23,7 +23,7 @@ def manager(*extra) -> pluggy.PluginManager:
 
 def test_applies_the_pass(context):
     result = manager().hook.slimfleet_apply_pass(
-        pass_=Fp16(), model=models.mlp(), context=context(), options={}
+        pass_=Fp16(), model=models.mlp(), context=context(), options=Fp16().resolve_options({})
     )
     assert result.changed and result.notes.startswith("float16:")
 

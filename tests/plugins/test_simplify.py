@@ -16,7 +16,7 @@ def test_registers_through_the_hook(plugins):
 
 def test_folds_batchnorm_into_conv(context, helpers):
     model = models.conv_bn_net()
-    result = Simplify().apply(model, context(), {})
+    result = Simplify().apply(model, context(), Simplify().resolve_options({}))
     assert result.changed
     assert helpers.ops(result.model)["BatchNormalization"] == 0
     assert "BatchNorm folded into Conv" in result.notes
@@ -29,7 +29,7 @@ def test_folds_batchnorm_into_conv(context, helpers):
 
 def test_a_simple_model_is_reported_unchanged(context):
     model = models.mlp()
-    result = Simplify().apply(model, context(), {})
+    result = Simplify().apply(model, context(), Simplify().resolve_options({}))
     assert not result.changed
     assert result.notes == "changed nothing: onnxsim found nothing to fold or fuse"
     assert result.model.SerializeToString() == model.SerializeToString()
@@ -46,10 +46,12 @@ def _any_size_input() -> onnx.ModelProto:
 
 def test_dynamic_sizes_are_checked_on_a_calibration_sample(context, helpers):
     model = _any_size_input()
-    without_data = Simplify().apply(model, context(), {})
+    without_data = Simplify().apply(model, context(), Simplify().resolve_options({}))
     assert not without_data.changed
     assert "onnxsim failed" in without_data.notes and "dynamic" in without_data.notes
-    with_data = Simplify().apply(model, context(models.conv_bn_net()), {})
+    with_data = Simplify().apply(
+        model, context(models.conv_bn_net()), Simplify().resolve_options({})
+    )
     assert with_data.changed
     feed = {"input": np.random.default_rng(2).normal(size=(1, 3, 24, 40)).astype(np.float32)}
     np.testing.assert_allclose(
@@ -64,7 +66,7 @@ def test_an_onnxsim_crash_keeps_the_input_model(context, monkeypatch):
 
     monkeypatch.setattr(onnxsim, "simplify", crash)
     model = models.conv_bn_net()
-    result = Simplify().apply(model, context(), {})
+    result = Simplify().apply(model, context(), Simplify().resolve_options({}))
     assert not result.changed
     assert result.notes == (
         "changed nothing: onnxsim failed (segment folding exploded); kept the input model"
@@ -74,6 +76,6 @@ def test_an_onnxsim_crash_keeps_the_input_model(context, monkeypatch):
 
 def test_a_failed_onnxsim_check_keeps_the_input_model(context, monkeypatch):
     monkeypatch.setattr(onnxsim, "simplify", lambda model, **kwargs: (model, False))
-    result = Simplify().apply(models.conv_bn_net(), context(), {})
+    result = Simplify().apply(models.conv_bn_net(), context(), Simplify().resolve_options({}))
     assert not result.changed
     assert "onnxsim's check found different outputs" in result.notes

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import logging
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import models
+import numpy as np
 import onnx
 import pytest
+from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
-from slimfleet.host.compress.evaluate import EvalSettings
+from slimfleet.agent.cli_runner import run_cli
+from slimfleet.host.cli import cli
+from slimfleet.host.compress.candidate import ACCEPTED, Candidate
+from slimfleet.host.compress.evaluate import EvalSettings, Measurement
 from slimfleet.host.plugins import Plugins, load_plugins, make_plugin_manager
 
 
@@ -72,3 +79,47 @@ def unrunnable() -> onnx.ModelProto:
         [shape],
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+@pytest.fixture
+def make_candidate() -> Callable[..., Candidate]:
+    """``make_candidate(id, latency_ms, size_bytes, status=ACCEPTED, lossless=False)``."""
+
+    def make(
+        id_: int, latency: float, size: int, status: str = ACCEPTED, lossless: bool = False
+    ) -> Candidate:
+        candidate = Candidate(id_, f"r{id_}", f"r{id_}", f"r{id_}", lossless=lossless)
+        candidate.status, candidate.size_bytes = status, size
+        candidate.measurement = Measurement(latency_ms={"median": latency})
+        return candidate
+
+    return make
+
+
+@pytest.fixture
+def slimfleet(monkeypatch):
+    """Run ``slimfleet ARGS`` in-process through the real entry point (``run_cli``).
+
+    Returns (exit code, stdout, stderr).
+    """
+    root = logging.getLogger()
+
+    def run(*args: str) -> tuple[int, str, str]:
+        handlers, level = root.handlers[:], root.level
+        monkeypatch.setattr(sys, "argv", ["slimfleet", *map(str, args)])
+        with CliRunner().isolation() as (out, err, _):
+            try:
+                run_cli(cli, "slimfleet")
+            except SystemExit as exc:
+                code = exc.code
+        root.handlers[:], root.level = handlers, level
+        return code, out.getvalue().decode(), err.getvalue().decode()
+
+    return run
+
+
+@pytest.fixture
+def mlp_case(tmp_path, save_model):
+    data = tmp_path / "data.npz"  # 20 evaluation samples: chance agreement cannot pass
+    np.savez(data, x=np.random.default_rng(5).normal(size=(40, 1, 64)).astype(np.float32))
+    return save_model(models.mlp()), data

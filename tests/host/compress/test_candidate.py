@@ -1,7 +1,8 @@
 from __future__ import annotations
 
 from slimfleet.host.compress.candidate import FAILED, Candidate, StepRecord
-from slimfleet.host.compress.evaluate import Fidelity, Measurement, OutputFidelity
+from slimfleet.host.compress.evaluate import Measurement
+from slimfleet.host.compress.fidelity import Fidelity, OutputFidelity
 
 
 def test_a_measured_candidate_as_a_report_row():
@@ -14,7 +15,9 @@ def test_a_measured_candidate_as_a_report_row():
         peak_memory_bytes=4096,
         outputs=[{"y": object()}],
     )
-    candidate.fidelity = Fidelity([OutputFidelity("y", "cosine", 0.999, cosine=0.999)])
+    candidate.fidelity = Fidelity(
+        [OutputFidelity("y", "cosine", 0.999, 40, (0.998, 1.0), "bootstrap", cosine=0.999)]
+    )
     candidate.metrics = {"ctc_text": 1.0}
     row = candidate.to_dict()
     assert candidate.latency_ms == 2.0
@@ -35,15 +38,20 @@ def test_a_measured_candidate_as_a_report_row():
         "problem": None,
         "outputs": {
             "y": {
-                "judged_by": "cosine",
+                "metric": "cosine",
                 "score": 0.999,
-                "argmax_agreement": None,
+                "samples": 40,
+                "interval": [0.998, 1.0],
+                "interval_method": "bootstrap",
+                "detected": True,
+                "step_agreement": None,
                 "cosine": 0.999,
                 "max_abs_error": None,
             }
         },
     }
     assert "outputs" not in row and "path" not in row
+    assert row["undecided"] == []
 
 
 def test_an_unmeasured_candidate_has_empty_figures():

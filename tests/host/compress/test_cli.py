@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -13,11 +12,7 @@ from pathlib import Path
 import models
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from onnx import TensorProto, helper
-
-from slimfleet.agent.cli_runner import run_cli
-from slimfleet.host.cli import cli
 
 RNG = np.random.default_rng(5)
 FILES = ["model.onnx", "report.html", "report.json", "sample.npz"]
@@ -30,35 +25,6 @@ def scratch(tmp_path, monkeypatch):
     path.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(path))
     return path
-
-
-@pytest.fixture
-def slimfleet(monkeypatch):
-    """Run ``slimfleet ARGS`` in-process through the real entry point (``run_cli``).
-
-    Returns (exit code, stdout, stderr).
-    """
-    root = logging.getLogger()
-
-    def run(*args: str) -> tuple[int, str, str]:
-        handlers, level = root.handlers[:], root.level
-        monkeypatch.setattr(sys, "argv", ["slimfleet", *map(str, args)])
-        with CliRunner().isolation() as (out, err, _):
-            try:
-                run_cli(cli, "slimfleet")
-            except SystemExit as exc:
-                code = exc.code
-        root.handlers[:], root.level = handlers, level
-        return code, out.getvalue().decode(), err.getvalue().decode()
-
-    return run
-
-
-@pytest.fixture
-def mlp_case(tmp_path, save_model):
-    data = tmp_path / "data.npz"  # 20 evaluation samples: chance agreement cannot pass
-    np.savez(data, x=RNG.normal(size=(40, 1, 64)).astype(np.float32))
-    return save_model(models.mlp()), data
 
 
 def test_compress_json_summary_and_four_files(slimfleet, mlp_case, tmp_path, scratch):

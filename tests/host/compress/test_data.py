@@ -41,10 +41,12 @@ def test_split_is_disjoint_deterministic_and_covers_everything(tmp_path):
     assert samples.source == str(tmp_path / "data.npz") and samples.warnings == []
 
 
-def test_evaluation_is_capped_and_the_rest_calibrates():
-    feeds = [{"x": np.full((1, 4), i, np.float32)} for i in range(100)]
-    calibration, evaluation = data.split(feeds, max_evaluation=8, max_calibration=20)
-    assert len(evaluation) == 8 and len(calibration) == 20
+def test_calibration_is_capped_and_every_other_sample_evaluates():
+    feeds = [{"x": np.full((1, 4), i, np.float32)} for i in range(300)]
+    calibration, evaluation = data.split(feeds)
+    assert len(calibration) == data.MAX_CALIBRATION and len(evaluation) == 300 - 64
+    calibration, evaluation = data.split(feeds[:11])
+    assert (len(calibration), len(evaluation)) == (5, 6)
 
 
 def test_a_single_sample_only_evaluates(tmp_path, caplog):

@@ -12,8 +12,9 @@ import psutil
 import pytest
 
 from slimfleet.agent.errors import SlimfleetError
-from slimfleet.host.compress import evaluate
-from slimfleet.host.compress.evaluate import EvalSettings, compare, measure, write_samples
+from slimfleet.host import metrics as metrics_contract
+from slimfleet.host.compress import evaluate, fidelity
+from slimfleet.host.compress.evaluate import EvalSettings, measure, write_samples
 from slimfleet.host.metrics import Metric
 from slimfleet.host.registry import Registry
 
@@ -93,99 +94,12 @@ def test_exit_reason_of_a_failing_process():
     assert reason == "the evaluation process exited with code 3: MemoryError: out of memory"
 
 
-# -- compare ------------------------------------------------------------------------------
-
-
-def _outs(**arrays: np.ndarray) -> dict[str, np.ndarray]:
-    return {k: np.asarray(v) for k, v in arrays.items()}
-
-
-def test_identical_outputs_are_perfect():
-    logits = RNG.normal(size=(1, 10)).astype(np.float32)
-    fidelity = compare([_outs(y=logits)], [_outs(y=logits.copy())])
-    assert fidelity.problem is None and fidelity.score == 1.0
-    (out,) = fidelity.outputs
-    assert (out.judged_by, out.argmax_agreement, out.max_abs_error) == ("argmax", 1.0, 0.0)
-    assert out.cosine == pytest.approx(1.0)
-
-
-def test_argmax_agreement_counts_positions_over_samples():
-    ref = [_outs(y=np.eye(4, dtype=np.float32)[None].repeat(2, 0)) for _ in range(2)]  # 2x4x4
-    got = [_outs(y=r["y"].copy()) for r in ref]
-    got[1]["y"][0, 0] = [0, 0, 0, 5]  # one of the 16 positions now picks class 3
-    fidelity = compare(ref, got)
-    assert fidelity.outputs[0].argmax_agreement == pytest.approx(15 / 16)
-    assert fidelity.score == pytest.approx(15 / 16)
-
-
-def test_feature_maps_are_judged_by_cosine():
-    ref = RNG.normal(size=(1, 4, 8, 8)).astype(np.float32)
-    got = ref + RNG.normal(0, 0.1, ref.shape).astype(np.float32)
-    (out,) = compare([_outs(f=ref)], [_outs(f=got)]).outputs
-    assert out.judged_by == "cosine" and out.argmax_agreement is None
-    assert 0.98 < out.score == out.cosine < 1.0
-    assert out.max_abs_error == pytest.approx(np.abs(ref - got).max())
-
-
-def test_integer_outputs_must_match_exactly():
-    ref, got = np.array([[1, 2, 3, 4]]), np.array([[1, 2, 0, 4]])
-    (out,) = compare([_outs(ids=ref)], [_outs(ids=got)]).outputs
-    assert out.judged_by == "exact" and out.score == 0.75
-
-
-def test_wrong_shape_is_a_problem():
-    fidelity = compare([_outs(y=np.zeros((1, 10)))], [_outs(y=np.zeros((1, 9)))])
-    assert (
-        fidelity.problem == "output 'y' has shape [1, 9] where the original has [1, 10] (sample 0)"
-    )
-    assert fidelity.score == 0.0
-
-
-@pytest.mark.parametrize("bad", [np.nan, np.inf])
-def test_nan_or_inf_is_a_problem(bad):
-    got = np.ones((1, 10), np.float32)
-    got[0, 3] = bad
-    fidelity = compare([_outs(y=np.ones((1, 10), np.float32))], [_outs(y=got)])
-    assert fidelity.problem == "output 'y' contains NaN or Inf (sample 0)"
-
-
-def test_missing_output_is_a_problem():
-    assert compare([_outs(y=np.ones(3))], [_outs(z=np.ones(3))]).problem == "output 'y' is missing"
-
-
-def test_score_is_the_worst_output():
-    ref = _outs(a=np.eye(3, dtype=np.float32), b=np.ones((1, 2, 8, 8), np.float32))
-    got = _outs(a=np.eye(3, dtype=np.float32), b=-np.ones((1, 2, 8, 8), np.float32))
-    fidelity = compare([ref], [got])
-    assert [o.score for o in fidelity.outputs] == [1.0, pytest.approx(-1.0)]
-    assert fidelity.score == pytest.approx(-1.0)
-
-
-@pytest.mark.parametrize(
-    ("shape", "expected"),
-    [
-        ((1, 1000), True),
-        ((25, 1, 8210), True),
-        ((1, 8400, 85), False),
-        ((1, 3, 32, 32), False),
-        ((8, 1, 5), False),
-        ((1, 1), False),
-    ],
-)
-def test_class_like(shape, expected):
-    assert evaluate.class_like(np.zeros(shape, np.float32)) is expected
-
-
-def test_class_like_needs_floats():
-    assert not evaluate.class_like(np.zeros((1, 10), np.int64))
-
-
-# -- task metrics ---------------------------------------------------------------------------
+# -- plugin task metrics ---------------------------------------------------------------------------
 
 
 def _documented_ctc_plugin() -> dict:
-    """Run the CTC metric example from evaluate's docstring, exactly as documented."""
-    doc = evaluate.__doc__
+    """Run the CTC metric example from the Metric contract's docstring, as documented."""
+    doc = metrics_contract.__doc__
     block = doc[doc.index("::\n") + 3 : doc.index("Every candidate then gets")]
     namespace: dict = {}
     exec(compile(block.replace("\n    ", "\n"), "ctc_example", "exec"), namespace)
@@ -201,17 +115,52 @@ def test_the_documented_ctc_metric_decodes_and_compares():
     text_aab = _outs(logits=np.stack([a, blank, a, b, b])[:, None])  # -> [1, 1, 2]
     assert plugin["ctc_decode"](text_ab["logits"]) == [1, 2]
     assert plugin["ctc_decode"](text_aab["logits"]) == [1, 1, 2]
-    scores = evaluate.score_metrics(metrics, [text_ab, text_ab], [text_ab, text_aab])
+    scores = fidelity.score_metrics(metrics, [text_ab, text_ab], [text_ab, text_aab])
     assert scores == {"ctc_text": 0.5}
 
 
 def test_a_metric_that_raises_names_itself():
     broken = Metric("broken", "always fails", lambda ref, got: 1 / 0)
     with pytest.raises(SlimfleetError, match="task metric 'broken' raised ZeroDivisionError"):
-        evaluate.score_metrics([broken], [], [])
+        fidelity.score_metrics([broken], [], [])
 
 
 def test_a_nan_metric_counts_as_zero():
-    assert evaluate.score_metrics([Metric("n", "nan", lambda r, c: float("nan"))], [], []) == {
+    assert fidelity.score_metrics([Metric("n", "nan", lambda r, c: float("nan"))], [], []) == {
         "n": 0.0
     }
+
+
+def _outs(**arrays: np.ndarray) -> dict[str, np.ndarray]:
+    return {k: np.asarray(v) for k, v in arrays.items()}
+
+
+def test_only_tensor_outputs_are_fetched(save_model, tmp_path, quick):
+    """A scikit-learn style model: a tensor label and a seq(map) output; only the label."""
+    from onnx import TensorProto, helper
+
+    seq_map = helper.make_sequence_type_proto(
+        helper.make_map_type_proto(TensorProto.INT64, helper.make_tensor_type_proto(1, []))
+    )
+    graph = helper.make_graph(
+        [
+            helper.make_node("ArgMax", ["x"], ["label"], axis=1, keepdims=0),
+            helper.make_node(
+                "ZipMap", ["x"], ["probabilities"], domain="ai.onnx.ml", classlabels_int64s=[0, 1]
+            ),
+        ],
+        "zipmap",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2])],
+        [
+            helper.make_tensor_value_info("label", TensorProto.INT64, [1]),
+            helper.make_value_info("probabilities", seq_map),
+        ],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid("ai.onnx.ml", 1)]
+    )
+    model.ir_version = 8
+    paths = write_samples([{"x": np.array([[0.2, 0.8]], np.float32)}], tmp_path / "s")
+    result = measure(save_model(model), paths, quick, tmp_path / "work")
+    assert result.error is None
+    assert list(result.outputs[0]) == ["label"] and result.outputs[0]["label"].tolist() == [1]

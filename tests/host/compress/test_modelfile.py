@@ -4,7 +4,7 @@ import models
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from slimfleet.agent.errors import InputError
 from slimfleet.host.compress import modelfile
@@ -123,9 +123,55 @@ def test_load_reads_a_path_given_as_text(save_model):
     assert modelfile.load_model(str(path)).graph.node[0].op_type == "Add"
 
 
-def test_a_non_tensor_output_is_a_clear_input_error():
+def test_a_non_tensor_output_is_described_by_its_type():
     model = models.add_one()
     seq = onnx.helper.make_tensor_sequence_value_info("y", onnx.TensorProto.FLOAT, None)
     model.graph.output[0].CopyFrom(seq)
-    with pytest.raises(InputError, match="'y' is not a tensor"):
-        modelfile.io_signature(model)
+    (output,) = modelfile.io_signature(model)["outputs"]
+    assert output == {"name": "y", "dtype": "seq(tensor(float32))", "shape": None}
+
+
+@pytest.mark.parametrize("dim", [-1, 0])
+def test_minus_one_and_zero_dims_are_dynamic(dim):
+    model = models.mlp()
+    model.graph.input[0].type.tensor_type.shape.dim[0].Clear()
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = dim
+    assert modelfile.io_signature(model)["inputs"][0]["shape"] == [None, 64]
+
+
+def test_external_data_is_loaded_from_beside_the_model_when_allowed(tmp_path):
+    path = tmp_path / "ext.onnx"
+    weights = "ext.onnx.data"
+    onnx.save(
+        models.add_const(1.0, size=1024),
+        str(path),
+        save_as_external_data=True,
+        location=weights,
+        size_threshold=0,
+    )
+    loaded = modelfile.load_model(path, external_data=True)
+    assert not modelfile._uses_external_data(loaded)
+    (weight,) = loaded.graph.initializer
+    np.testing.assert_array_equal(numpy_helper.to_array(weight), np.ones(1024, np.float32))
+    assert (
+        modelfile.total_size(path)
+        == path.stat().st_size + (tmp_path / "ext.onnx.data").stat().st_size
+    )
+    (tmp_path / "ext.onnx.data").unlink()
+    assert modelfile.external_files(path) == []
+    with pytest.raises(InputError, match="cannot read its external data"):
+        modelfile.load_model(path, external_data=True)
+
+
+def test_save_model_uses_external_data_only_past_the_limit(tmp_path, monkeypatch):
+    model = models.add_const(1.0, size=4096)
+    modelfile.save_model(model, tmp_path / "small.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["small.onnx"]
+    monkeypatch.setattr(modelfile, "EXTERNAL_DATA_LIMIT", 1000)
+    modelfile.save_model(model, tmp_path / "big.onnx")
+    assert modelfile.external_files(tmp_path / "big.onnx") == [tmp_path / "big.onnx.data"]
+    assert not modelfile._uses_external_data(model)  # the caller's model is untouched
+    reloaded = modelfile.load_model(tmp_path / "big.onnx", external_data=True)
+    np.testing.assert_array_equal(
+        numpy_helper.to_array(reloaded.graph.initializer[0]), np.ones(4096, np.float32)
+    )

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 
 from slimfleet.agent.errors import InputError
-from slimfleet.host.compress import report
+from slimfleet.host.compress import report, reporthtml
 from slimfleet.host.compress.evaluate import EvalSettings
-from slimfleet.host.compress.report import ReportSection
 from slimfleet.host.compress.search import compress
 from slimfleet.host.hookspecs import hookimpl
 from slimfleet.host.plugins import load_plugins, make_plugin_manager
+from slimfleet.host.sections import ReportSection
 
 
 class FleetNotes:
@@ -67,7 +67,8 @@ def test_report_json_holds_every_candidate_and_the_summary(finished):
         assert key in candidate
     assert set(candidate["latency_ms"]) == {"median", "p90", "runs", "method"}
     assert set(candidate["fidelity"]["outputs"]["y"]) == {
-        "judged_by", "score", "argmax_agreement", "cosine", "max_abs_error"
+        "metric", "score", "samples", "interval", "interval_method", "detected",
+        "step_agreement", "cosine", "max_abs_error",
     }  # fmt: skip
     summary = doc["summary"]
     for key in ("chosen", "size_ratio", "latency_ratio", "fidelity", "kept_original", "metrics"):
@@ -130,7 +131,7 @@ def test_chart_plots_measured_candidates_and_rings_the_choice():
         _candidate(2, "rejected", 13_600_000, 35.9, 0.991),
         _candidate(3, "failed", None, None, None),
     ]
-    svg = report.chart(candidates, chosen=1)
+    svg = reporthtml.chart(candidates, chosen=1)
     assert svg.count("r='5'") == 3 + 3  # three points and the three legend dots
     assert svg.count("r='10'") == 1
     assert "#1 f=0.995" in svg and "#2 f=0.991" in svg and "#3" not in svg
@@ -141,13 +142,13 @@ def test_chart_plots_measured_candidates_and_rings_the_choice():
 
 
 def test_chart_without_measurements():
-    assert report.chart([_candidate(0, "failed", None, None, None)], 0) == (
+    assert reporthtml.chart([_candidate(0, "failed", None, None, None)], 0) == (
         "<p>No candidate was measured.</p>"
     )
 
 
 def test_labels_are_escaped_in_the_table():
-    html = report._table([_candidate(0, "baseline", 10, 1.0, 1.0, label="<b>x</b>")], 0)
+    html = reporthtml.table([_candidate(0, "baseline", 10, 1.0, 1.0, label="<b>x</b>")], 0)
     assert "<b>x</b>" not in html and "&lt;b&gt;x&lt;/b&gt;" in html
 
 
@@ -155,15 +156,17 @@ def test_labels_are_escaped_in_the_table():
     ("top", "ticks"), [(54.1, [0, 10, 20, 30, 40, 50]), (0.9, [0, 0.2, 0.4, 0.6, 0.8])]
 )
 def test_ticks(top, ticks):
-    assert report._ticks(top) == pytest.approx(ticks)
+    assert reporthtml._ticks(top) == pytest.approx(ticks)
 
 
 def test_write_replaces_files_atomically(tmp_path, finished):
     out = tmp_path / "out"
     out.mkdir()
     (out / "model.onnx").write_bytes(b"old")
-    report.write(out, finished.data, b"new model", {"x": np.zeros((1, 4), np.float32)})
-    assert (out / "model.onnx").read_bytes() == b"new model"
+    (out / "model.onnx.data").write_bytes(b"an earlier output's external data")
+    model = models.save(models.add_one(), tmp_path / "new.onnx")
+    report.write(out, finished.data, model, {"x": np.zeros((1, 4), np.float32)})
+    assert (out / "model.onnx").read_bytes() == model.read_bytes()
     assert sorted(p.name for p in out.iterdir()) == [
         "model.onnx", "report.html", "report.json", "sample.npz"
     ]  # fmt: skip
@@ -173,7 +176,12 @@ def test_write_failure_is_one_line_and_leaves_no_temp_file(tmp_path, finished):
     out = tmp_path / "out"
     (out / "report.json").mkdir(parents=True)  # a directory where the file should go
     with pytest.raises(InputError, match=r"report\.json: cannot write"):
-        report.write(out, finished.data, b"m", {"x": np.zeros((1, 4), np.float32)})
+        report.write(
+            out,
+            finished.data,
+            models.save(models.add_one(), tmp_path / "m.onnx"),
+            {"x": np.zeros((1, 4), np.float32)},
+        )
     assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "report.json", "sample.npz"]
 
 
@@ -187,3 +195,26 @@ def test_a_section_that_is_not_a_report_section_is_a_plugin_bug(finished):
     pm.register(Wrong())
     with pytest.raises(TypeError, match="returned dict"):
         report.sections(pm.hook, finished.data)
+
+
+def test_undecided_notes_speak_for_the_choice_and_count_the_others():
+    entry = {"output": "y", "interval": [0.8389, 1.0], "samples": 20, "samples_to_settle": 35}
+    doc = {
+        "summary": {"fidelity_budget": 0.9},
+        "choice": {"candidate": 1},
+        "candidates": [
+            {"id": 0, "undecided": []},
+            {"id": 1, "undecided": [entry]},
+            {"id": 2, "undecided": [{**entry, "samples_to_settle": None}]},
+        ],
+    }
+    assert reporthtml.undecided_notes(doc) == [
+        "#1 (chosen): output y: the 95% interval [0.8389, 1.0000] holds the budget 0.9, so "
+        "20 samples cannot tell; about 35 samples would settle it",
+        "1 other candidate(s) (#2) have an interval holding the budget too: their verdict "
+        "could flip with more data",
+    ]
+    doc["choice"]["candidate"] = 2
+    assert reporthtml.undecided_notes(doc)[0].endswith(
+        "no amount of data settles a score this close to the budget"
+    )

@@ -1,0 +1,222 @@
+"""Task-level fidelity: metric detection, scoring, intervals, --metric parsing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from slimfleet.agent.errors import InputError
+from slimfleet.host.compress import fidelity
+from slimfleet.host.compress.fidelity import MetricSpec, compare, detect, parse_metric
+
+RNG = np.random.default_rng(3)
+
+
+def _outs(**arrays: np.ndarray) -> dict[str, np.ndarray]:
+    return {k: np.asarray(v) for k, v in arrays.items()}
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return (e / e.sum(-1, keepdims=True)).astype(np.float32)
+
+
+# -- detection ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("array", "kind"),
+    [
+        (RNG.normal(size=(1, 10)).astype(np.float32), "top1"),  # narrow logits
+        (_softmax(RNG.normal(size=(1, 214))), "top1"),  # wide probabilities (magika)
+        (RNG.normal(size=(1, 384)).astype(np.float32), "cosine"),  # a sentence embedding
+        (RNG.normal(size=(1, 1, 1, 96)).astype(np.float32), "cosine"),  # wake-word features
+        (RNG.normal(size=(20, 1, 37)).astype(np.float32), "ctc"),  # CRNN, time-major
+        (RNG.normal(size=(1, 50, 15)).astype(np.float32), "ctc"),  # batch-major sequence
+        (RNG.random((1, 1, 32, 32)).astype(np.float32), "iou"),  # a saliency mask
+        (RNG.normal(size=(1, 22, 2100)).astype(np.float32), "cosine"),  # YOLO boxes
+        (np.array([[0.93]], np.float32), "binary"),  # one probability
+        (np.array([[3, 1, 2]], np.int64), "exact"),
+        (np.array([True, False]), "exact"),
+    ],
+)
+def test_the_metric_is_detected_from_shape_and_values(array, kind):
+    assert detect([array]).kind == kind
+
+
+def test_wide_peaked_logits_are_class_scores():
+    logits = RNG.normal(size=(4, 1000)).astype(np.float32)
+    logits[np.arange(4), [3, 70, 500, 999]] += 12  # a confident classifier's peak
+    assert detect([logits]).kind == "top1"
+
+
+def test_ctc_layout_is_detected():
+    assert detect([RNG.normal(size=(20, 1, 37))]).option("batch_axis") == 1
+    assert detect([RNG.normal(size=(1, 20, 37))]).option("batch_axis") == 0
+
+
+# -- scoring -------------------------------------------------------------------------------
+
+
+def _sequence(*classes: int, width: int = 4) -> np.ndarray:
+    """[T, 1, C] one-hot scores for ``classes``."""
+    return np.eye(width, dtype=np.float32)[list(classes)][:, None]
+
+
+def test_ctc_judges_the_decoded_text_and_reports_step_agreement():
+    ref = [_outs(logits=_sequence(1, 1, 0, 2, 2)) for _ in range(4)]
+    got = [_outs(logits=_sequence(1, 1, 0, 2, 2)) for _ in range(4)]
+    got[0] = _outs(logits=_sequence(1, 1, 1, 2, 2))  # same text "1 2", one step differs
+    got[1] = _outs(logits=_sequence(1, 0, 1, 2, 2))  # text "1 1 2": wrong
+    (out,) = compare(ref, got).outputs
+    assert out.metric == "ctc:blank=0,batch_axis=1"
+    assert out.score == pytest.approx(3 / 4) and out.samples == 4
+    assert out.step_agreement == pytest.approx(1 - 3 / 20)
+    assert out.interval_method == "wilson"
+    assert out.interval == pytest.approx(fidelity.wilson(3, 4))
+
+
+def test_ctc_blank_option_changes_the_decoding():
+    ref, got = [_outs(y=_sequence(3, 1, 3, 2))], [_outs(y=_sequence(3, 1, 1, 2))]
+    blank0 = compare(ref, got, {"y": parse_metric("y=ctc:blank=0,batch_axis=1")[1]})
+    blank3 = compare(ref, got, {"y": parse_metric("y=ctc:blank=3,batch_axis=1")[1]})
+    assert blank0.score == 0.0  # 3 1 3 2 vs 3 1 2
+    assert blank3.score == 1.0  # both decode to 1 2
+
+
+def test_top1_counts_rows_over_samples():
+    ref = [_outs(y=np.eye(4, dtype=np.float32)) for _ in range(2)]
+    got = [_outs(y=np.eye(4, dtype=np.float32)) for _ in range(2)]
+    got[1]["y"][0] = [0, 0, 0, 5]
+    (out,) = compare(ref, got).outputs
+    assert (out.metric, out.samples, out.score) == ("top1", 8, pytest.approx(7 / 8))
+
+
+def test_iou_of_thresholded_maps():
+    ref = np.zeros((1, 1, 10, 10), np.float32)
+    ref[..., :5, :] = 0.9  # 50 pixels
+    got = ref.copy()
+    got[..., 5, :] = 0.8  # 10 more
+    (out,) = compare([_outs(m=ref), _outs(m=ref)], [_outs(m=got), _outs(m=ref)]).outputs
+    assert out.metric == "iou:threshold=0.5"
+    assert out.score == pytest.approx((50 / 60 + 1) / 2)
+    assert out.interval_method == "bootstrap"
+
+
+def test_embeddings_by_cosine_with_a_bootstrap_interval():
+    ref = [_outs(e=RNG.normal(size=(1, 384)).astype(np.float32)) for _ in range(30)]
+    got = [_outs(e=r["e"] + RNG.normal(0, 0.05, (1, 384)).astype(np.float32)) for r in ref]
+    (out,) = compare(ref, got).outputs
+    assert out.metric == "cosine" and out.samples == 30
+    low, high = out.interval
+    assert low < out.score < high and low > 0.99 and high <= 1.0
+
+
+def test_integer_outputs_match_exactly_per_sample():
+    ref = [_outs(ids=np.array([[1, 2, 3, 4]])), _outs(ids=np.array([[5, 6, 7, 8]]))]
+    got = [_outs(ids=np.array([[1, 2, 0, 4]])), _outs(ids=np.array([[5, 6, 7, 8]]))]
+    (out,) = compare(ref, got).outputs
+    assert (out.metric, out.score, out.samples) == ("exact", 0.5, 2)
+
+
+def test_an_ignored_output_is_not_judged():
+    ref, got = [_outs(state=np.ones((1, 25), np.float32))], [_outs(state=np.zeros((1, 25)))]
+    result = compare(ref, got, {"state": MetricSpec("ignore", given=True)})
+    assert result.outputs == [] and result.score == 1.0
+
+
+def test_wrong_shape_is_a_problem():
+    result = compare([_outs(y=np.zeros((1, 10)))], [_outs(y=np.zeros((1, 9)))])
+    assert result.problem == "output 'y' has shape [1, 9] where the original has [1, 10] (sample 0)"
+    assert result.score == 0.0
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_nan_or_inf_is_a_problem(bad):
+    got = np.ones((1, 10), np.float32)
+    got[0, 3] = bad
+    result = compare([_outs(y=np.ones((1, 10), np.float32))], [_outs(y=got)])
+    assert result.problem == "output 'y' contains NaN or Inf (sample 0)"
+
+
+def test_missing_output_is_a_problem():
+    assert compare([_outs(y=np.ones(3))], [_outs(z=np.ones(3))]).problem == "output 'y' is missing"
+
+
+def test_the_score_is_the_worst_output():
+    ref = _outs(a=np.eye(3, dtype=np.float32), b=np.ones((1, 2, 8, 8), np.float32) * 3)
+    got = _outs(a=np.eye(3, dtype=np.float32), b=-np.ones((1, 2, 8, 8), np.float32) * 3)
+    result = compare([ref], [got])
+    assert [o.score for o in result.outputs] == [1.0, pytest.approx(-1.0)]
+    assert result.worst().name == "b"
+
+
+# -- intervals -----------------------------------------------------------------------------
+
+
+def test_wilson_interval_matches_the_textbook():
+    low, high = fidelity.wilson(98, 100)
+    assert low == pytest.approx(0.9300, abs=1e-4) and high == pytest.approx(0.9945, abs=1e-4)
+    assert fidelity.wilson(10, 10)[1] == 1.0
+
+
+def test_samples_to_settle_a_straddling_proportion():
+    out = fidelity.OutputFidelity("y", "top1", 0.995, 200, fidelity.wilson(199, 200), "wilson")
+    assert fidelity.straddles(out, 0.99)
+    needed = fidelity.samples_to_settle(out, 0.99)
+    assert needed is not None and needed > 200
+    assert fidelity.wilson(0.995 * needed, needed)[0] >= 0.99
+    assert fidelity.wilson(0.995 * (needed - 1), needed - 1)[0] < 0.99
+
+
+def test_no_amount_of_data_settles_a_score_on_the_budget():
+    out = fidelity.OutputFidelity("y", "top1", 0.99, 100, fidelity.wilson(99, 100), "wilson")
+    assert fidelity.samples_to_settle(out, 0.99) is None
+
+
+# -- --metric ------------------------------------------------------------------------------
+
+
+def test_parse_metric():
+    name, spec = parse_metric("onnx::Shape_422=cosine")
+    assert (name, spec.kind, spec.given) == ("onnx::Shape_422", "cosine", True)
+    name, spec = parse_metric("logits=ctc:blank=5")
+    assert (name, spec.option("blank"), spec.label()) == ("logits", 5, "ctc:blank=5")
+    assert parse_metric("mask=iou:threshold=0.3")[1].option("threshold") == 0.3
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("logits", "expected OUTPUT=KIND"),
+        ("logits=bleu", "unknown kind 'bleu'"),
+        ("logits=ctc:space=1", "ctc takes options blank, batch_axis"),
+        ("logits=ctc:blank=x", "blank='x' is not a int"),
+    ],
+)
+def test_bad_metric_text(text, message):
+    with pytest.raises(InputError, match=message):
+        parse_metric(text)
+
+
+def test_a_metric_for_an_unknown_output_is_refused():
+    with pytest.raises(InputError, match="the model has no such output"):
+        fidelity.metric_specs([_outs(y=np.ones(2))], {"z": MetricSpec("cosine", given=True)})
+
+
+def test_outputs_shaped_like_inputs_are_state_and_judged_by_cosine():
+    signature = {
+        "inputs": [
+            {"name": "frame", "dtype": "float32", "shape": [1, 12]},
+            {"name": "h_in", "dtype": "float32", "shape": [16]},
+        ],
+        "outputs": [
+            {"name": "scores", "dtype": "float32", "shape": [1, 5]},
+            {"name": "h_out", "dtype": "float32", "shape": [16]},
+        ],
+    }
+    assert fidelity.state_outputs(signature) == {"h_out"}
+    reference = [_outs(scores=RNG.normal(size=(1, 5)), h_out=RNG.normal(size=16))]
+    specs = fidelity.metric_specs(reference, states={"h_out"})
+    assert (specs["scores"].kind, specs["h_out"].kind) == ("top1", "cosine")
+    assert fidelity.metric_specs(reference)["h_out"].kind == "top1"  # what it would be
