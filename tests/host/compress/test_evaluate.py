@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import signal
+from dataclasses import replace
 import sys
 import threading
 import time
@@ -77,7 +78,10 @@ def test_a_crashing_evaluation_process_is_an_error(save_model, conv_samples, tmp
     )
     worker.start()
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and not (tmp_path / "w" / "outputs.npz").exists():
+    while (
+        time.monotonic() < deadline
+        and not (tmp_path / "w" / "outputs" / "sample-0002.npz").exists()
+    ):
         time.sleep(0.05)  # outputs are written before timing starts
     children = [
         p for p in psutil.Process().children() if evaluate.WORKER_MODULE in " ".join(p.cmdline())
@@ -85,12 +89,14 @@ def test_a_crashing_evaluation_process_is_an_error(save_model, conv_samples, tmp
     assert len(children) == 1
     children[0].send_signal(signal.SIGSEGV)
     worker.join(30)
-    assert results[0].error == "the evaluation process crashed (SIGSEGV)"
+    assert results[0].error == "crashed: SIGSEGV"
 
 
-def test_exit_reason_of_a_failing_process():
-    reason = evaluate._exit_reason(3, "warning: x\nMemoryError: out of memory\n\n")
-    assert reason == "the evaluation process exited with code 3: MemoryError: out of memory"
+def test_an_evaluation_over_its_memory_limit_is_killed(save_model, conv_samples, tmp_path):
+    settings = replace(EvalSettings.quick(), memory=20 << 20)  # python + onnxruntime alone: more
+    result = measure(save_model(models.conv_bn_net()), conv_samples[1], settings, tmp_path / "w")
+    assert result.error is not None and result.error.startswith("killed at ")
+    assert result.error.endswith("(limit 20.0 MiB)")
 
 
 # -- compare ------------------------------------------------------------------------------
