@@ -1,10 +1,10 @@
 from __future__ import annotations
 
 import signal
-from dataclasses import replace
 import sys
 import threading
 import time
+from dataclasses import replace
 
 import models
 import numpy as np
