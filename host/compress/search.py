@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import shutil
 import tempfile
@@ -19,7 +18,9 @@ import numpy as np
 import onnx
 
 from slimfleet.agent.errors import InputError, SlimfleetError
-from slimfleet.host.compress import fallback, outdir, report
+from slimfleet.host.compress import fallback, isolation, outdir, report
+from slimfleet.host.compress.arrayfiles import ArrayFiles
+from slimfleet.host.compress.building import ModelFile, apply_step, digest
 from slimfleet.host.compress.candidate import (
     ACCEPTED,
     BASELINE,
@@ -40,6 +41,12 @@ from slimfleet.host.compress.evaluate import (
     write_samples,
 )
 from slimfleet.host.compress.modelfile import io_signature, load_model, opset
+from slimfleet.host.compress.planning import Budget, batch_bytes
+from slimfleet.host.compress.resources import (
+    DEFAULT_MAX_MEMORY,
+    DEFAULT_TIME_BUDGET,
+    format_bytes,
+)
 from slimfleet.host.passes import Pass, PassContext
 from slimfleet.host.plugins import Plugins, load_plugins
 from slimfleet.host.recipes import Recipe, Step, parse_recipe
@@ -79,23 +86,32 @@ def compress(
     progress: Progress | None = None,
     plugins: Plugins | None = None,
     settings: EvalSettings | None = None,
+    max_memory: int = DEFAULT_MAX_MEMORY,
+    time_budget: float = DEFAULT_TIME_BUDGET,
 ) -> report.Report:
     """Find the best model inside the fidelity budget and write it with its report.
 
     ``outdir_path`` receives ``model.onnx``, ``report.json``, ``report.html`` and
     ``sample.npz``. ``passes`` (``"simplify,quantize_dynamic[op_types=MatMul]"``) runs
     that one recipe instead of every registered one. ``settings`` overrides how
-    candidates are measured (its ``threads`` is replaced by ``threads``). Bad input
-    raises :class:`InputError`; temp files are removed in every case.
+    candidates are measured (its ``threads`` is replaced by ``threads``; its
+    ``timeout`` bounds each candidate). Every pass and every evaluation runs in a child
+    process; the whole process tree stays under ``max_memory`` bytes and the search
+    plans within ``time_budget`` seconds (see :mod:`~slimfleet.host.compress.planning`).
+    Bad input raises :class:`InputError`; temp files are removed in every case.
     """
     started = time.monotonic()
+    isolation.TREE_PEAK.reset()
     if objective not in OBJECTIVES:
         raise InputError(f"objective {objective!r}: choose one of {', '.join(OBJECTIVES)}")
     if not 0 < fidelity <= 1:
         raise InputError(f"fidelity {fidelity}: must be in (0, 1]")
     if threads < 1:
         raise InputError(f"threads {threads}: must be at least 1")
+    if max_memory <= 0 or time_budget <= 0:
+        raise InputError("--max-memory and --time-budget must be positive")
     settings = replace(settings or EvalSettings(), threads=threads)
+    budget = Budget(time_budget, max_memory, settings.timeout, started)
     model_path = Path(model_path)
     model = load_model(model_path)
     plugins = plugins or load_plugins()
@@ -110,6 +126,7 @@ def compress(
             search = Search(
                 model, model_path, plugins, samples, settings, Path(tmp), fidelity, objective
             )
+            search.plan = budget
             search.progress = progress
             search.run(recipes)
             choice = choose(search.candidates, objective)
@@ -126,10 +143,18 @@ def compress(
                     "data": str(data) if data is not None else None,
                     "input_shapes": {k: list(v) for k, v in (input_shapes or {}).items()},
                     "evaluation": asdict(settings),
+                    "max_memory": max_memory,
+                    "time_budget": time_budget,
                 },
                 samples=samples,
                 elapsed=time.monotonic() - started,
             )
+            doc["resources"] = {
+                **budget.describe(),
+                "peak_tree_rss_bytes": isolation.TREE_PEAK.bytes,
+                "skipped": search.skipped,
+            }
+            doc["warnings"].extend(search.skipped)
             doc["sections"] = report.sections(plugins.pm.hook, doc)
             assert choice.candidate.path is not None
             report.write(out, doc, choice.candidate.path.read_bytes(), samples.evaluation[0])
@@ -186,20 +211,30 @@ class Search:
         self.budget = budget
         self.objective = objective
         self.sample_paths = write_samples(samples.evaluation, workdir / "samples")
+        # From here on samples are read from disk when used, one at a time.
+        samples.evaluation = ArrayFiles(self.sample_paths)
+        samples.calibration = ArrayFiles(
+            write_samples(samples.calibration, workdir / "calibration")
+        )
+        self.plan = Budget(candidate_timeout=settings.timeout)
+        """What the search may spend (time, memory); see ``planning``."""
+        self.skipped: list[str] = []
+        """What the budget left out (one line each), for the report's warnings."""
+        self.original_file = ModelFile(model_path, digest(model), opset(model))
         self.candidates: list[Candidate] = []
         self.recipes: dict[int, Recipe] = {}
-        self.reference: list[Outputs] = []
+        self.reference: Sequence[Outputs] = []
         self.progress: Progress | None = None
         self._done = 0
         self._total = 0
-        self._prefixes: dict[tuple[str, ...], tuple[onnx.ModelProto, list[StepRecord]]] = {}
+        self._prefixes: dict[tuple[str, ...], tuple[ModelFile, list[StepRecord]]] = {}
         self._shared: set[tuple[str, ...]] = set()
         """Step prefixes that several candidates start with: their models are kept."""
         self._digests: dict[str, int] = {}
         self._missed_budget: set[int] = set()
+        self._steps_run = 0
         self._alone: dict[str, Any] = {}
         """The original's latency measured alone, for candidates that did not race."""
-        self._probes = 0
 
     # -- driving ------------------------------------------------------------------------
 
@@ -234,9 +269,11 @@ class Search:
         original.size_bytes = self.model_path.stat().st_size
         self.candidates.append(original)
         self._step("measuring the original")
+        started = time.monotonic()
         original.measurement = measure(
-            self.model_path, self.sample_paths, self.settings, self.workdir / "cand-0"
+            self.model_path, self.sample_paths, self._eval_settings(), self.workdir / "cand-0"
         )
+        self.plan.learn_original(time.monotonic() - started)
         if original.measurement.error:
             raise InputError(
                 f"{self.model_path}: onnxruntime cannot run the original model "
@@ -247,7 +284,12 @@ class Search:
         original.fidelity = compare(self.reference, self.reference)
         original.metrics = score_metrics(self.plugins.metrics, self.reference, self.reference)
         original.status, original.reason = BASELINE, "the reference for every other candidate"
-        self._digests[_digest(self.model)] = 0
+        self._digests[self.original_file.digest] = 0
+
+    def _eval_settings(self) -> EvalSettings:
+        """The evaluation settings with the next child's limits (time and memory)."""
+        limits = self.plan.child_limits()
+        return replace(self.settings, timeout=limits.timeout, memory=limits.memory)
 
     # -- building -----------------------------------------------------------------------
 
@@ -273,14 +315,27 @@ class Search:
         self._step(candidate.label)
         self.candidates.append(candidate)
         self.recipes[candidate.id] = recipe
+        over = self.plan.why_not()
+        if over:
+            candidate.status, candidate.reason = SKIPPED, over
+            self.skipped.append(f"skipped #{candidate.id} {candidate.label}: {over}")
+            return candidate
+        started = time.monotonic()
+        self.plan.start_candidate()
+        try:
+            self._build_and_measure(recipe, candidate)
+        finally:
+            self.plan.finish_candidate(time.monotonic() - started)
+        return candidate
+
+    def _build_and_measure(self, recipe: Recipe, candidate: Candidate) -> None:
         try:
             model = self._build(recipe.steps, candidate.steps, candidate.id)
         except _StepFailed as exc:
             candidate.status, candidate.reason = FAILED, str(exc)
-            return candidate
-        digest = _digest(model)
-        if digest in self._digests:
-            same = self._digests[digest]
+            return
+        if model.digest in self._digests:
+            same = self._digests[model.digest]
             candidate.status = SKIPPED
             candidate.reason = (
                 "no pass changed the model" if same == 0 else f"same model as candidate #{same}"
@@ -288,16 +343,17 @@ class Search:
             why = "; ".join(f"{s.pass_name}: {s.notes}" for s in candidate.steps if s.notes)
             if why:
                 candidate.reason += f" ({why})"
-            return candidate
-        self._digests[digest] = candidate.id
-        candidate.path = self.workdir / f"candidate-{candidate.id}.onnx"
-        onnx.save_model(model, str(candidate.path))
+            return
+        self._digests[model.digest] = candidate.id
+        candidate.path = model.path
         candidate.size_bytes = candidate.path.stat().st_size
         candidate.measurement = measure(
-            candidate.path, self.sample_paths, self.settings, self.workdir / f"cand-{candidate.id}"
+            candidate.path,
+            self.sample_paths,
+            self._eval_settings(),
+            self.workdir / f"cand-{candidate.id}",
         )
         self._judge(candidate)
-        return candidate
 
     def _lossless(self, recipe: Recipe) -> bool:
         passes = self.plugins.passes
@@ -309,9 +365,13 @@ class Search:
 
     def _build(
         self, steps: Sequence[Step], records: list[StepRecord], candidate_id: int
-    ) -> onnx.ModelProto:
-        """Apply ``steps`` to the original, reusing models built for shared prefixes."""
-        model, start = self.model, 0
+    ) -> ModelFile:
+        """Apply ``steps`` to the original, reusing models built for shared prefixes.
+
+        Each pass runs in its own process; the models live on disk. A step's output
+        that no later candidate shares is deleted once the next step has read it.
+        """
+        model, start = self.original_file, 0
         for length in range(len(steps), 0, -1):
             cached = self._prefixes.get(_key(steps[:length]))
             if cached is not None:
@@ -325,19 +385,24 @@ class Search:
             threads=self.settings.threads,
         )
         context.workdir.mkdir(parents=True, exist_ok=True)
+        kept = {m.path for m, _ in self._prefixes.values()} | {self.model_path}
         for index in range(start, len(steps)):
+            before = model
             model = self._apply(model, steps[index], records, context)
+            if before.path != model.path and before.path not in kept:
+                before.path.unlink(missing_ok=True)
             if _key(steps[: index + 1]) in self._shared:
                 self._prefixes[_key(steps[: index + 1])] = (model, list(records))
+                kept.add(model.path)
         return model
 
     def _apply(
         self,
-        model: onnx.ModelProto,
+        model: ModelFile,
         step: Step,
         records: list[StepRecord],
         context: PassContext,
-    ) -> onnx.ModelProto:
+    ) -> ModelFile:
         try:
             pass_ = self.plugins.passes.get(step.pass_name)
             options = pass_.resolve_options(step.options)
@@ -345,52 +410,42 @@ class Search:
             records.append(StepRecord(step.pass_name, dict(step.options), "failed", str(exc)))
             raise _StepFailed(str(exc)) from None
         needed = pass_.min_opset(options)
-        if needed > opset(model):
+        if needed > model.opset:
             model = self._upgrade(model, needed, pass_.name, records, context)
-        reason = pass_.check(model, context, options)
-        if reason:
-            records.append(StepRecord(pass_.name, options, "skipped", reason))
-            return model
         return self._run_pass(pass_, model, options, records, context)
 
     def _run_pass(
         self,
         pass_: Pass,
-        model: onnx.ModelProto,
+        model: ModelFile,
         options: dict[str, Any],
         records: list[StepRecord],
         context: PassContext,
         auto: bool = False,
-    ) -> onnx.ModelProto:
-        started = time.perf_counter()
-        try:
-            result = self.plugins.pm.hook.slimfleet_apply_pass(
-                pass_=pass_, model=model, context=context, options=options
-            )
-            if result is None:
-                raise SlimfleetError("no plugin implements slimfleet_apply_pass")
-        except Exception as exc:
-            reason = f"{pass_.name}: {_one_line(exc)}"
-            seconds = time.perf_counter() - started
-            records.append(StepRecord(pass_.name, options, "failed", reason, seconds, auto))
-            raise _StepFailed(reason) from None
-        status = "applied" if result.changed else "unchanged"
-        seconds = time.perf_counter() - started
-        records.append(StepRecord(pass_.name, options, status, result.notes, seconds, auto))
-        log.info("%s: %s %s", pass_.name, status, result.notes)
-        return result.model
+    ) -> ModelFile:
+        self._steps_run += 1
+        target = context.workdir.parent / f"step-{self._steps_run}-{pass_.name}.onnx"
+        limits = self.plan.child_limits()
+        context.memory = limits.memory
+        source = self.model if model is self.original_file else model.path
+        done = apply_step(self.plugins, source, pass_, options, context, target, limits)
+        records.append(StepRecord(pass_.name, options, done.status, done.notes, done.seconds, auto))
+        if done.status == "failed":
+            raise _StepFailed(done.notes)
+        log.info("%s: %s %s", pass_.name, done.status, done.notes)
+        return done.model or model
 
     def _upgrade(
         self,
-        model: onnx.ModelProto,
+        model: ModelFile,
         needed: int,
         for_pass: str,
         records: list[StepRecord],
         context: PassContext,
-    ) -> onnx.ModelProto:
+    ) -> ModelFile:
         if UPGRADE_PASS not in self.plugins.passes:
             reason = (
-                f"{for_pass} needs opset {needed}, the model has {opset(model)}, and no "
+                f"{for_pass} needs opset {needed}, the model has {model.opset}, and no "
                 f"{UPGRADE_PASS!r} pass is registered to upgrade it"
             )
             records.append(StepRecord(for_pass, {}, "failed", reason))
@@ -414,6 +469,8 @@ class Search:
         except SlimfleetError as exc:
             candidate.status, candidate.reason = FAILED, str(exc)
             return
+        finally:
+            shutil.rmtree(self.workdir / f"cand-{candidate.id}" / "outputs", ignore_errors=True)
         fidelity = candidate.fidelity
         low_metrics = {k: v for k, v in candidate.metrics.items() if v < self.budget}
         if fidelity.problem:
@@ -445,12 +502,19 @@ class Search:
             return
         self._step(f"timing {len(runners)} finalist(s) against the original, interleaved")
         racers = [baseline, *runners]
+        load = sum((c.measurement.load_ms or 0) / 1000 for c in racers if c.measurement)
+        over = self.plan.why_not(load + len(racers) * self.settings.latency_seconds)
+        if over:
+            self.skipped.append(f"skipped the interleaved latency race: {over}")
+            return
+        self.plan.start_candidate()
         figures = race(
             [c.path for c in racers if c.path],
             self.sample_paths[0],
-            self.settings,
+            self._eval_settings(),
             self.workdir / "race",
         )
+        self.plan.deadline = None
         if isinstance(figures, str):
             log.warning("latency race failed (%s); using each model's own timing", figures)
             return
@@ -514,10 +578,9 @@ class Search:
         first = self._quantize_step(recipe)
         assert first is not None and candidate.path is not None
         self._step(f"ranking nodes of #{candidate.id} for fallback", counts=False)
-        float_model = self._build(recipe.steps[:first], [], candidate.id) if first else self.model
-        ranked = fallback.rank_nodes(float_model, onnx.load(str(candidate.path)), self._probe)
-        if not ranked:
-            candidate.reason += "; no quantized node could be ranked for per-layer fallback"
+        ranked = self._rank(candidate, recipe, first)
+        if isinstance(ranked, str):
+            candidate.reason += f"; per-layer fallback: {ranked}"
             return
         names = [name for name, _ in ranked]
         sizes = fallback.exclusion_sizes(len(names))
@@ -529,29 +592,58 @@ class Search:
                 excluded=names[:count],
                 label=f"{candidate.label} + fallback: {count} node{'s' * (count > 1)} in float",
             )
+            if variant.status == SKIPPED and variant.reason.startswith("time budget"):
+                self._total -= len(sizes) - done  # the rest would not fit either
+                break
             if variant.status == SKIPPED:  # the quantizer ignored these exclusions
                 continue
             if variant.id not in self._missed_budget:
                 self._total -= len(sizes) - done  # met the budget, or failed
                 break
 
-    def _probe(self, model: onnx.ModelProto) -> list[Outputs] | None:
-        self._probes += 1
-        path = self.workdir / f"probe-{self._probes}.onnx"
-        onnx.save_model(model, str(path))
-        measurement = measure(
-            path,
+    def _rank(self, candidate: Candidate, recipe: Recipe, first: int) -> list[Any] | str:
+        """The quantized nodes of ``candidate`` ranked by harm (in a child process), or
+        why they could not be."""
+        baseline = self.candidates[0].measurement
+        limits = self.plan.child_limits()
+        session = baseline.peak_memory_bytes if baseline and baseline.peak_memory_bytes else 0
+        batch = batch_bytes(limits.memory)
+        need = 2 * session + 2 * min(batch, 1 << 20) + (self.original_file.path.stat().st_size * 2)
+        if limits.memory is not None and need > limits.memory:
+            return (
+                f"analysis skipped: two sessions of this model need about {format_bytes(need)}, "
+                f"{format_bytes(limits.memory)} is available (--max-memory)"
+            )
+        over = self.plan.why_not()
+        if over:
+            return f"analysis skipped: {over}"
+        self.plan.start_candidate()
+        started = time.monotonic()
+        try:
+            float_model = (
+                self._build(recipe.steps[:first], [], candidate.id) if first else self.original_file
+            )
+        except _StepFailed as exc:
+            return f"could not rebuild the float model ({exc})"
+        finally:
+            self.plan.deadline = None
+        self.plan.start_candidate()
+        outcome = isolation.call(
+            fallback.rank_files,
+            float_model.path,
+            candidate.path,
             self.sample_paths[:PROBE_SAMPLES],
-            self.settings,
-            self.workdir / f"probe-{self._probes}",
-            latency=False,
+            self.settings.threads,
+            batch_bytes(self.plan.child_limits().memory),
+            limits=self.plan.child_limits(),
+            workdir=self.workdir / f"rank-{candidate.id}",
         )
-        path.unlink()
-        shutil.rmtree(self.workdir / f"probe-{self._probes}", ignore_errors=True)
-        if measurement.error:
-            log.info("fallback probe failed: %s", measurement.error)
-            return None
-        return measurement.outputs
+        self.plan.finish_candidate(time.monotonic() - started)
+        if not outcome.ok:
+            return f"node ranking failed ({outcome.failure})"
+        if not outcome.value:
+            return "no quantized node could be ranked"
+        return outcome.value
 
 
 def _excluding(recipe: Recipe, names: Sequence[str], plugins: Plugins) -> Recipe:
@@ -569,10 +661,6 @@ def _excluding(recipe: Recipe, names: Sequence[str], plugins: Plugins) -> Recipe
 
 def _key(steps: Sequence[Step]) -> tuple[str, ...]:
     return tuple(s.label() for s in steps)
-
-
-def _digest(model: onnx.ModelProto) -> str:
-    return hashlib.sha256(model.SerializeToString()).hexdigest()
 
 
 def _ms(value: float | None) -> str:
