@@ -22,6 +22,7 @@ import numpy as np
 import onnx
 
 from slimfleet.host.compress.arrayfiles import ArrayFiles
+from slimfleet.host.compress.tensorsizes import batches, tensor_bytes
 from slimfleet.host.passes import Feed
 
 MAX_VARIANTS = 5
@@ -79,51 +80,6 @@ def _relative_error(ref: np.ndarray, got: np.ndarray) -> float | None:
         return None
     ref64, got64 = ref.astype(np.float64), got.astype(np.float64)
     return float(np.linalg.norm(ref64 - got64) / (np.linalg.norm(ref64) + 1e-12))
-
-
-def tensor_bytes(model: onnx.ModelProto, feed: Feed, tensors: Sequence[str]) -> dict[str, int]:
-    """Estimated bytes of each of ``tensors`` when ``model`` runs on ``feed``.
-
-    Shape inference runs with the inputs fixed to the feed's shapes; a tensor whose size
-    it cannot tell is assumed as large as the largest one it can (or the largest input).
-    """
-    fixed = onnx.ModelProto()
-    fixed.CopyFrom(model)
-    del fixed.graph.value_info[:]
-    for value in fixed.graph.input:
-        if value.name in feed and value.type.HasField("tensor_type"):
-            shape = value.type.tensor_type.shape
-            shape.ClearField("dim")
-            for size in np.shape(feed[value.name]):
-                shape.dim.add().dim_value = int(size)
-    known: dict[str, int] = {}
-    try:
-        inferred = onnx.shape_inference.infer_shapes(fixed, data_prop=True)
-        values = [*inferred.graph.value_info, *inferred.graph.output]
-    except Exception:  # shape inference gives up on some real models: assume the worst
-        values = []
-    for value in values:
-        kind = value.type.tensor_type
-        dims = [d.dim_value if d.HasField("dim_value") else 0 for d in kind.shape.dim]
-        if kind.HasField("shape") and all(dims) and kind.elem_type:
-            itemsize = onnx.helper.tensor_dtype_to_np_dtype(kind.elem_type).itemsize
-            known[value.name] = int(np.prod(dims, dtype=np.int64)) * itemsize
-    default = max([*known.values(), *(np.asarray(a).nbytes for a in feed.values()), 1])
-    return {t: known.get(t, default) for t in tensors}
-
-
-def batches(sizes: dict[str, int], limit: int) -> list[list[str]]:
-    """``sizes``' names in order, grouped so each group's total stays within ``limit``
-    (a single tensor larger than the limit is a group of its own)."""
-    groups: list[list[str]] = []
-    total = 0
-    for name, size in sizes.items():
-        if not groups or total + size > limit:
-            groups.append([])
-            total = 0
-        groups[-1].append(name)
-        total += size
-    return groups
 
 
 def _session(model: onnx.ModelProto, threads: int) -> Any:
