@@ -9,7 +9,7 @@ from onnx import numpy_helper
 from onnxruntime.quantization import QuantType, quantize_dynamic, quantize_static
 from onnxruntime.quantization.calibrate import CalibrationDataReader
 
-from slimfleet.host.compress import fallback, tensorsizes
+from slimfleet.host.compress import fallback
 
 RNG = np.random.default_rng(7)
 
@@ -93,17 +93,6 @@ def test_tiny_batches_give_the_same_ranking_one_tensor_at_a_time(tmp_path, outli
     tiny = fallback.rank_nodes(outlier_mlp, quantized, samples, batch_bytes=1)
     assert [n for n, _ in tiny] == [n for n, _ in whole]
     assert [h for _, h in tiny] == pytest.approx([h for _, h in whole])
-
-
-def test_tensor_sizes_come_from_shape_inference_on_the_sample_shapes():
-    sizes = tensorsizes.tensor_bytes(models.mlp(), {"x": np.ones((5, 64), np.float32)}, ["h", "y"])
-    assert sizes == {"h": 5 * 128 * 4, "y": 5 * 10 * 4}
-
-
-def test_batches_stay_within_the_limit():
-    sizes = {"a": 4, "b": 4, "c": 10, "d": 1}
-    assert tensorsizes.batches(sizes, 8) == [["a", "b"], ["c"], ["d"]]
-    assert tensorsizes.batches(sizes, 100) == [["a", "b", "c", "d"]]
 
 
 def test_rank_files_reads_models_and_samples_from_disk(tmp_path, outlier_mlp):
