@@ -46,7 +46,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -62,6 +62,7 @@ if TYPE_CHECKING:
     from slimfleet.host.metrics import Metric
 
 WORKER_MODULE = "slimfleet.host.compress.evaluate"
+TOO_SLOW = "slower than the original"
 Outputs = dict[str, np.ndarray]
 
 
@@ -82,6 +83,10 @@ class EvalSettings:
     """Seconds a candidate's process may take before it is killed and recorded as failed."""
     memory: int | None = None
     """Bytes of RSS the evaluation process may use before it is killed (None: no limit)."""
+    give_up_ms: float | None = None
+    """A run (after the first) slower than this ends the measurement with an error
+    starting with :data:`TOO_SLOW`: the search sets it to a multiple of the original's
+    latency, since a candidate that much slower cannot be chosen."""
 
     @classmethod
     def quick(cls, threads: int = 1) -> EvalSettings:
@@ -343,8 +348,20 @@ def _measure_job(job: dict[str, Any]) -> dict[str, Any]:
     session = _session(job["model"], settings)
     load_ms = (time.perf_counter() - start) * 1000
     names = [o.name for o in session.get_outputs()]
-    outputs = (dict(zip(names, session.run(None, feed), strict=True)) for feed in feeds)
-    arrayfiles.write_all(outputs, Path(job["outputs"]))  # one sample in memory at a time
+
+    def outputs() -> Iterator[dict[str, np.ndarray]]:
+        for i, feed in enumerate(feeds):
+            started = time.perf_counter()
+            values = session.run(None, feed)
+            took = (time.perf_counter() - started) * 1000
+            if i and settings.give_up_ms is not None and took > settings.give_up_ms:
+                raise _GiveUp(
+                    f"{TOO_SLOW}: a run took {took:.0f} ms, over the {settings.give_up_ms:.0f} ms "
+                    "it may take (stopped early)"
+                )
+            yield dict(zip(names, values, strict=True))
+
+    arrayfiles.write_all(outputs(), Path(job["outputs"]))  # one sample in memory at a time
     latency: dict[str, float] = {}
     if job["latency"] and feeds:
         latency = _time_runs([session], feeds[0], settings)[0]
@@ -354,6 +371,10 @@ def _measure_job(job: dict[str, Any]) -> dict[str, Any]:
         "latency_ms": latency,
         "peak_memory_bytes": max(0, _peak_rss() - rss_before),
     }
+
+
+class _GiveUp(Exception):
+    """The candidate is so slow that measuring it further is wasted time."""
 
 
 def _race_job(job: dict[str, Any]) -> dict[str, Any]:
@@ -401,6 +422,8 @@ def _child_main(job_path: str) -> None:
     job = json.loads(Path(job_path).read_text())
     try:
         result = _race_job(job) if job["kind"] == "race" else _measure_job(job)
+    except _GiveUp as exc:
+        result = {"error": str(exc)}
     except Exception as exc:  # onnxruntime raises its own types for bad models
         text = str(exc).strip() or type(exc).__name__
         result = {"error": f"{type(exc).__name__}: {text.splitlines()[0]}"}

@@ -32,6 +32,7 @@ from slimfleet.host.compress.candidate import (
 )
 from slimfleet.host.compress.data import Samples, load_samples
 from slimfleet.host.compress.evaluate import (
+    TOO_SLOW,
     EvalSettings,
     Outputs,
     compare,
@@ -63,6 +64,12 @@ RACE_SIZE = 8
 """Accepted candidates (best on the objective first) re-timed round-robin with the original."""
 FALLBACK_SERIES = 2
 """How many quantized candidates that missed the budget get per-layer fallback variants."""
+SHORT_TIMING = EvalSettings(min_repeats=3, max_repeats=20, latency_seconds=0.3)
+"""Latency timing when the full one would not fit the time budget."""
+GIVE_UP_FACTOR = 3.0
+GIVE_UP_FLOOR_MS = 200.0
+"""A candidate whose run takes 3x the original's median latency (and at least 200 ms: short
+runs are noisy and cheap to finish) is stopped and rejected."""
 PROBE_SAMPLES = 4
 """Evaluation samples used to rank nodes for fallback."""
 EXCLUDE_OPTION = "exclude_nodes"
@@ -244,6 +251,7 @@ class Search:
         self._total = len(recipes) + 2
         self._shared = {_key(r.steps[:n]) for r in recipes for n in range(1, len(r.steps))}
         self._measure_original()
+        self._shorten_if_needed(len(recipes))
         for recipe in recipes:
             self.try_recipe(recipe)
         for candidate in self._fallback_targets():
@@ -254,6 +262,25 @@ class Search:
                 self._judge_latency(candidate)
         if self.progress is not None:
             self.progress(self._total, self._total, "done")
+
+    def _shorten_if_needed(self, candidates: int) -> None:
+        """When ``candidates`` at the estimated cost would not fit the time budget, time
+        latency with fewer runs (the finalists are raced against the original anyway)."""
+        planned = candidates * self.plan.candidate_cost()
+        left = self.plan.remaining()
+        if planned <= left or self.settings.min_repeats <= SHORT_TIMING.min_repeats:
+            return
+        self.settings = replace(
+            self.settings,
+            min_repeats=SHORT_TIMING.min_repeats,
+            max_repeats=min(self.settings.max_repeats, SHORT_TIMING.max_repeats),
+            latency_seconds=min(self.settings.latency_seconds, SHORT_TIMING.latency_seconds),
+        )
+        self.skipped.append(
+            f"shortened latency timing to {SHORT_TIMING.min_repeats} runs: {candidates} "
+            f"candidates at about {self.plan.candidate_cost():.0f} s each would not fit in "
+            f"the {left:.0f} s left of the time budget"
+        )
 
     def _step(self, label: str, *, counts: bool = True) -> None:
         """Report progress at the start of a unit of work (``counts``: one of ``_total``)."""
@@ -287,9 +314,14 @@ class Search:
         self._digests[self.original_file.digest] = 0
 
     def _eval_settings(self) -> EvalSettings:
-        """The evaluation settings with the next child's limits (time and memory)."""
+        """The evaluation settings with the next child's limits (time and memory), and
+        once the original is timed, the latency at which a candidate is given up."""
         limits = self.plan.child_limits()
-        return replace(self.settings, timeout=limits.timeout, memory=limits.memory)
+        original = self.candidates[0].latency_ms if self.candidates else None
+        give_up = max(original * GIVE_UP_FACTOR, GIVE_UP_FLOOR_MS) if original else None
+        return replace(
+            self.settings, timeout=limits.timeout, memory=limits.memory, give_up_ms=give_up
+        )
 
     # -- building -----------------------------------------------------------------------
 
@@ -460,7 +492,8 @@ class Search:
         measurement = candidate.measurement
         assert measurement is not None
         if measurement.error:
-            candidate.status, candidate.reason = FAILED, measurement.error
+            too_slow = measurement.error.startswith(TOO_SLOW)
+            candidate.status, candidate.reason = REJECTED if too_slow else FAILED, measurement.error
             return
         outputs, measurement.outputs = measurement.outputs, []
         candidate.fidelity = compare(self.reference, outputs)
@@ -607,8 +640,8 @@ class Search:
         baseline = self.candidates[0].measurement
         limits = self.plan.child_limits()
         session = baseline.peak_memory_bytes if baseline and baseline.peak_memory_bytes else 0
-        batch = batch_bytes(limits.memory)
-        need = 2 * session + 2 * min(batch, 1 << 20) + (self.original_file.path.stat().st_size * 2)
+        # Two sessions, the two models loaded once more, and at least 1 MiB of tensors.
+        need = 2 * session + 2 * self.original_file.path.stat().st_size + (1 << 20)
         if limits.memory is not None and need > limits.memory:
             return (
                 f"analysis skipped: two sessions of this model need about {format_bytes(need)}, "
@@ -617,28 +650,26 @@ class Search:
         over = self.plan.why_not()
         if over:
             return f"analysis skipped: {over}"
-        self.plan.start_candidate()
-        started = time.monotonic()
+        self.plan.start_candidate()  # rebuilding and ranking share one deadline
         try:
             float_model = (
                 self._build(recipe.steps[:first], [], candidate.id) if first else self.original_file
+            )
+            limits = self.plan.child_limits()
+            outcome = isolation.call(
+                fallback.rank_files,
+                float_model.path,
+                candidate.path,
+                self.sample_paths[:PROBE_SAMPLES],
+                self.settings.threads,
+                batch_bytes(limits.memory),
+                limits=limits,
+                workdir=self.workdir / f"rank-{candidate.id}",
             )
         except _StepFailed as exc:
             return f"could not rebuild the float model ({exc})"
         finally:
             self.plan.deadline = None
-        self.plan.start_candidate()
-        outcome = isolation.call(
-            fallback.rank_files,
-            float_model.path,
-            candidate.path,
-            self.sample_paths[:PROBE_SAMPLES],
-            self.settings.threads,
-            batch_bytes(self.plan.child_limits().memory),
-            limits=self.plan.child_limits(),
-            workdir=self.workdir / f"rank-{candidate.id}",
-        )
-        self.plan.finish_candidate(time.monotonic() - started)
         if not outcome.ok:
             return f"node ranking failed ({outcome.failure})"
         if not outcome.value:

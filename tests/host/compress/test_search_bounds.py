@@ -14,7 +14,7 @@ import psutil
 import pytest
 
 from slimfleet.host.compress import search
-from slimfleet.host.compress.candidate import ACCEPTED, FAILED, SKIPPED
+from slimfleet.host.compress.candidate import ACCEPTED, FAILED, REJECTED, SKIPPED
 from slimfleet.host.hookspecs import hookimpl
 from slimfleet.host.passes import Pass, PassResult
 from slimfleet.host.recipes import Recipe, Step
@@ -57,8 +57,8 @@ class Keep(Pass):
         from slimfleet.plugins.onnxgraph import copy_model
 
         out = copy_model(model)
-        out.doc_string = f"kept under {context.memory} bytes"
-        return PassResult(out, True, "doc string")
+        out.doc_string = "kept"
+        return PassResult(out, True, f"memory limit {context.memory}")
 
 
 class BadPasses:
@@ -102,7 +102,10 @@ def test_crashing_hanging_and_hungry_passes_are_rows(
     assert rows["hang"]["reason"].startswith("hang: timed out after ")
     assert rows["hog"]["status"] == FAILED
     assert rows["hog"]["reason"].startswith("hog: killed at ")
-    assert rows["keep"]["status"] == ACCEPTED  # the search went on after all three
+    # The search went on after all three: "keep" was measured and judged (its latency
+    # verdict on a microsecond model is a coin toss, so either status will do).
+    assert rows["keep"]["status"] in (ACCEPTED, REJECTED)
+    assert rows["keep"]["fidelity"]["score"] == 1.0
     assert psutil.Process().children(recursive=True) == []
     resources = result.data["resources"]
     assert resources["peak_tree_rss_bytes"] > 0
@@ -119,7 +122,8 @@ def test_the_pass_is_told_its_memory_limit(tmp_path, save_model, make_plugins, q
         settings=quick,
         max_memory=3 << 30,
     )
-    limit = int(result.outdir.joinpath("model.onnx").read_bytes().split(b"kept under ")[1][:10])
+    (keep,) = [c for c in result.data["candidates"] if c["label"] == "keep"]
+    limit = int(keep["steps"][0]["notes"].removeprefix("memory limit "))
     assert 0 < limit < 3 << 30  # what the parent holds is taken off
 
 
