@@ -84,7 +84,7 @@ class EvalSettings:
     memory: int | None = None
     """Bytes of RSS the evaluation process may use before it is killed (None: no limit)."""
     give_up_ms: float | None = None
-    """A run (after the first) slower than this ends the measurement with an error
+    """Two runs in a row (after the first) slower than this end the measurement with an error
     starting with :data:`TOO_SLOW`: the search sets it to a multiple of the original's
     latency, since a candidate that much slower cannot be chosen."""
 
@@ -350,14 +350,17 @@ def _measure_job(job: dict[str, Any]) -> dict[str, Any]:
     names = [o.name for o in session.get_outputs()]
 
     def outputs() -> Iterator[dict[str, np.ndarray]]:
-        for i, feed in enumerate(feeds):
+        took: list[float] = []
+        for feed in feeds:
             started = time.perf_counter()
             values = session.run(None, feed)
-            took = (time.perf_counter() - started) * 1000
-            if i and settings.give_up_ms is not None and took > settings.give_up_ms:
+            took.append((time.perf_counter() - started) * 1000)
+            # The first run warms up; two slow runs in a row are not a passing hiccup.
+            fastest = min(took[1:][-2:]) if len(took) >= 3 else 0.0
+            if settings.give_up_ms is not None and fastest > settings.give_up_ms:
                 raise _GiveUp(
-                    f"{TOO_SLOW}: a run took {took:.0f} ms, over the {settings.give_up_ms:.0f} ms "
-                    "it may take (stopped early)"
+                    f"{TOO_SLOW}: two runs took {took[-2]:.0f} and {took[-1]:.0f} ms, over the "
+                    f"{settings.give_up_ms:.0f} ms a run may take (stopped early)"
                 )
             yield dict(zip(names, values, strict=True))
 
