@@ -87,6 +87,7 @@ def _data(tmp_path):
 def test_crashing_hanging_and_hungry_passes_are_rows(
     tmp_path, save_model, make_plugins, quick, only_test_recipes
 ):
+    before = _children()
     result = search.compress(
         save_model(models.mlp()),
         tmp_path / "out",
@@ -106,7 +107,7 @@ def test_crashing_hanging_and_hungry_passes_are_rows(
     # verdict on a microsecond model is a coin toss, so either status will do).
     assert rows["keep"]["status"] in (ACCEPTED, REJECTED)
     assert rows["keep"]["fidelity"]["score"] == 1.0
-    assert psutil.Process().children(recursive=True) == []
+    assert _children() <= before
     resources = result.data["resources"]
     assert resources["peak_tree_rss_bytes"] > 0
     assert resources["max_memory_bytes"] == result.data["settings"]["max_memory"]
@@ -151,3 +152,8 @@ def test_what_does_not_fit_the_time_budget_is_skipped_with_the_reason(
     assert any("time budget" in w for w in result.data["warnings"])
     # Over by at most one candidate's timeout (3 s), plus start-up and report writing.
     assert elapsed < 2.0 + 3 + 10
+
+
+def _children() -> set[int]:
+    """This process's descendants (other tests' fixtures, such as a broker, may be among them)."""
+    return {p.pid for p in psutil.Process().children(recursive=True)}
