@@ -15,6 +15,7 @@ their side effects in memory do not reach the parent process.
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,10 @@ def _step_in_child(
     context: PassContext,
     target: Path,
 ) -> tuple[str, str, ModelFile | None]:
+    # Libraries under a pass drop temp files in the working directory (onnxruntime's
+    # quant_pre_process leaves "*.data" and "sym_shape_infer_temp.onnx" there): this
+    # child works in the candidate's scratch folder, removed with the search.
+    os.chdir(context.workdir)
     model = source if isinstance(source, onnx.ModelProto) else onnx.load(str(source))
     reason = pass_.check(model, context, options)
     if reason:

@@ -7,6 +7,7 @@ import ctypes
 import sys
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import models
 import numpy as np
@@ -58,6 +59,7 @@ class Keep(Pass):
 
         out = copy_model(model)
         out.doc_string = "kept"
+        Path("litter.tmp").write_text("a library's temp file in the working directory")
         return PassResult(out, True, f"memory limit {context.memory}")
 
 
@@ -125,7 +127,10 @@ def test_the_pass_is_told_its_memory_limit(tmp_path, save_model, make_plugins, q
     )
     (keep,) = [c for c in result.data["candidates"] if c["label"] == "keep"]
     limit = int(keep["steps"][0]["notes"].removeprefix("memory limit "))
-    assert 0 < limit < 3 << 30  # what the parent holds is taken off
+    assert 0 < limit < 3 << 30
+    assert not Path(
+        "litter.tmp"
+    ).exists()  # passes work in their scratch folder  # what the parent holds is taken off
 
 
 def test_what_does_not_fit_the_time_budget_is_skipped_with_the_reason(
