@@ -84,6 +84,10 @@ def slimfleet_apply_pass(
     coerced. The built-in implementation calls ``pass_.apply``. Implement this hook with
     ``wrapper=True`` to time, log or post-process every pass (the way pytest's
     ``pytest_runtest_call`` is wrapped), or return a result to replace a pass.
+
+    During ``compress`` every pass runs in a forked child process with a timeout and a
+    memory limit (``context.memory``), so this hook is called in that child: changes a
+    wrapper makes to its own memory do not reach the parent (write to a file instead).
     """
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -58,9 +59,13 @@ class PassContext:
 
     workdir: Path
     """A scratch directory private to this candidate (removed afterwards)."""
-    calibration: list[Feed] = field(default_factory=list)
-    """Calibration samples, never used for evaluation."""
+    calibration: Sequence[Feed] = field(default_factory=list)
+    """Calibration samples, never used for evaluation. In a search they are read from
+    disk on access (one sample per index), so iterate instead of copying them all."""
     threads: int = 1
+    memory: int | None = None
+    """Bytes of RSS the pass's process may use (``--max-memory`` less what the search
+    holds); over it the process is killed. Plan batches from it; None means no limit."""
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("slimfleet.pass"))
 
 

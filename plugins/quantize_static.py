@@ -7,7 +7,9 @@ exists from opset 13: :meth:`QuantizeStatic.min_opset` tells the runner to upgra
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +20,12 @@ from onnxruntime.quantization import (
     QuantFormat,
     quantize_static,
 )
+from onnxruntime.quantization.calibrate import HistogramCalibrater, MinMaxCalibrater
 from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
+from slimfleet.host.compress.planning import batch_bytes
+from slimfleet.host.compress.tensorsizes import activation_bytes
 from slimfleet.host.hookspecs import hookimpl
 from slimfleet.host.passes import Feed, Option, Pass, PassContext, PassResult
 from slimfleet.host.registry import Registry
@@ -44,9 +49,10 @@ QDQ_OPSET = 10
 
 
 class FeedReader(CalibrationDataReader):
-    """Hands the calibration feeds to onnxruntime one at a time."""
+    """Hands the calibration feeds to onnxruntime one at a time (read from disk as it
+    asks for them when ``feeds`` is lazy)."""
 
-    def __init__(self, feeds: list[Feed]) -> None:
+    def __init__(self, feeds: Sequence[Feed]) -> None:
         self._feeds = feeds
         self._next = iter(feeds)
 
@@ -55,6 +61,59 @@ class FeedReader(CalibrationDataReader):
 
     def rewind(self) -> None:
         self._next = iter(self._feeds)
+
+
+class _Chunk(CalibrationDataReader):
+    """At most ``size`` feeds of ``reader``, starting with ``first``."""
+
+    def __init__(self, reader: CalibrationDataReader, first: Feed, size: int) -> None:
+        self._reader, self._pending, self._left = reader, first, size
+
+    def get_next(self) -> Feed | None:
+        if self._left <= 0:
+            return None
+        self._left -= 1
+        if self._pending is not None:
+            feed, self._pending = self._pending, None
+            return feed
+        return self._reader.get_next()
+
+
+@contextlib.contextmanager
+def calibrating_in_chunks(size: int) -> Iterator[None]:
+    """Make onnxruntime's calibrators reduce every ``size`` samples.
+
+    As shipped, its histogram calibrators (percentile, entropy) keep every intermediate
+    output of every calibration sample until the end: 64 samples of a 3x640x640 detector
+    are tens of GB. Their ``collect_data`` merges into what earlier calls collected
+    (histograms, min/max ranges), so calling it on chunks gives the same result with
+    one chunk in memory. Patches the classes for the duration (passes run one at a
+    time, each in its own process).
+    """
+    saved = {cls: cls.collect_data for cls in (HistogramCalibrater, MinMaxCalibrater)}
+
+    def chunked(original: Any) -> Any:
+        def collect_data(self: Any, reader: CalibrationDataReader) -> None:
+            while (first := reader.get_next()) is not None:
+                original(self, _Chunk(reader, first, size))
+
+        return collect_data
+
+    for cls, original in saved.items():
+        cls.collect_data = chunked(original)  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        for cls, original in saved.items():
+            cls.collect_data = original  # type: ignore[method-assign]
+
+
+def chunk_size(model: onnx.ModelProto, calibration: Sequence[Feed], memory: int | None) -> int:
+    """Calibration samples whose intermediate outputs fit a quarter of ``memory``."""
+    if not calibration:
+        return 1
+    per_sample = max(1, activation_bytes(model, calibration[0]))
+    return max(1, min(len(calibration), batch_bytes(memory) // per_sample))
 
 
 class QuantizeStatic(Pass):
@@ -145,22 +204,27 @@ class QuantizeStatic(Pass):
         if options["mac_share"] < 1:
             excluded += _light_nodes(model, context, options, notes)
 
+        chunk = chunk_size(model, context.calibration, context.memory)
+        if chunk < len(context.calibration):
+            notes.append(f"calibrated in chunks of {chunk} samples to bound memory")
+
         def quantize(source: Path, target: Path) -> None:
             prepared = _preprocess(source, notes) if options["preprocess"] else source
-            quantize_static(
-                prepared,
-                target,
-                FeedReader(context.calibration),
-                quant_format=QuantFormat.QDQ,
-                op_types_to_quantize=options["op_types"] or None,
-                per_channel=options["per_channel"],
-                reduce_range=options["reduce_range"],
-                activation_type=q.quant_type(options["activation_type"]),
-                weight_type=q.quant_type(options["weight_type"]),
-                nodes_to_exclude=excluded,
-                calibrate_method=CALIBRATION[options["calibration"]],
-                extra_options={"CalibPercentile": options["percentile"]},
-            )
+            with calibrating_in_chunks(chunk):
+                quantize_static(
+                    prepared,
+                    target,
+                    FeedReader(context.calibration),
+                    quant_format=QuantFormat.QDQ,
+                    op_types_to_quantize=options["op_types"] or None,
+                    per_channel=options["per_channel"],
+                    reduce_range=options["reduce_range"],
+                    activation_type=q.quant_type(options["activation_type"]),
+                    weight_type=q.quant_type(options["weight_type"]),
+                    nodes_to_exclude=excluded,
+                    calibrate_method=CALIBRATION[options["calibration"]],
+                    extra_options={"CalibPercentile": options["percentile"]},
+                )
 
         quantized = q.run_quantizer(model, context, self.name, quantize)
         method = options["calibration"]

@@ -17,6 +17,7 @@ from slimfleet.host.compress.evaluate import EvalSettings
 from slimfleet.host.compress.fidelity import parse_metric
 from slimfleet.host.compress.modelfile import describe, load_model
 from slimfleet.host.compress.reporthtml import output_line, undecided_notes
+from slimfleet.host.compress.resources import format_bytes, parse_bytes, parse_seconds
 from slimfleet.host.compress.search import OBJECTIVES
 from slimfleet.host.compress.search import compress as run_compress
 from slimfleet.host.plugins import load_plugins
@@ -92,6 +93,24 @@ def _print_json(doc: Any) -> None:
     "--force", is_flag=True, help="Write into a non-empty OUTDIR that holds no earlier output."
 )
 @click.option(
+    "--max-memory",
+    default="4GiB",
+    show_default=True,
+    metavar="SIZE",
+    help="Peak RSS of the whole process tree (this process and every pass and evaluation "
+    "process it starts). A child that goes over is killed and its candidate fails; "
+    "batches are planned to fit. E.g. 4GiB, 2G, 512MiB.",
+)
+@click.option(
+    "--time-budget",
+    default="5m",
+    show_default=True,
+    metavar="DURATION",
+    help="Wall time the search plans within: candidates, fallback variants and the final "
+    "latency race that would not fit are skipped, with the reason in the report. Exceeded "
+    "by at most one candidate's timeout. E.g. 5m, 90s, 1h.",
+)
+@click.option(
     "--quick", is_flag=True, help="Few latency repeats: a faster, noisier search for trials."
 )
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary.")
@@ -106,6 +125,8 @@ def compress(
     input_shapes: tuple[str, ...],
     metrics: tuple[str, ...],
     force: bool,
+    max_memory: str,
+    time_budget: str,
     quick: bool,
     as_json: bool,
 ) -> None:
@@ -119,6 +140,7 @@ def compress(
     """
     shapes = dict(parse_input_shape(text) for text in input_shapes)
     judged = dict(parse_metric(text) for text in metrics)
+    memory, seconds = parse_bytes(max_memory), parse_seconds(time_budget)
     settings = EvalSettings.quick() if quick else EvalSettings()
     with contextlib.ExitStack() as stack:
         bars: list[Any] = []
@@ -149,6 +171,8 @@ def compress(
             progress=progress,
             settings=settings,
             force=force,
+            max_memory=memory,
+            time_budget=seconds,
         )
     doc = result.data
     if as_json:
@@ -167,6 +191,7 @@ def compress(
                 "summary": doc["summary"],
                 "choice": doc["choice"],
                 "warnings": doc["warnings"],
+                "resources": doc["resources"],
                 "candidates": [
                     {
                         "id": c["id"],
@@ -193,6 +218,12 @@ def _print_summary(doc: dict[str, Any], out: Path) -> None:
         counts[c["status"]] = counts.get(c["status"], 0) + 1
     tally = ", ".join(f"{n} {status}" for status, n in sorted(counts.items())) or "none"
     click.echo(f"{len(doc['candidates']) - 1} candidates ({tally}) in {doc['elapsed_seconds']} s")
+    used = doc["resources"]
+    click.echo(
+        f"  peak memory {format_bytes(used['peak_tree_rss_bytes'])} of "
+        f"{format_bytes(used['max_memory_bytes'])} (process tree); time budget "
+        f"{used['time_budget_seconds']:g} s"
+    )
     if choice["kept_original"]:
         click.secho("Kept the original: nothing beat it inside the budget.", bold=True)
     click.secho(f"chosen: #{choice['candidate']} {choice['label']}", bold=True)

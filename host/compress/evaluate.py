@@ -10,18 +10,19 @@ one child. Judging the outputs is :mod:`~slimfleet.host.compress.fidelity`'s job
 
 from __future__ import annotations
 
-import json
-import signal
-import subprocess
-import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from slimfleet.host.compress import arrayfiles, isolation
+from slimfleet.host.compress.arrayfiles import ArrayFiles
+from slimfleet.host.compress.isolation import Limits
+
 WORKER_MODULE = "slimfleet.host.compress.worker"
+TOO_SLOW = "slower than the original"
 Outputs = dict[str, np.ndarray]
 
 
@@ -40,6 +41,12 @@ class EvalSettings:
     latency_seconds: float = 1.5
     timeout: float = 300.0
     """Seconds a candidate's process may take before it is killed and recorded as failed."""
+    memory: int | None = None
+    """Bytes of RSS the evaluation process may use before it is killed (None: no limit)."""
+    give_up_ms: float | None = None
+    """Two runs in a row (after the first) slower than this end the measurement with an error
+    starting with :data:`TOO_SLOW`: the search sets it to a multiple of the original's
+    latency, since a candidate that much slower cannot be chosen."""
 
     @classmethod
     def quick(cls, threads: int = 1) -> EvalSettings:
@@ -56,8 +63,8 @@ class Measurement:
     """``{"median", "p90", "runs", "method"}``; method ``alone`` (in its own process) or
     ``interleaved`` (raced round-robin against the original, see :func:`race`)."""
     peak_memory_bytes: int | None = None
-    outputs: list[Outputs] = field(default_factory=list)
-    """Outputs per evaluation sample, by output name."""
+    outputs: Sequence[Outputs] = field(default_factory=list)
+    """Outputs per evaluation sample, by output name (read from disk one sample at a time)."""
     error: str | None = None
 
     def figures(self) -> dict[str, Any]:
@@ -67,36 +74,17 @@ class Measurement:
         return doc
 
 
-def write_samples(feeds: Sequence[dict[str, np.ndarray]], directory: Path) -> list[Path]:
+def write_samples(feeds: Iterable[dict[str, np.ndarray]], directory: Path) -> list[Path]:
     """Save each sample as its own ``.npz`` for the child processes."""
-    directory.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i, feed in enumerate(feeds):
-        path = directory / f"sample-{i:04d}.npz"
-        np.savez(path, **feed)
-        paths.append(path)
-    return paths
+    return arrayfiles.write_all(feeds, directory)
 
 
-def _run_child(job: dict[str, Any], workdir: Path, timeout: float) -> dict[str, Any]:
-    """Run one job in a fresh process; its result, or ``{"error": reason}``."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    job = {**job, "result": str(workdir / "result.json")}
-    job_path = workdir / "job.json"
-    job_path.write_text(json.dumps(job))
-    try:
-        proc = subprocess.run(
-            [sys.executable, "-m", WORKER_MODULE, str(job_path)],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout:g} s"}
-    result_path = Path(job["result"])
-    if proc.returncode != 0 or not result_path.exists():
-        return {"error": _exit_reason(proc.returncode, proc.stderr)}
-    return json.loads(result_path.read_text())
+def _run_child(job: dict[str, Any], workdir: Path, settings: EvalSettings) -> dict[str, Any]:
+    """Run one job in a fresh process under the settings' limits; its result, or
+    ``{"error": reason}`` (see :mod:`~slimfleet.host.compress.isolation`)."""
+    limits = Limits(timeout=settings.timeout, memory=settings.memory)
+    outcome = isolation.run_module(WORKER_MODULE, job, limits=limits, workdir=workdir)
+    return {"error": outcome.failure} if outcome.failure is not None else outcome.value
 
 
 def measure(
@@ -114,16 +102,16 @@ def measure(
         "samples": [str(p) for p in samples],
         "settings": asdict(settings),
         "latency": latency,
-        "outputs": str(workdir / "outputs.npz"),
+        "outputs": str(workdir / "outputs"),
     }
-    result = _run_child(job, workdir, settings.timeout)
+    result = _run_child(job, workdir, settings)
     if result.get("error"):
         return Measurement(error=result["error"])
     return Measurement(
         load_ms=result["load_ms"],
         latency_ms=result["latency_ms"],
         peak_memory_bytes=result["peak_memory_bytes"],
-        outputs=_load_outputs(Path(job["outputs"]), result["output_names"], len(samples)),
+        outputs=ArrayFiles(arrayfiles.paths_in(Path(job["outputs"]), len(samples))),
     )
 
 
@@ -143,22 +131,5 @@ def race(
         "samples": [str(sample)],
         "settings": asdict(settings),
     }
-    result = _run_child(job, workdir, settings.timeout)
+    result = _run_child(job, workdir, settings)
     return result.get("error") or result["latency_ms"]
-
-
-def _exit_reason(returncode: int, stderr: str) -> str:
-    if returncode < 0:
-        try:
-            name = signal.Signals(-returncode).name
-        except ValueError:
-            name = f"signal {-returncode}"
-        return f"the evaluation process crashed ({name})"
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    last = lines[-1].strip() if lines else "no message"
-    return f"the evaluation process exited with code {returncode}: {last}"
-
-
-def _load_outputs(path: Path, names: list[str], count: int) -> list[Outputs]:
-    with np.load(path, allow_pickle=False) as npz:
-        return [{name: npz[f"{i}_{j}"] for j, name in enumerate(names)} for i in range(count)]

@@ -1,20 +1,29 @@
 """Per-layer fallback: which quantized nodes hurt fidelity most, to keep them in float.
 
 The float model (as it entered the quantizer) and the quantized candidate are both run
-with every relevant intermediate tensor exposed as an output. A quantized node's harm is
-the relative error of its output minus the worst relative error of its inputs, so error
-a node merely inherits from upstream is not blamed on it. Only two extra runs are needed,
-however many nodes the model has.
+with the inputs and outputs of the quantized nodes exposed as outputs. A quantized
+node's harm is the relative error of its output minus the worst relative error of its
+inputs, so error a node merely inherits from upstream is not blamed on it.
+
+Memory stays bounded however large the model's activations: the exposed tensors are
+split into batches whose estimated size (from shape inference on the sample's shapes)
+fits ``batch_bytes``, each batch gets its own pair of sessions, and errors accumulate
+sample by sample, so at most one sample's batch of tensors from each model is held.
+The search runs :func:`rank_files` in a child process (see ``isolation``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
 
-from slimfleet.host.compress.evaluate import Outputs
+from slimfleet.host.compress.arrayfiles import ArrayFiles
+from slimfleet.host.compress.tensorsizes import batches, tensor_bytes
+from slimfleet.host.passes import Feed
 
 MAX_VARIANTS = 5
 """Fallback variants per candidate: 1, 2, 4, 8, 16 nodes kept in float."""
@@ -66,40 +75,82 @@ def with_outputs(model: onnx.ModelProto, tensors: Sequence[str]) -> onnx.ModelPr
     return probe
 
 
-def _relative_error(reference: list[np.ndarray], candidate: list[np.ndarray]) -> float:
-    errors = []
-    for ref, got in zip(reference, candidate, strict=True):
-        if ref.shape != got.shape or ref.dtype.kind != "f":
-            continue
-        ref64, got64 = ref.astype(np.float64), got.astype(np.float64)
-        errors.append(np.linalg.norm(ref64 - got64) / (np.linalg.norm(ref64) + 1e-12))
-    return float(np.mean(errors)) if errors else 0.0
+def _relative_error(ref: np.ndarray, got: np.ndarray) -> float | None:
+    if ref.shape != got.shape or ref.dtype.kind != "f":
+        return None
+    ref64, got64 = ref.astype(np.float64), got.astype(np.float64)
+    return float(np.linalg.norm(ref64 - got64) / (np.linalg.norm(ref64) + 1e-12))
+
+
+def _session(model: onnx.ModelProto, threads: int) -> Any:
+    from slimfleet.agent.runtime import open_session
+
+    return open_session(model.SerializeToString(), threads)
+
+
+def tensor_errors(
+    float_model: onnx.ModelProto,
+    quantized: onnx.ModelProto,
+    tensors: Sequence[str],
+    samples: Sequence[Feed],
+    *,
+    threads: int = 1,
+    batch_bytes: int = 256 << 20,
+) -> dict[str, float]:
+    """Mean relative error (over ``samples``) of each of ``tensors``, quantized vs float.
+
+    Tensors a model lacks, or whose shapes differ, or that are not float, score 0.
+    """
+    if not samples or not tensors:
+        return {}
+    sizes = tensor_bytes(float_model, samples[0], tensors)
+    # Each run holds the batch from both models: half the limit each.
+    groups = batches(sizes, max(1, batch_bytes // 2))
+    sums = dict.fromkeys(tensors, 0.0)
+    counts = dict.fromkeys(tensors, 0)
+    for group in groups:
+        reference = _session(with_outputs(float_model, group), threads)
+        candidate = _session(with_outputs(quantized, group), threads)
+        for feed in samples:  # one sample's batch at a time
+            ref = dict(zip(group, reference.run(group, feed), strict=True))
+            got = dict(zip(group, candidate.run(group, feed), strict=True))
+            for name in group:
+                error = _relative_error(ref[name], got[name])
+                if error is not None:
+                    sums[name] += error
+                    counts[name] += 1
+            del ref, got
+        del reference, candidate
+    return {t: sums[t] / counts[t] if counts[t] else 0.0 for t in tensors}
 
 
 def rank_nodes(
     float_model: onnx.ModelProto,
     quantized: onnx.ModelProto,
-    run: Callable[[onnx.ModelProto], list[Outputs] | None],
+    samples: Sequence[Feed],
+    *,
+    threads: int = 1,
+    batch_bytes: int = 256 << 20,
 ) -> list[tuple[str, float]]:
-    """Quantized nodes with their harm, most harmful first.
-
-    ``run`` executes a model on a few evaluation samples and returns its outputs per
-    sample (None when it fails; then nothing can be ranked and ``[]`` comes back).
-    """
+    """Quantized nodes with their harm, most harmful first, measured on ``samples``."""
     names = set(quantized_nodes(float_model, quantized))
     if not names:
         return []
     graph = float_model.graph
     weights = {t.name for t in graph.initializer}
     in_quantized = set(_producers(quantized.graph)) | {i.name for i in quantized.graph.input}
-    tensors = sorted({o for n in graph.node for o in n.output if o and o in in_quantized} - weights)
-    float_out = run(with_outputs(float_model, tensors))
-    quant_out = run(with_outputs(quantized, tensors))
-    if float_out is None or quant_out is None:
-        return []
-    error = {
-        t: _relative_error([s[t] for s in float_out], [s[t] for s in quant_out]) for t in tensors
+    graph_inputs = {i.name for i in graph.input}
+    wanted = {
+        t
+        for node in graph.node
+        if node.name in names
+        for t in [node.output[0], *node.input]
+        if t and t not in weights and t not in graph_inputs and t in in_quantized
     }
+    produced = [o for n in graph.node for o in n.output if o in wanted]  # in graph order
+    error = tensor_errors(
+        float_model, quantized, produced, samples, threads=threads, batch_bytes=batch_bytes
+    )
     inherited = _inherited_error(graph, error)
     harm = [
         (node.name, error[node.output[0]] - max((inherited(i) for i in node.input), default=0.0))
@@ -107,6 +158,19 @@ def rank_nodes(
         if node.name in names and node.output[0] in error
     ]
     return sorted(harm, key=lambda item: -item[1])
+
+
+def rank_files(
+    float_path: Path, quantized_path: Path, samples: Sequence[Path], threads: int, batch: int
+) -> list[tuple[str, float]]:
+    """:func:`rank_nodes` on model and sample files (what the search's child process runs)."""
+    return rank_nodes(
+        onnx.load(str(float_path)),
+        onnx.load(str(quantized_path)),
+        ArrayFiles(samples),
+        threads=threads,
+        batch_bytes=batch,
+    )
 
 
 def _inherited_error(graph: onnx.GraphProto, error: dict[str, float]) -> Callable[[str], float]:

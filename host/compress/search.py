@@ -18,7 +18,9 @@ import numpy as np
 import onnx
 
 from slimfleet.agent.errors import InputError, SlimfleetError
-from slimfleet.host.compress import fallback, outdir, report
+from slimfleet.host.compress import fallback, isolation, outdir, report
+from slimfleet.host.compress.arrayfiles import ArrayFiles
+from slimfleet.host.compress.building import ModelFile, apply_step
 from slimfleet.host.compress.candidate import (
     ACCEPTED,
     BASELINE,
@@ -30,7 +32,14 @@ from slimfleet.host.compress.candidate import (
 )
 from slimfleet.host.compress.choice import choose, ratio_text
 from slimfleet.host.compress.data import Samples, load_samples
-from slimfleet.host.compress.evaluate import EvalSettings, Outputs, measure, race, write_samples
+from slimfleet.host.compress.evaluate import (
+    TOO_SLOW,
+    EvalSettings,
+    Outputs,
+    measure,
+    race,
+    write_samples,
+)
 from slimfleet.host.compress.fidelity import (
     MetricSpec,
     compare,
@@ -50,6 +59,12 @@ from slimfleet.host.compress.modelfile import (
     save_model,
     total_size,
 )
+from slimfleet.host.compress.planning import Budget, batch_bytes
+from slimfleet.host.compress.resources import (
+    DEFAULT_MAX_MEMORY,
+    DEFAULT_TIME_BUDGET,
+    format_bytes,
+)
 from slimfleet.host.passes import Pass, PassContext
 from slimfleet.host.plugins import Plugins, load_plugins
 from slimfleet.host.recipes import Recipe, Step, parse_recipe
@@ -63,6 +78,12 @@ RACE_SIZE = 8
 """Accepted candidates (best on the objective first) re-timed round-robin with the original."""
 FALLBACK_SERIES = 2
 """How many quantized candidates that missed the budget get per-layer fallback variants."""
+SHORT_TIMING = EvalSettings(min_repeats=3, max_repeats=20, latency_seconds=0.3)
+"""Latency timing when the full one would not fit the time budget."""
+GIVE_UP_FACTOR = 3.0
+GIVE_UP_FLOOR_MS = 200.0
+"""A candidate whose run takes 3x the original's median latency (and at least 200 ms: short
+runs are noisy and cheap to finish) is stopped and rejected."""
 PROBE_SAMPLES = 4
 """Evaluation samples used to rank nodes for fallback."""
 EXCLUDE_OPTION = "exclude_nodes"
@@ -88,6 +109,8 @@ def compress(
     plugins: Plugins | None = None,
     settings: EvalSettings | None = None,
     force: bool = False,
+    max_memory: int = DEFAULT_MAX_MEMORY,
+    time_budget: float = DEFAULT_TIME_BUDGET,
 ) -> report.Report:
     """Find the best model inside the fidelity budget and write it with its report.
 
@@ -97,17 +120,24 @@ def compress(
     says why not) is an InputError. ``metrics`` sets the task metric of outputs by name
     (``--metric``); the others are detected. ``force`` writes into a non-empty
     ``outdir`` that holds no earlier output. ``settings`` overrides how
-    candidates are measured (its ``threads`` is replaced by ``threads``). Bad input
+    candidates are measured (its ``threads`` is replaced by ``threads``). Bad input Every pass and
+    every evaluation runs in a child process (``settings.timeout`` bounds each candidate);
+    the whole process tree stays under ``max_memory`` bytes and the search plans within
+    ``time_budget`` seconds (see :mod:`~slimfleet.host.compress.planning`). Bad input
     raises :class:`InputError`; temp files are removed in every case.
     """
     started = time.monotonic()
+    isolation.TREE_PEAK.reset()
     if objective not in OBJECTIVES:
         raise InputError(f"objective {objective!r}: choose one of {', '.join(OBJECTIVES)}")
     if not 0 < fidelity <= 1:
         raise InputError(f"fidelity {fidelity}: must be in (0, 1]")
     if threads < 1:
         raise InputError(f"threads {threads}: must be at least 1")
+    if max_memory <= 0 or time_budget <= 0:
+        raise InputError("--max-memory and --time-budget must be positive")
     settings = replace(settings or EvalSettings(), threads=threads)
+    budget = Budget(time_budget, max_memory, settings.timeout, started)
     model_path = Path(model_path)
     model = load_model(model_path, external_data=True)
     plugins = plugins or load_plugins()
@@ -134,6 +164,7 @@ def compress(
                 objective,
                 metrics,
             )
+            search.plan = budget
             search.progress = progress
             search.run(recipes)
             if passes is not None:
@@ -153,10 +184,18 @@ def compress(
                     "input_shapes": {k: list(v) for k, v in (input_shapes or {}).items()},
                     "metrics": {k: v.label() for k, v in (metrics or {}).items()},
                     "evaluation": asdict(settings),
+                    "max_memory": max_memory,
+                    "time_budget": time_budget,
                 },
                 samples=samples,
                 elapsed=time.monotonic() - started,
             )
+            doc["resources"] = {
+                **budget.describe(),
+                "peak_tree_rss_bytes": isolation.TREE_PEAK.bytes,
+                "skipped": search.skipped,
+            }
+            doc["warnings"].extend(search.skipped)
             doc["sections"] = report.sections(plugins.pm.hook, doc)
             assert choice.candidate.path is not None
             report.write(out, doc, choice.candidate.path, samples.evaluation[0])
@@ -222,9 +261,19 @@ class Search:
         self.budget = budget
         self.objective = objective
         self.sample_paths = write_samples(samples.evaluation, workdir / "samples")
+        # From here on samples are read from disk when used, one at a time.
+        samples.evaluation = ArrayFiles(self.sample_paths)
+        samples.calibration = ArrayFiles(
+            write_samples(samples.calibration, workdir / "calibration")
+        )
+        self.plan = Budget(candidate_timeout=settings.timeout)
+        """What the search may spend (time, memory); see ``planning``."""
+        self.skipped: list[str] = []
+        """What the budget left out (one line each), for the report's warnings."""
+        self.original_file = ModelFile(model_path, digest(model), opset(model))
         self.candidates: list[Candidate] = []
         self.recipes: dict[int, Recipe] = {}
-        self.reference: list[Outputs] = []
+        self.reference: Sequence[Outputs] = []
         self.given_metrics = dict(metrics or {})
         """``--metric`` choices by output name; the others are detected."""
         self.specs: dict[str, MetricSpec] = {}
@@ -232,14 +281,14 @@ class Search:
         self.progress: Progress | None = None
         self._done = 0
         self._total = 0
-        self._prefixes: dict[tuple[str, ...], tuple[onnx.ModelProto, list[StepRecord]]] = {}
+        self._prefixes: dict[tuple[str, ...], tuple[ModelFile, list[StepRecord]]] = {}
         self._shared: set[tuple[str, ...]] = set()
         """Step prefixes that several candidates start with: their models are kept."""
         self._digests: dict[str, int] = {}
         self._missed_budget: set[int] = set()
+        self._steps_run = 0
         self._alone: dict[str, Any] = {}
         """The original's latency measured alone, for candidates that did not race."""
-        self._probes = 0
         self._resolved: dict[str, dict[str, Any]] = {}
         """Resolved options by step label (see :meth:`_options`)."""
 
@@ -251,6 +300,7 @@ class Search:
         self._total = len(recipes) + 2
         self._shared = {_key(r.steps[:n]) for r in recipes for n in range(1, len(r.steps))}
         self._measure_original()
+        self._shorten_if_needed(len(recipes))
         for recipe in recipes:
             self.try_recipe(recipe)
         for candidate in self._fallback_targets():
@@ -261,6 +311,25 @@ class Search:
                 self._judge_latency(candidate)
         if self.progress is not None:
             self.progress(self._total, self._total, "done")
+
+    def _shorten_if_needed(self, candidates: int) -> None:
+        """When ``candidates`` at the estimated cost would not fit the time budget, time
+        latency with fewer runs (the finalists are raced against the original anyway)."""
+        planned = candidates * self.plan.candidate_cost()
+        left = self.plan.remaining()
+        if planned <= left or self.settings.min_repeats <= SHORT_TIMING.min_repeats:
+            return
+        self.settings = replace(
+            self.settings,
+            min_repeats=SHORT_TIMING.min_repeats,
+            max_repeats=min(self.settings.max_repeats, SHORT_TIMING.max_repeats),
+            latency_seconds=min(self.settings.latency_seconds, SHORT_TIMING.latency_seconds),
+        )
+        self.skipped.append(
+            f"shortened latency timing to {SHORT_TIMING.min_repeats} runs: {candidates} "
+            f"candidates at about {self.plan.candidate_cost():.0f} s each would not fit in "
+            f"the {left:.0f} s left of the time budget"
+        )
 
     def _step(self, label: str, *, counts: bool = True) -> None:
         """Report progress at the start of a unit of work (``counts``: one of ``_total``)."""
@@ -276,9 +345,11 @@ class Search:
         original.size_bytes = total_size(self.model_path)
         self.candidates.append(original)
         self._step("measuring the original")
+        started = time.monotonic()
         original.measurement = measure(
-            self.model_path, self.sample_paths, self.settings, self.workdir / "cand-0"
+            self.model_path, self.sample_paths, self._eval_settings(), self.workdir / "cand-0"
         )
+        self.plan.learn_original(time.monotonic() - started)
         if original.measurement.error:
             raise InputError(
                 f"{self.model_path}: onnxruntime cannot run the original model "
@@ -291,7 +362,17 @@ class Search:
         original.fidelity = compare(self.reference, self.reference, self.specs)
         original.metrics = score_metrics(self.plugins.metrics, self.reference, self.reference)
         original.status, original.reason = BASELINE, "the reference for every other candidate"
-        self._digests[digest(self.model)] = 0
+        self._digests[self.original_file.digest] = 0
+
+    def _eval_settings(self) -> EvalSettings:
+        """The evaluation settings with the next child's limits (time and memory), and
+        once the original is timed, the latency at which a candidate is given up."""
+        limits = self.plan.child_limits()
+        original = self.candidates[0].latency_ms if self.candidates else None
+        give_up = max(original * GIVE_UP_FACTOR, GIVE_UP_FLOOR_MS) if original else None
+        return replace(
+            self.settings, timeout=limits.timeout, memory=limits.memory, give_up_ms=give_up
+        )
 
     # -- building -----------------------------------------------------------------------
 
@@ -317,14 +398,27 @@ class Search:
         self._step(candidate.label)
         self.candidates.append(candidate)
         self.recipes[candidate.id] = recipe
+        over = self.plan.why_not()
+        if over:
+            candidate.status, candidate.reason = SKIPPED, over
+            self.skipped.append(f"skipped #{candidate.id} {candidate.label}: {over}")
+            return candidate
+        started = time.monotonic()
+        self.plan.start_candidate()
+        try:
+            self._build_and_measure(recipe, candidate)
+        finally:
+            self.plan.finish_candidate(time.monotonic() - started)
+        return candidate
+
+    def _build_and_measure(self, recipe: Recipe, candidate: Candidate) -> None:
         try:
             model = self._build(recipe.steps, candidate.steps, candidate.id)
         except _StepFailed as exc:
             candidate.status, candidate.reason = FAILED, str(exc)
-            return candidate
-        content = digest(model)
-        if content in self._digests:
-            same = self._digests[content]
+            return
+        if model.digest in self._digests:
+            same = self._digests[model.digest]
             candidate.status = SKIPPED
             candidate.reason = (
                 "no pass changed the model" if same == 0 else f"same model as candidate #{same}"
@@ -332,16 +426,17 @@ class Search:
             why = "; ".join(f"{s.pass_name}: {s.notes}" for s in candidate.steps if s.notes)
             if why:
                 candidate.reason += f" ({why})"
-            return candidate
-        self._digests[content] = candidate.id
-        candidate.path = self.workdir / f"candidate-{candidate.id}.onnx"
-        save_model(model, candidate.path)
+            return
+        self._digests[model.digest] = candidate.id
+        candidate.path = model.path
         candidate.size_bytes = total_size(candidate.path)
         candidate.measurement = measure(
-            candidate.path, self.sample_paths, self.settings, self.workdir / f"cand-{candidate.id}"
+            candidate.path,
+            self.sample_paths,
+            self._eval_settings(),
+            self.workdir / f"cand-{candidate.id}",
         )
         self._judge(candidate)
-        return candidate
 
     def _lossless(self, recipe: Recipe) -> bool:
         passes = self.plugins.passes
@@ -365,9 +460,13 @@ class Search:
 
     def _build(
         self, steps: Sequence[Step], records: list[StepRecord], candidate_id: int
-    ) -> onnx.ModelProto:
-        """Apply ``steps`` to the original, reusing models built for shared prefixes."""
-        model, start = self.model, 0
+    ) -> ModelFile:
+        """Apply ``steps`` to the original, reusing models built for shared prefixes.
+
+        Each pass runs in its own process; the models live on disk. A step's output
+        that no later candidate shares is deleted once the next step has read it.
+        """
+        model, start = self.original_file, 0
         for length in range(len(steps), 0, -1):
             cached = self._prefixes.get(_key(steps[:length]))
             if cached is not None:
@@ -381,19 +480,24 @@ class Search:
             threads=self.settings.threads,
         )
         context.workdir.mkdir(parents=True, exist_ok=True)
+        kept = {m.path for m, _ in self._prefixes.values()} | {self.model_path}
         for index in range(start, len(steps)):
+            before = model
             model = self._apply(model, steps[index], records, context)
+            if before.path != model.path and before.path not in kept:
+                before.path.unlink(missing_ok=True)
             if _key(steps[: index + 1]) in self._shared:
                 self._prefixes[_key(steps[: index + 1])] = (model, list(records))
+                kept.add(model.path)
         return model
 
     def _apply(
         self,
-        model: onnx.ModelProto,
+        model: ModelFile,
         step: Step,
         records: list[StepRecord],
         context: PassContext,
-    ) -> onnx.ModelProto:
+    ) -> ModelFile:
         try:
             pass_ = self.plugins.passes.get(step.pass_name)
             options = self._options(step)
@@ -406,61 +510,46 @@ class Search:
             reason = f"{pass_.name}: min_opset raised {_one_line(exc)}"
             records.append(StepRecord(pass_.name, options, "failed", reason))
             raise _StepFailed(reason) from None
-        if needed > opset(model) and not imports_default_domain(model):
+        if needed > model.opset and not imports_default_domain(self.model):
             reason = "the model has no ai.onnx operators to upgrade (only other domains)"
             records.append(StepRecord(pass_.name, options, "skipped", reason))
             return model
-        if needed > opset(model):
+        if needed > model.opset:
             model = self._upgrade(model, needed, pass_.name, records, context)
-        try:
-            reason = pass_.check(model, context, options)
-        except Exception as exc:  # as above: the candidate fails with the reason
-            reason = f"{pass_.name}: check raised {_one_line(exc)}"
-            records.append(StepRecord(pass_.name, options, "failed", reason))
-            raise _StepFailed(reason) from None
-        if reason:
-            records.append(StepRecord(pass_.name, options, "skipped", reason))
-            return model
         return self._run_pass(pass_, model, options, records, context)
 
     def _run_pass(
         self,
         pass_: Pass,
-        model: onnx.ModelProto,
+        model: ModelFile,
         options: dict[str, Any],
         records: list[StepRecord],
         context: PassContext,
         auto: bool = False,
-    ) -> onnx.ModelProto:
-        started = time.perf_counter()
-        try:
-            result = self.plugins.pm.hook.slimfleet_apply_pass(
-                pass_=pass_, model=model, context=context, options=options
-            )
-            if result is None:
-                raise SlimfleetError("no plugin implements slimfleet_apply_pass")
-        except Exception as exc:
-            reason = f"{pass_.name}: {_one_line(exc)}"
-            seconds = time.perf_counter() - started
-            records.append(StepRecord(pass_.name, options, "failed", reason, seconds, auto))
-            raise _StepFailed(reason) from None
-        status = "applied" if result.changed else "unchanged"
-        seconds = time.perf_counter() - started
-        records.append(StepRecord(pass_.name, options, status, result.notes, seconds, auto))
-        log.info("%s: %s %s", pass_.name, status, result.notes)
-        return result.model
+    ) -> ModelFile:
+        self._steps_run += 1
+        target = context.workdir.parent / f"step-{self._steps_run}-{pass_.name}.onnx"
+        limits = self.plan.child_limits()
+        context.memory = limits.memory
+        source = self.model if model is self.original_file else model.path
+        done = apply_step(self.plugins, source, pass_, options, context, target, limits)
+        records.append(StepRecord(pass_.name, options, done.status, done.notes, done.seconds, auto))
+        if done.status == "failed":
+            raise _StepFailed(done.notes)
+        log.info("%s: %s %s", pass_.name, done.status, done.notes)
+        return done.model or model
 
     def _upgrade(
         self,
-        model: onnx.ModelProto,
+        model: ModelFile,
         needed: int,
         for_pass: str,
         records: list[StepRecord],
         context: PassContext,
-    ) -> onnx.ModelProto:
+    ) -> ModelFile:
         if UPGRADE_PASS not in self.plugins.passes:
             reason = (
-                f"{for_pass} needs opset {needed}, the model has {opset(model)}, and no "
+                f"{for_pass} needs opset {needed}, the model has {model.opset}, and no "
                 f"{UPGRADE_PASS!r} pass is registered to upgrade it"
             )
             records.append(StepRecord(for_pass, {}, "failed", reason))
@@ -475,7 +564,8 @@ class Search:
         measurement = candidate.measurement
         assert measurement is not None
         if measurement.error:
-            candidate.status, candidate.reason = FAILED, measurement.error
+            too_slow = measurement.error.startswith(TOO_SLOW)
+            candidate.status, candidate.reason = REJECTED if too_slow else FAILED, measurement.error
             return
         outputs, measurement.outputs = measurement.outputs, []
         candidate.fidelity = compare(self.reference, outputs, self.specs)
@@ -485,6 +575,8 @@ class Search:
         except SlimfleetError as exc:
             candidate.status, candidate.reason = FAILED, str(exc)
             return
+        finally:
+            shutil.rmtree(self.workdir / f"cand-{candidate.id}" / "outputs", ignore_errors=True)
         fidelity = candidate.fidelity
         low_metrics = {k: v for k, v in candidate.metrics.items() if v < self.budget}
         if fidelity.problem:
@@ -531,12 +623,19 @@ class Search:
             return
         self._step(f"timing {len(runners)} finalist(s) against the original, interleaved")
         racers = [baseline, *runners]
+        load = sum((c.measurement.load_ms or 0) / 1000 for c in racers if c.measurement)
+        over = self.plan.why_not(load + len(racers) * self.settings.latency_seconds)
+        if over:
+            self.skipped.append(f"skipped the interleaved latency race: {over}")
+            return
+        self.plan.start_candidate()
         figures = race(
             [c.path for c in racers if c.path],
             self.sample_paths[0],
-            self.settings,
+            self._eval_settings(),
             self.workdir / "race",
         )
+        self.plan.deadline = None
         if isinstance(figures, str):
             log.warning("latency race failed (%s); using each model's own timing", figures)
             return
@@ -599,10 +698,9 @@ class Search:
         first = self._quantize_step(recipe)
         assert first is not None and candidate.path is not None
         self._step(f"ranking nodes of #{candidate.id} for fallback", counts=False)
-        float_model = self._build(recipe.steps[:first], [], candidate.id) if first else self.model
-        ranked = fallback.rank_nodes(float_model, onnx.load(str(candidate.path)), self._probe)
-        if not ranked:
-            candidate.reason += "; no quantized node could be ranked for per-layer fallback"
+        ranked = self._rank(candidate, recipe, first)
+        if isinstance(ranked, str):
+            candidate.reason += f"; per-layer fallback: {ranked}"
             return
         names = [name for name, _ in ranked]
         sizes = fallback.exclusion_sizes(len(names))
@@ -614,6 +712,9 @@ class Search:
                 excluded=names[:count],
                 label=f"{candidate.label} + fallback: {count} node{'s' * (count > 1)} in float",
             )
+            if variant.status == SKIPPED and variant.reason.startswith("time budget"):
+                self._total -= len(sizes) - done  # the rest would not fit either
+                break
             if variant.status == SKIPPED:  # the quantizer ignored these exclusions
                 continue
             if variant.id not in self._missed_budget:
@@ -632,24 +733,47 @@ class Search:
             steps.append(step)
         return Recipe(recipe.name, tuple(steps), recipe.description, recipe.lossy)
 
-    def _probe(self, model: onnx.ModelProto) -> list[Outputs] | None:
-        self._probes += 1
-        path = self.workdir / f"probe-{self._probes}.onnx"
-        save_model(model, path)
-        measurement = measure(
-            path,
-            self.sample_paths[:PROBE_SAMPLES],
-            self.settings,
-            self.workdir / f"probe-{self._probes}",
-            latency=False,
-        )
-        path.unlink()
-        path.with_name(path.name + ".data").unlink(missing_ok=True)  # save_model's, if any
-        shutil.rmtree(self.workdir / f"probe-{self._probes}", ignore_errors=True)
-        if measurement.error:
-            log.info("fallback probe failed: %s", measurement.error)
-            return None
-        return measurement.outputs
+    def _rank(self, candidate: Candidate, recipe: Recipe, first: int) -> list[Any] | str:
+        """The quantized nodes of ``candidate`` ranked by harm (in a child process), or
+        why they could not be."""
+        baseline = self.candidates[0].measurement
+        limits = self.plan.child_limits()
+        session = baseline.peak_memory_bytes if baseline and baseline.peak_memory_bytes else 0
+        # Two sessions, the two models loaded once more, and at least 1 MiB of tensors.
+        need = 2 * session + 2 * self.original_file.path.stat().st_size + (1 << 20)
+        if limits.memory is not None and need > limits.memory:
+            return (
+                f"analysis skipped: two sessions of this model need about {format_bytes(need)}, "
+                f"{format_bytes(limits.memory)} is available (--max-memory)"
+            )
+        over = self.plan.why_not()
+        if over:
+            return f"analysis skipped: {over}"
+        self.plan.start_candidate()  # rebuilding and ranking share one deadline
+        try:
+            float_model = (
+                self._build(recipe.steps[:first], [], candidate.id) if first else self.original_file
+            )
+            limits = self.plan.child_limits()
+            outcome = isolation.call(
+                fallback.rank_files,
+                float_model.path,
+                candidate.path,
+                self.sample_paths[:PROBE_SAMPLES],
+                self.settings.threads,
+                batch_bytes(limits.memory),
+                limits=limits,
+                workdir=self.workdir / f"rank-{candidate.id}",
+            )
+        except _StepFailed as exc:
+            return f"could not rebuild the float model ({exc})"
+        finally:
+            self.plan.deadline = None
+        if not outcome.ok:
+            return f"node ranking failed ({outcome.failure})"
+        if not outcome.value:
+            return "no quantized node could be ranked"
+        return outcome.value
 
 
 def _key(steps: Sequence[Step]) -> tuple[str, ...]:

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import models
+import numpy as np
 import onnx
+import pytest
+from onnx import numpy_helper
 
+from slimfleet.host.compress.tensorsizes import activation_bytes
+from slimfleet.plugins import quantize_static
 from slimfleet.plugins.normalize import upgrade_opset
 from slimfleet.plugins.quantize_static import QuantizeStatic
 
@@ -115,3 +120,35 @@ def test_mac_share_leaves_the_light_convs_in_float(context):
         PASS.check(model, context(model), PASS.resolve_options({"mac_share": 0}))
         == "mac_share 0.0 is not in (0, 1]"
     )
+
+
+@pytest.mark.parametrize("calibration", ["minmax", "percentile"])
+def test_calibrating_in_chunks_gives_the_same_model(context, calibration):
+    """A memory limit so small that every sample is its own chunk: the same ranges (exactly
+    for min/max; histograms are re-binned as their range grows, within 0.5%)."""
+    model = models.conv_bn_net()
+    options = PASS.resolve_options({"calibration": calibration})
+    whole = PASS.apply(model, context(model), options)
+    small = context(model)
+    small.memory = 1
+    assert quantize_static.chunk_size(model, small.calibration, small.memory) == 1
+    chunked = PASS.apply(model, small, options)
+    assert "calibrated in chunks of 1 samples to bound memory" in chunked.notes
+    scales = [_scales(whole.model), _scales(chunked.model)]
+    assert scales[0].keys() == scales[1].keys()
+    for name, value in scales[0].items():
+        np.testing.assert_allclose(
+            scales[1][name], value, rtol=0 if calibration == "minmax" else 5e-3
+        )
+
+
+def _scales(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer if "scale" in t.name}
+
+
+def test_chunk_size_fits_a_quarter_of_the_memory(context):
+    model = models.conv_bn_net()
+    ctx = context(model, samples=40)
+    per_sample = activation_bytes(model, ctx.calibration[0])
+    assert quantize_static.chunk_size(model, ctx.calibration, 4 * 5 * per_sample) == 5
+    assert quantize_static.chunk_size(model, ctx.calibration, None) == 40

@@ -4,6 +4,7 @@ import signal
 import sys
 import threading
 import time
+from dataclasses import replace
 
 import models
 import numpy as np
@@ -78,7 +79,10 @@ def test_a_crashing_evaluation_process_is_an_error(save_model, conv_samples, tmp
     )
     worker.start()
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and not (tmp_path / "w" / "outputs.npz").exists():
+    while (
+        time.monotonic() < deadline
+        and not (tmp_path / "w" / "outputs" / "sample-0002.npz").exists()
+    ):
         time.sleep(0.05)  # outputs are written before timing starts
     children = [
         p for p in psutil.Process().children() if evaluate.WORKER_MODULE in " ".join(p.cmdline())
@@ -86,12 +90,21 @@ def test_a_crashing_evaluation_process_is_an_error(save_model, conv_samples, tmp
     assert len(children) == 1
     children[0].send_signal(signal.SIGSEGV)
     worker.join(30)
-    assert results[0].error == "the evaluation process crashed (SIGSEGV)"
+    assert results[0].error == "crashed: SIGSEGV"
 
 
-def test_exit_reason_of_a_failing_process():
-    reason = evaluate._exit_reason(3, "warning: x\nMemoryError: out of memory\n\n")
-    assert reason == "the evaluation process exited with code 3: MemoryError: out of memory"
+def test_a_candidate_far_slower_than_allowed_is_given_up(save_model, conv_samples, tmp_path):
+    settings = replace(EvalSettings.quick(), give_up_ms=1e-6)
+    result = measure(save_model(models.conv_bn_net()), conv_samples[1], settings, tmp_path / "w")
+    assert result.error.startswith(evaluate.TOO_SLOW + ": two runs took ")
+    assert result.error.endswith("a run may take (stopped early)")
+
+
+def test_an_evaluation_over_its_memory_limit_is_killed(save_model, conv_samples, tmp_path):
+    settings = replace(EvalSettings.quick(), memory=20 << 20)  # python + onnxruntime alone: more
+    result = measure(save_model(models.conv_bn_net()), conv_samples[1], settings, tmp_path / "w")
+    assert result.error is not None and result.error.startswith("killed at ")
+    assert result.error.endswith("(limit 20.0 MiB)")
 
 
 # -- plugin task metrics ---------------------------------------------------------------------------

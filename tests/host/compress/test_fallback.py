@@ -59,14 +59,14 @@ def test_qdq_quantization_is_detected_per_node(tmp_path):
     quantized = onnx.load(str(dst))
     # The BatchNorms read the Convs' quantized outputs but keep float weights: not listed.
     assert fallback.quantized_nodes(model, quantized) == ["conv1", "conv2"]
-    ranked = fallback.rank_nodes(model, quantized, _runner(feeds))
+    ranked = fallback.rank_nodes(model, quantized, feeds)
     assert {name for name, _ in ranked} == {"conv1", "conv2"}
 
 
 def test_the_node_that_hurts_most_ranks_first(tmp_path, outlier_mlp):
     model = outlier_mlp
     samples = [{"x": RNG.normal(size=(4, 64)).astype(np.float32)} for _ in range(3)]
-    ranked = fallback.rank_nodes(model, _dynamic(model, tmp_path), _runner(samples))
+    ranked = fallback.rank_nodes(model, _dynamic(model, tmp_path), samples)
     assert [name for name, _ in ranked] == ["mm2", "mm1"]
     assert ranked[0][1] > 5 * ranked[1][1] > 0
 
@@ -75,7 +75,7 @@ def test_keeping_the_top_ranked_node_in_float_recovers_fidelity(tmp_path, outlie
     model = outlier_mlp
     samples = [{"x": RNG.normal(size=(4, 64)).astype(np.float32)} for _ in range(3)]
     run = _runner(samples)
-    (top, _), _ = fallback.rank_nodes(model, _dynamic(model, tmp_path), run)
+    (top, _), _ = fallback.rank_nodes(model, _dynamic(model, tmp_path), samples)
     reference = run(model)
 
     def error(candidate: onnx.ModelProto) -> float:
@@ -85,9 +85,25 @@ def test_keeping_the_top_ranked_node_in_float_recovers_fidelity(tmp_path, outlie
     assert error(_dynamic(model, tmp_path, exclude=[top])) < error(_dynamic(model, tmp_path)) / 5
 
 
-def test_nothing_is_ranked_when_a_probe_fails(tmp_path):
-    model = models.mlp()
-    assert fallback.rank_nodes(model, _dynamic(model, tmp_path), lambda m: None) == []
+def test_tiny_batches_give_the_same_ranking_one_tensor_at_a_time(tmp_path, outlier_mlp):
+    """A batch limit of 1 byte: every tensor gets its own pair of sessions."""
+    samples = [{"x": RNG.normal(size=(4, 64)).astype(np.float32)} for _ in range(3)]
+    quantized = _dynamic(outlier_mlp, tmp_path)
+    whole = fallback.rank_nodes(outlier_mlp, quantized, samples)
+    tiny = fallback.rank_nodes(outlier_mlp, quantized, samples, batch_bytes=1)
+    assert [n for n, _ in tiny] == [n for n, _ in whole]
+    assert [h for _, h in tiny] == pytest.approx([h for _, h in whole])
+
+
+def test_rank_files_reads_models_and_samples_from_disk(tmp_path, outlier_mlp):
+    from slimfleet.host.compress.evaluate import write_samples
+
+    samples = [{"x": RNG.normal(size=(4, 64)).astype(np.float32)} for _ in range(3)]
+    onnx.save(outlier_mlp, str(tmp_path / "f.onnx"))
+    onnx.save(_dynamic(outlier_mlp, tmp_path), str(tmp_path / "q.onnx"))
+    paths = write_samples(samples, tmp_path / "samples")
+    ranked = fallback.rank_files(tmp_path / "f.onnx", tmp_path / "q.onnx", paths, 1, 1 << 20)
+    assert [name for name, _ in ranked] == ["mm2", "mm1"]
 
 
 def test_probe_models_expose_intermediate_tensors():

@@ -1,0 +1,114 @@
+"""Memory of a process tree, and the size and duration figures users write on the command line.
+
+:func:`tree_rss` sums the resident set of a process and all its descendants (shared
+pages are counted in every process that maps them, so the sum is an upper bound).
+:class:`PeakTreeRSS` samples it in a background thread: the figure a benchmark
+reports for a whole ``slimfleet compress`` run::
+
+    with PeakTreeRSS(proc.pid) as peak:
+        proc.wait()
+    print(format_bytes(peak.bytes))
+
+The search itself never starts threads (its children are forked): it samples the tree
+from the loop that supervises each child (:mod:`slimfleet.host.compress.isolation`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+from types import TracebackType
+
+import psutil
+
+from slimfleet.agent.errors import InputError
+
+GIB = 1 << 30
+DEFAULT_MAX_MEMORY = 4 * GIB
+"""``--max-memory`` default: the whole process tree of a search stays below it."""
+DEFAULT_TIME_BUDGET = 300.0
+"""``--time-budget`` default in seconds."""
+SAMPLE_INTERVAL = 0.02
+"""Seconds between two samples of a tree's RSS."""
+
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+_SECONDS = {"": 1, "s": 1, "m": 60, "min": 60, "h": 3600}
+
+
+def tree_rss(pid: int | None = None) -> int:
+    """Resident bytes of process ``pid`` (default: this one) plus all its descendants.
+
+    Processes that exit while being read are skipped; 0 when ``pid`` itself is gone.
+    """
+    try:
+        root = psutil.Process(pid if pid is not None else os.getpid())
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return 0
+    total = 0
+    for proc in procs:
+        try:
+            total += proc.memory_info().rss
+        except psutil.Error:
+            continue
+    return total
+
+
+class PeakTreeRSS:
+    """Samples :func:`tree_rss` of ``pid`` every ``interval`` seconds while in the block.
+
+    ``bytes`` holds the highest sample (one last sample is taken on exit). Lock: none;
+    ``bytes`` is written only by the sampling thread until :meth:`__exit__` joins it.
+    """
+
+    def __init__(self, pid: int | None = None, interval: float = SAMPLE_INTERVAL) -> None:
+        self.pid = pid if pid is not None else os.getpid()
+        self.interval = interval
+        self.bytes = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, name="peak-tree-rss", daemon=True)
+
+    def _sample(self) -> None:
+        while True:
+            self.bytes = max(self.bytes, tree_rss(self.pid))
+            if self._stop.wait(self.interval):
+                return
+
+    def __enter__(self) -> PeakTreeRSS:
+        self._thread.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def format_bytes(value: float) -> str:
+    """``4294967296`` -> ``"4.0 GiB"``; ``1536`` -> ``"1.5 KiB"``."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(value) < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def parse_bytes(text: str, option: str = "--max-memory") -> int:
+    """``"4GiB"``, ``"4G"``, ``"512MiB"``, ``"1.5g"`` or plain bytes -> bytes (powers of 1024)."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?b)?\s*", text.lower())
+    if not match or float(match[1]) <= 0:
+        raise InputError(f"{option} {text!r}: expected a size such as 4GiB, 512MiB or 2G")
+    return int(float(match[1]) * _UNITS[match[2]])
+
+
+def parse_seconds(text: str, option: str = "--time-budget") -> float:
+    """``"5m"``, ``"90s"``, ``"1h"`` or plain seconds -> seconds."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(s|m|min|h)?\s*", text.lower())
+    if not match or float(match[1]) <= 0:
+        raise InputError(f"{option} {text!r}: expected a duration such as 5m, 90s or 1h")
+    return float(match[1]) * _SECONDS[match[2] or ""]
