@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import click
@@ -32,15 +32,9 @@ from benchlib import (
     Row,
     cpu_note,
     format_table,
-    latencies_ms,
-    outputs_of,
-    run_bounded,
-    run_compress,
-    size_mb,
-    write_samples,
 )
 from corpus_fetch import DEFAULT_CACHE, FetchError, fetch
-from peers import PEERS
+from sidebyside import Limits, compare
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CORPUS = REPO.parent / "shared" / "corpus" / "public.json"
@@ -71,7 +65,7 @@ CASES: dict[str, Case] = {
     "u2netp": Case(inputs.u2net, (judging.mask_iou(),)),
     "u2net": Case(inputs.u2net, (judging.mask_iou(),)),
     "logreg_iris": Case(inputs.logreg_iris, (judging.exact(),)),
-    "bilstm.int8": Case(inputs._random_ids("text2tashkeel", 54, 40), (judging.step_agreement(),)),
+    "bilstm.int8": Case(inputs.random_ids("text2tashkeel", 54, 40), (judging.step_agreement(),)),
 }
 
 
@@ -85,15 +79,11 @@ def case_name(entry: dict) -> str:
 class Settings:
     search_samples: int
     held_out: int
-    rounds: int
-    compress_timeout_s: float
-    peer_timeout_s: float
-    max_rss: int
-    peers: bool
+    limits: Limits
 
 
-FULL = Settings(96, 64, 100, 900, 600, 8 * GIB, True)
-QUICK = Settings(64, 32, 30, 420, 300, 8 * GIB, True)
+FULL = Settings(96, 64, Limits(100, 900, 600, 8 * GIB))
+QUICK = Settings(64, 32, Limits(30, 420, 300, 8 * GIB))
 
 
 def bench_model(name: str, model: Path, settings: Settings, workdir: Path) -> list[Row]:
@@ -103,75 +93,13 @@ def bench_model(name: str, model: Path, settings: Settings, workdir: Path) -> li
     held_out = case.make(settings.held_out, 2, model.parent)
     for warning in dict.fromkeys(search.warnings):
         click.echo(f"  warning: {warning}", err=True)
-    data = write_samples(search.feeds, workdir / "search")
-    reference = outputs_of(model, held_out.feeds)
-
-    def judged(path: Path) -> list[str]:
-        candidate = outputs_of(path, held_out.feeds)
-        return [f"{j.name} {j(reference, candidate).show()}" for j in case.judges]
-
-    rows = [Row(name, "original", size_mb(model), scores=judged(model))]
-    paths = {"original": model}
-    click.echo(f"  slimfleet compress ({len(search.feeds)} search samples) ...", err=True)
-    run = run_compress(
-        model,
-        data,
-        workdir / "slimfleet",
-        timeout_s=settings.compress_timeout_s,
-        max_rss=settings.max_rss,
+    rows, _ = compare(
+        name, model, search.feeds, held_out.feeds, case.judges, settings.limits, workdir
     )
-    row = Row(name, "slimfleet", peak_rss=run.watched.peak_rss, seconds=run.watched.seconds)
-    if run.model is None:
-        row.error = f"{run.watched.error} (peak RSS {run.watched.peak_rss / GIB:.2f} GiB, {run.watched.seconds:.0f} s)"
-    else:
-        row.size_mb, row.scores, row.choice = size_mb(run.model), judged(run.model), run.choice
-        paths["slimfleet"] = run.model
-    rows.append(row)
-    if settings.peers:
-        rows += peer_rows(name, model, case, search.feeds, settings, workdir, paths, judged)
-    timings = latencies_ms(paths, held_out.feeds, settings.rounds)
-    for row in rows:
-        row.latency_ms = timings.get(row.variant, row.latency_ms)
     return rows
 
 
-def peer_rows(name, model, case, calibration, settings, workdir, paths, judged) -> list[Row]:
-    first = case.judges[0]
-    calibration_reference = outputs_of(model, calibration)
-
-    def validate(outputs) -> float:
-        return first(calibration_reference, outputs).value
-
-    rows = []
-    for peer in PEERS:
-        row = Row(name, peer.name)
-        rows.append(row)
-        if reason := peer.missing():
-            row.error = reason
-            continue
-        click.echo(f"  peer {peer.name} ...", err=True)
-        target = workdir / f"peer-{len(rows)}.onnx"
-        watched = run_bounded(
-            lambda peer=peer, target=target: peer.build(
-                model, calibration, workdir, target, validate
-            ),
-            timeout_s=settings.peer_timeout_s,
-            max_rss=settings.max_rss,
-        )
-        row.peak_rss, row.seconds = watched.peak_rss, watched.seconds
-        if watched.error:
-            row.error = watched.error
-            continue
-        try:
-            row.size_mb, row.scores = size_mb(target), judged(target)
-        except Exception as exc:  # the peer wrote a model onnxruntime cannot run
-            row.error = f"its model does not run: {' '.join(str(exc).split())[:200]}"
-            continue
-        paths[peer.name] = target
-    return rows
-
-
-@click.command()
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--corpus",
     type=click.Path(path_type=Path, dir_okay=False),
@@ -207,14 +135,12 @@ def main(corpus, cache, seed_cache, only, quick, no_peers, max_rss_gib, as_json)
     """Fetch the corpus, run slimfleet compress on each model, compare with the peers."""
     logging.basicConfig(level=logging.WARNING)
     settings = QUICK if quick else FULL
-    if no_peers or max_rss_gib:
-        settings = Settings(
-            **{
-                **asdict(settings),
-                "peers": not no_peers,
-                "max_rss": int((max_rss_gib or settings.max_rss / GIB) * GIB),
-            }
-        )
+    limits = replace(
+        settings.limits,
+        peers=not no_peers,
+        max_rss=int(max_rss_gib * GIB) if max_rss_gib else settings.limits.max_rss,
+    )
+    settings = replace(settings, limits=limits)
     try:
         entries = json.loads(corpus.read_text())
     except (OSError, json.JSONDecodeError) as exc:

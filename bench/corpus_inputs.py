@@ -198,7 +198,7 @@ def khmersm(count: int, seed: int, model_dir: Path) -> Inputs:
     )
 
 
-def _random_ids(name: str, vocab: int, seq: int):
+def random_ids(name: str, vocab: int, seq: int):
     def make(count: int, seed: int, model_dir: Path) -> Inputs:
         rng = np.random.default_rng(seed)
         rows, _ = _padded_ids(rng, count, seq, lambda n: rng.integers(1, vocab, n))
