@@ -247,8 +247,9 @@ def ratio(base: float | None, value: float | None) -> str:
 
 def format_table(rows: Sequence[Row]) -> list[str]:
     """Fixed-width lines; each model's first row is its original, the base of its ratios."""
+    width = max([len("model"), *(len(row.model) for row in rows)]) + 2
     header = (
-        f"{'model':<18}{'variant':<22}{'smaller':>8}{'faster':>8}{'size MB':>9}"
+        f"{'model':<{width}}{'variant':<22}{'smaller':>8}{'faster':>8}{'size MB':>9}"
         f"{'lat ms':>9}{'peak RSS':>10}{'wall s':>8}  task metric (held-out) / choice"
     )
     lines = [header]
@@ -257,7 +258,7 @@ def format_table(rows: Sequence[Row]) -> list[str]:
         if base is None or row.model != base.model:
             base = row
         if row.error:
-            lines.append(f"{row.model:<18}{row.variant:<22}FAILED: {row.error}")
+            lines.append(f"{row.model:<{width}}{row.variant:<22}FAILED: {row.error}")
             continue
         rss = f"{row.peak_rss / GIB:.2f}G" if row.peak_rss else "-"
         wall = f"{row.seconds:.0f}" if row.seconds is not None else "-"
@@ -267,7 +268,7 @@ def format_table(rows: Sequence[Row]) -> list[str]:
         if row.choice:
             tail += f"  [{row.choice}]"
         lines.append(
-            f"{row.model:<18}{row.variant:<22}{ratio(base.size_mb, row.size_mb):>8}"
+            f"{row.model:<{width}}{row.variant:<22}{ratio(base.size_mb, row.size_mb):>8}"
             f"{ratio(base.latency_ms, row.latency_ms):>8}{size:>9}{lat:>9}{rss:>10}{wall:>8}"
             f"  {tail}"
         )

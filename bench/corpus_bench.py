@@ -51,7 +51,10 @@ class Case:
 CASES: dict[str, Case] = {
     "open_nsfw": Case(inputs.open_nsfw, (judging.top1(),)),
     "320n": Case(inputs.nudenet, (judging.cosine(),)),
-    "paraphrase-MiniLM-L3-v2": Case(inputs.minilm, (judging.cosine(3), judging.cosine(2))),
+    "paraphrase-MiniLM-L3-v2": Case(
+        inputs.minilm,
+        (judging.cosine(3, "sentence embedding cosine"), judging.cosine(2, "token cosine")),
+    ),
     "model@khmersm": Case(inputs.khmersm, (judging.step_agreement(),)),
     "embedding_model": Case(inputs.oww_embedding, (judging.cosine(),)),
     "hey_jarvis_v0.1": Case(inputs.hey_jarvis, (judging.within(0, 0.02),)),

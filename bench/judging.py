@@ -103,7 +103,7 @@ def ctc_text(output: int = 0, *, time_axis: int, blank: int) -> Judge:
     return Judge(f"decoded text equality (CTC, blank {blank})", output, score)
 
 
-def cosine(output: int = 0) -> Judge:
+def cosine(output: int = 0, name: str = "output cosine") -> Judge:
     """Mean cosine similarity of each sample's whole output."""
 
     def score(reference, candidate) -> Score:
@@ -117,7 +117,7 @@ def cosine(output: int = 0) -> Judge:
                 values.append(float(not r64.any() and not c64.any()))
         return Score(float(np.mean(values)), len(values), "samples")
 
-    return Judge("output cosine", output, score)
+    return Judge(name, output, score)
 
 
 def mask_iou(output: int = 0, threshold: float = 0.5) -> Judge:

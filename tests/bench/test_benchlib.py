@@ -47,3 +47,10 @@ def test_run_bounded_kills_a_blow_up_and_a_hang() -> None:
 
 def test_run_bounded_ok() -> None:
     assert benchlib.run_bounded(lambda: None, timeout_s=30, max_rss=4 * GIB).error is None
+
+
+def test_a_long_model_name_keeps_its_columns_apart() -> None:
+    rows = [Row("paraphrase-MiniLM-L3-v2", "original", 69.0, 19.0), Row("m", "original", 1.0, 1.0)]
+    lines = benchlib.format_table(rows)
+    assert lines[1].split()[:2] == ["paraphrase-MiniLM-L3-v2", "original"]
+    assert len({line.index("original") for line in lines[1:]}) == 1
