@@ -55,9 +55,9 @@ from slimfleet.host.fleet.publish import assign, publish_model
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "tests"), str(REPO / "bench")]
+from benchlib import session as bare_session  # noqa: E402  (the agent's session options)
 from brokers import Mosquitto  # noqa: E402  (the tests' mosquitto launcher)
 from compress_bench import ensure_packages, ocr_samples  # noqa: E402
-from compress_bench import session as bare_session  # noqa: E402  (the agent's session options)
 
 DEVICE = "bench-01"  # the in-process agent
 RSS_DEVICE = "bench-02"  # the agent process of (e), a fresh device

@@ -1,29 +1,34 @@
-"""Benchmark: slimfleet's choice against fp32 and onnxruntime's quantize_dynamic defaults.
+"""Benchmark: slimfleet's choice against fp32 and the peers on ddddocr's two models.
 
 For ddddocr's ``common.onnx`` (Conv + LSTM OCR) and ``common_det.onnx`` (YOLO-like
-detector) it generates captcha images, runs ``slimfleet compress`` in-process on one
-set and measures the three models on another, held-out set with the same code:
-file size, 1-thread latency median (runs interleaved round-robin so machine load hits
-all three alike) and fidelity against fp32 (argmax agreement per position for the
-OCR model, mean output cosine for the detector). Installs ddddocr and captcha with
-pip when they are missing. Run: ``python bench/compress_bench.py [--model common]``.
+detector) it generates captcha images, runs ``slimfleet compress`` with defaults (as a
+user does, in a child process whose peak RSS is sampled) on one set, and judges the
+original, slimfleet's choice and the peers (``peers``: onnxruntime's quantizer, NNCF,
+when the ``bench`` extra is installed) on another, held-out set with the same task
+metrics: for the OCR model greedy-CTC decoded text equality with fp32 (blank index 0,
+as ddddocr decodes) and per-step argmax agreement, for the detector the output cosine.
+Latency is the 1-thread median, runs interleaved round-robin so machine load hits all
+models alike. Installs ddddocr and captcha with pip when they are missing.
+Run: ``python bench/compress_bench.py [--model common] [--no-peers] [--json]``.
 """
 
 from __future__ import annotations
 
 import importlib
-import logging
+import json
 import random
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import click
+import judging
 import numpy as np
+from benchlib import GIB, CompressRun, Row, cpu_note, format_table, session
+from sidebyside import Limits, compare
 
 PACKAGES = {"ddddocr": "ddddocr", "captcha": "captcha", "cv2": "opencv-python-headless"}
 CHARS = "abcdefghijkmnpqrstuvwxyz23456789ABCDEFGHJKLMNPQRSTUVWXYZ"
@@ -95,31 +100,16 @@ def det_samples(count: int, seed: int) -> list[np.ndarray]:
     return samples
 
 
-def argmax_agreement(reference: list[np.ndarray], candidate: list[np.ndarray]) -> float:
-    hits = sum(
-        int(np.sum(r.argmax(-1) == c.argmax(-1))) for r, c in zip(reference, candidate, strict=True)
-    )
-    return hits / sum(r.size // r.shape[-1] for r in reference)
-
-
-def mean_cosine(reference: list[np.ndarray], candidate: list[np.ndarray]) -> float:
-    scores = []
-    for r, c in zip(reference, candidate, strict=True):
-        r64, c64 = r.astype(np.float64).ravel(), c.astype(np.float64).ravel()
-        scores.append(float(r64 @ c64 / (np.linalg.norm(r64) * np.linalg.norm(c64))))
-    return float(np.mean(scores))
-
-
 @dataclass(frozen=True)
 class Case:
     file: str
     what: str
     samples: Callable[[int, int], list[np.ndarray]]
-    fidelity_name: str
-    fidelity: Callable[[list[np.ndarray], list[np.ndarray]], float]
+    judges: tuple[judging.Judge, ...]
+    """The first is the task metric the goal is on."""
     search_samples: int
     goals: tuple[float, float, float]
-    """At least this much faster and smaller than fp32, and this fidelity."""
+    """At least this much faster and smaller than fp32, and this task metric."""
 
 
 CASES = {
@@ -127,132 +117,56 @@ CASES = {
         "common.onnx",
         "Conv + LSTM OCR",
         ocr_samples,
-        "argmax agreement",
-        argmax_agreement,
+        (judging.ctc_text(time_axis=0, blank=0), judging.step_agreement()),
         96,
-        (2.0, 3.0, 0.99),
+        (2.0, 3.0, 0.98),
     ),
     "det": Case(
         "common_det.onnx",
         "YOLO-like detector",
         det_samples,
-        "output cosine",
-        mean_cosine,
+        (judging.cosine(),),
         64,
         (2.0, 3.5, 0.99),
     ),
 }
 
 
-def session(path: Path):
-    """A one-thread, sequential CPU session: the options the agent serves with."""
-    from slimfleet.agent.runtime import open_session
-
-    return open_session(path, 1)
-
-
-def latencies_ms(paths: dict[str, Path], feeds: list[dict], rounds: int) -> dict[str, float]:
-    """Median latency per model, timing one run of each in turn, ``rounds`` times."""
-    sessions = {label: session(path) for label, path in paths.items()}
-    for s in sessions.values():
-        for feed in feeds[:3]:
-            s.run(None, feed)
-    times: dict[str, list[float]] = {label: [] for label in sessions}
-    for i in range(rounds):
-        feed = feeds[i % len(feeds)]
-        for label, s in sessions.items():
-            started = time.perf_counter()
-            s.run(None, feed)
-            times[label].append(time.perf_counter() - started)
-    return {label: 1000 * float(np.median(t)) for label, t in times.items()}
-
-
-def ort_dynamic_defaults(model: Path, target: Path) -> None:
-    """What a user gets from onnxruntime by hand (its "consider pre-processing" warning
-    silenced)."""
-    from onnxruntime.quantization import quantize_dynamic
-
-    logging.disable(logging.WARNING)
-    try:
-        quantize_dynamic(model, target)
-    finally:
-        logging.disable(logging.NOTSET)
-
-
-def run_slimfleet(model: Path, data: Path, outdir: Path) -> dict:
-    """slimfleet compress through its library API; returns report.json's document."""
-    from slimfleet.host.compress.search import compress
-
-    def progress(done: int, total: int, label: str) -> None:
-        click.echo(f"  [{done}/{total}] {label}", err=True)
-
-    report = compress(
-        model, outdir, data=data, fidelity=0.99, objective="latency", threads=1, progress=progress
-    )
-    return report.data
-
-
-def bench(name: str, case: Case, rounds: int, test_count: int, workdir: Path) -> dict:
+def bench(name: str, case: Case, limits: Limits, test_count: int, workdir: Path):
     import ddddocr
 
     source = Path(ddddocr.__file__).parent / case.file
     input_name = session(source).get_inputs()[0].name
-    search_data = workdir / f"{name}_search.npz"
-    np.savez(search_data, **{input_name: np.stack(case.samples(case.search_samples, seed=1))})
-    test = [{input_name: x} for x in case.samples(test_count, seed=2)]
-
-    paths = {"fp32": source, "ORT dynamic defaults": workdir / f"{name}_ort.onnx"}
-    ort_dynamic_defaults(source, paths["ORT dynamic defaults"])
-    started = time.monotonic()
-    report = run_slimfleet(source, search_data, workdir / f"{name}_slimfleet")
-    search_seconds = time.monotonic() - started
-    paths["slimfleet"] = workdir / f"{name}_slimfleet" / "model.onnx"
-
-    reference = [session(source).run(None, f)[0] for f in test]
-    rows = {}
-    for label, path in paths.items():
-        s = session(path)
-        outputs = [s.run(None, f)[0] for f in test]
-        rows[label] = {
-            "size_mb": path.stat().st_size / 1e6,
-            "fidelity": case.fidelity(reference, outputs),
-        }
-    for label, ms in latencies_ms(paths, test, rounds).items():
-        rows[label]["latency_ms"] = ms
-    return {"rows": rows, "search_seconds": search_seconds, "report": report}
+    search = [{input_name: x} for x in case.samples(case.search_samples, 1)]
+    held_out = [{input_name: x} for x in case.samples(test_count, 2)]
+    return compare(case.file, source, search, held_out, case.judges, limits, workdir)
 
 
-def show(name: str, case: Case, result: dict, test_count: int) -> None:
-    rows = result["rows"]
+def show(case: Case, rows: list[Row], run: CompressRun, test_count: int) -> None:
     click.echo(f"\n{case.file} ({case.what}): {test_count} held-out captchas, 1 thread")
-    click.echo(f"  {'model':<22}{'size MB':>9}{'latency ms':>12}  {case.fidelity_name}")
-    for label, row in rows.items():
-        click.echo(
-            f"  {label:<22}{row['size_mb']:>9.1f}{row['latency_ms']:>12.2f}  {row['fidelity']:.4f}"
-        )
-    fp32, ort_, ours = rows["fp32"], rows["ORT dynamic defaults"], rows["slimfleet"]
-    faster, smaller = fp32["latency_ms"] / ours["latency_ms"], fp32["size_mb"] / ours["size_mb"]
-    click.echo(
-        f"  slimfleet/fp32: {faster:.2f}x faster, {smaller:.2f}x smaller; "
-        f"slimfleet/ORT-defaults: {ort_['latency_ms'] / ours['latency_ms']:.2f}x faster, "
-        f"{ort_['size_mb'] / ours['size_mb']:.2f}x smaller"
-    )
+    for line in format_table(rows):
+        click.echo(f"  {line}")
+    ours = next(r for r in rows if r.variant == "slimfleet")
+    if ours.error:
+        return
+    base = rows[0]
+    faster, smaller = base.latency_ms / ours.latency_ms, base.size_mb / ours.size_mb
+    metric = float(ours.scores[0].split(" of ")[0].split()[-1])
     want = case.goals
-    met = [faster >= want[0], smaller >= want[1], ours["fidelity"] >= want[2]]
+    met = [faster >= want[0], smaller >= want[1], metric >= want[2]]
     click.echo(
         f"  goals: >= {want[0]}x faster {'met' if met[0] else 'MISSED'}, >= {want[1]}x smaller "
-        f"{'met' if met[1] else 'MISSED'}, {case.fidelity_name} >= {want[2]} "
-        f"{'met' if met[2] else 'MISSED'}; search took {result['search_seconds']:.0f} s"
+        f"{'met' if met[1] else 'MISSED'}, {case.judges[0].name} >= {want[2]} "
+        f"{'met' if met[2] else 'MISSED'}"
     )
-    report = result["report"]
-    click.echo(f"  slimfleet chose: {report['summary']['chosen']}")
-    click.echo("  its search (latency on the search's own evaluation samples):")
-    for c in report["candidates"]:
-        median = (c["latency_ms"] or {}).get("median")
-        score = (c["fidelity"] or {}).get("score")
+    click.echo("  its search (on the search's own evaluation samples):")
+    for c in run.report.get("candidates", []):
+        median = (c.get("latency_ms") or {}).get("median")
+        score = (c.get("fidelity") or {}).get("score")
+        size = c.get("size_bytes")
         click.echo(
             f"    #{c['id']:<3}{c['status']:<9}{_num(median, '.2f', 'ms'):>10}"
-            f"{_num(c['size_bytes'] and c['size_bytes'] / 1e6, '.1f', 'MB'):>9}"
+            f"{_num(size and size / 1e6, '.1f', 'MB'):>9}"
             f"{_num(score, '.4f', ''):>8}  {c['label'][:90]}"
         )
 
@@ -261,7 +175,7 @@ def _num(value: float | None, spec: str, unit: str) -> str:
     return "-" if value is None else f"{value:{spec}}{unit}"
 
 
-@click.command()
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--model",
     "names",
@@ -272,18 +186,28 @@ def _num(value: float | None, spec: str, unit: str) -> str:
 @click.option("--rounds", default=200, show_default=True, help="Timed runs per model.")
 @click.option(
     "--test-samples",
-    default=100,
+    default=250,
     show_default=True,
-    help="Held-out captchas for fidelity (and latency inputs).",
+    help="Held-out captchas for the task metric (and latency inputs).",
 )
-def main(names: tuple[str, ...], rounds: int, test_samples: int) -> None:
-    """Compare slimfleet's choice with fp32 and ORT quantize_dynamic defaults."""
+@click.option("--no-peers", is_flag=True, help="Skip the onnxruntime/NNCF peers.")
+@click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON at the end.")
+def main(names: tuple[str, ...], rounds: int, test_samples: int, no_peers: bool, as_json: bool):
+    """Compare slimfleet's choice with fp32 and the peers on ddddocr's models."""
     ensure_packages()
+    click.echo(f"compress bench: {cpu_note()}", err=True)
+    limits = Limits(rounds, 900, 600, 8 * GIB, peers=not no_peers)
+    everything: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="slimfleet-bench-") as tmp:
         for name in names or tuple(CASES):
             case = CASES[name]
-            result = bench(name, case, rounds, test_samples, Path(tmp))
-            show(name, case, result, test_samples)
+            workdir = Path(tmp) / name
+            workdir.mkdir()
+            rows, run = bench(name, case, limits, test_samples, workdir)
+            show(case, rows, run, test_samples)
+            everything += rows
+    if as_json:
+        click.echo(json.dumps([asdict(r) for r in everything], indent=1))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,158 @@
+"""Task metrics the benchmarks judge every model with: a candidate's outputs against fp32's.
+
+Each judge takes, per held-out sample, the list of a model's outputs (in the model's
+output order) from the reference and from the candidate, and returns a :class:`Score`:
+the value, how many units it was counted over (samples, texts, steps, pixels) and the
+unit's name, so a table can say "0.985 of 200 texts" instead of a bare number.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+Outputs = Sequence[np.ndarray]
+"""One sample's outputs, in the model's output order."""
+
+
+@dataclass(frozen=True)
+class Score:
+    value: float
+    count: int
+    unit: str
+
+    def show(self) -> str:
+        return f"{self.value:.4f} of {self.count} {self.unit}"
+
+
+@dataclass(frozen=True)
+class Judge:
+    """A named task metric on output ``output`` (index in the model's outputs)."""
+
+    name: str
+    output: int
+    score: Callable[[list[np.ndarray], list[np.ndarray]], Score]
+
+    def __call__(self, reference: Sequence[Outputs], candidate: Sequence[Outputs]) -> Score:
+        pick = self.output
+        return self.score([r[pick] for r in reference], [c[pick] for c in candidate])
+
+
+def _pairs(reference: list[np.ndarray], candidate: list[np.ndarray]):
+    if len(reference) != len(candidate):
+        raise ValueError(f"{len(reference)} reference samples, {len(candidate)} candidate ones")
+    return zip(reference, candidate, strict=True)
+
+
+def top1(output: int = 0) -> Judge:
+    """Top-1 class agreement over every row of ``[..., classes]`` scores."""
+
+    def score(reference, candidate) -> Score:
+        hits = total = 0
+        for r, c in _pairs(reference, candidate):
+            hits += int(np.sum(r.argmax(-1) == c.argmax(-1)))
+            total += r.size // r.shape[-1]
+        return Score(hits / total, total, "rows")
+
+    return Judge("top-1 agreement", output, score)
+
+
+def step_agreement(output: int = 0) -> Judge:
+    """Per-step argmax agreement of ``[..., steps, classes]`` sequence scores."""
+    judge = top1(output)
+
+    def score(reference, candidate) -> Score:
+        s = judge.score(reference, candidate)
+        return Score(s.value, s.count, "steps")
+
+    return Judge("step argmax agreement", output, score)
+
+
+def greedy_ctc(scores: np.ndarray, *, time_axis: int, blank: int) -> list[tuple[int, ...]]:
+    """Greedy CTC decoding of ``[T, N, C]`` or ``[N, T, C]`` scores: one label tuple per
+    sequence (argmax per step, repeats collapsed, blanks dropped)."""
+    best = np.moveaxis(scores, time_axis, -2).argmax(-1).reshape(-1, scores.shape[time_axis])
+    decoded = []
+    for row in best:
+        labels, previous = [], None
+        for label in row.tolist():
+            if label != previous and label != blank:
+                labels.append(label)
+            previous = label
+        decoded.append(tuple(labels))
+    return decoded
+
+
+def ctc_text(output: int = 0, *, time_axis: int, blank: int) -> Judge:
+    """Decoded-text equality: greedy CTC on both models' scores, sequence by sequence."""
+
+    def score(reference, candidate) -> Score:
+        hits = total = 0
+        for r, c in _pairs(reference, candidate):
+            for a, b in zip(
+                greedy_ctc(r, time_axis=time_axis, blank=blank),
+                greedy_ctc(c, time_axis=time_axis, blank=blank),
+                strict=True,
+            ):
+                hits += a == b
+                total += 1
+        return Score(hits / total, total, "texts")
+
+    return Judge(f"decoded text equality (CTC, blank {blank})", output, score)
+
+
+def cosine(output: int = 0, name: str = "output cosine") -> Judge:
+    """Mean cosine similarity of each sample's whole output."""
+
+    def score(reference, candidate) -> Score:
+        values = []
+        for r, c in _pairs(reference, candidate):
+            r64, c64 = r.astype(np.float64).ravel(), c.astype(np.float64).ravel()
+            norms = np.linalg.norm(r64) * np.linalg.norm(c64)
+            if norms:
+                values.append(float(r64 @ c64 / norms))
+            else:  # all zeros: equal only if both are
+                values.append(float(not r64.any() and not c64.any()))
+        return Score(float(np.mean(values)), len(values), "samples")
+
+    return Judge(name, output, score)
+
+
+def mask_iou(output: int = 0, threshold: float = 0.5) -> Judge:
+    """Mean IoU of the masks ``output > threshold`` (two empty masks count as 1)."""
+
+    def score(reference, candidate) -> Score:
+        values = []
+        for r, c in _pairs(reference, candidate):
+            a, b = r > threshold, c > threshold
+            union = np.sum(a | b)
+            values.append(1.0 if union == 0 else float(np.sum(a & b) / union))
+        return Score(float(np.mean(values)), len(values), "masks")
+
+    return Judge(f"mask IoU at {threshold}", output, score)
+
+
+def exact(output: int = 0) -> Judge:
+    """Share of samples whose output equals fp32's exactly (integer outputs)."""
+
+    def score(reference, candidate) -> Score:
+        hits = [bool(np.array_equal(r, c)) for r, c in _pairs(reference, candidate)]
+        return Score(sum(hits) / len(hits), len(hits), "samples")
+
+    return Judge("exact match", output, score)
+
+
+def within(output: int = 0, tolerance: float = 0.02) -> Judge:
+    """Share of samples whose scores all lie within ``tolerance`` of fp32's (a detector's
+    probability, where argmax and cosine say nothing)."""
+
+    def score(reference, candidate) -> Score:
+        hits = [
+            bool(np.all(np.abs(r.astype(np.float64) - c) <= tolerance))
+            for r, c in _pairs(reference, candidate)
+        ]
+        return Score(sum(hits) / len(hits), len(hits), "samples")
+
+    return Judge(f"score within {tolerance}", output, score)

@@ -1,0 +1,42 @@
+"""The benchmarks' task metrics on hand-made outputs."""
+
+from __future__ import annotations
+
+import judging
+import numpy as np
+
+
+def _one_hot(labels: list[int], classes: int = 4) -> np.ndarray:
+    return np.eye(classes, dtype=np.float32)[labels]
+
+
+def test_greedy_ctc_collapses_repeats_and_drops_blanks_on_either_time_axis() -> None:
+    steps = _one_hot([0, 2, 2, 0, 2, 3, 3, 0])  # [T, C]
+    assert judging.greedy_ctc(steps[:, None], time_axis=0, blank=0) == [(2, 2, 3)]
+    assert judging.greedy_ctc(steps[None], time_axis=1, blank=0) == [(2, 2, 3)]
+    assert judging.greedy_ctc(steps[None], time_axis=1, blank=3) == [(0, 2, 0, 2, 0)]
+
+
+def test_ctc_text_counts_whole_texts_while_steps_hide_a_flip() -> None:
+    reference = [[_one_hot([0, 1, 1, 0, 2])[:, None]], [_one_hot([1, 0, 2, 2, 0])[:, None]]]
+    flipped = _one_hot([0, 1, 0, 0, 2])[:, None]  # one step differs: same text
+    changed = _one_hot([1, 0, 2, 1, 0])[:, None]  # one step differs: another text
+    candidate = [[flipped], [changed]]
+    text = judging.ctc_text(time_axis=0, blank=0)(reference, candidate)
+    steps = judging.step_agreement()(reference, candidate)
+    assert (text.value, text.count, text.unit) == (0.5, 2, "texts")
+    assert (steps.value, steps.count) == (0.8, 10)
+
+
+def test_top1_cosine_iou_exact_within() -> None:
+    ref = [[np.array([[0.9, 0.1], [0.2, 0.8]]), np.zeros((2, 2))]]
+    cand = [[np.array([[0.6, 0.4], [0.6, 0.4]]), np.zeros((2, 2))]]
+    assert judging.top1()(ref, cand).value == 0.5
+    assert judging.cosine(1)(ref, cand).value == 1.0  # both all zero
+    assert judging.cosine(0)(ref, [[-ref[0][0]]]).value == -1.0
+    assert judging.mask_iou(0)(ref, cand).value == 1 / 3
+    assert judging.exact(0)(ref, ref).value == 1.0
+    assert judging.exact(0)(ref, cand).value == 0.0
+    assert judging.within(0, 0.31)(ref, cand).value == 0.0
+    assert judging.within(0, 0.61)(ref, cand).value == 1.0
+    assert judging.top1()(ref, cand).show() == "0.5000 of 2 rows"
