@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 
 from slimfleet.agent.errors import InputError, SlimfleetError
+from slimfleet.host import convert
 from slimfleet.host.compress import fallback, outdir, report
 from slimfleet.host.compress.candidate import (
     ACCEPTED,
@@ -67,7 +68,7 @@ Progress = Callable[[int, int, str], None]
 
 
 def compress(
-    model_path: Path | str,
+    model_path: Any,
     outdir_path: Path | str,
     *,
     data: Path | str | None = None,
@@ -82,6 +83,10 @@ def compress(
 ) -> report.Report:
     """Find the best model inside the fidelity budget and write it with its report.
 
+    ``model_path`` is an ONNX file, or a model a front-end converts first (an
+    ``nn.Module``, a fitted estimator, ``module:attr``, a ``.pt``/``.pt2`` file, a
+    Paddle inference directory; see :mod:`slimfleet.host.convert`), written as
+    ``converted.onnx`` in ``outdir_path`` and checked against the source on ``data``.
     ``outdir_path`` receives ``model.onnx``, ``report.json``, ``report.html`` and
     ``sample.npz``. ``passes`` (``"simplify,quantize_dynamic[op_types=MatMul]"``) runs
     that one recipe instead of every registered one. ``settings`` overrides how
@@ -96,9 +101,13 @@ def compress(
     if threads < 1:
         raise InputError(f"threads {threads}: must be at least 1")
     settings = replace(settings or EvalSettings(), threads=threads)
+    plugins = plugins or load_plugins()
+    if not convert.is_onnx(model_path):  # a front-end converts it to outdir/converted.onnx
+        model_path = convert.convert_to_file(
+            model_path, plugins.pm.hook, Path(outdir_path), data=data, input_shapes=input_shapes
+        )
     model_path = Path(model_path)
     model = load_model(model_path)
-    plugins = plugins or load_plugins()
     recipes = _recipes(plugins, passes)
     signature = io_signature(model)
     out = Path(outdir_path)
