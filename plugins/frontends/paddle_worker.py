@@ -37,13 +37,12 @@ def _line(exc: BaseException) -> str:
 
 
 def main(model_file: str, params_file: str, samples: str, out: str, opset: str) -> None:
-    import numpy as np
-
-    for module in ("packaging", "paddle", "paddle2onnx"):
+    for module in ("numpy", "packaging", "paddle", "paddle2onnx"):
         try:
             __import__(module)
         except ImportError as exc:
             _reply(EXIT_MISSING, kind="missing", module=module, error=_line(exc))
+    import numpy as np
     import paddle
     import paddle2onnx
 

@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 
 from slimfleet.agent.errors import InputError
-from slimfleet.host.convert import ConversionError, check, describe, missing_extra
+from slimfleet.host.convert import ConversionError, MissingExtra, check, describe
 from slimfleet.host.hookspecs import hookimpl
 from slimfleet.host.passes import Feed
 
@@ -83,8 +83,11 @@ def run_worker(python: str, model: Path, params: Path, feeds: Sequence[Feed], wo
     if reply.get("ok"):
         return reply
     if reply.get("kind") == "missing":
-        error = missing_extra(f"{model.parent} (Paddle)", reply["module"])
-        raise type(error)(f"{error} in {python}, or set {PYTHON_ENV} to a Python that has it")
+        raise MissingExtra(
+            f"{model.parent} (Paddle) needs {reply['module']} in {python}: "
+            f"pip install 'slimfleet[paddle]', or set {PYTHON_ENV} to a Python that has "
+            "paddlepaddle, paddle2onnx and packaging"
+        )
     error_type = InputError if reply.get("kind") == "input" else ConversionError
     raise error_type(f"{model}: {reply.get('error')}")
 
