@@ -14,7 +14,7 @@ import inspect
 import io
 import logging
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,16 @@ log = logging.getLogger(__name__)
 
 OPSET = 18
 """The opset both exporters target (dynamo's lowest well-supported one)."""
+QUIET_LOGGERS = (
+    "torch",
+    "torch.onnx._internal.exporter._registration",
+    "torch.fx.experimental.symbolic_shapes",
+    "torch._dynamo",
+    "torch.export",
+)
+"""Loggers raised to ERROR while exporting: their warnings (one line per torchvision op
+when torchvision is absent, whole graph dumps when dynamo gives up) say nothing the
+one-line error does not; ``-vv`` still shows which exporter failed and why."""
 SCRIPT_SUFFIXES = (".pt", ".pth")
 EXPORTED_SUFFIX = ".pt2"
 
@@ -163,6 +173,24 @@ def _example(feeds: Sequence[Feed], names: list[str], torch: Any) -> list[Any]:
     return [torch.from_numpy(np.ascontiguousarray(a)) for a in first]
 
 
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Quiet loggers, and capture what the exporters print (graph dumps) to DEBUG."""
+    loggers = [logging.getLogger(name) for name in QUIET_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
+            yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+        if printed.getvalue().strip():
+            log.debug("the exporter printed:\n%s", printed.getvalue()[-20000:])
+
+
 @hookimpl
 def slimfleet_convert(
     source: Any, example_inputs: Sequence[Feed], options: dict[str, Any]
@@ -195,16 +223,17 @@ def slimfleet_convert(
     )
     for label, export in exporters:  # TorchScript (has ._c) only exports the legacy way
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), _quiet():
                 warnings.simplefilter("ignore")
                 model = export(module, args, names, outputs, axes, torch)
         except Exception as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            failures.append(f"{label} exporter failed ({type(exc).__name__}: {first[:160]})")
+            cause = exc.__cause__ or exc  # the onnx wrapper's own first line says only "step 1/3"
+            first = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+            failures.append(f"{label} exporter failed ({type(cause).__name__}: {first[:160]})")
             log.info("%s: %s", name, failures[-1])
             continue
         try:
-            check(model, feeds, expected, f"{name} ({label} exporter)")
+            check(model, feeds, expected, f"{label} exporter")
         except ConversionError as exc:
             failures.append(str(exc))
             log.info("%s", exc)
@@ -213,4 +242,4 @@ def slimfleet_convert(
             "%s: exported with the %s exporter, checked on %d samples", name, label, len(feeds)
         )
         return model
-    raise ConversionError("; ".join(failures))
+    raise ConversionError(f"{name}: no faithful ONNX export: {'; '.join(failures)}")
