@@ -112,7 +112,7 @@ def resolve(source: Any) -> Any:
             raise missing_extra(source, exc.name) from None
         raise InputError(f"{source}: cannot import {module_name} ({exc})") from None
     except Exception as exc:  # the user's module failed while importing
-        raise InputError(f"{source}: importing {module_name} failed ({_line(exc)})") from None
+        raise InputError(f"{source}: importing {module_name} failed ({one_line(exc)})") from None
     for part in attr.split("."):
         if not hasattr(obj, part):
             raise InputError(f"{source}: {module_name} has no attribute {attr!r}")
@@ -121,13 +121,14 @@ def resolve(source: Any) -> Any:
         try:
             obj = obj()
         except Exception as exc:
-            raise InputError(f"{source}: calling {attr}() failed ({_line(exc)})") from None
+            raise InputError(f"{source}: calling {attr}() failed ({one_line(exc)})") from None
     return obj
 
 
-def _line(exc: BaseException) -> str:
+def one_line(exc: BaseException, limit: int = 200) -> str:
+    """``Type: first line of the message`` (at most ``limit`` characters of it)."""
     text = str(exc).strip() or type(exc).__name__
-    return f"{type(exc).__name__}: {text.splitlines()[0]}"
+    return f"{type(exc).__name__}: {text.splitlines()[0][:limit]}"
 
 
 def _npz(path: Path) -> dict[str, np.ndarray]:
@@ -135,7 +136,7 @@ def _npz(path: Path) -> dict[str, np.ndarray]:
         with np.load(path, allow_pickle=False) as npz:
             return {key: npz[key] for key in npz.files}
     except (OSError, ValueError, EOFError) as exc:
-        raise InputError(f"{path}: not a readable .npz file ({_line(exc)})") from None
+        raise InputError(f"{path}: not a readable .npz file ({one_line(exc)})") from None
 
 
 def example_feeds(
@@ -216,7 +217,7 @@ def check(
         session = open_session(model.SerializeToString())
     except Exception as exc:
         raise ConversionError(
-            f"{source}: onnxruntime cannot load the converted model ({_line(exc)})"
+            f"{source}: onnxruntime cannot load the converted model ({one_line(exc)})"
         ) from None
     names = [o.name for o in session.get_outputs()]
     worst: tuple[float, str, float, float] | None = None
@@ -225,7 +226,7 @@ def check(
             got = session.run(None, feed)
         except Exception as exc:
             raise ConversionError(
-                f"{source}: the converted model fails on sample {i} ({_line(exc)})"
+                f"{source}: the converted model fails on sample {i} ({one_line(exc)})"
             ) from None
         if len(got) != len(want):
             raise ConversionError(

@@ -22,7 +22,14 @@ import numpy as np
 import onnx
 
 from slimfleet.agent.errors import InputError
-from slimfleet.host.convert import ConversionError, check, describe, dynamic_axes, missing_extra
+from slimfleet.host.convert import (
+    ConversionError,
+    check,
+    describe,
+    dynamic_axes,
+    missing_extra,
+    one_line,
+)
 from slimfleet.host.hookspecs import hookimpl
 from slimfleet.host.passes import Feed
 
@@ -71,9 +78,8 @@ def _load(source: Any, torch: Any) -> Any:
         return torch.jit.load(str(path), map_location="cpu")
     except Exception as exc:
         kind = "an exported program" if path.suffix == EXPORTED_SUFFIX else "TorchScript"
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise InputError(
-            f"{path}: not {kind} ({first[:200]}); a state_dict needs its nn.Module: "
+            f"{path}: not {kind} ({one_line(exc)}); a state_dict needs its nn.Module: "
             "pass module:attr or the module itself"
         ) from None
 
@@ -126,10 +132,9 @@ def _run(module: Any, feeds: Sequence[Feed], names: list[str], torch: Any, sourc
             except ConversionError:
                 raise
             except Exception as exc:
-                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
                 raise InputError(
                     f"{source}: example inputs do not fit: forward failed on sample {i} "
-                    f"({type(exc).__name__}: {first[:200]})"
+                    f"({one_line(exc)})"
                 ) from None
     return outputs
 
@@ -228,8 +233,7 @@ def slimfleet_convert(
                 model = export(module, args, names, outputs, axes, torch)
         except Exception as exc:
             cause = exc.__cause__ or exc  # the onnx wrapper's own first line says only "step 1/3"
-            first = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
-            failures.append(f"{label} exporter failed ({type(cause).__name__}: {first[:160]})")
+            failures.append(f"{label} exporter failed ({one_line(cause, 160)})")
             log.info("%s: %s", name, failures[-1])
             continue
         try:

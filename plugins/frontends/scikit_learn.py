@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 
 from slimfleet.agent.errors import InputError
-from slimfleet.host.convert import ConversionError, check, describe, missing_extra
+from slimfleet.host.convert import ConversionError, check, describe, missing_extra, one_line
 from slimfleet.host.hookspecs import hookimpl
 from slimfleet.host.passes import Feed
 
@@ -93,9 +93,7 @@ def slimfleet_convert(
     try:
         expected_all = [_expected(source, r, classifier) for r in rows]
     except Exception as exc:
-        raise InputError(
-            f"{name}: example inputs do not fit: {type(exc).__name__}: {str(exc)[:200]}"
-        ) from None
+        raise InputError(f"{name}: example inputs do not fit: {one_line(exc)}") from None
     try:
         model = skl2onnx.to_onnx(
             source,
@@ -104,10 +102,7 @@ def slimfleet_convert(
             options={id(final): {"zipmap": False}} if classifier else None,
         )
     except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ConversionError(
-            f"{name}: skl2onnx cannot convert it ({type(exc).__name__}: {first[:200]})"
-        ) from None
+        raise ConversionError(f"{name}: skl2onnx cannot convert it ({one_line(exc)})") from None
     outputs = list(model.graph.output)
     expected = [[_like(w, o) for w, o in zip(want, outputs, strict=False)] for want in expected_all]
     check(model, [{key: r} for r in rows], expected, f"{name} (skl2onnx)")
