@@ -169,13 +169,23 @@ def _legacy(module, args, names, outputs, axes, torch) -> onnx.ModelProto:
     return onnx.load_from_string(buffer.getvalue())
 
 
-def _example(feeds: Sequence[Feed], names: list[str], torch: Any) -> list[Any]:
-    """Two samples stacked on the batch axis when they fit, so batch is not traced as 1."""
-    first = [feeds[0][n] for n in names]
+def _example(module: Any, feeds: Sequence[Feed], names: list[str], torch: Any) -> list[Any]:
+    """Two samples stacked on the batch axis, so the batch is not traced as 1; one sample
+    when they do not stack or the module refuses a batch of two."""
+    first = [torch.from_numpy(np.ascontiguousarray(feeds[0][n])) for n in names]
     second = [feeds[min(1, len(feeds) - 1)][n] for n in names]
-    if all(a.ndim and a.shape[1:] == b.shape[1:] for a, b in zip(first, second, strict=True)):
-        first = [np.concatenate([a, b]) for a, b in zip(first, second, strict=True)]
-    return [torch.from_numpy(np.ascontiguousarray(a)) for a in first]
+    if not all(a.ndim and a.shape[1:] == b.shape[1:] for a, b in zip(first, second, strict=True)):
+        return first
+    pair = [
+        torch.cat([a, torch.from_numpy(np.ascontiguousarray(b))])
+        for a, b in zip(first, second, strict=True)
+    ]
+    try:
+        with torch.no_grad():
+            module(*pair)
+    except Exception:
+        return first
+    return pair
 
 
 @contextlib.contextmanager
@@ -218,7 +228,7 @@ def slimfleet_convert(
         ["output"] if len(expected[0]) == 1 else [f"output_{i}" for i in range(len(expected[0]))]
     )
     axes = dynamic_axes([{n: f[n] for n in names} for f in example_inputs])
-    args = _example(example_inputs, names, torch)
+    args = _example(module, example_inputs, names, torch)
     feeds = [{n: f[n] for n in names} for f in example_inputs]
     failures = []
     exporters = (

@@ -186,3 +186,20 @@ def test_cli_compresses_module_attr_end_to_end(tmp_path, monkeypatch):
     assert doc["choice"]["candidate"] in (0, 1)
     converted = onnx.load(str(out / "converted.onnx"))
     assert [i.name for i in converted.graph.input] == ["input"]
+
+
+class BatchOfOne(torch.nn.Module):
+    """Takes exactly one sample (a hard-coded view), so it cannot be exported from two."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.lin(x.view(1, 8))
+
+
+def test_a_module_that_takes_only_a_batch_of_one_still_converts(tmp_path):
+    data = stacked(tmp_path / "x.npz", x=RNG.random((3, 8), dtype=np.float32))
+    model = convert.convert(BatchOfOne(), HOOK, data=data).model
+    assert [o.name for o in model.graph.output] == ["output"]
