@@ -74,6 +74,23 @@ def slimfleet_load_data(path: Path, inputs: Sequence[dict[str, Any]]) -> list[Fe
 
 
 @hookspec(firstresult=True)
+def slimfleet_convert(
+    source: Any, example_inputs: Sequence[Feed], options: dict[str, Any]
+) -> onnx.ModelProto | None:
+    """Convert a model that is not ONNX (a front-end) and return the ONNX model.
+
+    ``source`` is what the user gave ``compress``: a Python object (an ``nn.Module``,
+    an estimator; ``module:attr`` on the CLI is already imported) or a path that is
+    not an ``.onnx`` file. ``example_inputs`` are the user's samples, one feed (input
+    name -> array with its batch axis) each. Return None when this front-end does not
+    know the source. A front-end must check its result by running the source and
+    onnxruntime on ``example_inputs`` (``slimfleet.host.convert.check``) and raise
+    ``ConversionError`` on a mismatch; a missing framework raises
+    ``slimfleet.host.convert.missing_extra(...)``.
+    """
+
+
+@hookspec(firstresult=True)
 def slimfleet_apply_pass(
     pass_: Pass, model: onnx.ModelProto, context: PassContext, options: dict[str, Any]
 ) -> PassResult | None:

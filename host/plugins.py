@@ -36,6 +36,9 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "slimfleet.plugins.recipes",
     "slimfleet.plugins.npzdata",
     "slimfleet.plugins.runpass",
+    "slimfleet.plugins.frontends.pytorch",
+    "slimfleet.plugins.frontends.scikit_learn",
+    "slimfleet.plugins.frontends.paddlepaddle",
 )
 
 DISABLE_ENV = "SLIMFLEET_DISABLE_PLUGINS"

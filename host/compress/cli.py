@@ -30,7 +30,7 @@ def _print_json(doc: Any) -> None:
 
 
 @click.command()
-@click.argument("model", type=click.Path(path_type=Path, dir_okay=False))
+@click.argument("model")
 @click.option(
     "-o",
     "--outdir",
@@ -115,7 +115,7 @@ def _print_json(doc: Any) -> None:
 )
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary.")
 def compress(
-    model: Path,
+    model: str,
     out: Path,
     data: Path | None,
     passes: str | None,
@@ -131,6 +131,11 @@ def compress(
     as_json: bool,
 ) -> None:
     """Find the best compressed MODEL inside the fidelity budget, by measurement.
+
+    MODEL is an ONNX file, or a model a front-end converts first (checked against its
+    framework on --data): a PyTorch .pt (TorchScript) or .pt2 (exported program), a
+    Paddle inference directory, or module:attr naming an nn.Module or a fitted
+    scikit-learn estimator (a function or class there is called to build it).
 
     Every registered recipe (or the one given with --passes) becomes a candidate that
     is measured in its own process against the original on held-out samples; quantized

@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 
 from slimfleet.agent.errors import InputError, SlimfleetError
+from slimfleet.host import convert
 from slimfleet.host.compress import fallback, isolation, outdir, report
 from slimfleet.host.compress.arrayfiles import ArrayFiles
 from slimfleet.host.compress.building import ModelFile, apply_step
@@ -95,7 +96,7 @@ Progress = Callable[[int, int, str], None]
 
 
 def compress(
-    model_path: Path | str,
+    model_path: Any,
     outdir_path: Path | str,
     *,
     data: Path | str | None = None,
@@ -114,13 +115,17 @@ def compress(
 ) -> report.Report:
     """Find the best model inside the fidelity budget and write it with its report.
 
+    ``model_path`` is an ONNX file, or a model a front-end converts first (an
+    ``nn.Module``, a fitted estimator, ``module:attr``, a ``.pt``/``.pt2`` file, a
+    Paddle inference directory; see :mod:`slimfleet.host.convert`), written as
+    ``converted.onnx`` in ``outdir_path`` and checked against the source on ``data``.
     ``outdir_path`` receives ``model.onnx``, ``report.json``, ``report.html`` and
     ``sample.npz``. ``passes`` (``"simplify,quantize_dynamic[op_types=MatMul]"``) runs
     that one recipe instead of every registered one; a pass in it that skips (its check
     says why not) is an InputError. ``metrics`` sets the task metric of outputs by name
     (``--metric``); the others are detected. ``force`` writes into a non-empty
     ``outdir`` that holds no earlier output. ``settings`` overrides how
-    candidates are measured (its ``threads`` is replaced by ``threads``). Bad input Every pass and
+    candidates are measured (its ``threads`` is replaced by ``threads``). Every pass and
     every evaluation runs in a child process (``settings.timeout`` bounds each candidate);
     the whole process tree stays under ``max_memory`` bytes and the search plans within
     ``time_budget`` seconds (see :mod:`~slimfleet.host.compress.planning`). Bad input
@@ -138,14 +143,24 @@ def compress(
         raise InputError("--max-memory and --time-budget must be positive")
     settings = replace(settings or EvalSettings(), threads=threads)
     budget = Budget(time_budget, max_memory, settings.timeout, started)
-    model_path = Path(model_path)
-    model = load_model(model_path, external_data=True)
     plugins = plugins or load_plugins()
-    recipes = _recipes(plugins, passes)
-    signature = io_signature(model)
     out = Path(outdir_path)
     created = not out.exists()
-    outdir.prepare(out, force=force)
+    if not convert.is_onnx(model_path):  # a front-end converts it to outdir/converted.onnx
+        outdir.prepare(out, force=force)
+        try:
+            model_path = convert.convert_to_file(
+                model_path, plugins.pm.hook, out, data=data, input_shapes=input_shapes
+            )
+        except BaseException:
+            if created and out.is_dir() and not any(out.iterdir()):
+                out.rmdir()
+            raise
+    model_path = Path(model_path)
+    model = load_model(model_path, external_data=True)
+    recipes = _recipes(plugins, passes)
+    signature = io_signature(model)
+    outdir.prepare(out, force=force or model_path.parent == out)
     try:
         samples = load_samples(plugins.pm.hook, data, signature["inputs"], input_shapes)
         with tempfile.TemporaryDirectory(prefix="slimfleet-compress-") as tmp:

@@ -19,7 +19,7 @@ def test_every_hook_is_in_the_reference_with_its_docstring():
 def test_first_result_hooks_are_marked():
     sections = hookdoc.render().split("### ")
     marked = {s.split("(")[0].strip("`") for s in sections if "first non-None result wins" in s}
-    assert marked == {"slimfleet_load_data", "slimfleet_apply_pass"}
+    assert marked == {"slimfleet_load_data", "slimfleet_convert", "slimfleet_apply_pass"}
 
 
 def test_hooks_are_listed_in_definition_order():
