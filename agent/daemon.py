@@ -74,7 +74,7 @@ from slimfleet.agent.errors import SlimfleetError, VerifyError
 from slimfleet.agent.link import Backoff, Link, Message, Subscription
 from slimfleet.agent.serve import HttpApi
 from slimfleet.agent.sessions import Serving, SwapError
-from slimfleet.agent.store import AgentState, ModelRef, ModelStore, atomic_write_bytes
+from slimfleet.agent.store import AgentState, ModelStore, atomic_write_bytes
 from slimfleet.agent.telemetry import Telemetry
 from slimfleet.agent.wire import (
     EVENT_DOWNLOAD_PROGRESS,
@@ -82,6 +82,7 @@ from slimfleet.agent.wire import (
     EVENT_VERIFY_FAILED,
     Desired,
     Manifest,
+    ModelRef,
 )
 
 log = logging.getLogger(__name__)

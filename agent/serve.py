@@ -36,7 +36,7 @@ import numpy as np
 
 from slimfleet.agent.errors import SlimfleetError
 from slimfleet.agent.sessions import FeedError, NoModelError, Serving
-from slimfleet.agent.store import ModelRef
+from slimfleet.agent.wire import ModelRef
 
 log = logging.getLogger(__name__)
 

@@ -39,13 +39,13 @@ import onnxruntime as ort
 
 from slimfleet.agent.errors import InputError, SlimfleetError
 from slimfleet.agent.runtime import open_session
-from slimfleet.agent.store import ModelRef
 from slimfleet.agent.telemetry import Telemetry
 from slimfleet.agent.wire import (
     EVENT_FALLBACK,
     EVENT_SWAP_FAILED,
     EVENT_SWAP_OK,
     EVENT_SWAP_STARTED,
+    ModelRef,
     SmokeTest,
 )
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from slimfleet.agent.errors import SlimfleetError
-from slimfleet.agent.wire import check_name
+from slimfleet.agent.wire import ModelRef
 
 log = logging.getLogger(__name__)
 
@@ -35,42 +35,6 @@ MODEL_FILE = "model.onnx"
 MANIFEST_FILE = "manifest.json"
 STATE_FILE = "state.json"
 TMP_PREFIX = ".tmp-"
-
-
-@dataclass(frozen=True, order=True)
-class ModelRef:
-    """One version of one model. Refs sort by name, then by version."""
-
-    name: str
-    version: int
-
-    def __post_init__(self) -> None:
-        check_name(self.name)
-        if isinstance(self.version, bool) or not isinstance(self.version, int):
-            raise ValueError(f"model version must be an integer, got {self.version!r}")
-        if self.version < 1:
-            raise ValueError(f"model version must be >= 1, got {self.version}")
-
-    def __str__(self) -> str:
-        return f"{self.name}@{self.version}"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "version": self.version}
-
-    @classmethod
-    def from_dict(cls, doc: Any) -> ModelRef:
-        """Inverse of :meth:`to_dict`; raises ValueError on anything else."""
-        if not isinstance(doc, dict):
-            raise ValueError(f"expected {{'name': ..., 'version': ...}}, got {doc!r}")
-        return cls(doc.get("name"), doc.get("version"))  # type: ignore[arg-type]
-
-    @classmethod
-    def parse(cls, text: str) -> ModelRef:
-        """Parse ``name@version``; raises ValueError."""
-        name, sep, version = text.rpartition("@")
-        if not sep or not version.isdigit():
-            raise ValueError(f"expected name@version, got {text!r}")
-        return cls(name, int(version))
 
 
 @dataclass(frozen=True)

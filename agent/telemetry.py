@@ -48,7 +48,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from slimfleet.agent.store import ModelRef
+from slimfleet.agent.wire import ModelRef
 
 # Latency histogram bucket upper bounds, seconds.
 BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)

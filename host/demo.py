@@ -26,8 +26,7 @@ from slimfleet.agent.config import load_agent_config
 from slimfleet.agent.daemon import Agent
 from slimfleet.agent.errors import SlimfleetError
 from slimfleet.agent.mqtt import BrokerSettings, make_client
-from slimfleet.agent.store import ModelRef
-from slimfleet.agent.wire import Topics
+from slimfleet.agent.wire import ModelRef, Topics
 from slimfleet.host.compress.search import compress
 from slimfleet.host.fleet.broker import EmbeddedBroker
 from slimfleet.host.fleet.config import load_fleet

@@ -13,8 +13,7 @@ import pytest
 from brokers import free_port
 
 from slimfleet.agent.errors import SlimfleetError
-from slimfleet.agent.store import ModelRef
-from slimfleet.agent.wire import Manifest, make_manifest
+from slimfleet.agent.wire import Manifest, ModelRef, make_manifest
 from slimfleet.host.fleet.broker import EmbeddedBroker
 from slimfleet.host.fleet.publish import build_manifest, publish_manifest
 

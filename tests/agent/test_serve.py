@@ -20,8 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from slimfleet.agent.errors import SlimfleetError
 from slimfleet.agent.serve import HttpApi
 from slimfleet.agent.sessions import Serving, WatchPolicy
-from slimfleet.agent.store import ModelRef
-from slimfleet.agent.wire import SmokeTest
+from slimfleet.agent.wire import ModelRef, SmokeTest
 
 X = np.full((1, 4), 0.5, dtype=np.float32)
 

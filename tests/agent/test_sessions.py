@@ -21,8 +21,7 @@ from slimfleet.agent.sessions import (
     SwapError,
     WatchPolicy,
 )
-from slimfleet.agent.store import ModelRef
-from slimfleet.agent.wire import EVENT_TYPES, SmokeTest
+from slimfleet.agent.wire import EVENT_TYPES, ModelRef, SmokeTest
 
 X = np.full((1, 4), 0.5, dtype=np.float32)
 NO_WATCH = WatchPolicy(window_s=0)

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from slimfleet.agent.errors import SlimfleetError
-from slimfleet.agent.store import AgentState, ModelRef, ModelStore, atomic_write_bytes
+from slimfleet.agent.store import AgentState, ModelStore, atomic_write_bytes
+from slimfleet.agent.wire import ModelRef
 
 
 def ref(name: str, version: int) -> ModelRef:
@@ -209,7 +210,8 @@ CRASHER = textwrap.dedent(
     """
     import sys
     from pathlib import Path
-    from slimfleet.agent.store import AgentState, ModelRef, ModelStore
+    from slimfleet.agent.store import AgentState, ModelStore
+    from slimfleet.agent.wire import ModelRef
 
     store = ModelStore(Path(sys.argv[1]), keep=2)
     data = b"w" * 200_000

@@ -10,8 +10,8 @@ import prometheus_client
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from slimfleet.agent.store import ModelRef
 from slimfleet.agent.telemetry import BUCKETS, MAX_SAMPLES, Telemetry
+from slimfleet.agent.wire import ModelRef
 
 SCHEMA = {
     "device",
