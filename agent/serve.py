@@ -35,7 +35,8 @@ from typing import Any
 import numpy as np
 
 from slimfleet.agent.errors import SlimfleetError
-from slimfleet.agent.sessions import FeedError, NoModelError, Serving
+from slimfleet.agent.inference import FeedError, NoModelError
+from slimfleet.agent.sessions import Serving
 from slimfleet.agent.wire import ModelRef
 
 log = logging.getLogger(__name__)

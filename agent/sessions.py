@@ -37,7 +37,8 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from slimfleet.agent.errors import InputError, SlimfleetError
+from slimfleet.agent.errors import SlimfleetError
+from slimfleet.agent.inference import FeedError, InferenceError, ModelIO, NoModelError, TensorSpec
 from slimfleet.agent.runtime import open_session
 from slimfleet.agent.telemetry import Telemetry
 from slimfleet.agent.wire import (
@@ -88,18 +89,6 @@ def _return_freed_memory() -> None:
         _malloc_trim(0)
 
 
-class NoModelError(SlimfleetError):
-    """A request arrived while no model is loaded."""
-
-
-class FeedError(InputError):
-    """The feeds do not match the model's inputs (name, dtype or shape)."""
-
-
-class InferenceError(SlimfleetError):
-    """The model failed while running on valid feeds."""
-
-
 class SwapError(SlimfleetError):
     """Loading or smoke-testing a new model failed; the old one is still serving."""
 
@@ -126,38 +115,6 @@ class WatchPolicy:
     min_requests: int = 20
     max_error_rate: float = 0.05
     max_p95_ratio: float = 1.5
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """One model input or output; free dimensions are a name (str) or None."""
-
-    name: str
-    dtype: np.dtype
-    shape: tuple[int | str | None, ...]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "dtype": self.dtype.name, "shape": list(self.shape)}
-
-    def fixed_shape(self) -> tuple[int, ...] | None:
-        """The shape when every dimension is known, else None."""
-        if all(isinstance(d, int) for d in self.shape):
-            return tuple(self.shape)  # type: ignore[arg-type]
-        return None
-
-
-@dataclass(frozen=True)
-class ModelIO:
-    """The input and output signature of a loaded model."""
-
-    inputs: tuple[TensorSpec, ...]
-    outputs: tuple[TensorSpec, ...]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "inputs": [s.to_dict() for s in self.inputs],
-            "outputs": [s.to_dict() for s in self.outputs],
-        }
 
 
 def _spec(arg: Any) -> TensorSpec:

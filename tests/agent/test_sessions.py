@@ -13,14 +13,8 @@ import onnxruntime as ort
 import pytest
 
 from slimfleet.agent.errors import InputError, SlimfleetError
-from slimfleet.agent.sessions import (
-    FeedError,
-    InferenceError,
-    NoModelError,
-    Serving,
-    SwapError,
-    WatchPolicy,
-)
+from slimfleet.agent.inference import FeedError, InferenceError, NoModelError
+from slimfleet.agent.sessions import Serving, SwapError, WatchPolicy
 from slimfleet.agent.wire import EVENT_TYPES, ModelRef, SmokeTest
 
 X = np.full((1, 4), 0.5, dtype=np.float32)
