@@ -16,14 +16,18 @@ from slimfleet.host.compress.planning import Budget
 
 def test_tree_rss_counts_children():
     child = subprocess.Popen(
-        [sys.executable, "-c", "import time; b = bytearray(200 << 20); time.sleep(30)"]
+        [sys.executable, "-c", "import time; b = bytearray(200 << 20); time.sleep(60)"]
     )
     try:
+        # Wait for the child itself to hold its 200 MiB (python starts slowly on a busy
+        # machine), then the tree must count it on top of this process.
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and resources.tree_rss(child.pid) < (190 << 20):
+            time.sleep(0.02)
+        assert resources.tree_rss(child.pid) >= 190 << 20, "the child never allocated"
         alone = psutil.Process().memory_info().rss
         with resources.PeakTreeRSS(interval=0.01) as peak:
-            deadline = time.monotonic() + 30  # python start-up on a busy machine
-            while time.monotonic() < deadline and resources.tree_rss() < alone + (150 << 20):
-                time.sleep(0.01)
+            time.sleep(0.05)
         assert peak.bytes > alone + (150 << 20)
     finally:
         child.kill()
