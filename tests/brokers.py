@@ -29,7 +29,9 @@ def wait_port(port: int, timeout: float = 10.0) -> None:
 class Mosquitto:
     """One mosquitto process with persistence, so retained messages survive a restart."""
 
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
+    def __init__(self, workdir: Path, port: int | None = None, config: str | None = None) -> None:
+        """``config`` replaces the default anonymous listener on ``port`` (for example the
+        listeners, password file, ACL and TLS settings 'slimfleet acl' writes)."""
         exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         if not Path(exe).exists():
             raise RuntimeError("mosquitto is not installed (apt-get install -y mosquitto)")
@@ -38,9 +40,9 @@ class Mosquitto:
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.conf = workdir / "mosquitto.conf"
+        listen = [f"listener {self.port} 127.0.0.1", "allow_anonymous true"]
         lines = [
-            f"listener {self.port} 127.0.0.1",
-            "allow_anonymous true",
+            *(listen if config is None else [config]),
             "persistence true",
             f"persistence_location {workdir}/",
             "autosave_interval 1",

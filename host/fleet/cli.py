@@ -98,6 +98,12 @@ def _progress_bar(enabled: bool) -> Iterator[Progress]:
 )
 @click.option("--ttl", "ttl_s", type=float, help="Seconds until the manifest expires.")
 @click.option("--max-latency-ms", type=float, help="Smoke-test latency budget on the device.")
+@click.option(
+    "--repair",
+    is_flag=True,
+    help="Check every retained chunk and the manifest of an existing version and re-send "
+    "what is missing or wrong.",
+)
 @json_option
 def publish(
     source: Path,
@@ -107,6 +113,7 @@ def publish(
     chunk_size: int,
     ttl_s: float | None,
     max_latency_ms: float | None,
+    repair: bool,
     as_json: bool,
 ) -> None:
     """Sign a model and publish it, retained, for devices to fetch.
@@ -126,16 +133,26 @@ def publish(
             ttl_s=ttl_s,
             max_latency_ms=max_latency_ms,
             progress=progress,
+            repair=repair,
         )
     for warning in result.warnings:
         click.echo(f"warning: {warning}", err=True)
-    if result.published:
+    if result.repaired is not None:
+        manifest = "re-sent" if result.repaired["manifest"] else "kept (valid)"
+        text = (
+            f"repaired {name}@{version}: re-sent chunks {result.repaired['chunks'] or 'none'}, "
+            f"manifest {manifest}"
+        )
+    elif result.published:
         text = (
             f"published {name}@{version}: {result.size} bytes in {result.chunks} chunks, "
             f"sha256 {result.sha256[:16]}, key {result.key_id}, on {fleet.broker.url}"
         )
     else:
-        text = f"{name}@{version} is already published with the same bytes: nothing to do"
+        text = (
+            f"{name}@{version} is already published with the same bytes: nothing to do "
+            "('slimfleet verify' checks the broker's copy, --repair fixes it)"
+        )
     _emit(as_json, result.to_dict(), text)
 
 
