@@ -275,3 +275,27 @@ def write_acl_bundle(
     write_secret(out / CONF_FILE, conf)
     files = [ACL_FILE, HOST_PASSWD, DEVICE_PASSWD, CONF_FILE]
     return AclBundle(out, files, roles, created)
+
+
+# -- the embedded broker's view of the same roles ---------------------------------------------
+@dataclass(frozen=True)
+class BrokerPolicy:
+    """What the embedded broker enforces: password hashes, the usernames whose client id
+    is forced to the username (everyone but the host role), and each user's grants."""
+
+    hashes: dict[str, str]
+    bound: frozenset[str]
+    grants: dict[str, list[Grant]]
+
+    def admits(self, username: str | None, password: str | None) -> bool:
+        hashed = self.hashes.get(username or "")
+        return hashed is not None and password is not None and check_password(password, hashed)
+
+
+def fleet_policy(fleet: FleetConfig) -> BrokerPolicy:
+    """The fleet's roles for the embedded broker; passwords as 'slimfleet acl' keeps them."""
+    identities = require_identities(fleet)
+    roles = fleet_roles(fleet)
+    hashes = {user: hash_password(password_for(identities, user)[0]) for user in roles}
+    bound = frozenset(user for user, role in roles.items() if role != HOST)
+    return BrokerPolicy(hashes, bound, fleet_grants(fleet))

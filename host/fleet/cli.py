@@ -11,7 +11,9 @@ from typing import Any
 
 import click
 
+from slimfleet.agent.errors import InputError
 from slimfleet.agent.wire import DEFAULT_CHUNK_SIZE
+from slimfleet.host.fleet.acl import BrokerPolicy, fleet_policy
 from slimfleet.host.fleet.broker import DEFAULT_HOST, DEFAULT_PORT, run_broker
 from slimfleet.host.fleet.config import BROKER_ENV, DEFAULT_FLEET_FILE, load_fleet
 from slimfleet.host.fleet.keys import generate_keys
@@ -194,10 +196,36 @@ def assign(
 @click.command()
 @click.option("--host", default=DEFAULT_HOST, show_default=True, help="Address to listen on.")
 @click.option("--port", default=DEFAULT_PORT, show_default=True, type=int, help="TCP port.")
-def broker(host: str, port: int) -> None:
+@click.option(
+    "--fleet",
+    "fleet_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Admit only this fleet's identities, with their roles [default: fleet.yaml when it "
+    "exists and has an 'identities:' section].",
+)
+def broker(host: str, port: int, fleet_path: Path | None) -> None:
     """Run an embedded MQTT 3.1.1 broker (amqtt) in the foreground; Ctrl-C stops it.
 
     For a demo or a first try: retained messages (published models) live in memory only.
+    Anonymous unless the fleet file names identities (see 'slimfleet acl').
     """
-    click.echo(f"embedded MQTT broker listening on mqtt://{host}:{port} (Ctrl-C to stop)", err=True)
-    run_broker(host, port)
+    policy = broker_policy(fleet_path)
+    mode = f"{len(policy.hashes)} identities" if policy else "anonymous"
+    click.echo(
+        f"embedded MQTT broker listening on mqtt://{host}:{port}, {mode} (Ctrl-C to stop)",
+        err=True,
+    )
+    run_broker(host, port, policy)
+
+
+def broker_policy(fleet_path: Path | None) -> BrokerPolicy | None:
+    """The roles the embedded broker enforces: the fleet's, or None (anonymous)."""
+    path = fleet_path or Path(DEFAULT_FLEET_FILE)
+    if fleet_path is None and not path.exists():
+        return None
+    fleet = load_fleet(path)
+    if fleet.identities is None:
+        if fleet_path is not None:
+            raise InputError(f"{path} has no 'identities:' section: nothing to enforce")
+        return None
+    return fleet_policy(fleet)

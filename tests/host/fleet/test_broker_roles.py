@@ -1,0 +1,81 @@
+"""The embedded broker with a fleet's identities enforces the same roles as mosquitto."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from brokers import free_port
+from securefleet import SecureFleet, connect
+
+from slimfleet.agent.mqtt import BrokerSettings
+from slimfleet.host.fleet.acl import fleet_policy
+from slimfleet.host.fleet.broker import EmbeddedBroker
+from slimfleet.host.fleet.mqttio import BrokerLink
+
+
+@pytest.fixture
+def roles(tmp_path: Path, prefix: str) -> Iterator[tuple[SecureFleet, BrokerSettings]]:
+    """A fleet with identities (passwords only) and the embedded broker enforcing it."""
+    secure = SecureFleet(tmp_path, prefix, tls=False)
+    with EmbeddedBroker("127.0.0.1", free_port(), fleet_policy(secure.fleet)) as broker:
+        yield secure, BrokerSettings("127.0.0.1", broker.port)
+
+
+def login(secure: SecureFleet, at: BrokerSettings, user: str | None, password: str | None = None):
+    own = secure.settings(user)
+    return BrokerSettings(
+        at.host, at.port, username=own.username, password=password or own.password
+    )
+
+
+def test_anonymous_and_wrong_password_are_refused(roles) -> None:
+    secure, at = roles
+    for settings in (at, login(secure, at, "cam-01", "wrong")):
+        probe = connect(settings, "intruder")
+        assert not probe.accepted
+        probe.close()
+    ok = connect(login(secure, at, "cam-01"), "cam-01")
+    assert ok.accepted
+    ok.close()
+
+
+def test_device_reads_only_its_own_desired_state_and_cannot_take_over_an_id(roles) -> None:
+    secure, at = roles
+    topics = secure.fleet.topics
+    with BrokerLink(login(secure, at, "host")) as link:
+        link.publish_all([(topics.device("cam-02", "desired"), b"B")])
+        link.publish_all([(topics.device("cam-01", "desired"), b"A")])
+    victim = connect(login(secure, at, "cam-02"), "cam-02", persistent=True)
+    attacker = connect(login(secure, at, "cam-01"), "cam-02", persistent=True)
+    try:
+        assert victim.accepted and attacker.accepted
+        got = attacker.read(topics.device("cam-02", "desired"), wait=0.5)
+        assert got == {}
+        got = attacker.read(topics.device("cam-01", "desired"), wait=1.0)
+        assert got == {topics.device("cam-01", "desired"): b"A"}  # its own id, its own topic
+        assert not victim.dropped.is_set(), "the victim's session was taken over"
+        assert victim.read(topics.device("cam-02", "desired"), wait=1.0)
+    finally:
+        attacker.close()
+        victim.close()
+
+
+def test_device_cannot_spoof_state_or_publish_desired_and_monitor_only_reads(roles) -> None:
+    secure, at = roles
+    topics = secure.fleet.topics
+    device = connect(login(secure, at, "cam-01"), "cam-01")
+    device.publish(topics.device("cam-02", "state"), b"spoofed")
+    device.publish(topics.device("cam-01", "desired"), b"forged")
+    device.publish(topics.device("cam-01", "state"), b"own")
+    device.close()
+    monitor = connect(login(secure, at, "monitor"), "monitor")
+    monitor.publish(topics.manifest("evil", 1), b"forged")
+    seen = monitor.read(f"{topics.prefix}/#", wait=1.5)
+    monitor.close()
+    assert seen == {topics.device("cam-01", "state"): b"own"}
+    time.sleep(0)  # the host, on the other hand, may publish and read back anything
+    with BrokerLink(login(secure, at, "host")) as link:
+        link.publish_all([(topics.manifest("good", 1), b"signed elsewhere")])
