@@ -249,7 +249,10 @@ def _identities(
     for key, names in roles.items():
         clash = taken.intersection(names) if node.get(key) is None else set()
         if clash:
-            raise node.error(f"default {key} username {sorted(clash)[0]!r} is a device id")
+            raise node.error(
+                f"the default {key} username {sorted(clash)[0]!r} is already taken: "
+                f"name the {key} users"
+            )
     if not roles["host"]:
         raise node.require("host").error("the host role needs at least one username")
     return Identities(folder["secrets"], folder["certs"], roles["host"], roles["monitors"])
