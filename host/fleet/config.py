@@ -225,17 +225,17 @@ def _identities(
     """The optional ``identities:`` section; usernames are unique across all roles."""
     if node is None:
         return None
-    if node.value is None:  # "identities:" alone turns authentication on with defaults
-        return Identities((base_dir / "secrets").resolve(), (base_dir / "certs").resolve())
-    node.reject_unknown({"secrets", "certs", "host", "monitors"})
+    given: dict[str, Node] = {}  # "identities:" alone turns authentication on with defaults
+    if node.value is not None:
+        node.reject_unknown({"secrets", "certs", "host", "monitors"})
+        given = node.as_mapping()
     folder = {}
     for key in ("secrets", "certs"):
-        given = node.get(key)
-        folder[key] = (base_dir / (given.str() if given is not None else key)).resolve()
+        folder[key] = (base_dir / (given[key].str() if key in given else key)).resolve()
     taken = set(devices)
     roles = {"host": ("host",), "monitors": ("monitor",)}
     for key in roles:
-        members = node.get(key)
+        members = given.get(key)
         if members is None:
             continue
         names = []
@@ -247,12 +247,12 @@ def _identities(
             names.append(name)
         roles[key] = tuple(names)
     for key, names in roles.items():
-        clash = taken.intersection(names) if node.get(key) is None else set()
+        clash = taken.intersection(names) if key not in given else set()
         if clash:
             raise node.error(
                 f"the default {key} username {sorted(clash)[0]!r} is already taken: "
                 f"name the {key} users"
             )
     if not roles["host"]:
-        raise node.require("host").error("the host role needs at least one username")
+        raise given["host"].error("the host role needs at least one username")
     return Identities(folder["secrets"], folder["certs"], roles["host"], roles["monitors"])

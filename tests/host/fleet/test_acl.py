@@ -151,3 +151,14 @@ def test_bad_identities_name_file_and_line(tmp_path: Path, section: str, message
     (tmp_path / "fleet.yaml").write_text(text)
     with pytest.raises(ConfigError, match=message):
         load_fleet(tmp_path / "fleet.yaml")
+
+
+def test_identities_alone_means_defaults_which_must_not_clash(tmp_path: Path) -> None:
+    head = "broker: mqtt://b\nprefix: p\nkeys: {private: k, public: p}\ndevices:\n  cam-01:\n"
+    (tmp_path / "fleet.yaml").write_text(head + "identities:\n")
+    ids = load_fleet(tmp_path / "fleet.yaml").identities
+    assert ids is not None and (ids.hosts, ids.monitors) == (("host",), ("monitor",))
+    assert ids.secrets == tmp_path / "secrets" and ids.certs == tmp_path / "certs"
+    (tmp_path / "fleet.yaml").write_text(head + "  monitor:\nidentities:\n")
+    with pytest.raises(ConfigError, match="default monitors username 'monitor' is already taken"):
+        load_fleet(tmp_path / "fleet.yaml")

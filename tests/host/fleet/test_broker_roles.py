@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,9 +9,11 @@ import pytest
 from brokers import free_port
 from securefleet import SecureFleet, connect
 
+from slimfleet.agent.errors import InputError
 from slimfleet.agent.mqtt import BrokerSettings
 from slimfleet.host.fleet.acl import fleet_policy
 from slimfleet.host.fleet.broker import EmbeddedBroker
+from slimfleet.host.fleet.cli import broker_policy
 from slimfleet.host.fleet.mqttio import BrokerLink
 
 
@@ -76,6 +77,22 @@ def test_device_cannot_spoof_state_or_publish_desired_and_monitor_only_reads(rol
     seen = monitor.read(f"{topics.prefix}/#", wait=1.5)
     monitor.close()
     assert seen == {topics.device("cam-01", "state"): b"own"}
-    time.sleep(0)  # the host, on the other hand, may publish and read back anything
+    # the host, on the other hand, may publish and read back anything
     with BrokerLink(login(secure, at, "host")) as link:
         link.publish_all([(topics.manifest("good", 1), b"signed elsewhere")])
+
+
+def test_broker_command_enforces_identities_only_when_the_fleet_has_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fleet_yaml: Path
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert broker_policy(None) is None  # no fleet.yaml here: anonymous, as before
+    with pytest.raises(InputError, match="has no 'identities:' section"):
+        broker_policy(fleet_yaml)
+    secure = SecureFleet(tmp_path / "secure", "p", tls=False)
+    policy = broker_policy(secure.path)
+    assert policy is not None and set(policy.hashes) == {"cam-01", "cam-02", "host", "monitor"}
+    assert policy.bound == {"cam-01", "cam-02", "monitor"}
+    password = secure.settings("cam-01").password
+    assert policy.admits("cam-01", password) and not policy.admits("cam-02", password)
+    assert not policy.admits(None, None)
