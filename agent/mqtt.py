@@ -162,25 +162,32 @@ def _from_env(node: Node) -> str:
     return value
 
 
-def _read_secret(node: Node, base_dir: Path) -> str:
-    """The first line of a secret file, which must not be readable by group or others."""
-    path = (base_dir / node.str()).resolve()
+def read_secret(path: Path) -> str:
+    """The first line of a secret file, which must exist, be readable by its owner only,
+    hold at most ``MAX_SECRET_BYTES`` and not be blank; ValueError says what is wrong."""
     try:
         if path.stat().st_mode & 0o077:
-            raise node.error(f"{path} is readable by others: chmod 600 it")
+            raise ValueError(f"{path} is readable by others: chmod 600 it")
         with path.open("rb") as handle:
             raw = handle.read(MAX_SECRET_BYTES + 1)
     except FileNotFoundError:
-        raise node.error(f"password file {path} does not exist") from None
+        raise ValueError(f"password file {path} does not exist") from None
     except OSError as exc:
-        raise node.error(f"cannot read password file {path}: {exc.strerror}") from None
+        raise ValueError(f"cannot read password file {path}: {exc.strerror}") from None
     if len(raw) > MAX_SECRET_BYTES:
-        raise node.error(f"{path} is over {MAX_SECRET_BYTES} bytes: not a password file")
+        raise ValueError(f"{path} is over {MAX_SECRET_BYTES} bytes: not a password file")
     lines = raw.decode("utf-8", "replace").splitlines()
     secret = lines[0].strip() if lines else ""
     if not secret:
-        raise node.error(f"password file {path} is empty")
+        raise ValueError(f"password file {path} is empty")
     return secret
+
+
+def _read_secret(node: Node, base_dir: Path) -> str:
+    try:
+        return read_secret((base_dir / node.str()).resolve())
+    except ValueError as exc:
+        raise node.error(str(exc)) from None
 
 
 def _file(node_map: dict[str, Node], key: str, base_dir: Path) -> Path | None:

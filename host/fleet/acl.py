@@ -23,11 +23,13 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
 from slimfleet.agent.errors import InputError
+from slimfleet.agent.mqtt import read_secret
 from slimfleet.agent.wire import MAX_PAYLOAD_BYTES, Topics
 from slimfleet.host.fleet.config import FleetConfig, Identities
 
@@ -147,10 +149,9 @@ def write_secret(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.unlink(missing_ok=True)
-    fd = tmp.open("x", encoding="utf-8")
-    tmp.chmod(0o600)
-    with fd:
-        fd.write(text)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(text)
     tmp.replace(path)
 
 
@@ -161,12 +162,10 @@ def password_for(identities: Identities, username: str) -> tuple[str, bool]:
     """
     path = identities.secrets / f"{username}.password"
     if path.exists():
-        if path.stat().st_mode & 0o077:
-            raise InputError(f"{path} is readable by others: chmod 600 it")
-        lines = path.read_text(encoding="utf-8").splitlines()
-        if not lines or not lines[0].strip():
-            raise InputError(f"{path} is empty: delete it to generate a new password")
-        return lines[0].strip(), False
+        try:
+            return read_secret(path), False
+        except ValueError as exc:
+            raise InputError(f"{exc} (delete it to generate a new password)") from None
     password = secrets.token_urlsafe(PASSWORD_BYTES)
     write_secret(path, password + "\n")
     return password, True
