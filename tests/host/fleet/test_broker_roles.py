@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,7 +11,7 @@ from brokers import free_port
 from securefleet import SecureFleet, connect
 
 from slimfleet.agent.errors import InputError
-from slimfleet.agent.mqtt import BrokerSettings
+from slimfleet.agent.mqtt import BrokerSettings, make_client
 from slimfleet.host.fleet.acl import fleet_policy
 from slimfleet.host.fleet.broker import EmbeddedBroker
 from slimfleet.host.fleet.cli import broker_policy
@@ -96,3 +97,24 @@ def test_broker_command_enforces_identities_only_when_the_fleet_has_them(
     password = secure.settings("cam-01").password
     assert policy.admits("cam-01", password) and not policy.admits("cam-02", password)
     assert not policy.admits(None, None)
+
+
+def test_the_gate_hands_amqtt_the_whole_connect_including_the_last_will(roles) -> None:
+    """The gate re-encodes the CONNECT: the will (the agent's "offline" status) survives."""
+    secure, at = roles
+    status = secure.fleet.topics.device("cam-01", "status")
+    monitor = connect(login(secure, at, "monitor"), "monitor")
+    monitor.read(status, wait=0.3)
+    settings = login(secure, at, "cam-01")
+    client = make_client(settings, "anything")
+    client.will_set(status, b"offline", qos=1, retain=True)
+    client.connect(settings.host, settings.port, 5)
+    client.loop_start()
+    time.sleep(0.5)
+    client.socket().close()  # a crash: no DISCONNECT, so the broker sends the will
+    client.loop_stop()
+    deadline = time.monotonic() + 15
+    while status not in monitor.messages and time.monotonic() < deadline:
+        time.sleep(0.1)
+    monitor.close()
+    assert monitor.messages.get(status) == b"offline"
