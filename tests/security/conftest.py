@@ -17,8 +17,17 @@ Attacks covered so far (issue 8; other engineers add theirs at merge)
     test_identity.py     anonymous client, client id takeover, reading another device's
                          desired state, spoofing another device's state, a device
                          publishing a desired state, a monitor publishing
+    test_agent_identity.py  a real agent over mutual TLS reports as itself; one holding
+                         another device's certificate cannot report as the device it claims
     test_tampering.py    a tampered retained chunk: 'slimfleet verify' finds it,
-                         'slimfleet publish --repair' fixes it
+                         'slimfleet publish --repair' fixes it; a tampered manifest is
+                         found and re-signed
+
+Adding an attack
+    Use the module-scoped ``secure`` fixture (its broker is shared by the module: give
+    your topics their own model name) or build a SecureFleet of your own; connect as an
+    identity with ``securefleet.connect(secure.settings(user), client_id)``. The same
+    roles on the embedded broker are tested in tests/host/fleet/test_broker_roles.py.
 """
 
 from __future__ import annotations
