@@ -9,8 +9,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
+import yaml
 from brokers import Mosquitto, free_port
 
+from slimfleet.agent.config import load_agent_config
+from slimfleet.agent.daemon import Agent
 from slimfleet.agent.mqtt import BrokerSettings, make_client
 from slimfleet.host.fleet.acl import TlsFiles, password_for, write_acl_bundle
 from slimfleet.host.fleet.certs import issue_certs
@@ -94,6 +97,52 @@ class SecureFleet:
             cert_file=certs / f"{user}.pem" if user else None,
             key_file=certs / f"{user}.key" if user else None,
         )
+
+    def agent_yaml(self, folder: Path, device_id: str, identity: str, port: int) -> Path:
+        """agent.yaml for ``device_id`` holding ``identity``'s credentials, by reference:
+        its certificate and key with TLS, else its password file."""
+        secret = self.identities.certs if self.tls else self.identities.secrets
+        broker: dict[str, object] = {"keepalive": 5}
+        if self.tls:
+            broker["url"] = f"mqtts://127.0.0.1:{port}"
+            broker["ca_file"] = str(secret / "ca.pem")
+            broker["cert_file"] = str(secret / f"{identity}.pem")
+            broker["key_file"] = str(secret / f"{identity}.key")
+        else:
+            broker["url"] = f"mqtt://127.0.0.1:{port}"
+            broker["username"] = identity
+            broker["password_file"] = str(secret / f"{identity}.password")
+        doc = {
+            "device_id": device_id,
+            "broker": broker,
+            "prefix": self.fleet.prefix,
+            "public_keys": [str(self.fleet.public_key)],
+            "store_dir": "store",
+            "telemetry_interval_s": 0.5,
+        }
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "agent.yaml").write_text(yaml.safe_dump(doc))
+        return folder / "agent.yaml"
+
+    def reports_of(self, device: str, at: BrokerSettings, wait: float) -> dict[str, bytes]:
+        """What a monitor logged in at ``at`` reads of ``device``'s topics within ``wait``."""
+        own = self.settings("monitor")
+        settings = replace(own, host=at.host, port=at.port) if not self.tls else own
+        monitor = connect(settings, "monitor")
+        try:
+            return monitor.read(self.fleet.topics.device(device, "+"), wait=wait)
+        finally:
+            monitor.close()
+
+
+def run_agent(config_path: Path, seconds: float) -> None:
+    """Run a real agent from ``config_path`` for ``seconds``, then stop it."""
+    agent = Agent(load_agent_config(config_path))
+    agent.start()
+    try:
+        time.sleep(seconds)
+    finally:
+        agent.stop()
 
 
 @dataclass

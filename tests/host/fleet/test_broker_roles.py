@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from brokers import free_port
-from securefleet import SecureFleet, connect
+from securefleet import SecureFleet, connect, run_agent
 
 from slimfleet.agent.errors import InputError
 from slimfleet.agent.mqtt import BrokerSettings, make_client
@@ -118,3 +118,12 @@ def test_the_gate_hands_amqtt_the_whole_connect_including_the_last_will(roles) -
         time.sleep(0.1)
     monitor.close()
     assert monitor.messages.get(status) == b"offline"
+
+
+def test_an_agent_logs_in_with_its_password_file_and_reports(roles, tmp_path: Path) -> None:
+    secure, at = roles
+    run_agent(secure.agent_yaml(tmp_path / "agent", "cam-01", "cam-01", at.port), 2.0)
+    seen = secure.reports_of("cam-01", at, wait=1.0)
+    assert secure.fleet.topics.device("cam-01", "state") in seen
+    run_agent(secure.agent_yaml(tmp_path / "liar", "cam-02", "cam-01", at.port), 2.0)
+    assert secure.reports_of("cam-02", at, wait=1.0) == {}
