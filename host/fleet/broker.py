@@ -15,10 +15,12 @@ import asyncio
 import logging
 import signal
 import threading
+from pathlib import Path
 from typing import Any
 
-from slimfleet.agent.errors import SlimfleetError
-from slimfleet.host.fleet.acl import BrokerPolicy
+from slimfleet.agent.errors import InputError, SlimfleetError
+from slimfleet.host.fleet.acl import BrokerPolicy, fleet_policy
+from slimfleet.host.fleet.config import DEFAULT_FLEET_FILE, load_fleet
 
 log = logging.getLogger(__name__)
 
@@ -140,3 +142,16 @@ def run_broker(
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def broker_policy(fleet_path: Path | None) -> BrokerPolicy | None:
+    """The roles the embedded broker enforces: the fleet's, or None (anonymous)."""
+    path = fleet_path or Path(DEFAULT_FLEET_FILE)
+    if fleet_path is None and not path.exists():
+        return None
+    fleet = load_fleet(path)
+    if fleet.identities is None:
+        if fleet_path is not None:
+            raise InputError(f"{path} has no 'identities:' section: nothing to enforce")
+        return None
+    return fleet_policy(fleet)

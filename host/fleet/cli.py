@@ -11,10 +11,8 @@ from typing import Any
 
 import click
 
-from slimfleet.agent.errors import InputError
 from slimfleet.agent.wire import DEFAULT_CHUNK_SIZE
-from slimfleet.host.fleet.acl import BrokerPolicy, fleet_policy
-from slimfleet.host.fleet.broker import DEFAULT_HOST, DEFAULT_PORT, run_broker
+from slimfleet.host.fleet.broker import DEFAULT_HOST, DEFAULT_PORT, broker_policy, run_broker
 from slimfleet.host.fleet.config import BROKER_ENV, DEFAULT_FLEET_FILE, load_fleet
 from slimfleet.host.fleet.keys import generate_keys
 from slimfleet.host.fleet.mqttio import Progress
@@ -216,16 +214,3 @@ def broker(host: str, port: int, fleet_path: Path | None) -> None:
         err=True,
     )
     run_broker(host, port, policy)
-
-
-def broker_policy(fleet_path: Path | None) -> BrokerPolicy | None:
-    """The roles the embedded broker enforces: the fleet's, or None (anonymous)."""
-    path = fleet_path or Path(DEFAULT_FLEET_FILE)
-    if fleet_path is None and not path.exists():
-        return None
-    fleet = load_fleet(path)
-    if fleet.identities is None:
-        if fleet_path is not None:
-            raise InputError(f"{path} has no 'identities:' section: nothing to enforce")
-        return None
-    return fleet_policy(fleet)

@@ -13,8 +13,7 @@ from securefleet import SecureFleet, connect, run_agent
 from slimfleet.agent.errors import InputError
 from slimfleet.agent.mqtt import BrokerSettings, make_client
 from slimfleet.host.fleet.acl import fleet_policy
-from slimfleet.host.fleet.broker import EmbeddedBroker
-from slimfleet.host.fleet.cli import broker_policy
+from slimfleet.host.fleet.broker import EmbeddedBroker, broker_policy
 from slimfleet.host.fleet.mqttio import BrokerLink
 
 
