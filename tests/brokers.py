@@ -31,7 +31,8 @@ class Mosquitto:
 
     def __init__(self, workdir: Path, port: int | None = None, config: str | None = None) -> None:
         """``config`` replaces the default anonymous listener on ``port`` (for example the
-        listeners, password file, ACL and TLS settings 'slimfleet acl' writes)."""
+        listeners, password file, ACL and TLS settings 'slimfleet acl' writes), and the
+        persistence folder if it names one."""
         exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         if not Path(exe).exists():
             raise RuntimeError("mosquitto is not installed (apt-get install -y mosquitto)")
@@ -41,10 +42,10 @@ class Mosquitto:
         workdir.mkdir(parents=True, exist_ok=True)
         self.conf = workdir / "mosquitto.conf"
         listen = [f"listener {self.port} 127.0.0.1", "allow_anonymous true"]
+        persist = ["persistence true", f"persistence_location {workdir}/"]
         lines = [
             *(listen if config is None else [config]),
-            "persistence true",
-            f"persistence_location {workdir}/",
+            *(persist if config is None or "persistence_location" not in config else []),
             "autosave_interval 1",
             "max_queued_messages 10000",
             f"log_dest file {workdir}/mosquitto.log",

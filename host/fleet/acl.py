@@ -192,7 +192,8 @@ class TlsFiles:
 def mosquitto_conf(
     out: Path, *, device_port: int, host_port: int, bind: str, tls: TlsFiles | None
 ) -> str:
-    """A mosquitto.conf for the files in ``out``: two authenticated listeners.
+    """A mosquitto.conf for the files in ``out``: two authenticated listeners, and
+    persistence (mosquitto.db) in ``out`` too.
 
     The device listener (devices and monitors) forces the client id to the username;
     with ``tls`` it requires a client certificate whose CN is the username. The host
@@ -214,6 +215,9 @@ def mosquitto_conf(
         "per_listener_settings true",
         f"message_size_limit {MAX_PAYLOAD_BYTES}",
         f"max_packet_size {MAX_PACKET_BYTES}",
+        "# published models are retained messages: keep them across restarts",
+        "persistence true",
+        f"persistence_location {out}/",
         "",
         "# devices and monitors: the client id is replaced by the username (no takeover)",
         *listener(device_port, "" if tls else DEVICE_PASSWD),

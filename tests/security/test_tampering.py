@@ -72,3 +72,11 @@ def test_tampered_manifest_is_found_and_re_signed(secure: SecureFleet, model_fil
     fixed = publish_model(fleet, model_file, "forged", 1, repair=True)
     assert fixed.repaired == {"chunks": [], "manifest": True}
     assert slimfleet("verify", "forged@1", "--fleet", secure.path).exit_code == 0
+
+
+def test_the_generated_config_keeps_published_models_across_a_restart(
+    secure: SecureFleet, model_file: Path
+) -> None:
+    publish_model(secure.fleet, model_file, "kept", 1)
+    secure.broker.restart()
+    assert slimfleet("verify", "kept@1", "--fleet", secure.path).exit_code == 0
