@@ -21,7 +21,7 @@ Attacks covered so far (issue 8; other engineers add theirs at merge)
                          another device's certificate cannot report as the device it claims
     test_tampering.py    a tampered retained chunk: 'slimfleet verify' finds it,
                          'slimfleet publish --repair' fixes it; a tampered manifest is
-                         found and re-signed
+                         found and re-signed; published models survive a broker restart
 
 Adding an attack
     Use the module-scoped ``secure`` fixture (its broker is shared by the module: give
