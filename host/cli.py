@@ -22,6 +22,9 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "publish": ("slimfleet.host.fleet.cli", "publish", "Sign and publish a model."),
     "assign": ("slimfleet.host.fleet.cli", "assign", "Set the model devices should run."),
     "broker": ("slimfleet.host.fleet.cli", "broker", "Run an embedded MQTT broker."),
+    "acl": ("slimfleet.host.fleet.trust_cli", "acl", "Write the broker's ACL and passwords."),
+    "certs": ("slimfleet.host.fleet.trust_cli", "certs", "Make the CA and client certificates."),
+    "verify": ("slimfleet.host.fleet.trust_cli", "verify", "Check a version on the broker."),
     "demo": ("slimfleet.host.demo", "demo", "Compress, publish and serve, end to end."),
 }
 

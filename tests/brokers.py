@@ -29,7 +29,10 @@ def wait_port(port: int, timeout: float = 10.0) -> None:
 class Mosquitto:
     """One mosquitto process with persistence, so retained messages survive a restart."""
 
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
+    def __init__(self, workdir: Path, port: int | None = None, config: str | None = None) -> None:
+        """``config`` replaces the default anonymous listener on ``port`` (for example the
+        listeners, password file, ACL and TLS settings 'slimfleet acl' writes), and the
+        persistence folder if it names one."""
         exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         if not Path(exe).exists():
             raise RuntimeError("mosquitto is not installed (apt-get install -y mosquitto)")
@@ -38,11 +41,11 @@ class Mosquitto:
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.conf = workdir / "mosquitto.conf"
+        listen = [f"listener {self.port} 127.0.0.1", "allow_anonymous true"]
+        persist = ["persistence true", f"persistence_location {workdir}/"]
         lines = [
-            f"listener {self.port} 127.0.0.1",
-            "allow_anonymous true",
-            "persistence true",
-            f"persistence_location {workdir}/",
+            *(listen if config is None else [config]),
+            *(persist if config is None or "persistence_location" not in config else []),
             "autosave_interval 1",
             "max_queued_messages 10000",
             f"log_dest file {workdir}/mosquitto.log",

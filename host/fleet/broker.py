@@ -3,6 +3,10 @@
 Good for the demo and a first try: retained messages work, but they live in memory only
 (a restart forgets every published model) and throughput is a fraction of mosquitto's.
 Use mosquitto, EMQX or HiveMQ for a real fleet.
+
+Given the fleet's :class:`~slimfleet.host.fleet.acl.BrokerPolicy` it enforces the same
+roles as the generated mosquitto files (passwords, topic ACL, client id bound to the
+username); it has no TLS listener: use mosquitto for mutual TLS.
 """
 
 from __future__ import annotations
@@ -11,9 +15,12 @@ import asyncio
 import logging
 import signal
 import threading
+from pathlib import Path
 from typing import Any
 
-from slimfleet.agent.errors import SlimfleetError
+from slimfleet.agent.errors import InputError, SlimfleetError
+from slimfleet.host.fleet.acl import BrokerPolicy, fleet_policy
+from slimfleet.host.fleet.config import DEFAULT_FLEET_FILE, load_fleet
 
 log = logging.getLogger(__name__)
 
@@ -30,25 +37,18 @@ def broker_config(host: str, port: int) -> dict[str, Any]:
     }
 
 
-def make_broker(host: str, port: int) -> Any:
-    """An amqtt Broker (created inside the event loop that will run it).
+def make_broker(host: str, port: int, policy: BrokerPolicy | None = None) -> Any:
+    """An amqtt broker (created inside the event loop that will run it).
 
-    amqtt 0.12.1 sends a connecting client the retained messages of every topic filter
-    that any client ever subscribed to; a device would receive other devices' desired
-    state and every model's chunks each time it connects. This subclass sends retained
-    messages only for the session's own subscriptions, as MQTT 3.1.1 (3.3.1.3) says.
+    With a ``policy`` it admits only the fleet's identities and enforces their roles
+    (see :mod:`slimfleet.host.fleet.broker_roles`); without one it is anonymous.
     """
-    from amqtt.broker import Broker  # heavy import, only when a broker is wanted
+    from slimfleet.host.fleet.broker_roles import FleetBroker, policy_plugins  # heavy: amqtt
 
-    class FleetBroker(Broker):
-        async def _publish_retained_messages_for_subscription(
-            self, subscription: tuple[str, int], session: Any
-        ) -> None:
-            subscribers = self._subscriptions.get(subscription[0], [])
-            if any(s.client_id == session.client_id for s, _ in subscribers):
-                await super()._publish_retained_messages_for_subscription(subscription, session)
-
-    return FleetBroker(broker_config(host, port))
+    config = broker_config(host, port)
+    if policy is not None:
+        config["plugins"].update(policy_plugins(policy))
+    return FleetBroker(config, policy)
 
 
 class EmbeddedBroker:
@@ -57,9 +57,12 @@ class EmbeddedBroker:
     Use as a context manager, or call :meth:`start` and :meth:`stop`.
     """
 
-    def __init__(self, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> None:
+    def __init__(
+        self, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, policy: BrokerPolicy | None = None
+    ) -> None:
         self.host = host
         self.port = port
+        self.policy = policy
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stop: asyncio.Event | None = None
@@ -113,7 +116,7 @@ class EmbeddedBroker:
     async def _serve(self) -> None:
         self._stop = asyncio.Event()
         try:
-            broker = make_broker(self.host, self.port)
+            broker = make_broker(self.host, self.port, self.policy)
             await broker.start()
         except Exception as exc:  # amqtt wraps OSError (port in use) in BrokerError
             self._error = exc.__cause__ or exc
@@ -126,14 +129,29 @@ class EmbeddedBroker:
             await broker.shutdown()
 
 
-def run_broker(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> None:
+def run_broker(
+    host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, policy: BrokerPolicy | None = None
+) -> None:
     """Run the embedded broker in the foreground until SIGINT (Ctrl-C) or SIGTERM."""
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in STOP_SIGNALS}
     try:
-        with EmbeddedBroker(host, port):
+        with EmbeddedBroker(host, port, policy):
             while not stop.wait(1.0):
                 pass
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def broker_policy(fleet_path: Path | None) -> BrokerPolicy | None:
+    """The roles the embedded broker enforces: the fleet's, or None (anonymous)."""
+    path = fleet_path or Path(DEFAULT_FLEET_FILE)
+    if fleet_path is None and not path.exists():
+        return None
+    fleet = load_fleet(path)
+    if fleet.identities is None:
+        if fleet_path is not None:
+            raise InputError(f"{path} has no 'identities:' section: nothing to enforce")
+        return None
+    return fleet_policy(fleet)

@@ -12,7 +12,7 @@ from typing import Any
 import click
 
 from slimfleet.agent.wire import DEFAULT_CHUNK_SIZE
-from slimfleet.host.fleet.broker import DEFAULT_HOST, DEFAULT_PORT, run_broker
+from slimfleet.host.fleet.broker import DEFAULT_HOST, DEFAULT_PORT, broker_policy, run_broker
 from slimfleet.host.fleet.config import BROKER_ENV, DEFAULT_FLEET_FILE, load_fleet
 from slimfleet.host.fleet.keys import generate_keys
 from slimfleet.host.fleet.mqttio import Progress
@@ -98,6 +98,12 @@ def _progress_bar(enabled: bool) -> Iterator[Progress]:
 )
 @click.option("--ttl", "ttl_s", type=float, help="Seconds until the manifest expires.")
 @click.option("--max-latency-ms", type=float, help="Smoke-test latency budget on the device.")
+@click.option(
+    "--repair",
+    is_flag=True,
+    help="Check every retained chunk and the manifest of an existing version and re-send "
+    "what is missing or wrong.",
+)
 @json_option
 def publish(
     source: Path,
@@ -107,6 +113,7 @@ def publish(
     chunk_size: int,
     ttl_s: float | None,
     max_latency_ms: float | None,
+    repair: bool,
     as_json: bool,
 ) -> None:
     """Sign a model and publish it, retained, for devices to fetch.
@@ -126,16 +133,26 @@ def publish(
             ttl_s=ttl_s,
             max_latency_ms=max_latency_ms,
             progress=progress,
+            repair=repair,
         )
     for warning in result.warnings:
         click.echo(f"warning: {warning}", err=True)
-    if result.published:
+    if result.repaired is not None:
+        manifest = "re-sent" if result.repaired["manifest"] else "kept (valid)"
+        text = (
+            f"repaired {name}@{version}: re-sent chunks {result.repaired['chunks'] or 'none'}, "
+            f"manifest {manifest}"
+        )
+    elif result.published:
         text = (
             f"published {name}@{version}: {result.size} bytes in {result.chunks} chunks, "
             f"sha256 {result.sha256[:16]}, key {result.key_id}, on {fleet.broker.url}"
         )
     else:
-        text = f"{name}@{version} is already published with the same bytes: nothing to do"
+        text = (
+            f"{name}@{version} is already published with the same bytes: nothing to do "
+            "('slimfleet verify' checks the broker's copy, --repair fixes it)"
+        )
     _emit(as_json, result.to_dict(), text)
 
 
@@ -177,10 +194,23 @@ def assign(
 @click.command()
 @click.option("--host", default=DEFAULT_HOST, show_default=True, help="Address to listen on.")
 @click.option("--port", default=DEFAULT_PORT, show_default=True, type=int, help="TCP port.")
-def broker(host: str, port: int) -> None:
+@click.option(
+    "--fleet",
+    "fleet_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Admit only this fleet's identities, with their roles [default: fleet.yaml when it "
+    "exists and has an 'identities:' section].",
+)
+def broker(host: str, port: int, fleet_path: Path | None) -> None:
     """Run an embedded MQTT 3.1.1 broker (amqtt) in the foreground; Ctrl-C stops it.
 
     For a demo or a first try: retained messages (published models) live in memory only.
+    Anonymous unless the fleet file names identities (see 'slimfleet acl').
     """
-    click.echo(f"embedded MQTT broker listening on mqtt://{host}:{port} (Ctrl-C to stop)", err=True)
-    run_broker(host, port)
+    policy = broker_policy(fleet_path)
+    mode = f"{len(policy.hashes)} identities" if policy else "anonymous"
+    click.echo(
+        f"embedded MQTT broker listening on mqtt://{host}:{port}, {mode} (Ctrl-C to stop)",
+        err=True,
+    )
+    run_broker(host, port, policy)

@@ -11,6 +11,12 @@ Example (the repository's ``fleet.yaml``)::
       cam-01: {site: lab}             # id -> labels (optional)
     groups:
       canary: [cam-01]
+    identities:                       # optional: who may log in to the broker
+      secrets: secrets                # generated passwords, <username>.password, mode 0600
+      certs: certs                    # 'slimfleet certs' writes the CA and client certs here
+      host: [host]                    # usernames of the host role (publish, assign, rollout)
+      monitors: [monitor]             # read-only usernames
+    # every device id is a username too: see host/fleet/acl.py for what each role may do
 
 The environment variable ``SLIMFLEET_BROKER`` (a broker URL) overrides the URL in the
 file, and ``load_fleet(path, broker_url=...)`` overrides both: the same fleet file can
@@ -41,6 +47,16 @@ DEFAULT_FLEET_FILE = "fleet.yaml"
 
 
 @dataclass(frozen=True)
+class Identities:
+    """The broker identities of a fleet: devices (their ids), host and monitor users."""
+
+    secrets: Path
+    certs: Path
+    hosts: tuple[str, ...] = ("host",)
+    monitors: tuple[str, ...] = ("monitor",)
+
+
+@dataclass(frozen=True)
 class FleetConfig:
     """A validated fleet.yaml. Key paths are absolute; the key files are read on use."""
 
@@ -51,6 +67,7 @@ class FleetConfig:
     public_key: Path
     devices: dict[str, dict[str, str]] = field(default_factory=dict)
     groups: dict[str, list[str]] = field(default_factory=dict)
+    identities: Identities | None = None
 
     @property
     def topics(self) -> Topics:
@@ -114,14 +131,17 @@ def load_fleet(
     """
     path = Path(path)
     root = load_yaml(path)
-    root.reject_unknown({"broker", "prefix", "keys", "devices", "groups"})
+    root.reject_unknown({"broker", "prefix", "keys", "devices", "groups", "identities"})
     base_dir = path.resolve().parent
     broker = BrokerSettings.from_node(root.require("broker"), base_dir)
     prefix = _prefix(root.require("prefix"))
     private_key, public_key = _keys(root.require("keys"), base_dir)
     devices = _devices(root.get("devices"))
     groups = _groups(root.get("groups"), devices)
-    fleet = FleetConfig(path.resolve(), broker, prefix, private_key, public_key, devices, groups)
+    identities = _identities(root.get("identities"), base_dir, devices)
+    fleet = FleetConfig(
+        path.resolve(), broker, prefix, private_key, public_key, devices, groups, identities
+    )
     override = broker_url or os.environ.get(BROKER_ENV)
     if override:
         try:
@@ -197,3 +217,42 @@ def _groups(node: Node | None, devices: dict[str, dict[str, str]]) -> dict[str, 
             raise members.error(f"group {group!r} has no devices")
         groups[group] = ids
     return groups
+
+
+def _identities(
+    node: Node | None, base_dir: Path, devices: dict[str, dict[str, str]]
+) -> Identities | None:
+    """The optional ``identities:`` section; usernames are unique across all roles."""
+    if node is None:
+        return None
+    given: dict[str, Node] = {}  # "identities:" alone turns authentication on with defaults
+    if node.value is not None:
+        node.reject_unknown({"secrets", "certs", "host", "monitors"})
+        given = node.as_mapping()
+    folder = {}
+    for key in ("secrets", "certs"):
+        folder[key] = (base_dir / (given[key].str() if key in given else key)).resolve()
+    taken = set(devices)
+    roles = {"host": ("host",), "monitors": ("monitor",)}
+    for key in roles:
+        members = given.get(key)
+        if members is None:
+            continue
+        names = []
+        for item in members.items():
+            name = _name(item, "username")
+            if name in taken:
+                raise item.error(f"username {name!r} is already a device or another identity")
+            taken.add(name)
+            names.append(name)
+        roles[key] = tuple(names)
+    for key, names in roles.items():
+        clash = taken.intersection(names) if key not in given else set()
+        if clash:
+            raise node.error(
+                f"the default {key} username {sorted(clash)[0]!r} is already taken: "
+                f"name the {key} users"
+            )
+    if not roles["host"]:
+        raise given["host"].error("the host role needs at least one username")
+    return Identities(folder["secrets"], folder["certs"], roles["host"], roles["monitors"])

@@ -27,6 +27,7 @@ from slimfleet.agent.wire import (
 from slimfleet.host.fleet.artifact import load_artifact, make_smoke
 from slimfleet.host.fleet.config import FleetConfig
 from slimfleet.host.fleet.mqttio import BrokerLink, Progress
+from slimfleet.host.fleet.verify import repair_published
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ class PublishResult:
     manifest_bytes: int
     published: bool
     warnings: list[str] = field(default_factory=list)
+    repaired: dict[str, Any] | None = None  # with repair: what was re-sent
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -148,11 +150,14 @@ def publish_manifest(
     *,
     signer: Signer | None = None,
     progress: Progress | None = None,
+    repair: bool = False,
 ) -> PublishResult:
     """Sign ``manifest`` and publish its chunks, then the manifest, retained with QoS 1.
 
     A no-op when the same bytes (sha256) are already published under that version;
-    an InputError when different bytes are.
+    an InputError when different bytes are. With ``repair``, every retained chunk and
+    the manifest's signature are checked and whatever is missing or wrong is re-sent
+    (see :func:`~slimfleet.host.fleet.verify.repair_published`).
     """
     signer = signer or fleet.signer()
     warnings: list[str] = []
@@ -172,6 +177,10 @@ def publish_manifest(
         warnings=warnings,
     )
     with BrokerLink(fleet.broker) as link:
+        if repair:
+            fixed = repair_published(link, fleet, manifest, chunks, envelope, progress)
+            result.repaired, result.published = fixed.to_dict(), fixed.manifest
+            return result
         existing = read_published(link, fleet, manifest.name, manifest.version)
         if existing is not None:
             if existing.sha256 != manifest.sha256:
@@ -179,7 +188,11 @@ def publish_manifest(
                     f"version {manifest.version} of {manifest.name} is already published with "
                     "different content; versions are immutable"
                 )
-            log.info("%s@%s is already published", manifest.name, manifest.version)
+            log.info(
+                "%s@%s is already published (unchecked: 'slimfleet verify' checks it)",
+                manifest.name,
+                manifest.version,
+            )
             result.published = False
             result.chunk_size, result.chunks = existing.chunk_size, existing.chunk_count
             return result
@@ -202,10 +215,12 @@ def publish_model(
     ttl_s: float | None = None,
     max_latency_ms: float | None = None,
     progress: Progress | None = None,
+    repair: bool = False,
 ) -> PublishResult:
     """Sign and publish an OUTDIR or .onnx file as ``name`` version ``version``.
 
     ``progress(done, total)`` is called as each chunk is acknowledged by the broker.
+    ``repair`` re-sends what the broker lacks or holds wrong for an existing version.
     """
     signer = fleet.signer()
     manifest, chunks = build_manifest(
@@ -217,7 +232,9 @@ def publish_model(
         ttl_s=ttl_s,
         max_latency_ms=max_latency_ms,
     )
-    return publish_manifest(fleet, manifest, chunks, signer=signer, progress=progress)
+    return publish_manifest(
+        fleet, manifest, chunks, signer=signer, progress=progress, repair=repair
+    )
 
 
 def assign(

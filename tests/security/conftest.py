@@ -1,0 +1,50 @@
+"""The security regression suite: one test per attack, each on a real mosquitto.
+
+What runs here
+    Every test starts from a fleet.yaml with identities (two devices, a host and a
+    monitor), the CA and client certificates 'slimfleet certs' makes, and the ACL,
+    password files and mosquitto.conf 'slimfleet acl' writes (see tests/securefleet.py).
+    mosquitto runs exactly those files: mutual TLS on the device listener (client id
+    forced to the certificate's name), password plus certificate on the host listener.
+
+How a test reads
+    The attacker is a real MQTT client holding one identity's credentials (or none).
+    Each test does the attack, then checks the effect did not happen, next to a
+    positive control showing the same action works for the identity allowed to do it
+    (so a test cannot pass because nothing works at all).
+
+Attacks covered so far (issue 8; other engineers add theirs at merge)
+    test_identity.py     anonymous client, client id takeover, reading another device's
+                         desired state, spoofing another device's state, a device
+                         publishing a desired state, a monitor publishing
+    test_agent_identity.py  a real agent over mutual TLS reports as itself; one holding
+                         another device's certificate cannot report as the device it claims
+    test_tampering.py    a tampered retained chunk: 'slimfleet verify' finds it,
+                         'slimfleet publish --repair' fixes it; a tampered manifest is
+                         found and re-signed; published models survive a broker restart
+
+Adding an attack
+    Use the module-scoped ``secure`` fixture (its broker is shared by the module: give
+    your topics their own model name) or build a SecureFleet of your own; connect as an
+    identity with ``securefleet.connect(secure.settings(user), client_id)``. The same
+    roles on the embedded broker are tested in tests/host/fleet/test_broker_roles.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from securefleet import SecureFleet
+
+PREFIX = "slimfleet-sec"
+
+
+@pytest.fixture(scope="module")
+def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureFleet]:
+    """A fleet with identities on mosquitto over mutual TLS, one per test module."""
+    fleet = SecureFleet(Path(tmp_path_factory.mktemp("secure")), PREFIX)
+    fleet.broker.start()
+    yield fleet
+    fleet.broker.stop()
