@@ -7,18 +7,33 @@ turn packets into thread-safe queues (:class:`Subscription`) that the daemon rea
 All socket I/O happens on the link's own thread. Other threads may call
 :meth:`Link.publish`, :meth:`Link.subscribe` and :meth:`Subscription.add` at any
 time: paho queues the packet and wakes the link thread, which writes it.
+
+Bounds (a hostile publisher on the broker must not exhaust the device's memory):
+
+- **Packets**: over MQTT 5 the CONNECT carries ``Maximum Packet Size`` =
+  :data:`MAX_PACKET_BYTES` (2 MiB), so the broker never delivers a bigger message. Over
+  3.1.1 paho reads the packet (the broker's own limit applies) and the link drops it.
+- **Per subscription**: every :class:`Subscription` has a byte limit (``max_bytes``,
+  default :data:`MAX_PACKET_BYTES`). A bigger message is dropped before anything copies
+  or decodes its payload: use :data:`DOCUMENT_LIMIT` (64 KiB) for desired states and key
+  documents, :data:`MANIFEST_LIMIT` for manifests and :func:`chunk_limit` for chunks.
+- **Queues**: a subscription queues at most ``max_messages`` (default 256) messages
+  and ``max(max_queued_bytes, max_bytes)`` payload bytes (default 32 MiB); when full, a
+  new message is dropped. Outgoing QoS 1 messages waiting in paho: :data:`MAX_QUEUED_OUT`.
+- Every drop logs a warning, counts in :attr:`Link.dropped` and calls ``on_drop`` (a
+  :class:`Dropped`), which the daemon turns into a ``message_dropped`` event.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import random
 import socket
 import ssl
 import threading
 import time
-from collections.abc import Iterable
+from collections import deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +43,7 @@ from paho.mqtt.properties import Properties
 
 from slimfleet.agent.errors import SlimfleetError
 from slimfleet.agent.mqtt import BrokerSettings, make_client
+from slimfleet.agent.wire import MAX_PAYLOAD_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +53,26 @@ STATUS_OFFLINE = b"offline"
 DEFAULT_SESSION_EXPIRY_S = 7 * 24 * 3600
 # Bound on QoS 1 messages paho keeps while the broker is unreachable.
 MAX_QUEUED_OUT = 1000
+# The largest packet the broker may send us (MQTT 5 CONNECT Maximum Packet Size), and the
+# default per-subscription limit: every legitimate message fits (wire.MAX_PAYLOAD_BYTES).
+MAX_PACKET_BYTES = 2 * 1024 * 1024
+# Desired states, revocation lists and other small signed documents.
+DOCUMENT_LIMIT = 64 * 1024
+# Manifests may embed a smoke-test sample: the host keeps them under wire.MAX_PAYLOAD_BYTES.
+MANIFEST_LIMIT = MAX_PAYLOAD_BYTES
+# A chunk message is the manifest's chunk_size bytes; the margin is slack, not a header.
+CHUNK_MARGIN = 1024
+DEFAULT_MAX_MESSAGES = 256
+# One download window (16 chunk topics, download.py) of the largest chunks fits.
+DEFAULT_MAX_QUEUED_BYTES = 16 * MAX_PACKET_BYTES
+
+DROP_TOO_LARGE = "too_large"
+DROP_QUEUE_FULL = "queue_full"
+
+
+def chunk_limit(chunk_size: int) -> int:
+    """The byte limit for a subscription to chunks of ``chunk_size`` bytes."""
+    return chunk_size + CHUNK_MARGIN
 
 
 class LinkError(SlimfleetError):
@@ -50,6 +86,17 @@ class Message:
     topic: str
     payload: bytes
     retain: bool
+
+
+@dataclass(frozen=True)
+class Dropped:
+    """A message the link refused: ``reason`` is ``too_large`` (``size`` > ``limit``
+    bytes) or ``queue_full`` (the subscription already held ``limit`` messages or bytes)."""
+
+    topic: str
+    size: int
+    limit: int
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -67,15 +114,33 @@ class Backoff:
 
 
 class Subscription:
-    """A set of topic filters and the queue of messages that match them.
+    """A set of topic filters and the bounded queue of messages that match them.
 
+    A matching message over ``max_bytes`` is dropped unread. The queue holds at most
+    ``max_messages`` messages and ``max(max_queued_bytes, max_bytes)`` payload bytes (so
+    one message of the limit always fits); a message that would exceed either is dropped.
     Subscribing again to a filter makes the broker send its retained message again,
     so readers must tolerate duplicates.
     """
 
-    def __init__(self, link: Link) -> None:
+    def __init__(
+        self,
+        link: Link,
+        *,
+        max_bytes: int = MAX_PACKET_BYTES,
+        max_messages: int = DEFAULT_MAX_MESSAGES,
+        max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES,
+    ) -> None:
+        if max_bytes < 0 or max_messages < 1:
+            raise ValueError("max_bytes must be >= 0 and max_messages >= 1")
         self._link = link
-        self._queue: queue.Queue[Message] = queue.Queue()
+        self.max_bytes = max_bytes
+        self.max_messages = max_messages
+        self.max_queued_bytes = max(max_queued_bytes, max_bytes)
+        # Guards _messages and _queued_bytes (written by the link thread, read by readers).
+        self._ready = threading.Condition()
+        self._messages: deque[Message] = deque()
+        self._queued_bytes = 0
         self.filters: set[str] = set()
 
     def add(self, filters: Iterable[str]) -> None:
@@ -87,10 +152,12 @@ class Subscription:
 
     def get(self, timeout: float | None = None) -> Message | None:
         """The next message, or None after ``timeout`` seconds."""
-        try:
-            return self._queue.get(timeout=timeout)
-        except queue.Empty:
-            return None
+        with self._ready:
+            if not self._ready.wait_for(lambda: self._messages, timeout):
+                return None
+            message = self._messages.popleft()
+            self._queued_bytes -= len(message.payload)
+            return message
 
     def close(self) -> None:
         self.remove(list(self.filters))
@@ -101,15 +168,29 @@ class Subscription:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _put(self, message: Message) -> None:
-        self._queue.put(message)
+    def _offer(self, message: Message) -> Dropped | None:
+        """Queue ``message``, or say why it was dropped (it is over a bound)."""
+        size = len(message.payload)
+        if size > self.max_bytes:
+            return Dropped(message.topic, size, self.max_bytes, DROP_TOO_LARGE)
+        with self._ready:
+            if len(self._messages) >= self.max_messages:
+                return Dropped(message.topic, size, self.max_messages, DROP_QUEUE_FULL)
+            if self._queued_bytes + size > self.max_queued_bytes:
+                return Dropped(message.topic, size, self.max_queued_bytes, DROP_QUEUE_FULL)
+            self._messages.append(message)
+            self._queued_bytes += size
+            self._ready.notify()
+        return None
 
 
 class Link:
     """One MQTT connection for one device, kept alive until :meth:`stop`.
 
     ``status_topic`` carries ``online`` (retained, on every connect) and ``offline``
-    (retained Last Will, and on a clean stop). The session is persistent: client id =
+    (retained Last Will, and on a clean stop). ``on_drop`` is called on the link thread
+    with a :class:`Dropped` for every message a subscription refused (it must not block;
+    its exceptions are logged and ignored). The session is persistent: client id =
     ``client_id``, clean_session False (3.1.1) or clean_start False with a session
     expiry (5), so the broker keeps subscriptions and QoS 1 messages while we are away.
     """
@@ -123,6 +204,7 @@ class Link:
         backoff: Backoff | None = None,
         session_expiry_s: int = DEFAULT_SESSION_EXPIRY_S,
         connect_timeout_s: float = 10.0,
+        on_drop: Callable[[Dropped], None] | None = None,
     ) -> None:
         self.settings = settings
         self.client_id = client_id
@@ -132,7 +214,10 @@ class Link:
         self.connect_timeout_s = connect_timeout_s
         self.connects = 0  # successful connections so far
         self.last_error: str | None = None
+        self.on_drop = on_drop
+        # Guards _filters, _stale, _retained and dropped.
         self._lock = threading.Lock()
+        self.dropped: dict[str, int] = {DROP_TOO_LARGE: 0, DROP_QUEUE_FULL: 0}
         self._filters: dict[str, set[Subscription]] = {}
         self._stale: set[str] = set()  # filters dropped while offline: unsubscribe on connect
         self._retained: dict[str, bytes] = {}
@@ -169,9 +254,19 @@ class Link:
             if self._thread.is_alive():
                 log.warning("link thread did not stop within %.1fs", timeout)
 
-    def subscribe(self, filters: Iterable[str] = ()) -> Subscription:
-        """A new :class:`Subscription` to ``filters`` (more can be added later)."""
-        sub = Subscription(self)
+    def subscribe(
+        self,
+        filters: Iterable[str] = (),
+        *,
+        max_bytes: int = MAX_PACKET_BYTES,
+        max_messages: int = DEFAULT_MAX_MESSAGES,
+        max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES,
+    ) -> Subscription:
+        """A new :class:`Subscription` to ``filters`` (more can be added later) that drops
+        messages over ``max_bytes`` and queues within the bounds described there."""
+        sub = Subscription(
+            self, max_bytes=max_bytes, max_messages=max_messages, max_queued_bytes=max_queued_bytes
+        )
         sub.add(filters)
         return sub
 
@@ -186,7 +281,7 @@ class Link:
 
     def set_retained(self, topic: str, payload: bytes) -> None:
         """Publish a retained document now and again after every reconnect, so the
-        broker holds the latest value even if it lost its store."""
+        broker holds the latest value even if it lost its store (one kept per topic)."""
         with self._lock:
             self._retained[topic] = payload
         if self.connected:
@@ -227,6 +322,9 @@ class Link:
         if self.settings.protocol == "5":
             props = Properties(PacketTypes.CONNECT)
             props.SessionExpiryInterval = self.session_expiry_s
+            # The broker must not send us anything bigger: a hostile 100 MB message is
+            # discarded by the broker instead of being read into this process.
+            props.MaximumPacketSize = MAX_PACKET_BYTES
             kwargs = {"clean_start": False, "properties": props}
         try:
             self._client.connect(
@@ -325,19 +423,45 @@ class Link:
 
     def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
         try:
-            message = Message(msg.topic, bytes(msg.payload), bool(msg.retain))
+            topic = msg.topic
         except UnicodeDecodeError:
             log.warning("ignored a message whose topic is not UTF-8")
             return
         with self._lock:
-            targets = [
+            targets = {
                 sub
                 for flt, subs in self._filters.items()
-                if mqtt.topic_matches_sub(flt, message.topic)
+                if mqtt.topic_matches_sub(flt, topic)
                 for sub in subs
-            ]
-        for sub in set(targets):
-            sub._put(message)
+            }
+        if not targets:
+            return
+        size = len(msg.payload)
+        if size > max(sub.max_bytes for sub in targets):  # too large for all: never copied
+            for sub in targets:
+                self._dropped(Dropped(topic, size, sub.max_bytes, DROP_TOO_LARGE))
+            return
+        message = Message(topic, bytes(msg.payload), bool(msg.retain))
+        for sub in targets:
+            dropped = sub._offer(message)
+            if dropped is not None:
+                self._dropped(dropped)
+
+    def _dropped(self, dropped: Dropped) -> None:
+        with self._lock:
+            self.dropped[dropped.reason] += 1
+        log.warning(
+            "dropped a %d-byte message on %s: %s (limit %d)",
+            dropped.size,
+            dropped.topic,
+            dropped.reason.replace("_", " "),
+            dropped.limit,
+        )
+        if self.on_drop is not None:
+            try:
+                self.on_drop(dropped)
+            except Exception:
+                log.exception("the on_drop callback failed")
 
     # -- subscription bookkeeping -------------------------------------------------
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -13,7 +14,20 @@ from pathlib import Path
 import pytest
 from brokers import Mosquitto, free_port
 
-from slimfleet.agent.link import STATUS_OFFLINE, STATUS_ONLINE, Backoff, Link, Subscription
+from slimfleet.agent.link import (
+    DOCUMENT_LIMIT,
+    DROP_QUEUE_FULL,
+    DROP_TOO_LARGE,
+    MANIFEST_LIMIT,
+    MAX_PACKET_BYTES,
+    STATUS_OFFLINE,
+    STATUS_ONLINE,
+    Backoff,
+    Dropped,
+    Link,
+    Subscription,
+    chunk_limit,
+)
 from slimfleet.agent.mqtt import BrokerSettings
 
 PROTOCOLS = ["3.1.1", "5"]
@@ -227,3 +241,170 @@ def test_an_unexpected_error_in_the_loop_is_logged_and_retried(mosquitto, prefix
         assert "Invalid subscription filter" in caplog.text
     finally:
         link.stop()
+
+
+# -- limits before parsing (issue 8 item 2) -----------------------------------------------
+
+
+def test_a_message_over_the_subscription_limit_is_dropped_with_a_callback(
+    mosquitto, prefix, watcher
+):
+    drops: list[Dropped] = []
+    link = make_link(mosquitto, f"dev-{prefix}", on_drop=drops.append)
+    desired, chunk = f"{prefix}/desired", f"{prefix}/chunk/0"
+    small = link.subscribe([desired], max_bytes=DOCUMENT_LIMIT)
+    big = link.subscribe([chunk], max_bytes=chunk_limit(200_000))
+    link.start()
+    try:
+        assert link.wait_connected(10)
+        time.sleep(0.2)
+        watcher.publish(desired, b"x" * (DOCUMENT_LIMIT + 1))
+        watcher.publish(chunk, b"y" * 200_000)  # within its own subscription's limit
+        watcher.publish(desired, b"fits")
+        wait_for(small, b"fits")
+        wait_for(big, b"y" * 200_000)
+        assert drops == [Dropped(desired, DOCUMENT_LIMIT + 1, DOCUMENT_LIMIT, DROP_TOO_LARGE)]
+        assert link.dropped[DROP_TOO_LARGE] == 1
+    finally:
+        link.stop()
+
+
+def test_a_full_subscription_queue_drops_and_counts(mosquitto, prefix, watcher):
+    drops: list[Dropped] = []
+    link = make_link(mosquitto, f"dev-{prefix}", on_drop=drops.append)
+    topic = f"{prefix}/flood"
+    sub = link.subscribe([topic], max_messages=5)
+    link.start()
+    try:
+        assert link.wait_connected(10)
+        time.sleep(0.2)
+        for i in range(12):
+            watcher.publish(topic, str(i).encode())
+        deadline = time.monotonic() + 10
+        while link.dropped[DROP_QUEUE_FULL] < 7 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert link.dropped[DROP_QUEUE_FULL] == 7
+        assert {d.reason for d in drops} == {DROP_QUEUE_FULL}
+        assert [sub.get(timeout=1).payload for _ in range(5)] == [b"0", b"1", b"2", b"3", b"4"]
+        assert sub.get(timeout=0.3) is None
+        watcher.publish(topic, b"room again")
+        wait_for(sub, b"room again")
+    finally:
+        link.stop()
+
+
+def test_the_queued_bytes_bound_drops_what_would_exceed_it(mosquitto, prefix, watcher):
+    link = make_link(mosquitto, f"dev-{prefix}")
+    topic = f"{prefix}/bytes"
+    sub = link.subscribe([topic], max_bytes=1000, max_queued_bytes=2500)
+    link.start()
+    try:
+        assert link.wait_connected(10)
+        time.sleep(0.2)
+        for _ in range(3):
+            watcher.publish(topic, b"z" * 1000)
+        watcher.publish(topic, b"end")
+        deadline = time.monotonic() + 10
+        while link.dropped[DROP_QUEUE_FULL] < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        got = [sub.get(timeout=1) for _ in range(3)]
+        assert [len(m.payload) for m in got if m] == [1000, 1000, 3]
+        assert link.dropped[DROP_QUEUE_FULL] == 1
+    finally:
+        link.stop()
+
+
+HOSTILE_SCRIPT = """
+import json, sys, time
+from slimfleet.agent.link import DOCUMENT_LIMIT, Backoff, Link
+from slimfleet.agent.mqtt import BrokerSettings
+
+def rss(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field):
+            return int(line.split()[1]) * 1024
+
+port, protocol, topic = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+drops = []
+link = Link(BrokerSettings("127.0.0.1", port, protocol=protocol), sys.argv[4],
+            backoff=Backoff(0.1, 0.5), on_drop=drops.append)
+sub = link.subscribe([topic], max_bytes=DOCUMENT_LIMIT)
+link.start()
+assert link.wait_connected(10)
+time.sleep(0.3)
+before, peak_before = rss("VmRSS"), rss("VmHWM")
+print("ready", flush=True)
+payloads = []
+deadline = time.monotonic() + 60
+while b"after" not in payloads and time.monotonic() < deadline:
+    msg = sub.get(timeout=0.5)
+    if msg is not None:
+        payloads.append(msg.payload)
+time.sleep(0.3)
+print(json.dumps({
+    "payloads": [p.decode() for p in payloads], "drops": [d.size for d in drops],
+    "rss_growth": rss("VmRSS") - before, "peak_growth": rss("VmHWM") - peak_before,
+    "connects": link.connects,
+}), flush=True)
+link.stop()
+"""
+
+HOSTILE_BYTES = 40 * 1024 * 1024
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_a_hostile_40mb_message_is_dropped_and_memory_stays_bounded(
+    mosquitto, prefix, watcher, protocol
+):
+    """Over 5 the broker never delivers it (Maximum Packet Size); over 3.1.1 paho reads
+    it and the link drops it unqueued. Either way the link keeps working."""
+    topic = f"{prefix}/devices/d/desired"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOSTILE_SCRIPT, str(mosquitto.port), protocol, topic, prefix],
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready"
+        watcher.publish(topic, b"h" * HOSTILE_BYTES)
+        time.sleep(1.0 if protocol == "5" else 0.2)
+        watcher.publish(topic, b"after")
+        result = json.loads(proc.stdout.readline())
+    finally:
+        proc.kill()
+        proc.wait()
+    assert result["payloads"] == ["after"]  # still responsive, hostile message never queued
+    assert result["connects"] == 1
+    if protocol == "5":
+        assert result["drops"] == []  # the broker discarded it
+        assert result["peak_growth"] < 16 * 1024 * 1024  # it never entered the process
+    else:
+        assert result["drops"] == [HOSTILE_BYTES]
+    # Loose: the precise number is bench material; a queued copy would add 40 MB.
+    assert result["rss_growth"] < 24 * 1024 * 1024, result
+
+
+def test_mqtt5_asks_the_broker_for_small_packets_yet_takes_a_manifest_sized_one(
+    mosquitto, prefix, watcher
+):
+    drops: list[Dropped] = []
+    link = make_link(mosquitto, f"dev-{prefix}", "5", on_drop=drops.append)
+    topic = f"{prefix}/manifest"
+    sub = link.subscribe([topic], max_bytes=MANIFEST_LIMIT)
+    link.start()
+    try:
+        assert link.wait_connected(10)
+        time.sleep(0.2)
+        watcher.publish(topic, b"m" * MANIFEST_LIMIT)
+        watcher.publish(topic, b"m" * (MAX_PACKET_BYTES + 1))  # the broker discards it
+        watcher.publish(topic, b"after")
+        wait_for(sub, b"m" * MANIFEST_LIMIT)
+        wait_for(sub, b"after")
+        assert drops == [] and link.connects == 1
+    finally:
+        link.stop()
+
+
+def test_subscription_bounds_are_validated(mosquitto, prefix):
+    link = make_link(mosquitto, f"dev-{prefix}")
+    with pytest.raises(ValueError, match="max_messages"):
+        link.subscribe([f"{prefix}/x"], max_messages=0)
