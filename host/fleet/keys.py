@@ -180,7 +180,7 @@ def revoke(
 
 
 def list_keys(fleet: FleetConfig) -> list[dict[str, Any]]:
-    """The root, the signing key and every certificate next to it, with their state
+    """The root, the signing key and every certificate in or under its folder, with their state
     (valid, expired, not yet valid, revoked per the local revocation list)."""
     rows: list[dict[str, Any]] = []
     ring = None
@@ -190,7 +190,7 @@ def list_keys(fleet: FleetConfig) -> list[dict[str, Any]]:
         ring = KeyRing([root])
         _local_revocations(fleet, ring)
     current = key_id(load_public_key(fleet.public_key))
-    certs = sorted(fleet.public_key.parent.glob("*.cert"))
+    certs = sorted(fleet.public_key.parent.rglob("*.cert"))
     if fleet.certificate is not None and fleet.certificate not in certs:
         certs.insert(0, fleet.certificate)
     listed = set()
