@@ -21,7 +21,7 @@ signed revocation list.
   by an attacker cannot un-revoke a key.
 
 Bounds: a revocation list names at most :data:`MAX_REVOKED` keys (its message is at most
-``link.DOCUMENT_LIMIT`` bytes); a certificate's ``not_before`` may be at most
+``inbox.DOCUMENT_LIMIT`` bytes); a certificate's ``not_before`` may be at most
 :data:`CLOCK_SKEW_S` seconds in the device's future.
 """
 

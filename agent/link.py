@@ -11,15 +11,10 @@ time: paho queues the packet and wakes the link thread, which writes it.
 Bounds (a hostile publisher on the broker must not exhaust the device's memory):
 
 - **Packets**: over MQTT 5 the CONNECT carries ``Maximum Packet Size`` =
-  :data:`MAX_PACKET_BYTES` (2 MiB), so the broker never delivers a bigger message. Over
+  ``inbox.MAX_PACKET_BYTES`` (2 MiB), so the broker never delivers a bigger message. Over
   3.1.1 paho reads the packet (the broker's own limit applies) and the link drops it.
-- **Per subscription**: every :class:`Subscription` has a byte limit (``max_bytes``,
-  default :data:`MAX_PACKET_BYTES`). A bigger message is dropped before anything copies
-  or decodes its payload: use :data:`DOCUMENT_LIMIT` (64 KiB) for desired states and key
-  documents, :data:`MANIFEST_LIMIT` for manifests and :func:`chunk_limit` for chunks.
-- **Queues**: a subscription queues at most ``max_messages`` (default 256) messages
-  and ``max(max_queued_bytes, max_bytes)`` payload bytes (default 32 MiB); when full, a
-  new message is dropped. Outgoing QoS 1 messages waiting in paho: :data:`MAX_QUEUED_OUT`.
+- **Per subscription**: byte limits and bounded queues, see :mod:`slimfleet.agent.inbox`.
+- **Outgoing** QoS 1 messages waiting in paho while offline: :data:`MAX_QUEUED_OUT`.
 - Every drop logs a warning, counts in :attr:`Link.dropped` and calls ``on_drop`` (a
   :class:`Dropped`), which the daemon turns into a ``message_dropped`` event.
 """
@@ -32,7 +27,6 @@ import socket
 import ssl
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -42,8 +36,17 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from slimfleet.agent.errors import SlimfleetError
+from slimfleet.agent.inbox import (
+    DEFAULT_MAX_MESSAGES,
+    DEFAULT_MAX_QUEUED_BYTES,
+    DROP_QUEUE_FULL,
+    DROP_TOO_LARGE,
+    MAX_PACKET_BYTES,
+    Dropped,
+    Message,
+    Subscription,
+)
 from slimfleet.agent.mqtt import BrokerSettings, make_client
-from slimfleet.agent.wire import MAX_PAYLOAD_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -53,50 +56,10 @@ STATUS_OFFLINE = b"offline"
 DEFAULT_SESSION_EXPIRY_S = 7 * 24 * 3600
 # Bound on QoS 1 messages paho keeps while the broker is unreachable.
 MAX_QUEUED_OUT = 1000
-# The largest packet the broker may send us (MQTT 5 CONNECT Maximum Packet Size), and the
-# default per-subscription limit: every legitimate message fits (wire.MAX_PAYLOAD_BYTES).
-MAX_PACKET_BYTES = 2 * 1024 * 1024
-# Desired states, revocation lists and other small signed documents.
-DOCUMENT_LIMIT = 64 * 1024
-# Manifests may embed a smoke-test sample: the host keeps them under wire.MAX_PAYLOAD_BYTES.
-MANIFEST_LIMIT = MAX_PAYLOAD_BYTES
-# A chunk message is the manifest's chunk_size bytes; the margin is slack, not a header.
-CHUNK_MARGIN = 1024
-DEFAULT_MAX_MESSAGES = 256
-# One download window (16 chunk topics, download.py) of the largest chunks fits.
-DEFAULT_MAX_QUEUED_BYTES = 16 * MAX_PACKET_BYTES
-
-DROP_TOO_LARGE = "too_large"
-DROP_QUEUE_FULL = "queue_full"
-
-
-def chunk_limit(chunk_size: int) -> int:
-    """The byte limit for a subscription to chunks of ``chunk_size`` bytes."""
-    return chunk_size + CHUNK_MARGIN
 
 
 class LinkError(SlimfleetError):
     """The MQTT link failed: the broker is unreachable, refused us, or the link is closed."""
-
-
-@dataclass(frozen=True)
-class Message:
-    """One received MQTT message."""
-
-    topic: str
-    payload: bytes
-    retain: bool
-
-
-@dataclass(frozen=True)
-class Dropped:
-    """A message the link refused: ``reason`` is ``too_large`` (``size`` > ``limit``
-    bytes) or ``queue_full`` (the subscription already held ``limit`` messages or bytes)."""
-
-    topic: str
-    size: int
-    limit: int
-    reason: str
 
 
 @dataclass(frozen=True)
@@ -111,77 +74,6 @@ class Backoff:
         # The exponent is capped: 2.0**1024 overflows a float, and 2**30 exceeds any max_s.
         ceiling = min(self.max_s, self.initial_s * 2 ** min(attempt, 30))
         return ceiling / 2 + random.uniform(0, ceiling / 2)
-
-
-class Subscription:
-    """A set of topic filters and the bounded queue of messages that match them.
-
-    A matching message over ``max_bytes`` is dropped unread. The queue holds at most
-    ``max_messages`` messages and ``max(max_queued_bytes, max_bytes)`` payload bytes (so
-    one message of the limit always fits); a message that would exceed either is dropped.
-    Subscribing again to a filter makes the broker send its retained message again,
-    so readers must tolerate duplicates.
-    """
-
-    def __init__(
-        self,
-        link: Link,
-        *,
-        max_bytes: int = MAX_PACKET_BYTES,
-        max_messages: int = DEFAULT_MAX_MESSAGES,
-        max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES,
-    ) -> None:
-        if max_bytes < 0 or max_messages < 1:
-            raise ValueError("max_bytes must be >= 0 and max_messages >= 1")
-        self._link = link
-        self.max_bytes = max_bytes
-        self.max_messages = max_messages
-        self.max_queued_bytes = max(max_queued_bytes, max_bytes)
-        # Guards _messages and _queued_bytes (written by the link thread, read by readers).
-        self._ready = threading.Condition()
-        self._messages: deque[Message] = deque()
-        self._queued_bytes = 0
-        self.filters: set[str] = set()
-
-    def add(self, filters: Iterable[str]) -> None:
-        """Subscribe to more filters (QoS 1); their retained messages follow."""
-        self._link._add(self, list(filters))
-
-    def remove(self, filters: Iterable[str]) -> None:
-        self._link._remove(self, list(filters))
-
-    def get(self, timeout: float | None = None) -> Message | None:
-        """The next message, or None after ``timeout`` seconds."""
-        with self._ready:
-            if not self._ready.wait_for(lambda: self._messages, timeout):
-                return None
-            message = self._messages.popleft()
-            self._queued_bytes -= len(message.payload)
-            return message
-
-    def close(self) -> None:
-        self.remove(list(self.filters))
-
-    def __enter__(self) -> Subscription:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def _offer(self, message: Message) -> Dropped | None:
-        """Queue ``message``, or say why it was dropped (it is over a bound)."""
-        size = len(message.payload)
-        if size > self.max_bytes:
-            return Dropped(message.topic, size, self.max_bytes, DROP_TOO_LARGE)
-        with self._ready:
-            if len(self._messages) >= self.max_messages:
-                return Dropped(message.topic, size, self.max_messages, DROP_QUEUE_FULL)
-            if self._queued_bytes + size > self.max_queued_bytes:
-                return Dropped(message.topic, size, self.max_queued_bytes, DROP_QUEUE_FULL)
-            self._messages.append(message)
-            self._queued_bytes += size
-            self._ready.notify()
-        return None
 
 
 class Link:

@@ -14,20 +14,16 @@ from pathlib import Path
 import pytest
 from brokers import Mosquitto, free_port
 
-from slimfleet.agent.link import (
+from slimfleet.agent.inbox import (
     DOCUMENT_LIMIT,
     DROP_QUEUE_FULL,
     DROP_TOO_LARGE,
     MANIFEST_LIMIT,
     MAX_PACKET_BYTES,
-    STATUS_OFFLINE,
-    STATUS_ONLINE,
-    Backoff,
     Dropped,
-    Link,
-    Subscription,
     chunk_limit,
 )
+from slimfleet.agent.link import STATUS_OFFLINE, STATUS_ONLINE, Backoff, Link, Subscription
 from slimfleet.agent.mqtt import BrokerSettings
 
 PROTOCOLS = ["3.1.1", "5"]
@@ -316,7 +312,8 @@ def test_the_queued_bytes_bound_drops_what_would_exceed_it(mosquitto, prefix, wa
 
 HOSTILE_SCRIPT = """
 import json, sys, time
-from slimfleet.agent.link import DOCUMENT_LIMIT, Backoff, Link
+from slimfleet.agent.inbox import DOCUMENT_LIMIT
+from slimfleet.agent.link import Backoff, Link
 from slimfleet.agent.mqtt import BrokerSettings
 
 def rss(field):

@@ -14,8 +14,9 @@ from brokers import Mosquitto, free_port
 from slimfleet.agent.cli_runner import run_cli
 from slimfleet.agent.config import load_agent_config
 from slimfleet.agent.errors import InputError, VerifyError
+from slimfleet.agent.inbox import DOCUMENT_LIMIT
 from slimfleet.agent.keyring import issue_certificate, revocation_topic
-from slimfleet.agent.link import DOCUMENT_LIMIT, Backoff, Link
+from slimfleet.agent.link import Backoff, Link
 from slimfleet.agent.mqtt import BrokerSettings
 from slimfleet.agent.signing import load_private_key, load_public_key
 from slimfleet.host.cli import cli
