@@ -12,7 +12,8 @@ Bounds (a hostile publisher on the broker must not exhaust the device's memory):
 
 - **Packets**: over MQTT 5 the CONNECT carries ``Maximum Packet Size`` =
   ``inbox.MAX_PACKET_BYTES`` (2 MiB), so the broker never delivers a bigger message. Over
-  3.1.1 paho reads the packet (the broker's own limit applies) and the link drops it.
+  3.1.1 a :class:`PacketGuard` reads a bigger PUBLISH in 64 KiB pieces and drops them
+  (acknowledging it), so it is never held in memory either.
 - **Per subscription**: byte limits and bounded queues, see :mod:`slimfleet.agent.inbox`.
 - **Outgoing** QoS 1 messages waiting in paho while offline: :data:`MAX_QUEUED_OUT`.
 - Every drop logs a warning, counts in :attr:`Link.dropped` and calls ``on_drop`` (a
@@ -47,6 +48,7 @@ from slimfleet.agent.inbox import (
     Subscription,
 )
 from slimfleet.agent.mqtt import BrokerSettings, make_client
+from slimfleet.agent.packetguard import PacketGuard
 
 log = logging.getLogger(__name__)
 
@@ -272,6 +274,8 @@ class Link:
     def _make_client(self) -> mqtt.Client:
         client = make_client(self.settings, self.client_id, persistent=True)
         client.max_queued_messages_set(MAX_QUEUED_OUT)
+        if self.settings.protocol == "3.1.1":  # MQTT 5 asks the broker instead (_connect)
+            PacketGuard(client, MAX_PACKET_BYTES, self._dropped_unread)
         if self.status_topic:
             client.will_set(self.status_topic, STATUS_OFFLINE, qos=1, retain=True)
         client.on_connect = self._on_connect
@@ -338,6 +342,9 @@ class Link:
             dropped = sub._offer(message)
             if dropped is not None:
                 self._dropped(dropped)
+
+    def _dropped_unread(self, topic: str, size: int) -> None:
+        self._dropped(Dropped(topic, size, MAX_PACKET_BYTES, DROP_TOO_LARGE))
 
     def _dropped(self, dropped: Dropped) -> None:
         with self._lock:
