@@ -9,15 +9,18 @@ A hostile publisher on the broker must not exhaust the device's memory, so:
 - a subscription queues at most ``max_messages`` (default 256) messages and
   ``max(max_queued_bytes, max_bytes)`` payload bytes (default 32 MiB); when full, a new
   message is dropped;
-- every drop is a :class:`Dropped` the link logs, counts and hands to its ``on_drop``.
+- every drop is a :class:`Dropped` the link counts (:class:`DropLog`) and, at most once a
+  second per reason (:data:`DROP_REPORT_INTERVAL_S`), logs and hands to its ``on_drop``:
+  a flood of bad messages cannot become a flood of warnings and events.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from slimfleet.agent.wire import MAX_PAYLOAD_BYTES
@@ -38,6 +41,7 @@ DEFAULT_MAX_MESSAGES = 256
 # One download window (16 chunk topics, download.py) of the largest chunks fits.
 DEFAULT_MAX_QUEUED_BYTES = 16 * MAX_PACKET_BYTES
 
+DROP_REPORT_INTERVAL_S = 1.0
 DROP_TOO_LARGE = "too_large"
 DROP_QUEUE_FULL = "queue_full"
 
@@ -65,6 +69,42 @@ class Dropped:
     size: int
     limit: int
     reason: str
+    suppressed: int = 0  # drops of this reason not reported since the previous report
+
+
+class DropLog:
+    """Counts drops by reason and decides which to report: the first of each reason, then
+    at most one per ``interval_s``; a report carries the number it stood for."""
+
+    def __init__(
+        self,
+        interval_s: float = DROP_REPORT_INTERVAL_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.interval_s = interval_s
+        self.clock = clock
+        # Guards _counts, _last_report and _suppressed (paho's thread and readers).
+        self._lock = threading.Lock()
+        self._counts = {DROP_TOO_LARGE: 0, DROP_QUEUE_FULL: 0}
+        self._last_report: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+
+    @property
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._counts)
+
+    def record(self, dropped: Dropped) -> Dropped | None:
+        """Count ``dropped``; return it (with ``suppressed``) if it is to be reported."""
+        reason, now = dropped.reason, self.clock()
+        with self._lock:
+            self._counts[reason] += 1
+            last = self._last_report.get(reason)
+            if last is not None and now - last < self.interval_s:
+                self._suppressed[reason] = self._suppressed.get(reason, 0) + 1
+                return None
+            self._last_report[reason] = now
+            return replace(dropped, suppressed=self._suppressed.pop(reason, 0))
 
 
 class Subscription:

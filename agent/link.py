@@ -16,8 +16,9 @@ Bounds (a hostile publisher on the broker must not exhaust the device's memory):
   (acknowledging it), so it is never held in memory either.
 - **Per subscription**: byte limits and bounded queues, see :mod:`slimfleet.agent.inbox`.
 - **Outgoing** QoS 1 messages waiting in paho while offline: :data:`MAX_QUEUED_OUT`.
-- Every drop logs a warning, counts in :attr:`Link.dropped` and calls ``on_drop`` (a
-  :class:`Dropped`), which the daemon turns into a ``message_dropped`` event.
+- Every drop counts in :attr:`Link.dropped`; the first of each reason and then at most
+  one a second logs a warning and calls ``on_drop`` (a :class:`Dropped`), which the
+  daemon turns into a ``message_dropped`` event.
 """
 
 from __future__ import annotations
@@ -40,9 +41,9 @@ from slimfleet.agent.errors import SlimfleetError
 from slimfleet.agent.inbox import (
     DEFAULT_MAX_MESSAGES,
     DEFAULT_MAX_QUEUED_BYTES,
-    DROP_QUEUE_FULL,
     DROP_TOO_LARGE,
     MAX_PACKET_BYTES,
+    DropLog,
     Dropped,
     Message,
     Subscription,
@@ -109,9 +110,9 @@ class Link:
         self.connects = 0  # successful connections so far
         self.last_error: str | None = None
         self.on_drop = on_drop
-        # Guards _filters, _stale, _retained and dropped.
+        # Guards _filters, _stale and _retained.
         self._lock = threading.Lock()
-        self.dropped: dict[str, int] = {DROP_TOO_LARGE: 0, DROP_QUEUE_FULL: 0}
+        self._drops = DropLog()
         self._filters: dict[str, set[Subscription]] = {}
         self._stale: set[str] = set()  # filters dropped while offline: unsubscribe on connect
         self._retained: dict[str, bytes] = {}
@@ -123,6 +124,11 @@ class Link:
         self._client = self._make_client()
 
     # -- public API ---------------------------------------------------------------
+
+    @property
+    def dropped(self) -> dict[str, int]:
+        """Messages dropped so far, by reason (``too_large``, ``queue_full``)."""
+        return self._drops.counts
 
     @property
     def connected(self) -> bool:
@@ -347,18 +353,22 @@ class Link:
         self._dropped(Dropped(topic, size, MAX_PACKET_BYTES, DROP_TOO_LARGE))
 
     def _dropped(self, dropped: Dropped) -> None:
-        with self._lock:
-            self.dropped[dropped.reason] += 1
+        report = self._drops.record(dropped)
+        if report is None:
+            return
         log.warning(
-            "dropped a %d-byte message on %s: %s (limit %d)",
-            dropped.size,
-            dropped.topic,
-            dropped.reason.replace("_", " "),
-            dropped.limit,
+            "dropped a %d-byte message on %s: %s (limit %d)%s",
+            report.size,
+            report.topic,
+            report.reason.replace("_", " "),
+            report.limit,
+            f"; {report.suppressed} more dropped since the last report"
+            if report.suppressed
+            else "",
         )
         if self.on_drop is not None:
             try:
-                self.on_drop(dropped)
+                self.on_drop(report)
             except Exception:
                 log.exception("the on_drop callback failed")
 

@@ -20,6 +20,7 @@ from slimfleet.agent.inbox import (
     DROP_TOO_LARGE,
     MANIFEST_LIMIT,
     MAX_PACKET_BYTES,
+    DropLog,
     Dropped,
     chunk_limit,
 )
@@ -437,3 +438,17 @@ def test_subscription_bounds_are_validated(mosquitto, prefix):
     link = make_link(mosquitto, f"dev-{prefix}")
     with pytest.raises(ValueError, match="max_messages"):
         link.subscribe([f"{prefix}/x"], max_messages=0)
+
+
+def test_drop_reports_are_throttled_per_reason_and_carry_what_they_stand_for():
+    now = [100.0]
+    drops = DropLog(interval_s=1.0, clock=lambda: now[0])
+    big = Dropped("t/a", 10, 5, DROP_TOO_LARGE)
+    full = Dropped("t/b", 1, 256, DROP_QUEUE_FULL)
+    assert drops.record(big) == big  # the first one is reported at once
+    assert drops.record(full) == full  # another reason has its own budget
+    assert [drops.record(big) for _ in range(3)] == [None, None, None]
+    now[0] += 1.0
+    assert drops.record(big) == Dropped("t/a", 10, 5, DROP_TOO_LARGE, suppressed=3)
+    assert drops.record(big) is None
+    assert drops.counts == {DROP_TOO_LARGE: 6, DROP_QUEUE_FULL: 1}
