@@ -240,6 +240,8 @@ class KeyRing:
         what = f"{what}: certificate"
         parsed = Certificate.from_dict(self._roots.verify(payload, what), what)
         problem = parsed.problem(self.clock(), allow_expired=allow_expired)
+        if problem is None and self.is_revoked(parsed.key_id):
+            problem = f"key {parsed.key_id} is revoked"
         if problem is not None:
             raise VerifyError(f"{what}: {problem}")
         return parsed

@@ -96,10 +96,18 @@ class FleetConfig:
             )
         return payload
 
+    @property
+    def revocations_file(self) -> Path:
+        """The host's copy of the revocation list (``keys.revocations``, else
+        ``revoked.json`` next to the signing key)."""
+        return self.revocations or self.private_key.parent / "revoked.json"
+
     def verifier(self) -> Verifier | KeyRing:
-        """What devices trust: the root key if fleet.yaml names one, else the public key."""
+        """What devices trust: the root key (minus the keys the host's copy of the
+        revocation list revokes) if fleet.yaml names one, else the public key."""
         if self.root_key is not None:
-            return KeyRing([load_public_key(self.root_key)])
+            root = load_public_key(self.root_key)
+            return KeyRing([root], revocations_path=self.revocations_file)
         return Verifier([load_public_key(self.public_key)])
 
     def with_broker_url(self, url: str) -> FleetConfig:

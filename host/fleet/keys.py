@@ -117,14 +117,8 @@ def _write_new(path: Path, payload: bytes, mode: int = 0o644) -> None:
         raise InputError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
-def revocations_file(fleet: FleetConfig) -> Path:
-    """The host's copy of the revocation list (fleet.yaml ``keys.revocations``, else
-    ``revoked.json`` next to the signing key)."""
-    return fleet.revocations or fleet.private_key.parent / "revoked.json"
-
-
 def _local_revocations(fleet: FleetConfig, ring: KeyRing) -> None:
-    path = revocations_file(fleet)
+    path = fleet.revocations_file
     if path.exists():
         try:
             ring.apply_revocations(path.read_bytes(), str(path))
@@ -174,28 +168,30 @@ def revoke(
         revoked = sorted(ring.revoked | {kid})
         payload = issue_revocations(root, ring.revocation_seq + 1, revoked, time.time())
         link.publish_all([(topic, payload)])
-    ring.revocations_path = revocations_file(fleet)
+    ring.revocations_path = fleet.revocations_file
     ring.apply_revocations(payload)
     return Revocation(kid, ring.revocation_seq, revoked, topic)
 
 
 def list_keys(fleet: FleetConfig) -> list[dict[str, Any]]:
-    """The root, the signing key and every certificate in or under its folder, with their state
-    (valid, expired, not yet valid, revoked per the local revocation list)."""
+    """The root, the signing key and every certificate in or under its folder, with their
+    state (valid, expired, not yet valid, revoked per the host's revocation list)."""
     rows: list[dict[str, Any]] = []
-    ring = None
+    checker, revoked = None, frozenset[str]()
     if fleet.root_key is not None:
         root = load_public_key(fleet.root_key)
         rows.append({"role": "root", "key_id": key_id(root), "file": str(fleet.root_key)})
+        checker = KeyRing([root])  # no revocations: a revoked key's row says "revoked"
         ring = KeyRing([root])
         _local_revocations(fleet, ring)
+        revoked = ring.revoked
     current = key_id(load_public_key(fleet.public_key))
     certs = sorted(fleet.public_key.parent.rglob("*.cert"))
     if fleet.certificate is not None and fleet.certificate not in certs:
         certs.insert(0, fleet.certificate)
     listed = set()
     for path in certs:
-        row = _certificate_row(path, ring)
+        row = _certificate_row(path, checker, revoked)
         listed.add(row.get("key_id"))
         row["in_use"] = row.get("key_id") == current
         rows.append(row)
@@ -205,21 +201,23 @@ def list_keys(fleet: FleetConfig) -> list[dict[str, Any]]:
     return rows
 
 
-def _certificate_row(path: Path, ring: KeyRing | None) -> dict[str, Any]:
+def _certificate_row(
+    path: Path, checker: KeyRing | None, revoked: frozenset[str]
+) -> dict[str, Any]:
     row: dict[str, Any] = {"role": "signing", "file": str(path)}
     try:
         payload = path.read_bytes()
-        if ring is None:
+        if checker is None:
             row["state"] = "unchecked (no keys.root in fleet.yaml)"
             return row
-        cert = ring.certificate(payload, str(path), allow_expired=True)
+        cert = checker.certificate(payload, str(path), allow_expired=True)
     except (OSError, VerifyError) as exc:
         row["state"] = f"invalid: {exc}"
         return row
     row.update(key_id=cert.key_id, not_before=cert.not_before, expires=cert.expires)
     row["purpose"] = cert.purpose
     now = time.time()
-    if cert.key_id in ring.revoked:
+    if cert.key_id in revoked:
         row["state"] = "revoked"
     elif cert.problem(now) is None:
         row["state"] = "valid"

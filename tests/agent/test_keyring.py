@@ -177,6 +177,8 @@ def test_a_revoked_key_is_refused_and_reported_once(root, ring):
         ring.verify(payload, "manifest")
     with pytest.raises(VerifyError, match="revoked"):
         ring.verify(payload, "manifest", allow_expired=True)
+    with pytest.raises(VerifyError, match=f"c: certificate: key {signer.key_id} is revoked"):
+        ring.certificate(json.loads(payload)["certificate"], "c")
     assert ring.verify(other.sign(doc_for(other)), "manifest")
     assert ring.apply_revocations(
         issue_revocations(root, 2, [signer.key_id, other.key_id], NOW)

@@ -147,9 +147,16 @@ def test_rotation_and_revocation_end_to_end(tmp_path, mosquitto, prefix, outdir,
               for row in json.loads(out)["keys"]}  # fmt: skip
     assert states[root_id][0] == "root"
     assert states[second] == ("signing", "valid", True)
-    code, out, err = run("keys", "list", "--fleet", write_fleet(tmp_path, mosquitto.url, prefix))
+    old_fleet = write_fleet(tmp_path, mosquitto.url, prefix)
+    code, out, err = run("keys", "list", "--fleet", old_fleet)
     assert code == 0, err
     assert f"{first['key_id']} revoked" in out and "(in use)" in out
+    # The host refuses to sign with the revoked key, and to assign what it signed.
+    with pytest.raises(InputError, match=f"key {first['key_id']} is revoked"):
+        publish_model(load_fleet(old_fleet), outdir, "ocr", 3)
+    fleet_path = write_fleet(tmp_path, mosquitto.url, prefix, keys="keys2")  # the same file
+    code, _, err = run("assign", "ocr@1", "--device", "cam-01", "--fleet", fleet_path)
+    assert code == 1 and f"revoked key {first['key_id']}" in one_line(err), err
 
     # A second revocation continues the sequence and keeps the first one.
     code, out, err = run("keys", "revoke", second, "--root-key", root_key, "--fleet", fleet_path,
