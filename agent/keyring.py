@@ -20,6 +20,13 @@ signed revocation list.
   A list replaces the current one only if its ``seq`` is higher: an old list replayed
   by an attacker cannot un-revoke a key.
 
+The daemon: ``ring = config.verifier(store_dir / "revoked.json")``; verify manifests and
+desired states with ``ring.verify(payload, what)`` (stored ones with
+``allow_expired=True``); subscribe to :func:`revocation_topic` with
+``max_bytes=inbox.DOCUMENT_LIMIT`` and feed each message to
+``ring.apply_revocations(payload, topic)``; for the key ids it returns, fall back off
+models signed by them (``Manifest.key_id``) with a ``key_revoked`` event.
+
 Bounds: a revocation list names at most :data:`MAX_REVOKED` keys (its message is at most
 ``inbox.DOCUMENT_LIMIT`` bytes); a certificate's ``not_before`` may be at most
 :data:`CLOCK_SKEW_S` seconds in the device's future.

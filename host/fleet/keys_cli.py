@@ -99,6 +99,11 @@ def keys_generate(
     elif fleet is not None:
         private, public, cert = fleet.private_key, fleet.public_key, fleet.certificate
     if root_key is None:
+        if fleet is not None and fleet.root_key is not None:
+            raise InputError(
+                f"{fleet_path} names a root key (keys.root): devices trust only keys it "
+                "certifies, so pass --root-key"
+            )
         kid = generate_keys(private, public)
         doc = {"key_id": kid, "private_key": str(private), "public_key": str(public)}
         _emit(as_json, doc, f"key {kid}: private {private} (keep secret), public {public}")
@@ -140,9 +145,9 @@ def keys_revoke(key_id: str, root_key: Path | None, fleet_path: Path, as_json: b
     fleet = load_fleet(fleet_path)
     try:
         done = revoke(fleet, key_id, root_key)
-    except InputError:
-        raise
-    except SlimfleetError as exc:  # the broker: unreachable, refused, no PUBACK
+    except SlimfleetError as exc:  # the broker too (unreachable, refused): exit 2
+        if isinstance(exc, InputError):
+            raise
         raise InputError(str(exc)) from None
     text = (
         f"revoked {key_id}: revocation list {done.seq} ({len(done.revoked)} key(s)) on {done.topic}"

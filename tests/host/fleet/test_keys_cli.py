@@ -194,6 +194,10 @@ def test_key_cli_errors_are_one_line_and_exit_2(tmp_path, mosquitto, prefix, run
     assert code == 2 and "is not the private key of the root" in one_line(err)
     assert not (tmp_path / "keys").exists()  # nothing half-written
 
+    # an uncertified key for a fleet whose devices pin a root would be refused by all
+    code, _, err = run("keys", "generate", "--fleet", fleet_path)
+    assert code == 2 and "pass --root-key" in one_line(err)
+
     # no certificate path in fleet.yaml
     plain = tmp_path / "plain.yaml"
     plain.write_text(fleet_path.read_text().replace("  certificate: keys/signing.cert\n", ""))
