@@ -103,6 +103,8 @@ class PacketGuard:
         return self._recv(bufsize)
 
     def _packet_read(self) -> mqtt.MQTTErrorCode:
+        if self._discarding is not None and not self._oversized():
+            self._discarding = None  # paho reset its packet state: a new connection
         if self._discarding is None:
             if not self._oversized():
                 rc = self._read()
