@@ -88,6 +88,25 @@ def test_agent_config_needs_a_root_or_pinned_keys(tmp_path: Path) -> None:
         load_agent_config(tmp_path / "agent.yaml")
 
 
+def test_agent_config_takes_a_list_of_roots_beside_pinned_keys(tmp_path: Path) -> None:
+    ids = [generate_keypair(tmp_path / f"{n}.key", tmp_path / f"{n}.pub") for n in "abc"]
+    (tmp_path / "agent.yaml").write_text(
+        "device_id: cam-01\nbroker: mqtt://127.0.0.1:1883\nprefix: p\nstore_dir: s\n"
+        "keys:\n  root: [a.pub, b.pub]\npublic_keys: [c.pub]\n"
+    )
+    config = load_agent_config(tmp_path / "agent.yaml")
+    assert len(config.root_keys) == 2 and len(config.public_keys) == 1
+    assert config.verifier().key_ids == sorted(ids)
+    (tmp_path / "agent.yaml").write_text(
+        "device_id: cam-01\nbroker: mqtt://127.0.0.1:1883\nprefix: p\nstore_dir: s\n"
+        "keys:\n  root: a.pub\n  roots: b.pub\n"
+    )
+    with pytest.raises(
+        ConfigError, match=r"agent.yaml:7: keys.roots: unknown key 'roots' \(allowed: root\)"
+    ):
+        load_agent_config(tmp_path / "agent.yaml")
+
+
 def test_an_expired_certificate_is_refused_unless_rechecking_an_installed_model(root, ring):
     signer = certified(root, start=NOW - 2 * DAY, lifetime=DAY)
     payload = signer.sign(doc_for(signer))
