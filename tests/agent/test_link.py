@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from brokers import Mosquitto, free_port
+from hostile_link import receive_in_child
 
 from slimfleet.agent.inbox import (
     DOCUMENT_LIMIT,
@@ -311,42 +311,6 @@ def test_the_queued_bytes_bound_drops_what_would_exceed_it(mosquitto, prefix, wa
         link.stop()
 
 
-HOSTILE_SCRIPT = """
-import json, sys, time
-from slimfleet.agent.inbox import DOCUMENT_LIMIT
-from slimfleet.agent.link import Backoff, Link
-from slimfleet.agent.mqtt import BrokerSettings
-
-def rss(field):
-    for line in open("/proc/self/status"):
-        if line.startswith(field):
-            return int(line.split()[1]) * 1024
-
-port, protocol, topic = int(sys.argv[1]), sys.argv[2], sys.argv[3]
-drops = []
-link = Link(BrokerSettings("127.0.0.1", port, protocol=protocol), sys.argv[4],
-            backoff=Backoff(0.1, 0.5), on_drop=drops.append)
-sub = link.subscribe([topic], max_bytes=DOCUMENT_LIMIT)
-link.start()
-assert link.wait_connected(10)
-time.sleep(0.3)
-before, peak_before = rss("VmRSS"), rss("VmHWM")
-print("ready", flush=True)
-payloads = []
-deadline = time.monotonic() + 60
-while b"after" not in payloads and time.monotonic() < deadline:
-    msg = sub.get(timeout=0.5)
-    if msg is not None:
-        payloads.append(msg.payload)
-time.sleep(0.3)
-print(json.dumps({
-    "payloads": [p.decode() for p in payloads], "drops": [d.size for d in drops],
-    "rss_growth": rss("VmRSS") - before, "peak_growth": rss("VmHWM") - peak_before,
-    "connects": link.connects,
-}), flush=True)
-link.stop()
-"""
-
 HOSTILE_BYTES = 40 * 1024 * 1024
 
 
@@ -357,19 +321,7 @@ def test_a_hostile_40mb_message_is_dropped_and_memory_stays_bounded(
     """Over 5 the broker never delivers it (Maximum Packet Size); over 3.1.1 paho reads
     it and the link drops it unqueued. Either way the link keeps working."""
     topic = f"{prefix}/devices/d/desired"
-    proc = subprocess.Popen(
-        [sys.executable, "-c", HOSTILE_SCRIPT, str(mosquitto.port), protocol, topic, prefix],
-        stdout=subprocess.PIPE,
-    )
-    try:
-        assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready"
-        watcher.publish(topic, b"h" * HOSTILE_BYTES)
-        time.sleep(1.0 if protocol == "5" else 0.2)
-        watcher.publish(topic, b"after")
-        result = json.loads(proc.stdout.readline())
-    finally:
-        proc.kill()
-        proc.wait()
+    result = receive_in_child(mosquitto.port, protocol, topic, prefix, watcher, HOSTILE_BYTES)
     assert result["payloads"] == ["after"]  # still responsive, hostile message never queued
     assert result["connects"] == 1
     if protocol == "5":
