@@ -18,6 +18,7 @@ from typing import Any
 from slimfleet.agent.errors import InputError, VerifyError
 from slimfleet.agent.keyring import (
     KEY_ID,
+    MAX_REVOKED,
     Certificate,
     KeyRing,
     issue_certificate,
@@ -128,18 +129,12 @@ def _local_revocations(fleet: FleetConfig, ring: KeyRing) -> None:
 
 @dataclass(frozen=True)
 class Revocation:
+    """What ``revoke`` published: the new list's seq and every key id it revokes."""
+
     key_id: str
     seq: int
     revoked: list[str]
     topic: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "key_id": self.key_id,
-            "seq": self.seq,
-            "revoked": self.revoked,
-            "topic": self.topic,
-        }
 
 
 def revoke(
@@ -166,6 +161,11 @@ def revoke(
             except VerifyError as exc:  # older, or forged: devices refuse it, ours replaces it
                 log.warning("replacing the published revocation list: %s", exc)
         revoked = sorted(ring.revoked | {kid})
+        if len(revoked) > MAX_REVOKED:
+            raise InputError(
+                f"the revocation list is full ({MAX_REVOKED} keys, devices refuse a longer "
+                "one): make a new root and re-enrol devices"
+            )
         payload = issue_revocations(root, ring.revocation_seq + 1, revoked, time.time())
         link.publish_all([(topic, payload)])
     ring.revocations_path = fleet.revocations_file

@@ -6,6 +6,7 @@ Thin click layer over :mod:`slimfleet.host.fleet.keys`; bad input is one line an
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 from pathlib import Path
 
@@ -152,7 +153,7 @@ def keys_revoke(key_id: str, root_key: Path | None, fleet_path: Path, as_json: b
     text = (
         f"revoked {key_id}: revocation list {done.seq} ({len(done.revoked)} key(s)) on {done.topic}"
     )
-    _emit(as_json, done.to_dict(), text)
+    _emit(as_json, dataclasses.asdict(done), text)
 
 
 @keys.command("list")

@@ -15,7 +15,12 @@ from slimfleet.agent.cli_runner import run_cli
 from slimfleet.agent.config import load_agent_config
 from slimfleet.agent.errors import InputError, VerifyError
 from slimfleet.agent.inbox import DOCUMENT_LIMIT
-from slimfleet.agent.keyring import issue_certificate, revocation_topic
+from slimfleet.agent.keyring import (
+    MAX_REVOKED,
+    issue_certificate,
+    issue_revocations,
+    revocation_topic,
+)
 from slimfleet.agent.link import Backoff, Link
 from slimfleet.agent.mqtt import BrokerSettings
 from slimfleet.agent.signing import load_private_key, load_public_key
@@ -203,6 +208,14 @@ def test_key_cli_errors_are_one_line_and_exit_2(tmp_path, mosquitto, prefix, run
     plain.write_text(fleet_path.read_text().replace("  certificate: keys/signing.cert\n", ""))
     code, _, err = run("keys", "generate", "--root-key", root_key, "--fleet", plain)
     assert code == 2 and "has no 'certificate:' path" in one_line(err)
+
+    # a full revocation list (devices refuse a longer one)
+    full = [f"{i:016x}" for i in range(MAX_REVOKED)]
+    load_fleet(fleet_path).revocations_file.write_bytes(
+        issue_revocations(load_private_key(root_key), 5, full, time.time())
+    )
+    code, _, err = run("keys", "revoke", "f" * 16, "--root-key", root_key, "--fleet", fleet_path)
+    assert code == 2 and "the revocation list is full" in one_line(err)
 
     # an unreachable broker
     down = write_fleet(tmp_path, f"mqtt://127.0.0.1:{free_port()}", prefix)
