@@ -6,7 +6,9 @@ Relative paths are relative to the config file. See ``examples/agent.yaml``::
     device_id: cam-01                    # required, one MQTT topic level
     broker: mqtt://127.0.0.1:1883        # or a mapping, see BrokerSettings.from_node
     prefix: slimfleet/demo               # required, the fleet's topic prefix
-    public_keys: [keys/signing.pub]      # required, Ed25519 PEM files it trusts
+    keys: {root: keys/root.pub}          # the fleet's root key(s) (a file or a list)
+    public_keys: [keys/signing.pub]      # legacy: plain pinned signing keys
+    # at least one of keys.root and public_keys is required (both may be given)
     store_dir: store                     # required, models and state live here
     keep_versions: 3                     # versions of each model kept on disk
     max_model_bytes: 512 MiB             # bigger manifests are refused (int or "N KiB/MiB/GiB")
@@ -29,9 +31,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from slimfleet.agent.configfile import Node, load_yaml
 from slimfleet.agent.errors import InputError
+from slimfleet.agent.keyring import KeyRing
 from slimfleet.agent.mqtt import BrokerSettings
 from slimfleet.agent.sessions import WatchPolicy
-from slimfleet.agent.signing import Verifier, load_public_key
+from slimfleet.agent.signing import load_public_key
 from slimfleet.agent.wire import Topics, check_name
 
 T = TypeVar("T")
@@ -53,7 +56,11 @@ class HttpSettings:
 
 @dataclass(frozen=True)
 class AgentConfig:
-    """A validated agent.yaml; paths are absolute, public keys are loaded."""
+    """A validated agent.yaml; paths are absolute, public keys are loaded.
+
+    ``root_keys`` certify signing keys (see :mod:`slimfleet.agent.keyring`);
+    ``public_keys`` are plain pinned signing keys, kept for compatibility.
+    """
 
     path: Path
     device_id: str
@@ -69,14 +76,17 @@ class AgentConfig:
     telemetry_interval_s: float = 10.0
     smoke_max_latency_ms: float | None = None
     watch: WatchPolicy = field(default_factory=WatchPolicy)
+    root_key_files: tuple[Path, ...] = ()
+    root_keys: tuple[Ed25519PublicKey, ...] = ()
 
     @property
     def topics(self) -> Topics:
         return Topics(self.prefix)
 
-    def verifier(self) -> Verifier:
-        """A verifier pinned to the configured public keys."""
-        return Verifier(list(self.public_keys))
+    def verifier(self, revocations_path: Path | None = None) -> KeyRing:
+        """The device's key ring: root keys, pinned keys, and the revocation list saved
+        at ``revocations_path`` (if given; see :class:`KeyRing`)."""
+        return KeyRing(self.root_keys, self.public_keys, revocations_path=revocations_path)
 
 
 TOP_KEYS = {
@@ -84,6 +94,7 @@ TOP_KEYS = {
     "broker",
     "prefix",
     "public_keys",
+    "keys",
     "store_dir",
     "keep_versions",
     "max_model_bytes",
@@ -112,8 +123,11 @@ def load_agent_config(path: str | Path) -> AgentConfig:
         prefix = Topics(prefix_node.str()).prefix
     except ValueError as exc:
         raise prefix_node.error(str(exc)) from None
-    key_files, keys = _public_keys(root.require("public_keys"), base)
     values = root.as_mapping()
+    if "keys" not in values and "public_keys" not in values:
+        raise root.error("set keys: {root: <the fleet's root public key>} (or public_keys)")
+    key_files, keys = _get(values, "public_keys", lambda n: _public_keys(n, base), ((), ()))
+    root_files, roots = _get(values, "keys", lambda n: _root_keys(n, base), ((), ()))
     return AgentConfig(
         path=path,
         device_id=device_id,
@@ -129,7 +143,17 @@ def load_agent_config(path: str | Path) -> AgentConfig:
         telemetry_interval_s=_get(values, "telemetry_interval_s", _interval, 10.0),
         smoke_max_latency_ms=_smoke(values.get("smoke")),
         watch=_watch(values.get("watch")),
+        root_key_files=root_files,
+        root_keys=roots,
     )
+
+
+def _root_keys(node: Node, base: Path) -> tuple[tuple[Path, ...], tuple[Ed25519PublicKey, ...]]:
+    node.reject_unknown({"root"})
+    roots = node.require("root")
+    if isinstance(roots.value, str):
+        roots = Node([roots], roots.path, roots.line, roots.file)
+    return _public_keys(roots, base)
 
 
 def _public_keys(node: Node, base: Path) -> tuple[tuple[Path, ...], tuple[Ed25519PublicKey, ...]]:

@@ -7,18 +7,29 @@ turn packets into thread-safe queues (:class:`Subscription`) that the daemon rea
 All socket I/O happens on the link's own thread. Other threads may call
 :meth:`Link.publish`, :meth:`Link.subscribe` and :meth:`Subscription.add` at any
 time: paho queues the packet and wakes the link thread, which writes it.
+
+Bounds (a hostile publisher on the broker must not exhaust the device's memory):
+
+- **Packets**: over MQTT 5 the CONNECT carries ``Maximum Packet Size`` =
+  ``inbox.MAX_PACKET_BYTES`` (2 MiB), so the broker never delivers a bigger message. Over
+  3.1.1 a :class:`PacketGuard` reads a bigger PUBLISH in 64 KiB pieces and drops them
+  (acknowledging it), so it is never held in memory either.
+- **Per subscription**: byte limits and bounded queues, see :mod:`slimfleet.agent.inbox`.
+- **Outgoing** QoS 1 messages waiting in paho while offline: :data:`MAX_QUEUED_OUT`.
+- Every drop counts in :attr:`Link.dropped`; the first of each reason and then at most
+  one a second logs a warning and calls ``on_drop`` (a :class:`Dropped`), which the
+  daemon turns into a ``message_dropped`` event.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import random
 import socket
 import ssl
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +38,18 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from slimfleet.agent.errors import SlimfleetError
+from slimfleet.agent.inbox import (
+    DEFAULT_MAX_MESSAGES,
+    DEFAULT_MAX_QUEUED_BYTES,
+    DROP_TOO_LARGE,
+    MAX_PACKET_BYTES,
+    DropLog,
+    Dropped,
+    Message,
+    Subscription,
+)
 from slimfleet.agent.mqtt import BrokerSettings, make_client
+from slimfleet.agent.packetguard import PacketGuard
 
 log = logging.getLogger(__name__)
 
@@ -44,15 +66,6 @@ class LinkError(SlimfleetError):
 
 
 @dataclass(frozen=True)
-class Message:
-    """One received MQTT message."""
-
-    topic: str
-    payload: bytes
-    retain: bool
-
-
-@dataclass(frozen=True)
 class Backoff:
     """Exponential backoff with "equal jitter": half the ceiling plus a random half."""
 
@@ -66,50 +79,13 @@ class Backoff:
         return ceiling / 2 + random.uniform(0, ceiling / 2)
 
 
-class Subscription:
-    """A set of topic filters and the queue of messages that match them.
-
-    Subscribing again to a filter makes the broker send its retained message again,
-    so readers must tolerate duplicates.
-    """
-
-    def __init__(self, link: Link) -> None:
-        self._link = link
-        self._queue: queue.Queue[Message] = queue.Queue()
-        self.filters: set[str] = set()
-
-    def add(self, filters: Iterable[str]) -> None:
-        """Subscribe to more filters (QoS 1); their retained messages follow."""
-        self._link._add(self, list(filters))
-
-    def remove(self, filters: Iterable[str]) -> None:
-        self._link._remove(self, list(filters))
-
-    def get(self, timeout: float | None = None) -> Message | None:
-        """The next message, or None after ``timeout`` seconds."""
-        try:
-            return self._queue.get(timeout=timeout)
-        except queue.Empty:
-            return None
-
-    def close(self) -> None:
-        self.remove(list(self.filters))
-
-    def __enter__(self) -> Subscription:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def _put(self, message: Message) -> None:
-        self._queue.put(message)
-
-
 class Link:
     """One MQTT connection for one device, kept alive until :meth:`stop`.
 
     ``status_topic`` carries ``online`` (retained, on every connect) and ``offline``
-    (retained Last Will, and on a clean stop). The session is persistent: client id =
+    (retained Last Will, and on a clean stop). ``on_drop`` is called on the link thread
+    with a :class:`Dropped` for every message a subscription refused (it must not block;
+    its exceptions are logged and ignored). The session is persistent: client id =
     ``client_id``, clean_session False (3.1.1) or clean_start False with a session
     expiry (5), so the broker keeps subscriptions and QoS 1 messages while we are away.
     """
@@ -123,6 +99,7 @@ class Link:
         backoff: Backoff | None = None,
         session_expiry_s: int = DEFAULT_SESSION_EXPIRY_S,
         connect_timeout_s: float = 10.0,
+        on_drop: Callable[[Dropped], None] | None = None,
     ) -> None:
         self.settings = settings
         self.client_id = client_id
@@ -132,7 +109,10 @@ class Link:
         self.connect_timeout_s = connect_timeout_s
         self.connects = 0  # successful connections so far
         self.last_error: str | None = None
+        self.on_drop = on_drop
+        # Guards _filters, _stale and _retained.
         self._lock = threading.Lock()
+        self._drops = DropLog()
         self._filters: dict[str, set[Subscription]] = {}
         self._stale: set[str] = set()  # filters dropped while offline: unsubscribe on connect
         self._retained: dict[str, bytes] = {}
@@ -144,6 +124,11 @@ class Link:
         self._client = self._make_client()
 
     # -- public API ---------------------------------------------------------------
+
+    @property
+    def dropped(self) -> dict[str, int]:
+        """Messages dropped so far, by reason (``too_large``, ``queue_full``)."""
+        return self._drops.counts
 
     @property
     def connected(self) -> bool:
@@ -169,9 +154,19 @@ class Link:
             if self._thread.is_alive():
                 log.warning("link thread did not stop within %.1fs", timeout)
 
-    def subscribe(self, filters: Iterable[str] = ()) -> Subscription:
-        """A new :class:`Subscription` to ``filters`` (more can be added later)."""
-        sub = Subscription(self)
+    def subscribe(
+        self,
+        filters: Iterable[str] = (),
+        *,
+        max_bytes: int = MAX_PACKET_BYTES,
+        max_messages: int = DEFAULT_MAX_MESSAGES,
+        max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES,
+    ) -> Subscription:
+        """A new :class:`Subscription` to ``filters`` (more can be added later) that drops
+        messages over ``max_bytes`` and queues within the bounds described there."""
+        sub = Subscription(
+            self, max_bytes=max_bytes, max_messages=max_messages, max_queued_bytes=max_queued_bytes
+        )
         sub.add(filters)
         return sub
 
@@ -186,7 +181,7 @@ class Link:
 
     def set_retained(self, topic: str, payload: bytes) -> None:
         """Publish a retained document now and again after every reconnect, so the
-        broker holds the latest value even if it lost its store."""
+        broker holds the latest value even if it lost its store (one kept per topic)."""
         with self._lock:
             self._retained[topic] = payload
         if self.connected:
@@ -227,6 +222,9 @@ class Link:
         if self.settings.protocol == "5":
             props = Properties(PacketTypes.CONNECT)
             props.SessionExpiryInterval = self.session_expiry_s
+            # The broker must not send us anything bigger: a hostile 100 MB message is
+            # discarded by the broker instead of being read into this process.
+            props.MaximumPacketSize = MAX_PACKET_BYTES
             kwargs = {"clean_start": False, "properties": props}
         try:
             self._client.connect(
@@ -282,6 +280,8 @@ class Link:
     def _make_client(self) -> mqtt.Client:
         client = make_client(self.settings, self.client_id, persistent=True)
         client.max_queued_messages_set(MAX_QUEUED_OUT)
+        if self.settings.protocol == "3.1.1":  # MQTT 5 asks the broker instead (_connect)
+            PacketGuard(client, MAX_PACKET_BYTES, self._dropped_unread)
         if self.status_topic:
             client.will_set(self.status_topic, STATUS_OFFLINE, qos=1, retain=True)
         client.on_connect = self._on_connect
@@ -325,19 +325,52 @@ class Link:
 
     def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
         try:
-            message = Message(msg.topic, bytes(msg.payload), bool(msg.retain))
+            topic = msg.topic
         except UnicodeDecodeError:
             log.warning("ignored a message whose topic is not UTF-8")
             return
         with self._lock:
-            targets = [
+            targets = {
                 sub
                 for flt, subs in self._filters.items()
-                if mqtt.topic_matches_sub(flt, message.topic)
+                if mqtt.topic_matches_sub(flt, topic)
                 for sub in subs
-            ]
-        for sub in set(targets):
-            sub._put(message)
+            }
+        if not targets:
+            return
+        size = len(msg.payload)
+        if size > max(sub.max_bytes for sub in targets):  # too large for all: never copied
+            for sub in targets:
+                self._dropped(Dropped(topic, size, sub.max_bytes, DROP_TOO_LARGE))
+            return
+        message = Message(topic, bytes(msg.payload), bool(msg.retain))
+        for sub in targets:
+            dropped = sub._offer(message)
+            if dropped is not None:
+                self._dropped(dropped)
+
+    def _dropped_unread(self, topic: str, size: int) -> None:
+        self._dropped(Dropped(topic, size, MAX_PACKET_BYTES, DROP_TOO_LARGE))
+
+    def _dropped(self, dropped: Dropped) -> None:
+        report = self._drops.record(dropped)
+        if report is None:
+            return
+        log.warning(
+            "dropped a %d-byte message on %s: %s (limit %d)%s",
+            report.size,
+            report.topic,
+            report.reason.replace("_", " "),
+            report.limit,
+            f"; {report.suppressed} more dropped since the last report"
+            if report.suppressed
+            else "",
+        )
+        if self.on_drop is not None:
+            try:
+                self.on_drop(report)
+            except Exception:
+                log.exception("the on_drop callback failed")
 
     # -- subscription bookkeeping -------------------------------------------------
 

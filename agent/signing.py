@@ -2,6 +2,9 @@
 
 An envelope is ``{"signed": <document>, "signature": <base64>}``; the document
 carries the ``key_id`` of the key that signed it, so the signature covers it too.
+An envelope may also carry ``"certificate"``: the signing key's certificate, itself an
+envelope signed by the fleet's root key (see :mod:`slimfleet.agent.keyring`). It is
+outside the signature: the root's signature vouches for it.
 """
 
 from __future__ import annotations
@@ -70,19 +73,49 @@ def load_public_key(path: Path) -> Ed25519PublicKey:
 
 
 class Signer:
-    """Signs documents with one private key."""
+    """Signs documents with one private key; ``certificate`` (the key's certificate
+    envelope bytes, see :mod:`slimfleet.agent.keyring`) is attached to every envelope."""
 
-    def __init__(self, private_key: Ed25519PrivateKey) -> None:
+    def __init__(self, private_key: Ed25519PrivateKey, certificate: bytes | None = None) -> None:
         self._key = private_key
         self.key_id = key_id(private_key.public_key())
+        self._certificate = json.loads(certificate) if certificate is not None else None
 
     def sign(self, document: dict[str, Any]) -> bytes:
         """Return the envelope bytes for ``document`` (which must carry this key_id)."""
         if document.get("key_id") != self.key_id:
             raise ValueError("document key_id does not match the signing key")
         signature = self._key.sign(canonical_json(document))
-        envelope = {"signed": document, "signature": base64.b64encode(signature).decode()}
+        envelope: dict[str, Any] = {
+            "signed": document,
+            "signature": base64.b64encode(signature).decode(),
+        }
+        if self._certificate is not None:
+            envelope["certificate"] = self._certificate
         return json.dumps(envelope, sort_keys=True, separators=(",", ":")).encode()
+
+
+def open_envelope(payload: bytes, what: str) -> tuple[dict[str, Any], bytes, dict[str, Any]]:
+    """``(document, signature, envelope)`` of an envelope, unverified; VerifyError if it
+    is not one."""
+    try:
+        envelope = json.loads(payload.decode("utf-8"))
+        document = envelope["signed"]
+        signature = base64.b64decode(envelope["signature"], validate=True)
+    except (UnicodeDecodeError, ValueError, KeyError, TypeError, binascii.Error):
+        raise VerifyError(f"{what}: not a signed envelope") from None
+    if not isinstance(document, dict):
+        raise VerifyError(f"{what}: signed part is not a JSON object")
+    return document, signature, envelope
+
+
+def check_signature(
+    key: Ed25519PublicKey, signature: bytes, document: dict[str, Any], what: str
+) -> None:
+    try:
+        key.verify(signature, canonical_json(document))
+    except InvalidSignature:
+        raise VerifyError(f"{what}: bad signature") from None
 
 
 class Verifier:
@@ -97,20 +130,10 @@ class Verifier:
 
     def verify(self, payload: bytes, what: str) -> dict[str, Any]:
         """Return the signed document or raise VerifyError saying why it was refused."""
-        try:
-            envelope = json.loads(payload.decode("utf-8"))
-            document = envelope["signed"]
-            signature = base64.b64decode(envelope["signature"], validate=True)
-        except (UnicodeDecodeError, ValueError, KeyError, TypeError, binascii.Error):
-            raise VerifyError(f"{what}: not a signed envelope") from None
-        if not isinstance(document, dict):
-            raise VerifyError(f"{what}: signed part is not a JSON object")
+        document, signature, _ = open_envelope(payload, what)
         kid = document.get("key_id")
         key = self._keys.get(kid) if isinstance(kid, str) else None
         if key is None:
             raise VerifyError(f"{what}: signed by unknown key {kid!r}")
-        try:
-            key.verify(signature, canonical_json(document))
-        except InvalidSignature:
-            raise VerifyError(f"{what}: bad signature") from None
+        check_signature(key, signature, document, what)
         return document

@@ -18,7 +18,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "compress": ("slimfleet.host.compress.cli", "compress", "Find the best compressed model."),
     "passes": ("slimfleet.host.compress.cli", "passes", "List compression passes."),
     "inspect": ("slimfleet.host.compress.cli", "inspect", "Describe an ONNX model."),
-    "keys": ("slimfleet.host.fleet.cli", "keys", "Manage signing keys."),
+    "keys": ("slimfleet.host.fleet.keys_cli", "keys", "Manage root and signing keys."),
     "publish": ("slimfleet.host.fleet.cli", "publish", "Sign and publish a model."),
     "assign": ("slimfleet.host.fleet.cli", "assign", "Set the model devices should run."),
     "broker": ("slimfleet.host.fleet.cli", "broker", "Run an embedded MQTT broker."),

@@ -1,4 +1,7 @@
-"""``slimfleet keys | publish | assign | broker``: thin click layers over the fleet library."""
+"""``slimfleet publish | assign | broker``: thin click layers over the fleet library.
+
+``slimfleet keys`` lives in :mod:`slimfleet.host.fleet.keys_cli`.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +17,6 @@ import click
 from slimfleet.agent.wire import DEFAULT_CHUNK_SIZE
 from slimfleet.host.fleet.broker import DEFAULT_HOST, DEFAULT_PORT, broker_policy, run_broker
 from slimfleet.host.fleet.config import BROKER_ENV, DEFAULT_FLEET_FILE, load_fleet
-from slimfleet.host.fleet.keys import generate_keys
 from slimfleet.host.fleet.mqttio import Progress
 from slimfleet.host.fleet.publish import assign as assign_model
 from slimfleet.host.fleet.publish import publish_model
@@ -32,35 +34,6 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print the re
 
 def _emit(as_json: bool, doc: dict[str, Any], text: str) -> None:
     click.echo(json.dumps(doc, sort_keys=True) if as_json else text)
-
-
-@click.group()
-def keys() -> None:
-    """Manage the fleet's Ed25519 signing key."""
-
-
-@keys.command("generate")
-@click.option(
-    "--out",
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Write signing.key and signing.pub into this directory instead of the paths "
-    "named in the fleet file.",
-)
-@fleet_option
-@json_option
-def keys_generate(out: Path | None, fleet_path: Path, as_json: bool) -> None:
-    """Create a new signing key pair; the private key is written with mode 0600.
-
-    Never overwrites an existing key. Copy the public key to every device.
-    """
-    if out is not None:
-        private, public = out / "signing.key", out / "signing.pub"
-    else:
-        fleet = load_fleet(fleet_path)
-        private, public = fleet.private_key, fleet.public_key
-    kid = generate_keys(private, public)
-    doc = {"key_id": kid, "private_key": str(private), "public_key": str(public)}
-    _emit(as_json, doc, f"key {kid}: private {private} (keep secret), public {public}")
 
 
 @contextmanager

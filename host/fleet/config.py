@@ -7,6 +7,9 @@ Example (the repository's ``fleet.yaml``)::
     keys:
       private: keys/signing.key       # relative to fleet.yaml
       public: keys/signing.pub
+      certificate: keys/signing.cert  # optional: the root-signed certificate of the key
+      root: keys/root.pub             # optional: the root public key devices pin
+      revocations: keys/revoked.json  # optional: local copy of the revocation list
     devices:
       cam-01: {site: lab}             # id -> labels (optional)
     groups:
@@ -31,7 +34,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from slimfleet.agent.configfile import Node, load_yaml
-from slimfleet.agent.errors import InputError
+from slimfleet.agent.errors import InputError, VerifyError
+from slimfleet.agent.keyring import KeyRing
 from slimfleet.agent.mqtt import BrokerSettings
 from slimfleet.agent.signing import (
     Signer,
@@ -68,6 +72,9 @@ class FleetConfig:
     devices: dict[str, dict[str, str]] = field(default_factory=dict)
     groups: dict[str, list[str]] = field(default_factory=dict)
     identities: Identities | None = None
+    certificate: Path | None = None
+    root_key: Path | None = None
+    revocations: Path | None = None
 
     @property
     def topics(self) -> Topics:
@@ -80,7 +87,7 @@ class FleetConfig:
             raise InputError(
                 f"{self.private_key}: signing key not found (run 'slimfleet keys generate')"
             )
-        signer = Signer(load_private_key(self.private_key))
+        signer = Signer(load_private_key(self.private_key), self._certificate())
         if key_id(load_public_key(self.public_key)) != signer.key_id:
             raise InputError(
                 f"{self.public_key} is not the public key of {self.private_key}: "
@@ -88,8 +95,36 @@ class FleetConfig:
             )
         return signer
 
-    def verifier(self) -> Verifier:
-        """A verifier pinned to the fleet's public key, as devices pin it."""
+    def _certificate(self) -> bytes | None:
+        """The signing key's certificate, checked like devices check it; None if unset."""
+        if self.certificate is None:
+            return None
+        try:
+            payload = self.certificate.read_bytes()
+        except OSError as exc:
+            raise InputError(f"{self.certificate}: cannot read: {exc.strerror or exc}") from None
+        try:
+            cert = self.verifier().certificate(payload, str(self.certificate))
+        except VerifyError as exc:
+            raise InputError(f"{exc} (run 'slimfleet keys generate --root-key ...')") from None
+        if cert.key_id != key_id(load_public_key(self.public_key)):
+            raise InputError(
+                f"{self.certificate} certifies key {cert.key_id}, not {self.public_key}"
+            )
+        return payload
+
+    @property
+    def revocations_file(self) -> Path:
+        """The host's copy of the revocation list (``keys.revocations``, else
+        ``revoked.json`` next to the signing key)."""
+        return self.revocations or self.private_key.parent / "revoked.json"
+
+    def verifier(self) -> Verifier | KeyRing:
+        """What devices trust: the root key (minus the keys the host's copy of the
+        revocation list revokes) if fleet.yaml names one, else the public key."""
+        if self.root_key is not None:
+            root = load_public_key(self.root_key)
+            return KeyRing([root], revocations_path=self.revocations_file)
         return Verifier([load_public_key(self.public_key)])
 
     def with_broker_url(self, url: str) -> FleetConfig:
@@ -135,12 +170,20 @@ def load_fleet(
     base_dir = path.resolve().parent
     broker = BrokerSettings.from_node(root.require("broker"), base_dir)
     prefix = _prefix(root.require("prefix"))
-    private_key, public_key = _keys(root.require("keys"), base_dir)
+    private_key, public_key, optional = _keys(root.require("keys"), base_dir)
     devices = _devices(root.get("devices"))
     groups = _groups(root.get("groups"), devices)
     identities = _identities(root.get("identities"), base_dir, devices)
     fleet = FleetConfig(
-        path.resolve(), broker, prefix, private_key, public_key, devices, groups, identities
+        path.resolve(),
+        broker,
+        prefix,
+        private_key,
+        public_key,
+        devices,
+        groups,
+        identities,
+        **optional,
     )
     override = broker_url or os.environ.get(BROKER_ENV)
     if override:
@@ -161,13 +204,21 @@ def _prefix(node: Node) -> str:
     return value
 
 
-def _keys(node: Node, base_dir: Path) -> tuple[Path, Path]:
-    node.reject_unknown({"private", "public"})
+def _keys(node: Node, base_dir: Path) -> tuple[Path, Path, dict[str, Path]]:
+    """``(private, public, {certificate, root, revocations: path})``; all but the first
+    two are optional."""
+    optional = {"certificate": "certificate", "root": "root_key", "revocations": "revocations"}
+    node.reject_unknown({"private", "public", *optional})
     private = (base_dir / node.require("private").str()).resolve()
     public = (base_dir / node.require("public").str()).resolve()
     if private == public:
         raise node.require("public").error("the public and private key must be different files")
-    return private, public
+    paths = {
+        field: (base_dir / node.require(key).str()).resolve()
+        for key, field in optional.items()
+        if node.get(key) is not None
+    }
+    return private, public, paths
 
 
 def _name(node: Node, what: str) -> str:

@@ -12,7 +12,18 @@ from pathlib import Path
 
 import pytest
 from brokers import Mosquitto, free_port
+from hostile_link import receive_in_child
 
+from slimfleet.agent.inbox import (
+    DOCUMENT_LIMIT,
+    DROP_QUEUE_FULL,
+    DROP_TOO_LARGE,
+    MANIFEST_LIMIT,
+    MAX_PACKET_BYTES,
+    DropLog,
+    Dropped,
+    chunk_limit,
+)
 from slimfleet.agent.link import STATUS_OFFLINE, STATUS_ONLINE, Backoff, Link, Subscription
 from slimfleet.agent.mqtt import BrokerSettings
 
@@ -227,3 +238,169 @@ def test_an_unexpected_error_in_the_loop_is_logged_and_retried(mosquitto, prefix
         assert "Invalid subscription filter" in caplog.text
     finally:
         link.stop()
+
+
+# -- limits before parsing (issue 8 item 2) -----------------------------------------------
+
+
+def test_a_message_over_the_subscription_limit_is_dropped_with_a_callback(
+    mosquitto, prefix, watcher
+):
+    drops: list[Dropped] = []
+    link = make_link(mosquitto, f"dev-{prefix}", on_drop=drops.append)
+    desired, chunk = f"{prefix}/desired", f"{prefix}/chunk/0"
+    small = link.subscribe([desired], max_bytes=DOCUMENT_LIMIT)
+    big = link.subscribe([chunk], max_bytes=chunk_limit(200_000))
+    link.start()
+    try:
+        assert link.wait_connected(10)
+        time.sleep(0.2)
+        watcher.publish(desired, b"x" * (DOCUMENT_LIMIT + 1))
+        watcher.publish(chunk, b"y" * 200_000)  # within its own subscription's limit
+        watcher.publish(desired, b"fits")
+        wait_for(small, b"fits")
+        wait_for(big, b"y" * 200_000)
+        assert drops == [Dropped(desired, DOCUMENT_LIMIT + 1, DOCUMENT_LIMIT, DROP_TOO_LARGE)]
+        assert link.dropped[DROP_TOO_LARGE] == 1
+    finally:
+        link.stop()
+
+
+def test_a_full_subscription_queue_drops_and_counts(mosquitto, prefix, watcher):
+    drops: list[Dropped] = []
+    link = make_link(mosquitto, f"dev-{prefix}", on_drop=drops.append)
+    topic = f"{prefix}/flood"
+    sub = link.subscribe([topic], max_messages=5)
+    link.start()
+    try:
+        assert link.wait_connected(10)
+        time.sleep(0.2)
+        for i in range(12):
+            watcher.publish(topic, str(i).encode())
+        deadline = time.monotonic() + 10
+        while link.dropped[DROP_QUEUE_FULL] < 7 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert link.dropped[DROP_QUEUE_FULL] == 7
+        assert {d.reason for d in drops} == {DROP_QUEUE_FULL}
+        assert [sub.get(timeout=1).payload for _ in range(5)] == [b"0", b"1", b"2", b"3", b"4"]
+        assert sub.get(timeout=0.3) is None
+        watcher.publish(topic, b"room again")
+        wait_for(sub, b"room again")
+    finally:
+        link.stop()
+
+
+def test_the_queued_bytes_bound_drops_what_would_exceed_it(mosquitto, prefix, watcher):
+    link = make_link(mosquitto, f"dev-{prefix}")
+    topic = f"{prefix}/bytes"
+    sub = link.subscribe([topic], max_bytes=1000, max_queued_bytes=2500)
+    link.start()
+    try:
+        assert link.wait_connected(10)
+        time.sleep(0.2)
+        for _ in range(3):
+            watcher.publish(topic, b"z" * 1000)
+        watcher.publish(topic, b"end")
+        deadline = time.monotonic() + 10
+        while link.dropped[DROP_QUEUE_FULL] < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        got = [sub.get(timeout=1) for _ in range(3)]
+        assert [len(m.payload) for m in got if m] == [1000, 1000, 3]
+        assert link.dropped[DROP_QUEUE_FULL] == 1
+    finally:
+        link.stop()
+
+
+HOSTILE_BYTES = 40 * 1024 * 1024
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_a_hostile_40mb_message_is_dropped_and_memory_stays_bounded(
+    mosquitto, prefix, watcher, protocol
+):
+    """Over 5 the broker never delivers it (Maximum Packet Size); over 3.1.1 paho reads
+    it and the link drops it unqueued. Either way the link keeps working."""
+    topic = f"{prefix}/devices/d/desired"
+    result = receive_in_child(mosquitto.port, protocol, topic, prefix, watcher, HOSTILE_BYTES)
+    assert result["payloads"] == ["after"]  # still responsive, hostile message never queued
+    assert result["connects"] == 1
+    if protocol == "5":
+        assert result["drops"] == []  # the broker discarded it
+    else:
+        assert result["drops"] == [HOSTILE_BYTES]  # read in pieces and dropped
+    # Loose bounds (the numbers are in the README): paho reading the packet whole would
+    # peak at 3x the message, a queued copy would stay.
+    assert result["peak_growth"] < 16 * 1024 * 1024, result
+    assert result["rss_growth"] < 16 * 1024 * 1024, result
+
+
+def test_mqtt311_drops_an_oversized_qos1_message_unread_and_acknowledges_it(
+    mosquitto, prefix, watcher
+):
+    drops: list[Dropped] = []
+    topic = f"{prefix}/desired"
+    link = make_link(mosquitto, f"dev-{prefix}", on_drop=drops.append)
+    sub = link.subscribe([topic], max_bytes=DOCUMENT_LIMIT)
+    link.start()
+    try:
+        assert link.wait_connected(10)
+        time.sleep(0.2)
+        watcher.publish(topic, b"o" * (MAX_PACKET_BYTES + 1), qos=1)
+        watcher.publish(topic, b"next", qos=1)  # the stream stays in step after the drop
+        wait_for(sub, b"next")
+        assert drops == [Dropped(topic, MAX_PACKET_BYTES + 1, MAX_PACKET_BYTES, DROP_TOO_LARGE)]
+    finally:
+        link.stop()
+    # Acknowledged: the persistent session does not deliver it again on reconnect.
+    again: list[Dropped] = []
+    second = make_link(mosquitto, f"dev-{prefix}", on_drop=again.append)
+    sub = second.subscribe([topic], max_bytes=DOCUMENT_LIMIT)
+    second.start()
+    try:
+        assert second.wait_connected(10)
+        watcher.publish(topic, b"after reconnect")
+        wait_for(sub, b"after reconnect")
+        assert again == []
+    finally:
+        second.stop()
+
+
+def test_mqtt5_asks_the_broker_for_small_packets_yet_takes_a_manifest_sized_one(
+    mosquitto, prefix, watcher
+):
+    drops: list[Dropped] = []
+    link = make_link(mosquitto, f"dev-{prefix}", "5", on_drop=drops.append)
+    topic = f"{prefix}/manifest"
+    sub = link.subscribe([topic], max_bytes=MANIFEST_LIMIT)
+    link.start()
+    try:
+        assert link.wait_connected(10)
+        time.sleep(0.2)
+        watcher.publish(topic, b"m" * MANIFEST_LIMIT)
+        watcher.publish(topic, b"m" * (MAX_PACKET_BYTES + 1))  # the broker discards it
+        watcher.publish(topic, b"after")
+        wait_for(sub, b"m" * MANIFEST_LIMIT)
+        wait_for(sub, b"after")
+        assert drops == [] and link.connects == 1
+    finally:
+        link.stop()
+
+
+def test_subscription_bounds_are_validated(mosquitto, prefix):
+    link = make_link(mosquitto, f"dev-{prefix}")
+    with pytest.raises(ValueError, match="max_messages"):
+        link.subscribe([f"{prefix}/x"], max_messages=0)
+
+
+def test_drop_reports_are_throttled_per_reason_and_carry_what_they_stand_for():
+    now = [100.0]
+    drops = DropLog(interval_s=1.0, clock=lambda: now[0])
+    big = Dropped("t/a", 10, 5, DROP_TOO_LARGE)
+    full = Dropped("t/b", 1, 256, DROP_QUEUE_FULL)
+    assert drops.record(big) == big  # the first one is reported at once
+    assert drops.record(full) == full  # another reason has its own budget
+    assert [drops.record(big) for _ in range(3)] == [None, None, None]
+    now[0] += 1.0
+    assert drops.record(big) == Dropped("t/a", 10, 5, DROP_TOO_LARGE, suppressed=3)
+    assert drops.record(big) is None
+    assert drops.counts == {DROP_TOO_LARGE: 6, DROP_QUEUE_FULL: 1}
