@@ -56,19 +56,34 @@ def _first_float(outputs: Outputs) -> np.ndarray:
     raise ValueError(f"no floating-point output among {list(outputs)}")
 
 
-def _row_probabilities(array: np.ndarray) -> np.ndarray:
-    """``array`` as float64 rows of probabilities over its last axis (softmax if logits)."""
+def _top_probabilities(array: np.ndarray, second: bool = False) -> np.ndarray:
+    """Per row of the last axis, the top probability (and with ``second``, a second
+    column with the runner-up's), softmax first when the rows are not probabilities.
+
+    Works in the array's own float precision (float16 in float32) without a full
+    normalised copy: the request pays this on every gated tier."""
     if array.ndim == 0 or array.shape[-1] < 2:
         raise ValueError(f"expected scores over at least 2 classes, got shape {list(array.shape)}")
-    rows = array.reshape(-1, array.shape[-1]).astype(np.float64)
-    if (
+    rows = array.reshape(-1, array.shape[-1])
+    if rows.dtype.itemsize < 4:
+        rows = rows.astype(np.float32)
+    probabilities = (
         rows.min() >= 0
         and rows.max() <= 1
-        and np.allclose(rows.sum(-1), 1.0, atol=PROBABILITY_SUM_TOLERANCE)
-    ):
-        return rows
-    shifted = np.exp(rows - rows.max(-1, keepdims=True))
-    return shifted / shifted.sum(-1, keepdims=True)
+        and np.allclose(rows.sum(-1, dtype=np.float64), 1.0, atol=PROBABILITY_SUM_TOLERANCE)
+    )
+    if probabilities:
+        weights, total = rows.copy() if second else rows, 1.0
+    else:
+        weights = np.exp(rows - rows.max(-1, keepdims=True))
+        total = weights.sum(-1, dtype=np.float64)
+    index = np.arange(len(weights))
+    best = weights.argmax(-1)
+    top = weights[index, best].astype(np.float64)
+    if not second:
+        return top / total
+    weights[index, best] = -np.inf
+    return np.stack([top, weights.max(-1).astype(np.float64)], -1) / np.reshape(total, (-1, 1))
 
 
 def _squeezed(array: np.ndarray) -> np.ndarray:
@@ -90,7 +105,7 @@ def max_prob(outputs: Outputs) -> float:
         return math.nan
     if array.ndim > 2:
         raise ValueError(f"max_prob expects class scores [N, C], got shape {list(array.shape)}")
-    return float(_row_probabilities(array).max(-1).min())
+    return float(_top_probabilities(array).min())
 
 
 def _sequence(array: np.ndarray, name: str) -> np.ndarray:
@@ -112,7 +127,7 @@ def ctc_min_prob(outputs: Outputs) -> float:
     array = _guarded(_sequence(_first_float(outputs), "ctc_min_prob"))
     if array is None:
         return math.nan
-    return float(_row_probabilities(array).max(-1).min())
+    return float(_top_probabilities(array).min())
 
 
 def ctc_min_margin(outputs: Outputs) -> float:
@@ -120,8 +135,8 @@ def ctc_min_margin(outputs: Outputs) -> float:
     array = _guarded(_sequence(_first_float(outputs), "ctc_min_margin"))
     if array is None:
         return math.nan
-    top2 = np.partition(_row_probabilities(array), -2, axis=-1)[:, -2:]
-    return float((top2[:, 1] - top2[:, 0]).min())
+    top = _top_probabilities(array, second=True)
+    return float((top[:, 0] - top[:, 1]).min())
 
 
 def map_mean_max(outputs: Outputs) -> float:
