@@ -57,6 +57,16 @@ class TierTimeout(InferenceError):
     """A tier did not answer in its time (the remote tier's ``timeout_s``)."""
 
 
+def first_line(exc: BaseException) -> str:
+    """An error's message as one line (its type when it has none)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _reason(exc: BaseException) -> str:
+    return "timeout" if isinstance(exc, TierTimeout) else f"failed: {first_line(exc)}"
+
+
 class SessionTier:
     """A local tier on an onnxruntime session (``slimfleet chain calibrate`` and the bench
     run tiers this way; the agent's serving wraps its loaded models itself). Feeds that
@@ -97,15 +107,6 @@ class ChainAnswer:
     escalations: list[tuple[str, str]]
     tier_seconds: list[tuple[str, float]] = field(default_factory=list)
     """Wall time of each tier that ran for this request, in order (for telemetry)."""
-
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-def _reason(exc: BaseException) -> str:
-    return "timeout" if isinstance(exc, TierTimeout) else f"failed: {first_line(exc)}"
 
 
 class Chain:

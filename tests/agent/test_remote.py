@@ -3,6 +3,7 @@ answers garbage, errors and sends oversized bodies."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -48,12 +49,18 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def do_POST(self) -> None:
+        # the client giving up first is what the timeout and size tests expect
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            self._answer()
+
+    def _answer(self) -> None:
         request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         self.server.requests.append((self.path, request))
         mode = self.path.split("/")[3]
         if mode == "toggle":
             mode = "error" if self.server.failing else "ok"
         if mode == "ok":
+            time.sleep(self.server.delay)
             outputs = [
                 {**i, "name": i["name"] + "_x2", "data": [2 * v for v in i["data"]]}
                 for i in request["inputs"]
@@ -94,6 +101,7 @@ class Server(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), Handler)
         self.requests: list[tuple[str, dict]] = []
         self.failing = False
+        self.delay = 0.0  # seconds before an "ok" answer
 
     def url(self, mode: str) -> str:
         return f"http://127.0.0.1:{self.server_address[1]}/v2/models/{mode}/infer"
@@ -203,6 +211,35 @@ def test_the_breaker_opens_half_opens_and_recovers(server: Server) -> None:
     assert not remote.open and events[-1][0] == EVENT_TIER_RECOVERED
     remote.run(FEEDS)
     assert len(events) == 3  # no event while healthy
+
+
+def test_half_open_lets_exactly_one_trial_through(server: Server) -> None:
+    now = [0.0]
+    remote = client(server, "toggle", timeout=2.0, clock=lambda: now[0])
+    server.failing = True
+    for _ in range(FAILURES_TO_OPEN):
+        with pytest.raises(InferenceError):
+            remote.run(FEEDS)
+    server.failing, server.delay = False, 0.3  # the trial takes a while
+    now[0] += OPEN_SECONDS
+    asked = len(server.requests)
+    results: list[str] = []
+
+    def request() -> None:
+        try:
+            remote.run(FEEDS)
+            results.append("answered")
+        except InferenceError as exc:
+            results.append(str(exc))
+
+    threads = [threading.Thread(target=request) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results.count("answered") == 1, results
+    assert all("a trial is in flight" in r for r in results if r != "answered")
+    assert len(server.requests) == asked + 1 and not remote.open
 
 
 def test_a_success_resets_the_count_of_consecutive_failures(server: Server) -> None:
