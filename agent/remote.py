@@ -148,15 +148,16 @@ class RemoteClient:
 
     # -- the breaker --------------------------------------------------------------------
 
-    def _admit(self) -> None:
-        """Let a request through, or raise at once while the breaker is open."""
+    def _admit(self) -> bool:
+        """Let a request through (True when it is the half-open trial), or raise at once
+        while the breaker is open."""
         with self._lock:
             if self._opened_at is None:
-                return
+                return False
             wait = self._opened_at + OPEN_SECONDS - self._clock()
             if wait <= 0 and not self._trial:
-                self._trial = True  # half-open: this request is the trial
-                return
+                self._trial = True
+                return True
         left = f"next try in {max(wait, 0):.0f} s" if wait > 0 else "a trial is in flight"
         raise InferenceError(
             f"remote: circuit open after {FAILURES_TO_OPEN} consecutive failures ({left})"
@@ -169,12 +170,14 @@ class RemoteClient:
         if recovered:
             self._emit(EVENT_TIER_RECOVERED, f"{self.spec.url} answers again")
 
-    def _failed(self, reason: str) -> None:
+    def _failed(self, reason: str, trial: bool) -> None:
         with self._lock:
             self._failures += 1
-            opens = self._trial or (self._opened_at is None and self._failures >= FAILURES_TO_OPEN)
+            opens = trial or (self._opened_at is None and self._failures >= FAILURES_TO_OPEN)
             if opens:
-                self._opened_at, self._trial = self._clock(), False
+                self._opened_at = self._clock()
+            if trial:
+                self._trial = False
         if opens:
             self._emit(
                 EVENT_TIER_FAILING,
@@ -200,15 +203,14 @@ class RemoteClient:
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """POST ``feeds`` to the server; its outputs, or TierTimeout / InferenceError."""
         body = encode_request(feeds)  # the request's fault, not the server's: no count
-        self._admit()
+        trial = self._admit()
         try:
             outputs = self._exchange(body)
-        except TierTimeout as exc:
-            self._failed(str(exc))
-            raise
-        except InferenceError as exc:
-            self._failed(str(exc))
-            raise
+        except Exception as exc:  # whatever happened, the breaker must hear of it
+            self._failed(first_line(exc), trial)
+            if isinstance(exc, InferenceError):
+                raise
+            raise InferenceError(f"remote: {type(exc).__name__}: {first_line(exc)}") from None
         self._succeeded()
         return outputs
 
