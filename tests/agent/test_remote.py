@@ -295,3 +295,18 @@ def test_codec_round_trip_and_validation() -> None:
     ]:
         with pytest.raises(ValueError, match=message):
             decode_response(json.dumps(broken).encode())
+
+
+def test_an_unexpected_error_is_a_failure_and_never_wedges_the_breaker() -> None:
+    now = [0.0]
+    remote = RemoteClient(
+        RemoteTier("http://127.0.0.1:9/v2/models/a b/infer", 0.5), clock=lambda: now[0]
+    )
+    for _ in range(FAILURES_TO_OPEN):  # http.client refuses the path: InvalidURL
+        with pytest.raises(InferenceError, match="remote: InvalidURL"):
+            remote.run(FEEDS)
+    assert remote.open
+    for _ in range(2):  # each trial fails the same way and the next one is still let through
+        now[0] += OPEN_SECONDS
+        with pytest.raises(InferenceError, match="InvalidURL"):
+            remote.run(FEEDS)
