@@ -32,7 +32,13 @@ import numpy as np
 import yaml
 
 from slimfleet.agent.chain import SessionTier, first_line
-from slimfleet.agent.confidence import BUILTINS, Confidence, check_shape, resolve_confidence
+from slimfleet.agent.confidence import (
+    BUILTINS,
+    Confidence,
+    check_shape,
+    function_for_shape,
+    resolve_confidence,
+)
 from slimfleet.agent.errors import InputError, SlimfleetError
 from slimfleet.agent.runtime import open_session
 from slimfleet.agent.wire import Gate, check_slot
@@ -106,10 +112,11 @@ def curve(measured: Measured) -> list[Point]:
 
 
 def pick(points: Sequence[Point], budget: float) -> Point | None:
-    """The highest-agreement point whose escalation is within ``budget``; ties go to the
-    lower escalation, then the lower latency. None when no point fits."""
+    """The highest-agreement point whose escalation is within ``budget``; among equals the
+    highest threshold, so the budget the user granted is spent: the samples are finite,
+    and on requests they did not show the margin buys agreement. None when none fits."""
     fitting = [p for p in points if p.escalation <= budget + 1e-12]
-    return min(fitting, key=lambda p: (-p.agreement, p.escalation, p.latency_ratio), default=None)
+    return max(fitting, key=lambda p: (p.agreement, p.threshold), default=None)
 
 
 def budget_lines(points: Sequence[Point], step: float = BUDGET_STEP) -> list[tuple[float, Point]]:
@@ -218,11 +225,39 @@ def write_gate(path: Path, slot: str, gate: Gate) -> None:
         raise
 
 
-def _tiers(models: Sequence[Path], function: str) -> tuple[list[SessionTier], list[dict]]:
+def _check_options(models: Sequence[Path], deployment: Path | None, slot: str | None) -> None:
+    if len(models) < 2:
+        raise InputError("give at least two models: FIRST.onnx STRONGER.onnx [MORE.onnx]")
+    if (deployment is None) != (slot is None):
+        raise InputError("--deployment and --slot go together")
+    if slot is not None:
+        try:
+            check_slot(slot)
+        except ValueError as exc:
+            raise InputError(f"--slot: {exc}") from None
+    if deployment is not None and not deployment.is_file():
+        raise InputError(f"--deployment {deployment}: no such file")
+
+
+def _function_for(tier: SessionTier, feed: dict[str, np.ndarray]) -> str:
+    """The built-in confidence function for the tier's actual first float output (its
+    declared shape may be wrong: ddddocr declares ``[1, seqlen]`` for ``[T, 1, C]``)."""
+    outputs = tier.run(feed)
+    shape = next((list(v.shape) for v in outputs.values() if v.dtype.kind == "f"), [])
+    chosen = function_for_shape(shape)
+    if chosen is None:
+        raise InputError(
+            f"--function: cannot tell a confidence function from {tier.label}'s output "
+            f"shape {shape}; give one of {', '.join(BUILTINS)} or module:attr"
+        )
+    return chosen
+
+
+def _tiers(models: Sequence[Path], function: str | None) -> tuple[list[SessionTier], list[dict]]:
     tiers, signatures = [], []
     for path in models:
         signature = io_signature(load_model(path, external_data=True))
-        problem = check_shape(function, signature["outputs"][0]["shape"] or [])
+        problem = function and check_shape(function, signature["outputs"][0]["shape"] or [])
         if problem:
             raise InputError(f"{path}: --function {problem}")
         tiers.append(SessionTier(path.name, open_session(path)))
@@ -244,8 +279,8 @@ def chain() -> None:
 @click.option(
     "--function",
     "function",
-    required=True,
-    help=f"confidence function: {', '.join(BUILTINS)} or module:attr",
+    help=f"confidence function: {', '.join(BUILTINS)} or module:attr "
+    "[default: chosen by the first tier's output shape]",
 )
 @click.option("--budget", required=True, help="escalation budget, e.g. 15% or 0.15")
 @click.option(
@@ -260,7 +295,7 @@ def chain() -> None:
 def calibrate(
     models: tuple[Path, ...],
     data: Path,
-    function: str,
+    function: str | None,
     budget: str,
     agree: str,
     deployment: Path | None,
@@ -272,21 +307,14 @@ def calibrate(
     Exit codes: 0 done, 1 no threshold fits the budget, 2 bad input.
     """
     share = parse_budget(budget)
-    if len(models) < 2:
-        raise InputError("give at least two models: FIRST.onnx STRONGER.onnx [MORE.onnx]")
-    if (deployment is None) != (slot is None):
-        raise InputError("--deployment and --slot go together")
-    if slot is not None:
-        try:
-            check_slot(slot)
-        except ValueError as exc:
-            raise InputError(f"--slot: {exc}") from None
-    if deployment is not None and not deployment.is_file():
-        raise InputError(f"--deployment {deployment}: no such file")
-    confidence = resolve_confidence(function)
+    _check_options(models, deployment, slot)
+    confidence = resolve_confidence(function) if function else None
     tiers, signatures = _tiers(models, function)
     samples = load_samples(load_plugins().pm.hook, data, signatures[0]["inputs"])
     feeds = samples.calibration + samples.evaluation
+    if function is None or confidence is None:
+        function = _function_for(tiers[0], feeds[0])
+        confidence = resolve_confidence(function)
     measured, judged = measure(tiers, feeds, confidence, agree)
     points = curve(measured)
     chosen = pick(points, share)

@@ -38,7 +38,8 @@ def test_curve_replays_the_chain_at_every_threshold() -> None:
         (1.0, 1.0, 1.25),  # above all: everything escalates, paying both tiers
     ]
     assert [p.threshold for p in points[:3]] == [0.5, 0.7, 0.9] and points[3].threshold > 0.9
-    assert pick(points, 0.5).threshold == 0.7  # highest agreement, then least escalation
+    assert pick(points, 0.5).threshold == 0.7  # the highest agreement within the budget
+    assert pick(points, 0.75).threshold == 0.9  # equal agreement: the budget is spent
     assert pick(points, 0.3).threshold == 0.5
     assert pick(points, 0.1) is None
     assert [b for b, _ in budget_lines(points)] == [0.25, 0.3, 0.35, 0.4, 0.45, 0.5]
@@ -157,6 +158,14 @@ def test_calibrate_prints_the_trade_off_curve(tiers, monkeypatch, capsys):  # ty
     assert rows[0].split()[0] == "0%" and len(rows) >= 3
     assert sum("<- chosen" in line for line in lines) == 1
     assert lines[-1].startswith("gate: {function: max_prob, threshold: ")
+
+
+def test_without_function_it_is_chosen_by_the_output_shape(tiers, monkeypatch, capsys):  # type: ignore[no-untyped-def]
+    weak, strong, data = tiers
+    args = ["chain", "calibrate", weak, strong, "--data", data, "--budget", "10%", "--json"]
+    code, out, err = slimfleet(monkeypatch, capsys, *args)
+    assert code == 0, err
+    assert json.loads(out)["gate"]["function"] == "max_prob"  # logits [1, 4]
 
 
 @pytest.mark.parametrize(
