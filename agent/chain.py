@@ -11,8 +11,9 @@ A request goes to the first loaded tier. It moves on ("escalates") to the next t
 The last tier that answers is returned even when it is unconfident: the last local tier
 when there is no remote, else the remote; and when the tiers after an unconfident answer
 all fail, that unconfident answer (the latest one) is returned rather than an error.
-Only when no tier produced an answer does :meth:`Chain.run` raise an
-:class:`InferenceError` naming every tier's failure. A :class:`FeedError` (the request
+Only when no tier produced an answer does :meth:`Chain.run` raise: an
+:class:`InferenceError` naming every tier's failure, or a :class:`NoModelError` when no
+tier is loaded at all (nothing ran, so no model is at fault). A :class:`FeedError` (the request
 does not fit the model: the client's fault) is raised at once, never escalated.
 
 Without a gate the chain falls back on failure only. A :class:`Chain` is immutable after
@@ -34,7 +35,7 @@ import onnxruntime as ort
 from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
 from slimfleet.agent.confidence import Confidence, resolve_confidence
-from slimfleet.agent.inference import FeedError, InferenceError
+from slimfleet.agent.inference import FeedError, InferenceError, NoModelError
 from slimfleet.agent.wire import Gate
 
 Outputs = dict[str, np.ndarray]
@@ -188,6 +189,7 @@ class Chain:
             own = len(fallback.escalations)  # its own "low confidence" entry is next
             fallback.escalations = escalations[:own] + escalations[own + 1 :]
             return fallback
-        raise InferenceError(
-            "every tier failed: " + "; ".join(f"{label}: {why}" for label, why in escalations)
-        )
+        reasons = "; ".join(f"{label}: {why}" for label, why in escalations)
+        if not timings:  # nothing ran: not a model's failure
+            raise NoModelError(f"no tier of the chain is loaded ({reasons})")
+        raise InferenceError(f"every tier failed: {reasons}")

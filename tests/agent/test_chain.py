@@ -16,7 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 from slimfleet.agent.chain import Chain, ChainAnswer, SessionTier, TierTimeout
 from slimfleet.agent.confidence import max_prob
 from slimfleet.agent.errors import ConfigError
-from slimfleet.agent.inference import FeedError, InferenceError
+from slimfleet.agent.inference import FeedError, InferenceError, NoModelError
 from slimfleet.agent.runtime import open_session
 from slimfleet.agent.wire import Gate
 
@@ -225,6 +225,16 @@ def test_many_threads_get_their_own_answers(tier) -> None:  # type: ignore[no-un
         for want, have in zip(expected, answers, strict=True):
             assert (have.label, have.escalations) == (want.label, want.escalations)
             np.testing.assert_array_equal(have.outputs["p"], want.outputs["p"])
+
+
+def test_no_tier_loaded_is_no_model_not_a_model_failure() -> None:
+    with pytest.raises(
+        NoModelError,
+        match=r"no tier of the chain is loaded \(a@1: not loaded; "
+        r"tier 2: not loaded\)",
+    ) as caught:
+        Chain([None, None], GATE, max_prob, labels=["a@1", "tier 2"]).run({"x": SURE})
+    assert not isinstance(caught.value, InferenceError)
 
 
 def test_a_chain_needs_a_tier() -> None:
