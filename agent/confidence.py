@@ -65,6 +65,8 @@ def _top_probabilities(array: np.ndarray, second: bool = False) -> np.ndarray:
     if array.ndim == 0 or array.shape[-1] < 2:
         raise ValueError(f"expected scores over at least 2 classes, got shape {list(array.shape)}")
     rows = array.reshape(-1, array.shape[-1])
+    if not len(rows):
+        raise ValueError(f"no scores to judge: the output has shape {list(array.shape)}")
     if rows.dtype.itemsize < 4:
         rows = rows.astype(np.float32)
     probabilities = (

@@ -95,6 +95,11 @@ def test_a_single_class_is_an_error_not_a_confidence(name: str) -> None:
         BUILTINS[name]({"o": np.ones((3, 1), np.float32)})
 
 
+def test_an_empty_sequence_is_an_error_not_a_confidence() -> None:
+    with pytest.raises(ValueError, match=r"no scores to judge: the output has shape \[0, 5\]"):
+        ctc_min_prob({"o": np.zeros((0, 1, 5), np.float32)})
+
+
 def test_function_for_shape_decides_only_unambiguous_shapes() -> None:
     assert function_for_shape([1, 10]) == "max_prob"
     assert function_for_shape(["T", 1, 8210]) == "ctc_min_prob"
