@@ -264,9 +264,10 @@ def _tiers(models: Sequence[Path], function: str | None) -> tuple[list[SessionTi
             raise InputError(f"{path}: --function {problem}")
         tiers.append(SessionTier(path.name, open_session(path)))
         signatures.append(signature)
-    names = [[i["name"] for i in s["inputs"]] for s in signatures]
-    if any(n != names[0] for n in names):
-        raise InputError(f"the tiers take different inputs: {names}")
+    for side in ("inputs", "outputs"):  # one request, answers judged output by output
+        names = [[i["name"] for i in s[side]] for s in signatures]
+        if any(n != names[0] for n in names):
+            raise InputError(f"the tiers have different {side}: {names}")
     return tiers, signatures
 
 
