@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "acl": ("slimfleet.host.fleet.trust_cli", "acl", "Write the broker's ACL and passwords."),
     "certs": ("slimfleet.host.fleet.trust_cli", "certs", "Make the CA and client certificates."),
     "verify": ("slimfleet.host.fleet.trust_cli", "verify", "Check a version on the broker."),
+    "chain": ("slimfleet.host.chaincal", "chain", "Calibrate fallback-chain gates."),
     "demo": ("slimfleet.host.demo", "demo", "Compress, publish and serve, end to end."),
 }
 
