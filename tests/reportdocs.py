@@ -4,8 +4,13 @@ publisher that puts them on a real broker, for tests of what the host reads."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import threading
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -13,6 +18,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from slimfleet.agent.mqtt import BrokerSettings
 
+REPO = Path(__file__).resolve().parents[1]
+RUN = "from slimfleet.host.cli import main; main()"
+CLEAN_ENV = {k: v for k, v in os.environ.items() if k != "SLIMFLEET_BROKER"}
 OCR3 = {"name": "ocr", "version": 3}
 OCR2 = {"name": "ocr", "version": 2}
 
@@ -128,3 +136,80 @@ def publish(url: str, topic: str, payload: Any, *, retain: bool = False) -> None
     finally:
         client.disconnect()
         client.loop_stop()
+
+
+class Publisher:
+    """A background client that publishes ``messages()`` every ``period`` seconds until
+    stopped: live (non-retained) telemetry and events for a command that is waiting."""
+
+    def __init__(self, url: str, messages, period: float = 0.2) -> None:
+        settings = BrokerSettings.from_url(url)
+        self.client = mqtt.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2, client_id=f"live-{uuid.uuid4().hex}"
+        )
+        self.client.connect(settings.host, settings.port)
+        self.messages, self.period = messages, period
+        self.stop_event = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self.stop_event.wait(self.period):
+            for topic, doc in self.messages():
+                body = doc if isinstance(doc, bytes) else json.dumps(doc).encode()
+                self.client.publish(topic, body, qos=0)
+
+    def __enter__(self) -> Publisher:
+        self.client.loop_start()
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop_event.set()
+        self.thread.join()
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def write_fleet_file(tmp_path: Path, prefix: str, url: str) -> Path:
+    """The repository's fleet.yaml (cam-01, cam-02, gate-01; groups canary, all) with this
+    test's prefix and broker, next to fresh keys."""
+    from slimfleet.host.fleet.config import load_fleet
+    from slimfleet.host.fleet.keys import generate_keys
+
+    text = (REPO / "fleet.yaml").read_text()
+    text = text.replace("prefix: slimfleet/demo", f"prefix: {prefix}")
+    text = text.replace("url: mqtt://127.0.0.1:1883", f"url: {url}")
+    path = tmp_path / "fleet.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    fleet = load_fleet(path)
+    generate_keys(fleet.private_key, fleet.public_key)
+    return path
+
+
+def slimfleet(*args: Any, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run the slimfleet CLI in a subprocess, without $SLIMFLEET_BROKER."""
+    return subprocess.run(
+        [sys.executable, "-c", RUN, *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=CLEAN_ENV,
+        timeout=timeout,
+    )
+
+
+def start_slimfleet(*args: Any) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-c", RUN, *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=CLEAN_ENV,
+    )
+
+
+def one_line_error(result: subprocess.CompletedProcess[str]) -> str:
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: "), result.stderr
+    return lines[0]
