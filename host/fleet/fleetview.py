@@ -31,7 +31,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 
-from slimfleet.agent.wire import Topics
+from slimfleet.agent.wire import Topics, check_name
 from slimfleet.host.fleet.reports import (
     DUPLICATE_HOLD_S,
     MAX_DEVICES,
@@ -154,6 +154,9 @@ class FleetView:
         with self._lock:
             report = self._devices.get(device)
             if report is None:
+                if not _valid_id(device):  # not an id an agent accepts: never a label
+                    self.rejected += 1
+                    return None
                 if len(self._devices) >= self.max_devices:
                     self.dropped += 1
                     return None
@@ -259,6 +262,14 @@ class FleetView:
         if copy.duplicate and self.clock() - copy.duplicate_seen > DUPLICATE_HOLD_S:
             copy.duplicate = None
         return copy
+
+
+def _valid_id(device: str) -> bool:
+    try:
+        check_name(device)
+    except ValueError:
+        return False
+    return True
 
 
 def _id(report: DeviceReport) -> str:

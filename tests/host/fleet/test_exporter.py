@@ -270,3 +270,30 @@ def test_shared_exporters_split_telemetry_but_both_see_state(
     finally:
         for _, proc in exporters:
             stop(proc)
+
+
+def test_exporter_survives_a_broker_restart(tmp_path: Path, prefix: str, own_mosquitto) -> None:
+    """While the broker is away the exporter says so; back, it subscribes again."""
+    topics = Topics(prefix)
+    fleet_file = write_fleet_file(tmp_path, prefix, own_mosquitto.url)
+    publish(own_mosquitto.url, topics.device("cam-01", "status"), b"online", retain=True)
+    port, proc = start_exporter(fleet_file)
+    try:
+        wait_for(port, lambda s: value(s, "slimfleet_device_up", device="cam-01") == 1)
+        own_mosquitto.stop()
+        down = wait_for(port, lambda s: value(s, "slimfleet_exporter_broker_connected") == 0)
+        assert value(down, "slimfleet_exporter_broker_connected") == 0
+        own_mosquitto.start()
+        wait_for(port, lambda s: value(s, "slimfleet_exporter_broker_connected") == 1, 60)
+        ds = {"device": "cam-01", "slot": "main"}
+
+        def counted(samples: Samples) -> bool:
+            publish(
+                own_mosquitto.url, topics.device("cam-01", "telemetry"), telemetry_doc("cam-01")
+            )
+            return bool(value(samples, "slimfleet_slot_requests_total", **ds))
+
+        assert counted(wait_for(port, counted, 30)), "no telemetry after the reconnect"
+    finally:
+        err = stop(proc)
+    assert "reconnecting" in err and "subscribing again" in err
