@@ -34,7 +34,7 @@ PIPE_WIDTH = 200  # columns drawn when the output is not a terminal
 SHOWN_EVENTS = 8  # newest events under the table
 FORGET_AFTER_S = 3600.0
 
-ONLINE_STYLE = {"online": "green", "offline": "red", "?": "yellow"}
+ONLINE_STYLE = {True: "green", False: "red", None: "yellow"}
 
 
 def render(view: FleetView, devices: list[str] | None, title: str) -> Group:
@@ -47,7 +47,7 @@ def render(view: FleetView, devices: list[str] | None, title: str) -> Group:
     for row in rows:
         cells = row_cells(row)
         styled = [Text(c) for c in cells]
-        styled[1].stylize(ONLINE_STYLE[cells[1]])
+        styled[1].stylize(ONLINE_STYLE[row["online"]])
         if row["desired"] and row["desired"]["outcome"] == "refused":
             styled[4].stylize("bold red")
         table.add_row(*styled)

@@ -22,7 +22,7 @@ DEFAULT_WAIT_S = 3.0
 MAX_WAIT_S = 300.0  # --wait is bounded: status is a one-shot read
 COLUMNS = (
     "DEVICE",
-    "ONLINE",
+    "ONLINE",  # and the agent's status: online serving, online failed, offline...
     "DEPLOYMENT",
     "LAST GOOD",
     "DESIRED",
@@ -163,6 +163,8 @@ def human_age(seconds: float | None) -> str:
 def row_cells(row: dict[str, Any]) -> list[str]:
     """The table cells of a row, in :data:`COLUMNS` order."""
     online = {True: "online", False: "offline", None: "?"}[row["online"]]
+    if row["status"] and row["online"] is not False:
+        online += f" {row['status']}"
     event = row["last_event"]
     return [
         row["device"] + ("" if row["declared"] else " (undeclared)"),

@@ -104,6 +104,7 @@ def test_status_table_and_group(fleet_file: Path, fleet_reports) -> None:
     lines = result.stdout.splitlines()
     assert lines[0].split()[:3] == ["DEVICE", "ONLINE", "DEPLOYMENT"]
     cam2 = next(line for line in lines if line.startswith("cam-02"))
+    assert cam2.split()[1:3] == ["online", "serving"]
     assert "main=ocr@3>ocr@2" in cam2 and "#5 refused (smoke_test: output off by 3)" in cam2
     assert "2.0/9.5" in cam2 and "main 25%" in cam2 and "47.7 MiB" in cam2
     assert any(line.startswith("stray-7 (undeclared)") for line in lines)
