@@ -132,6 +132,8 @@ def events(
     def show(topic: str, payload: bytes) -> None:
         try:
             event = parse_event(decode(payload, topic), topic)
+            if (event.device, "events") != topics.parse_device_topic(topic):
+                raise ReportError(f"{topic}: the event names device {event.device!r}")
         except ReportError as exc:
             click.echo(f"warning: {exc}", err=True)
             return

@@ -142,6 +142,7 @@ def test_events_for_one_device_then_follow_until_ctrl_c(
         )
         yield topics.device("cam-02", "events"), event_doc("cam-02", "swap_ok")
         yield topics.device("cam-01", "events"), b"{broken"
+        yield topics.device("cam-01", "events"), event_doc("cam-02", "swap_ok")
 
     with Publisher(mosquitto.url, live):
         result = slimfleet(
@@ -152,6 +153,7 @@ def test_events_for_one_device_then_follow_until_ctrl_c(
         assert got and {e["device"] for e in got} == {"cam-01"}
         assert got[0]["type"] == "swap_failed" and got[0]["reason"] == "load failed"
         assert "warning: " in result.stderr and "not valid JSON" in result.stderr
+        assert "the event names device 'cam-02'" in result.stderr
 
         follow = start_slimfleet("events", "--fleet", fleet_file, "--follow")
         first = follow.stdout.readline()
