@@ -49,17 +49,17 @@ class PublishedModel:
 
 
 class Catalog:
-    """Manifests by (name, version), fed from a subscription; ``_lock`` guards ``models``."""
+    """Manifests by (name, version), fed from a subscription; ``_lock`` guards ``_models``."""
 
     def __init__(self, verifier: Verifier | None, problem: str | None) -> None:
         self.verifier, self.key_problem = verifier, problem
-        self.models: dict[tuple[str, int], PublishedModel] = {}
+        self._models: dict[tuple[str, int], PublishedModel] = {}
         self._lock = threading.Lock()
 
     def published(self) -> list[PublishedModel]:
         """The manifests read so far, by name then version."""
         with self._lock:
-            return sorted(self.models.values(), key=lambda m: (m.name, m.version))
+            return sorted(self._models.values(), key=lambda m: (m.name, m.version))
 
     def ingest(self, topic: str, payload: bytes) -> None:
         parts = topic.split("/")
@@ -68,9 +68,9 @@ class Catalog:
         name, version = parts[-3], int(parts[-2])
         with self._lock:
             if not payload:
-                self.models.pop((name, version), None)
-            elif len(self.models) < MAX_MANIFESTS or (name, version) in self.models:
-                self.models[(name, version)] = self._read(name, version, payload)
+                self._models.pop((name, version), None)
+            elif len(self._models) < MAX_MANIFESTS or (name, version) in self._models:
+                self._models[(name, version)] = self._read(name, version, payload)
 
     def _read(self, name: str, version: int, payload: bytes) -> PublishedModel:
         model = PublishedModel(name, version)
@@ -104,9 +104,7 @@ class Catalog:
         return model
 
 
-def read_catalog(
-    fleet: FleetConfig, *, wait_s: float = 0.0, timeout: float = DEFAULT_TIMEOUT_S
-) -> list[PublishedModel]:
+def read_catalog(fleet: FleetConfig, *, timeout: float = DEFAULT_TIMEOUT_S) -> list[PublishedModel]:
     """Every published version, sorted by name then version, with the devices running it."""
     try:
         verifier, problem = fleet.verifier(), None
@@ -123,7 +121,6 @@ def read_catalog(
         feed.subscribe(
             [f"{fleet.prefix}/models/+/+/manifest", *report_filters(fleet.topics, ("state",))]
         )
-        feed.wait(wait_s)
     running: dict[ModelRef, list[str]] = {}
     for report in view.reports():
         if report.state is None:

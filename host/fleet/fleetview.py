@@ -151,6 +151,11 @@ class FleetView:
             return None
         device, leaf = parsed
         now = self.clock()
+        try:  # parsed outside the lock: a scrape or a redraw never waits for JSON
+            report_doc, problem = _parse(device, leaf, payload), None
+        except ReportError as exc:
+            report_doc, problem = None, str(exc)
+            log.debug("%s", problem)
         with self._lock:
             report = self._devices.get(device)
             if report is None:
@@ -162,52 +167,33 @@ class FleetView:
                     return None
                 report = self._devices[device] = DeviceReport(device, declared=False)
             report.received = now
-            try:
-                self._apply(report, leaf, payload, now)
-            except ReportError as exc:
+            if problem is not None:
                 self._rejected += 1
-                report.problem = str(exc)
-                log.debug("%s", exc)
+                report.problem = problem
+            else:
+                self._apply(report, leaf, report_doc, now)
         return device
 
-    def _apply(self, report: DeviceReport, leaf: str, payload: bytes, now: float) -> None:
-        where = f"devices/{report.device}/{leaf}"
+    def _apply(self, report: DeviceReport, leaf: str, doc: Parsed, now: float) -> None:
+        """Record one parsed report (``_lock`` held)."""
         if leaf == "status":
-            if payload not in (STATUS_ONLINE, STATUS_OFFLINE, b""):
-                raise ReportError(f"{where}: expected 'online' or 'offline', got {payload[:40]!r}")
-            report.online = None if not payload else payload == STATUS_ONLINE
-            return
-        if leaf == "state" and not payload:
-            report.state = None
-            return
-        doc = decode(payload, where)
-        if leaf == "events":
-            event = parse_event(doc, where)
-            self._check_device(event.device, where, report)
-            report.last_event = event
-            label = event_label(event.type)
+            report.online = doc if isinstance(doc, bool) else None
+        elif leaf == "state":
+            report.state = doc if isinstance(doc, DeviceState) else None
+            if report.state is not None:
+                self._note_started(report, report.state.started, now)
+        elif isinstance(doc, Event):
+            report.last_event = doc
+            label = event_label(doc.type)
             report.events[label] = report.events.get(label, 0) + 1
-            self._recent.append(event)
-            return
-        if leaf == "state":
-            state = parse_state(doc, where)
-            self._check_device(state.device, where, report)
-            report.state = state
-            self._note_started(report, state.started, now)
-            return
-        telemetry = parse_telemetry(doc, where)
-        self._check_device(telemetry.device, where, report)
-        report.telemetry = telemetry
-        report.totals = {
-            slot: report.totals.get(slot, SlotTotals()).added(stats)
-            for slot, stats in telemetry.slots.items()
-        }
-        self._note_started(report, telemetry.started, now)
-
-    @staticmethod
-    def _check_device(named: str, where: str, report: DeviceReport) -> None:
-        if named != report.device:
-            raise ReportError(f"{where}: the document names device {named!r}")
+            self._recent.append(doc)
+        elif isinstance(doc, Telemetry):
+            report.telemetry = doc
+            report.totals = {
+                slot: report.totals.get(slot, SlotTotals()).added(stats)
+                for slot, stats in doc.slots.items()
+            }
+            self._note_started(report, doc.started, now)
 
     @staticmethod
     def _note_started(report: DeviceReport, started: float, now: float) -> None:
@@ -274,6 +260,29 @@ class FleetView:
         if copy.duplicate and self.clock() - copy.duplicate_seen > DUPLICATE_HOLD_S:
             copy.duplicate = None
         return copy
+
+
+Parsed = bool | DeviceState | Telemetry | Event | None
+
+
+def _parse(device: str, leaf: str, payload: bytes) -> Parsed:
+    """One report of ``device`` on ``leaf``; ReportError if malformed or about another device.
+
+    status: True/False, None when cleared; state: a DeviceState, None when cleared.
+    """
+    where = f"devices/{device}/{leaf}"
+    if leaf == "status":
+        if payload not in (STATUS_ONLINE, STATUS_OFFLINE, b""):
+            raise ReportError(f"{where}: expected 'online' or 'offline', got {payload[:40]!r}")
+        return None if not payload else payload == STATUS_ONLINE
+    if leaf == "state" and not payload:
+        return None
+    doc = decode(payload, where)
+    parser = {"state": parse_state, "telemetry": parse_telemetry, "events": parse_event}[leaf]
+    report = parser(doc, where)
+    if report.device != device:
+        raise ReportError(f"{where}: the document names device {report.device!r}")
+    return report
 
 
 def _valid_id(device: str) -> bool:
