@@ -20,7 +20,10 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "inspect": ("slimfleet.host.compress.cli", "inspect", "Describe an ONNX model."),
     "keys": ("slimfleet.host.fleet.cli", "keys", "Manage signing keys."),
     "publish": ("slimfleet.host.fleet.cli", "publish", "Sign and publish a model."),
-    "assign": ("slimfleet.host.fleet.cli", "assign", "Set the model devices should run."),
+    "assign": ("slimfleet.host.fleet.deploy_cli", "assign", "Set what devices run; wait."),
+    "unassign": ("slimfleet.host.fleet.deploy_cli", "unassign", "Empty or previous deployment."),
+    "reissue": ("slimfleet.host.fleet.deploy_cli", "reissue", "Re-sign desired states."),
+    "prune": ("slimfleet.host.fleet.deploy_cli", "prune", "Remove a published version."),
     "broker": ("slimfleet.host.fleet.cli", "broker", "Run an embedded MQTT broker."),
     "demo": ("slimfleet.host.demo", "demo", "Compress, publish and serve, end to end."),
 }
