@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "unassign": ("slimfleet.host.fleet.deploy_cli", "unassign", "Empty or previous deployment."),
     "reissue": ("slimfleet.host.fleet.deploy_cli", "reissue", "Re-sign desired states."),
     "prune": ("slimfleet.host.fleet.deploy_cli", "prune", "Remove a published version."),
+    "rollout": ("slimfleet.host.fleet.rollout_cli", "rollout", "Staged rollout; status/abort."),
     "broker": ("slimfleet.host.fleet.cli", "broker", "Run an embedded MQTT broker."),
     "demo": ("slimfleet.host.demo", "demo", "Compress, publish and serve, end to end."),
 }

@@ -1,5 +1,5 @@
 """``slimfleet assign | unassign | reissue | prune``: change what devices run, then say
-what became of it.
+what became of it (``rollout`` is in :mod:`slimfleet.host.fleet.rollout_cli`).
 
 Exit codes: 0 every targeted device serves what it was sent (or ``--no-wait``), 1 a
 device refused, went stale or did not answer within ``--timeout``, 2 bad input or an
@@ -18,7 +18,13 @@ from typing import Any
 import click
 
 from slimfleet.agent.errors import InputError, SlimfleetError
-from slimfleet.agent.wire import Deployment, DesiredState, ModelRef, SlotSpec, check_slot
+from slimfleet.agent.wire import (
+    Deployment,
+    DesiredState,
+    ModelRef,
+    SlotSpec,
+    check_slot,
+)
 from slimfleet.host.fleet import deploy
 from slimfleet.host.fleet.cli import fleet_option, json_option
 from slimfleet.host.fleet.config import FleetConfig, load_fleet

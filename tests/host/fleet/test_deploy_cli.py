@@ -192,3 +192,58 @@ def test_unassign_reissue_and_prune(cli_fleet: FleetConfig, slimfleet) -> None:
         assert run.one_line_error().startswith("error: a@1 is still used by cam-01")
         run = slimfleet("prune", "a@2", "--json")
         assert run.code == 0 and json.loads(run.out)["cleared"] >= 2
+
+
+@pytest.mark.parametrize(
+    ("args", "error"),
+    [
+        (["rollout", "a@2"], "name the group with --group"),
+        (["rollout", "a@2", "--group", "nope"], "unknown group 'nope'"),
+        (["rollout", "a@2", "--group", "all", "--waves", "0,5"], "waves: '0' must be a count"),
+        (["rollout", "a@2", "--group", "all", "--min-devices", "x"], "--min-devices: expected an"),
+        (["rollout", "a@2", "--group", "all", "--max-failure-rate", "2"], "max_failure_rate must"),
+        (["rollout", "a@2", "--group", "all", "--soak", "1 week"], "--soak: expected a duration"),
+        (["rollout", "a@2", "--group", "all", "--slot", "A"], "--slot: invalid slot name 'A'"),
+        (["rollout", "a@9", "--group", "all"], "a@9 is not published"),
+        (["rollout", "resume", "--group", "all"], "no rollout is running on group 'all'"),
+        (["rollout", "abort", "--group", "canary"], "no rollout is running on group 'canary'"),
+        (["rollout", "status", "--group", "all"], "no rollout was started on group 'all'"),
+    ],
+)
+def test_rollout_bad_input_is_one_line_and_exit_2(
+    cli_fleet: FleetConfig, slimfleet, args: list[str], error: str
+) -> None:
+    run = slimfleet(*args)
+    assert run.code == 2, run.err
+    assert run.one_line_error().startswith(f"error: {error}"), run.err
+
+
+def test_rollout_through_the_cli(cli_fleet: FleetConfig, slimfleet) -> None:
+    fast = ["--soak", "0.3s", "--timeout", "5s"]
+
+    def decide(device, desired):
+        if ModelRef("b", 1) in desired.refs():
+            return "refused", "verify", "bad signature"
+        return "serving", None, None
+
+    with DeviceSimulator(cli_fleet, cli_fleet.groups["all"], decide):
+        assert slimfleet("assign", "a@1", "--group", "all").code == 0
+        run = slimfleet("rollout", "a@2", "--group", "all", "--waves", "2,100%", *fast)
+        assert run.code == 0, run.err
+        assert (
+            run.out.splitlines()[0]
+            == "rollout of a@2 on all (slot main): waves of [2, 3] device(s)"
+        )
+        assert run.out.splitlines()[-1] == "rollout of a@2 on all: done"
+        status = slimfleet("rollout", "status", "--group", "all", "--json")
+        assert json.loads(status.out)["state"] == "done"
+
+        run = slimfleet("rollout", "b@1", "--group", "all", "--slot", "det", *fast)
+        assert run.code == 1
+        assert run.one_line_error() == "error: the rollout of b@1 on all was aborted"
+        status = slimfleet("rollout", "status", "--group", "all")
+        assert status.out.splitlines() == [
+            "rollout of b@1 on all (slot det): aborted (1 of 1 devices failed (100% > 0%): "
+            "cam-01), 0 of 2 wave(s) passed",
+            "  cam-01: wave 1, seq 3, refused",
+        ]
