@@ -26,6 +26,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "prune": ("slimfleet.host.fleet.deploy_cli", "prune", "Remove a published version."),
     "rollout": ("slimfleet.host.fleet.rollout_cli", "rollout", "Staged rollout; status/abort."),
     "broker": ("slimfleet.host.fleet.cli", "broker", "Run an embedded MQTT broker."),
+    "status": ("slimfleet.host.fleet.observe_cli", "status", "One row per device of the fleet."),
+    "events": ("slimfleet.host.fleet.observe_cli", "events", "Print device events."),
+    "models": ("slimfleet.host.fleet.observe_cli", "models", "List published models."),
+    "monitor": ("slimfleet.host.fleet.observe_cli", "monitor", "Watch the fleet live."),
+    "exporter": ("slimfleet.host.fleet.observe_cli", "exporter", "Serve Prometheus metrics."),
     "demo": ("slimfleet.host.demo", "demo", "Compress, publish and serve, end to end."),
 }
 
@@ -41,7 +46,7 @@ class LazyGroup(click.Group):
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:
-            if exc.name in ("onnx", "onnxsim", "pluggy", "amqtt"):
+            if exc.name in ("onnx", "onnxsim", "pluggy", "amqtt", "rich"):
                 raise SlimfleetError(
                     f"'slimfleet {name}' needs {exc.name}: pip install 'slimfleet[host]'"
                 ) from None
