@@ -64,6 +64,7 @@ class DeviceSimulator:
         self.lock = threading.Lock()
         self.state: dict[str, dict[str, Any]] = {}
         self.seen: dict[str, list[int]] = {d: [] for d in devices}
+        self.started = time.time()
         self._stop = threading.Event()
         self._ticker: threading.Thread | None = None
         settings = BrokerSettings.from_url(fleet.broker.url)
@@ -124,7 +125,7 @@ class DeviceSimulator:
             "schema": 2,
             "device": device,
             "ts": time.time(),
-            "started": time.time(),
+            "started": self.started,
             "status": "serving" if serving else "failed",
             "deployment": summary["deployment"] if serving else old["deployment"],
             "last_good": None,
@@ -152,5 +153,6 @@ class DeviceSimulator:
                     }
                     for slot, tiers in doc["deployment"].items()
                 }
-                body = {"schema": 2, "device": device, "ts": time.time(), "slots": slots}
+                body = {"schema": 2, "device": device, "ts": time.time(), "started": self.started}
+                body["slots"] = slots
                 self.client.publish(self.topics.device(device, "telemetry"), json.dumps(body))

@@ -29,7 +29,8 @@ from slimfleet.agent.wire import (
 )
 from slimfleet.host.fleet.config import FleetConfig
 from slimfleet.host.fleet.mqttio import BrokerLink
-from slimfleet.host.fleet.outcomes import Reported, read_states
+from slimfleet.host.fleet.outcomes import read_states
+from slimfleet.host.fleet.reports import DeviceState
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ class Current:
 
     device: str
     desired: DesiredState | None
-    state: Reported | None
+    state: DeviceState | None
 
     @property
     def deployment(self) -> Deployment:
@@ -69,7 +70,7 @@ class Current:
     @property
     def next_seq(self) -> int:
         last = self.desired.seq if self.desired else 0
-        floor = self.state.floor if self.state and self.state.floor else 0
+        floor = self.state.floor if self.state else 0
         return max(last, floor) + 1
 
 
@@ -231,7 +232,8 @@ def unassign(
     def back(current: Current) -> Deployment:
         if current.state is None or current.state.previous is None:
             raise InputError(f"{current.device} reports no previous deployment to go back to")
-        return {slot: SlotSpec(tuple(refs)) for slot, refs in current.state.previous.items()}
+        previous = current.state.previous.items()
+        return {slot: SlotSpec(tuple(refs)) for slot, refs in previous if refs}
 
     return issue(fleet, link, targets, back, rollback=True)
 

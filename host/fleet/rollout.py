@@ -11,13 +11,12 @@ rollback.
 
 The record lives retained and signed on ``<prefix>/rollouts/<group>``, so ``status``
 works from any machine and an interrupted run can ``resume`` or ``abort``.
-Bounds: telemetry is kept as one p95 per device and model; documents over
-``MAX_TELEMETRY_BYTES`` are dropped; each wave takes at most timeout + baseline + soak.
+Bounds: telemetry is kept as one p95 per device and model; documents over the reports
+module's MAX_REPORT_BYTES are dropped; a wave takes at most baseline + timeout + soak.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -38,6 +37,7 @@ from slimfleet.host.fleet import deploy
 from slimfleet.host.fleet.config import FleetConfig
 from slimfleet.host.fleet.mqttio import BrokerLink
 from slimfleet.host.fleet.outcomes import read_states, wait_for_outcomes
+from slimfleet.host.fleet.reports import ReportError, decode, parse_telemetry
 from slimfleet.host.fleet.rollout_policy import (
     Decision,
     DeviceResult,
@@ -49,7 +49,6 @@ from slimfleet.host.fleet.rollout_policy import (
 log = logging.getLogger(__name__)
 
 RUNNING, DONE, ABORTED = "running", "done", "aborted"
-MAX_TELEMETRY_BYTES = 256 * 1024
 BASELINE_S = 10.0  # at most this long (or the soak) waiting for p95s on the previous model
 CHECK_S = 0.5  # how often the soak re-reads device states
 
@@ -169,15 +168,12 @@ class TelemetryWatch:
 def slot_p95(payload: bytes, slot: str) -> tuple[ModelRef, float] | None:
     """(model serving ``slot``, its p95 ms) from a telemetry document, or None."""
     try:
-        if len(payload) > MAX_TELEMETRY_BYTES:
-            return None
-        entry = json.loads(payload)["slots"][slot]
-        p95 = entry["latency_ms"]["p95"]
-        if isinstance(p95, bool) or not isinstance(p95, (int, float)):
-            return None
-        return ModelRef.from_dict(entry["model"]), float(p95)
-    except (ValueError, TypeError, KeyError):
+        stats = parse_telemetry(decode(payload, "telemetry")).slots.get(slot)
+    except ReportError:
         return None
+    if stats is None or stats.model is None or stats.latency is None:
+        return None
+    return stats.model, stats.latency.p95
 
 
 def _first_model(deployment: dict[str, Any], slot: str) -> ModelRef | None:
@@ -268,8 +264,8 @@ class Driver:
                 touched, state = record.devices[device], states.get(device)
                 serves = (
                     state is not None
-                    and state.desired_seq == sent[device]
-                    and state.deployment.get(record.slot, [None])[0] == record.target
+                    and state.outcome_for(sent[device]) is not None
+                    and state.deployment.get(record.slot, (None,))[0] == record.target
                 )
                 if touched.result == "serving" and not serves:
                     touched.result = "unhealthy"

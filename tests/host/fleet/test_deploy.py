@@ -11,6 +11,7 @@ from pathlib import Path
 import models
 import pytest
 from devicesim import DeviceSimulator
+from reportdocs import state_doc
 
 from slimfleet.agent.errors import InputError, SlimfleetError, VerifyError
 from slimfleet.agent.signing import Signer, load_private_key
@@ -78,9 +79,7 @@ def test_seq_continues_from_the_reported_floor_and_ignores_a_forged_desired_stat
 ) -> None:
     fleet = published
     with DeviceSimulator(fleet, ["cam-01"]) as sim:
-        sim.publish_state(
-            "cam-01", {"schema": 2, "device": "cam-01", "deployment": {}, "floor": 41}
-        )
+        sim.publish_state("cam-01", state_doc("cam-01", desired={"seq": 41}))
         # a desired state signed by a key the fleet does not trust, claiming seq 1000
         generate_keys(tmp_path / "evil.key", tmp_path / "evil.pub")
         evil = Signer(load_private_key(tmp_path / "evil.key"))

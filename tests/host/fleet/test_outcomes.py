@@ -3,12 +3,12 @@ pending, superseded, silent devices, and unreadable state documents."""
 
 from __future__ import annotations
 
-import json
 import time
 
 import models
 import pytest
 from devicesim import DeviceSimulator
+from reportdocs import state_doc
 
 from slimfleet.agent.wire import ModelRef
 from slimfleet.host.fleet import deploy
@@ -19,10 +19,11 @@ from slimfleet.host.fleet.outcomes import (
     SUPERSEDED,
     Outcome,
     outcome_of,
-    parse_state,
+    read_states,
     wait_for_outcomes,
 )
 from slimfleet.host.fleet.publish import publish_model
+from slimfleet.host.fleet.reports import DeviceState, parse_state
 
 
 @pytest.fixture
@@ -31,32 +32,34 @@ def published_a1(fleet: FleetConfig, tmp_path) -> ModelRef:
     return ModelRef("a", 1)
 
 
-def state(seq: int, outcome: str, **extra: object) -> bytes:
-    desired = {"seq": seq, "outcome": outcome, "stage": None, "reason": None} | extra
-    return json.dumps({"schema": 2, "device": "d", "desired": desired, "floor": seq}).encode()
+def state(seq: int, outcome: str, **extra: object) -> DeviceState:
+    return parse_state(state_doc("d", desired={"seq": seq, "outcome": outcome, **extra}))
 
 
 def test_outcome_of_a_state_document() -> None:
     assert outcome_of("d", 3, None).outcome == NO_ANSWER
-    assert outcome_of("d", 3, parse_state("d", state(2, "serving"))).outcome == NO_ANSWER
-    assert outcome_of("d", 3, parse_state("d", state(3, "pending"))).outcome == PENDING
-    assert outcome_of("d", 3, parse_state("d", state(4, "serving"))).outcome == SUPERSEDED
-    assert outcome_of("d", 3, parse_state("d", state(3, "serving"))).ok
-    refused = outcome_of(
-        "d", 3, parse_state("d", state(3, "refused", stage="smoke_test", reason="output differs"))
-    )
+    assert outcome_of("d", 3, parse_state(state_doc("d"))).outcome == NO_ANSWER
+    assert outcome_of("d", 3, state(2, "serving")).outcome == NO_ANSWER
+    assert outcome_of("d", 3, state(3, "pending")).outcome == PENDING
+    assert outcome_of("d", 3, state(4, "serving")).outcome == SUPERSEDED
+    assert outcome_of("d", 3, state(3, "serving")).ok
+    refused = outcome_of("d", 3, state(3, "refused", stage="smoke_test", reason="output differs"))
     assert not refused.ok
     assert refused.line() == "d: refused at smoke_test: output differs"
 
 
 @pytest.mark.parametrize(
     "payload",
-    [b"not json", b"[1, 2]", b'{"desired": {"seq": "x"}, "previous": [1]}', b"x" * 300_000],
+    [b"not json", b"[1, 2]", b'{"schema": 2, "device": "cam-01"}', b"{" * 300_000],
 )
-def test_unreadable_state_documents_are_no_answer(payload: bytes) -> None:
-    parsed = parse_state("d", payload)
-    assert parsed is None or parsed.desired_seq is None
-    assert outcome_of("d", 1, parsed).outcome == NO_ANSWER
+def test_unreadable_state_documents_are_no_answer(
+    fleet: FleetConfig, payload: bytes, published_a1: ModelRef
+) -> None:
+    with deploy.connect(fleet) as link:
+        link.publish_all([(fleet.topics.device("cam-01", "state"), payload)], confirm=False)
+        assert read_states(link, fleet.topics, ["cam-01"]) == {}
+        [outcome] = wait_for_outcomes(link, fleet.topics, {"cam-01": 1}, 0.3)
+    assert outcome.outcome == NO_ANSWER
 
 
 def test_waits_for_serving_refused_and_silent_devices(
