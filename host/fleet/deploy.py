@@ -68,6 +68,14 @@ class Current:
         return dict(self.desired.deployment) if self.desired else {}
 
     @property
+    def running(self) -> Deployment:
+        """Its desired deployment; without a verified one, what its state reports running
+        (models only); else nothing. What a rollback should bring it back to."""
+        if self.desired is not None or self.state is None:
+            return self.deployment
+        return {slot: SlotSpec(refs) for slot, refs in self.state.deployment.items() if refs}
+
+    @property
     def next_seq(self) -> int:
         last = self.desired.seq if self.desired else 0
         floor = self.state.floor if self.state else 0

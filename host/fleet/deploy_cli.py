@@ -117,6 +117,8 @@ def report(
     """Wait for the outcomes (unless told not to), print one line per device, set the
     exit code: 0 when every device serves, 1 (and one line naming them) otherwise."""
     timeout_s = parse_duration(timeout, "--timeout")
+    if not issued and not as_json:
+        click.echo("no device had anything to change")
     if wait:
         outcomes = wait_for_outcomes(
             link, fleet.topics, {d.device: d.seq for d in issued}, timeout_s

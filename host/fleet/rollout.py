@@ -216,7 +216,7 @@ class Driver:
         new = [d for d in devices if d not in record.devices]
         currents = deploy.read_current(self.link, self.fleet, new)
         for device in new:  # saved before anything is sent: an abort can always restore
-            previous = deployment_to_dict(currents[device].deployment)
+            previous = deployment_to_dict(currents[device].running)
             record.devices[device] = Touched(previous, index)
         save_record(self.link, self.fleet, record)
         unsent = [d for d in devices if record.devices[d].seq is None]  # resume sends these

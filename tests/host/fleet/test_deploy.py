@@ -177,3 +177,14 @@ def test_prune_refuses_while_a_device_uses_the_version(
         deploy.prune(fleet, link, A2)
     deploy.prune(fleet, link, A1, force=True)
     assert link.read_retained([fleet.topics.manifest("a", 1)]) == {}
+
+
+def test_what_a_device_runs_without_a_desired_state_comes_from_its_state(
+    fleet: FleetConfig, link: BrokerLink
+) -> None:
+    with DeviceSimulator(fleet, ["cam-01"]) as sim:
+        sim.publish_state("cam-01", state_doc("cam-01"))  # serving ocr@3 in slot main
+        current = deploy.read_current(link, fleet, ["cam-01", "cam-02"])
+    assert current["cam-01"].desired is None and current["cam-01"].deployment == {}
+    assert current["cam-01"].running == deploy.main_slot(ModelRef("ocr", 3))
+    assert current["cam-02"].running == {} and current["cam-02"].next_seq == 1
