@@ -25,6 +25,8 @@ from slimfleet.agent.wire import (
     Manifest,
     ModelRef,
     SlotSpec,
+    deployment_from_dict,
+    deployment_to_dict,
     parse_json,
 )
 from slimfleet.host.fleet.config import FleetConfig
@@ -121,7 +123,7 @@ def check_published(
     allow_expired: bool = False,
 ) -> None:
     """Every ref must be published with a manifest the fleet's key verifies; InputError
-    naming the first that is not. An expired one passes only with ``allow_expired``."""
+    (exit 2) naming the first that is not. An expired one passes only with ``allow_expired``."""
     refs = sorted(set(refs))
     topics = {fleet.topics.manifest(r.name, r.version): r for r in refs}
     payloads = link.read_retained(list(topics)) if topics else {}
@@ -132,9 +134,12 @@ def check_published(
                 f"{ref} is not published on {fleet.broker.url} under {fleet.prefix}: "
                 "run 'slimfleet publish' first"
             )
-        manifest = Manifest.from_dict(verifier.verify(payloads[topic], topic))
-        if (manifest.name, manifest.version) != (ref.name, ref.version):
-            raise VerifyError(f"{topic}: the manifest describes {manifest.name}@{manifest.version}")
+        try:
+            manifest = Manifest.from_dict(verifier.verify(payloads[topic], topic))
+            if (manifest.name, manifest.version) != (ref.name, ref.version):
+                raise VerifyError(f"it describes {manifest.name}@{manifest.version}")
+        except VerifyError as exc:
+            raise InputError(f"the published manifest of {ref} does not verify: {exc}") from None
         if manifest.expired():
             if not allow_expired:
                 raise InputError(f"{ref} has expired: publish a new version")
@@ -165,6 +170,11 @@ def issue(
     check_clock(currents.values(), now)
     plans = {d: plan(c) for d, c in currents.items()}
     plans = {d: p for d, p in plans.items() if p is not None}
+    for device, deployment in plans.items():  # the contract's limits (slots, tiers, urls)
+        try:
+            deployment_from_dict(deployment_to_dict(deployment), f"{device}'s deployment")
+        except VerifyError as exc:
+            raise InputError(str(exc)) from None
     refs = [ref for p in plans.values() for spec in p.values() for ref in spec.models]
     expired_ok = bool(rollback) if allow_expired is None else allow_expired
     check_published(link, fleet, refs, allow_expired=expired_ok)

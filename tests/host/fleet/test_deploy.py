@@ -13,7 +13,7 @@ import pytest
 from devicesim import DeviceSimulator
 from reportdocs import state_doc
 
-from slimfleet.agent.errors import InputError, SlimfleetError, VerifyError
+from slimfleet.agent.errors import InputError, SlimfleetError
 from slimfleet.agent.signing import Signer, load_private_key
 from slimfleet.agent.wire import (
     SLOT_MAIN,
@@ -116,7 +116,9 @@ def test_every_version_must_be_published_and_verify(
 
     generate_keys(tmp_path / "new" / "k", tmp_path / "new" / "k.pub")
     rekeyed = replace(fleet, private_key=tmp_path / "new/k", public_key=tmp_path / "new/k.pub")
-    with pytest.raises(VerifyError, match="signed by unknown key"):
+    with pytest.raises(
+        InputError, match="manifest of a@1 does not verify: .*signed by unknown key"
+    ):
         deploy.assign(rekeyed, link, deploy.main_slot(A1), ["cam-01"])
 
 
@@ -188,3 +190,19 @@ def test_what_a_device_runs_without_a_desired_state_comes_from_its_state(
     assert current["cam-01"].desired is None and current["cam-01"].deployment == {}
     assert current["cam-01"].running == deploy.main_slot(ModelRef("ocr", 3))
     assert current["cam-02"].running == {} and current["cam-02"].next_seq == 1
+
+
+def test_a_merged_deployment_must_stay_within_the_contract(
+    published: FleetConfig, link: BrokerLink
+) -> None:
+    fleet = published
+    slots = {f"s{i}": SlotSpec((A1,)) for i in range(20)}
+    deploy.assign(fleet, link, slots, ["cam-01"])
+    more = {f"t{i}": SlotSpec((A2,)) for i in range(20)}
+    with pytest.raises(InputError, match="cam-01's deployment: expected an object of at most 32"):
+        deploy.assign(fleet, link, more, ["cam-01"])
+    with pytest.raises(InputError, match=r"cam-01's deployment.main.remote.url: expected an http"):
+        deploy.assign(
+            fleet, link, {SLOT_MAIN: SlotSpec((A1,), None, RemoteTier("file:///x"))}, ["cam-01"]
+        )
+    assert len(retained_desired(link, fleet, "cam-01").deployment) == 20
