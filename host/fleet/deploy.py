@@ -32,7 +32,7 @@ from slimfleet.agent.wire import (
 from slimfleet.host.fleet.config import FleetConfig
 from slimfleet.host.fleet.mqttio import BrokerLink
 from slimfleet.host.fleet.outcomes import read_states
-from slimfleet.host.fleet.reports import DeviceState
+from slimfleet.host.fleet.reports import OUTCOME_SERVING, DeviceState
 
 log = logging.getLogger(__name__)
 
@@ -71,11 +71,17 @@ class Current:
 
     @property
     def running(self) -> Deployment:
-        """Its desired deployment; without a verified one, what its state reports running
-        (models only); else nothing. What a rollback should bring it back to."""
-        if self.desired is not None or self.state is None:
+        """What the device serves, i.e. what a rollback should bring it back to: its
+        desired deployment (gates and remotes included) when its state reports serving
+        that seq, else the deployment its state reports (models only); with no state,
+        the desired one."""
+        state, desired = self.state, self.desired
+        if state is None:
             return self.deployment
-        return {slot: SlotSpec(refs) for slot, refs in self.state.deployment.items() if refs}
+        report = state.outcome_for(desired.seq) if desired is not None else None
+        if report is not None and report.outcome == OUTCOME_SERVING:
+            return self.deployment
+        return {slot: SlotSpec(refs) for slot, refs in state.deployment.items() if refs}
 
     @property
     def next_seq(self) -> int:

@@ -181,15 +181,30 @@ def test_prune_refuses_while_a_device_uses_the_version(
     assert link.read_retained([fleet.topics.manifest("a", 1)]) == {}
 
 
-def test_what_a_device_runs_without_a_desired_state_comes_from_its_state(
-    fleet: FleetConfig, link: BrokerLink
+def test_what_a_device_runs_comes_from_its_state_unless_it_serves_its_desired_state(
+    published: FleetConfig, link: BrokerLink
 ) -> None:
-    with DeviceSimulator(fleet, ["cam-01"]) as sim:
-        sim.publish_state("cam-01", state_doc("cam-01"))  # serving ocr@3 in slot main
+    fleet = published
+    gated = {SLOT_MAIN: SlotSpec((A2, A1), Gate("max_prob", 0.5))}
+
+    def decide(device, desired):
+        if device == "cam-02":
+            return "refused", "smoke_test", "outputs differ"
+        return "serving", None, None
+
+    with DeviceSimulator(fleet, ["cam-01", "cam-02"], decide) as sim:
+        sim.publish_state("cam-02", state_doc("cam-02"))  # serving ocr@3 in slot main
+        current = deploy.read_current(link, fleet, ["cam-01", "cam-02", "gate-01"])
+        assert current["cam-02"].desired is None and current["cam-02"].deployment == {}
+        assert current["cam-02"].running == deploy.main_slot(ModelRef("ocr", 3))
+        assert current["gate-01"].running == {} and current["gate-01"].next_seq == 1
+
+        sent = deploy.assign(fleet, link, gated, ["cam-01", "cam-02"])
+        wait_for_outcomes(link, fleet.topics, {d.device: d.seq for d in sent}, 10)
         current = deploy.read_current(link, fleet, ["cam-01", "cam-02"])
-    assert current["cam-01"].desired is None and current["cam-01"].deployment == {}
-    assert current["cam-01"].running == deploy.main_slot(ModelRef("ocr", 3))
-    assert current["cam-02"].running == {} and current["cam-02"].next_seq == 1
+    assert current["cam-01"].running == gated  # serves it: the full spec, gate included
+    assert current["cam-02"].deployment == gated  # refused it: still on ocr@3
+    assert current["cam-02"].running == deploy.main_slot(ModelRef("ocr", 3))
 
 
 def test_a_merged_deployment_must_stay_within_the_contract(
