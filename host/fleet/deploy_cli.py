@@ -261,7 +261,8 @@ def reissue(
             f"--every {every} is not shorter than desired_ttl_s ({fleet.desired_ttl_s:g}s): "
             "desired states would expire between rounds"
         )
-    reissue_loop(fleet, targets, interval, rounds, wait=wait, timeout_s=timeout_s)
+    wait_s = parse_duration(timeout_s, "--timeout")
+    reissue_loop(fleet, targets, interval, rounds, wait=wait, timeout_s=wait_s, as_json=as_json)
 
 
 def reissue_loop(
@@ -271,10 +272,12 @@ def reissue_loop(
     rounds: int | None,
     *,
     wait: bool,
-    timeout_s: str,
+    timeout_s: float,
+    as_json: bool = False,
 ) -> None:
-    """One round per ``interval`` seconds, one line per round; a failed round (broker
-    down, ...) is reported and the next one tried. ``rounds`` bounds the loop."""
+    """One round per ``interval`` seconds, one line per round (a JSON object with
+    ``as_json``); a failed round (broker down, ...) is reported on stderr and the next
+    one tried. ``rounds`` bounds the loop (tests); otherwise it runs until interrupted."""
     done = 0
     while rounds is None or done < rounds:
         started = time.monotonic()
@@ -282,22 +285,23 @@ def reissue_loop(
         try:
             with deploy.connect(fleet) as link:
                 issued = deploy.reissue(fleet, link, targets)
+                expected = {d.device: d.seq for d in issued}
                 outcomes = (
-                    wait_for_outcomes(
-                        link,
-                        fleet.topics,
-                        {d.device: d.seq for d in issued},
-                        parse_duration(timeout_s, "--timeout"),
-                    )
-                    if wait
-                    else []
+                    wait_for_outcomes(link, fleet.topics, expected, timeout_s) if wait else []
                 )
-            serving = sum(o.ok for o in outcomes)
-            shown = ", ".join(f"{d.device}@seq{d.seq}" for d in issued) or "nothing"
-            tail = f"; {serving} of {len(issued)} serving" if wait else ""
-            click.echo(f"round {done}: re-signed {len(issued)} desired state(s): {shown}{tail}")
         except SlimfleetError as exc:
             click.echo(f"round {done}: error: {exc}", err=True)
+        else:
+            serving = sum(o.ok for o in outcomes)
+            if as_json:
+                rows = [o.to_dict() for o in outcomes] or [
+                    {"device": d, "seq": seq} for d, seq in expected.items()
+                ]
+                click.echo(json.dumps({"round": done, "devices": rows}, sort_keys=True))
+            else:
+                shown = ", ".join(f"{d}@seq{seq}" for d, seq in expected.items()) or "nothing"
+                tail = f"; {serving} of {len(issued)} serving" if wait else ""
+                click.echo(f"round {done}: re-signed {len(issued)} desired state(s): {shown}{tail}")
         if rounds is not None and done >= rounds:
             break
         time.sleep(max(0.0, interval - (time.monotonic() - started)))

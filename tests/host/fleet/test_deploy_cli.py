@@ -17,6 +17,7 @@ from slimfleet.agent.wire import SLOT_MAIN, ModelRef
 from slimfleet.host.cli import main
 from slimfleet.host.fleet import deploy
 from slimfleet.host.fleet.config import BROKER_ENV, FleetConfig, load_fleet
+from slimfleet.host.fleet.deploy_cli import reissue_loop
 from slimfleet.host.fleet.keys import generate_keys
 from slimfleet.host.fleet.publish import publish_model
 
@@ -247,3 +248,23 @@ def test_rollout_through_the_cli(cli_fleet: FleetConfig, slimfleet) -> None:
             "cam-01), 0 of 2 wave(s) passed",
             "  cam-01: wave 1, seq 3, refused",
         ]
+
+
+def test_reissue_loop_reports_a_failed_round_and_goes_on(
+    cli_fleet: FleetConfig, slimfleet, capsys
+) -> None:
+    down = cli_fleet.with_broker_url(f"mqtt://127.0.0.1:{free_port()}")
+    reissue_loop(down, ["cam-01"], 0.1, 2, wait=True, timeout_s=1.0)
+    err = capsys.readouterr().err.splitlines()
+    assert [line.split(":")[0] for line in err] == ["round 1", "round 2"]
+    assert "error: cannot reach the MQTT broker" in err[0]
+
+    with DeviceSimulator(cli_fleet, ["cam-01"]):
+        assert slimfleet("assign", "a@1", "--device", "cam-01").code == 0
+        run = slimfleet("reissue", "--device", "cam-01", "--every", "1s", "--rounds", "1", "--json")
+    assert json.loads(run.out) == {
+        "round": 1,
+        "devices": [
+            {"device": "cam-01", "seq": 2, "outcome": "serving", "stage": None, "reason": None}
+        ],
+    }
