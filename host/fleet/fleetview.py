@@ -31,7 +31,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 
-from slimfleet.agent.wire import Topics
+from slimfleet.agent.wire import Topics, check_name
 from slimfleet.host.fleet.reports import (
     DUPLICATE_HOLD_S,
     MAX_DEVICES,
@@ -118,7 +118,7 @@ class DeviceReport:
 class FleetView:
     """Per-device reports built from the messages it is fed; thread-safe.
 
-    ``_lock`` guards ``_devices``, ``_recent``, ``rejected`` and ``dropped``: the paho
+    ``_lock`` guards ``_devices``, ``_recent``, ``_rejected`` and ``_dropped``: the paho
     thread feeds the view while a scrape or a redraw reads it.
     """
 
@@ -136,8 +136,8 @@ class FleetView:
         self._lock = threading.Lock()
         self._devices = {d: DeviceReport(d, declared=True) for d in declared}
         self._recent: deque[Event] = deque(maxlen=RECENT_EVENTS)
-        self.rejected = 0  # malformed reports
-        self.dropped = 0  # reports of undeclared devices over max_devices
+        self._rejected = 0  # malformed reports
+        self._dropped = 0  # reports of undeclared devices over max_devices
 
     # -- feeding ---------------------------------------------------------------
     def ingest(self, topic: str, payload: bytes) -> str | None:
@@ -154,15 +154,18 @@ class FleetView:
         with self._lock:
             report = self._devices.get(device)
             if report is None:
+                if not _valid_id(device):  # not an id an agent accepts: never a label
+                    self._rejected += 1
+                    return None
                 if len(self._devices) >= self.max_devices:
-                    self.dropped += 1
+                    self._dropped += 1
                     return None
                 report = self._devices[device] = DeviceReport(device, declared=False)
             report.received = now
             try:
                 self._apply(report, leaf, payload, now)
             except ReportError as exc:
-                self.rejected += 1
+                self._rejected += 1
                 report.problem = str(exc)
                 log.debug("%s", exc)
         return device
@@ -223,6 +226,18 @@ class FleetView:
             del starts[:-STARTS_KEPT]
 
     # -- reading ---------------------------------------------------------------
+    @property
+    def rejected(self) -> int:
+        """Malformed reports (and reports on topics no agent could own) ignored so far."""
+        with self._lock:
+            return self._rejected
+
+    @property
+    def dropped(self) -> int:
+        """Reports of undeclared devices ignored because max_devices were tracked."""
+        with self._lock:
+            return self._dropped
+
     def get(self, device: str) -> DeviceReport | None:
         """A copy of one device's report, None if nothing is known about it."""
         with self._lock:
@@ -259,6 +274,14 @@ class FleetView:
         if copy.duplicate and self.clock() - copy.duplicate_seen > DUPLICATE_HOLD_S:
             copy.duplicate = None
         return copy
+
+
+def _valid_id(device: str) -> bool:
+    try:
+        check_name(device)
+    except ValueError:
+        return False
+    return True
 
 
 def _id(report: DeviceReport) -> str:

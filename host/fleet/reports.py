@@ -90,14 +90,13 @@ class _Fields:
     def error(self, key: str, message: str) -> ReportError:
         return ReportError(f"{self.what}.{key}: {message}")
 
-    def _get(self, key: str, optional: bool) -> Any:
-        value = self.doc.get(key)
-        if value is None and not optional:
+    def _required(self, key: str, value: Any) -> Any:
+        if value is None:
             raise self.error(key, "missing")
         return value
 
-    def number(self, key: str, optional: bool = False) -> float | None:
-        value = self._get(key, optional)
+    def maybe_number(self, key: str) -> float | None:
+        value = self.doc.get(key)
         if value is None:
             return None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -106,27 +105,36 @@ class _Fields:
             raise self.error(key, f"expected a finite number, got {value!r}")
         return float(value)
 
+    def number(self, key: str) -> float:
+        return self._required(key, self.maybe_number(key))
+
     def count(self, key: str, optional: bool = False) -> int:
         """A non-negative integer (0 when optional and absent)."""
-        value = self._get(key, optional)
+        value = self.doc.get(key)
         if value is None:
-            return 0
+            return 0 if optional else self._required(key, value)
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise self.error(key, f"expected an integer >= 0, got {value!r}")
         return value
 
-    def text(self, key: str, optional: bool = False) -> str | None:
-        value = self._get(key, optional)
+    def maybe_text(self, key: str) -> str | None:
+        value = self.doc.get(key)
         if value is not None and not isinstance(value, str):
             raise self.error(key, f"expected a string, got {value!r}")
         return value
 
-    def obj(self, key: str, optional: bool = False) -> _Fields | None:
-        value = self._get(key, optional)
+    def text(self, key: str) -> str:
+        return self._required(key, self.maybe_text(key))
+
+    def maybe_obj(self, key: str) -> _Fields | None:
+        value = self.doc.get(key)
         return None if value is None else _Fields(value, f"{self.what}.{key}")
 
-    def ref(self, key: str, optional: bool = False) -> ModelRef | None:
-        value = self._get(key, optional)
+    def obj(self, key: str) -> _Fields:
+        return self._required(key, self.maybe_obj(key))
+
+    def maybe_ref(self, key: str) -> ModelRef | None:
+        value = self.doc.get(key)
         if value is None:
             return None
         try:
@@ -134,9 +142,9 @@ class _Fields:
         except (TypeError, ValueError) as exc:
             raise self.error(key, str(exc)) from None
 
-    def slots(self, key: str, optional: bool = False) -> dict[str, Any] | None:
+    def maybe_slots(self, key: str) -> dict[str, Any] | None:
         """An object keyed by valid slot names (at most MAX_SLOTS), values unchecked."""
-        value = self._get(key, optional)
+        value = self.doc.get(key)
         if value is None:
             return None
         if not isinstance(value, dict) or len(value) > MAX_SLOTS:
@@ -148,9 +156,9 @@ class _Fields:
                 raise self.error(key, str(exc)) from None
         return value
 
-    def deployment(self, key: str, optional: bool = False) -> DeploymentRefs | None:
+    def maybe_deployment(self, key: str) -> DeploymentRefs | None:
         """``{slot: [{"name", "version"}, ...]}``."""
-        slots = self.slots(key, optional)
+        slots = self.maybe_slots(key)
         if slots is None:
             return None
         out: DeploymentRefs = {}
@@ -213,26 +221,26 @@ def parse_state(doc: Any, what: str = "state") -> DeviceState:
     f = _Fields(doc, what)
     f.schema()
     desired = None
-    d = f.obj("desired", optional=True)
+    d = f.maybe_obj("desired")
     if d is not None:
         desired = DesiredReport(
             seq=d.count("seq"),
-            issued=d.number("issued"),  # type: ignore[arg-type]
-            expires=d.number("expires"),  # type: ignore[arg-type]
+            issued=d.number("issued"),
+            expires=d.number("expires"),
             rollback=bool(d.doc.get("rollback", False)),
-            deployment=d.deployment("deployment", optional=True) or {},
-            outcome=d.text("outcome"),  # type: ignore[arg-type]
-            stage=d.text("stage", optional=True),
-            reason=d.text("reason", optional=True),
+            deployment=d.maybe_deployment("deployment") or {},
+            outcome=d.text("outcome"),
+            stage=d.maybe_text("stage"),
+            reason=d.maybe_text("reason"),
         )
     return DeviceState(
-        device=f.text("device"),  # type: ignore[arg-type]
-        ts=f.number("ts"),  # type: ignore[arg-type]
-        started=f.number("started"),  # type: ignore[arg-type]
-        status=f.text("status"),  # type: ignore[arg-type]
-        deployment=f.deployment("deployment", optional=True) or {},
-        last_good=f.deployment("last_good", optional=True),
-        previous=f.deployment("previous", optional=True),
+        device=f.text("device"),
+        ts=f.number("ts"),
+        started=f.number("started"),
+        status=f.text("status"),
+        deployment=f.maybe_deployment("deployment") or {},
+        last_good=f.maybe_deployment("last_good"),
+        previous=f.maybe_deployment("previous"),
         desired=desired,
         floor=f.count("floor", optional=True),
     )
@@ -248,10 +256,10 @@ class Latency:
 
 
 def _latency(f: _Fields, key: str) -> Latency | None:
-    lat = f.obj(key, optional=True)
+    lat = f.maybe_obj(key)
     if lat is None:
         return None
-    return Latency(lat.number("p50"), lat.number("p95"), lat.number("p99", optional=True))  # type: ignore[arg-type]
+    return Latency(lat.number("p50"), lat.number("p95"), lat.maybe_number("p99"))
 
 
 @dataclass(frozen=True)
@@ -295,22 +303,29 @@ class Telemetry:
 
 def _slot_stats(f: _Fields) -> SlotStats:
     tiers: dict[str, TierStats] = {}
-    t = f.obj("tiers", optional=True)
+    t = f.maybe_obj("tiers")
     if t is not None:
         if len(t.doc) > MAX_TIERS + 1:
             raise f.error("tiers", f"more than {MAX_TIERS} local tiers and a remote")
         for name in t.doc:
+            if name != "remote":
+                try:
+                    ModelRef.parse(name)
+                except ValueError as exc:
+                    raise t.error(
+                        name[:80], f"a tier is 'name@version' or 'remote': {exc}"
+                    ) from None
             tier = t.obj(name)
             tiers[str(name)] = TierStats(
                 tier.count("runs", optional=True), _latency(tier, "latency_ms")
-            )  # type: ignore[union-attr]
+            )
     return SlotStats(
-        model=f.ref("model", optional=True),
+        model=f.maybe_ref("model"),
         requests=f.count("requests", optional=True),
         errors=f.count("errors", optional=True),
         client_errors=f.count("client_errors", optional=True),
         escalations=f.count("escalations", optional=True),
-        throughput_rps=f.number("throughput_rps", optional=True) or 0.0,
+        throughput_rps=f.maybe_number("throughput_rps") or 0.0,
         latency=_latency(f, "latency_ms"),
         tiers=tiers,
     )
@@ -320,15 +335,15 @@ def parse_telemetry(doc: Any, what: str = "telemetry") -> Telemetry:
     """A :class:`Telemetry` from a decoded ``telemetry`` document; ReportError if malformed."""
     f = _Fields(doc, what)
     f.schema()
-    slots = f.slots("slots", optional=True) or {}
+    slots = f.maybe_slots("slots") or {}
     return Telemetry(
-        device=f.text("device"),  # type: ignore[arg-type]
-        ts=f.number("ts"),  # type: ignore[arg-type]
-        started=f.number("started"),  # type: ignore[arg-type]
-        uptime_s=f.number("uptime_s", optional=True) or 0.0,
-        interval_s=f.number("interval_s", optional=True) or 0.0,
+        device=f.text("device"),
+        ts=f.number("ts"),
+        started=f.number("started"),
+        uptime_s=f.maybe_number("uptime_s") or 0.0,
+        interval_s=f.maybe_number("interval_s") or 0.0,
         rss_bytes=f.count("rss_bytes", optional=True),
-        cpu_percent=f.number("cpu_percent", optional=True) or 0.0,
+        cpu_percent=f.maybe_number("cpu_percent") or 0.0,
         slots={s: _slot_stats(_Fields(v, f"{what}.slots.{s}")) for s, v in slots.items()},
     )
 
@@ -356,13 +371,13 @@ def parse_event(doc: Any, what: str = "event") -> Event:
         raise f.error("type", "must not be empty")
     return Event(
         type=kind,
-        ts=f.number("ts"),  # type: ignore[arg-type]
-        device=f.text("device"),  # type: ignore[arg-type]
-        slot=f.text("slot", optional=True),
-        model=f.ref("model", optional=True),
+        ts=f.number("ts"),
+        device=f.text("device"),
+        slot=f.maybe_text("slot"),
+        model=f.maybe_ref("model"),
         seq=f.count("seq") if f.doc.get("seq") is not None else None,
-        stage=f.text("stage", optional=True),
-        reason=f.text("reason", optional=True),
+        stage=f.maybe_text("stage"),
+        reason=f.maybe_text("reason"),
         fields=dict(f.doc),
     )
 

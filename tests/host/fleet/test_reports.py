@@ -159,3 +159,12 @@ def test_view_caps_undeclared_devices(prefix) -> None:
         view.ingest(topics.device(device, "status"), b"online")
     assert [r.device for r in view.reports()] == ["a", "b"] and view.dropped == 1
     assert view.ingest(f"{prefix}/models/x/1/manifest", b"{}") is None
+    assert view.ingest(topics.device("-" * 300, "status"), b"online") is None
+    assert view.rejected == 1 and len(view.reports()) == 2
+
+
+def test_tier_names_must_be_model_refs_or_remote() -> None:
+    doc = telemetry_doc("d", slots={"rec": {"tiers": 2}})
+    doc["slots"]["rec"]["tiers"]["x" * 5000] = {"runs": 1}
+    with pytest.raises(ReportError, match="a tier is 'name@version' or 'remote'"):
+        parse_telemetry(doc)
