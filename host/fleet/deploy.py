@@ -36,6 +36,10 @@ from slimfleet.host.fleet.reports import OUTCOME_SERVING, DeviceState
 
 log = logging.getLogger(__name__)
 
+# Agents drop a desired-state message over 64 KiB unread (their per-topic limit); a real
+# one is a few KiB (32 slots x 8 tiers at most), so only huge URLs or names reach this.
+MAX_DESIRED_BYTES = 64 * 1024
+
 
 class BrokerUnreachable(SlimfleetError):
     """The broker cannot be reached: the command could not even start (exit 2)."""
@@ -200,8 +204,14 @@ def issue(
             expires=now + fleet.desired_ttl_s,
             rollback=flag,
         )
+        envelope = signer.sign(desired.to_dict())
+        if len(envelope) > MAX_DESIRED_BYTES:
+            raise InputError(
+                f"the desired state of {device} would be {len(envelope)} bytes, over the "
+                f"{MAX_DESIRED_BYTES} devices accept: shorten remote URLs or gate names"
+            )
         issued.append(desired)
-        messages.append((fleet.topics.device(device, "desired"), signer.sign(desired.to_dict())))
+        messages.append((fleet.topics.device(device, "desired"), envelope))
     link.publish_all(messages)
     return issued
 

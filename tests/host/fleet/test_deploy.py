@@ -221,3 +221,12 @@ def test_a_merged_deployment_must_stay_within_the_contract(
             fleet, link, {SLOT_MAIN: SlotSpec((A1,), None, RemoteTier("file:///x"))}, ["cam-01"]
         )
     assert len(retained_desired(link, fleet, "cam-01").deployment) == 20
+
+
+def test_a_desired_state_over_the_devices_limit_is_refused(
+    published: FleetConfig, link: BrokerLink
+) -> None:
+    remote = RemoteTier("https://x.example/" + "a" * 70_000)
+    with pytest.raises(InputError, match=r"desired state of cam-01 would be \d+ bytes, over"):
+        deploy.assign(published, link, {SLOT_MAIN: SlotSpec((A1,), None, remote)}, ["cam-01"])
+    assert retained_desired(link, published, "cam-01") is None
