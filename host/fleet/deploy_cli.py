@@ -65,10 +65,6 @@ def parse_slot(text: str) -> tuple[str, ModelRef]:
     return slot, parse_ref(ref, f"--slot {text!r}")
 
 
-def targets_of(fleet: FleetConfig, devices: tuple[str, ...], groups: tuple[str, ...]) -> list[str]:
-    return fleet.resolve(devices, groups)
-
-
 targets_options = [
     click.option("--device", "devices", multiple=True, help="A device id (repeatable)."),
     click.option(
@@ -111,18 +107,15 @@ def report(
     issued: list[DesiredState],
     *,
     wait: bool,
-    timeout: str,
+    timeout: float,
     as_json: bool,
 ) -> None:
     """Wait for the outcomes (unless told not to), print one line per device, set the
     exit code: 0 when every device serves, 1 (and one line naming them) otherwise."""
-    timeout_s = parse_duration(timeout, "--timeout")
     if not issued and not as_json:
         click.echo("no device had anything to change")
     if wait:
-        outcomes = wait_for_outcomes(
-            link, fleet.topics, {d.device: d.seq for d in issued}, timeout_s
-        )
+        outcomes = wait_for_outcomes(link, fleet.topics, {d.device: d.seq for d in issued}, timeout)
     else:
         outcomes = [Outcome(d.device, d.seq, "sent") for d in issued]
     by_device = {d.device: d for d in issued}
@@ -187,17 +180,19 @@ def assign(
         slots |= deploy.main_slot(parse_ref(model, "NAME@VERSION"))
     for text in slot_args:
         slot, ref = parse_slot(text)
+        if slot in slots:
+            raise InputError(f"--slot {text!r}: slot {slot!r} is already set on this command line")
         slots[slot] = SlotSpec((ref,))
     if deployment_file is not None:
         slots = load_deployment(deployment_file)
-    parse_duration(timeout_s, "--timeout")
+    wait_s = parse_duration(timeout_s, "--timeout")
     fleet = load_fleet(fleet_path)
-    targets = targets_of(fleet, devices, groups)
+    targets = fleet.resolve(devices, groups)
     with deploy.connect(fleet) as link:
         issued = deploy.assign(
             fleet, link, slots, targets, replace=deployment_file is not None, rollback=rollback
         )
-        report(link, fleet, issued, wait=wait, timeout=timeout_s, as_json=as_json)
+        report(link, fleet, issued, wait=wait, timeout=wait_s, as_json=as_json)
 
 
 @click.command()
@@ -218,12 +213,12 @@ def unassign(
     as_json: bool,
 ) -> None:
     """Devices stop serving (an empty deployment), or go back to their previous one."""
-    parse_duration(timeout_s, "--timeout")
+    wait_s = parse_duration(timeout_s, "--timeout")
     fleet = load_fleet(fleet_path)
-    targets = targets_of(fleet, devices, groups)
+    targets = fleet.resolve(devices, groups)
     with deploy.connect(fleet) as link:
         issued = deploy.unassign(fleet, link, targets, previous=previous)
-        report(link, fleet, issued, wait=wait, timeout=timeout_s, as_json=as_json)
+        report(link, fleet, issued, wait=wait, timeout=wait_s, as_json=as_json)
 
 
 @click.command()
@@ -245,15 +240,15 @@ def reissue(
 ) -> None:
     """Re-sign devices' current desired states (same deployment, seq + 1, new expiry)
     before they expire. Without --device/--group: every device in the fleet file."""
-    parse_duration(timeout_s, "--timeout")
+    wait_s = parse_duration(timeout_s, "--timeout")
     fleet = load_fleet(fleet_path)
-    targets = targets_of(fleet, devices, groups) if devices or groups else list(fleet.devices)
+    targets = fleet.resolve(devices, groups) if devices or groups else list(fleet.devices)
     if not targets:
         raise InputError(f"{fleet.path} declares no devices")
     if every is None:
         with deploy.connect(fleet) as link:
             issued = deploy.reissue(fleet, link, targets)
-            report(link, fleet, issued, wait=wait, timeout=timeout_s, as_json=as_json)
+            report(link, fleet, issued, wait=wait, timeout=wait_s, as_json=as_json)
         return
     interval = parse_duration(every, "--every")
     if interval >= fleet.desired_ttl_s:
@@ -261,7 +256,6 @@ def reissue(
             f"--every {every} is not shorter than desired_ttl_s ({fleet.desired_ttl_s:g}s): "
             "desired states would expire between rounds"
         )
-    wait_s = parse_duration(timeout_s, "--timeout")
     reissue_loop(fleet, targets, interval, rounds, wait=wait, timeout_s=wait_s, as_json=as_json)
 
 

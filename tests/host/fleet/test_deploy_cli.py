@@ -134,6 +134,7 @@ def test_assign_a_deployment_file(cli_fleet: FleetConfig, slimfleet, tmp_path: P
         (["--slot", "Det=b@1"], "--slot 'Det=b@1': invalid slot name 'Det'"),
         (["--slot", "det=b"], "--slot 'det=b': expected name@version, got 'b'"),
         (["a@1", "--slot", "det=b@9"], "b@9 is not published on mqtt://"),
+        (["a@1", "--slot", "main=a@2"], "--slot 'main=a@2': slot 'main' is already set"),
         (["nothing@1"], "nothing@1 is not published"),
         (["a@1", "--timeout", "soon"], "--timeout: expected a duration"),
         ([], "nothing to assign"),
