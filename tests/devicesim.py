@@ -131,7 +131,8 @@ class DeviceSimulator:
             "last_good": None,
             "previous": old["deployment"] if serving else old["previous"],
             "desired": summary | {"outcome": outcome, "stage": stage, "reason": reason},
-            "floor": desired.seq if stage != "replay" else old["floor"],
+            # the contract: a replayed or future-dated desired state does not move the floor
+            "floor": old["floor"] if stage in ("replay", "skew") else desired.seq,
         }
         # paho's network thread must not block on its own PUBACK: publish without waiting
         with self.lock:

@@ -32,7 +32,7 @@ from slimfleet.agent.wire import (
 from slimfleet.host.fleet.config import FleetConfig
 from slimfleet.host.fleet.mqttio import BrokerLink
 from slimfleet.host.fleet.outcomes import read_states
-from slimfleet.host.fleet.reports import OUTCOME_SERVING, DeviceState
+from slimfleet.host.fleet.reports import OUTCOME_REFUSED, OUTCOME_SERVING, DeviceState
 
 log = logging.getLogger(__name__)
 
@@ -115,14 +115,26 @@ def read_current(link: BrokerLink, fleet: FleetConfig, devices: list[str]) -> di
 
 
 def check_clock(currents: Iterable[Current], now: float) -> None:
-    """Refuse to sign when this host's clock is behind a desired state already issued."""
+    """Refuse to sign when this host's clock is behind a desired state already issued
+    (its expiry would be early, its issued time out of order). A desired state the device
+    refused as issued in its future (stage ``skew``) does not count: it came from a host
+    whose clock was ahead, and moved nothing on the device."""
     for current in currents:
-        if current.desired is not None and now < current.desired.issued:
-            ahead = current.desired.issued - now
-            raise SlimfleetError(
-                f"this host's clock is {ahead:.0f}s behind the desired state last issued to "
-                f"{current.device} (seq {current.desired.seq}): fix the clock before signing"
+        desired = current.desired
+        if desired is None or now >= desired.issued:
+            continue
+        report = current.state.outcome_for(desired.seq) if current.state else None
+        if report is not None and (report.outcome, report.stage) == (OUTCOME_REFUSED, "skew"):
+            log.warning(
+                "%s refused seq %d as issued in its future: not holding this host to it",
+                current.device,
+                desired.seq,
             )
+            continue
+        raise SlimfleetError(
+            f"this host's clock is {desired.issued - now:.0f}s behind the desired state last "
+            f"issued to {current.device} (seq {desired.seq}): fix the clock before signing"
+        )
 
 
 def check_published(

@@ -105,6 +105,27 @@ def test_refuses_to_sign_when_the_host_clock_is_behind_the_last_issued(
     assert retained_desired(link, fleet, "cam-01") is None  # nothing was sent to anyone
 
 
+def test_a_desired_state_a_device_refused_as_future_dated_does_not_hold_the_host(
+    published: FleetConfig, link: BrokerLink
+) -> None:
+    fleet = published
+
+    def decide(device, desired):
+        if desired.issued > time.time() + 60:
+            return "refused", "skew", "issued 3600 s in this device's future"
+        return "serving", None, None
+
+    with DeviceSimulator(fleet, ["cam-02"], decide):
+        [ahead] = deploy.issue(
+            fleet, link, ["cam-02"], lambda c: deploy.main_slot(A1), now=time.time() + 3600
+        )
+        [refused] = wait_for_outcomes(link, fleet.topics, {"cam-02": ahead.seq}, 10)
+        assert (refused.outcome, refused.stage) == ("refused", "skew")
+        [sent] = deploy.assign(fleet, link, deploy.main_slot(A2), ["cam-02"])
+        assert sent.seq == 2
+        assert wait_for_outcomes(link, fleet.topics, {"cam-02": 2}, 10)[0].ok
+
+
 def test_every_version_must_be_published_and_verify(
     published: FleetConfig, link: BrokerLink, tmp_path: Path
 ) -> None:
