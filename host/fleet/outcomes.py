@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from slimfleet.agent.wire import Topics
+from slimfleet.agent.wire import DesiredState, Topics
 from slimfleet.host.fleet.mqttio import BrokerLink
 from slimfleet.host.fleet.reports import (
     OUTCOME_PENDING,
@@ -77,22 +77,35 @@ class Outcome:
         if self.outcome == PENDING:
             return f"{self.device}: no answer (still working on seq {self.seq})"
         if self.outcome == SUPERSEDED:
-            return f"{self.device}: superseded (it reports a newer desired state than {self.seq})"
+            return (
+                f"{self.device}: superseded (it reports another desired state than seq {self.seq})"
+            )
         return f"{self.device}: {self.outcome}" + (f" ({self.reason})" if self.reason else "")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def outcome_of(device: str, seq: int, state: DeviceState | None) -> Outcome:
-    """The outcome ``state`` reports for ``seq`` (pure): final, pending or no answer."""
+def outcome_of(
+    device: str, seq: int, state: DeviceState | None, issued: float | None = None
+) -> Outcome:
+    """The outcome ``state`` reports for ``seq`` (pure): final, pending or no answer.
+
+    With ``issued`` (when the desired state sent was signed), a report on the same seq
+    issued at another time is another host's desired state: superseded."""
     desired = state.desired if state is not None else None
     if desired is None or desired.seq < seq:
         return Outcome(device, seq, NO_ANSWER)
-    if desired.seq > seq:
+    if desired.seq > seq or (issued is not None and desired.issued != issued):
         return Outcome(device, seq, SUPERSEDED)
     outcome = desired.outcome if desired.outcome in FINAL else PENDING
     return Outcome(device, seq, outcome, desired.stage, desired.reason)
+
+
+def sent(issued: Iterable[DesiredState]) -> tuple[dict[str, int], dict[str, float]]:
+    """``(device -> seq, device -> issued)`` of desired states just sent, for waiting."""
+    issued = list(issued)
+    return {d.device: d.seq for d in issued}, {d.device: d.issued for d in issued}
 
 
 def wait_for_outcomes(
@@ -101,19 +114,24 @@ def wait_for_outcomes(
     expected: Mapping[str, int],
     timeout: float = DEFAULT_WAIT_S,
     *,
+    issued: Mapping[str, float] | None = None,
     poll_s: float = POLL_S,
     clock: Callable[[], float] = time.monotonic,
 ) -> list[Outcome]:
     """Poll retained states until each device in ``expected`` (device -> seq sent) has a
     final outcome for its seq, or ``timeout`` passes; return one Outcome per device, in
-    the order of ``expected``."""
+    the order of ``expected``. ``issued`` (device -> issued time sent), when given, tells
+    a concurrent host's desired state with the same seq from ours."""
     deadline = clock() + timeout
     results: dict[str, Outcome] = {}
+    issued = issued or {}
     while True:
         waiting = [d for d in expected if d not in results or results[d].outcome not in SETTLED]
         states = read_states(link, topics, waiting)
         for device in waiting:
-            results[device] = outcome_of(device, expected[device], states.get(device))
+            results[device] = outcome_of(
+                device, expected[device], states.get(device), issued.get(device)
+            )
         if all(r.outcome in SETTLED for r in results.values()) or clock() >= deadline:
             return [results[d] for d in expected]
         time.sleep(poll_s)

@@ -36,7 +36,7 @@ from slimfleet.agent.wire import (
 from slimfleet.host.fleet import deploy
 from slimfleet.host.fleet.config import FleetConfig
 from slimfleet.host.fleet.mqttio import BrokerLink
-from slimfleet.host.fleet.outcomes import read_states, wait_for_outcomes
+from slimfleet.host.fleet.outcomes import read_states, sent, wait_for_outcomes
 from slimfleet.host.fleet.reports import ReportError, decode, parse_telemetry
 from slimfleet.host.fleet.rollout_policy import (
     Decision,
@@ -64,6 +64,7 @@ class Touched:
     previous: dict[str, Any]  # its deployment before (wire form), restored on abort
     wave: int
     seq: int | None = None
+    issued: float | None = None  # of the desired state sent, to tell it from another host's
     result: str | None = None  # serving, refused, no answer, unhealthy ...
     p95_before: float | None = None
     p95_after: float | None = None
@@ -223,12 +224,16 @@ class Driver:
         self._baseline(unsent)
         slot = {record.slot: SlotSpec((record.target,))}
         for desired in deploy.assign(self.fleet, self.link, slot, unsent) if unsent else []:
-            record.devices[desired.device].seq = desired.seq
+            touched = record.devices[desired.device]
+            touched.seq, touched.issued = desired.seq, desired.issued
         save_record(self.link, self.fleet, record)
-        sent = {d: t.seq for d, t in record.devices.items() if t.wave == index and t.seq}
-        for outcome in wait_for_outcomes(self.link, topics, sent, self.settings.timeout_s):
+        wave = {d: t for d, t in record.devices.items() if t.wave == index and t.seq}
+        seqs = {d: t.seq for d, t in wave.items() if t.seq is not None}
+        times = {d: t.issued for d, t in wave.items() if t.issued is not None}
+        wait_s = self.settings.timeout_s
+        for outcome in wait_for_outcomes(self.link, topics, seqs, wait_s, issued=times):
             record.devices[outcome.device].result = outcome.outcome
-        decision = self._soak(sent)
+        decision = self._soak(seqs)
         touched = [d for d, t in record.devices.items() if t.wave == index]
         serving = sum(record.devices[d].result == "serving" for d in touched)
         regression = (
@@ -253,18 +258,18 @@ class Driver:
                 time.sleep(0.1)
             touched.p95_before = self.watch.p95(device, before)
 
-    def _soak(self, sent: dict[str, int]) -> Decision:
+    def _soak(self, seqs: dict[str, int]) -> Decision:
         """Watch the wave's devices for soak_s: a device that stops serving the target
         fails; stop early once the decision is to abort."""
         record = self.record
         deadline = time.monotonic() + self.settings.soak_s
         while True:
-            states = read_states(self.link, self.fleet.topics, list(sent))
-            for device in sent:
+            states = read_states(self.link, self.fleet.topics, list(seqs))
+            for device in seqs:
                 touched, state = record.devices[device], states.get(device)
                 serves = (
                     state is not None
-                    and state.outcome_for(sent[device]) is not None
+                    and state.outcome_for(seqs[device]) is not None
                     and state.deployment.get(record.slot, (None,))[0] == record.target
                 )
                 if touched.result == "serving" and not serves:
@@ -283,8 +288,8 @@ def abort(fleet: FleetConfig, link: BrokerLink, record: Record, reason: str, say
     save_record(link, fleet, record)
     previous = {d: deployment_from_dict(t.previous) for d, t in record.devices.items()}
     restored = deploy.restore(fleet, link, previous) if previous else []
-    sent = {d.device: d.seq for d in restored}
-    outcomes = wait_for_outcomes(link, fleet.topics, sent, record.settings.timeout_s)
+    seqs, times = sent(restored)
+    outcomes = wait_for_outcomes(link, fleet.topics, seqs, record.settings.timeout_s, issued=times)
     back = sum(o.ok for o in outcomes)
     say(
         f"rollout of {record.target} on {record.group}: aborted ({reason}); "

@@ -91,3 +91,10 @@ def test_all_answers_end_the_wait_early(fleet: FleetConfig, published_a1: ModelR
             Outcome("cam-01", sent.seq, "serving")
         ]
         assert time.monotonic() - started < 10
+
+
+def test_the_same_seq_issued_by_another_host_is_superseded() -> None:
+    report = parse_state(state_doc("d", desired={"seq": 3, "issued": 1000.0}))
+    assert outcome_of("d", 3, report, issued=1000.0).ok
+    assert outcome_of("d", 3, report, issued=1000.5).outcome == SUPERSEDED
+    assert outcome_of("d", 3, report).ok  # without the time sent, the seq decides
