@@ -30,8 +30,9 @@ from slimfleet.agent.wire import ModelRef, Topics
 from slimfleet.host.compress.search import compress
 from slimfleet.host.fleet.broker import EmbeddedBroker
 from slimfleet.host.fleet.config import load_fleet
+from slimfleet.host.fleet.deploy import assign_main
 from slimfleet.host.fleet.keys import generate_keys
-from slimfleet.host.fleet.publish import assign, publish_model
+from slimfleet.host.fleet.publish import publish_model
 
 DEVICE = "demo-01"
 MODEL_NAME = "sensor-mlp"
@@ -228,7 +229,7 @@ def demo(workdir: Path, model_path: Path | None, requests: int, as_json: bool) -
         say("3/4 sign, publish and assign the compressed model")
         started = time.monotonic()
         result = publish_model(fleet, workdir / "compressed", MODEL_NAME, 1)
-        assign(fleet, MODEL_NAME, 1, devices=[DEVICE])
+        assign_main(fleet, ModelRef(MODEL_NAME, 1), [DEVICE])
         swap = monitor.wait_for("events", 120, lambda e: e.get("type") in ("swap_ok", "fallback"))
         if swap is None or swap["type"] != "swap_ok":
             raise SlimfleetError(f"the agent did not swap to the new model: {swap}")

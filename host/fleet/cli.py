@@ -1,6 +1,7 @@
-"""``slimfleet publish | assign | broker``: thin click layers over the fleet library.
+"""``slimfleet publish | broker``: thin click layers over the fleet library.
 
-``slimfleet keys`` lives in :mod:`slimfleet.host.fleet.keys_cli`.
+``slimfleet keys`` lives in :mod:`slimfleet.host.fleet.keys_cli`; ``assign`` and the other
+commands that change desired states in :mod:`slimfleet.host.fleet.deploy_cli`.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from slimfleet.agent.wire import DEFAULT_CHUNK_SIZE
 from slimfleet.host.fleet.broker import DEFAULT_HOST, DEFAULT_PORT, broker_policy, run_broker
 from slimfleet.host.fleet.config import BROKER_ENV, DEFAULT_FLEET_FILE, load_fleet
 from slimfleet.host.fleet.mqttio import Progress
-from slimfleet.host.fleet.publish import assign as assign_model
 from slimfleet.host.fleet.publish import publish_model
 
 fleet_option = click.option(
@@ -127,41 +127,6 @@ def publish(
             "('slimfleet verify' checks the broker's copy, --repair fixes it)"
         )
     _emit(as_json, result.to_dict(), text)
-
-
-def _model_ref(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str, int]:
-    name, _, version = value.rpartition("@")
-    if not name or not version.isdigit() or int(version) < 1:
-        raise click.BadParameter(f"expected NAME@VERSION with VERSION >= 1, got {value!r}")
-    return name, int(version)
-
-
-@click.command()
-@click.argument("model", callback=_model_ref, metavar="NAME@VERSION")
-@click.option("--device", "devices", multiple=True, help="A device id (repeatable).")
-@click.option("--group", "groups", multiple=True, help="A group from the fleet file (repeatable).")
-@click.option("--rollback", is_flag=True, help="Allow devices to go back to an older version.")
-@fleet_option
-@json_option
-def assign(
-    model: tuple[str, int],
-    devices: tuple[str, ...],
-    groups: tuple[str, ...],
-    rollback: bool,
-    fleet_path: Path,
-    as_json: bool,
-) -> None:
-    """Set the model that devices should run (their retained desired state).
-
-    The version must already be published.
-    """
-    name, version = model
-    fleet = load_fleet(fleet_path)
-    targets = assign_model(fleet, name, version, devices=devices, groups=groups, rollback=rollback)
-    doc = {"name": name, "version": version, "rollback": rollback, "devices": targets}
-    _emit(
-        as_json, doc, f"assigned {name}@{version} to {len(targets)} device(s): {', '.join(targets)}"
-    )
 
 
 @click.command()

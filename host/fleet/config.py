@@ -20,6 +20,11 @@ Example (the repository's ``fleet.yaml``)::
       host: [host]                    # usernames of the host role (publish, assign, rollout)
       monitors: [monitor]             # read-only usernames
     # every device id is a username too: see host/fleet/acl.py for what each role may do
+    desired_ttl_s: 604800             # desired states expire after this (default 7 days)
+    rollouts:                         # defaults of 'slimfleet rollout' (flags override)
+      defaults: {waves: "1,10,50,100%", max_failure_rate: 0.0, soak_s: 60}
+      groups:
+        all: {min_devices: 3, max_failure_rate: 0.1}
 
 The environment variable ``SLIMFLEET_BROKER`` (a broker URL) overrides the URL in the
 file, and ``load_fleet(path, broker_url=...)`` overrides both: the same fleet file can
@@ -45,9 +50,11 @@ from slimfleet.agent.signing import (
     load_public_key,
 )
 from slimfleet.agent.wire import Topics, check_name
+from slimfleet.host.fleet.rollout_policy import RolloutSettings
 
 BROKER_ENV = "SLIMFLEET_BROKER"
 DEFAULT_FLEET_FILE = "fleet.yaml"
+DEFAULT_DESIRED_TTL_S = 7 * 24 * 3600.0
 
 
 @dataclass(frozen=True)
@@ -75,6 +82,13 @@ class FleetConfig:
     certificate: Path | None = None
     root_key: Path | None = None
     revocations: Path | None = None
+    desired_ttl_s: float = DEFAULT_DESIRED_TTL_S
+    rollout_defaults: RolloutSettings = field(default_factory=RolloutSettings)
+    rollout_groups: dict[str, RolloutSettings] = field(default_factory=dict)
+
+    def rollout_settings(self, group: str) -> RolloutSettings:
+        """The rollout settings of ``group``: its own, else the fleet's defaults."""
+        return self.rollout_groups.get(group, self.rollout_defaults)
 
     @property
     def topics(self) -> Topics:
@@ -166,7 +180,9 @@ def load_fleet(
     """
     path = Path(path)
     root = load_yaml(path)
-    root.reject_unknown({"broker", "prefix", "keys", "devices", "groups", "identities"})
+    root.reject_unknown(
+        {"broker", "prefix", "keys", "devices", "groups", "identities", "desired_ttl_s", "rollouts"}
+    )
     base_dir = path.resolve().parent
     broker = BrokerSettings.from_node(root.require("broker"), base_dir)
     prefix = _prefix(root.require("prefix"))
@@ -185,6 +201,7 @@ def load_fleet(
         identities,
         **optional,
     )
+    fleet = _with_deploy_settings(fleet, root)
     override = broker_url or os.environ.get(BROKER_ENV)
     if override:
         try:
@@ -307,3 +324,53 @@ def _identities(
     if not roles["host"]:
         raise given["host"].error("the host role needs at least one username")
     return Identities(folder["secrets"], folder["certs"], roles["host"], roles["monitors"])
+
+
+# -- deploy settings: desired-state lifetime and rollout defaults -----------------------
+
+_ROLLOUT_KEYS = {
+    "waves",
+    "min_devices",
+    "max_failure_rate",
+    "max_p95_regression",
+    "soak_s",
+    "timeout_s",
+}
+
+
+def _with_deploy_settings(fleet: FleetConfig, root: Node) -> FleetConfig:
+    ttl = root.get("desired_ttl_s")
+    desired_ttl_s = ttl.float(minimum=60.0) if ttl is not None else DEFAULT_DESIRED_TTL_S
+    node = root.get("rollouts")
+    defaults, per_group = RolloutSettings(), {}
+    if node is not None:
+        node.reject_unknown({"defaults", "groups"})
+        if node.get("defaults") is not None:
+            defaults = _rollout(node.require("defaults"), defaults)
+        groups = node.get("groups")
+        for group, settings in (groups.as_mapping() if groups is not None else {}).items():
+            if group not in fleet.groups:
+                raise settings.error(f"rollout settings for unknown group {group!r}")
+            per_group[group] = _rollout(settings, defaults)
+    return replace(
+        fleet, desired_ttl_s=desired_ttl_s, rollout_defaults=defaults, rollout_groups=per_group
+    )
+
+
+def _rollout(node: Node, base: RolloutSettings) -> RolloutSettings:
+    node.reject_unknown(_ROLLOUT_KEYS)
+    changes: dict[str, object] = {}
+    for key, value in node.as_mapping().items():
+        if key == "waves":  # "1,10,50,100%" or a YAML list of the same items
+            items = value.items() if isinstance(value.value, list) else [value]
+            changes[key] = ",".join(str(item.scalar()) for item in items)
+        elif key == "min_devices":
+            changes[key] = value.int(minimum=1)
+        elif key == "max_p95_regression" and value.value is None:
+            changes[key] = None
+        else:
+            changes[key] = value.float()
+    try:
+        return replace(base, **changes)
+    except ValueError as exc:
+        raise node.error(str(exc)) from None

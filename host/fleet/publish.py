@@ -8,7 +8,6 @@ manifest on the broker means its chunks are there too. Versions are immutable.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,6 @@ from slimfleet.agent.signing import Signer, Verifier
 from slimfleet.agent.wire import (
     DEFAULT_CHUNK_SIZE,
     MAX_PAYLOAD_BYTES,
-    Desired,
     Manifest,
     check_name,
     make_manifest,
@@ -235,45 +233,3 @@ def publish_model(
     return publish_manifest(
         fleet, manifest, chunks, signer=signer, progress=progress, repair=repair
     )
-
-
-def assign(
-    fleet: FleetConfig,
-    name: str,
-    version: int,
-    *,
-    devices: Iterable[str] = (),
-    groups: Iterable[str] = (),
-    rollback: bool = False,
-) -> list[str]:
-    """Write a signed desired state (name@version) for each device; return their ids.
-
-    Refuses a version that is not published, or whose manifest the fleet's public key
-    does not verify. An expired version is refused too, except as a rollback: devices
-    that still hold it go back to it, the others report ``expired``.
-    """
-    _check_name(name)
-    check_version(version)
-    targets = fleet.resolve(devices, groups)
-    signer = fleet.signer()
-    verifier = fleet.verifier()
-    topics = fleet.topics
-    with BrokerLink(fleet.broker) as link:
-        manifest = read_published(link, fleet, name, version, verifier)
-        if manifest is None:
-            raise InputError(
-                f"{name}@{version} is not published on {fleet.broker.url} "
-                f"under {fleet.prefix}: run 'slimfleet publish' first"
-            )
-        if manifest.expired():
-            if not rollback:
-                raise InputError(f"{name}@{version} has expired: publish a new version")
-            log.warning(
-                "%s@%s has expired: only devices that still hold it can roll back", name, version
-            )
-        messages = []
-        for device in targets:
-            desired = Desired(device, name, version, signer.key_id, rollback=rollback)
-            messages.append((topics.device(device, "desired"), signer.sign(desired.to_dict())))
-        link.publish_all(messages)
-    return targets

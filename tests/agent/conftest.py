@@ -27,10 +27,11 @@ from slimfleet.agent.config import load_agent_config
 from slimfleet.agent.daemon import Agent, Timing
 from slimfleet.agent.link import Backoff, Link
 from slimfleet.agent.mqtt import BrokerSettings, make_client
-from slimfleet.agent.wire import EVENT_TYPES, Desired, Topics
+from slimfleet.agent.wire import EVENT_TYPES, Desired, ModelRef, Topics
 from slimfleet.host.fleet.config import load_fleet
+from slimfleet.host.fleet.deploy import assign_main
 from slimfleet.host.fleet.keys import generate_keys
-from slimfleet.host.fleet.publish import assign, publish_model
+from slimfleet.host.fleet.publish import publish_model
 
 # -- model files ------------------------------------------------------------------
 
@@ -228,7 +229,7 @@ class Rig:
         return path
 
     def assign(self, version: int, name: str = "m", rollback: bool = False) -> None:
-        assign(self.fleet, name, version, devices=[self.device], rollback=rollback)
+        assign_main(self.fleet, ModelRef(name, version), [self.device], rollback=rollback)
 
     def signed_desired(self, version: int, name: str = "m", rollback: bool = False) -> bytes:
         """A desired-state envelope written without assign's checks (for refusals)."""

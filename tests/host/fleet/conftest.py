@@ -19,7 +19,7 @@ from brokers import Mosquitto, free_port
 from paho.mqtt.enums import CallbackAPIVersion
 
 from slimfleet.agent.mqtt import BrokerSettings
-from slimfleet.agent.wire import MAX_PAYLOAD_BYTES, Desired, Manifest
+from slimfleet.agent.wire import MAX_PAYLOAD_BYTES, DesiredState, Manifest
 from slimfleet.host.fleet.broker import EmbeddedBroker
 from slimfleet.host.fleet.config import FleetConfig, load_fleet
 from slimfleet.host.fleet.keys import generate_keys
@@ -125,7 +125,7 @@ def fetch_model(fleet: FleetConfig, name: str, version: int) -> tuple[Manifest, 
 
 def read_desired(
     fleet: FleetConfig, devices: list[str], timeout: float = 5.0
-) -> dict[str, Desired]:
+) -> dict[str, DesiredState]:
     """The retained, signature-checked desired state of the fleet's devices; waits up to
     ``timeout`` for ``len(devices)`` of them."""
     got = collect_retained(
@@ -135,7 +135,7 @@ def read_desired(
     for topic, message in got.items():
         assert message.retain
         device, _ = fleet.topics.parse_device_topic(topic)
-        out[device] = Desired.from_dict(fleet.verifier().verify(message.payload, topic))
+        out[device] = DesiredState.from_dict(fleet.verifier().verify(message.payload, topic))
     return out
 
 
@@ -145,7 +145,7 @@ def fetch() -> Callable[[FleetConfig, str, int], tuple[Manifest, bytes, dict]]:
 
 
 @pytest.fixture
-def desired() -> Callable[..., dict[str, Desired]]:
+def desired() -> Callable[..., dict[str, DesiredState]]:
     return read_desired
 
 

@@ -14,14 +14,15 @@ from brokers import free_port
 
 from slimfleet.agent.errors import InputError, SlimfleetError
 from slimfleet.agent.mqtt import BrokerSettings
-from slimfleet.agent.wire import Desired, Manifest
+from slimfleet.agent.wire import DesiredState, Manifest, ModelRef
 from slimfleet.host.fleet.broker import EmbeddedBroker
 from slimfleet.host.fleet.config import FleetConfig
+from slimfleet.host.fleet.deploy import assign_main
 from slimfleet.host.fleet.mqttio import BrokerLink
-from slimfleet.host.fleet.publish import assign, publish_model
+from slimfleet.host.fleet.publish import publish_model
 
 Fetch = Callable[[FleetConfig, str, int], tuple[Manifest, bytes, dict[str, Any]]]
-ReadDesired = Callable[..., dict[str, Desired]]
+ReadDesired = Callable[..., dict[str, DesiredState]]
 
 
 @pytest.fixture
@@ -48,8 +49,8 @@ def test_publish_and_assign_through_the_embedded_broker(
         publish_model(fleet, other, "net", 1)
 
     canary = fleet.groups["canary"]
-    assert assign(fleet, "net", 1, groups=["canary"]) == canary
-    assert {d: s.version for d, s in desired(fleet, canary).items()} == dict.fromkeys(canary, 1)
+    sent = assign_main(fleet, ModelRef("net", 1), canary)
+    assert desired(fleet, canary) == {d.device: d for d in sent}
 
 
 def test_busy_port_is_a_clean_error() -> None:

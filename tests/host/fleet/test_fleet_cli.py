@@ -70,9 +70,7 @@ def test_keys_generate(tmp_path: Path, fleet_yaml: Path) -> None:
     assert (tmp_path / "keys" / "signing.key").stat().st_mode & 0o777 == 0o600
 
 
-def test_publish_and_assign(
-    fleet_file: Path, outdir: Path, tmp_path: Path, mosquitto: Mosquitto
-) -> None:
+def test_publish(fleet_file: Path, outdir: Path, tmp_path: Path, mosquitto: Mosquitto) -> None:
     url = mosquitto.url
     first = slimfleet(
         "publish",
@@ -108,30 +106,6 @@ def test_publish_and_assign(
         "versions are immutable"
     )
 
-    assigned = slimfleet(
-        "assign",
-        "net@1",
-        "--group",
-        "canary",
-        "--device",
-        "gate-01",
-        "--fleet",
-        fleet_file,
-        "--json",
-        broker=url,
-    )
-    assert assigned.returncode == 0, assigned.stderr
-    assert json.loads(assigned.stdout) == {
-        "name": "net",
-        "version": 1,
-        "rollback": False,
-        "devices": ["cam-01", "gate-01"],
-    }
-
-    missing = slimfleet("assign", "net@2", "--device", "cam-01", "--fleet", fleet_file, broker=url)
-    assert missing.returncode == 2
-    assert "net@2 is not published" in one_line_error(missing)
-
 
 def test_bad_input_exits_2(fleet_file: Path, outdir: Path, tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
@@ -139,9 +113,6 @@ def test_bad_input_exits_2(fleet_file: Path, outdir: Path, tmp_path: Path) -> No
     result = slimfleet("publish", outdir, "--name", "n", "--version", "1", "--fleet", bad)
     assert result.returncode == 2
     assert one_line_error(result).startswith(f"error: {bad}:21: groups.canary[0]: device 'cam-09'")
-
-    result = slimfleet("assign", "net", "--device", "cam-01", "--fleet", fleet_file)
-    assert result.returncode == 2 and "expected NAME@VERSION" in result.stderr
 
     result = slimfleet("publish", outdir, "--name", "n", "--version", "0", "--fleet", fleet_file)
     assert result.returncode == 2
@@ -156,13 +127,10 @@ def test_bad_input_exits_2(fleet_file: Path, outdir: Path, tmp_path: Path) -> No
 
 def test_broker_down_exits_1_with_one_line(fleet_file: Path, outdir: Path) -> None:
     url = f"mqtt://127.0.0.1:{free_port()}"
-    for args in (
-        ["publish", outdir, "--name", "n", "--version", "1"],
-        ["assign", "n@1", "--group", "all"],
-    ):
-        result = slimfleet(*args, "--fleet", fleet_file, broker=url)
-        assert result.returncode == 1
-        assert one_line_error(result).startswith(f"error: cannot reach the MQTT broker at {url}")
+    args = ["publish", outdir, "--name", "n", "--version", "1"]
+    result = slimfleet(*args, "--fleet", fleet_file, broker=url)
+    assert result.returncode == 1
+    assert one_line_error(result).startswith(f"error: cannot reach the MQTT broker at {url}")
 
 
 @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])

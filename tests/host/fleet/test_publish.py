@@ -1,11 +1,10 @@
-"""publish_model and assign against a real mosquitto; an independent paho subscriber
+"""publish_model against a real mosquitto; an independent paho subscriber
 reassembles what was published and checks hashes and signatures."""
 
 from __future__ import annotations
 
 import json
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -17,15 +16,15 @@ import onnxruntime as ort
 import pytest
 from brokers import free_port
 
-from slimfleet.agent.errors import InputError, SlimfleetError, VerifyError
-from slimfleet.agent.wire import MAX_PAYLOAD_BYTES, Desired, Manifest
+from slimfleet.agent.errors import InputError, SlimfleetError
+from slimfleet.agent.wire import MAX_PAYLOAD_BYTES, DesiredState, Manifest, ModelRef
 from slimfleet.host.fleet.config import FleetConfig
-from slimfleet.host.fleet.keys import generate_keys
-from slimfleet.host.fleet.publish import assign, build_manifest, publish_manifest, publish_model
+from slimfleet.host.fleet.deploy import assign_main
+from slimfleet.host.fleet.publish import build_manifest, publish_manifest, publish_model
 
 Collect = Callable[..., dict[str, Any]]
 Fetch = Callable[[FleetConfig, str, int], tuple[Manifest, bytes, dict[str, Any]]]
-ReadDesired = Callable[..., dict[str, Desired]]
+ReadDesired = Callable[..., dict[str, DesiredState]]
 
 
 def test_publish_outdir_puts_manifest_and_chunks_retained(
@@ -201,87 +200,6 @@ def test_broker_down_is_one_line_naming_the_url(
     assert "\n" not in str(info.value)
 
 
-# -- assign -----------------------------------------------------------------------------
-
-
-def test_assign_writes_signed_desired_state_for_a_device_and_a_group(
-    fleet: FleetConfig,
-    desired: ReadDesired,
-    tmp_path: Path,
-) -> None:
-    path = models.save(models.add_one(), tmp_path / "a.onnx")
-    publish_model(fleet, path, "a", 1)
-    publish_model(fleet, models.save(models.add_const(2.0), tmp_path / "b.onnx"), "a", 2)
-
-    assert assign(fleet, "a", 2, devices=["cam-02"]) == ["cam-02"]
-    state = desired(fleet, ["cam-02"])
-    assert set(state) == {"cam-02"}
-    assert (state["cam-02"].name, state["cam-02"].version) == ("a", 2)
-    assert state["cam-02"].key_id == fleet.signer().key_id
-    assert not state["cam-02"].rollback
-
-    group = fleet.groups["all"]
-    assert assign(fleet, "a", 1, groups=["all"], rollback=True) == group
-    state = desired(fleet, group)
-    assert set(state) == set(group)
-    assert all(d.version == 1 and d.rollback and d.device == k for k, d in state.items())
-
-
-def test_assign_refuses_an_unpublished_version(
-    fleet: FleetConfig, desired: ReadDesired, tmp_path: Path
-) -> None:
-    publish_model(fleet, models.save(models.add_one(), tmp_path / "a.onnx"), "a", 1)
-    with pytest.raises(
-        InputError, match=r"a@2 is not published on mqtt://.* run 'slimfleet publish'"
-    ):
-        assign(fleet, "a", 2, groups=["canary"])
-    with pytest.raises(InputError, match="not published"):
-        assign(fleet, "nothing", 1, devices=["cam-01"])
-    assert desired(fleet, ["cam-01"], timeout=1.0) == {}
-
-
-def test_assign_refuses_a_manifest_the_fleet_key_does_not_verify(
-    fleet,
-    tmp_path: Path,
-) -> None:
-    publish_model(fleet, models.save(models.add_one(), tmp_path / "a.onnx"), "a", 1)
-    generate_keys(tmp_path / "new" / "k", tmp_path / "new" / "k.pub")
-    rekeyed = replace(
-        fleet, private_key=tmp_path / "new" / "k", public_key=tmp_path / "new" / "k.pub"
-    )
-    with pytest.raises(VerifyError, match="signed by unknown key"):
-        assign(rekeyed, "a", 1, devices=["cam-01"])
-
-
-def test_assign_refuses_an_expired_version(fleet: FleetConfig, tmp_path: Path) -> None:
-    publish_model(fleet, models.save(models.add_one(), tmp_path / "a.onnx"), "a", 1, ttl_s=0.2)
-    time.sleep(0.3)
-    with pytest.raises(InputError, match="a@1 has expired"):
-        assign(fleet, "a", 1, devices=["cam-01"])
-
-
-def test_assign_rolls_back_to_an_expired_version_with_a_warning(
-    fleet: FleetConfig, tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    publish_model(fleet, models.save(models.add_one(), tmp_path / "a.onnx"), "a", 1, ttl_s=0.2)
-    time.sleep(0.3)
-    caplog.set_level(logging.WARNING, logger="slimfleet.host.fleet.publish")
-    assert assign(fleet, "a", 1, devices=["cam-01"], rollback=True) == ["cam-01"]
-    assert "only devices that still hold it can roll back" in caplog.text
-
-
-def test_assign_checks_its_input_before_connecting(
-    make_fleet: Callable[[str], FleetConfig],
-) -> None:
-    fleet = make_fleet("mqtt://127.0.0.1:9")  # nothing listens: input errors come first
-    with pytest.raises(InputError, match="unknown device 'nope'"):
-        assign(fleet, "a", 1, devices=["nope"])
-    with pytest.raises(InputError, match="version must be"):
-        assign(fleet, "a", 0, devices=["cam-01"])
-    with pytest.raises(InputError, match="invalid name"):
-        assign(fleet, "a/b", 1, devices=["cam-01"])
-
-
 def test_publish_and_assign_over_mqtt5(
     fleet: FleetConfig, fetch: Fetch, desired: ReadDesired, tmp_path: Path
 ) -> None:
@@ -291,5 +209,5 @@ def test_publish_and_assign_over_mqtt5(
     assert not publish_model(fleet, path, "a", 1).published
     _, data, _ = fetch(fleet, "a", 1)
     assert data == path.read_bytes()
-    assert assign(fleet, "a", 1, devices=["cam-01"]) == ["cam-01"]
-    assert desired(fleet, ["cam-01"])["cam-01"].version == 1
+    [sent] = assign_main(fleet, ModelRef("a", 1), ["cam-01"])
+    assert desired(fleet, ["cam-01"])["cam-01"] == sent
