@@ -32,6 +32,14 @@ fleet_option = click.option(
 json_option = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 
 
+def model_ref_argument(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str, int]:
+    """click callback for a ``NAME@VERSION`` argument."""
+    name, _, version = value.rpartition("@")
+    if not name or not version.isdigit() or int(version) < 1:
+        raise click.BadParameter(f"expected NAME@VERSION with VERSION >= 1, got {value!r}")
+    return name, int(version)
+
+
 def _emit(as_json: bool, doc: dict[str, Any], text: str) -> None:
     click.echo(json.dumps(doc, sort_keys=True) if as_json else text)
 

@@ -9,7 +9,7 @@ import click
 from slimfleet.agent.errors import InputError
 from slimfleet.host.fleet.acl import TlsFiles, require_identities, write_acl_bundle
 from slimfleet.host.fleet.certs import BROKER_NAME, CA_NAME, DEFAULT_DAYS, issue_certs
-from slimfleet.host.fleet.cli import _emit, _model_ref, fleet_option, json_option
+from slimfleet.host.fleet.cli import _emit, fleet_option, json_option, model_ref_argument
 from slimfleet.host.fleet.config import load_fleet
 from slimfleet.host.fleet.verify import verify_published
 
@@ -104,7 +104,7 @@ def certs(fleet_path: Path, broker_hosts: tuple[str, ...], days: int, as_json: b
 
 
 @click.command()
-@click.argument("model", callback=_model_ref, metavar="NAME@VERSION")
+@click.argument("model", callback=model_ref_argument, metavar="NAME@VERSION")
 @click.option(
     "--file",
     "local",

@@ -161,7 +161,7 @@ def test_rotation_and_revocation_end_to_end(tmp_path, mosquitto, prefix, outdir,
         publish_model(load_fleet(old_fleet), outdir, "ocr", 3)
     fleet_path = write_fleet(tmp_path, mosquitto.url, prefix, keys="keys2")  # the same file
     code, _, err = run("assign", "ocr@1", "--device", "cam-01", "--fleet", fleet_path)
-    assert code == 1 and f"revoked key {first['key_id']}" in one_line(err), err
+    assert code == 2 and f"revoked key {first['key_id']}" in one_line(err), err
 
     # A second revocation continues the sequence and keeps the first one.
     code, out, err = run("keys", "revoke", second, "--root-key", root_key, "--fleet", fleet_path,
