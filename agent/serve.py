@@ -57,6 +57,7 @@ from slimfleet.agent.httpserver import (
     BoundedHttpServer,
     HttpError,
     HttpLimits,
+    RequestDeadline,
 )
 from slimfleet.agent.inference import (
     Answer,
@@ -201,7 +202,7 @@ class _Handler(BoundedHandler):
             self.fail(HTTPStatus.BAD_REQUEST, str(exc))
         except InferenceError as exc:
             self.fail(HTTPStatus.INTERNAL_SERVER_ERROR, str(exc))
-        except (ConnectionError, TimeoutError):  # the client went away: nobody to answer
+        except (ConnectionError, TimeoutError, RequestDeadline):  # handled per connection
             raise
         except Exception as exc:  # a bug must cost one request, not the server
             log.exception("HTTP %s %s failed", self.command, path)
