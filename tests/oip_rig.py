@@ -200,22 +200,28 @@ def lookup(table: int = 3) -> bytes:
     )
 
 
-def matmul_chain(width: int, depth: int, seed: int = 0) -> bytes:
-    """x FP32 [batch, width] through ``depth`` MatMul+Tanh layers -> y: real work, no sleep."""
+def matmul_chain(width: int, depth: int, rows: int, seed: int = 0) -> bytes:
+    """x FP32 [1, width] -> y FP32 [1, width]: x repeated to ``rows`` rows, through
+    ``depth`` MatMul+Tanh layers, averaged over the rows. A small request, real work
+    (rows * width**2 * depth multiply-adds), nothing sleeps."""
     info = helper.make_tensor_value_info
     rng = np.random.default_rng(seed)
-    weights = numpy_helper.from_array(
-        rng.normal(0, 1 / np.sqrt(width), (width, width)).astype(np.float32), "w"
-    )
-    nodes = []
+    inits = [
+        numpy_helper.from_array(
+            rng.normal(0, 1 / np.sqrt(width), (width, width)).astype(np.float32), "w"
+        ),
+        numpy_helper.from_array(np.array([rows, width], np.int64), "rows"),
+    ]
+    nodes = [helper.make_node("Expand", ["x", "rows"], ["h0"])]
     for i in range(depth):
-        nodes.append(helper.make_node("MatMul", [f"h{i}" if i else "x", "w"], [f"m{i}"]))
-        nodes.append(helper.make_node("Tanh", [f"m{i}"], [f"h{i + 1}" if i + 1 < depth else "y"]))
+        nodes.append(helper.make_node("MatMul", [f"h{i}", "w"], [f"m{i}"]))
+        nodes.append(helper.make_node("Tanh", [f"m{i}"], [f"h{i + 1}"]))
+    nodes.append(helper.make_node("ReduceMean", [f"h{depth}"], ["y"], axes=[0], keepdims=1))
     return _model(
         nodes,
-        [info("x", TensorProto.FLOAT, ["batch", width])],
-        [info("y", TensorProto.FLOAT, ["batch", width])],
-        [weights],
+        [info("x", TensorProto.FLOAT, [1, width])],
+        [info("y", TensorProto.FLOAT, [1, width])],
+        inits,
     )
 
 
