@@ -16,8 +16,9 @@ Bounds (all in :class:`HttpLimits`):
   written within the same time.
 - Request lines and header lines are limited by :mod:`http.server` (64 KiB, 100
   headers; 414/431). Body limits are the caller's: :meth:`BoundedHandler.content_length`.
-- A body that is not read (an error answered before it) is drained for at most
-  ``DRAIN_S`` into a 64 KiB scratch buffer, then the connection is closed.
+- A body that is not read (an error answered before it) is drained, at most
+  ``DRAIN_BYTES`` for at most ``DRAIN_S``, into a 64 KiB scratch buffer, so a client a
+  little over a limit reads its 413 rather than a reset; then the connection closes.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ log = logging.getLogger(__name__)
 MiB = 1024 * 1024
 READ_BUFFER = 64 * 1024
 DRAIN_S = 1.0
+DRAIN_BYTES = 8 * MiB
 REFUSED_LINGER_S = 1.0
 MAX_REFUSED_LINGERING = 256
 JSON = "application/json"
@@ -332,8 +334,8 @@ class BoundedHandler(BaseHTTPRequestHandler):
         return body
 
     def _drain(self) -> None:
-        """Drop an unread body for at most DRAIN_S, so the client reads the answer."""
-        left, self._body_pending = self._body_pending, 0
+        """Drop an unread body (at most DRAIN_BYTES, DRAIN_S), so the client reads the answer."""
+        left, self._body_pending = min(self._body_pending, DRAIN_BYTES), 0
         scratch = memoryview(bytearray(READ_BUFFER))
         self._reader.deadline = time.monotonic() + DRAIN_S
         with contextlib.suppress(RequestDeadline, OSError):

@@ -41,6 +41,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 import re
 import threading
 from http import HTTPStatus
@@ -76,6 +77,7 @@ NPZ = "application/x-npz"
 OCTETS = "application/octet-stream"
 METRICS = "text/plain; version=0.0.4; charset=utf-8"
 HEADER_LENGTH = "Inference-Header-Content-Length"
+NPY_HEADER_MAX = 64 * 1024  # a .npy header past this is refused
 
 _MODEL_PATH = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?(?:/(ready|infer))?/?")
 _GET_PATHS = ("/v2", "/v2/health/live", "/v2/health/ready", "/metrics", "/healthz")
@@ -161,6 +163,33 @@ class HttpApi:
         self.stop()
 
 
+def _npy_array(body: bytearray) -> np.ndarray:
+    """The array of a ``.npy`` body, as a view of the body (no copy); 400 otherwise."""
+    head = io.BytesIO(memoryview(body)[:NPY_HEADER_MAX])
+    try:
+        version = np.lib.format.read_magic(head)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(head)
+        elif version == (2, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(head)
+        else:
+            raise ValueError(f"format version {version} is not supported")
+    except (ValueError, OSError, EOFError) as exc:
+        raise HttpError(HTTPStatus.BAD_REQUEST, f"body is not a .npy array: {exc}") from None
+    if dtype.hasobject:
+        raise HttpError(HTTPStatus.BAD_REQUEST, "body is not a .npy array: it holds objects")
+    count = math.prod(shape)
+    offset = head.tell()
+    if len(body) - offset != count * dtype.itemsize:
+        raise HttpError(
+            HTTPStatus.BAD_REQUEST,
+            f"body is not a .npy array: {dtype} {list(shape)} takes {count * dtype.itemsize} "
+            f"bytes after the header, the body has {len(body) - offset}",
+        )
+    array = np.frombuffer(body, dtype=dtype, count=count, offset=offset)
+    return array.reshape(shape, order="F" if fortran else "C")
+
+
 def _tier_headers(answer: Answer) -> dict[str, str]:
     headers = {"X-Slimfleet-Tier": answer.tier}
     if answer.model is not None:
@@ -172,6 +201,10 @@ class _Handler(BoundedHandler):
     api: HttpApi
     _slot: str | None = None  # the slot the path names, once parsed
 
+    def handle_one_request(self) -> None:
+        self._slot = None
+        super().handle_one_request()
+
     # -- routing -----------------------------------------------------------------------
 
     def do_GET(self) -> None:
@@ -181,7 +214,6 @@ class _Handler(BoundedHandler):
         self._route("POST")
 
     def _route(self, method: str) -> None:
-        self._slot = None
         path = self.path.split("?", 1)[0]
         try:
             match = _MODEL_PATH.fullmatch(path)
@@ -302,11 +334,6 @@ class _Handler(BoundedHandler):
         if kind == NPY:
             self._infer_npy(slot)
             return
-        if kind not in ("", JSON, OCTETS):
-            raise HttpError(
-                HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
-                f"Content-Type must be {JSON}, {OCTETS} (binary tensors) or {NPY}, got {kind}",
-            )
         limits = self.limits
         declared = self.headers.get(HEADER_LENGTH)
         if declared is None:
@@ -335,6 +362,10 @@ class _Handler(BoundedHandler):
             raise HttpError(
                 HTTPStatus.BAD_REQUEST, f"the JSON header is not valid: {exc}"
             ) from None
+        except RecursionError:
+            raise HttpError(
+                HTTPStatus.BAD_REQUEST, "the JSON header is nested too deeply"
+            ) from None
         request = oip.parse_infer(doc, view[header_size:], self.api.backend.slot_io(slot))
         answer = self.api.backend.predict(slot, request.feeds)
         header, parts = oip.infer_response(slot, request, answer)
@@ -345,13 +376,9 @@ class _Handler(BoundedHandler):
         self.send(HTTPStatus.OK, OCTETS if parts else JSON, [head, *parts], headers)
 
     def _infer_npy(self, slot: str) -> None:
-        body = self.read_body(self.content_length(self.limits.max_binary_bytes, ".npy body"))
-        try:
-            array = np.load(io.BytesIO(body), allow_pickle=False)
-        except (ValueError, OSError, EOFError) as exc:
-            raise HttpError(HTTPStatus.BAD_REQUEST, f"body is not a .npy array: {exc}") from None
-        if not isinstance(array, np.ndarray):
-            raise HttpError(HTTPStatus.BAD_REQUEST, "body must be a single .npy array, not .npz")
+        array = _npy_array(
+            self.read_body(self.content_length(self.limits.max_binary_bytes, ".npy body"))
+        )
         inputs = self.api.backend.slot_io(slot).inputs
         if len(inputs) != 1:
             names = ", ".join(s.name for s in inputs)

@@ -11,6 +11,9 @@ connections, in three phases that alternate for ``--rounds`` rounds:
   written out as JSON) as fast as they can, each on a new connection;
 - control: while three clients post tiny bodies as fast as they can.
 
+The posting clients run in a process of their own, as hostile clients would be on
+other machines: they share the cores, not the ordinary clients' GIL.
+
 Printed: each phase's p50/p99 (median over rounds), attack and control p99 as ratios of
 the steady p99 in the same run (goal: attack <= 2x), failed ordinary requests (goal 0),
 what the posters were answered, and the server's RSS (idle, peak while attacked, peak
@@ -39,11 +42,6 @@ import numpy as np
 import psutil
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO / "tests")]
-from oip_rig import OrtBackend, matmul_chain  # noqa: E402  (the tests' backend and model)
-
-from slimfleet.agent.serve import HttpApi  # noqa: E402
-from slimfleet.agent.wire import ModelRef  # noqa: E402
 
 WIDTH, ROWS, DEPTH = 256, 1024, 10
 PATH = "/v2/models/main/infer"
@@ -53,6 +51,12 @@ POSTERS = 3
 
 def serve() -> None:
     """The server process: print the port, serve until stdin closes."""
+    sys.path[:0] = [str(REPO / "tests")]
+    from oip_rig import OrtBackend, matmul_chain  # the tests' backend and model
+
+    from slimfleet.agent.serve import HttpApi
+    from slimfleet.agent.wire import ModelRef
+
     backend = OrtBackend({"main": (ModelRef("matmul", 1), matmul_chain(WIDTH, DEPTH, ROWS))})
     with HttpApi(backend) as api:
         print(api.port, flush=True)
@@ -116,6 +120,26 @@ def poster(port: int, body: bytes, stop: threading.Event, answers: Counter[str])
             answers[f"cut ({type(exc).__name__})"] += 1
 
 
+def posters(port: int, megabytes: int) -> None:
+    """The posters' process (apart, as hostile clients would be, so that they cost the
+    ordinary clients no GIL): POSTERS threads post until stdin closes, then the answers
+    they got are printed as JSON."""
+    body = huge_body(megabytes) if megabytes else b"{}"
+    stop = threading.Event()
+    answers: Counter[str] = Counter()
+    threads = [
+        threading.Thread(target=poster, args=(port, body, stop, answers)) for _ in range(POSTERS)
+    ]
+    for t in threads:
+        t.start()
+    print("posting", flush=True)
+    sys.stdin.read()
+    stop.set()
+    for t in threads:
+        t.join(timeout=30)
+    print(json.dumps(answers), flush=True)
+
+
 def rss_peak(proc: psutil.Process, stop: threading.Event, out: list[int]) -> None:
     while not stop.is_set():
         out.append(proc.memory_info().rss)
@@ -123,27 +147,23 @@ def rss_peak(proc: psutil.Process, stop: threading.Event, out: list[int]) -> Non
 
 
 def phase(
-    port: int,
-    server: psutil.Process,
-    args: argparse.Namespace,
-    poster_body: bytes | None,
+    port: int, server: psutil.Process, args: argparse.Namespace, post_mb: int | None
 ) -> tuple[list[float], list[str], Counter[str], int]:
-    """One phase: latencies, failures, posters' answers, peak server RSS."""
+    """One phase: latencies, failures, posters' answers, peak server RSS. ``post_mb``
+    None: no posters; 0: tiny bodies; else bodies of that many MB."""
     body = ordinary_body()
     latencies: list[float] = []
     fails: list[str] = []
-    answers: Counter[str] = Counter()
     rss: list[int] = [server.memory_info().rss]
     stop = threading.Event()
-    background = [threading.Thread(target=rss_peak, args=(server, stop, rss))]
-    if poster_body is not None:
-        background += [
-            threading.Thread(target=poster, args=(port, poster_body, stop, answers))
-            for _ in range(POSTERS)
-        ]
-    for t in background:
-        t.start()
-    time.sleep(0.3 if poster_body is not None else 0)  # let the posters get going
+    watch = threading.Thread(target=rss_peak, args=(server, stop, rss))
+    watch.start()
+    proc = None
+    if post_mb is not None:
+        command = [sys.executable, __file__, "--post", str(post_mb), "--port", str(port)]
+        proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        proc.stdout.readline()  # type: ignore[union-attr]  # "posting"
+        time.sleep(0.3)  # let them get going
     until = time.monotonic() + args.phase_timeout
     clients = [
         threading.Thread(target=ordinary, args=(port, body, args.requests, until, latencies, fails))
@@ -153,9 +173,12 @@ def phase(
         t.start()
     for t in clients:
         t.join()
+    answers: Counter[str] = Counter()
+    if proc is not None:
+        out, _ = proc.communicate(timeout=60)
+        answers.update(json.loads(out))
     stop.set()
-    for t in background:
-        t.join(timeout=30)
+    watch.join()
     return latencies, fails, answers, max(rss)
 
 
@@ -170,9 +193,14 @@ def main() -> None:
     parser.add_argument("--attack-mb", type=int, default=60)
     parser.add_argument("--phase-timeout", type=float, default=60.0)
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--post", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
         serve()
+        return
+    if args.post is not None:
+        posters(args.port, args.post)
         return
     proc = subprocess.Popen(
         [sys.executable, __file__, "--serve"],
@@ -190,10 +218,9 @@ def main() -> None:
 
 
 def run(port: int, server: psutil.Process, args: argparse.Namespace) -> None:
-    big, tiny = huge_body(args.attack_mb), b"{}"
     phase(port, server, argparse.Namespace(requests=20, phase_timeout=30), None)  # warm-up
     idle_rss = server.memory_info().rss
-    kinds: dict[str, bytes | None] = {"steady": None, "attack": big, "control": tiny}
+    kinds: dict[str, int | None] = {"steady": None, "attack": args.attack_mb, "control": 0}
     p50: dict[str, list[float]] = {k: [] for k in kinds}
     p99: dict[str, list[float]] = {k: [] for k in kinds}
     peak: dict[str, int] = dict.fromkeys(kinds, 0)
@@ -201,8 +228,8 @@ def run(port: int, server: psutil.Process, args: argparse.Namespace) -> None:
     answers: dict[str, Counter[str]] = {k: Counter() for k in kinds}
     started = time.monotonic()
     for _ in range(args.rounds):
-        for kind, body in kinds.items():
-            latencies, failed, answered, rss = phase(port, server, args, body)
+        for kind, post_mb in kinds.items():
+            latencies, failed, answered, rss = phase(port, server, args, post_mb)
             p50[kind].append(pct(latencies, 50))
             p99[kind].append(pct(latencies, 99))
             peak[kind] = max(peak[kind], rss)

@@ -177,8 +177,20 @@ def test_npy_shortcut(oip_api: HttpApi) -> None:
         assert outputs.files == ["vec"]
     answer = call(oip_api.port, "POST", "/v2/models/det/infer", npy(X), headers)
     assert answer.status == 400 and "single-input slot" in answer.json()["error"]
-    answer = call(oip_api.port, "POST", "/v2/models/rec/infer", b"\x93NUMPY junk", headers)
-    assert answer.status == 400 and "not a .npy array" in answer.json()["error"]
+    fortran = np.asfortranarray(np.array([[2, 0, 1]], dtype=np.int64))
+    answer = call(oip_api.port, "POST", "/v2/models/rec/infer", npy(fortran), headers)
+    with np.load(io.BytesIO(answer.body)) as outputs:
+        np.testing.assert_array_equal(outputs["vec"], VEC)
+    buffer = io.BytesIO()
+    np.save(buffer, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    bad = [
+        (b"\x93NUMPY junk", "not a .npy array"),
+        (npy(IDS)[:-3], "takes 24 bytes after the header, the body has 21"),
+        (buffer.getvalue(), "it holds objects"),
+    ]
+    for body, message in bad:
+        answer = call(oip_api.port, "POST", "/v2/models/rec/infer", body, headers)
+        assert answer.status == 400 and message in answer.json()["error"], answer.body
 
 
 def test_metrics_come_from_the_backend(oip_api: HttpApi) -> None:
@@ -197,6 +209,7 @@ _M = _input("mask", [1, 4], "BOOL", [True, True, False, False])
 # (id, slot, body, status, message): every one a client error of that slot
 BAD_INFERS: list[tuple[str, str, Any, int, str]] = [
     ("not json", "det", b"{inputs", 400, "the JSON header is not valid"),
+    ("deep", "det", b"[" * 200_000 + b"]" * 200_000, 400, "nested too deeply"),
     ("a list", "det", [1], 400, "must be a JSON object"),
     ("no inputs", "det", {"id": "a"}, 400, "inputs must be a non-empty list"),
     ("empty inputs", "det", {"inputs": []}, 400, "inputs must be a non-empty list"),
@@ -375,8 +388,8 @@ def test_protocol_errors(oip_api: HttpApi, oip_backend: OrtBackend) -> None:
         (call(port, "GET", "/v2/models/det/versions/2"), 404, "serves version 3, not '2'"),
         (
             call(port, "POST", "/v2/models/det/infer", b"x=1", {"Content-Type": "text/plain"}),
-            415,
-            "Content-Type must be",
+            400,
+            "the JSON header is not valid",
         ),
         (
             call(port, "POST", "/v2/models/det/infer", b"{}", {"Content-Encoding": "gzip"}),
