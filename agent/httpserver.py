@@ -16,6 +16,11 @@ Bounds (all in :class:`HttpLimits`):
   written within the same time.
 - Request lines and header lines are limited by :mod:`http.server` (64 KiB, 100
   headers; 414/431). Body limits are the caller's: :meth:`BoundedHandler.content_length`.
+- ``max_inflight_bytes``: the bodies held at once, over all connections (each charged
+  its size times what parsing it costs, see :meth:`BoundedHandler.read_body`), until
+  the request is answered. A body that does not fit is answered ``503`` before it is
+  read. Bodies up to ``SMALL_BODY`` are not charged (at most ``max_connections`` of
+  them), so ordinary small requests get through while big ones hog the budget.
 - A body that is not read (an error answered before it) is drained, at most
   ``DRAIN_BYTES`` for at most ``DRAIN_S``, into a 64 KiB scratch buffer, so a client a
   little over a limit reads its 413 rather than a reset; then the connection closes.
@@ -42,6 +47,7 @@ MiB = 1024 * 1024
 READ_BUFFER = 64 * 1024
 DRAIN_S = 1.0
 DRAIN_BYTES = 8 * MiB
+SMALL_BODY = 64 * 1024
 REFUSED_LINGER_S = 1.0
 MAX_REFUSED_LINGERING = 256
 JSON = "application/json"
@@ -56,6 +62,7 @@ class HttpLimits:
     idle_timeout_s: float = 10.0
     max_json_bytes: int = 4 * MiB
     max_binary_bytes: int = 64 * MiB
+    max_inflight_bytes: int = 256 * MiB
 
     def __post_init__(self) -> None:
         for name in ("max_connections", "request_timeout_s", "idle_timeout_s"):
@@ -66,6 +73,37 @@ class HttpLimits:
                 f"http max_json_bytes ({self.max_json_bytes}) must be > 0 and "
                 f"<= max_binary_bytes ({self.max_binary_bytes})"
             )
+        if self.max_inflight_bytes < self.max_binary_bytes:
+            raise ValueError(
+                f"http max_inflight_bytes ({self.max_inflight_bytes}) must be >= "
+                f"max_binary_bytes ({self.max_binary_bytes})"
+            )
+
+
+class ByteBudget:
+    """Bytes of request bodies held at once, over all connections."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._lock = threading.Lock()  # guards _used
+        self._used = 0
+
+    def take(self, count: int) -> bool:
+        """Take ``count`` bytes if they fit; never waits."""
+        with self._lock:
+            if self._used + count > self.limit:
+                return False
+            self._used += count
+            return True
+
+    def give(self, count: int) -> None:
+        with self._lock:
+            self._used -= count
+
+    @property
+    def used(self) -> int:
+        with self._lock:
+            return self._used
 
 
 class HttpError(Exception):
@@ -143,6 +181,7 @@ class BoundedHttpServer(ThreadingHTTPServer):
 
     daemon_threads = True
     block_on_close = False
+    request_queue_size = 128  # the listen backlog: a burst waits for accept, not SYN retries
 
     def __init__(
         self,
@@ -151,6 +190,7 @@ class BoundedHttpServer(ThreadingHTTPServer):
         limits: HttpLimits,
     ) -> None:
         self.limits = limits
+        self.budget = ByteBudget(limits.max_inflight_bytes)
         self._connections_lock = threading.Lock()  # guards _connections
         self._connections: set[socket.socket] = set()
         # Refused sockets waiting to be closed; used only by the serve_forever thread
@@ -253,6 +293,7 @@ class BoundedHandler(BaseHTTPRequestHandler):
         self.rfile = io.BufferedReader(self._reader, READ_BUFFER)
         self.wfile = _Writer(self.connection)  # type: ignore[assignment]
         self._body_pending = 0
+        self._charged = 0  # bytes of the server's budget this request holds
 
     def handle(self) -> None:
         """Serve the connection; a client that disconnects or stalls just ends it."""
@@ -274,6 +315,9 @@ class BoundedHandler(BaseHTTPRequestHandler):
                 HTTPStatus.REQUEST_TIMEOUT,
                 f"the request did not arrive within {self.limits.request_timeout_s:g} s",
             )
+        finally:
+            self.server.budget.give(self._charged)
+            self._charged = 0
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         """Errors :mod:`http.server` finds itself (bad request line, headers too long,
@@ -316,8 +360,20 @@ class BoundedHandler(BaseHTTPRequestHandler):
             )
         return size
 
-    def read_body(self, size: int) -> bytearray:
-        """The body, read once into one buffer of ``size`` bytes."""
+    def read_body(self, size: int, cost: int | None = None) -> bytearray:
+        """The body, read once into one buffer of ``size`` bytes. ``cost`` (default
+        ``size``) is charged to the server's budget until the request is answered: 503
+        before reading when it does not fit."""
+        cost = size if cost is None else cost
+        if size > SMALL_BODY:
+            if not self.server.budget.take(cost):
+                raise HttpError(
+                    HTTPStatus.SERVICE_UNAVAILABLE,
+                    f"busy: a body costing {cost} bytes does not fit in the "
+                    f"{self.limits.max_inflight_bytes} bytes that requests may hold at once; "
+                    "retry later",
+                )
+            self._charged = cost
         body = bytearray(size)
         view = memoryview(body)
         got = 0

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from oip_rig import OrtBackend, binary_body, call, tensor
 
-from slimfleet.agent.httpserver import HttpLimits
+from slimfleet.agent.httpserver import HttpLimits, MiB
 from slimfleet.agent.serve import HttpApi
 
 LIMITS = HttpLimits(
@@ -129,29 +129,74 @@ def test_an_idle_connection_is_closed(api: HttpApi) -> None:
         assert 0.8 < time.monotonic() - started < 3.0
 
 
-def test_connections_over_the_cap_get_a_quick_503(api: HttpApi) -> None:
-    held = [socket.create_connection(("127.0.0.1", api.port), timeout=10) for _ in range(4)]
-    try:
-        for sock in held:
-            sock.sendall(b"GET /v2 HTTP/1.1\r\n")  # started, never finished
-        deadline = time.monotonic() + 5
-        while api.open_connections < 4 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        for _ in range(3):
-            started = time.monotonic()
-            with socket.create_connection(("127.0.0.1", api.port), timeout=10) as extra:
-                extra.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
-                reply = extra.makefile("rb").read()
-            assert reply.startswith(b"HTTP/1.1 503"), reply
-            assert b"too many connections" in reply
-            assert time.monotonic() - started < 0.5
-    finally:
-        for sock in held:
-            sock.close()
+def _wait_connections(api: HttpApi, count: int) -> None:
     deadline = time.monotonic() + 5
-    while api.open_connections and time.monotonic() < deadline:
+    while api.open_connections != count and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert call(api.port, "GET", "/v2/health/live").status == 200
+    assert api.open_connections == count
+
+
+def test_connections_over_the_cap_get_a_quick_503(oip_backend: OrtBackend) -> None:
+    limits = HttpLimits(max_connections=4, request_timeout_s=20, idle_timeout_s=20)
+    with HttpApi(oip_backend, limits=limits) as api:
+        held = [socket.create_connection(("127.0.0.1", api.port), timeout=10) for _ in range(4)]
+        try:
+            for sock in held:
+                sock.sendall(b"GET /v2 HTTP/1.1\r\n")  # started, never finished
+            _wait_connections(api, 4)
+            for _ in range(3):
+                started = time.monotonic()
+                with socket.create_connection(("127.0.0.1", api.port), timeout=10) as extra:
+                    extra.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+                    reply = extra.makefile("rb").read()
+                assert reply.startswith(b"HTTP/1.1 503"), reply
+                assert b"too many connections" in reply
+                assert time.monotonic() - started < 0.5
+        finally:
+            for sock in held:
+                sock.close()
+        _wait_connections(api, 0)
+        assert call(api.port, "GET", "/v2/health/live").status == 200
+
+
+def test_bodies_in_flight_share_one_budget(oip_backend: OrtBackend) -> None:
+    """A big body that does not fit beside those being read is refused 503 before it is
+    read; small requests are not charged, so they still get through."""
+    limits = HttpLimits(
+        max_json_bytes=16 * 1024, max_binary_bytes=256 * 1024, max_inflight_bytes=300 * 1024
+    )
+    x, mask = _rows(5000)  # 100 KB of binary tensors
+    body, headers = binary_body(
+        {"inputs": [tensor("x", x, binary=True), tensor("mask", mask, binary=True)]}, x, mask
+    )
+    head = (
+        f"POST {INFER} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
+        f"Inference-Header-Content-Length: {headers['Inference-Header-Content-Length']}\r\n\r\n"
+    ).encode()
+    with HttpApi(oip_backend, limits=limits) as api:
+        slow = [socket.create_connection(("127.0.0.1", api.port), timeout=10) for _ in range(3)]
+        for sock in slow:  # three bodies being read: 3 x 100 KB of the 300 KB
+            sock.sendall(head + body[:1000])
+        deadline = time.monotonic() + 5
+        server = api._server
+        assert server is not None
+        while server.budget.used < 3 * len(body) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        answer = call(api.port, "POST", INFER, body, headers)
+        assert answer.status == 503 and "busy" in answer.json()["error"]
+        small = {"inputs": [tensor("x", x[:1]), tensor("mask", mask[:1])]}
+        assert call(api.port, "POST", INFER, json.dumps(small).encode()).status == 200
+        for sock in slow:
+            sock.sendall(body[1000:])
+            assert _status_line(sock).startswith(b"HTTP/1.1 200")
+            sock.close()
+        deadline = time.monotonic() + 5  # given back once each answer is written
+        while server.budget.used and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert server.budget.used == 0
+        assert call(api.port, "POST", INFER, body, headers).status == 200
+    with pytest.raises(ValueError, match="must hold one JSON body"):
+        HttpApi(oip_backend, limits=HttpLimits(max_json_bytes=8 * MiB, max_inflight_bytes=64 * MiB))
 
 
 def test_chunked_and_unmeasured_bodies_are_refused(api: HttpApi) -> None:
