@@ -14,9 +14,10 @@ version is the version of the model serving the slot's first tier.
     with datatype and shape, -1 for a free dimension); readiness as for the server.
 ``POST /v2/models/<slot>/infer``
     JSON tensors, or a JSON header of ``Inference-Header-Content-Length`` bytes followed
-    by binary tensors (see :mod:`slimfleet.agent.oip`). With ``Content-Type:
-    application/x-npy`` a single-input slot takes a ``.npy`` body and answers the first
-    output as ``.npy`` (``.npz`` of every output with ``Accept: application/x-npz``).
+    by binary tensors (see :mod:`slimfleet.agent.oip`); the Content-Type is not looked
+    at, except that ``application/x-npy`` sends a single-input slot a ``.npy`` body and
+    answers the first output as ``.npy`` (``.npz`` of every output with ``Accept:
+    application/x-npz``).
 ``/v2/models/<slot>/versions/<v>/...``
     The same, when ``v`` is the version serving; else 404.
 ``GET /metrics``
@@ -30,10 +31,12 @@ Every inference answer names what produced it: headers ``X-Slimfleet-Tier`` and
 response ``parameters`` ``slimfleet_tier`` / ``slimfleet_model``.
 
 Errors are ``{"error": "..."}``: 400 bad request, 404 unknown path, slot or version,
-405, 408 request deadline, 411, 413 body over its limit, 415, 503 no model loaded or
-too many connections, 500 the model failed. Every 4xx is counted by
-``backend.client_error(slot)`` and never against a model. Limits: :class:`HttpLimits`
-(a JSON body is limited far below a binary one: JSON costs ~10x its size to parse).
+405, 408 request deadline, 411, 413 body over its limit, 415 compressed body, 503 no
+model loaded, too many connections or too many bytes of bodies in flight, 500 the model
+failed. Every 4xx is counted by ``backend.client_error(slot)`` and never against a
+model. Limits: :class:`HttpLimits` (a JSON body is limited far below a binary one and
+charged ``JSON_COST`` times its size against the in-flight budget: that is what parsing
+it costs).
 """
 
 from __future__ import annotations

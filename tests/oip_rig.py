@@ -200,6 +200,24 @@ def lookup(table: int = 3) -> bytes:
     )
 
 
+def text_in() -> bytes:
+    """s STRING [1] -> u STRING [1] (Identity): an input the protocol calls BYTES."""
+    info = helper.make_tensor_value_info
+    nodes = [helper.make_node("Identity", ["s"], ["u"])]
+    return _model(
+        nodes, [info("s", TensorProto.STRING, [1])], [info("u", TensorProto.STRING, [1])], []
+    )
+
+
+def text_out() -> bytes:
+    """x FP32 [1, 2] -> t STRING [1, 2] (Cast): an output the protocol calls BYTES."""
+    info = helper.make_tensor_value_info
+    nodes = [helper.make_node("Cast", ["x"], ["t"], to=TensorProto.STRING)]
+    return _model(
+        nodes, [info("x", TensorProto.FLOAT, [1, 2])], [info("t", TensorProto.STRING, [1, 2])], []
+    )
+
+
 def matmul_chain(width: int, depth: int, rows: int, seed: int = 0) -> bytes:
     """x FP32 [1, width] -> y FP32 [1, width]: x repeated to ``rows`` rows, through
     ``depth`` MatMul+Tanh layers, averaged over the rows. A small request, real work

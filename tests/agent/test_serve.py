@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from oip_rig import OrtBackend, binary_body, call, lookup, masked_add, tensor
+from oip_rig import OrtBackend, binary_body, call, lookup, masked_add, tensor, text_in, text_out
 
 from slimfleet.agent.errors import SlimfleetError
 from slimfleet.agent.serve import HttpApi
@@ -158,6 +158,25 @@ def test_infer_with_binary_tensors(oip_api: HttpApi, oip_backend: OrtBackend) ->
     assert [o["parameters"]["binary_data_size"] for o in header["outputs"]] == [32, 16]
     np.testing.assert_array_equal(outputs["count"], COUNT)
     assert oip_backend.requests == {"det": 2}
+
+
+def test_bytes_tensors_are_described_answered_but_not_taken() -> None:
+    backend = OrtBackend(
+        {"in": (ModelRef("i", 1), text_in()), "out": (ModelRef("o", 1), text_out())}
+    )
+    with HttpApi(backend) as api:
+        meta = call(api.port, "GET", "/v2/models/in").json()
+        assert meta["inputs"] == [{"name": "s", "datatype": "BYTES", "shape": [1]}]
+        doc = {"inputs": [{"name": "s", "shape": [1], "datatype": "BYTES", "data": ["hi"]}]}
+        answer = infer_json(api, "in", doc)
+        assert answer.status == 400 and "BYTES tensors are not supported" in answer.json()["error"]
+        x = {"inputs": [{"name": "x", "shape": [1, 2], "datatype": "FP32", "data": [1.5, 2]}]}
+        out = infer_json(api, "out", x).json()["outputs"][0]
+        assert (out["datatype"], out["shape"], out["data"]) == ("BYTES", [1, 2], ["1.5", "2"])
+        x["outputs"] = [{"name": "t", "parameters": {"binary_data": True}}]
+        answer = infer_json(api, "out", x)
+        size = int(answer.headers["Inference-Header-Content-Length"])
+        assert answer.body[size:] == struct.pack("<I", 3) + b"1.5" + struct.pack("<I", 1) + b"2"
 
 
 def test_npy_shortcut(oip_api: HttpApi) -> None:
