@@ -194,7 +194,8 @@ class BoundedHttpServer(ThreadingHTTPServer):
         self._connections_lock = threading.Lock()  # guards _connections
         self._connections: set[socket.socket] = set()
         # Refused sockets waiting to be closed; used only by the serve_forever thread
-        # (process_request and service_actions run there), so it needs no lock.
+        # (process_request and service_actions run there) and by close_connections once
+        # that thread has stopped, so it needs no lock.
         self._refused: deque[tuple[float, socket.socket]] = deque()
         super().__init__(address, handler)
 
