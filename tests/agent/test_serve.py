@@ -179,6 +179,35 @@ def test_bytes_tensors_are_described_answered_but_not_taken() -> None:
         assert answer.body[size:] == struct.pack("<I", 3) + b"1.5" + struct.pack("<I", 1) + b"2"
 
 
+class _KeepsFeeds(OrtBackend):
+    """Keeps the feeds it was given, to see where their memory lives."""
+
+    feeds: dict[str, np.ndarray]
+
+    def predict(self, slot: str, feeds: Any, *, cast: bool = False) -> Any:
+        self.feeds = dict(feeds)
+        return super().predict(slot, feeds, cast=cast)
+
+
+def test_binary_tensors_are_views_of_the_body_not_copies() -> None:
+    backend = _KeepsFeeds({"det": (ModelRef("det", 3), masked_add())})
+    with HttpApi(backend) as api:
+        doc = {"inputs": [tensor("x", X, binary=True), tensor("mask", MASK, binary=True)]}
+        body, headers = binary_body(doc, X, MASK)
+        assert call(api.port, "POST", "/v2/models/det/infer", body, headers).status == 200
+    x, mask = backend.feeds["x"], backend.feeds["mask"]
+
+    def memory(array: Any) -> Any:
+        while isinstance(array, np.ndarray):
+            array = array.base
+        return array
+
+    assert isinstance(memory(x), memoryview) and isinstance(memory(x).obj, bytearray)
+    assert memory(x).obj is memory(mask).obj  # both in the one buffer the body was read into
+    assert len(memory(x).obj) == len(body)
+    np.testing.assert_array_equal(x, X)
+
+
 def test_npy_shortcut(oip_api: HttpApi) -> None:
     def npy(array: np.ndarray) -> bytes:
         buffer = io.BytesIO()
