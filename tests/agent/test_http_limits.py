@@ -86,9 +86,8 @@ def test_an_oversized_body_is_refused_before_it_is_read(api: HttpApi) -> None:
             + INFER.encode()
             + b" HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000000\r\n\r\n"
         )
-        started = time.monotonic()
+        # a server that waited for the body would answer 408 at the 1 s deadline instead
         assert _status_line(sock).startswith(b"HTTP/1.1 413")
-        assert time.monotonic() - started < 1.0
 
 
 def test_a_slow_client_is_cut_off_at_the_request_deadline(
@@ -108,7 +107,7 @@ def test_a_slow_client_is_cut_off_at_the_request_deadline(
         reply = sock.makefile("rb").read()
     assert reply.startswith(b"HTTP/1.1 408"), reply
     assert b"did not arrive within 1 s" in reply
-    assert time.monotonic() - started < 3.0
+    assert time.monotonic() - started < 5.0  # 20 lines x 0.3 s = 6 s had it not been cut
     # a body that trickles in is cut the same way
     with socket.create_connection(("127.0.0.1", api.port), timeout=10) as sock:
         sock.sendall(b"POST " + INFER.encode() + b" HTTP/1.1\r\nContent-Length: 1000\r\n\r\n{")
@@ -117,7 +116,7 @@ def test_a_slow_client_is_cut_off_at_the_request_deadline(
             for _ in range(20):
                 time.sleep(0.3)
                 sock.sendall(b" ")
-        assert time.monotonic() - started < 3.0
+        assert time.monotonic() - started < 5.0
     assert oip_backend.client_errors[None] + oip_backend.client_errors["det"] == 2
     assert call(api.port, "GET", "/v2/health/live").status == 200
 
@@ -126,7 +125,7 @@ def test_an_idle_connection_is_closed(api: HttpApi) -> None:
     with socket.create_connection(("127.0.0.1", api.port), timeout=10) as sock:
         started = time.monotonic()
         assert sock.recv(100) == b""  # closed without an answer: there was no request
-        assert 0.8 < time.monotonic() - started < 3.0
+        assert 0.8 < time.monotonic() - started < 5.0
 
 
 def _wait_connections(api: HttpApi, count: int) -> None:
@@ -151,7 +150,9 @@ def test_connections_over_the_cap_get_a_quick_503(oip_backend: OrtBackend) -> No
                     reply = extra.makefile("rb").read()
                 assert reply.startswith(b"HTTP/1.1 503"), reply
                 assert b"too many connections" in reply
-                assert time.monotonic() - started < 0.5
+                assert (
+                    time.monotonic() - started < 5.0
+                )  # the held connections keep their slots 20 s
         finally:
             for sock in held:
                 sock.close()
