@@ -1,82 +1,124 @@
-"""The local HTTP API: predict with JSON or ``.npy``, health and Prometheus metrics.
+"""The agent's HTTP API: Open Inference Protocol v2 (KServe v2) over any InferenceBackend.
 
-``POST /v1/predict``
-    ``Content-Type: application/json`` with ``{"inputs": {name: nested list}}``: each
-    input is converted to the model's input dtype; the answer is
-    ``{"model": {"name", "version"}, "outputs": {name: nested list}}``.
+A slot of the deployment is a model in the protocol (``/v2/models/<slot>``); its
+version is the version of the model serving the slot's first tier.
 
-    ``Content-Type: application/x-npy`` with a ``.npy`` file (single-input models):
-    the answer is a ``.npy`` of the first output, or a ``.npz`` with every output when
-    the request says ``Accept: application/x-npz``. The model is named in the
-    ``X-Slimfleet-Model: name@version`` header.
-``GET /healthz``
-    200 ``{"status": "ok", "model": {...}}`` while a model serves, else 503.
+``GET /v2``
+    Server metadata: name, version, extensions (``binary_tensor_data``).
+``GET /v2/health/live``, ``GET /v2/health/ready``
+    200 ``{"live": true}`` / ``{"ready": true}``; not ready (some slot has no model):
+    400 ``{"ready": false}``, as the protocol says a 4xx means false. A health answer
+    is not a client error.
+``GET /v2/models/<slot>``, ``GET /v2/models/<slot>/ready``
+    Model metadata (name, versions, platform ``onnxruntime_onnx``, inputs and outputs
+    with datatype and shape, -1 for a free dimension); readiness as for the server.
+``POST /v2/models/<slot>/infer``
+    JSON tensors, or a JSON header of ``Inference-Header-Content-Length`` bytes followed
+    by binary tensors (see :mod:`slimfleet.agent.oip`); the Content-Type is not looked
+    at, except that ``application/x-npy`` sends a single-input slot a ``.npy`` body and
+    answers the first output as ``.npy`` (``.npz`` of every output with ``Accept:
+    application/x-npz``).
+``/v2/models/<slot>/versions/<v>/...``
+    The same, when ``v`` is the version serving; else 404.
 ``GET /metrics``
-    Prometheus text format.
+    Prometheus text (the backend's telemetry).
+``GET /healthz``
+    Kept for probes and scripts: 200 ``{"status": "ok", "models": {slot: ref}, "model":
+    ref of the main slot}`` when ready, else 503 ``{"status": "not ready"}``.
 
-Errors are JSON ``{"error": "..."}``: 400 bad body or feeds, 404, 405, 411 no
-Content-Length, 413 body too big, 415 other content types, 500 the model failed,
-503 no model. A failing request never stops the server; a client that disconnects
-or stalls for ``REQUEST_TIMEOUT_S`` loses its connection (logged at debug level).
+Every inference answer names what produced it: headers ``X-Slimfleet-Tier`` and
+``X-Slimfleet-Model: name@version`` (absent when the remote tier answered), and the
+response ``parameters`` ``slimfleet_tier`` / ``slimfleet_model``.
+
+Errors are ``{"error": "..."}``: 400 bad request, 404 unknown path, slot or version,
+405, 408 request deadline, 411, 413 body over its limit, 415 compressed body, 503 no
+model loaded, too many connections or too many bytes of bodies in flight, 500 the model
+failed. Every 4xx is counted by ``backend.client_error(slot)`` and never against a
+model. Limits: :class:`HttpLimits` (a JSON body is limited far below a binary one and
+charged ``JSON_COST`` times its size against the in-flight budget: that is what parsing
+it costs).
 """
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import logging
-import socket
+import math
+import re
 import threading
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from importlib import metadata
+from urllib.parse import unquote
 
 import numpy as np
 
+from slimfleet.agent import oip
 from slimfleet.agent.errors import SlimfleetError
-from slimfleet.agent.inference import FeedError, NoModelError
-from slimfleet.agent.sessions import Serving
-from slimfleet.agent.wire import ModelRef
+from slimfleet.agent.httpserver import (
+    JSON,
+    BoundedHandler,
+    BoundedHttpServer,
+    HttpError,
+    HttpLimits,
+    RequestDeadline,
+)
+from slimfleet.agent.inference import (
+    Answer,
+    FeedError,
+    InferenceBackend,
+    InferenceError,
+    NoModelError,
+    UnknownSlotError,
+)
+from slimfleet.agent.wire import SLOT_MAIN, ModelRef
 
 log = logging.getLogger(__name__)
 
-JSON = "application/json"
 NPY = "application/x-npy"
 NPZ = "application/x-npz"
+OCTETS = "application/octet-stream"
 METRICS = "text/plain; version=0.0.4; charset=utf-8"
-MAX_BODY_BYTES = 64 * 1024 * 1024
-REQUEST_TIMEOUT_S = 30
+HEADER_LENGTH = "Inference-Header-Content-Length"
+NPY_HEADER_MAX = 64 * 1024  # a .npy header past this is refused
+JSON_COST = 10  # peak memory to parse JSON tensors per byte of text (measured 2.6x-8.8x)
+
+_MODEL_PATH = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?(?:/(ready|infer))?/?")
+_GET_PATHS = ("/v2", "/v2/health/live", "/v2/health/ready", "/metrics", "/healthz")
 
 
-class _HttpError(Exception):
-    """Internal: answer the request with ``status`` and a JSON error."""
-
-    def __init__(self, status: HTTPStatus, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
+def _version() -> str:
+    try:
+        return metadata.version("slimfleet")
+    except metadata.PackageNotFoundError:
+        return "unknown"
 
 
 class HttpApi:
-    """The local HTTP API in front of a :class:`Serving`, on a thread of its own.
+    """The HTTP API in front of an :class:`InferenceBackend`, on a thread of its own.
 
     ``port=0`` picks a free port; read the chosen one from :attr:`port` after
-    :meth:`start`.
+    :meth:`start`. ``limits`` bounds connections, time and body sizes.
     """
 
     def __init__(
         self,
-        serving: Serving,
+        backend: InferenceBackend,
         host: str = "127.0.0.1",
         port: int = 0,
-        max_body_bytes: int = MAX_BODY_BYTES,
+        limits: HttpLimits | None = None,
     ) -> None:
-        self.serving = serving
+        self.backend = backend
         self.host = host
-        self.max_body_bytes = max_body_bytes
+        self.limits = limits or HttpLimits()
+        if self.limits.max_json_bytes * JSON_COST > self.limits.max_inflight_bytes:
+            raise ValueError(
+                f"http max_inflight_bytes must hold one JSON body's parse ({JSON_COST} x "
+                f"max_json_bytes = {self.limits.max_json_bytes * JSON_COST} bytes)"
+            )
+        self.version = _version()
         self._requested_port = port
-        self._server: ThreadingHTTPServer | None = None
+        self._server: BoundedHttpServer | None = None
         self._thread: threading.Thread | None = None
 
     @property
@@ -89,13 +131,17 @@ class HttpApi:
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
+    @property
+    def open_connections(self) -> int:
+        return self._server.open_connections if self._server else 0
+
     def start(self) -> None:
         """Bind and serve in a background thread; SlimfleetError if the port is taken."""
         if self._server is not None:
             return
         handler = type("Handler", (_Handler,), {"api": self})
         try:
-            server = _Server((self.host, self._requested_port), handler)
+            server = BoundedHttpServer((self.host, self._requested_port), handler, self.limits)
         except OSError as exc:
             raise SlimfleetError(
                 f"cannot listen on {self.host}:{self._requested_port}: {exc.strerror or exc}"
@@ -126,201 +172,235 @@ class HttpApi:
         self.stop()
 
 
-class _Server(ThreadingHTTPServer):
-    """A threading server that can close its keep-alive connections on stop."""
-
-    daemon_threads = True
-
-    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler]) -> None:
-        super().__init__(address, handler)
-        self._connections: set[socket.socket] = set()
-        self._connections_lock = threading.Lock()
-
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        with self._connections_lock:
-            self._connections.add(request)
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            with self._connections_lock:
-                self._connections.discard(request)
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        """What escapes a handler is a connection problem (see ``_Handler.handle``):
-        logged at debug level instead of a traceback on stderr."""
-        log.debug("HTTP connection from %s failed", client_address[0], exc_info=True)
-
-    def close_connections(self) -> None:
-        with self._connections_lock:
-            connections = list(self._connections)
-        for connection in connections:
-            with contextlib.suppress(OSError):
-                connection.shutdown(socket.SHUT_RDWR)
+def _npy_array(body: bytearray) -> np.ndarray:
+    """The array of a ``.npy`` body, as a view of the body (no copy); 400 otherwise."""
+    head = io.BytesIO(memoryview(body)[:NPY_HEADER_MAX])
+    try:
+        version = np.lib.format.read_magic(head)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(head)
+        elif version == (2, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(head)
+        else:
+            raise ValueError(f"format version {version} is not supported")
+    except (ValueError, OSError, EOFError) as exc:
+        raise HttpError(HTTPStatus.BAD_REQUEST, f"body is not a .npy array: {exc}") from None
+    if dtype.hasobject:
+        raise HttpError(HTTPStatus.BAD_REQUEST, "body is not a .npy array: it holds objects")
+    count = math.prod(shape)
+    offset = head.tell()
+    if len(body) - offset != count * dtype.itemsize:
+        raise HttpError(
+            HTTPStatus.BAD_REQUEST,
+            f"body is not a .npy array: {dtype} {list(shape)} takes {count * dtype.itemsize} "
+            f"bytes after the header, the body has {len(body) - offset}",
+        )
+    array = np.frombuffer(body, dtype=dtype, count=count, offset=offset)
+    return array.reshape(shape, order="F" if fortran else "C")
 
 
-class _Handler(BaseHTTPRequestHandler):
+def _tier_headers(answer: Answer) -> dict[str, str]:
+    headers = {"X-Slimfleet-Tier": answer.tier}
+    if answer.model is not None:
+        headers["X-Slimfleet-Model"] = str(answer.model)
+    return headers
+
+
+class _Handler(BoundedHandler):
     api: HttpApi
-    protocol_version = "HTTP/1.1"
-    timeout = REQUEST_TIMEOUT_S
-    disable_nagle_algorithm = True  # headers and body go out as separate writes
-    server_version = "slimfleet-agent"
+    _slot: str | None = None  # the slot the path names, once parsed
 
-    def handle(self) -> None:
-        """Serve the connection; a client that disconnects or stalls just ends it."""
-        try:
-            super().handle()
-        except (ConnectionError, TimeoutError) as exc:
-            self.close_connection = True
-            log.debug("HTTP client %s went away: %s", self.client_address[0], exc)
+    def handle_one_request(self) -> None:
+        self._slot = None
+        super().handle_one_request()
 
-    # -- routing --------------------------------------------------------------------
+    # -- routing -----------------------------------------------------------------------
 
     def do_GET(self) -> None:
-        self._dispatch({"/healthz": self._healthz, "/metrics": self._metrics})
+        self._route("GET")
 
     def do_POST(self) -> None:
-        self._dispatch({"/v1/predict": self._predict})
+        self._route("POST")
 
-    def _dispatch(self, routes: dict[str, Any]) -> None:
+    def _route(self, method: str) -> None:
         path = self.path.split("?", 1)[0]
         try:
-            route = routes.get(path)
-            if route is None:
-                known = path in ("/healthz", "/metrics", "/v1/predict")
-                raise _HttpError(
-                    HTTPStatus.METHOD_NOT_ALLOWED if known else HTTPStatus.NOT_FOUND,
-                    f"{self.command} {path} is not supported"
-                    if known
-                    else f"no such endpoint: {path}",
-                )
-            route()
-        except _HttpError as exc:
-            self._send_json(exc.status, {"error": exc.message})
-        except (ConnectionError, TimeoutError):  # the client went away: nobody to answer
+            match = _MODEL_PATH.fullmatch(path)
+            if match:
+                self._model_route(method, match)
+            elif path.rstrip("/") in _GET_PATHS:
+                self._allow(method, "GET")
+                self._get(path.rstrip("/"))
+            else:
+                raise HttpError(HTTPStatus.NOT_FOUND, f"no such endpoint: {path}")
+        except HttpError as exc:
+            self.fail(exc.status, exc.message)
+        except UnknownSlotError as exc:
+            self.fail(HTTPStatus.NOT_FOUND, str(exc))
+        except NoModelError as exc:
+            self.fail(HTTPStatus.SERVICE_UNAVAILABLE, str(exc))
+        except (FeedError, oip.ProtocolError) as exc:
+            self.fail(HTTPStatus.BAD_REQUEST, str(exc))
+        except InferenceError as exc:
+            self.fail(HTTPStatus.INTERNAL_SERVER_ERROR, str(exc))
+        except (ConnectionError, TimeoutError, RequestDeadline):  # handled per connection
             raise
         except Exception as exc:  # a bug must cost one request, not the server
             log.exception("HTTP %s %s failed", self.command, path)
-            self._send_json(
-                HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"internal error: {type(exc).__name__}"}
+            self.fail(HTTPStatus.INTERNAL_SERVER_ERROR, f"internal error: {type(exc).__name__}")
+
+    def _allow(self, method: str, allowed: str) -> None:
+        if method != allowed:
+            raise HttpError(
+                HTTPStatus.METHOD_NOT_ALLOWED,
+                f"{method} {self.path} is not supported: use {allowed}",
             )
 
-    # -- endpoints ------------------------------------------------------------------
+    def client_error(self) -> None:
+        slot = self._slot if self._slot in self.api.backend.slots() else None
+        self.api.backend.client_error(slot)
+
+    # -- server-level endpoints --------------------------------------------------------
+
+    def _get(self, path: str) -> None:
+        backend = self.api.backend
+        if path == "/v2":
+            self.send_json(HTTPStatus.OK, oip.server_metadata(self.api.version))
+        elif path == "/v2/health/live":
+            self.send_json(HTTPStatus.OK, {"live": True})
+        elif path == "/v2/health/ready":
+            ready = backend.ready()
+            self.send_json(HTTPStatus.OK if ready else HTTPStatus.BAD_REQUEST, {"ready": ready})
+        elif path == "/metrics":
+            self.send(HTTPStatus.OK, METRICS, [backend.metrics_text()])
+        else:
+            self._healthz()
 
     def _healthz(self) -> None:
-        current = self.api.serving.current
-        if current is None:
-            self._send_json(HTTPStatus.SERVICE_UNAVAILABLE, {"status": "no model"})
+        backend = self.api.backend
+        if not backend.ready():
+            self.send_json(HTTPStatus.SERVICE_UNAVAILABLE, {"status": "not ready"})
+            return
+        models = {}
+        for slot in backend.slots():
+            try:
+                models[slot] = backend.slot_model(slot).to_dict()
+            except NoModelError:  # the deployment changed between the two calls
+                continue
+        doc = {"status": "ok", "models": models, "model": models.get(SLOT_MAIN)}
+        self.send_json(HTTPStatus.OK, doc)
+
+    # -- model endpoints ---------------------------------------------------------------
+
+    def _model_route(self, method: str, match: re.Match[str]) -> None:
+        slot, version, action = (unquote(g) if g else g for g in match.groups())
+        self._slot = slot
+        self._allow(method, "POST" if action == "infer" else "GET")
+        if action == "ready":
+            self._model_ready(slot, version)
+            return
+        model = self._resolve(slot, version)
+        if action == "infer":
+            self._infer(slot)
         else:
-            self._send_json(HTTPStatus.OK, {"status": "ok", "model": current.to_dict()})
+            io_ = self.api.backend.slot_io(slot)
+            self.send_json(
+                HTTPStatus.OK,
+                oip.model_metadata(slot, model, io_),
+                {"X-Slimfleet-Model": str(model)},
+            )
 
-    def _metrics(self) -> None:
-        self._send(HTTPStatus.OK, METRICS, self.api.serving.telemetry.metrics_text())
+    def _resolve(self, slot: str, version: str | None) -> ModelRef:
+        """The slot's serving model; 404 when the path names another version."""
+        model = self.api.backend.slot_model(slot)
+        if version is not None and version != str(model.version):
+            raise HttpError(
+                HTTPStatus.NOT_FOUND,
+                f"slot {slot!r} serves version {model.version}, not {version!r}",
+            )
+        return model
 
-    def _predict(self) -> None:
-        body = self._read_body()
+    def _model_ready(self, slot: str, version: str | None) -> None:
+        """200 ready; a known slot with nothing loaded is 400 ``ready: false`` (the
+        protocol's false, not a client error)."""
+        try:
+            self._resolve(slot, version)
+        except UnknownSlotError:
+            raise
+        except NoModelError:
+            self.send_json(HTTPStatus.BAD_REQUEST, {"name": slot, "ready": False})
+            return
+        self.send_json(HTTPStatus.OK, {"name": slot, "ready": True})
+
+    def _infer(self, slot: str) -> None:
         kind = (self.headers.get("Content-Type") or "").split(";", 1)[0].strip().lower()
-        if kind == JSON:
-            self._predict_json(body)
-        elif kind == NPY:
-            self._predict_npy(body)
-        else:
-            raise _HttpError(
+        encoding = (self.headers.get("Content-Encoding") or "identity").strip().lower()
+        if encoding != "identity":
+            raise HttpError(
                 HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
-                f"Content-Type must be {JSON} or {NPY}, got {kind or 'none'}",
+                f"Content-Encoding {encoding} is not supported: send the body uncompressed",
             )
-
-    def _predict_json(self, body: bytes) -> None:
+        if kind == NPY:
+            self._infer_npy(slot)
+            return
+        limits = self.limits
+        declared = self.headers.get(HEADER_LENGTH)
+        if declared is None:
+            size = self.content_length(limits.max_json_bytes, "JSON body")
+            header_size = size
+        else:
+            size = self.content_length(limits.max_binary_bytes, "body")
+            if not declared.isdigit() or not 0 < int(declared) <= size:
+                raise HttpError(
+                    HTTPStatus.BAD_REQUEST,
+                    f"{HEADER_LENGTH} {declared!r} must be a positive number of bytes "
+                    f"within the body's {size}",
+                )
+            header_size = int(declared)
+            if header_size > limits.max_json_bytes:
+                raise HttpError(
+                    HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                    f"JSON header of {header_size} bytes is over the limit of "
+                    f"{limits.max_json_bytes} bytes",
+                )
+        body = self.read_body(size, cost=size + (JSON_COST - 1) * header_size)
+        view = memoryview(body)
         try:
-            doc = json.loads(body)
+            doc = json.loads(view[:header_size].tobytes())
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise _HttpError(HTTPStatus.BAD_REQUEST, f"body is not valid JSON: {exc}") from None
-        if not isinstance(doc, dict) or not isinstance(doc.get("inputs"), dict):
-            raise _HttpError(
-                HTTPStatus.BAD_REQUEST, 'body must be {"inputs": {"<input name>": [...]}}'
-            )
-        model, outputs = self._infer(doc["inputs"])
-        answer = {"model": model.to_dict(), "outputs": {k: v.tolist() for k, v in outputs.items()}}
-        self._send_json(HTTPStatus.OK, answer)
+            raise HttpError(
+                HTTPStatus.BAD_REQUEST, f"the JSON header is not valid: {exc}"
+            ) from None
+        except RecursionError:
+            raise HttpError(
+                HTTPStatus.BAD_REQUEST, "the JSON header is nested too deeply"
+            ) from None
+        request = oip.parse_infer(doc, view[header_size:], self.api.backend.slot_io(slot))
+        answer = self.api.backend.predict(slot, request.feeds)
+        header, parts = oip.infer_response(slot, request, answer)
+        head = json.dumps(header).encode()
+        headers = _tier_headers(answer)
+        if parts:
+            headers[HEADER_LENGTH] = str(len(head))
+        self.send(HTTPStatus.OK, OCTETS if parts else JSON, [head, *parts], headers)
 
-    def _predict_npy(self, body: bytes) -> None:
-        try:
-            array = np.load(io.BytesIO(body), allow_pickle=False)
-        except (ValueError, OSError, EOFError) as exc:
-            raise _HttpError(HTTPStatus.BAD_REQUEST, f"body is not a .npy array: {exc}") from None
-        if not isinstance(array, np.ndarray):
-            raise _HttpError(HTTPStatus.BAD_REQUEST, "body must be a single .npy array, not .npz")
-        model_io = self.api.serving.io
-        if model_io is None:
-            raise _HttpError(HTTPStatus.SERVICE_UNAVAILABLE, "no model is loaded")
-        if len(model_io.inputs) != 1:
-            names = ", ".join(s.name for s in model_io.inputs)
-            raise _HttpError(
+    def _infer_npy(self, slot: str) -> None:
+        array = _npy_array(
+            self.read_body(self.content_length(self.limits.max_binary_bytes, ".npy body"))
+        )
+        inputs = self.api.backend.slot_io(slot).inputs
+        if len(inputs) != 1:
+            names = ", ".join(s.name for s in inputs)
+            raise HttpError(
                 HTTPStatus.BAD_REQUEST,
-                f"a .npy body needs a single-input model; this one takes {names}: send JSON",
+                f"a .npy body needs a single-input slot; {slot!r} takes {names}: send JSON",
             )
-        model, outputs = self._infer({model_io.inputs[0].name: array})
+        answer = self.api.backend.predict(slot, {inputs[0].name: array}, cast=True)
         buffer = io.BytesIO()
         if NPZ in (self.headers.get("Accept") or ""):
-            np.savez(buffer, **outputs)
+            np.savez(buffer, **answer.outputs)
             kind = NPZ
         else:
-            np.save(buffer, next(iter(outputs.values())), allow_pickle=False)
+            np.save(buffer, next(iter(answer.outputs.values())), allow_pickle=False)
             kind = NPY
-        self._send(HTTPStatus.OK, kind, buffer.getvalue(), {"X-Slimfleet-Model": str(model)})
-
-    # -- helpers --------------------------------------------------------------------
-
-    def _infer(self, feeds: dict[str, Any]) -> tuple[ModelRef, dict[str, np.ndarray]]:
-        try:
-            return self.api.serving.predict(feeds, cast=True)
-        except FeedError as exc:
-            raise _HttpError(HTTPStatus.BAD_REQUEST, str(exc)) from None
-        except NoModelError as exc:
-            raise _HttpError(HTTPStatus.SERVICE_UNAVAILABLE, str(exc)) from None
-        except SlimfleetError as exc:
-            raise _HttpError(HTTPStatus.INTERNAL_SERVER_ERROR, str(exc)) from None
-
-    def _read_body(self) -> bytes:
-        length = self.headers.get("Content-Length")
-        if length is None:
-            self.close_connection = True
-            raise _HttpError(HTTPStatus.LENGTH_REQUIRED, "send a Content-Length header")
-        try:
-            size = int(length)
-        except ValueError:
-            self.close_connection = True
-            raise _HttpError(HTTPStatus.BAD_REQUEST, f"bad Content-Length {length!r}") from None
-        if size < 0 or size > self.api.max_body_bytes:
-            self.close_connection = True
-            raise _HttpError(
-                HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                f"body of {size} bytes is over the limit of {self.api.max_body_bytes}",
-            )
-        body = self.rfile.read(size)
-        if len(body) != size:
-            self.close_connection = True
-            raise _HttpError(HTTPStatus.BAD_REQUEST, "body is shorter than its Content-Length")
-        return body
-
-    def _send_json(self, status: HTTPStatus, doc: dict[str, Any]) -> None:
-        self._send(status, JSON, json.dumps(doc).encode())
-
-    def _send(
-        self,
-        status: HTTPStatus,
-        kind: str,
-        body: bytes,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", kind)
-        self.send_header("Content-Length", str(len(body)))
-        for name, value in (headers or {}).items():
-            self.send_header(name, value)
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug("%s " + format, self.client_address[0], *args)
+        self.send(HTTPStatus.OK, kind, [buffer.getbuffer()], _tier_headers(answer))

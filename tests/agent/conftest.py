@@ -380,3 +380,28 @@ def spawn_agent(tmp_path: Path) -> Iterator[Callable[[Path], AgentProcess]]:
     for agent in started:
         if agent.proc.poll() is None:
             agent.kill()
+
+
+# -- the HTTP API over a real-onnxruntime backend (tests/oip_rig.py) -------------------
+# Imported here, not at the top, so that this section stays one appended block.
+
+
+@pytest.fixture
+def oip_backend() -> Any:
+    """An OrtBackend with slots det (masked_add, det@3) and rec (lookup, rec@5)."""
+    from oip_rig import OrtBackend, lookup, masked_add
+
+    from slimfleet.agent.wire import ModelRef
+
+    return OrtBackend(
+        {"det": (ModelRef("det", 3), masked_add()), "rec": (ModelRef("rec", 5), lookup())}
+    )
+
+
+@pytest.fixture
+def oip_api(oip_backend: Any) -> Iterator[Any]:
+    """The HTTP API over ``oip_backend`` on a free loopback port."""
+    from slimfleet.agent.serve import HttpApi
+
+    with HttpApi(oip_backend) as api:
+        yield api

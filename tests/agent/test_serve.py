@@ -1,4 +1,4 @@
-"""The local HTTP API over real sockets and real sessions."""
+"""The HTTP API (Open Inference Protocol v2) over real sockets and real onnxruntime sessions."""
 
 from __future__ import annotations
 
@@ -10,296 +10,325 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
+from oip_rig import OrtBackend, binary_body, call, lookup, masked_add, tensor, text_in, text_out
 
 from slimfleet.agent.errors import SlimfleetError
 from slimfleet.agent.serve import HttpApi
-from slimfleet.agent.sessions import Serving, WatchPolicy
-from slimfleet.agent.wire import ModelRef, SmokeTest
+from slimfleet.agent.wire import ModelRef
 
-X = np.full((1, 4), 0.5, dtype=np.float32)
-
-
-class Answer:
-    def __init__(self, response: http.client.HTTPResponse) -> None:
-        self.status = response.status
-        self.headers = response.headers
-        self.body = response.read()
-
-    def json(self) -> Any:
-        assert self.headers["Content-Type"] == "application/json"
-        return json.loads(self.body)
+X = np.arange(8, dtype=np.float32).reshape(2, 4)
+MASK = np.array([[True, False, True, False], [True, True, True, True]])
+Y = np.where(MASK, X + 1, X)
+COUNT = np.array([2, 4], dtype=np.int64)
+IDS = np.array([[2, 0, 1]], dtype=np.int64)
+VEC = np.array([[4, 0, 2]], dtype=np.float16)
 
 
-def request(
-    api: HttpApi,
-    method: str,
-    path: str,
-    body: bytes | None = None,
-    headers: dict[str, str] | None = None,
-    conn: http.client.HTTPConnection | None = None,
-) -> Answer:
-    own = conn is None
-    conn = conn or http.client.HTTPConnection("127.0.0.1", api.port, timeout=30)
-    try:
-        conn.request(method, path, body=body, headers=headers or {})
-        return Answer(conn.getresponse())
-    finally:
-        if own:
-            conn.close()
+def infer_json(api: HttpApi, slot: str, doc: Any, path: str | None = None) -> Any:
+    return call(api.port, "POST", path or f"/v2/models/{slot}/infer", json.dumps(doc).encode())
 
 
-def post_json(api: HttpApi, doc: Any, conn: http.client.HTTPConnection | None = None) -> Answer:
-    body = json.dumps(doc).encode()
-    return request(api, "POST", "/v1/predict", body, {"Content-Type": "application/json"}, conn)
+def det_doc(**extra: Any) -> dict[str, Any]:
+    return {"inputs": [tensor("x", X), tensor("mask", MASK)], **extra}
 
 
-def npy(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, array)
-    return buffer.getvalue()
+def test_server_metadata_and_health(oip_api: HttpApi, oip_backend: OrtBackend) -> None:
+    for path in ("/v2", "/v2/"):
+        doc = call(oip_api.port, "GET", path).json()
+        assert doc["name"] == "slimfleet-agent"
+        assert doc["extensions"] == ["binary_tensor_data"]
+        assert isinstance(doc["version"], str) and doc["version"]
+    assert call(oip_api.port, "GET", "/v2/health/live").status == 200
+    assert call(oip_api.port, "GET", "/v2/health/ready").status == 200
+    healthz = call(oip_api.port, "GET", "/healthz").json()
+    assert healthz["models"] == {
+        "det": {"name": "det", "version": 3},
+        "rec": {"name": "rec", "version": 5},
+    }
+    assert healthz["model"] is None  # no slot named main
 
 
-@pytest.fixture
-def serving() -> Iterator[Serving]:
-    with Serving(watch=WatchPolicy(window_s=0)) as serving:
-        yield serving
+def test_a_slot_without_a_model_is_not_ready_and_that_is_no_client_error() -> None:
+    backend = OrtBackend({"main": (ModelRef("m", 2), masked_add()), "later": None})
+    with HttpApi(backend) as api:
+        answer = call(api.port, "GET", "/v2/health/ready")
+        assert (answer.status, answer.json()) == (400, {"ready": False})
+        answer = call(api.port, "GET", "/v2/models/later/ready")
+        assert (answer.status, answer.json()) == (400, {"name": "later", "ready": False})
+        assert call(api.port, "GET", "/v2/models/main/ready").json() == {
+            "name": "main",
+            "ready": True,
+        }
+        answer = call(api.port, "GET", "/v2/models/later")
+        assert answer.status == 503 and "has no model loaded" in answer.json()["error"]
+        answer = infer_json(api, "later", det_doc())
+        assert answer.status == 503
+        assert call(api.port, "GET", "/healthz").status == 503
+        assert backend.client_errors == {}
+        backend.load("later", ModelRef("l", 1), lookup())
+        assert call(api.port, "GET", "/v2/health/ready").status == 200
+        assert call(api.port, "GET", "/healthz").json()["model"] == {"name": "m", "version": 2}
 
 
-@pytest.fixture
-def api(serving: Serving) -> Iterator[HttpApi]:
-    with HttpApi(serving, port=0, max_body_bytes=1 << 20) as api:
-        yield api
+def test_model_metadata(oip_api: HttpApi) -> None:
+    answer = call(oip_api.port, "GET", "/v2/models/det")
+    assert answer.headers["X-Slimfleet-Model"] == "det@3"
+    assert answer.json() == {
+        "name": "det",
+        "versions": ["3"],
+        "platform": "onnxruntime_onnx",
+        "inputs": [
+            {"name": "x", "datatype": "FP32", "shape": [-1, 4]},
+            {"name": "mask", "datatype": "BOOL", "shape": [-1, 4]},
+        ],
+        "outputs": [
+            {"name": "y", "datatype": "FP32", "shape": [-1, 4]},
+            {"name": "count", "datatype": "INT64", "shape": [-1]},
+        ],
+    }
+    rec = call(oip_api.port, "GET", "/v2/models/rec/versions/5").json()
+    assert rec["inputs"] == [{"name": "ids", "datatype": "INT64", "shape": [1, 3]}]
+    assert rec["outputs"] == [{"name": "vec", "datatype": "FP16", "shape": [1, 3]}]
+    assert call(oip_api.port, "GET", "/v2/models/rec/versions/5/ready").status == 200
 
 
-def test_health_before_and_after_a_model(api: HttpApi, serving: Serving, model_files) -> None:
-    answer = request(api, "GET", "/healthz")
-    assert (answer.status, answer.json()) == (503, {"status": "no model"})
-    serving.start(ModelRef("m", 1), model_files.add(1.0))
-    answer = request(api, "GET", "/healthz")
+def test_infer_with_json_tensors(oip_api: HttpApi) -> None:
+    nested = {
+        "id": "req-1",
+        "inputs": [
+            {"name": "x", "shape": [2, 4], "datatype": "FP32", "data": X.tolist()},
+            {"name": "mask", "shape": [2, 4], "datatype": "BOOL", "data": MASK.tolist()},
+        ],
+    }
+    answer = infer_json(oip_api, "det", nested)
     assert answer.status == 200
-    assert answer.json() == {"status": "ok", "model": {"name": "m", "version": 1}}
+    assert answer.headers["X-Slimfleet-Tier"] == "det@3"
+    assert answer.headers["X-Slimfleet-Model"] == "det@3"
+    header, outputs = answer.oip()
+    assert header["model_name"] == "det" and header["model_version"] == "3"
+    assert header["id"] == "req-1"
+    assert header["parameters"] == {"slimfleet_tier": "det@3", "slimfleet_model": "det@3"}
+    assert [o["name"] for o in header["outputs"]] == ["y", "count"]
+    assert header["outputs"][1] == {
+        "name": "count",
+        "datatype": "INT64",
+        "shape": [2],
+        "data": [2, 4],
+    }
+    np.testing.assert_array_equal(outputs["y"], Y)
+
+    # only the outputs asked for, in that order; versioned path; FP16 out of INT64 in
+    answer = infer_json(oip_api, "det", det_doc(outputs=[{"name": "count"}]))
+    assert [o["name"] for o in answer.oip()[0]["outputs"]] == ["count"]
+    answer = infer_json(
+        oip_api, "rec", {"inputs": [tensor("ids", IDS)]}, "/v2/models/rec/versions/5/infer"
+    )
+    header, outputs = answer.oip()
+    assert header["outputs"][0]["datatype"] == "FP16"
+    np.testing.assert_array_equal(outputs["vec"], VEC)
+    assert "id" not in header
 
 
-def test_predict_with_json(api: HttpApi, serving: Serving, model_files) -> None:
-    serving.start(ModelRef("m", 1), model_files.add(1.0))
-    answer = post_json(api, {"inputs": {"x": X.tolist()}})
-    assert answer.status == 200
-    doc = answer.json()
-    assert doc["model"] == {"name": "m", "version": 1}
-    np.testing.assert_allclose(doc["outputs"]["y"], X + 1)
+def test_infer_with_binary_tensors(oip_api: HttpApi, oip_backend: OrtBackend) -> None:
+    doc = {
+        "id": "bin",
+        "inputs": [tensor("x", X, binary=True), tensor("mask", MASK, binary=True)],
+        "outputs": [{"name": "y", "parameters": {"binary_data": True}}, {"name": "count"}],
+    }
+    body, headers = binary_body(doc, X, MASK)
+    answer = call(oip_api.port, "POST", "/v2/models/det/infer", body, headers)
+    assert answer.status == 200, answer.body
+    assert answer.headers["Content-Type"] == "application/octet-stream"
+    header, outputs = answer.oip()
+    assert header["outputs"][0]["parameters"] == {"binary_data_size": 32}
+    assert header["outputs"][1]["data"] == [2, 4]  # JSON, as asked
+    np.testing.assert_array_equal(outputs["y"], Y)
+
+    # binary_data_output answers every output in binary; JSON and binary inputs mix
+    doc = {
+        "inputs": [tensor("x", X), tensor("mask", MASK, binary=True)],
+        "parameters": {"binary_data_output": True},
+    }
+    body, headers = binary_body(doc, MASK)
+    header, outputs = call(oip_api.port, "POST", "/v2/models/det/infer", body, headers).oip()
+    assert [o["parameters"]["binary_data_size"] for o in header["outputs"]] == [32, 16]
+    np.testing.assert_array_equal(outputs["count"], COUNT)
+    assert oip_backend.requests == {"det": 2}
 
 
-def test_predict_with_npy_and_npz(api: HttpApi, serving: Serving, model_files) -> None:
-    serving.start(ModelRef("m", 7), model_files.slow(1.0, rows=2, width=8, depth=1))
-    answer = request(api, "POST", "/v1/predict", npy(X), {"Content-Type": "application/x-npy"})
-    assert answer.status == 200
-    assert answer.headers["Content-Type"] == "application/x-npy"
-    assert answer.headers["X-Slimfleet-Model"] == "m@7"
-    np.testing.assert_allclose(np.load(io.BytesIO(answer.body)), X + 1)
-
-    headers = {"Content-Type": "application/x-npy", "Accept": "application/x-npz"}
-    answer = request(api, "POST", "/v1/predict", npy(X.astype(np.float64)), headers)
-    assert answer.status == 200 and answer.headers["Content-Type"] == "application/x-npz"
-    with np.load(io.BytesIO(answer.body)) as outputs:
-        assert sorted(outputs.files) == ["work", "y"]
-        np.testing.assert_allclose(outputs["y"], X + 1)
-        assert outputs["work"].shape == (2, 8)
-
-
-def test_metrics_are_prometheus_text(api: HttpApi, serving: Serving, model_files) -> None:
-    serving.start(ModelRef("m", 1), model_files.add(1.0))
-    for _ in range(3):
-        assert post_json(api, {"inputs": {"x": X.tolist()}}).status == 200
-    assert post_json(api, {"inputs": {"nope": X.tolist()}}).status == 400
-    answer = request(api, "GET", "/metrics")
-    assert answer.status == 200
-    assert answer.headers["Content-Type"].startswith("text/plain; version=0.0.4")
-    families = {f.name: f for f in text_string_to_metric_families(answer.body.decode())}
-    assert families["slimfleet_agent_requests"].samples[0].value == 4
-    assert families["slimfleet_agent_request_errors"].samples[0].value == 1
-    assert families["slimfleet_agent_model_info"].samples[0].labels == {"name": "m", "version": "1"}
+def test_bytes_tensors_are_described_answered_but_not_taken() -> None:
+    backend = OrtBackend(
+        {"in": (ModelRef("i", 1), text_in()), "out": (ModelRef("o", 1), text_out())}
+    )
+    with HttpApi(backend) as api:
+        meta = call(api.port, "GET", "/v2/models/in").json()
+        assert meta["inputs"] == [{"name": "s", "datatype": "BYTES", "shape": [1]}]
+        doc = {"inputs": [{"name": "s", "shape": [1], "datatype": "BYTES", "data": ["hi"]}]}
+        answer = infer_json(api, "in", doc)
+        assert answer.status == 400 and "BYTES tensors are not supported" in answer.json()["error"]
+        x = {"inputs": [{"name": "x", "shape": [1, 2], "datatype": "FP32", "data": [1.5, 2]}]}
+        out = infer_json(api, "out", x).json()["outputs"][0]
+        assert (out["datatype"], out["shape"], out["data"]) == ("BYTES", [1, 2], ["1.5", "2"])
+        x["outputs"] = [{"name": "t", "parameters": {"binary_data": True}}]
+        answer = infer_json(api, "out", x)
+        size = int(answer.headers["Inference-Header-Content-Length"])
+        assert answer.body[size:] == struct.pack("<I", 3) + b"1.5" + struct.pack("<I", 1) + b"2"
 
 
-BAD_REQUESTS = [
-    ("not json", b"{inputs", "application/json", 400, "body is not valid JSON"),
-    ("no inputs", b'{"x": [1]}', "application/json", 400, 'body must be {"inputs"'),
-    ("inputs a list", b'{"inputs": [1]}', "application/json", 400, 'body must be {"inputs"'),
-    (
-        "wrong name",
-        b'{"inputs": {"z": [[1, 2, 3, 4]]}}',
-        "application/json",
-        400,
-        "expects inputs 'x'",
-    ),
-    (
-        "wrong shape",
-        b'{"inputs": {"x": [1, 2, 3, 4]}}',
-        "application/json",
-        400,
-        "expected shape [1, 4]",
-    ),
-    (
-        "ragged",
-        b'{"inputs": {"x": [[1, 2], [3]]}}',
-        "application/json",
-        400,
-        "cannot make a float32",
-    ),
-    (
-        "strings",
-        b'{"inputs": {"x": [["a", "b", "c", "d"]]}}',
-        "application/json",
-        400,
-        "cannot make",
-    ),
-    ("not npy", b"\x93NUMPY garbage", "application/x-npy", 400, "body is not a .npy array"),
-    ("pickled npy", None, "application/x-npy", 400, "body is not a .npy array"),
-    ("text", b"x=1", "text/plain", 415, "Content-Type must be application/json"),
-]
+class _KeepsFeeds(OrtBackend):
+    """Keeps the feeds it was given, to see where their memory lives."""
+
+    feeds: dict[str, np.ndarray]
+
+    def predict(self, slot: str, feeds: Any, *, cast: bool = False) -> Any:
+        self.feeds = dict(feeds)
+        return super().predict(slot, feeds, cast=cast)
 
 
-@pytest.mark.parametrize(
-    ("body", "kind", "status", "message"),
-    [b[1:] for b in BAD_REQUESTS],
-    ids=[b[0] for b in BAD_REQUESTS],
-)
-def test_bad_bodies_get_a_clear_4xx(
-    api: HttpApi,
-    serving: Serving,
-    model_files,
-    body: bytes | None,
-    kind: str,
-    status: int,
-    message: str,
-) -> None:
-    serving.start(ModelRef("m", 1), model_files.add(1.0))
-    if body is None:  # an object array can only be loaded with pickle, which is refused
+def test_binary_tensors_are_views_of_the_body_not_copies() -> None:
+    backend = _KeepsFeeds({"det": (ModelRef("det", 3), masked_add())})
+    with HttpApi(backend) as api:
+        doc = {"inputs": [tensor("x", X, binary=True), tensor("mask", MASK, binary=True)]}
+        body, headers = binary_body(doc, X, MASK)
+        assert call(api.port, "POST", "/v2/models/det/infer", body, headers).status == 200
+    x, mask = backend.feeds["x"], backend.feeds["mask"]
+
+    def memory(array: Any) -> Any:
+        while isinstance(array, np.ndarray):
+            array = array.base
+        return array
+
+    assert isinstance(memory(x), memoryview) and isinstance(memory(x).obj, bytearray)
+    assert memory(x).obj is memory(mask).obj  # both in the one buffer the body was read into
+    assert len(memory(x).obj) == len(body)
+    np.testing.assert_array_equal(x, X)
+
+
+def test_npy_shortcut(oip_api: HttpApi) -> None:
+    def npy(array: np.ndarray) -> bytes:
         buffer = io.BytesIO()
-        np.save(buffer, np.array([{"a": 1}], dtype=object), allow_pickle=True)
-        body = buffer.getvalue()
-    answer = request(api, "POST", "/v1/predict", body, {"Content-Type": kind})
-    assert answer.status == status
-    assert message in answer.json()["error"]
-    assert request(api, "GET", "/healthz").status == 200  # the server lives on
+        np.save(buffer, array)
+        return buffer.getvalue()
+
+    headers = {"Content-Type": "application/x-npy"}
+    answer = call(oip_api.port, "POST", "/v2/models/rec/infer", npy(IDS.astype(np.int32)), headers)
+    assert answer.status == 200 and answer.headers["Content-Type"] == "application/x-npy"
+    assert answer.headers["X-Slimfleet-Tier"] == "rec@5"
+    np.testing.assert_array_equal(np.load(io.BytesIO(answer.body)), VEC)
+    headers["Accept"] = "application/x-npz"
+    answer = call(oip_api.port, "POST", "/v2/models/rec/infer", npy(IDS), headers)
+    with np.load(io.BytesIO(answer.body)) as outputs:
+        assert outputs.files == ["vec"]
+    answer = call(oip_api.port, "POST", "/v2/models/det/infer", npy(X), headers)
+    assert answer.status == 400 and "single-input slot" in answer.json()["error"]
+    fortran = np.asfortranarray(np.array([[2, 0, 1]], dtype=np.int64))
+    answer = call(oip_api.port, "POST", "/v2/models/rec/infer", npy(fortran), headers)
+    with np.load(io.BytesIO(answer.body)) as outputs:
+        np.testing.assert_array_equal(outputs["vec"], VEC)
+    buffer = io.BytesIO()
+    np.save(buffer, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    bad = [
+        (b"\x93NUMPY junk", "not a .npy array"),
+        (npy(IDS)[:-3], "takes 24 bytes after the header, the body has 21"),
+        (buffer.getvalue(), "it holds objects"),
+    ]
+    for body, message in bad:
+        answer = call(oip_api.port, "POST", "/v2/models/rec/infer", body, headers)
+        assert answer.status == 400 and message in answer.json()["error"], answer.body
 
 
-def test_protocol_errors(api: HttpApi, serving: Serving, model_files) -> None:
-    serving.start(ModelRef("m", 1), model_files.two_inputs())
-    answer = request(api, "POST", "/v1/predict", npy(X), {"Content-Type": "application/x-npy"})
-    assert answer.status == 400 and "single-input model" in answer.json()["error"]
-    answer = request(api, "GET", "/v1/predict")
-    assert answer.status == 405
-    answer = request(api, "GET", "/nowhere")
-    assert answer.status == 404 and "no such endpoint: /nowhere" in answer.json()["error"]
-    # No Content-Length, and one far over the limit: answered before any body is read.
-    for header, status in ((b"", b"411"), (b"Content-Length: 1000000000\r\n", b"413")):
-        with socket.create_connection(("127.0.0.1", api.port), timeout=10) as sock:
-            sock.sendall(
-                b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                + header
-                + b"\r\n"
-            )
-            reply = sock.makefile("rb").readline()
-        assert reply.startswith(b"HTTP/1.1 " + status), reply
-    answer = post_json(api, {"inputs": {"a": [[1, 2, 3, 4]], "b": [[1, 1, 1, 1]]}})
-    assert answer.json()["outputs"]["y"] == [[2, 3, 4, 5]]
+def test_metrics_come_from_the_backend(oip_api: HttpApi) -> None:
+    assert infer_json(oip_api, "det", det_doc()).status == 200
+    answer = call(oip_api.port, "GET", "/metrics")
+    assert answer.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    assert b'test_requests_total{slot="det"} 1' in answer.body
 
 
-def test_no_model_and_model_failures(api: HttpApi, serving: Serving, model_files) -> None:
-    answer = post_json(api, {"inputs": {"x": X.tolist()}})
-    assert answer.status == 503 and answer.json()["error"] == "no model is loaded"
-    answer = request(api, "POST", "/v1/predict", npy(X), {"Content-Type": "application/x-npy"})
-    assert answer.status == 503
-    serving.start(ModelRef("m", 1), model_files.gather(1.0))
-    answer = post_json(api, {"inputs": {"x": [[5, 5, 5, 5]]}})
-    assert answer.status == 500 and "inference failed" in answer.json()["error"]
-    assert post_json(api, {"inputs": {"x": [[0, 1, 0, 1]]}}).status == 200
+def test_concurrent_binary_and_json_requests_during_reloads(
+    oip_api: HttpApi, oip_backend: OrtBackend
+) -> None:
+    failures: list[Any] = []
+    versions: set[str] = set()
+    body, headers = binary_body(
+        {"inputs": [tensor("x", X, binary=True), tensor("mask", MASK, binary=True)]}, X, MASK
+    )
 
-
-def test_concurrent_requests_during_swaps(api: HttpApi, serving: Serving, model_files) -> None:
-    files = [model_files.add(float(v)) for v in range(1, 7)]
-    serving.start(ModelRef("m", 1), files[0])
-    results: list[tuple[int, float, int]] = []  # status, value computed, version named
-    stop = threading.Event()
-
-    def client() -> None:
-        conn = http.client.HTTPConnection("127.0.0.1", api.port, timeout=30)  # keep-alive
+    def client(binary: bool) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", oip_api.port, timeout=30)  # keep-alive
         try:
-            while not stop.is_set() or len(results) < 200:
-                answer = post_json(api, {"inputs": {"x": X.tolist()}}, conn)
-                doc = answer.json()
+            for _ in range(40):
+                answer = (
+                    call(oip_api.port, "POST", "/v2/models/det/infer", body, headers, conn)
+                    if binary
+                    else call(
+                        oip_api.port,
+                        "POST",
+                        "/v2/models/det/infer",
+                        json.dumps(det_doc()).encode(),
+                        None,
+                        conn,
+                    )
+                )
                 if answer.status != 200:
-                    results.append((answer.status, -1, -1))
+                    failures.append(answer.body)
                     continue
-                value = round(doc["outputs"]["y"][0][0] - 0.5, 3)
-                results.append((answer.status, value, doc["model"]["version"]))
+                header, outputs = answer.oip()
+                if not np.array_equal(outputs["y"], Y):
+                    failures.append(outputs)
+                versions.add(header["model_version"])
         finally:
             conn.close()
 
-    threads = [threading.Thread(target=client) for _ in range(6)]
+    threads = [threading.Thread(target=client, args=(i % 2 == 0,)) for i in range(4)]
     for t in threads:
         t.start()
-    for version, path in enumerate(files[1:], start=2):
-        smoke = SmokeTest(inputs={"x": X}, outputs={"y": X + version})
-        serving.activate(ModelRef("m", version), path, smoke)
-    stop.set()
+    for version in range(4, 8):
+        oip_backend.load("det", ModelRef("det", version), masked_add())
     for t in threads:
         t.join(timeout=60)
     assert not any(t.is_alive() for t in threads)
-    assert len(results) >= 200
-    assert {status for status, _, _ in results} == {200}
-    assert {value for _, value, _ in results} <= {1.0, 2.0, 3.0, 4.0, 5.0, 6.0}
-    assert all(value == version for _, value, version in results), "the answer names its model"
-    assert post_json(api, {"inputs": {"x": X.tolist()}}).json()["model"]["version"] == 6
+    assert failures == []
+    assert versions <= {str(v) for v in range(3, 8)}
+    assert oip_backend.requests["det"] == 160
 
 
-def test_stop_closes_the_port_and_a_taken_port_is_an_error(serving: Serving) -> None:
-    api = HttpApi(serving)
+def test_stop_closes_the_port_and_a_taken_port_is_an_error(oip_backend: OrtBackend) -> None:
+    api = HttpApi(oip_backend)
     api.start()
     port = api.port
     with pytest.raises(SlimfleetError, match=f"cannot listen on 127.0.0.1:{port}"):
-        HttpApi(serving, port=port).start()
+        HttpApi(oip_backend, port=port).start()
     kept_alive = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    assert request(api, "GET", "/healthz", conn=kept_alive).status == 503
+    assert call(port, "GET", "/v2/health/live", conn=kept_alive).status == 200
     api.stop()
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), timeout=2)
     with pytest.raises((OSError, http.client.HTTPException)):  # open connections are closed too
-        request(api, "GET", "/healthz", conn=kept_alive)
-
-
-def _wait_until_no_connections(api: HttpApi) -> None:
-    server = api._server
-    assert server is not None
-    deadline = time.monotonic() + 20
-    while server._connections and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert not server._connections, "the server still holds the dropped connection"
+        call(port, "GET", "/v2/health/live", conn=kept_alive)
 
 
 def test_a_client_that_drops_mid_request_costs_no_traceback(
-    api: HttpApi, serving: Serving, model_files, caplog, capfd
+    oip_api: HttpApi, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]
 ) -> None:
-    serving.start(ModelRef("m", 1), model_files.add(1.0))
-    caplog.set_level(logging.DEBUG, logger="slimfleet.agent.serve")
-    body = json.dumps({"inputs": {"x": X.tolist()}}).encode()
-    head = b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    caplog.set_level(logging.DEBUG, logger="slimfleet.agent")
+    body = json.dumps(det_doc()).encode()
+    head = b"POST /v2/models/det/infer HTTP/1.1\r\nHost: x\r\n"
     for _ in range(3):
-        sock = socket.create_connection(("127.0.0.1", api.port), timeout=10)
-        # one whole request first, so the server is reading this connection
+        sock = socket.create_connection(("127.0.0.1", oip_api.port), timeout=10)
         sock.sendall(head + b"Content-Length: %d\r\n\r\n" % len(body) + body)
         assert sock.makefile("rb").readline().startswith(b"HTTP/1.1 200")
         sock.sendall(head + b"Content-Length: %d\r\n\r\n" % len(body) + body[:10])
         # close with a reset, as a killed client or a dropped link does
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         sock.close()
-        _wait_until_no_connections(api)
+        deadline = time.monotonic() + 20
+        while oip_api.open_connections and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert oip_api.open_connections == 0, "the server still holds the dropped connection"
     assert "Traceback" not in capfd.readouterr().err
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
-    assert request(api, "GET", "/healthz").status == 200
+    assert call(oip_api.port, "GET", "/v2/health/live").status == 200
