@@ -15,6 +15,7 @@ Relative paths are relative to the config file. See ``examples/agent.yaml``::
     telemetry_interval_s: 10             # seconds, at most 86400 (as is watch.window_s)
     smoke: {max_latency_ms: 50}          # device latency budget for the smoke test
     watch: {window_s: 30, min_requests: 20, max_error_rate: 0.05, max_p95_ratio: 1.5}
+    max_clock_skew_s: 300                # desired states issued further in the future are refused
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from slimfleet.agent.configfile import Node, load_yaml
 from slimfleet.agent.errors import InputError
 from slimfleet.agent.mqtt import BrokerSettings
-from slimfleet.agent.sessions import WatchPolicy
 from slimfleet.agent.signing import Verifier, load_public_key
+from slimfleet.agent.watch import WatchPolicy
 from slimfleet.agent.wire import Topics, check_name
 
 T = TypeVar("T")
@@ -41,6 +42,7 @@ _UNITS.update({"kib": 1024, "mib": 1024**2, "gib": 1024**3})
 _SIZE = re.compile(r"^\s*(\d+)\s*([a-zA-Z]*)\s*$")
 MAX_THREADS = 1024
 MAX_INTERVAL_S = 86400  # telemetry interval and watch window: at most a day
+DEFAULT_MAX_CLOCK_SKEW_S = 300.0
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,7 @@ class AgentConfig:
     telemetry_interval_s: float = 10.0
     smoke_max_latency_ms: float | None = None
     watch: WatchPolicy = field(default_factory=WatchPolicy)
+    max_clock_skew_s: float = DEFAULT_MAX_CLOCK_SKEW_S
 
     @property
     def topics(self) -> Topics:
@@ -92,6 +95,7 @@ TOP_KEYS = {
     "telemetry_interval_s",
     "smoke",
     "watch",
+    "max_clock_skew_s",
 }
 
 
@@ -129,6 +133,7 @@ def load_agent_config(path: str | Path) -> AgentConfig:
         telemetry_interval_s=_get(values, "telemetry_interval_s", _interval, 10.0),
         smoke_max_latency_ms=_smoke(values.get("smoke")),
         watch=_watch(values.get("watch")),
+        max_clock_skew_s=_get(values, "max_clock_skew_s", _clock_skew, DEFAULT_MAX_CLOCK_SKEW_S),
     )
 
 
@@ -239,3 +244,8 @@ def _ratio(node: Node) -> float:
     if value < 1:
         raise node.error(f"must be >= 1 (1.5 allows a 50% slower p95), got {value:g}")
     return value
+
+
+def _clock_skew(node: Node) -> float:
+    """How far in the device's future a desired state may be issued, 0 to one day."""
+    return node.float(minimum=0, maximum=MAX_INTERVAL_S)

@@ -36,7 +36,7 @@ import numpy as np
 
 from slimfleet.agent.errors import SlimfleetError
 from slimfleet.agent.inference import FeedError, NoModelError
-from slimfleet.agent.sessions import Serving
+from slimfleet.agent.inference import InferenceBackend as Serving
 from slimfleet.agent.wire import ModelRef
 
 log = logging.getLogger(__name__)

@@ -10,8 +10,8 @@ import pytest
 
 from slimfleet.agent.config import DEFAULT_MAX_MODEL_BYTES, HttpSettings, load_agent_config
 from slimfleet.agent.errors import ConfigError
-from slimfleet.agent.sessions import WatchPolicy
 from slimfleet.agent.signing import generate_keypair
+from slimfleet.agent.watch import WatchPolicy
 
 REPO = Path(__file__).resolve().parents[2]
 
