@@ -37,7 +37,6 @@ from slimfleet.agent.desired import (
     OUTCOME_SERVING,
     OUTCOME_STALE,
     STAGE_EXPIRED,
-    STAGE_SKEW,
     STAGE_VERIFY,
     Freshness,
     Record,
@@ -124,18 +123,16 @@ class Agent:
             return self._state
 
     @property
-    def record(self) -> Record | None:
-        """The last desired state taken notice of, with its outcome."""
-        with self._lock:
-            return self._record
-
-    @property
     def http_url(self) -> str | None:
         return self.http.url if self.http else None
 
     def start(self) -> None:
         """Serve the last good deployment, start HTTP, then connect and follow the desired state."""
         self._serve_last_good()
+        with self._lock:
+            record, serving = self._record, self._state.current
+        if record and record.outcome == OUTCOME_SERVING and record.desired.deployment != serving:
+            self._set_outcome(record, OUTCOME_PENDING)  # e.g. a model failed its integrity check
         if self.http is not None:
             self.http.start()
         self._subscription = self.link.subscribe([self._topic("desired")])
@@ -164,13 +161,6 @@ class Agent:
             self.http.stop()
         self.server.close()
         log.info("agent %s stopped", self.config.device_id)
-
-    def __enter__(self) -> Agent:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     # -- startup --------------------------------------------------------------------
 
@@ -225,25 +215,27 @@ class Agent:
         with self._lock:
             if self._record is not None and self._record.envelope == message.payload:
                 return  # the retained one again (reconnect, restart)
+            floor = self._state.floor
+            if self._record is None:  # desired.json was lost: the accepted one may come back
+                floor -= 1
             refusal, record = notice(
                 desired,
                 message.payload,
                 device=self.config.device_id,
-                floor=self._state.floor,
+                floor=floor,
                 enrolled=self._state.enrolled,
                 now=time.time(),
                 max_skew_s=self.config.max_clock_skew_s,
             )
             if refusal is None:
-                self._save_state(replace(self._state, floor=desired.seq))
+                self._save_state(replace(self._state, floor=max(floor, desired.seq)))
             if record is not None:
                 self._record = record
                 save_record(self.store.root, record, self._freshness())
         if refusal is not None:
             kind = EVENT_DESIRED_STALE if refusal.stage == STAGE_EXPIRED else EVENT_DESIRED_REFUSED
+            log.warning("desired seq %d not applied: %s", desired.seq, refusal.reason)
             self._emit(kind, seq=desired.seq, stage=refusal.stage, reason=refusal.reason)
-            if refusal.stage == STAGE_SKEW:
-                log.warning("desired seq %d refused: %s", desired.seq, refusal.reason)
         if record is not None:
             log.info("desired seq %d: %s", desired.seq, tiers(desired.deployment))
             self._cancel.set()  # whatever is being applied is superseded
@@ -268,10 +260,7 @@ class Agent:
                     self._cancel.clear()
             if self._stop.is_set():
                 return
-            if record is None or self._went_stale(record):
-                retry_at = None
-                continue
-            if record.outcome != OUTCOME_PENDING:
+            if record is None or self._went_stale(record) or record.outcome != OUTCOME_PENDING:
                 retry_at = None
                 continue
             if woken:
@@ -444,8 +433,8 @@ class Agent:
     def _publish_event(self, event: dict[str, Any]) -> None:
         event = {**event, "device": self.config.device_id}
         if event.get("seq") is None:
-            record = self.record
-            event["seq"] = record.desired.seq if record else None
+            with self._lock:
+                event["seq"] = self._record.desired.seq if self._record else None
         if event["type"] != EVENT_DOWNLOAD_PROGRESS:
             log.info("event %s", json.dumps(event))
         self.link.publish(self._topic("events"), json.dumps(event).encode(), qos=1)

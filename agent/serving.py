@@ -27,20 +27,15 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from slimfleet.agent.errors import SlimfleetError
 from slimfleet.agent.inference import (
     Answer,
-    FeedError,
-    InferenceError,
     ModelIO,
     NoModelError,
     UnknownSlotError,
@@ -52,9 +47,9 @@ from slimfleet.agent.sessions import (
     load_model,
     return_freed_memory,
 )
-from slimfleet.agent.slots import Slot, build_slot
+from slimfleet.agent.slots import Loaded, Pinned, ServingSet, Slot, build_slot
 from slimfleet.agent.telemetry import Telemetry
-from slimfleet.agent.watch import FAILED, Baseline, WatchPolicy, baseline, judge
+from slimfleet.agent.watch import Baseline, WatchPolicy, baseline, judge
 from slimfleet.agent.wire import (
     EVENT_FALLBACK,
     EVENT_SWAP_FAILED,
@@ -68,11 +63,8 @@ from slimfleet.agent.wire import (
 
 log = logging.getLogger(__name__)
 
-RECENT_SAMPLES = 2048  # per slot of a serving set, for the watch window
 DRAIN_TIMEOUT_S = 60.0  # a release waits this long for in-flight requests, then drops anyway
 WATCH_TICK_S = 0.1
-
-Loaded = dict[str, list[dict[str, Any]]]  # {slot: [ref dicts of the loaded tiers]}
 
 
 @dataclass(frozen=True)
@@ -89,62 +81,6 @@ class DeploymentError(SlimfleetError):
     def __init__(self, slot: str, ref: ModelRef, stage: str, reason: str) -> None:
         super().__init__(f"slot {slot}: {ref}: {stage} failed: {reason}")
         self.slot, self.ref, self.stage, self.reason = slot, ref, stage, reason
-
-
-@dataclass(eq=False)
-class ServingSet:
-    """One deployment's loaded slots. Immutable after construction except ``inflight``
-    and ``retired`` (guarded by the server's ``_lock``) and ``recent`` (thread-safe
-    deques, appended by requests without a lock, copied by the watch thread)."""
-
-    spec: Deployment
-    slots: dict[str, Slot]
-    inflight: int = 0
-    retired: bool = False
-    recent: dict[str, deque[float]] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        self.recent = {name: deque(maxlen=RECENT_SAMPLES) for name in self.slots}
-
-    def loaded(self) -> Loaded:
-        return {name: [t.ref.to_dict() for t in slot.tiers] for name, slot in self.slots.items()}
-
-    def models(self) -> dict[ModelRef, LoadedModel]:
-        return {t.ref: t for slot in self.slots.values() for t in slot.tiers}
-
-    def samples(self) -> dict[str, np.ndarray]:
-        return {name: np.array(d.copy(), dtype=np.float64) for name, d in self.recent.items()}
-
-
-@dataclass(frozen=True)
-class Pinned:
-    """One serving set held by :meth:`DeploymentServer.pinned`; every request of every
-    slot goes through :meth:`predict`."""
-
-    serving: ServingSet
-    telemetry: Telemetry
-
-    def predict(self, slot: str, feeds: Mapping[str, Any], *, cast: bool = False) -> Answer:
-        target = self.serving.slots.get(slot)
-        if target is None:
-            self.telemetry.client_error(None)
-            raise UnknownSlotError(f"no slot {slot!r} in the deployment serving now")
-        started = time.perf_counter()
-        try:
-            ready = target.primary.check_feeds(feeds, cast)
-        except FeedError:
-            self.telemetry.client_error(slot)
-            raise
-        try:
-            answer = target.answer(ready)
-        except InferenceError:
-            self.serving.recent[slot].append(FAILED)
-            self.telemetry.record_error(slot)
-            raise
-        latency = time.perf_counter() - started
-        self.serving.recent[slot].append(latency)
-        self.telemetry.record(slot, latency, answer.escalations)
-        return answer
 
 
 @dataclass(frozen=True)
