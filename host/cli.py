@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "publish": ("slimfleet.host.fleet.cli", "publish", "Sign and publish a model."),
     "assign": ("slimfleet.host.fleet.cli", "assign", "Set the model devices should run."),
     "broker": ("slimfleet.host.fleet.cli", "broker", "Run an embedded MQTT broker."),
+    "chain": ("slimfleet.host.chaincal", "chain", "Calibrate fallback-chain gates."),
     "demo": ("slimfleet.host.demo", "demo", "Compress, publish and serve, end to end."),
 }
 
