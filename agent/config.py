@@ -16,6 +16,7 @@ Relative paths are relative to the config file. See ``examples/agent.yaml``::
     smoke: {max_latency_ms: 50}          # device latency budget for the smoke test
     watch: {window_s: 30, min_requests: 20, max_error_rate: 0.05, max_p95_ratio: 1.5}
     max_clock_skew_s: 300                # desired states issued further in the future are refused
+    confidence_functions: {ctc_gate: "my_gates:ctc_confidence"}   # names a slot's gate may use
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ class AgentConfig:
     smoke_max_latency_ms: float | None = None
     watch: WatchPolicy = field(default_factory=WatchPolicy)
     max_clock_skew_s: float = DEFAULT_MAX_CLOCK_SKEW_S
+    confidence_functions: dict[str, str] = field(default_factory=dict)
 
     @property
     def topics(self) -> Topics:
@@ -96,6 +98,7 @@ TOP_KEYS = {
     "smoke",
     "watch",
     "max_clock_skew_s",
+    "confidence_functions",
 }
 
 
@@ -134,6 +137,7 @@ def load_agent_config(path: str | Path) -> AgentConfig:
         smoke_max_latency_ms=_smoke(values.get("smoke")),
         watch=_watch(values.get("watch")),
         max_clock_skew_s=_get(values, "max_clock_skew_s", _clock_skew, DEFAULT_MAX_CLOCK_SKEW_S),
+        confidence_functions=_get(values, "confidence_functions", _functions, {}),
     )
 
 
@@ -249,3 +253,15 @@ def _ratio(node: Node) -> float:
 def _clock_skew(node: Node) -> float:
     """How far in the device's future a desired state may be issued, 0 to one day."""
     return node.float(minimum=0, maximum=MAX_INTERVAL_S)
+
+
+def _functions(node: Node) -> dict[str, str]:
+    """``{name: "module:attr"}``: confidence functions a slot's gate may name."""
+    functions = {}
+    for name, value in node.as_mapping().items():
+        path = value.str()
+        module, sep, attr = path.partition(":")
+        if not (sep and module and attr):
+            raise value.error(f"confidence function {name}: expected 'module:attr', got {path!r}")
+        functions[name] = path
+    return functions

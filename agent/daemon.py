@@ -83,6 +83,7 @@ class Agent:
             on_event=self._publish_event,
             on_fallback=self._on_watch_fallback,
             on_settled=self._on_settled,
+            confidence_functions=config.confidence_functions,
         )
         self.http = (
             HttpApi(self.server, config.http.host, config.http.port) if config.http else None

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from slimfleet.agent.errors import SlimfleetError
+from slimfleet.agent.errors import InputError, SlimfleetError
 from slimfleet.agent.inference import (
     Answer,
     ModelIO,
@@ -99,7 +99,8 @@ class DeploymentServer:
     ``on_event(event)`` receives every event (module docstring); ``on_fallback(bad,
     to, reason)`` is called when the watch window switched back (``bad``/``to`` are
     the deployment specs); ``on_settled(spec)`` when a deployment survived its watch
-    window. Callbacks run on the thread that made the change, outside every lock;
+    window. ``confidence_functions`` (agent.yaml) name the functions a gate may use.
+    Callbacks run on the thread that made the change, outside every lock;
     their exceptions are logged, never raised.
     """
 
@@ -111,11 +112,13 @@ class DeploymentServer:
         on_event: Callable[[dict[str, Any]], None] | None = None,
         on_fallback: Callable[[Deployment, Deployment, str], None] | None = None,
         on_settled: Callable[[Deployment], None] | None = None,
+        confidence_functions: Mapping[str, str] | None = None,
     ) -> None:
         if threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
         self.threads = threads
         self.watch_policy = watch or WatchPolicy()
+        self.confidence_functions = dict(confidence_functions or {})
         self.telemetry = telemetry or Telemetry()
         self._on_event = on_event
         self._on_fallback = on_fallback
@@ -258,10 +261,10 @@ class DeploymentServer:
         timings: dict[str, float],
         max_latency_ms: float | None,
     ) -> Slot:
-        loaded, failures = [], []
+        loaded, failures = {}, []
         for ref in spec[name].models:
             if ref in reuse:
-                loaded.append(reuse[ref])
+                loaded[ref] = reuse[ref]
                 continue
             source = sources.get(ref)
             try:
@@ -279,18 +282,25 @@ class DeploymentServer:
                 continue
             timings["load_ms"] += took["load_ms"]
             timings["smoke_ms"] += took["smoke_ms"] or 0.0
-            loaded.append(model)
-        if not loaded:
-            first = failures[0]
+            loaded[ref] = model
+        try:
+            if not loaded:
+                raise failures[0]
+            slot = build_slot(
+                name, spec[name], loaded, self.telemetry, self._emit, self.confidence_functions
+            )
+        except (ActivationError, InputError) as exc:  # InputError: a gate that does not import
+            ref = getattr(exc, "ref", spec[name].primary)
+            stage, reason = getattr(exc, "stage", "load"), getattr(exc, "reason", str(exc))
             self._emit(
                 EVENT_SWAP_FAILED,
                 slot=name,
-                model=first.ref.to_dict(),
+                model=ref.to_dict(),
                 deployment=tiers(spec),
-                stage=first.stage,
-                reason=first.reason,
+                stage=stage,
+                reason=reason,
             )
-            raise DeploymentError(name, first.ref, first.stage, first.reason)
+            raise DeploymentError(name, ref, stage, reason) from None
         for exc in failures:
             log.warning("slot %s: skipping tier %s: %s", name, exc.ref, exc)
             self._emit(
@@ -300,7 +310,7 @@ class DeploymentServer:
                 stage=exc.stage,
                 reason=exc.reason,
             )
-        return build_slot(name, spec[name], loaded, self.telemetry)
+        return slot
 
     def _swap_in(self, new: ServingSet, *, watch: bool) -> Loaded | None:
         """Make ``new`` current; keep the replaced set as standby when watching."""

@@ -1,22 +1,27 @@
 """What a request runs on: a serving set (one deployment's loaded slots) and its slots.
 
 :meth:`Pinned.predict` is the one path of every request; it calls :meth:`Slot.answer`,
-the one function that runs a slot. A slot answers with its first loaded tier; a tier
-that failed to load was left out when the slot was built. Each tier run is timed into
-the telemetry (``tiers`` of the slot).
+the one function that runs a slot: with its first loaded tier, or through the fallback
+chain (:mod:`slimfleet.agent.chain`) when the slot names several tiers, a gate or a
+remote; a tier that failed to load is passed over. Each tier run is timed into the
+telemetry (``tiers`` of the slot), and an answer says which tier produced it and how
+many were passed over (``escalations``).
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
+from slimfleet.agent.chain import REMOTE_LABEL, Chain
+from slimfleet.agent.confidence import resolve_confidence
 from slimfleet.agent.inference import Answer, FeedError, InferenceError, ModelIO, UnknownSlotError
+from slimfleet.agent.remote import RemoteClient
 from slimfleet.agent.sessions import LoadedModel, first_line
 from slimfleet.agent.telemetry import Telemetry
 from slimfleet.agent.watch import FAILED
@@ -27,34 +32,45 @@ RECENT_SAMPLES = 2048  # per slot of a serving set, for the watch window
 Loaded = dict[str, list[dict[str, Any]]]  # {slot: [ref dicts of the loaded tiers]}
 
 
+class _Runs(Protocol):
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+
 @dataclass(frozen=True)
 class TimedTier:
-    """A loaded model as a tier of one slot: ``run`` is timed into the slot's telemetry."""
+    """A tier of one slot (a loaded model, or the remote server when ``ref`` is None):
+    :meth:`run` is timed into the slot's telemetry, and a failure is an InferenceError
+    naming the tier. It is the :class:`slimfleet.agent.chain.Tier` the chain runs."""
 
-    model: LoadedModel
+    label: str
+    ref: ModelRef | None
+    inner: _Runs
     slot: str
     telemetry: Telemetry
-
-    @property
-    def label(self) -> str:
-        return self.model.label
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         started = time.perf_counter()
         try:
-            return self.model.run(feeds)
+            return self.inner.run(feeds)
+        except (FeedError, InferenceError):
+            raise
+        except Exception as exc:  # onnxruntime raises plain Exception subclasses
+            raise InferenceError(f"{self.label}: inference failed: {first_line(exc)}") from None
         finally:
             self.telemetry.tier_run(self.slot, self.label, time.perf_counter() - started)
 
 
 @dataclass(frozen=True)
 class Slot:
-    """A slot's spec and its loaded tiers (at least one), first to last."""
+    """A slot's spec, its loaded tiers (at least one) first to last, and how it answers:
+    its first loaded tier alone, or the fallback chain when the spec names several
+    tiers, a gate or a remote."""
 
     name: str
     spec: SlotSpec
     tiers: tuple[LoadedModel, ...]
-    timed: tuple[TimedTier, ...]
+    first: TimedTier
+    chain: Chain | None = None
 
     @property
     def primary(self) -> LoadedModel:
@@ -66,21 +82,44 @@ class Slot:
         return self.primary.io
 
     def answer(self, feeds: dict[str, np.ndarray]) -> Answer:
-        """Run the slot on checked feeds; InferenceError when the model fails."""
-        tier = self.timed[0]
-        try:
-            outputs = tier.run(feeds)
-        except Exception as exc:  # onnxruntime raises plain Exception subclasses
-            raise InferenceError(f"{tier.label}: inference failed: {first_line(exc)}") from None
-        return Answer(tier.model.ref, tier.label, outputs)
+        """Run the slot on checked feeds; InferenceError when no tier could answer."""
+        if self.chain is None:
+            return Answer(self.first.ref, self.first.label, self.first.run(feeds))
+        answer = self.chain.run(feeds)
+        ref = next((t.ref for t in self.tiers if t.label == answer.label), None)
+        return Answer(ref, answer.label, answer.outputs, len(answer.escalations))
 
 
-def build_slot(name: str, spec: SlotSpec, tiers: list[LoadedModel], telemetry: Telemetry) -> Slot:
-    """The slot ``name`` serving ``tiers`` (the loadable ones of ``spec``, in order)."""
-    if not tiers:
+def build_slot(
+    name: str,
+    spec: SlotSpec,
+    loaded: Mapping[ModelRef, LoadedModel],
+    telemetry: Telemetry,
+    on_event: Callable[..., object],
+    user_functions: Mapping[str, str] | None = None,
+) -> Slot:
+    """The slot ``name`` of ``spec`` over the ``loaded`` models (a tier missing there
+    failed to load and is passed over). ``on_event(kind, slot=, reason=)`` receives the
+    remote tier's events; ``user_functions`` are agent.yaml's ``confidence_functions``.
+    Raises ValueError when no tier is loaded and ConfigError when the gate's confidence
+    function does not import."""
+    tiers = [loaded.get(ref) for ref in spec.models]
+    present = tuple(t for t in tiers if t is not None)
+    if not present:
         raise ValueError(f"slot {name}: no loaded tier")
-    timed = tuple(TimedTier(model, name, telemetry) for model in tiers)
-    return Slot(name, spec, tuple(tiers), timed)
+    timed = [None if t is None else TimedTier(t.label, t.ref, t, name, telemetry) for t in tiers]
+    first = next(t for t in timed if t is not None)
+    if len(spec.models) == 1 and spec.gate is None and spec.remote is None:
+        return Slot(name, spec, present, first)
+    remote = None
+    if spec.remote is not None:
+        client = RemoteClient(
+            spec.remote, lambda kind, reason: on_event(kind, slot=name, reason=reason)
+        )
+        remote = TimedTier(REMOTE_LABEL, None, client, name, telemetry)
+    confidence = resolve_confidence(spec.gate.function, user_functions) if spec.gate else None
+    chain = Chain(timed, spec.gate, confidence, remote, labels=[str(r) for r in spec.models])
+    return Slot(name, spec, present, first, chain)
 
 
 @dataclass(eq=False)

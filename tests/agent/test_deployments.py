@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import models
 import numpy as np
@@ -166,3 +170,114 @@ def test_a_slot_with_unchanged_models_is_not_loaded_again(two_slot, rig, watcher
     assert progress == {json.dumps(ref("det", 2))}
     state = watcher.wait("state", lambda s: outcome(s) == (2, "serving"))
     assert state["last_update"]["downloaded"] == [ModelRef("det", 2).to_dict()]
+
+
+# -- a chain per slot -----------------------------------------------------------------------
+
+GATE_MODULE = "def first(outputs):\n    return float(outputs['y'].flat[0])\n"
+
+
+class RemoteServer:
+    """A small Open Inference Protocol server: answers y = x + 100 after ``delay_s``."""
+
+    def __init__(self, delay_s: float = 0.0) -> None:
+        outer = self
+        self.delay_s = delay_s
+        self.calls = 0
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                outer.calls += 1
+                doc = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                x = np.asarray(doc["inputs"][0]["data"], dtype=np.float32) + 100
+                body = json.dumps(
+                    {
+                        "outputs": [
+                            {"name": "y", "shape": [1, 4], "datatype": "FP32", "data": x.tolist()}
+                        ]
+                    }
+                ).encode()
+                time.sleep(outer.delay_s)
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                with contextlib.suppress(BrokenPipeError):  # the client gave up (timeout)
+                    self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_port}/v2/models/y/infer"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def chain_agent(mosquitto, rig, watcher, tmp_path, monkeypatch):
+    """An agent whose agent.yaml names the gate function ``first`` (y[0, 0])."""
+    (tmp_path / "gates_for_test.py").write_text(GATE_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    rig.publish(models.add_const(1.0), 7, name="ocr")  # the quick tier: unsure below x = 4
+    rig.publish(models.add_const(40.0), 4, name="ocr")
+    agent = rig.agent(mosquitto.url, confidence_functions={"first": "gates_for_test:first"})
+    agent.start()
+    watcher.wait("status", lambda s: s == "online")
+    yield agent
+    agent.stop()
+
+
+def test_a_chain_escalates_unsure_answers_and_reports_each_tier(chain_agent, rig, watcher):
+    gate = {"function": "first", "threshold": 5.0}
+    rig.deploy({"main": {"models": [ref("ocr", 7), ref("ocr", 4)], "gate": gate}})
+    state = watcher.wait("state", lambda s: outcome(s) == (1, "serving"))
+    assert state["deployment"] == {"main": [ref("ocr", 7), ref("ocr", 4)]}
+    unsure = chain_agent.server.predict("main", {"x": np.zeros((1, 4), np.float32)})
+    assert (unsure.tier, unsure.escalations, unsure.model) == ("ocr@4", 1, ModelRef("ocr", 4))
+    assert float(unsure.outputs["y"][0, 0]) == 40.0
+    sure = chain_agent.server.predict("main", {"x": np.full((1, 4), 10.0, np.float32)})
+    assert (sure.tier, sure.escalations) == ("ocr@7", 0)
+    tele = watcher.wait("telemetry", lambda t: t["slots"]["main"]["requests"] == 2)
+    figures = tele["slots"]["main"]
+    assert figures["escalations"] == 1 and figures["model"] == ref("ocr", 7)
+    assert {k: v["runs"] for k, v in figures["tiers"].items()} == {"ocr@7": 2, "ocr@4": 1}
+
+
+def test_a_remote_tier_answers_escalations_within_its_timeout(chain_agent, rig, watcher):
+    server = RemoteServer()
+    try:
+        gate = {"function": "first", "threshold": 5.0}
+        remote = {"url": server.url, "timeout_s": 0.5}
+        rig.deploy({"main": {"models": [ref("ocr", 7)], "gate": gate, "remote": remote}})
+        watcher.wait("state", lambda s: outcome(s) == (1, "serving"))
+        answer = chain_agent.server.predict("main", {"x": np.zeros((1, 4), np.float32)})
+        assert (answer.tier, answer.model, answer.escalations) == ("remote", None, 1)
+        assert float(answer.outputs["y"][0, 0]) == 100.0 and server.calls == 1
+
+        server.delay_s = 2.0  # now slower than the slot's timeout
+        started = time.monotonic()
+        late = chain_agent.server.predict("main", {"x": np.zeros((1, 4), np.float32)})
+        assert time.monotonic() - started < 1.5  # the timeout was honoured
+        assert late.tier == "ocr@7" and float(late.outputs["y"][0, 0]) == 1.0  # best local
+        watcher.wait("telemetry", lambda t: "remote" in t["slots"]["main"]["tiers"])
+        time.sleep(1.5)  # the intervals after the two requests
+        watcher.events()  # take in everything published so far
+        runs = [
+            t["slots"]["main"]["tiers"].get("remote", {}).get("runs", 0)
+            for t in watcher.seen["telemetry"]
+            if "main" in t["slots"]
+        ]
+        assert sum(runs) == 2
+    finally:
+        server.close()
+
+
+def test_a_gate_function_that_does_not_import_refuses_the_deployment(chain_agent, rig, watcher):
+    gate = {"function": "no_such_module:nothing", "threshold": 0.5}
+    rig.deploy({"main": {"models": [ref("ocr", 7), ref("ocr", 4)], "gate": gate}})
+    refused = watcher.event("desired_refused", seq=1)
+    assert refused["stage"] == "load" and "cannot import no_such_module" in refused["reason"]
+    assert chain_agent.server.current() is None
