@@ -176,8 +176,9 @@ class DeploymentServer:
     def predict(self, slot: str, feeds: Mapping[str, Any], *, cast: bool = False) -> Answer:
         """Run ``slot`` of the deployment current when the request starts, to the end.
 
-        A FeedError or UnknownSlotError is counted as a client error here (the caller
-        must not count it again); only InferenceError counts against the model.
+        Only InferenceError counts against the model (telemetry errors, watch window);
+        the front door reports a FeedError or UnknownSlotError through
+        :meth:`client_error` (it is counted nowhere else).
         """
         with self.pinned() as serving:
             return serving.predict(slot, feeds, cast=cast)

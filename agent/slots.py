@@ -158,14 +158,9 @@ class Pinned:
     def predict(self, slot: str, feeds: Mapping[str, Any], *, cast: bool = False) -> Answer:
         target = self.serving.slots.get(slot)
         if target is None:
-            self.telemetry.client_error(None)
             raise UnknownSlotError(f"no slot {slot!r} in the deployment serving now")
         started = time.perf_counter()
-        try:
-            ready = target.primary.check_feeds(feeds, cast)
-        except FeedError:
-            self.telemetry.client_error(slot)
-            raise
+        ready = target.primary.check_feeds(feeds, cast)  # FeedError: the client's fault
         try:
             answer = target.answer(ready)
         except InferenceError:

@@ -445,3 +445,24 @@ def test_a_failed_telemetry_report_does_not_stop_the_next_ones(agent, watcher, m
     monkeypatch.setattr(agent.telemetry, "snapshot", failing_once)
     watcher.wait("telemetry", lambda t: t["ts"] > patched)  # published after the failure
     assert len(calls) > 1
+
+
+def test_a_failed_install_keeps_the_download_and_the_retry_installs_it(agent, rig, watcher):
+    rig.publish(models.add_const(5.0, pad_bytes=100_000), 1, name="n")
+    blocker = agent.store.root / "models" / "n"
+    blocker.write_bytes(b"")  # a file where the model's folder must go: the install fails
+    rig.deploy({"main": "n@1"})
+    state = watcher.wait("state", lambda s: (s["desired"] or {}).get("stage") == "install")
+    assert outcome(state) == (2, "pending") and "cannot install" in state["desired"]["reason"]
+    assert served_const(agent) == 1.0
+    first = [e for e in watcher.events("download_progress") if e["model"] == ref("n", 1)]
+    assert first[-1]["percent"] == 100.0 and first[-1]["resumed_chunks"] == 0
+    assert list((agent.store.root / "partial").glob("n-1-*.part"))  # kept
+
+    blocker.unlink()  # room again: the retry installs the same download
+    state = watcher.wait("state", lambda s: outcome(s) == (2, "serving"))
+    assert served_const(agent) == 5.0
+    assert state["last_update"]["resumed_chunks"] == 7  # every chunk: nothing fetched twice
+    again = [e for e in watcher.events("download_progress") if e["model"] == ref("n", 1)]
+    assert again == first
+    assert not list((agent.store.root / "partial").glob("n-1-*"))

@@ -171,6 +171,7 @@ def test_wrong_feeds_say_what_is_wrong_and_are_client_errors(
     with pytest.raises(FeedError, match=message) as caught:
         infer(server, feeds)
     assert isinstance(caught.value, InputError)
+    server.client_error("main")  # what the front door does with a 4xx
     figures = server.telemetry.snapshot()["slots"]["main"]
     assert (figures["errors"], figures["client_errors"]) == (0, 1)  # never the model's
 
