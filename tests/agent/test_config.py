@@ -177,3 +177,19 @@ def test_errors_name_file_and_line(folder: Path, text: str, line: int, message: 
 def test_a_missing_file_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read config"):
         load_agent_config(tmp_path / "absent.yaml")
+
+
+def test_clock_skew_and_confidence_functions(folder: Path) -> None:
+    config = load_agent_config(write(folder, MINIMAL))
+    assert config.max_clock_skew_s == 300.0 and config.confidence_functions == {}
+    text = MINIMAL + "max_clock_skew_s: 30\nconfidence_functions: {ctc: 'my_gates:ctc_min'}\n"
+    config = load_agent_config(write(folder, text))
+    assert config.max_clock_skew_s == 30.0
+    assert config.confidence_functions == {"ctc": "my_gates:ctc_min"}
+    for bad, message in (
+        ("max_clock_skew_s: -1\n", ":6: "),
+        ("confidence_functions: {ctc: my_gates}\n", "expected 'module:attr'"),
+        ("confidence_functions: [a]\n", "expected a mapping"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            load_agent_config(write(folder, MINIMAL + bad))
