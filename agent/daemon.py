@@ -1,7 +1,8 @@
 """The edge agent: threads and lifecycle around the update flow, the desired state and serving.
 
 :class:`Agent` is the whole daemon in-process (tests, benchmarks and the demo use it);
-``slimfleet-agent --config agent.yaml`` runs one until SIGTERM or SIGINT.
+``slimfleet-agent --config agent.yaml`` (:mod:`slimfleet.agent.command`) runs one until
+SIGTERM or SIGINT.
 
 On start it re-checks and serves the last good deployment at once (no broker needed),
 starts the HTTP API, then connects. Its threads: ``listen`` verifies each signed desired
@@ -18,19 +19,16 @@ from __future__ import annotations
 
 import json
 import logging
-import signal
 import threading
 import time
 from collections.abc import Mapping
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
-import click
 import numpy as np
 
-from slimfleet.agent.cli_runner import run_cli, setup_logging
-from slimfleet.agent.config import AgentConfig, load_agent_config
+from slimfleet.agent.cli_runner import run_cli
+from slimfleet.agent.config import AgentConfig
 from slimfleet.agent.desired import (
     OUTCOME_PENDING,
     OUTCOME_REFUSED,
@@ -62,7 +60,7 @@ from slimfleet.agent.wire import (
     DesiredState,
 )
 
-__all__ = ["Agent", "Timing", "cli", "main"]
+__all__ = ["Agent", "Timing", "main"]
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +178,12 @@ class Agent:
                 )
             except DeploymentError as exc:
                 self._emit(
-                    EVENT_FALLBACK, slot=exc.slot, model=exc.ref, stage="start", reason=str(exc)
+                    EVENT_FALLBACK,
+                    slot=exc.slot,
+                    model=exc.ref,
+                    deployment=tiers(spec),
+                    stage="start",
+                    reason=str(exc),
                 )
                 continue
             previous = state.previous if state.previous != spec else None
@@ -454,46 +457,8 @@ class Agent:
         return self.config.topics.device(self.config.device_id, leaf)
 
 
-# -- the command ----------------------------------------------------------------------
-
-
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option(
-    "--config",
-    "config_path",
-    required=True,
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="The agent's agent.yaml (see examples/agent.yaml).",
-)
-@click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
-@click.option("-q", "--quiet", is_flag=True, help="Only log errors.")
-def cli(config_path: Path, verbose: int, quiet: bool) -> None:
-    """Run the slimfleet edge agent until SIGTERM or SIGINT.
-
-    Serves the last good deployment at once, follows the device's desired state from
-    the fleet's MQTT broker, and reports state, events and telemetry.
-    """
-    setup_logging(verbose, quiet)
-    config = load_agent_config(config_path)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    agent = Agent(config)
-    agent.start()
-    serving = agent.server.current()
-    click.echo(
-        f"slimfleet-agent {config.device_id}: serving {serving or 'nothing yet'}"
-        + (f", HTTP on {agent.http_url}" if agent.http_url else "")
-        + f", broker {config.broker.url}",
-        err=True,
-    )
-    try:
-        while not stop.wait(0.5):
-            pass
-    finally:
-        agent.stop()
-
-
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point (``slimfleet-agent``, see :mod:`slimfleet.agent.command`)."""
+    from slimfleet.agent.command import cli  # late: the command module imports Agent
+
     run_cli(cli, "slimfleet-agent")
