@@ -341,13 +341,13 @@ class Agent:
             total_s=round(time.monotonic() - started, 4),
         )
         with self._lock:
-            last_good = state.last_good if watched else desired.deployment
+            last_good = self._state.last_good if watched else desired.deployment
             self._save_state(
                 replace(
                     self._state,
                     current=desired.deployment,
                     last_good=last_good,
-                    previous=state.current,
+                    previous=self._state.current,
                 )
             )
             self.last_update = figures
