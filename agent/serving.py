@@ -221,7 +221,7 @@ class DeploymentServer:
         """Load every tier of ``spec`` beside the serving set, smoke-test, switch in one step.
 
         ``sources`` gives each model's installed file and smoke test; a model the
-        serving set already runs is reused. A tier that fails is skipped (event
+        serving set already runs, or another slot of ``spec`` names, is loaded once. A tier that fails is skipped (event
         ``tier_skipped``) while another tier of its slot loads; a slot with no loadable
         tier refuses the whole deployment (DeploymentError; the serving set is
         untouched). ``watch`` keeps the replaced set as standby for the watch window.
@@ -283,7 +283,7 @@ class DeploymentServer:
                 continue
             timings["load_ms"] += took["load_ms"]
             timings["smoke_ms"] += took["smoke_ms"] or 0.0
-            loaded[ref] = model
+            loaded[ref] = reuse[ref] = model  # another slot naming it shares it
         try:
             if not loaded:
                 raise failures[0]

@@ -302,6 +302,12 @@ def test_an_unchanged_model_is_reused_not_loaded_again(make_serving, model_files
     server.activate(second, sources)
     assert value_of(server.predict("det", {"x": X}).outputs) == 1.0
     assert value_of(server.predict("rec", {"x": X}).outputs) == 20.0
+    sources[ref(3, "rec")] = ModelSource(model_files.add(30.0))
+    both = {"a": SlotSpec((ref(3, "rec"),)), "b": SlotSpec((ref(3, "rec"),))}
+    server.activate(both, sources, watch=False)  # one model named by two slots loads once
+    assert server.drained(timeout=30)
+    gc.collect()
+    assert len([o for o in gc.get_objects() if isinstance(o, ort.InferenceSession)]) == 1
 
 
 # -- switching under load ----------------------------------------------------------------
