@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -36,7 +36,7 @@ from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
 from slimfleet.agent.confidence import Confidence, resolve_confidence
 from slimfleet.agent.inference import FeedError, InferenceError, NoModelError
-from slimfleet.agent.wire import Gate
+from slimfleet.agent.wire import Gate, ModelRef, SlotSpec
 
 Outputs = dict[str, np.ndarray]
 REMOTE_LABEL = "remote"
@@ -193,3 +193,26 @@ class Chain:
         if not timings:  # nothing ran: not a model's failure
             raise NoModelError(f"no tier of the chain is loaded ({reasons})")
         raise InferenceError(f"every tier failed: {reasons}")
+
+
+def chain_for_slot(
+    spec: SlotSpec,
+    loaded: Mapping[ModelRef, Tier],
+    remote: Tier | None = None,
+    user_functions: Mapping[str, str] | None = None,
+) -> Chain:
+    """The chain a slot's spec describes: its models in order, each the loaded tier or
+    ``None`` when it is not in ``loaded`` (labelled ``name@version`` either way), its gate
+    with the function resolved (``user_functions``: agent.yaml ``confidence_functions:``;
+    a ConfigError when it does not import), and ``remote`` (a
+    :class:`slimfleet.agent.remote.RemoteClient` for ``spec.remote``) last."""
+    confidence = (
+        resolve_confidence(spec.gate.function, user_functions) if spec.gate is not None else None
+    )
+    return Chain(
+        [loaded.get(ref) for ref in spec.models],
+        spec.gate,
+        confidence,
+        remote,
+        labels=[str(ref) for ref in spec.models],
+    )

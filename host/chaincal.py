@@ -72,9 +72,10 @@ class Point:
 
 @dataclass
 class Measured:
-    """Per tier (first to last) and sample: confidence, agreement with the last, seconds."""
+    """Per tier (first to last) and sample: confidence, agreement with the last, seconds
+    (a gated tier's include computing its confidence)."""
 
-    confidence: np.ndarray  # [tiers, samples]; NaN where it could not be computed
+    confidence: np.ndarray  # [tiers, samples]; NaN where unknown, and for the last tier
     agreement: np.ndarray  # [tiers, samples] in [0, 1]; the last tier's row is all 1
     seconds: np.ndarray  # [tiers, samples]
 
@@ -182,11 +183,12 @@ def measure(
     specs = metric_specs(reference, {name: spec})
     agreement = np.ones((len(sessions), len(feeds)))
     confidences = np.full((len(sessions), len(feeds)), np.nan)
-    for i in range(len(sessions)):
+    for i in range(len(sessions) - 1):  # the last tier is never gated
         for s in range(len(feeds)):
+            started = time.perf_counter()
             confidences[i, s] = _confidence(confidence, outputs[i][s])
-            if i < len(sessions) - 1:
-                agreement[i, s] = compare([reference[s]], [outputs[i][s]], specs).score
+            seconds[i, s] += time.perf_counter() - started  # a gated request pays it too
+            agreement[i, s] = compare([reference[s]], [outputs[i][s]], specs).score
     return Measured(confidences, agreement, seconds), spec.label()
 
 
@@ -262,9 +264,10 @@ def _tiers(models: Sequence[Path], function: str | None) -> tuple[list[SessionTi
             raise InputError(f"{path}: --function {problem}")
         tiers.append(SessionTier(path.name, open_session(path)))
         signatures.append(signature)
-    names = [[i["name"] for i in s["inputs"]] for s in signatures]
-    if any(n != names[0] for n in names):
-        raise InputError(f"the tiers take different inputs: {names}")
+    for side in ("inputs", "outputs"):  # one request, answers judged output by output
+        names = [[i["name"] for i in s[side]] for s in signatures]
+        if any(n != names[0] for n in names):
+            raise InputError(f"the tiers have different {side}: {names}")
     return tiers, signatures
 
 

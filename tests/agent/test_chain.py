@@ -13,12 +13,12 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from slimfleet.agent.chain import Chain, ChainAnswer, SessionTier, TierTimeout
+from slimfleet.agent.chain import Chain, ChainAnswer, SessionTier, TierTimeout, chain_for_slot
 from slimfleet.agent.confidence import max_prob
 from slimfleet.agent.errors import ConfigError
 from slimfleet.agent.inference import FeedError, InferenceError, NoModelError
 from slimfleet.agent.runtime import open_session
-from slimfleet.agent.wire import Gate
+from slimfleet.agent.wire import Gate, ModelRef, SlotSpec
 
 X = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
 P = helper.make_tensor_value_info("p", TensorProto.FLOAT, [1, 4])
@@ -240,3 +240,20 @@ def test_no_tier_loaded_is_no_model_not_a_model_failure() -> None:
 def test_a_chain_needs_a_tier() -> None:
     with pytest.raises(ValueError):
         Chain([], None, None)
+
+
+def test_chain_for_slot_follows_the_spec(tier, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    int8, fp32 = ModelRef("ocr", 7), ModelRef("ocr", 4)
+    (tmp_path / "slot_gates.py").write_text("def strict(outputs):\n    return 0.5\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("slot_gates", None)
+    spec = SlotSpec((int8, fp32), Gate("strict", 0.9))
+    loaded = {int8: tier("ocr@7", 10.0), fp32: tier("ocr@4", 10.0)}
+    chain = chain_for_slot(spec, loaded, user_functions={"strict": "slot_gates:strict"})
+    answer = chain.run({"x": SURE})
+    assert answer.label == "ocr@4"
+    assert answer.escalations == [("ocr@7", "low confidence 0.5 < 0.9")]
+    skipped = chain_for_slot(SlotSpec((int8, fp32)), {fp32: loaded[fp32]}).run({"x": SURE})
+    assert skipped.escalations == [("ocr@7", "not loaded")]
+    with pytest.raises(ConfigError, match="'strict'"):
+        chain_for_slot(spec, loaded)  # the short name means nothing without agent.yaml

@@ -4,14 +4,22 @@ answers garbage, errors and sends oversized bodies."""
 from __future__ import annotations
 
 import contextlib
+import datetime
+import ipaddress
 import json
+import ssl
 import threading
 import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import numpy as np
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from slimfleet.agent.chain import Chain, TierTimeout
 from slimfleet.agent.confidence import max_prob
@@ -310,3 +318,53 @@ def test_an_unexpected_error_is_a_failure_and_never_wedges_the_breaker() -> None
         now[0] += OPEN_SECONDS
         with pytest.raises(InferenceError, match="InvalidURL"):
             remote.run(FEEDS)
+
+
+def self_signed(folder: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 that no trust store knows, and its key."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = folder / "cert.pem", folder / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+def test_https_refuses_a_certificate_nobody_vouches_for(tmp_path: Path) -> None:
+    cert, key = self_signed(tmp_path)
+    srv = Server()
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    srv.socket = context.wrap_socket(srv.socket, server_side=True)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = srv.url("ok").replace("http://", "https://")
+        with pytest.raises(InferenceError, match="SSLCertVerificationError") as caught:
+            RemoteClient(RemoteTier(url, 2.0)).run(FEEDS)
+        assert "\n" not in str(caught.value)
+        assert srv.requests == []  # nothing was sent to it
+    finally:
+        srv.shutdown()
+        srv.server_close()

@@ -184,6 +184,7 @@ def test_without_function_it_is_chosen_by_the_output_shape(tiers, monkeypatch, c
         ),
         (["--deployment", "DEPLOY", "--slot", "Bad Slot"], "--slot: invalid slot name"),
         (["ONE"], "give at least two models"),
+        (["RENAMED"], "the tiers have different outputs: [['logits'], ['scores']]"),
         (["MISSING"], "no such model file"),
     ],
 )
@@ -198,6 +199,10 @@ def test_bad_input_is_one_line_and_exit_2(tiers, tmp_path, monkeypatch, capsys, 
     while i < len(args):
         if args[i] == "ONE":
             models_given, i = [weak], i + 1
+        elif args[i] == "RENAMED":
+            renamed = onnx.load(str(strong))
+            renamed.graph.node[0].output[0] = renamed.graph.output[0].name = "scores"
+            models_given, i = [weak, models.save(renamed, tmp_path / "renamed.onnx")], i + 1
         elif args[i] == "MISSING":
             models_given, i = [weak, tmp_path / "nope.onnx"], i + 1
         elif args[i] in base:
