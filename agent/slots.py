@@ -18,8 +18,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from slimfleet.agent.chain import REMOTE_LABEL, Chain
-from slimfleet.agent.confidence import resolve_confidence
+from slimfleet.agent.chain import REMOTE_LABEL, Chain, chain_for_slot
 from slimfleet.agent.inference import Answer, FeedError, InferenceError, ModelIO, UnknownSlotError
 from slimfleet.agent.remote import RemoteClient
 from slimfleet.agent.sessions import LoadedModel, first_line
@@ -103,12 +102,11 @@ def build_slot(
     remote tier's events; ``user_functions`` are agent.yaml's ``confidence_functions``.
     Raises ValueError when no tier is loaded and ConfigError when the gate's confidence
     function does not import."""
-    tiers = [loaded.get(ref) for ref in spec.models]
-    present = tuple(t for t in tiers if t is not None)
+    present = tuple(loaded[ref] for ref in spec.models if ref in loaded)
     if not present:
         raise ValueError(f"slot {name}: no loaded tier")
-    timed = [None if t is None else TimedTier(t.label, t.ref, t, name, telemetry) for t in tiers]
-    first = next(t for t in timed if t is not None)
+    timed = {t.ref: TimedTier(t.label, t.ref, t, name, telemetry) for t in present}
+    first = timed[present[0].ref]
     if len(spec.models) == 1 and spec.gate is None and spec.remote is None:
         return Slot(name, spec, present, first)
     remote = None
@@ -117,8 +115,7 @@ def build_slot(
             spec.remote, lambda kind, reason: on_event(kind, slot=name, reason=reason)
         )
         remote = TimedTier(REMOTE_LABEL, None, client, name, telemetry)
-    confidence = resolve_confidence(spec.gate.function, user_functions) if spec.gate else None
-    chain = Chain(timed, spec.gate, confidence, remote, labels=[str(r) for r in spec.models])
+    chain = chain_for_slot(spec, timed, remote, user_functions)
     return Slot(name, spec, present, first, chain)
 
 
