@@ -20,6 +20,12 @@ Events (dicts handed to ``on_event``; the daemon adds the device id and desired 
     {"type": "fallback", ..., "deployment" (given up), "to", "stage": "watch", "reason"}
 
 ``deployment``/``from``/``to`` are ``{slot: [{"name", "version"}, ...loaded tiers]}``.
+A slot's remote tier adds ``tier_failing``/``tier_recovered`` (``slot``, ``reason``).
+
+Bounds: at most three serving sets are alive besides the ones draining (serving,
+standby, loading); a draining set is dropped after ``DRAIN_TIMEOUT_S`` even if a request
+still runs on it (that request keeps its sessions alive until it ends); each slot keeps
+its last ``slots.RECENT_SAMPLES`` request outcomes for the watch window.
 """
 
 from __future__ import annotations
