@@ -98,11 +98,14 @@ class Agent:
         self.updater = Updater(
             config, self.timing, self.link, self.store, self.verifier, self._emit, self._cancel
         )
-        #: Guards _state, _record, _updating and last_update, and orders their writes
+        #: Guards _state, _record (the desired state followed), _noticed (a newer one that
+        #: is not applied: shown in the state document instead), _updating and
+        #: last_update, and orders their writes
         #: to state.json/desired.json (held for a file write, never for a download,
         #: a model load or a publish).
         self._lock = threading.Lock()
         self._state, self._record = restore(self.store, self.verifier)
+        self._noticed: Record | None = None
         self._updating = False
         self.last_update: dict[str, Any] | None = None  # figures of the last switch
         self._threads: list[threading.Thread] = []
@@ -217,7 +220,8 @@ class Agent:
             self._emit(EVENT_DESIRED_REFUSED, stage=STAGE_VERIFY, reason=str(exc))
             return
         with self._lock:
-            if self._record is not None and self._record.envelope == message.payload:
+            seen = [r.envelope for r in (self._record, self._noticed) if r is not None]
+            if message.payload in seen:
                 return  # the retained one again (reconnect, restart)
             floor = self._state.floor
             if self._record is None:  # desired.json was lost: the accepted one may come back
@@ -231,19 +235,21 @@ class Agent:
                 now=time.time(),
                 max_skew_s=self.config.max_clock_skew_s,
             )
-            if refusal is None:
+            if refusal is None:  # followed from now on
                 self._save_state(replace(self._state, floor=max(floor, desired.seq)))
-            if record is not None:
-                self._record = record
+                self._record, self._noticed = record, None
                 save_record(self.store.root, record, self._freshness())
+            elif record is not None:  # shown to the host; the followed one stays followed
+                self._noticed = record
         if refusal is not None:
             kind = EVENT_DESIRED_STALE if refusal.stage == STAGE_EXPIRED else EVENT_DESIRED_REFUSED
             log.warning("desired seq %d not applied: %s", desired.seq, refusal.reason)
             self._emit(kind, seq=desired.seq, stage=refusal.stage, reason=refusal.reason)
-        if record is not None:
+        else:
             log.info("desired seq %d: %s", desired.seq, tiers(desired.deployment))
             self._cancel.set()  # whatever is being applied is superseded
             self._wake.set()
+        if record is not None:
             self._publish_state()
 
     def _freshness(self) -> Freshness:
@@ -421,7 +427,8 @@ class Agent:
                 started=self.telemetry.started_at,
                 serving=serving,
                 state=self._state,
-                record=self._record,
+                record=self._noticed or self._record,
+                followed=self._record,
                 updating=self._updating,
                 last_update=self.last_update,
             )

@@ -51,14 +51,16 @@ def desired_document(record: Record) -> dict[str, Any]:
     }
 
 
-def status(serving: dict[str, Any] | None, record: Record | None, *, updating: bool) -> str:
+def status(serving: dict[str, Any] | None, records: list[Record | None], *, updating: bool) -> str:
+    """The status for the records shown and followed (see the module docstring)."""
+    outcomes = {r.outcome for r in records if r is not None}
     if updating:
         return STATUS_UPDATING
-    if record is not None and record.outcome == OUTCOME_STALE:
+    if OUTCOME_STALE in outcomes:
         return STATUS_STALE
     if serving:
         return STATUS_SERVING
-    if record is not None and record.outcome == OUTCOME_REFUSED:
+    if OUTCOME_REFUSED in outcomes:
         return STATUS_FAILED
     return STATUS_IDLE
 
@@ -70,16 +72,18 @@ def state_document(
     serving: dict[str, list[dict[str, Any]]] | None,
     state: AgentState,
     record: Record | None,
+    followed: Record | None,
     updating: bool,
     last_update: dict[str, Any] | None,
 ) -> dict[str, Any]:
-    """The body published, retained, on ``devices/<id>/state``."""
+    """The body published, retained, on ``devices/<id>/state``: ``record`` is the desired
+    state shown (the last seen), ``followed`` the one the device applies."""
     return {
         "schema": SCHEMA_VERSION_DESIRED,
         "device": device,
         "ts": time.time(),
         "started": started,
-        "status": status(serving, record, updating=updating),
+        "status": status(serving, [record, followed], updating=updating),
         "deployment": serving or {},
         "last_good": tiers(state.last_good),
         "previous": tiers(state.previous),

@@ -82,7 +82,7 @@ def agent(mosquitto, rig, watcher):
     agent.start()
     try:
         rig.assign(1)
-        watcher.event("swap_ok", deployment=main("m", 1))
+        watcher.wait("state", lambda s: outcome(s) == (1, "serving"))  # settled and saved
         yield agent
     finally:
         agent.stop()

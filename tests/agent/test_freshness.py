@@ -246,3 +246,15 @@ def test_a_signed_rollback_re_checks_the_stored_file_first(agent, rig, watcher):
     assert served_const(agent) == 1.0  # re-downloaded, not the edited file
     progress = [e for e in watcher.events("download_progress") if e["model"] == ref("m", 1)]
     assert len(progress) == 2  # fetched again after the quarantine
+
+
+def test_a_refused_newer_desired_state_does_not_hide_the_followed_one_going_stale(
+    agent, rig, watcher
+):
+    rig.deploy({"main": "m@1"}, ttl_s=3.0, rollback=True)  # seq 3, followed
+    watcher.wait("state", lambda s: outcome(s) == (3, "serving"))
+    rig.deploy({"main": "m@2"}, seq=60, issued=time.time() + 3600)  # refused: skew
+    watcher.wait("state", lambda s: outcome(s) == (60, "refused"))
+    watcher.event("desired_stale", seq=3, timeout=10)  # the followed one still expires
+    state = watcher.wait("state", lambda s: s["status"] == "stale")
+    assert outcome(state) == (60, "refused") and served_const(agent) == 1.0
