@@ -153,9 +153,8 @@ class Updater:
         where = str(self.store.manifest_path(ref))
         try:
             manifest = self._check(self.store.read_manifest(ref), ref, where, installed=True)
-        except (UpdateFailed, SlimfleetError) as exc:
-            reason = getattr(exc, "reason", str(exc))
-            self._quarantine(ref, seq, f"its stored manifest no longer verifies: {reason}")
+        except SlimfleetError as exc:  # UpdateFailed, or the manifest file is unreadable
+            self._quarantine(ref, seq, f"its stored manifest no longer verifies: {exc}")
             return None
         mismatch = self.store.check_file(ref, manifest.sha256, manifest.size)
         if mismatch is not None:
