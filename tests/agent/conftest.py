@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator
@@ -23,12 +22,14 @@ import pytest
 import yaml
 from brokers import Mosquitto
 from onnx import TensorProto, helper, numpy_helper
+from serving_rig import EVENT_TYPES, NO_WATCH, PipelineClients, Recorder
 
-from slimfleet.agent import wire
 from slimfleet.agent.config import load_agent_config
 from slimfleet.agent.daemon import Agent, Timing
 from slimfleet.agent.link import Backoff, Link
 from slimfleet.agent.mqtt import BrokerSettings, make_client
+from slimfleet.agent.serving import DeploymentServer
+from slimfleet.agent.watch import WatchPolicy
 from slimfleet.agent.wire import (
     SLOT_MAIN,
     DesiredState,
@@ -151,49 +152,29 @@ def model_files(tmp_path: Path) -> ModelFiles:
     return ModelFiles(tmp_path / "model-files")
 
 
-class PipelineClients:
-    """Threads that run slot det then slot rec on one pinned deployment, non-stop, with
-    the GIL switching every microsecond while the block runs.
+@pytest.fixture
+def recorder() -> Recorder:
+    return Recorder()
 
-    Deployment v must have det adding v and rec adding 10 v; every answer is checked
-    against that and against each other (a torn set: det and rec of different
-    deployments). ``failures`` lists every exception, ``seen`` the versions served.
-    """
 
-    def __init__(self, server: Any, threads: int = 4) -> None:
-        self.server = server
-        self.failures: list[BaseException] = []
-        self.seen: set[int] = set()
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._client) for _ in range(threads)]
-        self._interval = sys.getswitchinterval()
+@pytest.fixture
+def make_serving(recorder: Recorder) -> Iterator[Callable[..., DeploymentServer]]:
+    made: list[DeploymentServer] = []
 
-    def _client(self) -> None:
-        x = np.full((1, 4), 0.5, dtype=np.float32)
-        while not self._stop.is_set():
-            try:
-                with self.server.pinned() as serving:
-                    det = serving.predict("det", {"x": x})
-                    rec = serving.predict("rec", {"x": x})
-                v = det.model.version
-                assert rec.model.version == v, f"torn: {det.model} with {rec.model}"
-                assert np.allclose(det.outputs["y"] - x, v), det
-                assert np.allclose(rec.outputs["y"] - x, 10 * v), rec
-                self.seen.add(v)
-            except BaseException as exc:  # every failure is the finding
-                self.failures.append(exc)
+    def make(watch: WatchPolicy = NO_WATCH, **kwargs: Any) -> DeploymentServer:
+        server = DeploymentServer(
+            watch=watch,
+            on_event=recorder.on_event,
+            on_fallback=recorder.on_fallback,
+            on_settled=recorder.on_settled,
+            **kwargs,
+        )
+        made.append(server)
+        return server
 
-    def __enter__(self) -> PipelineClients:
-        sys.setswitchinterval(1e-6)
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(timeout=60)
-        sys.setswitchinterval(self._interval)
+    yield make
+    for server in made:
+        server.close()
 
 
 @pytest.fixture
@@ -389,15 +370,6 @@ def make_rig(prefix: str, tmp_path: Path) -> Iterator[Callable[[str], Rig]]:
 @pytest.fixture
 def rig(mosquitto: Mosquitto, make_rig: Callable[[str], Rig]) -> Rig:
     return make_rig(mosquitto.url)
-
-
-EVENT_TYPES = {v for k, v in vars(wire).items() if k.startswith("EVENT_") and isinstance(v, str)}
-
-
-@pytest.fixture
-def event_types() -> set[str]:
-    """Every event type of the wire format."""
-    return EVENT_TYPES
 
 
 class Watcher:

@@ -5,121 +5,28 @@ from __future__ import annotations
 import gc
 import threading
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 import pytest
+from serving_rig import (
+    NO_WATCH,
+    X,
+    current,
+    infer,
+    loaded,
+    ref,
+    serve,
+    smoke_for,
+    value_of,
+)
 
 from slimfleet.agent.errors import InputError, SlimfleetError
 from slimfleet.agent.inference import FeedError, InferenceError, NoModelError, UnknownSlotError
 from slimfleet.agent.serving import DeploymentError, DeploymentServer, ModelSource
 from slimfleet.agent.watch import WatchPolicy
-from slimfleet.agent.wire import ModelRef, SlotSpec, SmokeTest
-
-X = np.full((1, 4), 0.5, dtype=np.float32)
-NO_WATCH = WatchPolicy(window_s=0)
-
-
-def ref(version: int, name: str = "m") -> ModelRef:
-    return ModelRef(name, version)
-
-
-def main(version: int) -> dict[str, SlotSpec]:
-    return {"main": SlotSpec((ref(version),))}
-
-
-def loaded(version: int) -> dict[str, list[dict[str, Any]]]:
-    return {"main": [ref(version).to_dict()]}
-
-
-def smoke_for(value: float, **kwargs: Any) -> SmokeTest:
-    """The smoke test an add-``value`` model passes."""
-    return SmokeTest(inputs={"x": X}, outputs={"y": X + np.float32(value)}, **kwargs)
-
-
-def serve(
-    server: DeploymentServer,
-    version: int,
-    path: Path,
-    smoke: SmokeTest | None = None,
-    *,
-    watch: bool = True,
-    max_latency_ms: float | None = None,
-) -> dict[str, Any]:
-    """Activate m@version alone in slot main."""
-    sources = {ref(version): ModelSource(path, smoke)}
-    return server.activate(main(version), sources, watch=watch, max_latency_ms=max_latency_ms)
-
-
-def infer(server: DeploymentServer, feeds: Any = None, cast: bool = False) -> dict[str, Any]:
-    return server.predict("main", {"x": X} if feeds is None else feeds, cast=cast).outputs
-
-
-def current(server: DeploymentServer) -> ModelRef | None:
-    serving = server.current()
-    return ModelRef.from_dict(serving["main"][0]) if serving else None
-
-
-class Recorder:
-    """Collects events and callback calls from a DeploymentServer."""
-
-    def __init__(self, event_types: set[str]) -> None:
-        self.event_types = event_types
-        self.events: list[dict[str, Any]] = []
-        self.fallbacks: list[tuple[Any, Any, str]] = []
-        self.settled: list[Any] = []
-        self.changed = threading.Event()
-
-    def on_event(self, event: dict[str, Any]) -> None:
-        assert event["type"] in self.event_types, event  # every type is part of the wire format
-        self.events.append(event)
-
-    def on_fallback(self, bad: Any, good: Any, reason: str) -> None:
-        self.fallbacks.append((bad, good, reason))
-        self.changed.set()
-
-    def on_settled(self, spec: Any) -> None:
-        self.settled.append(spec)
-        self.changed.set()
-
-    def types(self) -> list[str]:
-        return [e["type"] for e in self.events]
-
-
-@pytest.fixture
-def recorder(event_types: set[str]) -> Recorder:
-    return Recorder(event_types)
-
-
-@pytest.fixture
-def make_serving(recorder: Recorder) -> Iterator[Callable[..., DeploymentServer]]:
-    made: list[DeploymentServer] = []
-
-    def make(watch: WatchPolicy = NO_WATCH, **kwargs: Any) -> DeploymentServer:
-        server = DeploymentServer(
-            watch=watch,
-            on_event=recorder.on_event,
-            on_fallback=recorder.on_fallback,
-            on_settled=recorder.on_settled,
-            **kwargs,
-        )
-        made.append(server)
-        return server
-
-    yield make
-    for server in made:
-        server.close()
-
-
-def value_of(outputs: dict[str, np.ndarray]) -> float:
-    """Which add-constant model answered (all four elements must agree)."""
-    y = outputs["y"] - X
-    assert np.allclose(y, y.flat[0]), y
-    return round(float(y.flat[0]), 3)
-
+from slimfleet.agent.wire import SlotSpec, SmokeTest
 
 # -- requests -------------------------------------------------------------------------
 
@@ -427,83 +334,6 @@ def test_an_in_flight_request_finishes_on_the_old_set(make_serving, model_files,
     assert result["end"] > ok["ts"]  # activate() did not wait for it
     assert value_of(result["outputs"]) == 1.0
     assert result["outputs"]["work"].shape == (1024, 512)
-
-
-# -- watch window ------------------------------------------------------------------------
-
-
-def _serve_until(server: DeploymentServer, done: threading.Event, feeds: dict) -> list:
-    """Send requests until ``done``; return the exceptions of failed ones."""
-    errors = []
-    deadline = time.monotonic() + 60
-    while not done.is_set() and time.monotonic() < deadline:
-        try:
-            infer(server, feeds)
-        except SlimfleetError as exc:
-            errors.append(exc)
-    return errors
-
-
-def test_watch_window_rolls_back_a_slower_deployment(make_serving, model_files, recorder) -> None:
-    server = make_serving(watch=WatchPolicy(window_s=60, min_requests=20, max_p95_ratio=1.5))
-    serve(server, 1, model_files.add(1.0))
-    for _ in range(200):  # the baseline: the old deployment's recent latency
-        infer(server)
-    # Same answers, but ~16M multiply-adds more per request.
-    serve(server, 2, model_files.slow(1.0, rows=64, width=512, depth=8), smoke_for(1.0))
-    assert current(server) == ref(2)
-    assert _serve_until(server, recorder.changed, {"x": X}) == []
-    assert current(server) == ref(1) and value_of(infer(server)) == 1.0
-    [(bad, good, reason)] = recorder.fallbacks
-    assert (bad, good) == (main(2), main(1))
-    assert reason.startswith("slot main: p95 latency") and "allowed x1.5" in reason
-    fallback = recorder.events[-1]
-    assert fallback["type"] == "fallback" and fallback["stage"] == "watch"
-    assert fallback["deployment"] == loaded(2) and fallback["to"] == loaded(1)
-    assert recorder.settled == []
-
-
-def test_watch_window_rolls_back_an_erroring_deployment(
-    make_serving, model_files, recorder
-) -> None:
-    server = make_serving(watch=WatchPolicy(window_s=60, min_requests=20, max_error_rate=0.05))
-    serve(server, 1, model_files.add(1.0))
-    traffic = {"x": np.full((1, 4), 5.0, np.float32)}
-    for _ in range(50):
-        infer(server, traffic)
-    # Passes its smoke test (zeros) but fails on the inputs real clients send.
-    zeros = np.zeros((1, 4), np.float32)
-    serve(server, 2, model_files.gather(1.0), SmokeTest({"x": zeros}, {"y": zeros + 1}))
-    errors = _serve_until(server, recorder.changed, traffic)
-    assert errors and all(isinstance(e, InferenceError) for e in errors)
-    assert current(server) == ref(1)
-    infer(server, traffic)
-    [(bad, good, reason)] = recorder.fallbacks
-    assert (bad, good) == (main(2), main(1))
-    assert reason.startswith("slot main: error rate 100.0%") and "vs 0.0% before" in reason
-
-
-def test_client_errors_never_roll_back_a_deployment(make_serving, model_files, recorder) -> None:
-    server = make_serving(watch=WatchPolicy(window_s=0.5, min_requests=20, max_error_rate=0.05))
-    serve(server, 1, model_files.add(1.0))
-    serve(server, 2, model_files.add(2.0))
-    for _ in range(100):
-        with pytest.raises(FeedError):
-            infer(server, {"x": np.zeros((7, 7), np.float32)})
-    assert recorder.changed.wait(10)
-    assert recorder.settled == [main(2)] and recorder.fallbacks == []
-
-
-def test_a_deployment_that_holds_up_settles_and_releases_the_old(
-    make_serving, model_files, recorder
-) -> None:
-    server = make_serving(watch=WatchPolicy(window_s=0.3, min_requests=20, max_p95_ratio=1e9))
-    serve(server, 1, model_files.add(1.0))
-    serve(server, 2, model_files.add(2.0), smoke_for(2.0))
-    assert _serve_until(server, recorder.changed, {"x": X}) == []
-    assert recorder.settled == [main(2)] and recorder.fallbacks == []
-    assert current(server) == ref(2) and server._standby is None
-    assert server.drained(timeout=30)
 
 
 def test_close_releases_everything(make_serving, model_files) -> None:
