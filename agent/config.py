@@ -17,6 +17,8 @@ Relative paths are relative to the config file. See ``examples/agent.yaml``::
     telemetry_interval_s: 10             # seconds, at most 86400 (as is watch.window_s)
     smoke: {max_latency_ms: 50}          # device latency budget for the smoke test
     watch: {window_s: 30, min_requests: 20, max_error_rate: 0.05, max_p95_ratio: 1.5}
+    max_clock_skew_s: 300                # desired states issued further in the future are refused
+    confidence_functions: {ctc_gate: "my_gates:ctc_confidence"}   # names a slot's gate may use
 """
 
 from __future__ import annotations
@@ -31,10 +33,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from slimfleet.agent.configfile import Node, load_yaml
 from slimfleet.agent.errors import InputError
+from slimfleet.agent.httpserver import HttpLimits
 from slimfleet.agent.keyring import KeyRing
 from slimfleet.agent.mqtt import BrokerSettings
-from slimfleet.agent.sessions import WatchPolicy
 from slimfleet.agent.signing import load_public_key
+from slimfleet.agent.watch import WatchPolicy
 from slimfleet.agent.wire import Topics, check_name
 
 T = TypeVar("T")
@@ -44,14 +47,16 @@ _UNITS.update({"kib": 1024, "mib": 1024**2, "gib": 1024**3})
 _SIZE = re.compile(r"^\s*(\d+)\s*([a-zA-Z]*)\s*$")
 MAX_THREADS = 1024
 MAX_INTERVAL_S = 86400  # telemetry interval and watch window: at most a day
+DEFAULT_MAX_CLOCK_SKEW_S = 300.0
 
 
 @dataclass(frozen=True)
 class HttpSettings:
-    """Where the local HTTP API listens; port 0 picks a free port."""
+    """Where the local HTTP API listens (port 0 picks a free port) and its bounds."""
 
     host: str = "127.0.0.1"
     port: int = 0
+    limits: HttpLimits = field(default_factory=HttpLimits)
 
 
 @dataclass(frozen=True)
@@ -78,6 +83,8 @@ class AgentConfig:
     watch: WatchPolicy = field(default_factory=WatchPolicy)
     root_key_files: tuple[Path, ...] = ()
     root_keys: tuple[Ed25519PublicKey, ...] = ()
+    max_clock_skew_s: float = DEFAULT_MAX_CLOCK_SKEW_S
+    confidence_functions: dict[str, str] = field(default_factory=dict)
 
     @property
     def topics(self) -> Topics:
@@ -103,6 +110,8 @@ TOP_KEYS = {
     "telemetry_interval_s",
     "smoke",
     "watch",
+    "max_clock_skew_s",
+    "confidence_functions",
 }
 
 
@@ -145,6 +154,8 @@ def load_agent_config(path: str | Path) -> AgentConfig:
         watch=_watch(values.get("watch")),
         root_key_files=root_files,
         root_keys=roots,
+        max_clock_skew_s=_get(values, "max_clock_skew_s", _clock_skew, DEFAULT_MAX_CLOCK_SKEW_S),
+        confidence_functions=_get(values, "confidence_functions", _functions, {}),
     )
 
 
@@ -211,7 +222,7 @@ def _interval(node: Node) -> float:
 def _http(node: Node | None) -> HttpSettings | None:
     if node is None or node.value is None:
         return None
-    node.reject_unknown({"host", "port"})
+    node.reject_unknown({"host", "port", *_HTTP_COUNTS, *_HTTP_SECONDS, *_HTTP_SIZES})
     values = node.as_mapping()
     host = values["host"].str() if "host" in values else HttpSettings.host
     port = HttpSettings.port
@@ -219,7 +230,25 @@ def _http(node: Node | None) -> HttpSettings | None:
         port = values["port"].int(minimum=0)
         if port > 65535:
             raise values["port"].error(f"must be <= 65535, got {port}")
-    return HttpSettings(host, port)
+    bounds: dict[str, float] = {}
+    for key, value in values.items():
+        if key in _HTTP_COUNTS:
+            bounds[key] = value.int(minimum=1, maximum=4096)
+        elif key in _HTTP_SECONDS:
+            bounds[key] = _positive(value, maximum=3600)
+        elif key in _HTTP_SIZES:
+            bounds[key] = _size(value)
+    try:
+        limits = HttpLimits(**bounds)  # type: ignore[arg-type]
+    except ValueError as exc:
+        raise node.error(str(exc)) from None
+    return HttpSettings(host, port, limits)
+
+
+# agent.yaml http: keys that set HttpLimits (see agent/httpserver.py for what each bounds)
+_HTTP_COUNTS = {"max_connections"}
+_HTTP_SECONDS = {"request_timeout_s", "idle_timeout_s"}
+_HTTP_SIZES = {"max_json_bytes", "max_binary_bytes", "max_inflight_bytes"}
 
 
 def _smoke(node: Node | None) -> float | None:
@@ -263,3 +292,20 @@ def _ratio(node: Node) -> float:
     if value < 1:
         raise node.error(f"must be >= 1 (1.5 allows a 50% slower p95), got {value:g}")
     return value
+
+
+def _clock_skew(node: Node) -> float:
+    """How far in the device's future a desired state may be issued, 0 to one day."""
+    return node.float(minimum=0, maximum=MAX_INTERVAL_S)
+
+
+def _functions(node: Node) -> dict[str, str]:
+    """``{name: "module:attr"}``: confidence functions a slot's gate may name."""
+    functions = {}
+    for name, value in node.as_mapping().items():
+        path = value.str()
+        module, sep, attr = path.partition(":")
+        if not (sep and module and attr):
+            raise value.error(f"confidence function {name}: expected 'module:attr', got {path!r}")
+        functions[name] = path
+    return functions

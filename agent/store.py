@@ -5,7 +5,9 @@ Layout under the store root::
     models/<name>/<version>/model.onnx      the verified model
     models/<name>/<version>/manifest.json   the raw signed envelope it was delivered with
     partial/                                downloads in progress (filled by the downloader)
-    state.json                              current, last good and previous model
+    quarantine/<name>@<version>.<unix s>/   versions whose file no longer matched (newest 4)
+    state.json                              deployments, replay floor, enrolment time
+    desired.json                            the last desired state (see agent/desired.py)
 
 Every write goes to a temporary name in the same directory, is fsynced, renamed into
 place and the directory fsynced, so a crash at any moment leaves either the old or
@@ -15,19 +17,28 @@ the new file, never half of one. Temporaries left by a crash are removed at open
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
+import time
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from slimfleet.agent.errors import SlimfleetError
-from slimfleet.agent.wire import ModelRef
+from slimfleet.agent.errors import SlimfleetError, VerifyError
+from slimfleet.agent.wire import (
+    SCHEMA_VERSION_DESIRED,
+    Deployment,
+    ModelRef,
+    deployment_from_dict,
+    deployment_to_dict,
+)
 
 log = logging.getLogger(__name__)
 
@@ -35,37 +46,69 @@ MODEL_FILE = "model.onnx"
 MANIFEST_FILE = "manifest.json"
 STATE_FILE = "state.json"
 TMP_PREFIX = ".tmp-"
+KEEP_QUARANTINED = 4
+HASH_BLOCK = 1024 * 1024
 
 
 @dataclass(frozen=True)
 class AgentState:
-    """What the agent serves now, the last model that proved good, and the one before."""
+    """What the agent serves, what last proved good, the one before, and its freshness.
 
-    current: ModelRef | None = None
-    last_good: ModelRef | None = None
-    previous: ModelRef | None = None
+    Deployments are slot -> SlotSpec (``None``: nothing yet). ``floor`` is the highest
+    desired-state seq the device accepted (the replay floor, also in desired.json);
+    ``enrolled`` the Unix time this store was created (desired states issued before it
+    are refused, so a wiped device cannot be fed an old captured one).
+    """
+
+    current: Deployment | None = None
+    last_good: Deployment | None = None
+    previous: Deployment | None = None
+    floor: int = 0
+    enrolled: float = 0.0
 
     def refs(self) -> list[ModelRef]:
         """The models this state points at (the ones pruning must keep)."""
-        return [r for r in (self.current, self.last_good, self.previous) if r is not None]
+        refs: dict[ModelRef, None] = {}
+        for deployment in (self.current, self.last_good, self.previous):
+            for spec in (deployment or {}).values():
+                refs.update(dict.fromkeys(spec.models))
+        return list(refs)
 
     def to_dict(self) -> dict[str, Any]:
+        def doc(d: Deployment | None) -> dict[str, Any] | None:
+            return None if d is None else deployment_to_dict(d)
+
         return {
-            "current": self.current.to_dict() if self.current else None,
-            "last_good": self.last_good.to_dict() if self.last_good else None,
-            "previous": self.previous.to_dict() if self.previous else None,
+            "schema": SCHEMA_VERSION_DESIRED,
+            "current": doc(self.current),
+            "last_good": doc(self.last_good),
+            "previous": doc(self.previous),
+            "floor": self.floor,
+            "enrolled": self.enrolled,
         }
 
     @classmethod
     def from_dict(cls, doc: Any) -> AgentState:
         """Inverse of :meth:`to_dict`; raises ValueError on anything else."""
-        if not isinstance(doc, dict):
-            raise ValueError("state is not a JSON object")
-        refs = {}
-        for key in ("current", "last_good", "previous"):
-            value = doc.get(key)
-            refs[key] = ModelRef.from_dict(value) if value is not None else None
-        return cls(**refs)
+        if not isinstance(doc, dict) or doc.get("schema") != SCHEMA_VERSION_DESIRED:
+            raise ValueError(f"state is not a schema-{SCHEMA_VERSION_DESIRED} JSON object")
+        floor, enrolled = doc.get("floor"), doc.get("enrolled")
+        if isinstance(floor, bool) or not isinstance(floor, int) or floor < 0:
+            raise ValueError("state: floor must be an integer >= 0")
+        if not _finite(enrolled):
+            raise ValueError("state: enrolled must be a number")
+        try:
+            deployments = {
+                key: None if doc.get(key) is None else deployment_from_dict(doc[key], key)
+                for key in ("current", "last_good", "previous")
+            }
+        except VerifyError as exc:
+            raise ValueError(str(exc)) from None
+        return cls(**deployments, floor=floor, enrolled=float(enrolled))
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def fsync_dir(path: Path) -> None:
@@ -174,27 +217,30 @@ class ModelStore:
         Both files are written into a temporary folder beside the final one, fsynced,
         and the folder is renamed into place, so ``has(ref)`` never sees half a
         version. ``move`` (default) consumes ``source_file`` when it is on the same
-        file system (a finished download); otherwise it is copied. Versions are
+        file system (a finished download); otherwise it is copied. When the install
+        fails (a full disk, EFBIG) a moved ``source_file`` is put back, so the retry
+        installs the same download instead of fetching it again. Versions are
         immutable: installing one that is already there is an error (``remove`` it
         first to replace it).
         """
         if self.version_dir(ref).exists():
             raise SlimfleetError(f"{ref} is already installed in {self.root}")
         parent = self.version_dir(ref).parent
-        parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{ref.version}.", dir=parent))
+        tmp = None
+        moved = False
         try:
+            parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{ref.version}.", dir=parent))
             model = tmp / MODEL_FILE
-            try:
-                if move:
+            if move:
+                try:
                     os.replace(source_file, model)
-                else:
-                    shutil.copyfile(source_file, model)
-            except OSError as exc:
-                if not move or exc.errno != errno.EXDEV:  # on another file system: copy
-                    raise
+                    moved = True
+                except OSError as exc:
+                    if exc.errno != errno.EXDEV:
+                        raise
+            if not moved:  # a copy, or a move across file systems
                 shutil.copyfile(source_file, model)
-                Path(source_file).unlink()
             _fsync_file(model)
             with open(tmp / MANIFEST_FILE, "wb") as f:
                 f.write(manifest_bytes)
@@ -205,10 +251,58 @@ class ModelStore:
             os.rename(tmp, target)  # fails rather than merge if a racing install won
             fsync_dir(parent)
         except OSError as exc:
-            shutil.rmtree(tmp, ignore_errors=True)
+            if moved:  # keep the download for the retry
+                try:
+                    os.replace(tmp / MODEL_FILE, source_file)
+                except OSError as back:
+                    log.error("%s: cannot put the download back: %s", ref, back)
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
             raise SlimfleetError(f"{ref}: cannot install into {parent}: {exc}") from None
+        if move and not moved:
+            Path(source_file).unlink()
         log.info("installed %s at %s", ref, target)
         return target / MODEL_FILE
+
+    def check_file(self, ref: ModelRef, sha256: str, size: int) -> str | None:
+        """Why the installed model file of ``ref`` no longer matches, or None.
+
+        Re-hashes the whole file (in ``HASH_BLOCK`` reads, constant memory).
+        """
+        path = self.model_path(ref)
+        digest = hashlib.sha256()
+        try:
+            with open(path, "rb") as f:
+                while block := f.read(HASH_BLOCK):
+                    digest.update(block)
+        except OSError as exc:
+            return f"cannot read {path}: {exc}"
+        got_size = path.stat().st_size
+        if got_size != size or digest.hexdigest() != sha256:
+            return (
+                f"{path} does not match its signed manifest (size {got_size}/{size}, "
+                f"sha256 {digest.hexdigest()[:16]}…/{sha256[:16]}…)"
+            )
+        return None
+
+    def quarantine(self, ref: ModelRef) -> Path | None:
+        """Move ``ref`` out of the models (it is never served again until re-installed).
+
+        Kept under ``quarantine/`` for a post-mortem, the newest ``KEEP_QUARANTINED``
+        only. Returns where it went, or None when it was not installed.
+        """
+        source = self.version_dir(ref)
+        if not source.exists():
+            return None
+        folder = self.root / "quarantine"
+        folder.mkdir(exist_ok=True)
+        target = folder / f"{ref}.{int(time.time() * 1000)}"
+        os.replace(source, target)
+        fsync_dir(source.parent)
+        for old in sorted(folder.iterdir(), key=lambda p: p.stat().st_mtime)[:-KEEP_QUARANTINED]:
+            shutil.rmtree(old, ignore_errors=True)
+        log.warning("quarantined %s at %s", ref, target)
+        return target
 
     def remove(self, ref: ModelRef) -> None:
         """Delete one installed version (no error when it is not there)."""
@@ -248,30 +342,30 @@ class ModelStore:
     def state_path(self) -> Path:
         return self.root / STATE_FILE
 
-    def load_state(self) -> AgentState:
-        """The saved state; a missing or corrupt file gives an empty state, never an error.
+    def load_state(self) -> AgentState | None:
+        """The saved state, or None when it is missing or corrupt (never an error).
 
         A corrupt file is kept as ``state.json.corrupt`` for a post-mortem.
         """
         try:
             raw = self.state_path.read_bytes()
         except FileNotFoundError:
-            log.info("no saved state in %s: starting empty", self.root)
-            return AgentState()
+            log.info("no saved state in %s", self.root)
+            return None
         except OSError as exc:
-            log.warning("cannot read %s (%s): starting with an empty state", self.state_path, exc)
-            return AgentState()
+            log.warning("cannot read %s (%s): ignoring it", self.state_path, exc)
+            return None
         try:
             return AgentState.from_dict(json.loads(raw.decode("utf-8")))
         except (UnicodeDecodeError, ValueError) as exc:
             log.warning(
-                "%s is corrupt (%s): starting with an empty state, kept as %s.corrupt",
+                "%s is corrupt (%s): ignoring it, kept as %s.corrupt",
                 self.state_path,
                 exc,
                 STATE_FILE,
             )
             os.replace(self.state_path, self.root / f"{STATE_FILE}.corrupt")
-            return AgentState()
+            return None
 
     def save_state(self, state: AgentState) -> None:
         atomic_write_bytes(self.state_path, json.dumps(state.to_dict(), indent=2).encode() + b"\n")

@@ -366,47 +366,6 @@ def make_manifest(
     return manifest, chunks
 
 
-# -- desired state --------------------------------------------------------------------
-
-
-@dataclass
-class Desired:
-    """What the host wants a device to run. ``rollback`` permits an older version."""
-
-    device: str
-    name: str
-    version: int
-    key_id: str
-    rollback: bool = False
-    issued: float = field(default_factory=time.time)
-
-    def to_dict(self) -> dict[str, Any]:
-        doc = asdict(self)
-        doc["kind"] = "desired"
-        return doc
-
-    @classmethod
-    def from_dict(cls, doc: Any) -> Desired:
-        if not isinstance(doc, dict) or doc.get("kind") != "desired":
-            raise VerifyError("not a desired-state document")
-        try:
-            desired = cls(
-                device=str(doc["device"]),
-                name=check_name(str(doc["name"])),
-                version=int(doc["version"]),
-                key_id=str(doc["key_id"]),
-                rollback=bool(doc.get("rollback", False)),
-                issued=float(doc.get("issued", 0.0)),
-            )
-        except (KeyError, TypeError, ValueError, OverflowError) as exc:
-            raise VerifyError(f"desired state is malformed: {exc}") from None
-        if not math.isfinite(desired.issued):
-            raise VerifyError(f"desired state is malformed: issued is {desired.issued}")
-        if desired.version < 1:
-            raise VerifyError("desired state: version must be >= 1")
-        return desired
-
-
 def parse_json(payload: bytes, what: str) -> Any:
     """Decode a JSON body; a malformed one is a VerifyError saying what it was."""
     try:
@@ -417,8 +376,7 @@ def parse_json(payload: bytes, what: str) -> Any:
 
 # -- desired state, schema 2: a deployment of named slots ------------------------------
 #
-# This is the contract between the host (assign, rollout, reissue) and the agent. The
-# schema-1 ``Desired`` above (one model per device) is being replaced by it.
+# This is the contract between the host (assign, rollout, reissue) and the agent.
 #
 # Body of the signed envelope on devices/<id>/desired::
 #

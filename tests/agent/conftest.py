@@ -22,14 +22,23 @@ import pytest
 import yaml
 from brokers import Mosquitto
 from onnx import TensorProto, helper, numpy_helper
+from serving_rig import EVENT_TYPES, NO_WATCH, PipelineClients, Recorder
 
 from slimfleet.agent.config import load_agent_config
 from slimfleet.agent.daemon import Agent, Timing
 from slimfleet.agent.link import Backoff, Link
 from slimfleet.agent.mqtt import BrokerSettings, make_client
-from slimfleet.agent.wire import EVENT_TYPES, Desired, ModelRef, Topics
+from slimfleet.agent.serving import DeploymentServer
+from slimfleet.agent.watch import WatchPolicy
+from slimfleet.agent.wire import (
+    SLOT_MAIN,
+    DesiredState,
+    ModelRef,
+    SlotSpec,
+    Topics,
+    deployment_from_dict,
+)
 from slimfleet.host.fleet.config import load_fleet
-from slimfleet.host.fleet.deploy import assign_main
 from slimfleet.host.fleet.keys import generate_keys
 from slimfleet.host.fleet.publish import publish_model
 
@@ -143,15 +152,47 @@ def model_files(tmp_path: Path) -> ModelFiles:
     return ModelFiles(tmp_path / "model-files")
 
 
+@pytest.fixture
+def recorder() -> Recorder:
+    return Recorder()
+
+
+@pytest.fixture
+def make_serving(recorder: Recorder) -> Iterator[Callable[..., DeploymentServer]]:
+    made: list[DeploymentServer] = []
+
+    def make(watch: WatchPolicy = NO_WATCH, **kwargs: Any) -> DeploymentServer:
+        server = DeploymentServer(
+            watch=watch,
+            on_event=recorder.on_event,
+            on_fallback=recorder.on_fallback,
+            on_settled=recorder.on_settled,
+            **kwargs,
+        )
+        made.append(server)
+        return server
+
+    yield make
+    for server in made:
+        server.close()
+
+
+@pytest.fixture
+def pipeline_clients() -> type[PipelineClients]:
+    """``with pipeline_clients(server) as clients:`` (see PipelineClients)."""
+    return PipelineClients
+
+
 # -- brokers and MQTT ------------------------------------------------------------
 
 
 class Publisher:
     """A plain paho client that publishes retained QoS 1 messages and waits for PUBACK."""
 
-    def __init__(self, broker: Mosquitto, client_id: str) -> None:
-        self.client = make_client(BrokerSettings("127.0.0.1", broker.port), client_id)
-        self.client.connect("127.0.0.1", broker.port)
+    def __init__(self, broker: Mosquitto | str, client_id: str) -> None:
+        settings = BrokerSettings.from_url(broker if isinstance(broker, str) else broker.url)
+        self.client = make_client(settings, client_id)
+        self.client.connect(settings.host, settings.port)
         self.client.loop_start()
 
     def put(self, topic: str, payload: bytes, retain: bool = True) -> None:
@@ -197,12 +238,16 @@ FAST = Timing(
 class Rig:
     """The repository's fleet.yaml (fresh keys, this test's prefix) and one device of it.
 
-    ``publish``/``assign`` are the host's real functions; ``write_agent_yaml`` writes
-    the device's agent.yaml pinning the fleet's public key.
+    ``publish`` is the host's real function; ``deploy``/``assign`` sign schema-2 desired
+    states with the fleet key and publish them; ``write_agent_yaml`` writes the
+    device's agent.yaml pinning the fleet's public key.
     """
 
     def __init__(self, broker_url: str, prefix: str, tmp: Path) -> None:
         self.tmp = tmp
+        self.broker_url = broker_url
+        self.seq = 0  # the last desired-state seq signed
+        self._publisher: Publisher | None = None
         self.device = f"dev{zlib.crc32(prefix.encode()):08x}"
         keys = tmp / "keys"
         generate_keys(keys / "signing.key", keys / "signing.pub")
@@ -228,13 +273,54 @@ class Rig:
         publish_model(self.fleet, path, name, version, **kw)
         return path
 
-    def assign(self, version: int, name: str = "m", rollback: bool = False) -> None:
-        assign_main(self.fleet, ModelRef(name, version), [self.device], rollback=rollback)
-
-    def signed_desired(self, version: int, name: str = "m", rollback: bool = False) -> bytes:
-        """A desired-state envelope written without assign's checks (for refusals)."""
+    def desired(
+        self,
+        deployment: dict[str, Any],
+        *,
+        seq: int | None = None,
+        issued: float | None = None,
+        ttl_s: float = 3600.0,
+        rollback: bool = False,
+        device: str | None = None,
+    ) -> bytes:
+        """A signed schema-2 desired state; ``deployment`` maps slots to "name@version",
+        a list of them (tiers) or a SlotSpec dict. ``seq`` defaults to the next one."""
+        if seq is None:
+            self.seq += 1
+            seq = self.seq
+        issued = time.time() if issued is None else issued
         signer = self.fleet.signer()
-        return signer.sign(Desired(self.device, name, version, signer.key_id, rollback).to_dict())
+        state = DesiredState(
+            device=device or self.device,
+            deployment=deployment_from_dict({k: _slot_doc(v) for k, v in deployment.items()}),
+            key_id=signer.key_id,
+            seq=seq,
+            issued=issued,
+            expires=issued + ttl_s,
+            rollback=rollback,
+        )
+        return signer.sign(state.to_dict())
+
+    def deploy(self, deployment: dict[str, Any], **kw: Any) -> bytes:
+        """Sign and publish (retained) a desired state for the device; return the envelope."""
+        envelope = self.desired(deployment, **kw)
+        self.put_desired(envelope)
+        return envelope
+
+    def put_desired(self, envelope: bytes) -> None:
+        if self._publisher is None:
+            self._publisher = Publisher(self.broker_url, f"rig-{self.device}")
+        self._publisher.put(self.topics.device(self.device, "desired"), envelope)
+
+    def assign(
+        self, version: int, name: str = "m", rollback: bool = False, slot: str = SLOT_MAIN
+    ) -> bytes:
+        """Deploy name@version alone in ``slot`` (what ``assign NAME@VERSION`` does)."""
+        return self.deploy({slot: f"{name}@{version}"}, rollback=rollback)
+
+    def close(self) -> None:
+        if self._publisher is not None:
+            self._publisher.close()
 
     def write_agent_yaml(self, broker_url: str, protocol: str = "3.1.1", **extra: Any) -> Path:
         doc = {
@@ -258,10 +344,27 @@ class Rig:
         return Agent(config, timing=FAST)
 
 
+def _slot_doc(value: Any) -> dict[str, Any]:
+    if isinstance(value, SlotSpec):
+        return value.to_dict()
+    if isinstance(value, dict):
+        return value
+    names = [value] if isinstance(value, str) else list(value)
+    return {"models": [ModelRef.parse(n).to_dict() for n in names]}
+
+
 @pytest.fixture
-def make_rig(prefix: str, tmp_path: Path) -> Callable[[str], Rig]:
+def make_rig(prefix: str, tmp_path: Path) -> Iterator[Callable[[str], Rig]]:
     """``make_rig(broker_url)``: the fleet and device of this test on that broker."""
-    return lambda url: Rig(url, prefix, tmp_path)
+    made: list[Rig] = []
+
+    def make(url: str) -> Rig:
+        made.append(Rig(url, prefix, tmp_path))
+        return made[-1]
+
+    yield make
+    for rig in made:
+        rig.close()
 
 
 @pytest.fixture
@@ -292,6 +395,7 @@ class Watcher:
                     body = json.loads(msg.payload)
                 if leaf == "events":  # every type the agent emits is part of the wire format
                     assert body["type"] in EVENT_TYPES, body
+                    assert {"ts", "device", "slot", "model", "seq"} <= set(body), body
                 self.seen.setdefault(leaf, []).append(body)
             msg = self.sub.get(timeout=0)
 

@@ -10,8 +10,9 @@ import pytest
 
 from slimfleet.agent.config import DEFAULT_MAX_MODEL_BYTES, HttpSettings, load_agent_config
 from slimfleet.agent.errors import ConfigError
-from slimfleet.agent.sessions import WatchPolicy
+from slimfleet.agent.httpserver import HttpLimits
 from slimfleet.agent.signing import generate_keypair
+from slimfleet.agent.watch import WatchPolicy
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -87,6 +88,20 @@ def test_sizes_take_units(folder: Path, value: str, expected: int) -> None:
 def test_http_null_disables_and_empty_uses_the_defaults(folder: Path) -> None:
     assert load_agent_config(write(folder, MINIMAL + "http: null\n")).http is None
     assert load_agent_config(write(folder, MINIMAL + "http: {}\n")).http == HttpSettings()
+
+
+def test_http_limits_are_read_and_checked(folder: Path) -> None:
+    text = MINIMAL + (
+        "http: {port: 0, max_connections: 8, request_timeout_s: 5, idle_timeout_s: 2,\n"
+        "       max_json_bytes: 1 MiB, max_binary_bytes: 16 MiB, max_inflight_bytes: 64 MiB}\n"
+    )
+    limits = load_agent_config(write(folder, text)).http.limits
+    assert limits == HttpLimits(8, 5.0, 2.0, 1 << 20, 16 << 20, 64 << 20)
+    bad = MINIMAL + "http:\n  max_json_bytes: 8 MiB\n  max_inflight_bytes: 16 MiB\n"
+    with pytest.raises(ConfigError, match=r"agent.yaml:\d+.*max_inflight_bytes must hold"):
+        load_agent_config(write(folder, bad))
+    with pytest.raises(ConfigError, match="unknown"):
+        load_agent_config(write(folder, MINIMAL + "http: {max_conections: 3}\n"))
 
 
 def test_the_shipped_example_loads(tmp_path: Path) -> None:
@@ -177,3 +192,19 @@ def test_errors_name_file_and_line(folder: Path, text: str, line: int, message: 
 def test_a_missing_file_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read config"):
         load_agent_config(tmp_path / "absent.yaml")
+
+
+def test_clock_skew_and_confidence_functions(folder: Path) -> None:
+    config = load_agent_config(write(folder, MINIMAL))
+    assert config.max_clock_skew_s == 300.0 and config.confidence_functions == {}
+    text = MINIMAL + "max_clock_skew_s: 30\nconfidence_functions: {ctc: 'my_gates:ctc_min'}\n"
+    config = load_agent_config(write(folder, text))
+    assert config.max_clock_skew_s == 30.0
+    assert config.confidence_functions == {"ctc": "my_gates:ctc_min"}
+    for bad, message in (
+        ("max_clock_skew_s: -1\n", ":6: "),
+        ("confidence_functions: {ctc: my_gates}\n", "expected 'module:attr'"),
+        ("confidence_functions: [a]\n", "expected a mapping"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            load_agent_config(write(folder, MINIMAL + bad))

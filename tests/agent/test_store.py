@@ -17,7 +17,7 @@ import pytest
 
 from slimfleet.agent.errors import SlimfleetError
 from slimfleet.agent.store import AgentState, ModelStore, atomic_write_bytes
-from slimfleet.agent.wire import ModelRef
+from slimfleet.agent.wire import ModelRef, SlotSpec
 
 
 def ref(name: str, version: int) -> ModelRef:
@@ -30,6 +30,11 @@ def download(folder: Path, data: bytes) -> Path:
     path = folder / f"dl-{len(list(folder.iterdir()))}"
     path.write_bytes(data)
     return path
+
+
+def only(*refs: ModelRef) -> dict[str, SlotSpec]:
+    """A one-slot deployment of ``refs`` (tiers)."""
+    return {"main": SlotSpec(tuple(refs))}
 
 
 def leftovers(root: Path) -> list[Path]:
@@ -73,9 +78,15 @@ def test_invalid_model_refs_are_refused(make) -> None:
 
 
 def test_state_round_trips() -> None:
-    state = AgentState(current=ref("m", 3), last_good=ref("m", 2), previous=None)
+    state = AgentState(
+        current={"det": SlotSpec((ref("d", 3),)), "rec": SlotSpec((ref("r", 2), ref("r", 1)))},
+        last_good=only(ref("m", 2)),
+        previous=None,
+        floor=7,
+        enrolled=1765000000.5,
+    )
     assert AgentState.from_dict(json.loads(json.dumps(state.to_dict()))) == state
-    assert state.refs() == [ref("m", 3), ref("m", 2)]
+    assert state.refs() == [ref("d", 3), ref("r", 2), ref("r", 1), ref("m", 2)]
 
 
 # -- models ---------------------------------------------------------------------------
@@ -128,7 +139,9 @@ def test_prune_keeps_the_newest_and_the_protected(tmp_path: Path) -> None:
     removed = store.prune(protect=[ref("m", 1)])
     assert removed == [ref("m", 3), ref("m", 2)]
     assert store.installed() == [ref("m", 1), ref("m", 4), ref("m", 5), ref("other", 1)]
-    assert store.prune(AgentState(current=ref("m", 5), last_good=ref("m", 1)).refs()) == []
+    assert (
+        store.prune(AgentState(current=only(ref("m", 5)), last_good=only(ref("m", 1))).refs()) == []
+    )
     assert sorted(p.name for p in (tmp_path / "store/models/m").iterdir()) == ["1", "4", "5"]
 
 
@@ -161,30 +174,43 @@ def test_an_unusable_root_is_a_clear_error(tmp_path: Path) -> None:
 
 def test_state_is_saved_and_loaded(tmp_path: Path) -> None:
     store = ModelStore(tmp_path)
-    state = AgentState(current=ref("m", 2), last_good=ref("m", 2), previous=ref("m", 1))
+    state = AgentState(
+        current=only(ref("m", 2)), last_good=only(ref("m", 2)), previous=only(ref("m", 1)), floor=3
+    )
     store.save_state(state)
     assert ModelStore(tmp_path).load_state() == state
-    assert json.loads(store.state_path.read_text())["previous"] == {"name": "m", "version": 1}
+    saved = json.loads(store.state_path.read_text())
+    assert saved["previous"] == {"main": {"models": [{"name": "m", "version": 1}]}}
+    assert saved["floor"] == 3 and saved["schema"] == 2
 
 
-def test_a_missing_state_is_empty(tmp_path: Path) -> None:
-    assert ModelStore(tmp_path).load_state() == AgentState()
+def test_a_missing_state_is_none(tmp_path: Path) -> None:
+    assert ModelStore(tmp_path).load_state() is None
 
 
 @pytest.mark.parametrize(
     "content",
-    [b'{"current": {"name": "m", "vers', b"\xff\xfe", b"[1, 2]", b'{"current": {"name": "m"}}'],
-    ids=["truncated", "not-utf8", "not-an-object", "bad-ref"],
+    [
+        b'{"schema": 2, "current": {"main": {"models": [{"name": "m", "vers',
+        b"\xff\xfe",
+        b"[1, 2]",
+        b'{"schema": 2, "current": {"main": {"models": [{"name": "m"}]}}, "floor": 1, '
+        b'"enrolled": 1}',
+        b'{"schema": 2, "current": null, "floor": -1, "enrolled": 1}',
+        b'{"schema": 2, "current": null, "floor": 1, "enrolled": "x"}',
+        b'{"current": {"name": "m", "version": 1}, "last_good": null}',
+    ],
+    ids=["truncated", "not-utf8", "not-an-object", "bad-ref", "floor", "enrolled", "schema-1"],
 )
-def test_a_corrupt_state_is_empty_with_a_warning(tmp_path: Path, caplog, content: bytes) -> None:
+def test_a_corrupt_state_is_none_with_a_warning(tmp_path: Path, caplog, content: bytes) -> None:
     store = ModelStore(tmp_path)
     store.state_path.write_bytes(content)
     with caplog.at_level(logging.WARNING, logger="slimfleet.agent.store"):
-        assert store.load_state() == AgentState()
-    assert "corrupt" in caplog.text and "empty state" in caplog.text
+        assert store.load_state() is None
+    assert "corrupt" in caplog.text
     assert (tmp_path / "state.json.corrupt").read_bytes() == content
-    store.save_state(AgentState(current=ref("m", 1)))  # and the agent goes on
-    assert store.load_state().current == ref("m", 1)
+    store.save_state(AgentState(current=only(ref("m", 1))))  # and the agent goes on
+    assert store.load_state().current == only(ref("m", 1))
 
 
 def current_umask() -> int:
@@ -211,7 +237,7 @@ CRASHER = textwrap.dedent(
     import sys
     from pathlib import Path
     from slimfleet.agent.store import AgentState, ModelStore
-    from slimfleet.agent.wire import ModelRef
+    from slimfleet.agent.wire import ModelRef, SlotSpec
 
     store = ModelStore(Path(sys.argv[1]), keep=2)
     data = b"w" * 200_000
@@ -224,7 +250,8 @@ CRASHER = textwrap.dedent(
         source = store.partial_dir() / "download"
         source.write_bytes(data + str(version).encode())
         store.install(ref, source, b'{"v": %d}' % version)
-        store.save_state(AgentState(current=ref, last_good=ref, previous=None))
+        spec = {"main": SlotSpec((ref,))}
+        store.save_state(AgentState(current=spec, last_good=spec, previous=None))
         store.prune(protect=[ref])
     """
 )
@@ -248,10 +275,73 @@ def test_sigkill_at_any_moment_leaves_a_consistent_store(tmp_path: Path) -> None
         if raw is not None:
             json.loads(raw)  # the state file is never half written
             state = store.load_state()
-            assert state.current is not None and store.has(state.current)
+            assert state.current is not None and all(store.has(r) for r in state.refs())
         for installed in store.installed():
             body = store.model_path(installed).read_bytes()
             assert body == b"w" * 200_000 + str(installed.version).encode()
             assert store.read_manifest(installed) == b'{"v": %d}' % installed.version
         assert leftovers(root) == []
     assert interrupted, "no kill landed in the middle of a write: the test proved nothing"
+
+
+# -- integrity at rest and a failed install ---------------------------------------------
+
+
+def test_a_changed_model_file_is_found_and_quarantined(tmp_path: Path) -> None:
+    import hashlib
+
+    store = ModelStore(tmp_path / "store")
+    data = b"weights" * 1000
+    store.install(ref("m", 1), download(tmp_path / "dl", data), b"{}")
+    digest = hashlib.sha256(data).hexdigest()
+    assert store.check_file(ref("m", 1), digest, len(data)) is None
+    path = store.model_path(ref("m", 1))
+    path.write_bytes(data[:-1] + b"X")  # one byte edited, same size
+    reason = store.check_file(ref("m", 1), digest, len(data))
+    assert reason is not None and "does not match its signed manifest" in reason
+    moved = store.quarantine(ref("m", 1))
+    assert not store.has(ref("m", 1)) and store.installed() == []
+    assert moved is not None and (moved / "model.onnx").read_bytes().endswith(b"X")
+    for version in range(2, 8):  # the quarantine keeps only the newest few
+        store.install(ref("m", version), download(tmp_path / "dl", data), b"{}")
+        store.quarantine(ref("m", version))
+    assert len(list((tmp_path / "store" / "quarantine").iterdir())) == 4
+
+
+EFBIG_INSTALL = textwrap.dedent(
+    """
+    import resource, signal, sys
+    from pathlib import Path
+    from slimfleet.agent.errors import SlimfleetError
+    from slimfleet.agent.store import ModelStore
+    from slimfleet.agent.wire import ModelRef
+
+    store = ModelStore(Path(sys.argv[1]))
+    source = Path(sys.argv[2])
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of a signal
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64, 64))  # the manifest is bigger than this
+    try:
+        store.install(ModelRef("m", 1), source, b"m" * 4096)
+    except SlimfleetError as exc:
+        print(exc)
+        sys.exit(3)
+    """
+)
+
+
+def test_an_install_that_fails_with_efbig_keeps_the_download(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path / "store")
+    source = store.partial_dir() / "m-1.part"
+    source.write_bytes(b"the downloaded model" * 1000)
+    proc = subprocess.run(
+        [sys.executable, "-c", EFBIG_INSTALL, str(store.root), str(source)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 3, proc.stderr
+    assert "File too large" in proc.stdout
+    assert source.read_bytes() == b"the downloaded model" * 1000  # kept for the retry
+    assert not store.has(ModelRef("m", 1)) and leftovers(store.root) == []
+    store.install(ModelRef("m", 1), source, b"m" * 4096)  # the retry, with room
+    assert store.model_path(ModelRef("m", 1)).read_bytes() == b"the downloaded model" * 1000

@@ -6,8 +6,12 @@ import pytest
 from slimfleet.agent.errors import VerifyError
 from slimfleet.agent.wire import (
     MAX_PAYLOAD_BYTES,
-    Desired,
+    DesiredState,
+    Gate,
     Manifest,
+    ModelRef,
+    RemoteTier,
+    SlotSpec,
     SmokeTest,
     Topics,
     canonical_json,
@@ -154,26 +158,66 @@ def test_manifest_optional_fields_may_be_absent():
     assert (manifest.expires, manifest.report, manifest.smoke) == (None, {}, None)
 
 
-def test_desired_round_trip_and_validation():
-    desired = Desired("cam-1", "ocr", 3, "k1", rollback=True)
-    back = Desired.from_dict(json.loads(json.dumps(desired.to_dict())))
-    assert back == desired
-    with pytest.raises(VerifyError, match="not a desired"):
-        Desired.from_dict({"kind": "manifest"})
-    with pytest.raises(VerifyError, match="malformed"):
-        Desired.from_dict({"kind": "desired", "device": "d", "name": "a/b", "version": 1})
-    bad = desired.to_dict() | {"version": 0}
-    with pytest.raises(VerifyError, match="version must be >= 1"):
-        Desired.from_dict(bad)
+def _desired(**change):
+    deployment = {
+        "det": SlotSpec((ModelRef("ocr-det", 3),)),
+        "rec": SlotSpec(
+            (ModelRef("ocr-rec", 5), ModelRef("ocr-rec", 4)),
+            Gate("ctc_min_prob", 0.81),
+            RemoteTier("https://ocr.example/v2/models/rec/infer", 2.0),
+        ),
+    }
+    doc = DesiredState("cam-1", deployment, "k1", 7, 100.0, 200.0, rollback=True).to_dict()
+    return json.loads(json.dumps(doc | change))
+
+
+def test_desired_state_round_trip():
+    doc = _desired()
+    back = DesiredState.from_dict(doc)
+    assert back.to_dict() == doc
+    assert back.refs() == [ModelRef("ocr-det", 3), ModelRef("ocr-rec", 5), ModelRef("ocr-rec", 4)]
+    assert back.expired(now=200.0) and not back.expired(now=199.9)
 
 
 @pytest.mark.parametrize(
-    "change", [{"version": 1e999}, {"version": float("nan")}, {"issued": float("inf")}]
+    ("change", "message"),
+    [
+        ({"kind": "manifest"}, "not a desired"),
+        ({"schema": 1}, "schema 1"),
+        ({"seq": 0}, "seq must be an integer >= 1"),
+        ({"seq": True}, "seq must be"),
+        ({"issued": 300.0}, "issued < expires"),
+        ({"expires": float("inf")}, "issued < expires"),
+        ({"issued": float("nan")}, "issued < expires"),
+        ({"deployment": {"Det": {"models": [{"name": "a", "version": 1}]}}}, "invalid slot"),
+        ({"deployment": {"det": {"models": []}}}, "expected 1 to"),
+        ({"deployment": {"det": {"models": [{"name": "a/b", "version": 1}]}}}, "invalid name"),
+        ({"deployment": {"det": {"models": [{"name": "a", "version": 0}]}}}, ">= 1"),
+        (
+            {"deployment": {"d": {"models": [{"name": "a", "version": 1}] * 2}}},
+            "named twice",
+        ),
+        (
+            {"deployment": {"d": {"models": [{"name": "a", "version": 1}], "x": 1}}},
+            "unknown field",
+        ),
+        (
+            {"deployment": {"d": {"models": [{"name": "a", "version": 1}], "gate": {}}}},
+            "gate",
+        ),
+        (
+            {
+                "deployment": {
+                    "d": {"models": [{"name": "a", "version": 1}], "remote": {"url": "ftp://x"}}
+                }
+            },
+            "http",
+        ),
+    ],
 )
-def test_desired_with_a_non_finite_number_is_malformed(change):
-    doc = json.loads(json.dumps(Desired("cam-1", "ocr", 3, "k1").to_dict() | change))
-    with pytest.raises(VerifyError, match="desired state is malformed"):
-        Desired.from_dict(doc)
+def test_malformed_desired_states_say_what(change, message):
+    with pytest.raises(VerifyError, match=message):
+        DesiredState.from_dict(_desired(**change))
 
 
 def test_parse_json_errors_say_what():
