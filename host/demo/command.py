@@ -184,8 +184,10 @@ def chain(stage: Stage, work: Path, say: Say) -> dict[str, Any]:
     )
     stage.deploy(load_deployment(deployment_file), list(DEVICES))
     load = Load(stage.url(DEVICES[0]), models.readings(CHAIN_REQUESTS, seed=6), CHAIN_REQUESTS)
-    load.wait_for(CHAIN_REQUESTS, timeout=120)
-    tally = load.stop()
+    try:
+        load.wait_for(CHAIN_REQUESTS, timeout=120)
+    finally:
+        tally = load.stop()
     escalated = tally.answered.get(str(C1), 0)
     share = escalated / max(1, tally.total)
     say(

@@ -18,7 +18,7 @@ from typing import Any
 from slimfleet.agent.errors import SlimfleetError
 from slimfleet.agent.wire import ModelRef
 from slimfleet.host.demo import models
-from slimfleet.host.demo.stage import DEVICES, GROUP, Stage
+from slimfleet.host.demo.stage import DEVICES, GROUP, OUTCOME_TIMEOUT_S, Stage
 from slimfleet.host.demo.traffic import Load
 from slimfleet.host.fleet import rollout
 from slimfleet.host.fleet.config import FleetConfig
@@ -74,7 +74,9 @@ class Observer:
 
 def _roll(stage: Stage, target: ModelRef, say: Say) -> rollout.Record:
     assert stage.link is not None
-    settings = RolloutSettings(waves=WAVES, soak_s=SOAK_S, timeout_s=60, max_p95_regression=None)
+    settings = RolloutSettings(
+        waves=WAVES, soak_s=SOAK_S, timeout_s=OUTCOME_TIMEOUT_S, max_p95_regression=None
+    )
     record = rollout.start(stage.fleet, stage.link, target, GROUP, "features", settings)
     return rollout.Driver(stage.fleet, stage.link, record, lambda line: say(f"    {line}")).run()
 
