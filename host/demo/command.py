@@ -90,7 +90,7 @@ def build(work: Path, say: Say, progress_bar: bool) -> dict[str, Any]:
     for ref, model in (
         (F1, models.features_model(1)),
         (F2, models.features_model(2)),
-        (F3, models.slow_features_model(2)),
+        (F3, models.features_model(2, models.SLOW_STEPS)),
         (C1, models.classify_model()),
     ):
         onnx.save(model, str(files / f"{ref.name}-{ref.version}.onnx"))

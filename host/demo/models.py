@@ -2,9 +2,9 @@
 
 ``features`` turns a 64-value sensor reading into 256 features (dense + ReLU);
 ``classify`` turns those into 12 class probabilities (two dense layers + softmax), about
-0.6 MB of float32 weights, enough for int8 to matter. ``slow_features`` is a build of
-``features`` that also runs a long chain of large matrix products (a deliberately bad
-version: the same answers, ~100x slower).
+0.6 MB of float32 weights, enough for int8 to matter. ``features_model(seed,
+SLOW_STEPS)`` is a build of ``features`` that also runs a long chain of large matrix
+products (a deliberately bad version: the same answers, ~1000x slower, ~25 ms).
 """
 
 from __future__ import annotations
@@ -53,51 +53,47 @@ def _model(
     return model
 
 
-def features_model(seed: int) -> onnx.ModelProto:
-    """``x`` [1, 64] -> ``f`` [1, 256]; each seed is another version's weights."""
+def _needless_work(reading: str, features: str, steps: int) -> tuple[list, list, str]:
+    """Nodes that run ``steps`` products of SLOW_WIDTH x SLOW_WIDTH matrices on a tiled
+    ``reading`` and add 0 x their sum to ``features`` (so no optimizer drops them)."""
+    rng = np.random.default_rng(1000)
+    inits = [
+        numpy_helper.from_array(np.array([64, 1], np.int64), "slow_tiles"),
+        numpy_helper.from_array(
+            rng.normal(0, 0.01, (READING, SLOW_WIDTH)).astype(np.float32), "slow_in"
+        ),
+        numpy_helper.from_array(
+            rng.normal(0, 0.01, (SLOW_WIDTH, SLOW_WIDTH)).astype(np.float32), "slow_w"
+        ),
+        numpy_helper.from_array(np.zeros((1, FEATURES), np.float32), "slow_zero"),
+    ]
+    nodes = [
+        helper.make_node("Tile", [reading, "slow_tiles"], ["slow_x"], name="slow_tile"),
+        helper.make_node("MatMul", ["slow_x", "slow_in"], ["slow_0"], name="slow_0"),
+    ]
+    nodes += [
+        helper.make_node("MatMul", [f"slow_{i}", "slow_w"], [f"slow_{i + 1}"], name=f"slow_{i + 1}")
+        for i in range(steps)
+    ]
+    nodes += [
+        helper.make_node("ReduceSum", [f"slow_{steps}"], ["slow_sum"], keepdims=0, name="sum"),
+        helper.make_node("Mul", ["slow_sum", "slow_zero"], ["slow_nil"], name="nil"),
+        helper.make_node("Add", [features, "slow_nil"], ["slow_f"], name="slow_f"),
+    ]
+    return nodes, inits, "slow_f"
+
+
+def features_model(seed: int, slow_steps: int = 0) -> onnx.ModelProto:
+    """``x`` [1, 64] -> ``f`` [1, 256]; each seed is another version's weights.
+
+    ``slow_steps`` > 0 gives the same answers after that many needless matrix products
+    (the demo's deliberately bad build)."""
     nodes, inits, out = _dense(np.random.default_rng(seed), "x", READING, FEATURES, "f", True)
+    if slow_steps:
+        more_nodes, more_inits, out = _needless_work("x", out, slow_steps)
+        nodes, inits = nodes + more_nodes, inits + more_inits
     nodes.append(helper.make_node("Identity", [out], ["f"], name="out"))
     return _model("features", ("x", READING), ("f", FEATURES), nodes, inits)
-
-
-def slow_features_model(seed: int) -> onnx.ModelProto:
-    """``features_model(seed)``'s answers after SLOW_STEPS needless matrix products."""
-    model = features_model(seed)
-    rng = np.random.default_rng(seed + 1000)
-    graph = model.graph
-    graph.initializer.extend(
-        [
-            numpy_helper.from_array(
-                rng.normal(0, 0.01, (READING, SLOW_WIDTH)).astype(np.float32), "slow_in"
-            ),
-            numpy_helper.from_array(
-                rng.normal(0, 0.01, (SLOW_WIDTH, SLOW_WIDTH)).astype(np.float32), "slow_w"
-            ),
-            numpy_helper.from_array(np.zeros((1, FEATURES), np.float32), "slow_zero"),
-        ]
-    )
-    wide = helper.make_node("Tile", ["x", "slow_rep"], ["slow_x"], name="slow_tile")
-    graph.initializer.append(numpy_helper.from_array(np.array([64, 1], np.int64), "slow_rep"))
-    nodes = [wide, helper.make_node("MatMul", ["slow_x", "slow_in"], ["s0"], name="slow0")]
-    for i in range(SLOW_STEPS):
-        nodes.append(
-            helper.make_node("MatMul", [f"s{i}", "slow_w"], [f"s{i + 1}"], name=f"slow{i + 1}")
-        )
-    # the work feeds the answer (x 0) so no optimizer drops it
-    nodes += [
-        helper.make_node(
-            "ReduceSum", [f"s{SLOW_STEPS}"], ["slow_sum"], keepdims=0, name="slow_sum"
-        ),
-        helper.make_node("Mul", ["slow_sum", "slow_zero"], ["slow_nil"], name="slow_nil"),
-    ]
-    graph.node.extend(nodes)
-    identity = next(n for n in graph.node if n.name == "out")
-    identity.input[0], relu_out = "slow_f", identity.input[0]
-    graph.node.append(helper.make_node("Add", [relu_out, "slow_nil"], ["slow_f"], name="slow_f"))
-    sorted_nodes = [n for n in graph.node if n.name != "out"] + [identity]
-    del graph.node[:]
-    graph.node.extend(sorted_nodes)
-    return model
 
 
 def classify_model(seed: int = 11) -> onnx.ModelProto:

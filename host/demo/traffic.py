@@ -12,7 +12,7 @@ import threading
 import urllib.error
 import urllib.request
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -61,31 +61,40 @@ def pipeline(url: str, reading: np.ndarray) -> Reply:
     return infer(url, "classify", "f", features.output)
 
 
-@dataclass
 class Tally:
-    """Which model answered ``classify``, and the requests that failed (with one reason)."""
+    """Which model answered ``classify``, and the requests that failed (with one reason).
 
-    answered: Counter[str] = field(default_factory=Counter)
-    failed: int = 0
-    first_error: str | None = None
+    ``_lock`` guards ``answered``, ``failed`` and ``first_error``: the load thread writes
+    them while the demo reads :attr:`total`.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.answered: Counter[str] = Counter()
+        self.failed = 0
+        self.first_error: str | None = None
 
     @property
     def total(self) -> int:
-        return sum(self.answered.values()) + self.failed
+        with self._lock:
+            return sum(self.answered.values()) + self.failed
 
     def send(self, url: str, reading: np.ndarray) -> None:
         try:
-            self.answered[pipeline(url, reading).model] += 1
+            model = pipeline(url, reading).model
         except (OSError, ValueError, KeyError) as exc:  # HTTPError and URLError are OSErrors
-            self.failed += 1
-            self.first_error = self.first_error or f"{type(exc).__name__}: {exc}"
+            with self._lock:
+                self.failed += 1
+                self.first_error = self.first_error or f"{type(exc).__name__}: {exc}"
+            return
+        with self._lock:
+            self.answered[model] += 1
 
 
 class Load:
     """Pipeline requests from one thread until :meth:`stop` (or ``max_requests``).
 
-    ``tally`` is written by the load thread only; read it after :meth:`stop`, or read
-    ``tally.total`` (an int read, fine for progress) while it runs.
+    Read ``tally.total`` while it runs (locked), the rest of ``tally`` after :meth:`stop`.
     """
 
     def __init__(self, url: str, readings: np.ndarray, max_requests: int) -> None:

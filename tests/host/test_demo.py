@@ -76,3 +76,18 @@ def test_demo_refuses_a_directory_it_did_not_write_unless_forced(tmp_path):
 def test_demo_help():
     proc = subprocess.run([*_slimfleet(), "demo", "-h"], capture_output=True, text=True)
     assert proc.returncode == 0 and "--force" in proc.stdout and "--json" in proc.stdout
+
+
+def test_the_bad_build_answers_like_the_good_one_only_slower():
+    import numpy as np
+    import onnxruntime as ort
+
+    from slimfleet.host.demo import models
+
+    reading = models.readings(1, seed=0)[0]
+    good = ort.InferenceSession(models.features_model(2).SerializeToString())
+    slow = ort.InferenceSession(models.features_model(2, models.SLOW_STEPS).SerializeToString())
+    expected = models.features_of(models.features_model(2), reading)
+    assert np.allclose(good.run(None, {"x": reading})[0], expected, atol=1e-5)
+    assert np.array_equal(slow.run(None, {"x": reading})[0], good.run(None, {"x": reading})[0])
+    assert len(slow.get_outputs()) == 1 and slow.get_outputs()[0].name == "f"
