@@ -62,6 +62,13 @@ def _prepare(workdir: Path, force: bool) -> None:
                 f"{workdir} is not empty and is not a previous demo's output (--force deletes it)",
                 param_hint="--workdir",
             )
+        resolved = workdir.resolve()
+        for keep in (Path.cwd().resolve(), Path.home().resolve()):
+            if keep == resolved or resolved in keep.parents:
+                raise click.BadParameter(
+                    f"{workdir} holds {keep}: not deleting it; name a folder of its own",
+                    param_hint="--workdir",
+                )
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / MARKER).write_text("written by `slimfleet demo`; it may delete this folder\n")
@@ -111,9 +118,11 @@ def build(work: Path, say: Say, progress_bar: bool) -> dict[str, Any]:
             files / "classify-1.onnx", out, data=work / "samples.npz", progress=progress
         )
     s = report.summary
+    fidelity = s.get("fidelity")
     say(
         f"    chose {s.get('chosen')}: {_times(s.get('size_ratio'), 'smaller')}, "
-        f"{_times(s.get('latency_ratio'), 'faster')}, fidelity {s.get('fidelity'):.3g} -> {C2}"
+        f"{_times(s.get('latency_ratio'), 'faster')}, fidelity "
+        f"{f'{fidelity:.3g}' if isinstance(fidelity, float | int) else fidelity} -> {C2}"
     )
     return {key: s.get(key) for key in ("chosen", "size_ratio", "latency_ratio", "fidelity")}
 

@@ -73,6 +73,13 @@ def test_demo_refuses_a_directory_it_did_not_write_unless_forced(tmp_path):
     assert (tmp_path / "keep.txt").read_text() == "mine"
 
 
+def test_demo_never_deletes_the_current_directory_even_forced(tmp_path):
+    (tmp_path / "keep.txt").write_text("mine")
+    proc = _run("--workdir", ".", "--force", cwd=tmp_path)
+    assert proc.returncode == 2 and "not deleting it" in proc.stderr
+    assert (tmp_path / "keep.txt").read_text() == "mine"
+
+
 def test_demo_help():
     proc = subprocess.run([*_slimfleet(), "demo", "-h"], capture_output=True, text=True)
     assert proc.returncode == 0 and "--force" in proc.stdout and "--json" in proc.stdout
