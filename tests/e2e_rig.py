@@ -1,0 +1,188 @@
+"""End-to-end rig: a fleet file on the test broker, REAL agents (the in-process ``Agent``
+class, each with its own agent.yaml, store and HTTP port) and the real ``slimfleet`` CLI,
+run in this process through its entry point or as a child process.
+
+Agents report every 0.3 s and keep no watch window unless asked, so that a whole wave or
+outcome settles in a second or two.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import models
+import numpy as np
+import onnx
+import pytest
+import yaml
+from brokers import Mosquitto
+
+from slimfleet.agent.config import load_agent_config
+from slimfleet.agent.daemon import Agent, Timing
+from slimfleet.agent.link import Backoff
+from slimfleet.host.cli import main
+from slimfleet.host.fleet.config import BROKER_ENV, FleetConfig, load_fleet
+from slimfleet.host.fleet.keys import generate_keys
+from slimfleet.host.fleet.publish import publish_model
+
+DEVICES = ("d1", "d2", "d3")
+TIMING = Timing(
+    manifest_timeout_s=5.0,
+    chunk_timeout_s=5.0,
+    retry=Backoff(initial_s=0.3, max_s=1.0),
+    link=Backoff(initial_s=0.1, max_s=0.5),
+)
+
+
+@dataclass
+class Run:
+    """What one ``slimfleet`` command did."""
+
+    code: int
+    out: str
+    err: str
+
+    def json(self) -> Any:
+        return json.loads(self.out)
+
+    def one_line_error(self) -> str:
+        """The single ``error: ...`` line a bad input must produce (and nothing else)."""
+        lines = self.err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), (self.code, self.err)
+        assert "Traceback" not in self.err
+        return lines[0]
+
+
+class E2E:
+    """One fleet (devices d1, d2, d3; groups ``one`` = d1, ``trio`` = all three) on the
+    test broker, its published models, its running agents and its CLI."""
+
+    def __init__(self, broker: Mosquitto, prefix: str, tmp: Path, capsys, monkeypatch) -> None:
+        self.broker = broker
+        self.tmp = tmp
+        self._capsys = capsys
+        self._monkeypatch = monkeypatch
+        self.fleet_file = tmp / "fleet.yaml"
+        doc = {
+            "broker": {"url": broker.url},
+            "prefix": prefix,
+            "keys": {"private": "keys/signing.key", "public": "keys/signing.pub"},
+            "devices": {d: {} for d in DEVICES},
+            "groups": {"one": ["d1"], "trio": list(DEVICES)},
+            "desired_ttl_s": 3600,
+            "rollouts": {"defaults": {"waves": "1,100%", "soak_s": 1.0, "timeout_s": 20.0}},
+        }
+        self.fleet_file.write_text(yaml.safe_dump(doc))
+        self.fleet: FleetConfig = load_fleet(self.fleet_file)
+        generate_keys(self.fleet.private_key, self.fleet.public_key)
+        self.agents: dict[str, Agent] = {}
+
+    # -- models -------------------------------------------------------------------------
+
+    def publish(self, model: onnx.ModelProto, name: str, version: int, **kw: Any) -> Path:
+        path = models.save(model, self.tmp / "models" / f"{name}-{version}.onnx")
+        publish_model(self.fleet, path, name, version, **kw)
+        return path
+
+    # -- agents -------------------------------------------------------------------------
+
+    def agent(self, device: str, **extra: Any) -> Agent:
+        """Start a real agent for ``device`` (agent.yaml keys in ``extra`` override)."""
+        home = self.tmp / "agents" / device
+        home.mkdir(parents=True, exist_ok=True)
+        doc = {
+            "device_id": device,
+            "broker": {"url": self.broker.url, "keepalive": 5},
+            "prefix": self.fleet.prefix,
+            "public_keys": [str(self.fleet.public_key)],
+            "store_dir": "store",
+            "http": {"host": "127.0.0.1", "port": 0},
+            "telemetry_interval_s": 0.3,
+            "watch": {"window_s": 0},
+            **extra,
+        }
+        (home / "agent.yaml").write_text(yaml.safe_dump(doc))
+        agent = Agent(load_agent_config(home / "agent.yaml"), timing=TIMING)
+        agent.start()
+        self.agents[device] = agent
+        return agent
+
+    def stop_agents(self) -> None:
+        for agent in self.agents.values():
+            agent.stop()
+        self.agents.clear()
+
+    # -- the CLI --------------------------------------------------------------------------
+
+    def cli(self, *args: str | Path, broker: str | None = None) -> Run:
+        """``slimfleet ARGS --fleet FILE`` through the real entry point, in this process."""
+        self._monkeypatch.setenv(BROKER_ENV, broker or self.broker.url)
+        argv = ["slimfleet", *map(str, args), "--fleet", str(self.fleet_file)]
+        self._monkeypatch.setattr(sys, "argv", argv)
+        self._capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_info:
+            main()
+        out, err = self._capsys.readouterr()
+        return Run(exit_info.value.code, out, err)
+
+    def spawn(self, *args: str | Path) -> subprocess.Popen[str]:
+        """``slimfleet ARGS --fleet FILE`` as another process (stdout and stderr piped)."""
+        exe = Path(sys.executable).with_name("slimfleet")
+        env = {**os.environ, BROKER_ENV: self.broker.url}
+        return subprocess.Popen(
+            [str(exe), *map(str, args), "--fleet", str(self.fleet_file)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+
+    def run(self, *args: str | Path, timeout: float = 60) -> Run:
+        """``spawn`` and wait for it."""
+        proc = self.spawn(*args)
+        out, err = proc.communicate(timeout=timeout)
+        return Run(proc.returncode, out, err)
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 20.0, what: str = "") -> Any:
+    """Poll ``predicate`` every 50 ms until it returns something truthy."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
+        time.sleep(0.05)
+
+
+def infer_json(agent: Agent, slot: str, x: Any) -> tuple[dict[str, Any], dict[str, str]]:
+    """POST one FP32 input ``x`` to the agent's ``/v2/models/{slot}/infer``; the answer
+    document and its headers."""
+    array = np.asarray(x, dtype=np.float32)
+    body = {
+        "inputs": [
+            {
+                "name": "x",
+                "shape": list(array.shape),
+                "datatype": "FP32",
+                "data": array.ravel().tolist(),
+            }
+        ]
+    }
+    request = urllib.request.Request(
+        f"{agent.http_url}/v2/models/{slot}/infer",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read()), dict(response.headers)
