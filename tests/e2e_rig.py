@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Callable
@@ -35,6 +36,7 @@ from slimfleet.host.fleet.keys import generate_keys
 from slimfleet.host.fleet.publish import publish_model
 
 DEVICES = ("d1", "d2", "d3")
+X = np.zeros((1, 4), np.float32)  # what the test traffic sends
 TIMING = Timing(
     manifest_timeout_s=5.0,
     chunk_timeout_s=5.0,
@@ -186,3 +188,68 @@ def infer_json(agent: Agent, slot: str, x: Any) -> tuple[dict[str, Any], dict[st
     )
     with urllib.request.urlopen(request, timeout=10) as response:
         return json.loads(response.read()), dict(response.headers)
+
+
+def slow_model(value: float, rows: int = 64, width: int = 256, depth: int = 64) -> onnx.ModelProto:
+    """y = x + value, plus ``busy``: x tiled to ``rows`` rows, spread over ``width``
+    columns, through ``depth`` width x width MatMuls: ~rows * depth * width**2
+    multiply-adds per request (about 10 ms on one core), and nothing sleeps."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(7)
+    weights = [
+        numpy_helper.from_array(np.full((4,), value, np.float32), "c"),
+        numpy_helper.from_array(np.array([rows, 1], np.int64), "repeats"),
+        numpy_helper.from_array(rng.normal(0, 1, (4, width)).astype(np.float32), "spread"),
+        numpy_helper.from_array(
+            (rng.normal(0, 1, (width, width)) / np.sqrt(width)).astype(np.float32), "mix"
+        ),
+    ]
+    nodes = [
+        helper.make_node("Add", ["x", "c"], ["y"]),
+        helper.make_node("Tile", ["x", "repeats"], ["tiled"]),
+        helper.make_node("MatMul", ["tiled", "spread"], ["b0"]),
+    ]
+    nodes += [helper.make_node("MatMul", [f"b{i}", "mix"], [f"b{i + 1}"]) for i in range(depth)]
+    nodes.append(helper.make_node("Identity", [f"b{depth}"], ["busy"]))
+    graph = helper.make_graph(
+        nodes,
+        "slow",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4]),
+            helper.make_tensor_value_info("busy", TensorProto.FLOAT, [rows, width]),
+        ],
+        weights,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    return model
+
+
+def serving(agent) -> dict:
+    return {
+        slot: [str(m) for m in spec.models] for slot, spec in (agent.state.current or {}).items()
+    }
+
+
+class Traffic:
+    """Requests to one slot of an agent's HTTP API from a thread, until ``stop``
+    (telemetry reports latency per interval: status sees it only under load)."""
+
+    def __init__(self, agent, slot: str = "main") -> None:
+        self.answers: list[list[float]] = []
+        self._done = threading.Event()
+
+        def run() -> None:
+            while not self._done.is_set():
+                doc, _ = infer_json(agent, slot, X)
+                self.answers.append(doc["outputs"][0]["data"])
+                time.sleep(0.01)
+
+        self._thread = threading.Thread(target=run, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join(timeout=10)

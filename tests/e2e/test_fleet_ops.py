@@ -4,46 +4,15 @@ exporter over HTTP, unassign --previous, prune, and one-line errors for bad inpu
 from __future__ import annotations
 
 import json
-import threading
 import time
 import urllib.request
 
 import models
-import numpy as np
 import pytest
 from brokers import free_port
-from e2e_rig import infer_json, wait_until
+from e2e_rig import Traffic, serving, wait_until
 
-X = np.zeros((1, 4), np.float32)
 SMOKE_FAILS = {"max_latency_ms": 0.000001}  # the publisher's latency budget: no device meets it
-
-
-def serving(agent) -> dict:
-    return {
-        slot: [str(m) for m in spec.models] for slot, spec in (agent.state.current or {}).items()
-    }
-
-
-class Traffic:
-    """Requests to one slot of an agent's HTTP API from a thread, until ``stop``
-    (telemetry reports latency per interval: status sees it only under load)."""
-
-    def __init__(self, agent, slot: str = "main") -> None:
-        self.answers: list[list[float]] = []
-        self._done = threading.Event()
-
-        def run() -> None:
-            while not self._done.is_set():
-                doc, _ = infer_json(agent, slot, X)
-                self.answers.append(doc["outputs"][0]["data"])
-                time.sleep(0.01)
-
-        self._thread = threading.Thread(target=run, daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._done.set()
-        self._thread.join(timeout=10)
 
 
 @pytest.fixture

@@ -1,0 +1,53 @@
+"""Issue 9 staged rollouts over three REAL agents under real traffic: two waves that pass,
+then a much slower version whose first wave aborts and every touched device goes back."""
+
+from __future__ import annotations
+
+import models
+from e2e_rig import Traffic, serving, slow_model, wait_until
+
+
+def test_a_rollout_passes_in_two_waves_and_a_slow_version_aborts_and_goes_back(e2e) -> None:
+    e2e.publish(models.add_const(1.0), "m", 1)
+    e2e.publish(models.add_const(2.0), "m", 2)
+    e2e.publish(slow_model(4.0), "m", 4)
+    agents = [e2e.agent(d) for d in ("d1", "d2", "d3")]
+    assert e2e.cli("assign", "m@1", "--group", "trio", "--timeout", "20s").code == 0
+    traffic = [Traffic(agent) for agent in agents]
+    try:
+        # agents, traffic and CLI share one process (and its GIL) here: +100 % is noise
+        good = e2e.cli(
+            "rollout", "m@2", "--group", "trio", "--waves", "1,100%", "--soak", "1s",
+            "--max-p95-regression", "1", "--json",
+        )  # fmt: skip
+        assert good.code == 0, good.out + good.err
+        record = good.json()
+        assert (record["state"], record["waves"], record["completed"]) == ("done", [1, 3], 2)
+        assert all(serving(a) == {"main": ["m@2"]} for a in agents)
+
+        slow = e2e.cli(
+            "rollout",
+            "m@4",
+            "--group",
+            "trio",
+            "--waves",
+            "2,100%",
+            "--soak",
+            "2s",
+            "--max-p95-regression",
+            "3",
+        )
+        assert slow.code == 1, slow
+        assert "p95 latency regressed" in slow.out + slow.err
+        for agent in agents:  # the touched two went back; the third was never moved
+            wait_until(lambda a=agent: serving(a) == {"main": ["m@2"]}, what="back on m@2")
+    finally:
+        for t in traffic:
+            t.stop()
+    assert traffic[0].answers[-1] == [2.0] * 4  # m@2 answers again
+
+    status = e2e.run("rollout", "status", "--group", "trio", "--json")  # another process
+    assert status.code == 0, status
+    record = status.json()
+    assert (record["state"], record["target"]) == ("aborted", {"name": "m", "version": 4})
+    assert set(record["devices"]) == {"d1", "d2"}  # the first wave: the devices touched
