@@ -8,6 +8,7 @@ outcome settles in a second or two.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -15,8 +16,10 @@ import sys
 import threading
 import time
 import urllib.request
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +33,12 @@ from brokers import Mosquitto
 from slimfleet.agent.config import load_agent_config
 from slimfleet.agent.daemon import Agent, Timing
 from slimfleet.agent.link import Backoff
+from slimfleet.agent.mqtt import BrokerSettings, make_client
+from slimfleet.agent.wire import make_manifest
 from slimfleet.host.cli import main
 from slimfleet.host.fleet.config import BROKER_ENV, FleetConfig, load_fleet
 from slimfleet.host.fleet.keys import generate_keys
-from slimfleet.host.fleet.publish import publish_model
+from slimfleet.host.fleet.publish import publish_manifest, publish_model
 
 DEVICES = ("d1", "d2", "d3")
 X = np.zeros((1, 4), np.float32)  # what the test traffic sends
@@ -87,6 +92,7 @@ class E2E:
         self.fleet: FleetConfig = load_fleet(self.fleet_file)
         generate_keys(self.fleet.private_key, self.fleet.public_key)
         self.agents: dict[str, Agent] = {}
+        self._closers: list[Callable[[], None]] = []
 
     # -- models -------------------------------------------------------------------------
 
@@ -94,6 +100,21 @@ class E2E:
         path = models.save(model, self.tmp / "models" / f"{name}-{version}.onnx")
         publish_model(self.fleet, path, name, version, **kw)
         return path
+
+    def publish_unloadable(self, name: str, version: int) -> None:
+        """Publish bytes that are not an ONNX model, signed like any model (no smoke test
+        could be recorded: it is the device's load that fails)."""
+        signer = self.fleet.signer()
+        manifest, chunks = make_manifest(
+            name, version, b"not an onnx model" * 500, io={}, opset=13, key_id=signer.key_id
+        )
+        publish_manifest(self.fleet, manifest, chunks, signer=signer)
+
+    def events(self, device: str) -> Events:
+        """A subscriber to ``device``'s events, already subscribed (closed by the fixture)."""
+        events = Events(self.broker.url, self.fleet.topics.device(device, "events"))
+        self._closers.append(events.close)
+        return events
 
     # -- agents -------------------------------------------------------------------------
 
@@ -118,10 +139,13 @@ class E2E:
         self.agents[device] = agent
         return agent
 
-    def stop_agents(self) -> None:
+    def close(self) -> None:
+        """Stop every agent and close every subscriber and server of the test."""
         for agent in self.agents.values():
             agent.stop()
         self.agents.clear()
+        for close in self._closers:
+            close()
 
     # -- the CLI --------------------------------------------------------------------------
 
@@ -253,3 +277,77 @@ class Traffic:
     def stop(self) -> None:
         self._done.set()
         self._thread.join(timeout=10)
+
+
+class Events:
+    """Every event one device publishes, from a plain paho subscriber."""
+
+    def __init__(self, url: str, topic: str) -> None:
+        settings = BrokerSettings.from_url(url)
+        self.seen: list[dict[str, Any]] = []
+        self._lock = threading.Lock()  # guards seen (paho thread appends, the test reads)
+        subscribed = threading.Event()
+        self.client = make_client(settings, f"e2e-events-{uuid.uuid4().hex[:8]}")
+        self.client.on_connect = lambda c, *a: c.subscribe(topic, qos=1)
+        self.client.on_subscribe = lambda *a: subscribed.set()
+        self.client.on_message = self._on_message
+        self.client.connect(settings.host, settings.port)
+        self.client.loop_start()
+        assert subscribed.wait(10), f"no SUBACK for {topic}"
+
+    def _on_message(self, client, userdata, message) -> None:  # type: ignore[no-untyped-def]
+        with self._lock:
+            self.seen.append(json.loads(message.payload))
+
+    def wait(self, kind: str, timeout: float = 20.0, **match: Any) -> dict[str, Any]:
+        """The first event of ``kind`` whose fields include ``match``."""
+
+        def found() -> dict[str, Any] | None:
+            with self._lock:
+                for event in self.seen:
+                    if event["type"] == kind and all(event.get(k) == v for k, v in match.items()):
+                        return event
+            return None
+
+        return wait_until(found, timeout, f"a {kind} event {match}")
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+class OipServer:
+    """The user's own server in a remote tier: Open Inference Protocol v2 JSON,
+    answering y = x + 100 after ``delay_s``."""
+
+    def __init__(self, delay_s: float = 0.0) -> None:
+        outer = self
+        self.delay_s = delay_s
+        self.calls = 0
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                outer.calls += 1
+                doc = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                first = doc["inputs"][0]
+                y = np.asarray(first["data"], np.float32) + 100
+                out = {"name": "y", "shape": first["shape"], "datatype": "FP32"}
+                body = json.dumps({"outputs": [{**out, "data": y.tolist()}]}).encode()
+                time.sleep(outer.delay_s)
+                with contextlib.suppress(OSError):  # the agent gave up waiting
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_port}/v2/models/y/infer"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()

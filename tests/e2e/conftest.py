@@ -16,4 +16,4 @@ def e2e(mosquitto: Mosquitto, prefix: str, tmp_path: Path, capsys, monkeypatch) 
     try:
         yield rig
     finally:
-        rig.stop_agents()
+        rig.close()
