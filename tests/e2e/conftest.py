@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,7 +12,12 @@ from e2e_rig import E2E
 
 
 @pytest.fixture
-def e2e(mosquitto: Mosquitto, prefix: str, tmp_path: Path, capsys, monkeypatch) -> Iterator[E2E]:
+def e2e(
+    mosquitto: Mosquitto, request: pytest.FixtureRequest, tmp_path: Path, capsys, monkeypatch
+) -> Iterator[E2E]:
+    # the shared ``prefix`` fixture cuts names at 60 characters: parameters of a long test
+    # name would share one prefix (and their retained messages) on the session broker
+    prefix = f"slimfleet-e2e/{zlib.crc32(request.node.nodeid.encode()):08x}"
     rig = E2E(mosquitto, prefix, tmp_path, capsys, monkeypatch)
     try:
         yield rig
