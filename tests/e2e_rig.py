@@ -118,8 +118,8 @@ class E2E:
 
     # -- agents -------------------------------------------------------------------------
 
-    def agent(self, device: str, **extra: Any) -> Agent:
-        """Start a real agent for ``device`` (agent.yaml keys in ``extra`` override)."""
+    def agent_yaml(self, device: str, **extra: Any) -> Path:
+        """Write ``device``'s agent.yaml (keys in ``extra`` override) in its own folder."""
         home = self.tmp / "agents" / device
         home.mkdir(parents=True, exist_ok=True)
         doc = {
@@ -134,10 +134,24 @@ class E2E:
             **extra,
         }
         (home / "agent.yaml").write_text(yaml.safe_dump(doc))
-        agent = Agent(load_agent_config(home / "agent.yaml"), timing=TIMING)
+        return home / "agent.yaml"
+
+    def agent(self, device: str, **extra: Any) -> Agent:
+        """Start a real in-process agent for ``device`` (see ``agent_yaml``)."""
+        agent = Agent(load_agent_config(self.agent_yaml(device, **extra)), timing=TIMING)
         agent.start()
         self.agents[device] = agent
         return agent
+
+    def agent_process(self, device: str, **extra: Any) -> subprocess.Popen[bytes]:
+        """Start ``slimfleet-agent --config`` for ``device`` (killed by the fixture at the
+        latest); its log goes to ``agents/DEVICE/agent.log``."""
+        config = self.agent_yaml(device, **extra)
+        exe = Path(sys.executable).with_name("slimfleet-agent")
+        with open(config.with_name("agent.log"), "ab") as log:
+            proc = subprocess.Popen([str(exe), "--config", str(config)], stderr=log)
+        self._closers.append(lambda: _kill(proc))
+        return proc
 
     def close(self) -> None:
         """Stop every agent and close every subscriber and server of the test."""
@@ -177,6 +191,12 @@ class E2E:
         proc = self.spawn(*args)
         out, err = proc.communicate(timeout=timeout)
         return Run(proc.returncode, out, err)
+
+
+def _kill(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(timeout=10)
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 20.0, what: str = "") -> Any:
@@ -311,6 +331,16 @@ class Events:
 
         return wait_until(found, timeout, f"a {kind} event {match}")
 
+    def agent_process(self, device: str, **extra: Any) -> subprocess.Popen[bytes]:
+        """Start ``slimfleet-agent --config`` for ``device`` (killed by the fixture at the
+        latest); its log goes to ``agents/DEVICE/agent.log``."""
+        config = self.agent_yaml(device, **extra)
+        exe = Path(sys.executable).with_name("slimfleet-agent")
+        with open(config.with_name("agent.log"), "ab") as log:
+            proc = subprocess.Popen([str(exe), "--config", str(config)], stderr=log)
+        self._closers.append(lambda: _kill(proc))
+        return proc
+
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
@@ -347,6 +377,16 @@ class OipServer:
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_port}/v2/models/y/infer"
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def agent_process(self, device: str, **extra: Any) -> subprocess.Popen[bytes]:
+        """Start ``slimfleet-agent --config`` for ``device`` (killed by the fixture at the
+        latest); its log goes to ``agents/DEVICE/agent.log``."""
+        config = self.agent_yaml(device, **extra)
+        exe = Path(sys.executable).with_name("slimfleet-agent")
+        with open(config.with_name("agent.log"), "ab") as log:
+            proc = subprocess.Popen([str(exe), "--config", str(config)], stderr=log)
+        self._closers.append(lambda: _kill(proc))
+        return proc
 
     def close(self) -> None:
         self.httpd.shutdown()
