@@ -331,16 +331,6 @@ class Events:
 
         return wait_until(found, timeout, f"a {kind} event {match}")
 
-    def agent_process(self, device: str, **extra: Any) -> subprocess.Popen[bytes]:
-        """Start ``slimfleet-agent --config`` for ``device`` (killed by the fixture at the
-        latest); its log goes to ``agents/DEVICE/agent.log``."""
-        config = self.agent_yaml(device, **extra)
-        exe = Path(sys.executable).with_name("slimfleet-agent")
-        with open(config.with_name("agent.log"), "ab") as log:
-            proc = subprocess.Popen([str(exe), "--config", str(config)], stderr=log)
-        self._closers.append(lambda: _kill(proc))
-        return proc
-
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
@@ -377,16 +367,6 @@ class OipServer:
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_port}/v2/models/y/infer"
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def agent_process(self, device: str, **extra: Any) -> subprocess.Popen[bytes]:
-        """Start ``slimfleet-agent --config`` for ``device`` (killed by the fixture at the
-        latest); its log goes to ``agents/DEVICE/agent.log``."""
-        config = self.agent_yaml(device, **extra)
-        exe = Path(sys.executable).with_name("slimfleet-agent")
-        with open(config.with_name("agent.log"), "ab") as log:
-            proc = subprocess.Popen([str(exe), "--config", str(config)], stderr=log)
-        self._closers.append(lambda: _kill(proc))
-        return proc
 
     def close(self) -> None:
         self.httpd.shutdown()
