@@ -51,3 +51,17 @@ def test_a_rollout_passes_in_two_waves_and_a_slow_version_aborts_and_goes_back(e
     record = status.json()
     assert (record["state"], record["target"]) == ("aborted", {"name": "m", "version": 4})
     assert set(record["devices"]) == {"d1", "d2"}  # the first wave: the devices touched
+
+
+def test_a_version_that_fails_its_smoke_test_aborts_the_first_wave(e2e) -> None:
+    e2e.publish(models.add_const(1.0), "m", 1)
+    e2e.publish(models.add_const(3.0), "m", 3, max_latency_ms=0.000001)  # no device meets it
+    agents = [e2e.agent(d) for d in ("d1", "d2", "d3")]
+    assert e2e.cli("assign", "m@1", "--group", "trio", "--timeout", "20s").code == 0
+    run = e2e.cli("rollout", "m@3", "--group", "trio", "--waves", "1,100%", "--soak", "1s")
+    assert run.code == 1, run
+    assert "1 of 1 devices failed" in run.out and "d1" in run.out, run.out
+    assert run.one_line_error() == "error: the rollout of m@3 on trio was aborted"
+    assert all(serving(a) == {"main": ["m@1"]} for a in agents)
+    record = e2e.run("rollout", "status", "--group", "trio", "--json").json()
+    assert record["state"] == "aborted" and set(record["devices"]) == {"d1"}
