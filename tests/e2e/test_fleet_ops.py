@@ -86,6 +86,10 @@ def test_status_events_and_the_exporter_show_real_agents(published) -> None:
     assert d1["rss_bytes"] > 10 * 2**20
     assert rows["d3"]["online"] is None and rows["d3"]["deployment"] is None  # never seen
 
+    published_models = {(m["name"], m["version"]): m for m in e2e.cli("models", "--json").json()}
+    assert published_models[("m", 1)]["devices"] == ["d1/main", "d2/main"]
+    assert published_models[("m", 2)]["devices"] == []
+
     # events --device d1 in another process sees d1's swap to m@2, and nothing of d2's
     follower = e2e.spawn("events", "--device", "d1", "--follow", "--json")
     try:
