@@ -177,17 +177,28 @@ class E2E:
         out, err = self._capsys.readouterr()
         return Run(exit_info.value.code, out, err)
 
-    def spawn(self, *args: str | Path) -> subprocess.Popen[str]:
-        """``slimfleet ARGS --fleet FILE`` as another process (stdout and stderr piped)."""
+    def spawn(self, *args: str | Path, connected: bool = False) -> subprocess.Popen[str]:
+        """``slimfleet ARGS --fleet FILE`` as another process (stdout and stderr piped).
+
+        ``connected``: run it with ``-vv`` and return once its debug log says it connected
+        to the broker (it subscribes right after), so that little published later is missed.
+        """
         exe = Path(sys.executable).with_name("slimfleet")
         env = {**os.environ, BROKER_ENV: self.broker.url}
-        return subprocess.Popen(
-            [str(exe), *map(str, args), "--fleet", str(self.fleet_file)],
+        proc = subprocess.Popen(
+            [str(exe), *(["-vv"] if connected else []), *map(str, args)]
+            + ["--fleet", str(self.fleet_file)],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
             env=env,
         )
+        self._closers.append(lambda: _kill(proc))
+        while connected:
+            line = proc.stderr.readline()  # type: ignore[union-attr]
+            assert line, f"slimfleet {args} ended before connecting (exit {proc.wait()})"
+            connected = "connected to" not in line
+        return proc
 
     def run(self, *args: str | Path, timeout: float = 60) -> Run:
         """``spawn`` and wait for it."""
@@ -196,7 +207,7 @@ class E2E:
         return Run(proc.returncode, out, err)
 
 
-def _kill(proc: subprocess.Popen[bytes]) -> None:
+def _kill(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         proc.kill()
         proc.wait(timeout=10)

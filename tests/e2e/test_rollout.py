@@ -6,6 +6,8 @@ from __future__ import annotations
 import models
 from e2e_rig import Traffic, serving, slow_model, wait_until
 
+P95_LIMIT = "3"  # +300 %
+
 
 def test_a_rollout_passes_in_two_waves_and_a_slow_version_aborts_and_goes_back(e2e) -> None:
     e2e.publish(models.add_const(1.0), "m", 1)
@@ -15,28 +17,19 @@ def test_a_rollout_passes_in_two_waves_and_a_slow_version_aborts_and_goes_back(e
     assert e2e.cli("assign", "m@1", "--group", "trio", "--timeout", "20s").code == 0
     traffic = [Traffic(agent) for agent in agents]
     try:
-        # agents, traffic and CLI share one process (and its GIL) here: +100 % is noise
+        # agents, traffic and CLI share one process (and its GIL) here: a limit of +300 %
+        # leaves room for that noise and is still far under the slow model's ~+900 %
         good = e2e.cli(
             "rollout", "m@2", "--group", "trio", "--waves", "1,100%", "--soak", "1s",
-            "--max-p95-regression", "1", "--json",
+            "--max-p95-regression", P95_LIMIT, "--json",
         )  # fmt: skip
         assert good.code == 0, good.out + good.err
         record = good.json()
         assert (record["state"], record["waves"], record["completed"]) == ("done", [1, 3], 2)
         assert all(serving(a) == {"main": ["m@2"]} for a in agents)
 
-        slow = e2e.cli(
-            "rollout",
-            "m@4",
-            "--group",
-            "trio",
-            "--waves",
-            "2,100%",
-            "--soak",
-            "2s",
-            "--max-p95-regression",
-            "3",
-        )
+        flags = ("--soak", "2s", "--max-p95-regression", P95_LIMIT)
+        slow = e2e.cli("rollout", "m@4", "--group", "trio", "--waves", "2,100%", *flags)
         assert slow.code == 1, slow
         assert "p95 latency regressed" in slow.out + slow.err
         for agent in agents:  # the touched two went back; the third was never moved
