@@ -185,9 +185,9 @@ class E2E:
         """
         exe = Path(sys.executable).with_name("slimfleet")
         env = {**os.environ, BROKER_ENV: self.broker.url}
+        verbose = ["-vv"] if connected else []
         proc = subprocess.Popen(
-            [str(exe), *(["-vv"] if connected else []), *map(str, args)]
-            + ["--fleet", str(self.fleet_file)],
+            [str(exe), *verbose, *map(str, args), "--fleet", str(self.fleet_file)],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
