@@ -5,8 +5,10 @@ tritonclient drives the agent, and bad input gets one line."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
+import urllib.error
 from pathlib import Path
 
 import models
@@ -77,6 +79,15 @@ def test_a_pipeline_switches_as_one_set_under_http_traffic(pipeline) -> None:
     for slot, model, added in seen:  # and each answer came from the model it names
         version = int(model.split("@")[1])
         assert added == (DET if slot == "det" else REC) * version, (slot, model, added)
+
+
+def test_a_request_to_an_unknown_slot_is_a_404_with_one_line(pipeline) -> None:
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        infer_json(pipeline.agents["d1"], "cls", X)
+    assert refused.value.code == 404
+    assert json.loads(refused.value.read()) == {
+        "error": "no slot 'cls' in the deployment serving now"
+    }
 
 
 def test_a_broken_second_model_keeps_the_whole_old_set(pipeline) -> None:
