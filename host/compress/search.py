@@ -88,6 +88,9 @@ runs are noisy and cheap to finish) is stopped and rejected."""
 PROBE_SAMPLES = 4
 """Evaluation samples used to rank nodes for fallback."""
 EXCLUDE_OPTION = "exclude_nodes"
+RECOVERY_PASS = "qat"
+"""The accuracy-recovery pass (``--train-budget``): takes ``quantize_static``'s options."""
+STATIC_PASS = "quantize_static"
 UPGRADE_PASS = "normalize"
 """The pass (with option ``opset``) run when a pass needs a newer opset than the model's."""
 
@@ -112,6 +115,7 @@ def compress(
     force: bool = False,
     max_memory: int = DEFAULT_MAX_MEMORY,
     time_budget: float = DEFAULT_TIME_BUDGET,
+    train_budget: float | None = None,
 ) -> report.Report:
     """Find the best model inside the fidelity budget and write it with its report.
 
@@ -129,7 +133,10 @@ def compress(
     every evaluation runs in a child process (``settings.timeout`` bounds each candidate);
     the whole process tree stays under ``max_memory`` bytes and the search plans within
     ``time_budget`` seconds (see :mod:`~slimfleet.host.compress.planning`). Bad input
-    raises :class:`InputError`; temp files are removed in every case.
+    raises :class:`InputError`; temp files are removed in every case. ``train_budget``
+    (seconds, ``--train-budget``) turns on accuracy recovery: when the best post-training
+    int8 candidate missed the budget, it is rebuilt with quantization-aware training
+    (pass ``qat``) for that long, which adds to ``time_budget``.
     """
     started = time.monotonic()
     isolation.TREE_PEAK.reset()
@@ -141,6 +148,8 @@ def compress(
         raise InputError(f"threads {threads}: must be at least 1")
     if max_memory <= 0 or time_budget <= 0:
         raise InputError("--max-memory and --time-budget must be positive")
+    if train_budget is not None and train_budget <= 0:
+        raise InputError(f"--train-budget {train_budget}: must be positive")
     settings = replace(settings or EvalSettings(), threads=threads)
     budget = Budget(time_budget, max_memory, settings.timeout, started)
     plugins = plugins or load_plugins()
@@ -181,6 +190,7 @@ def compress(
             )
             search.plan = budget
             search.progress = progress
+            search.train_budget = train_budget
             search.run(recipes)
             if passes is not None:
                 _refuse_skipped_steps(search.candidates[1:])
@@ -201,6 +211,7 @@ def compress(
                     "evaluation": asdict(settings),
                     "max_memory": max_memory,
                     "time_budget": time_budget,
+                    "train_budget": train_budget,
                 },
                 samples=samples,
                 elapsed=time.monotonic() - started,
@@ -306,6 +317,8 @@ class Search:
         """The original's latency measured alone, for candidates that did not race."""
         self._resolved: dict[str, dict[str, Any]] = {}
         """Resolved options by step label (see :meth:`_options`)."""
+        self.train_budget: float | None = None
+        """Seconds of quantization-aware training for accuracy recovery (None: off)."""
 
     # -- driving ------------------------------------------------------------------------
 
@@ -320,6 +333,7 @@ class Search:
             self.try_recipe(recipe)
         for candidate in self._fallback_targets():
             self._fall_back(candidate)
+        self._recover()
         self._race()
         for candidate in self.candidates:
             if candidate.status == ACCEPTED:
@@ -680,6 +694,58 @@ class Search:
             f"fidelity {candidate.fidelity.score:.6g} within budget; "
             f"{ratio_text(mine, base, candidate.size_bytes, baseline.size_bytes)}"
         )
+
+    # -- accuracy recovery ----------------------------------------------------------------
+
+    def _recovery_target(self) -> Candidate | None:
+        """The post-training static int8 candidate to train: the best on the objective of
+        those that missed the budget, when it beats the original and every accepted one."""
+        baseline = self.candidates[0]
+        missed = [
+            c
+            for c in self.candidates
+            if c.id in self._missed_budget
+            and c.latency_ms is not None
+            and any(s.pass_name == STATIC_PASS for s in self.recipes[c.id].steps)
+            and self._objective_key(c) < self._objective_key(baseline)
+        ]
+        if not missed:
+            return None
+        best = min(missed, key=self._objective_key)
+        accepted = [c for c in self.candidates if c.status == ACCEPTED]
+        if accepted and min(map(self._objective_key, accepted)) <= self._objective_key(best):
+            return None  # an accepted candidate is as good: training cannot win
+        return best
+
+    def _recover(self) -> None:
+        """Try accuracy recovery (PaddleSlim ACT's order: only after the post-training
+        candidates missed the budget): the target's recipe with ``quantize_static``
+        replaced by ``qat`` for ``train_budget`` seconds, judged like every candidate.
+        The training time is added to the time budget and to this candidate's timeout."""
+        if not self.train_budget or RECOVERY_PASS not in self.plugins.passes:
+            return
+        target = self._recovery_target()
+        if target is None:
+            return
+        recipe = self.recipes[target.id]
+        steps = tuple(
+            Step(RECOVERY_PASS, {**self._options(s), "seconds": self.train_budget})
+            if s.pass_name == STATIC_PASS
+            else s
+            for s in recipe.steps
+        )
+        self._total += 1
+        self.plan.seconds += self.train_budget
+        self.plan.candidate_timeout += self.train_budget
+        try:
+            self.try_recipe(
+                Recipe(recipe.name, steps, recipe.description, recipe.lossy),
+                parent=target.id,
+                excluded=target.excluded_nodes,
+                label=f"{target.label} + QAT",
+            )
+        finally:
+            self.plan.candidate_timeout -= self.train_budget
 
     # -- per-layer fallback ---------------------------------------------------------------
 
