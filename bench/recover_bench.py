@@ -61,8 +61,16 @@ def judge(reference, outputs) -> dict:
 @click.option("--calibration", default=64, show_default=True, help="Calibration captchas.")
 @click.option("--test-samples", default=200, show_default=True, help="Held-out captchas.")
 @click.option("--fidelity", default=0.98, show_default=True, help="The budget judged against.")
+@click.option("--lr", default=0.002, show_default=True, help="qat's learning rate (steps).")
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
-def main(train_budget: float, calibration: int, test_samples: int, fidelity: float, as_json: bool):
+def main(
+    train_budget: float,
+    calibration: int,
+    test_samples: int,
+    fidelity: float,
+    lr: float,
+    as_json: bool,
+):
     """PTQ alone vs PTQ + QAT on ddddocr common.onnx (see the module docstring)."""
     ensure_packages()
     import ddddocr
@@ -81,7 +89,7 @@ def main(train_budget: float, calibration: int, test_samples: int, fidelity: flo
         ptq_seconds = time.monotonic() - started
         started = time.monotonic()
         qat = QuantizationAwareTraining()
-        options = qat.resolve_options({**PERCENTILE, "seconds": train_budget})
+        options = qat.resolve_options({**PERCENTILE, "seconds": train_budget, "lr": lr})
         reason = qat.check(float_model, context, options)
         if reason:
             click.echo(f"qat: {reason}", err=True)
