@@ -19,7 +19,7 @@ import onnx
 
 from slimfleet.agent.errors import InputError, SlimfleetError
 from slimfleet.host import convert
-from slimfleet.host.compress import fallback, isolation, outdir, report
+from slimfleet.host.compress import fallback, isolation, outdir, report, retrain
 from slimfleet.host.compress.arrayfiles import ArrayFiles
 from slimfleet.host.compress.building import ModelFile, apply_step
 from slimfleet.host.compress.candidate import (
@@ -88,9 +88,6 @@ runs are noisy and cheap to finish) is stopped and rejected."""
 PROBE_SAMPLES = 4
 """Evaluation samples used to rank nodes for fallback."""
 EXCLUDE_OPTION = "exclude_nodes"
-RECOVERY_PASS = "qat"
-"""The accuracy-recovery pass (``--train-budget``): takes ``quantize_static``'s options."""
-STATIC_PASS = "quantize_static"
 UPGRADE_PASS = "normalize"
 """The pass (with option ``opset``) run when a pass needs a newer opset than the model's."""
 
@@ -697,49 +694,25 @@ class Search:
 
     # -- accuracy recovery ----------------------------------------------------------------
 
-    def _recovery_target(self) -> Candidate | None:
-        """The post-training static int8 candidate to train: the best on the objective of
-        those that missed the budget, when it beats the original and every accepted one."""
-        baseline = self.candidates[0]
-        missed = [
-            c
-            for c in self.candidates
-            if c.id in self._missed_budget
-            and c.latency_ms is not None
-            and any(s.pass_name == STATIC_PASS for s in self.recipes[c.id].steps)
-            and self._objective_key(c) < self._objective_key(baseline)
-        ]
-        if not missed:
-            return None
-        best = min(missed, key=self._objective_key)
-        accepted = [c for c in self.candidates if c.status == ACCEPTED]
-        if accepted and min(map(self._objective_key, accepted)) <= self._objective_key(best):
-            return None  # an accepted candidate is as good: training cannot win
-        return best
-
     def _recover(self) -> None:
         """Try accuracy recovery (PaddleSlim ACT's order: only after the post-training
         candidates missed the budget): the target's recipe with ``quantize_static``
         replaced by ``qat`` for ``train_budget`` seconds, judged like every candidate.
         The training time is added to the time budget and to this candidate's timeout."""
-        if not self.train_budget or RECOVERY_PASS not in self.plugins.passes:
+        if not self.train_budget or retrain.RECOVERY_PASS not in self.plugins.passes:
             return
-        target = self._recovery_target()
+        target = retrain.recovery_target(
+            self.candidates, self._missed_budget, self.recipes, self._objective_key
+        )
         if target is None:
             return
-        recipe = self.recipes[target.id]
-        steps = tuple(
-            Step(RECOVERY_PASS, {**self._options(s), "seconds": self.train_budget})
-            if s.pass_name == STATIC_PASS
-            else s
-            for s in recipe.steps
-        )
+        recipe = retrain.recovery_recipe(self.recipes[target.id], self._options, self.train_budget)
         self._total += 1
         self.plan.seconds += self.train_budget
         self.plan.candidate_timeout += self.train_budget
         try:
             self.try_recipe(
-                Recipe(recipe.name, steps, recipe.description, recipe.lossy),
+                recipe,
                 parent=target.id,
                 excluded=target.excluded_nodes,
                 label=f"{target.label} + QAT",
