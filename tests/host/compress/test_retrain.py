@@ -57,3 +57,16 @@ def test_the_recipe_runs_qat_with_the_static_options_and_the_budget():
         "calibration": "minmax",
         "seconds": 600.0,
     }
+
+
+def test_a_bad_train_budget_is_one_line_and_exit_2(slimfleet, mlp_case, tmp_path):
+    model, data = mlp_case
+    code, _, err = slimfleet(
+        "compress", model, "-o", tmp_path / "out", "--data", data, "--train-budget", "soon"
+    )
+    assert code == 2
+    assert (
+        err.strip()
+        .splitlines()[-1]
+        .endswith("--train-budget 'soon': expected a duration such as 5m, 90s or 1h")
+    )
