@@ -62,6 +62,7 @@ def judge(reference, outputs) -> dict:
 @click.option("--test-samples", default=200, show_default=True, help="Held-out captchas.")
 @click.option("--fidelity", default=0.98, show_default=True, help="The budget judged against.")
 @click.option("--lr", default=0.002, show_default=True, help="qat's learning rate (steps).")
+@click.option("--features", default=0.0, show_default=True, help="qat's feature weight.")
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
 def main(
     train_budget: float,
@@ -69,6 +70,7 @@ def main(
     test_samples: int,
     fidelity: float,
     lr: float,
+    features: float,
     as_json: bool,
 ):
     """PTQ alone vs PTQ + QAT on ddddocr common.onnx (see the module docstring)."""
@@ -89,7 +91,9 @@ def main(
         ptq_seconds = time.monotonic() - started
         started = time.monotonic()
         qat = QuantizationAwareTraining()
-        options = qat.resolve_options({**PERCENTILE, "seconds": train_budget, "lr": lr})
+        options = qat.resolve_options(
+            {**PERCENTILE, "seconds": train_budget, "lr": lr, "features": features}
+        )
         reason = qat.check(float_model, context, options)
         if reason:
             click.echo(f"qat: {reason}", err=True)

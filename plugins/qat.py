@@ -27,7 +27,7 @@ from slimfleet.plugins.quantize_static import QuantizeStatic
 
 NAME = "qat"
 MISSING_TORCH = "needs torch: pip install 'slimfleet[train]'"
-TRAIN_OPTIONS = ("seconds", "lr", "learn_scales", "max_steps")
+TRAIN_OPTIONS = ("seconds", "lr", "learn_scales", "max_steps", "features")
 CURVE = re.compile(r"QAT (\d+) steps in (\d+) s: held-out loss (\S+) -> (\S+) .*curve ([^)]*)\)")
 
 
@@ -49,6 +49,13 @@ class QuantizationAwareTraining(Pass):
         ),
         Option("learn_scales", bool, True, "learn weight and activation scales too (LSQ)"),
         Option("max_steps", int, 0, "stop after this many steps (0: only the time limit)"),
+        Option(
+            "features",
+            float,
+            0.0,
+            "weight of distilling every Conv/Gemm/MatMul output too, not only the "
+            "model's outputs (0: off)",
+        ),
     )
 
     def __init__(self) -> None:
@@ -62,8 +69,10 @@ class QuantizationAwareTraining(Pass):
     ) -> str | None:
         if importlib.util.find_spec("torch") is None:
             return MISSING_TORCH
-        if options["seconds"] <= 0 or options["lr"] <= 0 or options["max_steps"] < 0:
-            return "seconds and lr must be positive, max_steps at least 0"
+        if options["seconds"] <= 0 or options["lr"] <= 0:
+            return "seconds and lr must be positive"
+        if options["max_steps"] < 0 or options["features"] < 0:
+            return "max_steps and features must be at least 0"
         from slimfleet.host.compress.qdqtorch import unsupported
 
         missing = unsupported(model)
@@ -88,6 +97,7 @@ class QuantizationAwareTraining(Pass):
                 lr=options["lr"],
                 learn_scales=options["learn_scales"],
                 max_steps=options["max_steps"],
+                features=options["features"],
                 threads=context.threads,
             )
         except Exception as exc:  # an operator form the interpreter refuses, or its bug

@@ -22,7 +22,7 @@ pass keeps the activations of one batch for the backward pass, as torch does.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -215,7 +215,10 @@ class QdqGraph(torch.nn.Module):
 
     # -- running ------------------------------------------------------------------------
 
-    def forward(self, feed: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
+    def forward(
+        self, feed: Mapping[str, torch.Tensor], extra: Sequence[str] = ()
+    ) -> list[torch.Tensor]:
+        """The graph outputs, then the intermediate tensors named in ``extra``."""
         values: dict[str, Any] = dict(feed)
         for node in self.nodes:
             args = [self._value(name, values) if name else None for name in node.input]
@@ -229,7 +232,7 @@ class QdqGraph(torch.nn.Module):
             for name, value in zip(node.output, outs, strict=False):
                 if name:
                     values[name] = value
-        return [values[name] for name in self.outputs]
+        return [values[name] for name in [*self.outputs, *extra]]
 
     def _value(self, name: str, values: dict[str, Any]) -> Any:
         if name in values:

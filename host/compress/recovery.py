@@ -25,6 +25,7 @@ import random
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import onnx
@@ -42,6 +43,7 @@ MAX_HELD_OUT = 16
 SCALE_LR = 5.0
 """Scales (log space) learn this many times faster than weights (in step units): measured
 on outlier-heavy layers, scales bring most of the gain and noisy weight steps undo it."""
+FEATURE_OPS = ("Conv", "Gemm", "MatMul")
 CLASS_AXIS = 8
 TOP_K = 5
 WARMUP = 0.05
@@ -83,15 +85,55 @@ def teacher_outputs(
     model: onnx.ModelProto, samples: Sequence[Feed], threads: int = 1
 ) -> list[list[np.ndarray]]:
     """The float model's outputs on every sample (onnxruntime, one sample at a time)."""
+    session = _session(model, threads)
+    return [session.run(None, dict(feed)) for feed in samples]
+
+
+def _session(model: onnx.ModelProto, threads: int) -> Any:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    session = ort.InferenceSession(
+    return ort.InferenceSession(
         model.SerializeToString(), options, providers=["CPUExecutionProvider"]
     )
-    return [session.run(None, dict(feed)) for feed in samples]
+
+
+def feature_names(qdq: onnx.ModelProto, teacher: onnx.ModelProto) -> list[tuple[str, str]]:
+    """(student tensor, teacher tensor) pairs distilled with ``features``: the output of
+    each weighted node (Conv, Gemm, MatMul) of ``qdq`` as the next node sees it (after
+    its QuantizeLinear / DequantizeLinear, which also stand in for a Relu the quantizer
+    folded away), against the tensor of that name in ``teacher``; the model's outputs
+    are left to the output loss."""
+    computed = {o for n in teacher.graph.node for o in n.output}
+    computed -= {o.name for o in teacher.graph.output}
+    users: dict[str, list[onnx.NodeProto]] = {}
+    for node in qdq.graph.node:
+        for name in node.input:
+            users.setdefault(name, []).append(node)
+    pairs = []
+    for node in qdq.graph.node:
+        if node.op_type not in FEATURE_OPS:
+            continue
+        names = [node.output[0]]
+        for op in ("QuantizeLinear", "DequantizeLinear"):
+            after = [u for u in users.get(names[-1], []) if u.op_type == op]
+            if len(after) != 1:
+                break
+            names.append(after[0].output[0])
+        known = [n for n in names if n in computed]
+        if known:
+            pairs.append((names[-1] if len(names) == 3 else names[0], known[0]))
+    return pairs
+
+
+def with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
+    """A copy of ``model`` that also outputs the intermediate tensors ``names``."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    copy.graph.output.extend(onnx.ValueInfoProto(name=name) for name in names)
+    return copy
 
 
 def distill_loss(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -102,6 +144,11 @@ def distill_loss(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor
     return torch.stack(losses).mean()
 
 
+def relative_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over the teacher's mean square."""
+    return torch.mean((student - teacher) ** 2) / (torch.mean(teacher**2) + 1e-12)
+
+
 def output_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """Mean squared error over the teacher's mean square. For class scores (a last axis
     of at least :data:`CLASS_AXIS` values), only over the teacher's top :data:`TOP_K`
@@ -110,10 +157,9 @@ def output_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     classes' logits. Measured on ddddocr's OCR: a plain MSE or KL fell 2-3x on held-out
     captchas while their decoded text did not move."""
     if student.dim() < 2 or student.shape[-1] < CLASS_AXIS:
-        return torch.mean((student - teacher) ** 2) / (torch.mean(teacher**2) + 1e-12)
+        return relative_mse(student, teacher)
     top = teacher.topk(min(TOP_K, teacher.shape[-1]), dim=-1).indices
-    s, t = student.gather(-1, top), teacher.gather(-1, top)
-    mse = torch.mean((s - t) ** 2) / (torch.mean(t**2) + 1e-12)
+    mse = relative_mse(student.gather(-1, top), teacher.gather(-1, top))
     classes = student.shape[-1]
     labels = teacher.argmax(-1).reshape(-1)
     return mse + F.cross_entropy(student.reshape(-1, classes), labels)
@@ -129,6 +175,7 @@ def train(
     learn_scales: bool = True,
     max_steps: int = 0,
     batch: int = 4,
+    features: float = 0.0,
     threads: int = 1,
     seed: int = 0,
 ) -> TrainResult:
@@ -136,8 +183,10 @@ def train(
 
     ``lr`` is Adam's learning rate in units of each weight's quantization step (scales
     are learned in log space at ``lr * SCALE_LR``); one step accumulates the gradients
-    of ``batch`` samples. Raises ValueError when the graph holds an
-    operator the interpreter cannot run.
+    of ``batch`` samples. ``features`` > 0 adds that weight times the mean relative MSE
+    of every weighted node's output against the teacher's (computed per step by
+    onnxruntime, never stored). Raises ValueError when the graph holds an operator the
+    interpreter cannot run.
     """
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -158,6 +207,21 @@ def train(
 
     def feed(i: int) -> dict[str, torch.Tensor]:
         return {k: _input(v) for k, v in samples[i].items()}
+
+    pairs = feature_names(qdq, teacher) if features > 0 else []
+    names = [student for student, _ in pairs]
+    wanted_names = [name for _, name in pairs]
+    inner = _session(with_outputs(teacher, wanted_names), threads) if pairs else None
+    outputs = len(graph.outputs)
+
+    def train_loss(i: int) -> torch.Tensor:
+        got = graph(feed(i), names)
+        loss = distill_loss(_floats(got[:outputs]), targets[i])
+        if inner is None:
+            return loss
+        wanted = inner.run(wanted_names, dict(samples[i]))
+        pairs = [(s, torch.from_numpy(t)) for s, t in zip(got[outputs:], wanted, strict=True)]
+        return loss + features * torch.stack([relative_mse(s, t) for s, t in pairs]).mean()
 
     def evaluate() -> float:
         with torch.no_grad():
@@ -182,7 +246,7 @@ def train(
         optimizer.zero_grad()
         for k in range(batch):  # gradients accumulated over ``batch`` samples
             i = train_ids[(step * batch + k) % len(train_ids)]
-            loss = distill_loss(_floats(graph(feed(i))), targets[i]) / batch
+            loss = train_loss(i) / batch
             loss.backward()
         optimizer.step()
         step += 1

@@ -183,3 +183,16 @@ def test_a_missing_torch_is_one_line_naming_the_install(context, monkeypatch):
     assert PASS.check(model, context(model), PASS.resolve_options({})) == (
         "needs torch: pip install 'slimfleet[train]'"
     )
+
+
+def test_feature_distillation_reads_the_weighted_nodes_outputs_from_the_teacher(context):
+    model = outlier_mlp()
+    ctx = context(model)
+    ctx.calibration = feeds(16, seed=1)
+    static = QuantizeStatic()
+    ptq = static.apply(model, ctx, static.resolve_options({})).model
+    # fc1's Relu is folded into its output quantization: the student's dequantized
+    # output stands for the teacher's Relu output; fc2's output is the model's.
+    assert recovery.feature_names(ptq, model) == [("r_DequantizeLinear_Output", "r")]
+    result = recovery.train(ptq, model, ctx.calibration, seconds=30, max_steps=40, features=1.0)
+    assert result.steps == 40 and result.best_step > 0
