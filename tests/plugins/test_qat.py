@@ -56,6 +56,15 @@ def feeds(count: int, seed: int) -> list[dict[str, np.ndarray]]:
     return [{"x": rng.normal(0, 1, (8, 32)).astype(np.float32)} for _ in range(count)]
 
 
+def outlier_ptq(context, samples: int):
+    """The outlier MLP, a pass context calibrated on ``samples`` feeds, its static int8."""
+    model = outlier_mlp()
+    ctx = context(model)
+    ctx.calibration = feeds(samples, seed=1)
+    static = QuantizeStatic()
+    return model, ctx, static.apply(model, ctx, static.resolve_options({})).model
+
+
 def unfused(model: onnx.ModelProto) -> ort.InferenceSession:
     """onnxruntime running the QDQ graph as written (no QLinear fusion)."""
     options = ort.SessionOptions()
@@ -87,11 +96,7 @@ def test_interpreter_matches_onnxruntime_on_the_qdq_model(build, context):
 def test_written_back_model_computes_what_training_computed(context):
     import torch
 
-    model = outlier_mlp()
-    ctx = context(model)
-    ctx.calibration = feeds(16, seed=1)
-    static = QuantizeStatic()
-    qdq = static.apply(model, ctx, static.resolve_options({})).model
+    model, ctx, qdq = outlier_ptq(context, 16)
     graph = qdqtorch.QdqGraph(qdq, recovery.float_weights(model), learn_scales=True)
     with torch.no_grad():  # move every trained value off its start
         for p in [*graph.units.values(), *graph.logs.values()]:
@@ -117,12 +122,8 @@ STEPS = 300
 
 
 def test_qat_recovers_what_post_training_quantization_loses(context):
-    model = outlier_mlp()
-    ctx = context(model)
-    ctx.calibration = feeds(24, seed=1)
+    model, ctx, ptq = outlier_ptq(context, 24)
     held_out = feeds(32, seed=2)
-    static = QuantizeStatic()
-    ptq = static.apply(model, ctx, static.resolve_options({})).model
     before = agreement(ptq, model, held_out)
     assert before < BUDGET  # the outlier channel leaves the others a few levels
     options = PASS.resolve_options({"seconds": 45, "max_steps": STEPS})
@@ -186,11 +187,7 @@ def test_a_missing_torch_is_one_line_naming_the_install(context, monkeypatch):
 
 
 def test_feature_distillation_reads_the_weighted_nodes_outputs_from_the_teacher(context):
-    model = outlier_mlp()
-    ctx = context(model)
-    ctx.calibration = feeds(16, seed=1)
-    static = QuantizeStatic()
-    ptq = static.apply(model, ctx, static.resolve_options({})).model
+    model, ctx, ptq = outlier_ptq(context, 16)
     # fc1's Relu is folded into its output quantization: the student's dequantized
     # output stands for the teacher's Relu output; fc2's output is the model's.
     assert recovery.feature_names(ptq, model) == [("r_DequantizeLinear_Output", "r")]
