@@ -54,7 +54,8 @@ class QuantizationAwareTraining(Pass):
             float,
             0.0,
             "weight of distilling every Conv/Gemm/MatMul output too, not only the "
-            "model's outputs (0: off)",
+            "model's outputs (0: off; 1 took ddddocr's OCR from 0.71 to 0.76 of texts, "
+            "but hurt a small outlier-heavy MLP)",
         ),
     )
 
