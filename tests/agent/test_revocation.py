@@ -72,136 +72,107 @@ class Keys:
         return load_agent_config(path)
 
 
+class Device:
+    """The rig's device pinning only the root: deploys m@VERSION (adds VERSION) signed by
+    a new named key, starts agents on its one store and stops them after the test."""
+
+    def __init__(self, keys: Keys, rig, watcher, broker_url: str) -> None:
+        self.keys, self.rig, self.watcher = keys, rig, watcher
+        self.config = keys.agent_config(broker_url)
+        self.agents: list[Agent] = []
+
+    def start(self) -> Agent:
+        self.agents.append(Agent(self.config, timing=FAST))
+        self.agents[-1].start()
+        return self.agents[-1]
+
+    def deploy(self, version: int, key: str) -> str:
+        """Sign with a new key ``key``, publish and assign m@version, wait for the swap."""
+        kid = self.keys.signing(key)
+        self.rig.publish(models.add_const(float(version)), version)
+        self.rig.assign(version)
+        self.watcher.event("swap_ok", deployment=main(version))
+        return kid
+
+    def stop(self) -> None:
+        while self.agents:
+            self.agents.pop().stop()
+
+
 @pytest.fixture
-def keys(rig, tmp_path) -> Keys:
-    return Keys(rig, tmp_path / "fleet-keys")
+def device(mosquitto, rig, watcher, tmp_path):
+    made = Device(Keys(rig, tmp_path / "fleet-keys"), rig, watcher, mosquitto.url)
+    yield made
+    made.stop()
 
 
-def start(config) -> Agent:
-    agent = Agent(config, timing=FAST)
-    agent.start()
-    return agent
+def test_rotation_then_revocation_falls_back_and_stays_off_after_restart(rig, watcher, device):
+    agent = device.start()
+    first = device.deploy(1, "first")
+    # Rotation: a new root-certified key signs m@2 and its desired state; agent.yaml and
+    # the running agent are unchanged.
+    second = device.deploy(2, "second")
+    assert served_const(agent) == 2.0
 
-
-def test_rotation_then_revocation_falls_back_and_stays_off_after_restart(
-    mosquitto, rig, watcher, keys
-):
-    first = keys.signing("first")
-    config = keys.agent_config(mosquitto.url)
-    rig.publish(models.add_const(1.0), 1)
-    agent = start(config)
-    try:
-        rig.assign(1)
-        watcher.event("swap_ok", deployment=main(1))
-        # Rotation: a new root-certified key signs m@2 and its desired state; agent.yaml
-        # and the running agent are unchanged.
-        second = keys.signing("second")
-        rig.publish(models.add_const(2.0), 2)
-        rig.assign(2)
-        watcher.event("swap_ok", deployment=main(2))
-        assert served_const(agent) == 2.0
-
-        revoked = revoke(rig.fleet, second, keys.root)
-        assert revoked.revoked == [second]
-        event = watcher.event("key_revoked", key_id=second)
-        assert event["model"] == {"name": "m", "version": 2} and event["fallback"] == main(1)
-        assert served_const(agent) == 1.0
-        state = watcher.wait("state", lambda s: (s["desired"] or {}).get("stage") == "revoked")
-        assert state["desired"]["outcome"] == "refused" and state["deployment"] == main(1)
-        assert state["serving_revoked"] == []
-        assert agent.verifier.is_revoked(second) and not agent.verifier.is_revoked(first)
-    finally:
-        agent.stop()
+    revoked = revoke(rig.fleet, second, device.keys.root)
+    assert revoked.revoked == [second]
+    event = watcher.event("key_revoked", key_id=second)
+    assert event["model"] == {"name": "m", "version": 2} and event["fallback"] == main(1)
+    assert served_const(agent) == 1.0
+    state = watcher.wait("state", lambda s: (s["desired"] or {}).get("stage") == "revoked")
+    assert state["desired"]["outcome"] == "refused" and state["deployment"] == main(1)
+    assert state["serving_revoked"] == []
+    assert agent.verifier.is_revoked(second) and not agent.verifier.is_revoked(first)
+    device.stop()
     # Restarted: the saved list keeps m@2 off before the broker is even reached.
-    again = Agent(config, timing=FAST)
+    again = device.start()
     assert again.verifier.is_revoked(second)
-    again.start()
-    try:
-        assert served_const(again) == 1.0
-        # The retained desired state signed by the revoked key is refused, not followed.
-        refused = watcher.event("desired_refused", stage="verify")
-        assert f"revoked key {second}" in refused["reason"]
-        keys.signing("third")
-        rig.publish(models.add_const(3.0), 3)
-        rig.assign(3)
-        watcher.event("swap_ok", deployment=main(3))
-        assert served_const(again) == 3.0
-    finally:
-        again.stop()
+    assert served_const(again) == 1.0
+    # The retained desired state signed by the revoked key is refused, not followed.
+    refused = watcher.event("desired_refused", stage="verify")
+    assert f"revoked key {second}" in refused["reason"]
+    device.deploy(3, "third")
+    assert served_const(again) == 3.0
 
 
-def test_a_revocation_applied_while_down_takes_effect_at_start(mosquitto, rig, watcher, keys):
-    keys.signing("first")
-    config = keys.agent_config(mosquitto.url)
-    rig.publish(models.add_const(1.0), 1)
-    agent = start(config)
-    try:
-        rig.assign(1)
-        watcher.event("swap_ok", deployment=main(1))
-        second = keys.signing("second")
-        rig.publish(models.add_const(2.0), 2)
-        rig.assign(2)
-        watcher.event("swap_ok", deployment=main(2))
-    finally:
-        agent.stop()
+def test_a_revocation_applied_while_down_takes_effect_at_start(watcher, device):
+    device.start()
+    device.deploy(1, "first")
+    second = device.deploy(2, "second")
+    device.stop()
     # While the device is down its saved list learns of the revocation (KeyRing API).
-    root = load_private_key(keys.root)
-    ring = KeyRing([root.public_key()], revocations_path=config.store_dir / REVOCATIONS_FILE)
+    root = load_private_key(device.keys.root)
+    saved = device.config.store_dir / REVOCATIONS_FILE
+    ring = KeyRing([root.public_key()], revocations_path=saved)
     assert ring.apply_revocations(issue_revocations(root, 1, [second], time.time())) == {second}
-    again = start(config)
-    try:
-        assert served_const(again) == 1.0  # m@2 (last good) is never served again
-        event = watcher.event("key_revoked", key_id=second, stage="start")
-        assert event["deployment"] == main(2)
-        assert again.state.current == again.state.last_good
-        assert again.state.current["main"].primary.version == 1
-    finally:
-        again.stop()
+    again = device.start()
+    assert served_const(again) == 1.0  # m@2 (last good) is never served again
+    event = watcher.event("key_revoked", key_id=second, stage="start")
+    assert event["deployment"] == main(2)
+    assert again.state.current == again.state.last_good
+    assert again.state.current["main"].primary.version == 1
 
 
-def test_with_no_deployment_left_to_fall_back_to_it_keeps_serving_and_says_so(
-    mosquitto, rig, watcher, keys
-):
-    only = keys.signing("only")
-    config = keys.agent_config(mosquitto.url)
-    rig.publish(models.add_const(2.0), 2)
-    agent = start(config)
-    try:
-        rig.assign(2)
-        watcher.event("swap_ok", deployment=main(2))
-        revoke(rig.fleet, only, keys.root)
-        event = watcher.event("key_revoked", key_id=only)
-        assert event["fallback"] is None and "still serving it" in event["reason"]
-        state = watcher.wait("state", lambda s: s["serving_revoked"])
-        assert state["serving_revoked"] == [
-            {"slot": "main", "name": "m", "version": 2, "key_id": only}
-        ]
-        assert state["deployment"] == main(2) and state["desired"]["stage"] == "revoked"
-        assert served_const(agent) == 2.0
-        # A model signed by a valid key replaces it, and the warning goes.
-        keys.signing("next")
-        rig.publish(models.add_const(3.0), 3)
-        rig.assign(3)
-        watcher.event("swap_ok", deployment=main(3))
-        watcher.wait("state", lambda s: s["deployment"] == main(3) and not s["serving_revoked"])
-    finally:
-        agent.stop()
+def test_with_no_deployment_left_to_fall_back_to_it_keeps_serving_and_says_so(rig, watcher, device):
+    agent = device.start()
+    only = device.deploy(2, "only")
+    revoke(rig.fleet, only, device.keys.root)
+    event = watcher.event("key_revoked", key_id=only)
+    assert event["fallback"] is None and "still serving it" in event["reason"]
+    state = watcher.wait("state", lambda s: s["serving_revoked"])
+    assert state["serving_revoked"] == [{"slot": "main", "name": "m", "version": 2, "key_id": only}]
+    assert state["deployment"] == main(2) and state["desired"]["stage"] == "revoked"
+    assert served_const(agent) == 2.0
+    # A model signed by a valid key replaces it, and the warning goes.
+    device.deploy(3, "next")
+    watcher.wait("state", lambda s: s["deployment"] == main(3) and not s["serving_revoked"])
 
 
-def test_a_revocation_list_not_signed_by_the_root_is_refused(
-    mosquitto, rig, watcher, keys, publisher
-):
-    signing = keys.signing("first")
-    config = keys.agent_config(mosquitto.url)
-    rig.publish(models.add_const(1.0), 1)
-    agent = start(config)
-    try:
-        rig.assign(1)
-        watcher.event("swap_ok", deployment=main(1))
-        forged = issue_revocations(load_private_key(keys.folder / "first.key"), 5, [signing], 0)
-        publisher.put(revocation_topic(rig.fleet.prefix), forged)
-        event = watcher.event("desired_refused", stage="revocation")
-        assert "revocation" in event["reason"]
-        assert not agent.verifier.is_revoked(signing) and served_const(agent) == 1.0
-    finally:
-        agent.stop()
+def test_a_revocation_list_not_signed_by_the_root_is_refused(rig, watcher, device, publisher):
+    agent = device.start()
+    signing = device.deploy(1, "first")
+    forged = issue_revocations(load_private_key(device.keys.folder / "first.key"), 5, [signing], 0)
+    publisher.put(revocation_topic(rig.fleet.prefix), forged)
+    event = watcher.event("desired_refused", stage="revocation")
+    assert "revocation" in event["reason"]
+    assert not agent.verifier.is_revoked(signing) and served_const(agent) == 1.0
