@@ -5,11 +5,15 @@ follows a valid desired state."""
 
 from __future__ import annotations
 
+import json
+
 import models
 import numpy as np
 import pytest
 
-from slimfleet.agent.inbox import DOCUMENT_LIMIT, DROP_TOO_LARGE, MANIFEST_LIMIT
+from slimfleet.agent.inbox import DOCUMENT_LIMIT, DROP_TOO_LARGE, MANIFEST_LIMIT, Dropped
+from slimfleet.agent.outbox import MAX_PENDING_DROPS, Outbox
+from slimfleet.agent.telemetry import Telemetry
 
 X = np.arange(4, dtype=np.float32).reshape(1, 4)
 HUGE = 20 * 1024 * 1024 + 1  # over the 2 MiB packet limit: never held in memory
@@ -74,3 +78,31 @@ def test_big_manifest_dropped_then_real_one_installed(serving, rig, watcher, pub
     rig.publish(models.add_const(2.0), 2)
     watcher.event("swap_ok", deployment=main(2), timeout=30)
     assert served_const(serving) == 2.0
+
+
+def test_drop_reports_wait_in_a_bounded_queue_and_become_events():
+    published: list[tuple[str, dict, int]] = []
+    outbox = Outbox(
+        "dev",
+        Telemetry("dev"),
+        publish=lambda topic, payload, qos: published.append((topic, json.loads(payload), qos)),
+        events_topic="p/devices/dev/events",
+        telemetry_topic="p/devices/dev/telemetry",
+        seq=lambda: 7,
+    )
+    for i in range(MAX_PENDING_DROPS + 10):  # the link thread only appends: never blocks
+        outbox.dropped(Dropped(f"t/{i}", 100 + i, 10, DROP_TOO_LARGE, suppressed=i))
+    assert not published
+    outbox.report_drops()
+    assert len(published) == MAX_PENDING_DROPS  # the oldest reports were forgotten
+    topic, event, qos = published[-1]
+    assert topic == "p/devices/dev/events" and qos == 1
+    last = MAX_PENDING_DROPS + 9
+    assert event["type"] == "message_dropped" and event["topic"] == f"t/{last}"
+    assert (event["size"], event["limit"], event["count"], event["seq"]) == (
+        100 + last,
+        10,
+        last + 1,
+        7,
+    )
+    assert event["device"] == "dev" and event["reason"] == DROP_TOO_LARGE
