@@ -441,6 +441,7 @@ class Agent:
         if record is not None and record.desired.deployment == bad:
             self._failed(record, "watch", reason, permanent=True)
         self._publish_state()
+        self._wake.set()  # the control thread re-checks it for revoked keys
 
     def _on_settled(self, spec: Deployment) -> None:
         with self._lock:
