@@ -47,11 +47,15 @@ class Keys:
         self.root = folder / "root.key"
         generate_keys(self.root, folder / "root.pub", "root key")
 
-    def signing(self, name: str):
+    def signing(self, name: str, lifetime_s: float = 3600):
         """A new certified signing key; the rig's fleet now signs with it. Its key id."""
         f = self.folder
         cert = generate_signing_key(
-            f / f"{name}.key", f / f"{name}.pub", f / f"{name}.cert", self.root, lifetime_s=3600
+            f / f"{name}.key",
+            f / f"{name}.pub",
+            f / f"{name}.cert",
+            self.root,
+            lifetime_s=lifetime_s,
         )
         self.rig.fleet = replace(
             self.rig.fleet,
@@ -86,9 +90,9 @@ class Device:
         self.agents[-1].start()
         return self.agents[-1]
 
-    def deploy(self, version: int, key: str) -> str:
+    def deploy(self, version: int, key: str, lifetime_s: float = 3600) -> str:
         """Sign with a new key ``key``, publish and assign m@version, wait for the swap."""
-        kid = self.keys.signing(key)
+        kid = self.keys.signing(key, lifetime_s)
         self.rig.publish(models.add_const(float(version)), version)
         self.rig.assign(version)
         self.watcher.event("swap_ok", deployment=main(version))
@@ -176,3 +180,13 @@ def test_a_revocation_list_not_signed_by_the_root_is_refused(rig, watcher, devic
     event = watcher.event("desired_refused", stage="revocation")
     assert "revocation" in event["reason"]
     assert not agent.verifier.is_revoked(signing) and served_const(agent) == 1.0
+
+
+def test_a_model_installed_under_a_certificate_that_since_expired_is_still_served(device):
+    device.start()
+    device.deploy(1, "short", lifetime_s=2.0)
+    time.sleep(2.5)  # the certificate expires: new documents under it are refused
+    device.stop()
+    again = device.start()  # the stored manifest is re-checked with allow_expired
+    assert served_const(again) == 1.0
+    assert again.state.current["main"].primary.version == 1
