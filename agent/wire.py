@@ -591,7 +591,9 @@ class DesiredState:
 #                "deployment": {slot: [...refs]},
 #                "outcome": "pending" | "serving" | "refused" | "stale",
 #                "stage": str | null, "reason": str | null} | null,   # the last desired seen
-#    "floor": int}                           # highest seq accepted (replay floor)
+#    "floor": int,                           # highest seq accepted (replay floor)
+#    "serving_revoked": [{"slot", "name", "version", "key_id"}]}  # served although their
+#                       # signing key is revoked (no other deployment verifies); else []
 #   "outcome" tells the host what became of that desired state: "serving" when the
 #   device serves exactly it, "refused" with the stage (verify, download, install, load,
 #   smoke_test, watch, expired, replay, skew, revoked, integrity) and a one-line reason.
