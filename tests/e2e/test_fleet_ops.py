@@ -211,12 +211,6 @@ def test_a_killed_agent_process_is_no_answer_then_serves_when_it_returns(publish
     assert row["online"] and row["deployment"] == {"main": ["m@2"]}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="agent/desired.py:79 (admit) gives the enrolment check no clock-skew slack: a "
-    "desired state issued while the device boots, before its store exists, is refused as "
-    "'a replay onto a wiped device' (the future side allows max_clock_skew_s)",
-)
 def test_an_assign_sent_while_the_agent_boots_is_followed(published) -> None:
     e2e = published
     e2e.agent_process("d1")  # its store is created a second or two from now
