@@ -190,6 +190,7 @@ def bench_overhead(agent: Agent, feeds: dict[str, np.ndarray], kind: str, args) 
                 samples[key].append(time.perf_counter() - started)
     conn.close()
     med = {k: statistics.median(v) for k, v in samples.items()}
+    out_floats = sum(a.size for a in agent.infer(feeds).values())
     paired = statistics.median(
         a / b for a, b in zip(samples["agent"], samples["bare"], strict=True)
     )
@@ -205,7 +206,8 @@ def bench_overhead(agent: Agent, feeds: dict[str, np.ndarray], kind: str, args) 
     )
     say(
         f"(b) HTTP OIP v2 overhead [{kind}, JSON tensors]: "
-        f"{ms(med['http_json'] - med['agent'])} over in-process  (HTTP {ms(med['http_json'])}; {feeds['input1'].size} floats in, "
+        f"{ms(med['http_json'] - med['agent'])} over in-process  (HTTP {ms(med['http_json'])}; "
+        f"{feeds['input1'].size} floats in, {out_floats} out, "
         f"{len(samples['http_json'])} samples)"
     )
 
