@@ -178,8 +178,8 @@ def run_size(n: int, fleet: FleetConfig, pub: Publisher, broker: Mosquitto, tmp:
     say(
         f"N={n}: rollout {rollout:.2f} s (assign {assigned:.2f} s), broker sent "
         f"{sent / MB:.0f} MB = {figures['bytes_ratio']:.2f} x N x {size / MB:.1f} MB, "
-        f"status {ingest['status_rate']:.0f} telemetry msg/s at {ingest['status_cpu']:.0%} CPU, "
-        f"exporter {ingest['exporter_rate']:.0f} msg/s at {ingest['exporter_cpu']:.0%} CPU "
+        f"status {ingest['status_rate']:.0f} telemetry msg/s at {ingest['status_cpu']:.1%} CPU, "
+        f"exporter {ingest['exporter_rate']:.0f} msg/s at {ingest['exporter_cpu']:.1%} CPU "
         f"(expected {n / 1.0:.0f}/s), agent memory {figures['idle_mb']:.1f} MB/device idle, "
         f"{figures['serving_mb']:.1f} MB/device serving"
     )
@@ -234,13 +234,15 @@ def main() -> None:
 def report(results: dict[int, dict[str, float]]) -> None:
     """How each figure grows with N."""
     pick = {key: {n: r[key] for n, r in results.items()} for key in next(iter(results.values()))}
+    for key in ("status_cpu", "exporter_cpu"):
+        pick[key] = {n: v * 100 for n, v in pick[key].items()}
     lines = [
         ("rollout time", "rollout_s", " s"),
         ("broker bytes / (N x model)", "bytes_ratio", ""),
         ("status telemetry msg/s", "status_rate", "/s"),
         ("exporter telemetry msg/s", "exporter_rate", "/s"),
-        ("status CPU", "status_cpu", ""),
-        ("exporter CPU", "exporter_cpu", ""),
+        ("status CPU % of a core", "status_cpu", " %"),
+        ("exporter CPU % of a core", "exporter_cpu", " %"),
         ("agent memory/device serving", "serving_mb", " MB"),
     ]
     for label, key, unit in lines:
@@ -252,7 +254,7 @@ def report(results: dict[int, dict[str, float]]) -> None:
     cpu = results[biggest]["exporter_cpu"]
     say(
         f"exporter at N={biggest}, 1 s telemetry: {results[biggest]['exporter_rate']:.0f} msg/s "
-        f"of {biggest}/s at {cpu:.0%} of one core (goal: keeps up on one core)"
+        f"of {biggest}/s at {cpu:.1%} of one core (goal: keeps up on one core)"
     )
 
 

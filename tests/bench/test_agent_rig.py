@@ -49,7 +49,7 @@ def test_swap_parts_split_the_swap_without_the_download() -> None:
     assert parts["swap"] == pytest.approx(1.5)
     assert parts["switch"] == pytest.approx(0.05)
     assert parts["manifest+state"] == pytest.approx(0.15)
-    inner = ("install", "load", "smoke", "switch", "manifest+state")
+    inner = ("install", "load", "warm-up run", "switch", "manifest+state")
     assert sum(parts[k] for k in inner) == pytest.approx(parts["swap"])
 
 
@@ -85,7 +85,7 @@ def test_the_report_prints_growth_and_verdicts(capsys: pytest.CaptureFixture[str
     fleet_bench.report({25: figures, 200: bigger})
     out = capsys.readouterr().out.splitlines()
     assert "growth rollout time: N=25 2.00 s, N=200 20.00 s (x10.00)" in out
-    assert ()
+    assert "growth exporter CPU % of a core: N=25 3.00 %, N=200 3.00 % (x1.00)" in out
     assert out[-3].startswith("rollout time against N: linear or better")
     assert out[-2].startswith("broker bytes against N: linear or better")
-    assert out[-1].startswith("exporter at N=200, 1 s telemetry: 199 msg/s of 200/s at 3%")
+    assert out[-1].startswith("exporter at N=200, 1 s telemetry: 199 msg/s of 200/s at 3.0%")
