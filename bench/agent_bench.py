@@ -317,7 +317,7 @@ def bench_swaps(agent: Agent, pub: Publisher, dirs: dict[str, Path], feeds, args
             start = time.perf_counter()
             time.sleep(args.steady_s / 2)
             steady_spans.append((start, time.perf_counter()))
-        note(f"{args.swaps} swaps (a download each), each followed by a bare load of that model")
+        note(f"{args.swaps} swaps (a download each), each preceded by a bare load of that model")
         for version, kind in zip(versions, kinds, strict=True):
             # the baseline right before, under the same client load on the same served
             # model as the swap (after it, the clients would run the new model: lighter
