@@ -37,7 +37,6 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -127,15 +126,6 @@ def _serving_version(agent: Agent) -> int:
     current = agent.state.current or {}
     spec = current.get("main")
     return spec.models[0].version if spec else 0
-
-
-def timed(call: Callable[[], Any], runs: int) -> list[float]:
-    times = []
-    for _ in range(runs):
-        started = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - started)
-    return times
 
 
 def p99(values: list[float]) -> float:
@@ -261,39 +251,51 @@ def bare_load(model: Path, feeds: dict[str, np.ndarray]) -> float:
     return time.perf_counter() - began
 
 
-class EventClock:
-    """Wraps the agent's event callback: the smoke run time of the last ``swap_ok`` (its latency: one run without a budget) and the
-    seconds spent publishing events, for the swap breakdown (private hook: measuring)."""
+class SwapClock:
+    """Private hooks on one agent, for the swap breakdown (measuring, not using): wraps
+    the event callback (seconds spent publishing events; the smoke run's time from the
+    last ``swap_ok``, its latency: one run, as the bench sets no latency budget) and
+    ``updater.prepare`` (manifest fetch and checks + download + install)."""
 
     def __init__(self, agent: Agent) -> None:
-        self.inner = agent.server._on_event
-        self.smoke_s = 0.0
-        self.spent_s = 0.0
-        agent.server._on_event = self
+        self.on_event = agent.server._on_event
+        self.prepare = agent.updater.prepare
+        self.smoke_s = self.events_s = self.prepare_s = 0.0
+        agent.server._on_event = self._event
+        agent.updater.prepare = self._prepare
 
-    def __call__(self, event: dict[str, Any]) -> None:
+    def _event(self, event: dict[str, Any]) -> None:
         began = time.perf_counter()
-        self.inner(event)
-        self.spent_s += time.perf_counter() - began
+        self.on_event(event)
+        self.events_s += time.perf_counter() - began
         if event["type"] == "swap_ok":
             self.smoke_s = event["smoke_ms"] / 1000
 
+    def _prepare(self, desired: Any) -> Any:
+        began = time.perf_counter()
+        try:
+            return self.prepare(desired)
+        finally:
+            self.prepare_s = time.perf_counter() - began
+
     def reset(self) -> None:
-        self.smoke_s = self.spent_s = 0.0
+        self.smoke_s = self.events_s = self.prepare_s = 0.0
 
 
-def swap_parts(update: dict[str, Any], clock: EventClock) -> dict[str, float]:
+def swap_parts(update: dict[str, Any], clock: SwapClock) -> dict[str, float]:
     """Where one swap's time went (seconds); the first entry is the whole swap."""
     swap_s = update["total_s"] - update["download_s"]
     activate = update["activate_s"]
+    prepare = clock.prepare_s - update["download_s"]  # manifest fetch + checks + install
     return {
         "swap": swap_s,
+        "manifest": prepare - update["install_s"],
         "install": update["install_s"],
         "load": update["load_s"],
-        "warm-up run": clock.smoke_s,  # the smoke run's time: the bench sets no latency budget
+        "warm-up run": clock.smoke_s,
         "switch": activate - update["load_s"] - clock.smoke_s,
-        "events": clock.spent_s,
-        "manifest+state": swap_s - update["install_s"] - activate,
+        "state": swap_s - prepare - activate,  # state.json, desired.json, prune, publish
+        "events": clock.events_s,
     }
 
 
@@ -307,7 +309,7 @@ def bench_swaps(agent: Agent, pub: Publisher, dirs: dict[str, Path], feeds, args
     swap_spans: list[tuple[float, float]] = []
     ratios: dict[str, list[float]] = {"fp32": [], "int8": []}
     parts: dict[str, dict[str, list[float]]] = {"fp32": {}, "int8": {}}
-    clock = EventClock(agent)
+    clock = SwapClock(agent)
     with Clients(agent, feeds) as clients:
         note(f"steady phase: {args.steady_s / 2:.0f}s on fp32, {args.steady_s / 2:.0f}s on int8")
         for version in steady_versions:
@@ -355,7 +357,7 @@ def bench_swaps(agent: Agent, pub: Publisher, dirs: dict[str, Path], feeds, args
             f"both under the {CLIENTS}-client load)"
         )
         say(
-            f"(c) {kind} swap breakdown (medians; events overlap the other parts): "
+            f"(c) {kind} swap breakdown (medians; events are inside the other parts): "
             f"{breakdown(parts[kind])}"
         )
 

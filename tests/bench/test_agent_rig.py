@@ -44,12 +44,13 @@ def test_breakdown_gives_medians_and_shares_of_the_first_part() -> None:
 def test_swap_parts_split_the_swap_without_the_download() -> None:
     update = {"total_s": 2.0, "download_s": 0.5, "install_s": 0.1, "load_s": 1.0}
     update["activate_s"] = 1.25
-    clock = SimpleNamespace(smoke_s=0.2, spent_s=0.01)
+    clock = SimpleNamespace(smoke_s=0.2, events_s=0.01, prepare_s=0.65)
     parts = agent_bench.swap_parts(update, clock)
     assert parts["swap"] == pytest.approx(1.5)
+    assert parts["manifest"] == pytest.approx(0.05)
     assert parts["switch"] == pytest.approx(0.05)
-    assert parts["manifest+state"] == pytest.approx(0.15)
-    inner = ("install", "load", "warm-up run", "switch", "manifest+state")
+    assert parts["state"] == pytest.approx(0.1)
+    inner = ("manifest", "install", "load", "warm-up run", "switch", "state")
     assert sum(parts[k] for k in inner) == pytest.approx(parts["swap"])
 
 
