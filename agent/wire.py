@@ -33,14 +33,6 @@ EVENT_SWAP_STARTED = "swap_started"
 EVENT_SWAP_OK = "swap_ok"
 EVENT_SWAP_FAILED = "swap_failed"
 EVENT_FALLBACK = "fallback"
-EVENT_TYPES = (
-    EVENT_DOWNLOAD_PROGRESS,
-    EVENT_VERIFY_FAILED,
-    EVENT_SWAP_STARTED,
-    EVENT_SWAP_OK,
-    EVENT_SWAP_FAILED,
-    EVENT_FALLBACK,
-)
 
 
 class Topics:
@@ -629,3 +621,21 @@ EVENT_KEY_REVOKED = "key_revoked"  # a model's signing key was revoked: fell bac
 EVENT_TIER_SKIPPED = "tier_skipped"  # a chain tier failed to load; the slot serves without it
 EVENT_TIER_FAILING = "tier_failing"  # a tier (local or remote) failed or timed out
 EVENT_TIER_RECOVERED = "tier_recovered"  # a remote tier's circuit breaker closed again
+
+# Every event type an agent publishes on devices/<id>/events.
+EVENT_TYPES = (
+    EVENT_DOWNLOAD_PROGRESS,
+    EVENT_VERIFY_FAILED,
+    EVENT_SWAP_STARTED,
+    EVENT_SWAP_OK,
+    EVENT_SWAP_FAILED,
+    EVENT_FALLBACK,
+    EVENT_DESIRED_REFUSED,
+    EVENT_DESIRED_STALE,
+    EVENT_INTEGRITY_FAILED,
+    EVENT_MESSAGE_DROPPED,
+    EVENT_KEY_REVOKED,
+    EVENT_TIER_SKIPPED,
+    EVENT_TIER_FAILING,
+    EVENT_TIER_RECOVERED,
+)
