@@ -35,7 +35,7 @@ def test_certs_command_issues_a_client_certificate_per_identity(tmp_path: Path) 
     args = ["certs", "--fleet", str(tmp_path / "fleet.yaml"), "--broker-host", "10.0.0.5"]
     result = CliRunner().invoke(cli, [*args, "--broker-host", "broker.lan", "--json"])
     assert result.exit_code == 0, result.output
-    doc = json.loads(result.output)
+    doc = json.loads(result.stdout)
     certs = tmp_path / "certs"
     assert sorted(doc["issued"]) == ["broker", "ca", "cam-01", "cam-02", "grafana", "ops"]
     for name in doc["issued"]:

@@ -182,7 +182,7 @@ def test_cli_compresses_module_attr_end_to_end(tmp_path, monkeypatch):
     ]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
-    doc = json.loads(result.output)
+    doc = json.loads(result.stdout)
     assert doc["choice"]["candidate"] in (0, 1)
     converted = onnx.load(str(out / "converted.onnx"))
     assert [i.name for i in converted.graph.input] == ["input"]
