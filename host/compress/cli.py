@@ -17,10 +17,11 @@ from slimfleet.host.compress.evaluate import EvalSettings
 from slimfleet.host.compress.fidelity import parse_metric
 from slimfleet.host.compress.modelfile import describe, load_model
 from slimfleet.host.compress.reporthtml import output_line, undecided_notes
-from slimfleet.host.compress.resources import format_bytes, parse_bytes, parse_seconds
+from slimfleet.host.compress.resources import format_bytes, parse_bytes
 from slimfleet.host.compress.search import OBJECTIVES
 from slimfleet.host.compress.search import compress as run_compress
 from slimfleet.host.plugins import load_plugins
+from slimfleet.host.units import parse_duration
 
 log = logging.getLogger(__name__)
 
@@ -155,8 +156,8 @@ def compress(
     """
     shapes = dict(parse_input_shape(text) for text in input_shapes)
     judged = dict(parse_metric(text) for text in metrics)
-    memory, seconds = parse_bytes(max_memory), parse_seconds(time_budget)
-    training = parse_seconds(train_budget, "--train-budget") if train_budget else None
+    memory, seconds = parse_bytes(max_memory), parse_duration(time_budget, "--time-budget")
+    training = parse_duration(train_budget, "--train-budget") if train_budget else None
     settings = EvalSettings.quick() if quick else EvalSettings()
     with contextlib.ExitStack() as stack:
         bars: list[Any] = []

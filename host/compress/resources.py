@@ -33,7 +33,6 @@ SAMPLE_INTERVAL = 0.02
 """Seconds between two samples of a tree's RSS."""
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-_SECONDS = {"": 1, "s": 1, "m": 60, "min": 60, "h": 3600}
 
 
 def tree_rss(pid: int | None = None) -> int:
@@ -104,11 +103,3 @@ def parse_bytes(text: str, option: str = "--max-memory") -> int:
     if not match or float(match[1]) <= 0:
         raise InputError(f"{option} {text!r}: expected a size such as 4GiB, 512MiB or 2G")
     return int(float(match[1]) * _UNITS[match[2]])
-
-
-def parse_seconds(text: str, option: str = "--time-budget") -> float:
-    """``"5m"``, ``"90s"``, ``"1h"`` or plain seconds -> seconds."""
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(s|m|min|h)?\s*", text.lower())
-    if not match or float(match[1]) <= 0:
-        raise InputError(f"{option} {text!r}: expected a duration such as 5m, 90s or 1h")
-    return float(match[1]) * _SECONDS[match[2] or ""]

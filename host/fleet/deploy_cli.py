@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import time
 from pathlib import Path
 from typing import Any
@@ -31,19 +30,9 @@ from slimfleet.host.fleet.config import FleetConfig, load_fleet
 from slimfleet.host.fleet.deployfile import load_deployment
 from slimfleet.host.fleet.mqttio import BrokerLink
 from slimfleet.host.fleet.outcomes import DEFAULT_WAIT_S, Outcome, wait_for_outcomes
+from slimfleet.host.units import parse_duration
 
 log = logging.getLogger(__name__)
-
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?")
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-
-
-def parse_duration(text: str, what: str) -> float:
-    """``90``, ``90s``, ``5m``, ``2h``, ``7d`` -> seconds (> 0); InputError otherwise."""
-    match = _DURATION.fullmatch(str(text).strip())
-    if match is None or float(match[1]) <= 0:
-        raise InputError(f"{what}: expected a duration such as 30s, 5m, 2h or 7d, got {text!r}")
-    return float(match[1]) * _UNITS[match[2] or "s"]
 
 
 def parse_ref(text: str, what: str) -> ModelRef:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,8 +30,6 @@ from slimfleet.host.fleet.mqttio import BrokerLink
 
 log = logging.getLogger(__name__)
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
-_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 MAX_CERT_LIFETIME_S = 10 * 365 * 86400
 
 
@@ -54,18 +51,6 @@ def generate_keys(private_path: Path, public_path: Path, what: str = "signing ke
         raise InputError(
             f"cannot write the key pair: {exc.strerror or exc}: {exc.filename}"
         ) from None
-
-
-def parse_duration(text: str) -> float:
-    """``365d``, ``12h``, ``90m``, ``2w`` or plain seconds; InputError if not one, or
-    beyond :data:`MAX_CERT_LIFETIME_S` (ten years)."""
-    match = _DURATION.match(text)
-    if match is None:
-        raise InputError(f"expected a duration like 365d, 12h or 3600, got {text!r}")
-    seconds = float(match.group(1)) * _SECONDS[match.group(2)]
-    if not 0 < seconds <= MAX_CERT_LIFETIME_S:
-        raise InputError(f"duration {text!r} must be > 0 and at most ten years")
-    return seconds
 
 
 def _load_root(root_private: Path, fleet: FleetConfig | None) -> Any:

@@ -16,12 +16,13 @@ from slimfleet.agent.errors import InputError, SlimfleetError
 from slimfleet.host.fleet.cli import _emit, fleet_option, json_option
 from slimfleet.host.fleet.config import load_fleet
 from slimfleet.host.fleet.keys import (
+    MAX_CERT_LIFETIME_S,
     generate_keys,
     generate_signing_key,
     list_keys,
-    parse_duration,
     revoke,
 )
+from slimfleet.host.units import parse_duration
 
 root_key_option = click.option(
     "--root-key",
@@ -113,7 +114,7 @@ def keys_generate(
         raise InputError(
             f"{fleet_path}: keys: has no 'certificate:' path for the signing key's certificate"
         )
-    lifetime = parse_duration(expires)
+    lifetime = parse_duration(expires, "--expires", maximum=MAX_CERT_LIFETIME_S)
     made = generate_signing_key(
         private, public, cert, root_key, lifetime_s=lifetime, purpose=purpose, fleet=fleet
     )

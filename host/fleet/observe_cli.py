@@ -7,7 +7,6 @@ Thin click layers over :mod:`.status`, :mod:`.catalog`, :mod:`.monitor` and
 from __future__ import annotations
 
 import json
-import re
 import signal
 import threading
 import time
@@ -34,8 +33,7 @@ from slimfleet.host.fleet.status import (
     selected,
 )
 from slimfleet.host.fleet.watch import FleetFeed
-
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "": 1.0}
+from slimfleet.host.units import parse_duration
 
 
 class Duration(click.ParamType):
@@ -50,10 +48,10 @@ class Duration(click.ParamType):
         if isinstance(value, (int, float)):
             seconds = float(value)
         else:
-            match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*", str(value))
-            if match is None:
-                self.fail(f"expected a duration such as 3s, 500ms or 2m, got {value!r}", param, ctx)
-            seconds = float(match[1]) * _UNITS[match[2] or ""]
+            try:
+                seconds = parse_duration(value, param.opts[0] if param else "duration")
+            except InputError as exc:
+                self.fail(str(exc), param, ctx)
         if seconds < self.minimum or (self.maximum is not None and seconds > self.maximum):
             upper = f" and {self.maximum:g}s" if self.maximum is not None else ""
             self.fail(f"must be between {self.minimum:g}s{upper}, got {value!r}", param, ctx)

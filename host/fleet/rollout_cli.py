@@ -15,7 +15,8 @@ from slimfleet.host.fleet import deploy
 from slimfleet.host.fleet import rollout as rollouts
 from slimfleet.host.fleet.cli import fleet_option, json_option
 from slimfleet.host.fleet.config import FleetConfig, load_fleet
-from slimfleet.host.fleet.deploy_cli import parse_duration, parse_ref, with_options
+from slimfleet.host.fleet.deploy_cli import parse_ref, with_options
+from slimfleet.host.units import parse_duration
 
 log = logging.getLogger(__name__)
 

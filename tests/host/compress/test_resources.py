@@ -48,11 +48,6 @@ def test_sizes(text, value):
     assert resources.parse_bytes(text) == value
 
 
-@pytest.mark.parametrize(("text", "value"), [("5m", 300), ("90s", 90), ("1h", 3600), ("2.5", 2.5)])
-def test_durations(text, value):
-    assert resources.parse_seconds(text) == value
-
-
 @pytest.mark.parametrize("text", ["", "4X", "-1G", "0", "GiB"])
 def test_bad_sizes_say_what_is_expected(text):
     with pytest.raises(InputError, match=r"--max-memory .*expected a size such as 4GiB"):

@@ -68,5 +68,5 @@ def test_a_bad_train_budget_is_one_line_and_exit_2(slimfleet, mlp_case, tmp_path
     assert (
         err.strip()
         .splitlines()[-1]
-        .endswith("--train-budget 'soon': expected a duration such as 5m, 90s or 1h")
+        .endswith("--train-budget 'soon': expected a duration such as 90s, 5m, 2h or 7d")
     )

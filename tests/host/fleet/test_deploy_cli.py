@@ -136,7 +136,7 @@ def test_assign_a_deployment_file(cli_fleet: FleetConfig, slimfleet, tmp_path: P
         (["a@1", "--slot", "det=b@9"], "b@9 is not published on mqtt://"),
         (["a@1", "--slot", "main=a@2"], "--slot 'main=a@2': slot 'main' is already set"),
         (["nothing@1"], "nothing@1 is not published"),
-        (["a@1", "--timeout", "soon"], "--timeout: expected a duration"),
+        (["a@1", "--timeout", "soon"], "--timeout 'soon': expected a duration"),
         ([], "nothing to assign"),
     ],
 )
@@ -204,7 +204,10 @@ def test_unassign_reissue_and_prune(cli_fleet: FleetConfig, slimfleet) -> None:
         (["rollout", "a@2", "--group", "all", "--waves", "0,5"], "waves: '0' must be a count"),
         (["rollout", "a@2", "--group", "all", "--min-devices", "x"], "--min-devices: expected an"),
         (["rollout", "a@2", "--group", "all", "--max-failure-rate", "2"], "max_failure_rate must"),
-        (["rollout", "a@2", "--group", "all", "--soak", "1 week"], "--soak: expected a duration"),
+        (
+            ["rollout", "a@2", "--group", "all", "--soak", "1 week"],
+            "--soak '1 week': expected a duration",
+        ),
         (["rollout", "a@2", "--group", "all", "--slot", "A"], "--slot: invalid slot name 'A'"),
         (["rollout", "a@9", "--group", "all"], "a@9 is not published"),
         (["rollout", "resume", "--group", "all"], "no rollout is running on group 'all'"),

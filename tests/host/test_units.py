@@ -1,0 +1,35 @@
+import pytest
+
+from slimfleet.agent.errors import InputError
+from slimfleet.host.units import parse_duration
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("5m", 300),
+        ("5min", 300),
+        ("90s", 90),
+        ("1h", 3600),
+        ("2.5", 2.5),
+        ("500ms", 0.5),
+        ("7d", 7 * 86400),
+        ("2w", 14 * 86400),
+        (" 3S ", 3),
+        (30, 30),
+    ],
+)
+def test_durations(text, seconds):
+    assert parse_duration(text, "--wait") == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("text", ["", "soon", "-1s", "0", "5 fortnights", "1e3s", "s"])
+def test_bad_durations_name_the_option_and_the_text(text):
+    with pytest.raises(InputError, match=rf"^--soak {text!r}: expected a duration such as"):
+        parse_duration(text, "--soak")
+
+
+def test_a_maximum_is_enforced():
+    assert parse_duration("3650d", "--expires", maximum=3650 * 86400) == 3650 * 86400
+    with pytest.raises(InputError, match="at most"):
+        parse_duration("3651d", "--expires", maximum=3650 * 86400)
