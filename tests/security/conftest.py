@@ -32,11 +32,15 @@ Adding an attack
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 
+import models
 import pytest
-from securefleet import SecureFleet
+from securefleet import SecureFleet, at
 
 PREFIX = "slimfleet-sec"
 
@@ -48,3 +52,36 @@ def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureFleet]:
     fleet.broker.start()
     yield fleet
     fleet.broker.stop()
+
+
+def _agent_rig() -> ModuleType:
+    """tests/agent/conftest.py, loaded by path: its rig, watcher and publisher fixtures
+    drive a real agent on real mosquitto here too (the agent attacks in this folder)."""
+    path = Path(__file__).resolve().parents[1] / "agent" / "conftest.py"
+    spec = importlib.util.spec_from_file_location("security_agent_rig", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+_rig = _agent_rig()
+Rig, Watcher, Publisher = _rig.Rig, _rig.Watcher, _rig.Publisher
+make_rig, rig, watcher_for, watcher = _rig.make_rig, _rig.rig, _rig.watcher_for, _rig.watcher
+publisher_for, publisher, model_files = _rig.publisher_for, _rig.publisher, _rig.model_files
+
+
+@pytest.fixture
+def agent(mosquitto, rig, watcher):  # type: ignore[no-untyped-def]
+    """A real agent (HTTP on a free port) serving m@1 (add 1.0) at seq 1, on the session's
+    mosquitto; stopped after the test."""
+    rig.publish(models.add_const(1.0), 1)
+    running = rig.agent(mosquitto.url)
+    running.start()
+    try:
+        rig.assign(1)
+        watcher.wait("state", at(1, "serving"))
+        yield running
+    finally:
+        running.stop()
