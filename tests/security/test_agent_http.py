@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from oip_rig import call
 from securefleet import X, at, served
+from security_agent_rig import Rig, Watcher
 
 INFER = "/v2/models/main/infer"
 GOOD = json.dumps(
@@ -154,8 +155,6 @@ _body = st.one_of(
 @pytest.fixture(scope="module")
 def fuzzed(mosquitto, tmp_path_factory):
     """One real agent serving m@1 for every example (module-scoped: examples are cheap)."""
-    from security_agent_rig import Rig, Watcher
-
     rig = Rig(mosquitto.url, "slimfleet-test/security-http-fuzz", tmp_path_factory.mktemp("h"))
     watcher = Watcher(mosquitto.url, rig.topics, rig.device, "watch-security-http-fuzz")
     rig.publish(models.add_const(1.0), 1)
