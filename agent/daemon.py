@@ -4,12 +4,16 @@
 ``slimfleet-agent --config agent.yaml`` (:mod:`slimfleet.agent.command`) runs one until
 SIGTERM or SIGINT.
 
-On start it re-checks and serves the last good deployment at once (no broker needed),
-starts the HTTP API, then connects. Its threads: ``listen`` verifies each signed desired
-state (:mod:`slimfleet.agent.desired` decides whether it is fresh); ``control`` brings
-serving to the accepted one (:mod:`slimfleet.agent.update` fetches and installs,
-:class:`DeploymentServer` loads beside and switches), retries transient failures with
-backoff and marks it stale when it expires; ``telemetry`` publishes every interval.
+On start it re-checks and serves the last good deployment at once (no broker needed;
+none with a model signed by a revoked key), starts the HTTP API, then connects. Its
+threads: ``listen`` verifies each signed desired state (:mod:`slimfleet.agent.desired`
+decides whether it is fresh), adopts revocation lists and reports the link's drops;
+``control`` brings serving to the accepted one (:mod:`slimfleet.agent.update` fetches and
+installs, :class:`DeploymentServer` loads beside and switches), retries transient
+failures with backoff, marks it stale when it expires and leaves a deployment whose
+signing key was revoked (:mod:`slimfleet.agent.fallback`); ``telemetry`` publishes.
+Every subscription has its byte limit (:mod:`slimfleet.agent.inbox`): desired states and
+revocation lists ``DOCUMENT_LIMIT``, manifests ``MANIFEST_LIMIT``, chunks their size.
 
 What the agent publishes (state, telemetry, events) is the schema-2 wire format at
 the end of :mod:`slimfleet.agent.wire`; :mod:`slimfleet.agent.report` builds it.
@@ -23,6 +27,7 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import replace
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -38,13 +43,25 @@ from slimfleet.agent.desired import (
     STAGE_VERIFY,
     Freshness,
     Record,
+    expiry_deadline,
     notice,
     restore,
     save_record,
 )
 from slimfleet.agent.errors import SlimfleetError, VerifyError
+from slimfleet.agent.fallback import (
+    STAGE_REVOKED,
+    Revoked,
+    adopt_revocations,
+    leave_revoked,
+    revoked_models,
+    serve_first_usable,
+)
+from slimfleet.agent.inbox import DOCUMENT_LIMIT
+from slimfleet.agent.keyring import revocation_topic
 from slimfleet.agent.link import Link, Message, Subscription
-from slimfleet.agent.report import event_document, state_document, tiers
+from slimfleet.agent.outbox import Outbox
+from slimfleet.agent.report import state_document, tiers
 from slimfleet.agent.serve import HttpApi
 from slimfleet.agent.serving import DeploymentError, DeploymentServer
 from slimfleet.agent.store import AgentState, ModelStore
@@ -53,8 +70,6 @@ from slimfleet.agent.update import Superseded, Timing, UpdateFailed, Updater, ch
 from slimfleet.agent.wire import (
     EVENT_DESIRED_REFUSED,
     EVENT_DESIRED_STALE,
-    EVENT_DOWNLOAD_PROGRESS,
-    EVENT_FALLBACK,
     SLOT_MAIN,
     Deployment,
     DesiredState,
@@ -64,6 +79,8 @@ __all__ = ["Agent", "Timing", "main"]
 
 log = logging.getLogger(__name__)
 
+REVOCATIONS_FILE = "revoked.json"  # in the store: the revocation list, kept across restarts
+
 
 class Agent:
     """One device agent. ``start()`` returns at once; ``stop()`` shuts it down cleanly."""
@@ -71,14 +88,23 @@ class Agent:
     def __init__(self, config: AgentConfig, *, timing: Timing | None = None) -> None:
         self.config = config
         self.timing = timing or Timing()
-        self.verifier = config.verifier()
+        self.verifier = config.verifier(config.store_dir / REVOCATIONS_FILE)
         self.store = ModelStore(config.store_dir, keep=config.keep_versions)
         self.telemetry = Telemetry(config.device_id)
+        self.outbox = Outbox(
+            config.device_id,
+            self.telemetry,
+            publish=lambda topic, payload, qos: self.link.publish(topic, payload, qos=qos),
+            events_topic=self._topic("events"),
+            telemetry_topic=self._topic("telemetry"),
+            seq=lambda: (r := self._followed()) and r.desired.seq,
+        )
+        self._emit = self.outbox.emit
         self.server = DeploymentServer(
             threads=config.threads,
             watch=config.watch,
             telemetry=self.telemetry,
-            on_event=self._publish_event,
+            on_event=self.outbox.publish_event,
             on_fallback=self._on_watch_fallback,
             on_settled=self._on_settled,
             confidence_functions=config.confidence_functions,
@@ -93,6 +119,7 @@ class Agent:
             config.device_id,
             status_topic=self._topic("status"),
             backoff=self.timing.link,
+            on_drop=self.outbox.dropped,  # on the link thread: queues, never blocks
         )
         self._wake = threading.Event()
         self._cancel = threading.Event()  # set: the update in progress is superseded
@@ -101,14 +128,15 @@ class Agent:
             config, self.timing, self.link, self.store, self.verifier, self._emit, self._cancel
         )
         #: Guards _state, _record (the desired state followed), _noticed (a newer one that
-        #: is not applied: shown in the state document instead), _updating and
-        #: last_update, and orders their writes
+        #: is not applied: shown in the state document instead), _updating,
+        #: _serving_revoked and last_update, and orders their writes
         #: to state.json/desired.json (held for a file write, never for a download,
         #: a model load or a publish).
         self._lock = threading.Lock()
         self._state, self._record = restore(self.store, self.verifier)
         self._noticed: Record | None = None
         self._updating = False
+        self._serving_revoked: list[Revoked] = []  # revoked models served for want of another
         self.last_update: dict[str, Any] | None = None  # figures of the last switch
         self._threads: list[threading.Thread] = []
         self._subscription: Subscription | None = None
@@ -132,6 +160,7 @@ class Agent:
 
     def start(self) -> None:
         """Serve the last good deployment, start HTTP, then connect and follow the desired state."""
+        config = self.config
         self._serve_last_good()
         with self._lock:
             record, serving = self._record, self._state.current
@@ -139,14 +168,20 @@ class Agent:
             self._set_outcome(record, OUTCOME_PENDING)  # e.g. a model failed its integrity check
         if self.http is not None:
             self.http.start()
-        self._subscription = self.link.subscribe([self._topic("desired")])
+        self._subscription = self.link.subscribe(
+            [self._topic("desired"), revocation_topic(self.config.prefix)],
+            max_bytes=DOCUMENT_LIMIT,
+        )
         self._publish_state()
         self.link.start()
         self._wake.set()  # a desired state accepted before a restart is resumed at once
         for target, name in (
             (self._listen, "desired"),
             (self._control, "control"),
-            (self._report, "telemetry"),
+            (
+                partial(self.outbox.report_telemetry, config.telemetry_interval_s, self._stop),
+                "telemetry",
+            ),
         ):
             thread = threading.Thread(target=target, name=f"agent-{name}", daemon=True)
             thread.start()
@@ -169,34 +204,16 @@ class Agent:
     # -- startup --------------------------------------------------------------------
 
     def _serve_last_good(self) -> None:
-        """Serve the last good deployment (or the previous one), each model re-checked first."""
+        """Serve the last good deployment (or the previous one), each model re-checked
+        first; one with a model signed by a revoked key is never served after a start."""
         state = self.state
-        candidates: list[Deployment] = []
-        for spec in (state.last_good, state.previous):
-            if spec is not None and spec not in candidates:
-                candidates.append(spec)
-        for spec in candidates:
-            sources = self.updater.installed(spec)  # integrity at rest, before activation
-            try:
-                self.server.activate(
-                    spec, sources, watch=False, max_latency_ms=self.config.smoke_max_latency_ms
-                )
-            except DeploymentError as exc:
-                self._emit(
-                    EVENT_FALLBACK,
-                    slot=exc.slot,
-                    model=exc.ref,
-                    deployment=tiers(spec),
-                    stage="start",
-                    reason=str(exc),
-                )
-                continue
-            previous = state.previous if state.previous != spec else None
-            with self._lock:
+        candidates = (state.last_good, state.previous)
+        spec = serve_first_usable(candidates, stage="start", **self._fallback_parts())
+        with self._lock:
+            if spec is not None:
+                previous = state.previous if state.previous != spec else None
                 self._save_state(replace(state, current=spec, last_good=spec, previous=previous))
-            return
-        if state.current is not None:
-            with self._lock:
+            elif state.current is not None:
                 self._save_state(replace(state, current=None, last_good=None, previous=None))
 
     # -- desired states (listen thread) --------------------------------------------------
@@ -205,10 +222,15 @@ class Agent:
         while not self._stop.is_set():
             assert self._subscription is not None
             message = self._subscription.get(timeout=0.5)
+            self.outbox.report_drops()
             if message is None:
                 continue
             try:
-                self._on_desired(message)
+                if message.topic != revocation_topic(self.config.prefix):
+                    self._on_desired(message)
+                elif adopt_revocations(self.verifier, message, self._emit):
+                    self._cancel.set()  # an update in progress re-checks its manifests
+                    self._wake.set()  # the control thread leaves revoked models
             except Exception:  # a bug must not stop the agent following its desired state
                 log.exception("handling %s failed", message.topic)
 
@@ -262,7 +284,7 @@ class Agent:
     def _control(self) -> None:
         attempt, retry_at = 0, None
         while not self._stop.is_set():
-            wake_at = [t for t in (retry_at, self._expiry_deadline()) if t is not None]
+            wake_at = [t for t in (retry_at, expiry_deadline(self._followed())) if t is not None]
             timeout = max(0.0, min(wake_at) - time.monotonic()) if wake_at else None
             woken = self._wake.wait(timeout)
             self._wake.clear()
@@ -272,6 +294,7 @@ class Agent:
                     self._cancel.clear()
             if self._stop.is_set():
                 return
+            self._leave_revoked()
             if record is None or self._went_stale(record) or record.outcome != OUTCOME_PENDING:
                 retry_at = None
                 continue
@@ -295,19 +318,36 @@ class Agent:
             retry_at = time.monotonic() + self.timing.retry.delay(attempt)
             attempt += 1
 
-    def _expiry_deadline(self) -> float | None:
-        """The monotonic time the followed desired state expires (to mark it stale)."""
+    def _leave_revoked(self) -> None:
+        """Fall back off a serving deployment with a model signed by a revoked key: to the
+        last good deployment whose models all verify, else the previous one; with neither,
+        keep serving it and say so (``key_revoked`` events, ``serving_revoked`` in state)."""
         with self._lock:
+            state, reported = self._state, self._serving_revoked
+        revoked = revoked_models(state.current, self.updater)
+        if revoked == reported:
+            return  # nothing revoked, or already reported as served for want of another
+        left = None
+        if revoked:
+            left = leave_revoked(
+                revoked, (state.last_good, state.previous), **self._fallback_parts()
+            )
+        with self._lock:
+            if left is not None and left.to is not None:
+                self._save_state(replace(self._state, current=left.to, last_good=left.to))
+            self._serving_revoked = left.revoked if left is not None and not left.to else []
             record = self._record
-        if record is None or record.outcome not in (OUTCOME_PENDING, OUTCOME_SERVING):
-            return None
-        return time.monotonic() + max(0.0, record.desired.expires - time.time())
+        if left is not None and record and record.desired.deployment == state.current:
+            self._failed(record, STAGE_REVOKED, left.reason, permanent=True)
+        self._publish_state()
+
+    def _fallback_parts(self) -> dict[str, Any]:  # fallback.serve_first_usable's
+        parts = {"updater": self.updater, "server": self.server, "emit": self._emit}
+        return {**parts, "max_latency_ms": self.config.smoke_max_latency_ms}
 
     def _went_stale(self, record: Record) -> bool:
         """Mark ``record`` stale when it expired; the serving deployment keeps serving."""
-        if record.outcome not in (OUTCOME_PENDING, OUTCOME_SERVING):
-            return False
-        if not record.desired.expired():
+        if record.outcome not in (OUTCOME_PENDING, OUTCOME_SERVING) or not record.desired.expired():
             return False
         reason = (
             f"expired at {time.ctime(record.desired.expires)}; still serving the last deployment"
@@ -424,7 +464,7 @@ class Agent:
         """What the agent publishes, retained, on ``devices/<id>/state``."""
         serving = self.server.current()
         with self._lock:
-            return state_document(
+            doc = state_document(
                 device=self.config.device_id,
                 started=self.telemetry.started_at,
                 serving=serving,
@@ -434,33 +474,15 @@ class Agent:
                 updating=self._updating,
                 last_update=self.last_update,
             )
+            doc["serving_revoked"] = [r.to_dict() for r in self._serving_revoked]
+            return doc
 
     def _publish_state(self) -> None:
         self.link.set_retained(self._topic("state"), json.dumps(self.state_document()).encode())
 
-    def _emit(self, kind: str, **fields: Any) -> None:
-        event = event_document(kind, **fields)
-        self.telemetry.count_event(event)
-        self._publish_event(event)
-
-    def _publish_event(self, event: dict[str, Any]) -> None:
-        event = {**event, "device": self.config.device_id}
-        if event.get("seq") is None:
-            with self._lock:
-                event["seq"] = self._record.desired.seq if self._record else None
-        if event["type"] != EVENT_DOWNLOAD_PROGRESS:
-            log.info("event %s", json.dumps(event))
-        self.link.publish(self._topic("events"), json.dumps(event).encode(), qos=1)
-
-    def _report(self) -> None:
-        """Publish telemetry every interval (QoS 0: dropped while offline)."""
-        topic = self._topic("telemetry")
-        while not self._stop.wait(self.config.telemetry_interval_s):
-            try:
-                snapshot = self.telemetry.snapshot()
-                self.link.publish(topic, json.dumps(snapshot).encode(), qos=0)
-            except Exception:  # a bug costs one report, not all the following ones
-                log.exception("publishing telemetry failed")
+    def _followed(self) -> Record | None:
+        with self._lock:
+            return self._record
 
     def _topic(self, leaf: str) -> str:
         return self.config.topics.device(self.config.device_id, leaf)

@@ -131,6 +131,13 @@ def notice(
     return refusal, record.with_outcome(outcome, refusal.stage, refusal.reason)
 
 
+def expiry_deadline(record: Record | None) -> float | None:
+    """The monotonic time the followed ``record`` expires (to mark it stale), else None."""
+    if record is None or record.outcome not in (OUTCOME_PENDING, OUTCOME_SERVING):
+        return None
+    return time.monotonic() + max(0.0, record.desired.expires - time.time())
+
+
 @dataclass(frozen=True)
 class Freshness:
     """The replay floor and the enrolment time, as read from one file."""

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from slimfleet.agent.errors import SlimfleetError, VerifyError
+from slimfleet.agent.inbox import MAX_PACKET_BYTES, chunk_limit
 from slimfleet.agent.link import Link
 from slimfleet.agent.store import atomic_write_bytes
 from slimfleet.agent.wire import Manifest, Topics, sha256_hex
@@ -164,7 +165,8 @@ class ChunkDownload:
     """Fetch the chunks of one manifest through ``link`` into ``partial_dir``.
 
     ``window`` chunk topics are subscribed at a time (bounding memory and letting the
-    broker pace us). ``chunk_timeout_s`` is how long the download waits for the next
+    broker pace us); the subscription drops a message over ``chunk_limit(chunk_size)``
+    bytes unread and queues at most ``window`` such chunks' bytes. ``chunk_timeout_s`` is how long the download waits for the next
     chunk while the link is up before it gives up with :class:`DownloadError`.
     ``on_progress(download)`` is called each time another ``progress_step`` of the
     chunks is done. ``received`` lists the index of every chunk message that arrived,
@@ -249,7 +251,8 @@ class ChunkDownload:
         pending: set[int] = set()
         next_step = self._next_step()
         last_chunk = last_persist = time.monotonic()
-        with self.link.subscribe() as sub:
+        limit = min(chunk_limit(self.manifest.chunk_size), MAX_PACKET_BYTES)
+        with self.link.subscribe(max_bytes=limit, max_queued_bytes=self.window * limit) as sub:
             while queue or pending:
                 refill = queue[: self.window - len(pending)]
                 if refill:

@@ -26,9 +26,11 @@ from typing import Any
 from slimfleet.agent.config import AgentConfig
 from slimfleet.agent.download import ChunkDownload, DownloadCancelled, DownloadError, clear_partials
 from slimfleet.agent.errors import SlimfleetError, VerifyError
+from slimfleet.agent.inbox import MANIFEST_LIMIT
+from slimfleet.agent.keyring import KeyRing
 from slimfleet.agent.link import Backoff, Link
 from slimfleet.agent.serving import ModelSource
-from slimfleet.agent.signing import Verifier
+from slimfleet.agent.signing import open_envelope
 from slimfleet.agent.store import ModelStore
 from slimfleet.agent.wire import (
     EVENT_DOWNLOAD_PROGRESS,
@@ -101,7 +103,7 @@ class Updater:
         timing: Timing,
         link: Link,
         store: ModelStore,
-        verifier: Verifier,
+        verifier: KeyRing,
         emit: Emit,
         cancel: threading.Event,
     ) -> None:
@@ -144,9 +146,11 @@ class Updater:
     def stored(self, ref: ModelRef, *, seq: int | None = None) -> ModelSource | None:
         """The installed ``ref`` re-verified, or None when it is not (or no longer) there.
 
-        Its manifest's expiry is not checked (it was valid when installed, and a signed
-        rollback to it must work after its TTL). A manifest that no longer verifies
-        (keys changed) or a file that no longer matches it is quarantined.
+        Its manifest's expiry, and its signing key's certificate's, are not checked (it
+        was valid when installed, and a signed rollback to it must work after its TTL). A
+        model signed by a revoked key is not available (it stays stored, unserved); a
+        manifest that no longer verifies otherwise (keys changed) or a file that no longer
+        matches it is quarantined.
         """
         if not self.store.has(ref):
             return None
@@ -154,6 +158,9 @@ class Updater:
         try:
             manifest = self._check(self.store.read_manifest(ref), ref, where, installed=True)
         except SlimfleetError as exc:  # UpdateFailed, or the manifest file is unreadable
+            if self.revoked_key(ref) is not None:
+                log.warning("%s is not served: %s", ref, exc)
+                return None
             self._quarantine(ref, seq, f"its stored manifest no longer verifies: {exc}")
             return None
         mismatch = self.store.check_file(ref, manifest.sha256, manifest.size)
@@ -161,6 +168,16 @@ class Updater:
             self._quarantine(ref, seq, mismatch)
             return None
         return ModelSource(self.store.model_path(ref), manifest.smoke)
+
+    def revoked_key(self, ref: ModelRef) -> str | None:
+        """The revoked key that signed the stored manifest of ``ref``, else None (also
+        when ``ref`` is not stored or its manifest cannot be read)."""
+        try:
+            document, _, _ = open_envelope(self.store.read_manifest(ref), str(ref))
+        except SlimfleetError:  # VerifyError (not an envelope) or an unreadable file
+            return None
+        kid = document.get("key_id")
+        return kid if isinstance(kid, str) and self.verifier.is_revoked(kid) else None
 
     def _quarantine(self, ref: ModelRef, seq: int | None, reason: str) -> None:
         log.error("%s: %s", ref, reason)
@@ -192,7 +209,7 @@ class Updater:
         """The retained manifest envelope of ``ref``."""
         topic = self.config.topics.manifest(ref.name, ref.version)
         waited, last = 0.0, time.monotonic()
-        with self.link.subscribe([topic]) as sub:
+        with self.link.subscribe([topic], max_bytes=MANIFEST_LIMIT) as sub:
             while True:
                 message = sub.get(timeout=0.25)
                 if message is not None and message.topic == topic and message.payload:
@@ -212,9 +229,11 @@ class Updater:
     def _check(
         self, envelope: bytes, ref: ModelRef, where: str, *, installed: bool = False
     ) -> Manifest:
-        """Verify ``envelope`` describes ``ref``; a fetched one must not have expired."""
+        """Verify ``envelope`` describes ``ref``; a fetched one must not have expired (nor its
+        key's certificate); an ``installed`` one is re-checked with ``allow_expired``."""
         try:
-            manifest = Manifest.from_dict(self.verifier.verify(envelope, where))
+            document = self.verifier.verify(envelope, where, allow_expired=installed)
+            manifest = Manifest.from_dict(document)
         except VerifyError as exc:
             raise UpdateFailed(STAGE_VERIFY, str(exc), permanent=True) from None
         if (manifest.name, manifest.version) != (ref.name, ref.version):
