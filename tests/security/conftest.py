@@ -72,16 +72,40 @@ make_rig, rig, watcher_for, watcher = _rig.make_rig, _rig.rig, _rig.watcher_for,
 publisher_for, publisher, model_files = _rig.publisher_for, _rig.publisher, _rig.model_files
 
 
-@pytest.fixture
-def agent(mosquitto, rig, watcher):  # type: ignore[no-untyped-def]
-    """A real agent (HTTP on a free port) serving m@1 (add 1.0) at seq 1, on the session's
-    mosquitto; stopped after the test."""
+def serve_m1(rig, watcher, url: str):  # type: ignore[no-untyped-def]
+    """Publish m@1 (add 1.0), start a real agent (HTTP on a free port), deploy m@1 at
+    seq 1 and wait until it serves; the started agent."""
     rig.publish(models.add_const(1.0), 1)
-    running = rig.agent(mosquitto.url)
+    running = rig.agent(url)
     running.start()
     try:
         rig.assign(1)
         watcher.wait("state", at(1, "serving"))
-        yield running
-    finally:
+    except BaseException:
         running.stop()
+        raise
+    return running
+
+
+@pytest.fixture
+def agent(mosquitto, rig, watcher):  # type: ignore[no-untyped-def]
+    """A real agent serving m@1 (add 1.0) at seq 1 on the session's mosquitto."""
+    running = serve_m1(rig, watcher, mosquitto.url)
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def module_agent(mosquitto, tmp_path_factory, request):  # type: ignore[no-untyped-def]
+    """``(rig, watcher, agent)``: one real agent serving m@1 (add 1.0) for a whole module
+    (the fuzzes, whose examples are too many for an agent each), its topics the module's."""
+    name = request.module.__name__.rsplit(".", 1)[-1]
+    rig = Rig(mosquitto.url, f"slimfleet-test/{name}", tmp_path_factory.mktemp(name))
+    watcher = Watcher(mosquitto.url, rig.topics, rig.device, f"watch-{name}")
+    try:
+        running = serve_m1(rig, watcher, mosquitto.url)
+        yield rig, watcher, running
+        running.stop()
+    finally:
+        watcher.close()
+        rig.close()

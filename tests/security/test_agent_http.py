@@ -18,7 +18,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from oip_rig import call
 from securefleet import X, at, served
-from security_agent_rig import Rig, Watcher
 
 INFER = "/v2/models/main/infer"
 GOOD = json.dumps(
@@ -153,19 +152,9 @@ _body = st.one_of(
 
 
 @pytest.fixture(scope="module")
-def fuzzed(mosquitto, tmp_path_factory):
-    """One real agent serving m@1 for every example (module-scoped: examples are cheap)."""
-    rig = Rig(mosquitto.url, "slimfleet-test/security-http-fuzz", tmp_path_factory.mktemp("h"))
-    watcher = Watcher(mosquitto.url, rig.topics, rig.device, "watch-security-http-fuzz")
-    rig.publish(models.add_const(1.0), 1)
-    agent = rig.agent(mosquitto.url)
-    agent.start()
-    rig.assign(1)
-    watcher.wait("state", at(1, "serving"))
-    yield agent, watcher
-    agent.stop()
-    watcher.close()
-    rig.close()
+def fuzzed(module_agent):
+    _, watcher, agent = module_agent
+    return agent, watcher
 
 
 @settings(

@@ -25,7 +25,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from securefleet import at, served
-from security_agent_rig import Publisher, Rig, Watcher
+from security_agent_rig import Publisher
 
 from slimfleet.agent.store import AgentState
 from slimfleet.host.fleet.publish import build_manifest
@@ -85,21 +85,10 @@ class Fuzzed:
 
 
 @pytest.fixture(scope="module")
-def fuzzed(mosquitto, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("fuzz")
-    rig = Rig(mosquitto.url, "slimfleet-test/security-topic-fuzz", tmp)
-    watcher = Watcher(mosquitto.url, rig.topics, rig.device, "watch-security-topic-fuzz")
-    rig.publish(models.add_const(1.0), 1)
-    agent = rig.agent(mosquitto.url)
-    agent.start()
-    rig.assign(1)
-    watcher.wait("state", at(1, "serving"))
-    fuzzed = Fuzzed(rig, watcher, agent)
+def fuzzed(module_agent):
+    fuzzed = Fuzzed(*module_agent)
     yield fuzzed
-    agent.stop()
     fuzzed.publisher.close()
-    watcher.close()
-    rig.close()
 
 
 @st.composite
