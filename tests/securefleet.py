@@ -3,11 +3,14 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -225,3 +228,18 @@ def at(seq: int, result: str | None = None) -> Callable[[dict[str, Any]], bool]:
         return handled.get("seq") == seq and result in (None, handled.get("outcome"))
 
     return check
+
+
+def load_agent_rig() -> ModuleType:
+    """tests/agent/conftest.py loaded by path as module ``security_agent_rig``: its Rig,
+    Watcher, Publisher and AgentProcess drive a real agent on real mosquitto for the
+    security suite and bench/attack_bench.py too."""
+    if "security_agent_rig" in sys.modules:
+        return sys.modules["security_agent_rig"]
+    path = Path(__file__).resolve().parent / "agent" / "conftest.py"
+    spec = importlib.util.spec_from_file_location("security_agent_rig", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module

@@ -32,15 +32,12 @@ Adding an attack
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
 
 import models
 import pytest
-from securefleet import SecureFleet, at
+from securefleet import SecureFleet, at, load_agent_rig
 
 PREFIX = "slimfleet-sec"
 
@@ -54,19 +51,7 @@ def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureFleet]:
     fleet.broker.stop()
 
 
-def _agent_rig() -> ModuleType:
-    """tests/agent/conftest.py, loaded by path: its rig, watcher and publisher fixtures
-    drive a real agent on real mosquitto here too (the agent attacks in this folder)."""
-    path = Path(__file__).resolve().parents[1] / "agent" / "conftest.py"
-    spec = importlib.util.spec_from_file_location("security_agent_rig", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-_rig = _agent_rig()
+_rig = load_agent_rig()
 Rig, Watcher, Publisher = _rig.Rig, _rig.Watcher, _rig.Publisher
 make_rig, rig, watcher_for, watcher = _rig.make_rig, _rig.rig, _rig.watcher_for, _rig.watcher
 publisher_for, publisher, model_files = _rig.publisher_for, _rig.publisher, _rig.model_files
