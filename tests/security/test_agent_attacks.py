@@ -90,14 +90,17 @@ def test_a_manifest_signed_by_an_unpinned_key_is_refused(agent, rig, watcher, at
 def test_a_chunk_longer_than_declared_is_refused(agent, rig, watcher, publisher):
     path = rig.publish(models.add_const(2.0, pad_bytes=40_000), 2)
     good = path.read_bytes()[: 16 * 1024]
-    publisher.put(rig.topics.chunk("m", 2, 0), good + b"\0" * 1_000_000)  # same prefix, longer
+    topic = rig.topics.chunk("m", 2, 0)
+    publisher.put(topic, good + b"\0" * 100)  # same prefix, a little longer: hash refused
     rig.assign(2)
     failed = watcher.event("verify_failed", model={"name": "m", "version": 2})
     assert failed["stage"] == "download" and "chunk 0" in failed["reason"]
-    assert served(agent) == 1.0
-    assert not agent.store.has(ModelRef("m", 2))
-    publisher.put(rig.topics.chunk("m", 2, 0), good)  # the host repairs it
-    watcher.wait("state", at(2, "serving"))
+    publisher.put(topic, good + b"\0" * 1_000_000)  # far longer: dropped before it is read
+    dropped = watcher.event("message_dropped", topic=topic)
+    assert dropped["size"] > dropped["limit"] >= 16 * 1024 and dropped["reason"] == "too_large"
+    assert served(agent) == 1.0 and not agent.store.has(ModelRef("m", 2))
+    publisher.put(topic, good)  # the host repairs it
+    watcher.wait("state", at(2, "serving"), timeout=30)
     assert served(agent) == 2.0
 
 

@@ -12,12 +12,15 @@ import threading
 import time
 
 import models
+import numpy as np
 import psutil
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from oip_rig import call
 from securefleet import X, at, served
+
+from slimfleet.agent.watch import Baseline, WatchPolicy, regression
 
 INFER = "/v2/models/main/infer"
 GOOD = json.dumps(
@@ -114,6 +117,19 @@ def test_client_errors_during_a_swap_never_roll_it_back(mosquitto, rig, watcher)
     finally:
         stop.set()
         agent.stop()
+
+
+@pytest.mark.parametrize(
+    ("before_ms", "after_ms", "rolled_back"),
+    [(0.35, 0.53, False), (0.35, 2.0, False), (0.35, 2.5, True), (10.0, 20.0, True)],
+)
+def test_a_latency_rise_within_scheduling_noise_is_no_regression(before_ms, after_ms, rolled_back):
+    """A flood of requests (valid or not) doubles a sub-millisecond model's p95; that must
+    not veto the swap, while a real slowdown still does."""
+    policy = WatchPolicy(window_s=5, min_requests=5, max_p95_ratio=1.5)
+    base = Baseline(0.0, before_ms / 1000)
+    reason = regression(policy, np.full(50, after_ms / 1000), base)
+    assert (reason is not None) == rolled_back, reason
 
 
 # -- a bounded fuzz of the agent's OIP endpoints ---------------------------------------------
