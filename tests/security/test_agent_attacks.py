@@ -1,5 +1,5 @@
 """TUF attack classes against a real agent on a real mosquitto, the ones tests/agent/ does
-not already cover (the index of every attack and its test is tests/security/test_index.py).
+not already cover (the index of every attack and its test is the docstring of tests/security/conftest.py).
 
 Each test: the agent serves m@1 (add 1.0); the attacker publishes what any client on a
 broker without an ACL could (retained); the test checks the agent refused and reported it,
