@@ -313,6 +313,7 @@ class Agent:
                 log.exception("applying desired seq %d failed", record.desired.seq)
                 self._failed(record, "internal", repr(exc), permanent=False)
             else:
+                self._leave_revoked()  # a new deployment clears serving_revoked
                 retry_at = None
                 continue
             retry_at = time.monotonic() + self.timing.retry.delay(attempt)
@@ -329,9 +330,8 @@ class Agent:
             return  # nothing revoked, or already reported as served for want of another
         left = None
         if revoked:
-            left = leave_revoked(
-                revoked, (state.last_good, state.previous), **self._fallback_parts()
-            )
+            others = [s for s in (state.last_good, state.previous) if s != state.current]
+            left = leave_revoked(revoked, others, **self._fallback_parts())
         with self._lock:
             if left is not None and left.to is not None:
                 self._save_state(replace(self._state, current=left.to, last_good=left.to))
@@ -441,6 +441,7 @@ class Agent:
         if record is not None and record.desired.deployment == bad:
             self._failed(record, "watch", reason, permanent=True)
         self._publish_state()
+        self._wake.set()  # the control thread re-checks it for revoked keys
 
     def _on_settled(self, spec: Deployment) -> None:
         with self._lock:

@@ -33,14 +33,6 @@ EVENT_SWAP_STARTED = "swap_started"
 EVENT_SWAP_OK = "swap_ok"
 EVENT_SWAP_FAILED = "swap_failed"
 EVENT_FALLBACK = "fallback"
-EVENT_TYPES = (
-    EVENT_DOWNLOAD_PROGRESS,
-    EVENT_VERIFY_FAILED,
-    EVENT_SWAP_STARTED,
-    EVENT_SWAP_OK,
-    EVENT_SWAP_FAILED,
-    EVENT_FALLBACK,
-)
 
 
 class Topics:
@@ -599,7 +591,9 @@ class DesiredState:
 #                "deployment": {slot: [...refs]},
 #                "outcome": "pending" | "serving" | "refused" | "stale",
 #                "stage": str | null, "reason": str | null} | null,   # the last desired seen
-#    "floor": int}                           # highest seq accepted (replay floor)
+#    "floor": int,                           # highest seq accepted (replay floor)
+#    "serving_revoked": [{"slot", "name", "version", "key_id"}]}  # served although their
+#                       # signing key is revoked (no other deployment verifies); else []
 #   "outcome" tells the host what became of that desired state: "serving" when the
 #   device serves exactly it, "refused" with the stage (verify, download, install, load,
 #   smoke_test, watch, expired, replay, skew, revoked, integrity) and a one-line reason.
@@ -629,3 +623,21 @@ EVENT_KEY_REVOKED = "key_revoked"  # a model's signing key was revoked: fell bac
 EVENT_TIER_SKIPPED = "tier_skipped"  # a chain tier failed to load; the slot serves without it
 EVENT_TIER_FAILING = "tier_failing"  # a tier (local or remote) failed or timed out
 EVENT_TIER_RECOVERED = "tier_recovered"  # a remote tier's circuit breaker closed again
+
+# Every event type an agent publishes on devices/<id>/events.
+EVENT_TYPES = (
+    EVENT_DOWNLOAD_PROGRESS,
+    EVENT_VERIFY_FAILED,
+    EVENT_SWAP_STARTED,
+    EVENT_SWAP_OK,
+    EVENT_SWAP_FAILED,
+    EVENT_FALLBACK,
+    EVENT_DESIRED_REFUSED,
+    EVENT_DESIRED_STALE,
+    EVENT_INTEGRITY_FAILED,
+    EVENT_MESSAGE_DROPPED,
+    EVENT_KEY_REVOKED,
+    EVENT_TIER_SKIPPED,
+    EVENT_TIER_FAILING,
+    EVENT_TIER_RECOVERED,
+)

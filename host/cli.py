@@ -35,7 +35,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "models": ("slimfleet.host.fleet.observe_cli", "models", "List published models."),
     "monitor": ("slimfleet.host.fleet.observe_cli", "monitor", "Watch the fleet live."),
     "exporter": ("slimfleet.host.fleet.observe_cli", "exporter", "Serve Prometheus metrics."),
-    "demo": ("slimfleet.host.demo", "demo", "Compress, publish and serve, end to end."),
+    "demo": ("slimfleet.host.demo", "demo", "Pipeline, swap, chain, rollouts: end to end."),
 }
 
 

@@ -27,14 +27,6 @@ from typing import Any
 
 from slimfleet.agent.errors import SlimfleetError
 from slimfleet.agent.wire import (
-    EVENT_DESIRED_REFUSED,
-    EVENT_DESIRED_STALE,
-    EVENT_INTEGRITY_FAILED,
-    EVENT_KEY_REVOKED,
-    EVENT_MESSAGE_DROPPED,
-    EVENT_TIER_FAILING,
-    EVENT_TIER_RECOVERED,
-    EVENT_TIER_SKIPPED,
     EVENT_TYPES,
     MAX_SLOTS,
     MAX_TIERS,
@@ -387,16 +379,4 @@ def event_label(kind: str) -> str:
     return kind if kind in KNOWN_EVENT_TYPES else "other"
 
 
-KNOWN_EVENT_TYPES = frozenset(
-    (
-        *EVENT_TYPES,
-        EVENT_DESIRED_REFUSED,
-        EVENT_DESIRED_STALE,
-        EVENT_INTEGRITY_FAILED,
-        EVENT_MESSAGE_DROPPED,
-        EVENT_KEY_REVOKED,
-        EVENT_TIER_SKIPPED,
-        EVENT_TIER_FAILING,
-        EVENT_TIER_RECOVERED,
-    )
-)
+KNOWN_EVENT_TYPES = frozenset(EVENT_TYPES)

@@ -1,0 +1,3 @@
+from slimfleet.host.demo.command import demo
+
+__all__ = ["demo"]
