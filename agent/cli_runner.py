@@ -45,6 +45,23 @@ def run_cli(command: click.Command, prog_name: str) -> None:
     sys.exit(0)
 
 
+class _CurrentStderr(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever ``sys.stderr`` is when a record is emitted, not the stream that
+    was current when logging was set up (a CLI run in-process, e.g. by click's CliRunner,
+    must not leave the root logger writing to its captured, since closed, stream)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property  # type: ignore[override]
+    def stream(self):  # type: ignore[no-untyped-def]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:  # type: ignore[no-untyped-def]
+        pass
+
+
 def setup_logging(verbose: int, quiet: bool = False) -> None:
     level = logging.WARNING
     if quiet:
@@ -53,4 +70,6 @@ def setup_logging(verbose: int, quiet: bool = False) -> None:
         level = logging.INFO
     elif verbose > 1:
         level = logging.DEBUG
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", force=True)
+    handler = _CurrentStderr()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler], force=True)

@@ -76,7 +76,9 @@ def admit(
             f"issued {desired.issued - now:.0f} s in this device's future "
             f"(more than the {max_skew_s:g} s allowed clock skew)",
         )
-    if desired.issued < enrolled:
+    # The same clock allowance on the past side: an assign sent while the device boots
+    # must not read as a replay onto a wiped store (the host's clock may lead ours).
+    if desired.issued < enrolled - max_skew_s:
         return Refusal(
             STAGE_REPLAY,
             f"issued {enrolled - desired.issued:.0f} s before this device's store was "

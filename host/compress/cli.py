@@ -111,6 +111,15 @@ def _print_json(doc: Any) -> None:
     "by at most one candidate's timeout. E.g. 5m, 90s, 1h.",
 )
 @click.option(
+    "--train-budget",
+    default=None,
+    metavar="DURATION",
+    help="Accuracy recovery (needs pip install 'slimfleet[train]'): when every "
+    "post-training int8 candidate missed the fidelity budget, train the best one "
+    "(quantization-aware, against the original on the calibration samples) for this "
+    "long; added to --time-budget. Off by default. E.g. 10m.",
+)
+@click.option(
     "--quick", is_flag=True, help="Few latency repeats: a faster, noisier search for trials."
 )
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary.")
@@ -127,6 +136,7 @@ def compress(
     force: bool,
     max_memory: str,
     time_budget: str,
+    train_budget: str | None,
     quick: bool,
     as_json: bool,
 ) -> None:
@@ -146,6 +156,7 @@ def compress(
     shapes = dict(parse_input_shape(text) for text in input_shapes)
     judged = dict(parse_metric(text) for text in metrics)
     memory, seconds = parse_bytes(max_memory), parse_seconds(time_budget)
+    training = parse_seconds(train_budget, "--train-budget") if train_budget else None
     settings = EvalSettings.quick() if quick else EvalSettings()
     with contextlib.ExitStack() as stack:
         bars: list[Any] = []
@@ -178,6 +189,7 @@ def compress(
             force=force,
             max_memory=memory,
             time_budget=seconds,
+            train_budget=training,
         )
     doc = result.data
     if as_json:

@@ -19,7 +19,7 @@ import onnx
 
 from slimfleet.agent.errors import InputError, SlimfleetError
 from slimfleet.host import convert
-from slimfleet.host.compress import fallback, isolation, outdir, report
+from slimfleet.host.compress import fallback, isolation, outdir, report, retrain
 from slimfleet.host.compress.arrayfiles import ArrayFiles
 from slimfleet.host.compress.building import ModelFile, apply_step
 from slimfleet.host.compress.candidate import (
@@ -112,6 +112,7 @@ def compress(
     force: bool = False,
     max_memory: int = DEFAULT_MAX_MEMORY,
     time_budget: float = DEFAULT_TIME_BUDGET,
+    train_budget: float | None = None,
 ) -> report.Report:
     """Find the best model inside the fidelity budget and write it with its report.
 
@@ -129,7 +130,10 @@ def compress(
     every evaluation runs in a child process (``settings.timeout`` bounds each candidate);
     the whole process tree stays under ``max_memory`` bytes and the search plans within
     ``time_budget`` seconds (see :mod:`~slimfleet.host.compress.planning`). Bad input
-    raises :class:`InputError`; temp files are removed in every case.
+    raises :class:`InputError`; temp files are removed in every case. ``train_budget``
+    (seconds, ``--train-budget``) turns on accuracy recovery: when the best post-training
+    int8 candidate missed the budget, it is rebuilt with quantization-aware training
+    (pass ``qat``) for that long, which adds to ``time_budget``.
     """
     started = time.monotonic()
     isolation.TREE_PEAK.reset()
@@ -141,6 +145,8 @@ def compress(
         raise InputError(f"threads {threads}: must be at least 1")
     if max_memory <= 0 or time_budget <= 0:
         raise InputError("--max-memory and --time-budget must be positive")
+    if train_budget is not None and train_budget <= 0:
+        raise InputError(f"--train-budget {train_budget}: must be positive")
     settings = replace(settings or EvalSettings(), threads=threads)
     budget = Budget(time_budget, max_memory, settings.timeout, started)
     plugins = plugins or load_plugins()
@@ -181,6 +187,7 @@ def compress(
             )
             search.plan = budget
             search.progress = progress
+            search.train_budget = train_budget
             search.run(recipes)
             if passes is not None:
                 _refuse_skipped_steps(search.candidates[1:])
@@ -201,6 +208,7 @@ def compress(
                     "evaluation": asdict(settings),
                     "max_memory": max_memory,
                     "time_budget": time_budget,
+                    "train_budget": train_budget,
                 },
                 samples=samples,
                 elapsed=time.monotonic() - started,
@@ -306,6 +314,8 @@ class Search:
         """The original's latency measured alone, for candidates that did not race."""
         self._resolved: dict[str, dict[str, Any]] = {}
         """Resolved options by step label (see :meth:`_options`)."""
+        self.train_budget: float | None = None
+        """Seconds of quantization-aware training for accuracy recovery (None: off)."""
 
     # -- driving ------------------------------------------------------------------------
 
@@ -320,6 +330,7 @@ class Search:
             self.try_recipe(recipe)
         for candidate in self._fallback_targets():
             self._fall_back(candidate)
+        self._recover()
         self._race()
         for candidate in self.candidates:
             if candidate.status == ACCEPTED:
@@ -680,6 +691,34 @@ class Search:
             f"fidelity {candidate.fidelity.score:.6g} within budget; "
             f"{ratio_text(mine, base, candidate.size_bytes, baseline.size_bytes)}"
         )
+
+    # -- accuracy recovery ----------------------------------------------------------------
+
+    def _recover(self) -> None:
+        """Try accuracy recovery (PaddleSlim ACT's order: only after the post-training
+        candidates missed the budget): the target's recipe with ``quantize_static``
+        replaced by ``qat`` for ``train_budget`` seconds, judged like every candidate.
+        The training time is added to the time budget and to this candidate's timeout."""
+        if not self.train_budget or retrain.RECOVERY_PASS not in self.plugins.passes:
+            return
+        target = retrain.recovery_target(
+            self.candidates, self._missed_budget, self.recipes, self._objective_key
+        )
+        if target is None:
+            return
+        recipe = retrain.recovery_recipe(self.recipes[target.id], self._options, self.train_budget)
+        self._total += 1
+        self.plan.seconds += self.train_budget
+        self.plan.candidate_timeout += self.train_budget
+        try:
+            self.try_recipe(
+                recipe,
+                parent=target.id,
+                excluded=target.excluded_nodes,
+                label=f"{target.label} + QAT",
+            )
+        finally:
+            self.plan.candidate_timeout -= self.train_budget
 
     # -- per-layer fallback ---------------------------------------------------------------
 

@@ -42,9 +42,7 @@ MAX_DESIRED_BYTES = 64 * 1024
 
 
 class BrokerUnreachable(SlimfleetError):
-    """The broker cannot be reached: the command could not even start (exit 2)."""
-
-    exit_code = 2
+    """The broker cannot be reached: the operation failed (exit 1, as every command)."""
 
 
 @contextmanager

@@ -11,6 +11,9 @@ import statistics
 from dataclasses import dataclass, replace
 
 DEFAULT_WAVES = "1,10,50,100%"
+#: p95s below this are compared as this: under a millisecond, scheduler and timer noise
+#: on a busy device moves a p95 by more than any sensible limit (0.05 -> 0.08 ms is +60 %)
+P95_FLOOR_MS = 1.0
 
 
 @dataclass(frozen=True)
@@ -22,7 +25,8 @@ class RolloutSettings:
     - ``max_failure_rate``: abort when failed / reported exceeds it (0 = any failure);
     - ``max_p95_regression``: abort when the median p95 of the wave's devices on the
       new version exceeds that on their previous version by more than this fraction
-      (0.2 = 20 % slower); None disables the check;
+      (0.2 = 20 % slower); p95s under P95_FLOOR_MS count as P95_FLOOR_MS; None
+      disables the check;
     - ``soak_s``: how long a wave's devices must stay healthy before the next wave;
     - ``timeout_s``: how long each device has to report its outcome.
     """
@@ -117,7 +121,8 @@ class Decision:
 
 
 def p95_regression(results: list[DeviceResult]) -> float | None:
-    """Median p95 after over median p95 before, minus 1, on devices with both values."""
+    """Median p95 after over median p95 before, minus 1, on devices with both values;
+    each median is raised to P95_FLOOR_MS first (sub-millisecond differences are noise)."""
     pairs = [
         (r.p95_before, r.p95_after)
         for r in results
@@ -125,8 +130,8 @@ def p95_regression(results: list[DeviceResult]) -> float | None:
     ]
     if not pairs:
         return None
-    before = statistics.median(p for p, _ in pairs)
-    after = statistics.median(a for _, a in pairs)
+    before = max(statistics.median(p for p, _ in pairs), P95_FLOOR_MS)
+    after = max(statistics.median(a for _, a in pairs), P95_FLOOR_MS)
     return after / before - 1.0
 
 

@@ -55,3 +55,23 @@ def test_bug_is_one_line_unless_debug(monkeypatch, capsys):
 def test_setup_logging_levels(verbose, quiet, level):
     setup_logging(verbose, quiet)
     assert logging.getLogger().level == level
+
+
+def test_logging_follows_the_current_stderr(capsys) -> None:
+    """A CLI run in-process (CliRunner swaps sys.stderr, then closes it) must not leave
+    the root logger writing to the closed stream."""
+    import io
+    import logging
+    import sys
+
+    from slimfleet.agent.cli_runner import setup_logging
+
+    captured, saved = io.StringIO(), sys.stderr
+    sys.stderr = captured
+    try:
+        setup_logging(0)
+    finally:
+        sys.stderr = saved
+    captured.close()
+    logging.getLogger("slimfleet.test").warning("after the run")
+    assert "after the run" in capsys.readouterr().err

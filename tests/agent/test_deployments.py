@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import models
 import numpy as np
 import pytest
+from e2e_rig import OipServer as RemoteServer  # y = x + 100 after delay_s
 
 from slimfleet.agent.inference import UnknownSlotError
 from slimfleet.agent.wire import ModelRef
@@ -175,45 +173,6 @@ def test_a_slot_with_unchanged_models_is_not_loaded_again(two_slot, rig, watcher
 # -- a chain per slot -----------------------------------------------------------------------
 
 GATE_MODULE = "def first(outputs):\n    return float(outputs['y'].flat[0])\n"
-
-
-class RemoteServer:
-    """A small Open Inference Protocol server: answers y = x + 100 after ``delay_s``."""
-
-    def __init__(self, delay_s: float = 0.0) -> None:
-        outer = self
-        self.delay_s = delay_s
-        self.calls = 0
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                outer.calls += 1
-                doc = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                x = np.asarray(doc["inputs"][0]["data"], dtype=np.float32) + 100
-                body = json.dumps(
-                    {
-                        "outputs": [
-                            {"name": "y", "shape": [1, 4], "datatype": "FP32", "data": x.tolist()}
-                        ]
-                    }
-                ).encode()
-                time.sleep(outer.delay_s)
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                with contextlib.suppress(BrokenPipeError):  # the client gave up (timeout)
-                    self.wfile.write(body)
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_port}/v2/models/y/infer"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 @pytest.fixture

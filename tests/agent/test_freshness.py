@@ -81,7 +81,8 @@ def _desired(seq: int, issued: float, ttl: float = 100.0, device: str = "d") -> 
         (_desired(6, 1000.0, device="other"), "verify"),
         (_desired(6, 1000.0 + 301), "skew"),
         (_desired(6, 1000.0 + 299), None),
-        (_desired(6, 499.0), "replay"),  # before the store was enrolled
+        (_desired(6, 199.0), "replay"),  # before the store was enrolled, beyond the skew
+        (_desired(6, 201.0, ttl=1000.0), None),  # before the enrolment, within the skew
         (_desired(6, 800.0, ttl=150.0), "expired"),
     ],
     ids=[
@@ -92,6 +93,7 @@ def _desired(seq: int, issued: float, ttl: float = 100.0, device: str = "d") -> 
         "skew",
         "within-skew",
         "pre-enrol",
+        "pre-enrol-within-skew",
         "expired",
     ],
 )
@@ -182,7 +184,8 @@ def test_the_floor_survives_a_corrupt_state_file(agent, started, rig, watcher, d
 def test_a_wiped_store_refuses_desired_states_issued_before_its_enrolment(
     agent, started, rig, watcher
 ):
-    captured = rig.desired({"main": "m@1"}, seq=7, rollback=True)  # signed before the wipe
+    # signed before the wipe, earlier than the clock-skew allowance (300 s) reaches back
+    captured = rig.desired({"main": "m@1"}, seq=7, rollback=True, issued=time.time() - 600)
     store = agent.store.root
     agent.stop()
     shutil.rmtree(store)

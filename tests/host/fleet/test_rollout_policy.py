@@ -65,6 +65,13 @@ def test_decide_on_p95_regression_against_the_previous_version() -> None:
     assert p95_regression([ok("a"), ok("b", 0, 3)]) is None
 
 
+def test_sub_millisecond_p95s_are_compared_at_the_floor() -> None:
+    noise = [ok("a", 0.05, 0.08), ok("b", 0.04, 0.07)]  # +60 %, all of it timer noise
+    assert p95_regression(noise) == 0.0
+    assert decide(noise, RolloutSettings(max_p95_regression=0.2)).proceed
+    assert p95_regression([ok("a", 0.05, 3.0)]) == pytest.approx(2.0)  # floor 1 ms -> 3 ms
+
+
 @pytest.mark.parametrize(
     "change",
     [

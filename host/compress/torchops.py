@@ -1,0 +1,326 @@
+"""ONNX operators in torch, for the QAT interpreter (:mod:`.qdqtorch`).
+
+:data:`OPS` maps an ai.onnx op type to ``fn(node, *inputs)`` returning a tensor or a
+tuple of tensors; absent inputs are None. Forms these functions cannot run exactly
+(LSTM peepholes or short sequences, negative Slice steps, Cast to other types) raise
+ValueError with one line.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+import torch.nn.functional as F
+from onnx import numpy_helper
+
+
+def tensor_of(array: np.ndarray) -> torch.Tensor:
+    """An initializer as torch uses it here: floats as float32, integers as int64."""
+    if array.dtype == np.bool_:
+        return torch.from_numpy(array.copy())
+    if np.issubdtype(array.dtype, np.floating):
+        return torch.from_numpy(array.astype(np.float32))
+    return torch.from_numpy(array.astype(np.int64))
+
+
+def attr(node: onnx.NodeProto, name: str, default: Any = None) -> Any:
+    for a in node.attribute:
+        if a.name == name:
+            value = onnx.helper.get_attribute_value(a)
+            return value.decode() if isinstance(value, bytes) else value
+    return default
+
+
+def _ints(t: torch.Tensor | None) -> list[int]:
+    return [] if t is None else [int(v) for v in t.reshape(-1).tolist()]
+
+
+def _pads(
+    node: onnx.NodeProto, x: torch.Tensor, kernel: list[int], strides: list[int], dil: list[int]
+) -> list[int]:
+    """ONNX pads [b1, b2, ..., e1, e2, ...], with auto_pad resolved."""
+    spatial = x.shape[2:]
+    auto = attr(node, "auto_pad", "NOTSET")
+    if auto in ("SAME_UPPER", "SAME_LOWER"):
+        begins, ends = [], []
+        for size, k, s, d in zip(spatial, kernel, strides, dil, strict=True):
+            total = max(0, (math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size)
+            small, big = total // 2, total - total // 2
+            begins.append(small if auto == "SAME_UPPER" else big)
+            ends.append(big if auto == "SAME_UPPER" else small)
+        return begins + ends
+    if auto == "VALID":
+        return [0] * (2 * len(spatial))
+    return list(attr(node, "pads", [0] * (2 * len(spatial))))
+
+
+def _padded(x: torch.Tensor, pads: list[int], value: float = 0.0) -> torch.Tensor:
+    n = len(pads) // 2
+    torch_pads: list[int] = []
+    for i in reversed(range(n)):
+        torch_pads += [pads[i], pads[i + n]]
+    return F.pad(x, torch_pads, value=value) if any(torch_pads) else x
+
+
+def _conv(
+    node: onnx.NodeProto, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None
+) -> torch.Tensor:
+    n = w.dim() - 2
+    strides = list(attr(node, "strides", [1] * n))
+    dil = list(attr(node, "dilations", [1] * n))
+    x = _padded(x, _pads(node, x, list(w.shape[2:]), strides, dil))
+    conv = (F.conv1d, F.conv2d, F.conv3d)[n - 1]
+    return conv(x, w, b, strides, 0, dil, attr(node, "group", 1))
+
+
+def _pool(node: onnx.NodeProto, x: torch.Tensor) -> torch.Tensor:
+    kernel = list(attr(node, "kernel_shape"))
+    n = len(kernel)
+    strides = list(attr(node, "strides", [1] * n))
+    dil = list(attr(node, "dilations", [1] * n))
+    pads = _pads(node, x, kernel, strides, dil)
+    ceil = bool(attr(node, "ceil_mode", 0))
+    if node.op_type == "MaxPool":
+        x = _padded(x, pads, float("-inf"))
+        pool = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[n - 1]
+        return pool(x, kernel, strides, 0, dil, ceil_mode=ceil)
+    include = bool(attr(node, "count_include_pad", 0))
+    if include or not any(pads):
+        x = _padded(x, pads)
+        pool = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[n - 1]
+        return pool(x, kernel, strides, 0, ceil_mode=ceil)
+    ones = torch.ones_like(x[:1, :1])
+    pool = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[n - 1]
+    total = pool(_padded(x, pads), kernel, strides, 0, ceil_mode=ceil)
+    count = pool(_padded(ones, pads), kernel, strides, 0, ceil_mode=ceil)
+    return total / count
+
+
+def _gemm(
+    node: onnx.NodeProto, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor | None = None
+) -> torch.Tensor:
+    a = a.t() if attr(node, "transA", 0) else a
+    b = b.t() if attr(node, "transB", 0) else b
+    y = attr(node, "alpha", 1.0) * (a @ b)
+    return y if c is None else y + attr(node, "beta", 1.0) * c
+
+
+def _lstm(
+    node: onnx.NodeProto, x: torch.Tensor, w: torch.Tensor, r: torch.Tensor, *rest: Any
+) -> tuple[torch.Tensor, ...]:
+    """ONNX LSTM (gates i, o, f, c; sigmoid/tanh/tanh; layout 0), forward/reverse/bidirectional."""
+    b, lengths, h0, c0 = (list(rest) + [None] * 4)[:4]
+    if len(rest) > 4 and rest[4] is not None:
+        raise ValueError("LSTM peepholes are not supported by the QAT interpreter")
+    if lengths is not None and bool((lengths != x.shape[0]).any()):
+        raise ValueError("LSTM sequence_lens shorter than the sequence are not supported")
+    hidden = attr(node, "hidden_size")
+    dirs, steps, batch = w.shape[0], x.shape[0], x.shape[1]
+    direction = attr(node, "direction", "forward")
+    ys, hs, cs = [], [], []
+    for d in range(dirs):
+        bias = b[d, : 4 * hidden] + b[d, 4 * hidden :] if b is not None else 0
+        h = h0[d] if h0 is not None else x.new_zeros(batch, hidden)
+        c = c0[d] if c0 is not None else x.new_zeros(batch, hidden)
+        reverse = direction == "reverse" or (direction == "bidirectional" and d == 1)
+        projected = x @ w[d].t() + bias
+        out = [None] * steps
+        for t in reversed(range(steps)) if reverse else range(steps):
+            gates = projected[t] + h @ r[d].t()
+            i, o, f, g = gates.chunk(4, dim=-1)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            h = torch.sigmoid(o) * torch.tanh(c)
+            out[t] = h
+        ys.append(torch.stack(out))
+        hs.append(h)
+        cs.append(c)
+    return torch.stack(ys, 1), torch.stack(hs), torch.stack(cs)
+
+
+def _reshape(node: onnx.NodeProto, x: torch.Tensor, shape: torch.Tensor) -> torch.Tensor:
+    dims = _ints(shape)
+    if not attr(node, "allowzero", 0):
+        dims = [x.shape[i] if d == 0 else d for i, d in enumerate(dims)]
+    return x.reshape(dims)
+
+
+def _axes(node: onnx.NodeProto, given: torch.Tensor | None) -> list[int]:
+    return _ints(given) if given is not None else list(attr(node, "axes", []))
+
+
+def _unsqueeze(
+    node: onnx.NodeProto, x: torch.Tensor, axes: torch.Tensor | None = None
+) -> torch.Tensor:
+    rank = x.dim() + len(_axes(node, axes))
+    for axis in sorted(a % rank for a in _axes(node, axes)):
+        x = x.unsqueeze(axis)
+    return x
+
+
+def _squeeze(
+    node: onnx.NodeProto, x: torch.Tensor, axes: torch.Tensor | None = None
+) -> torch.Tensor:
+    chosen = _axes(node, axes) or [i for i, s in enumerate(x.shape) if s == 1]
+    for axis in sorted((a % x.dim() for a in chosen), reverse=True):
+        x = x.squeeze(axis)
+    return x
+
+
+def _gather(node: onnx.NodeProto, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    axis = attr(node, "axis", 0) % x.dim()
+    flat = idx.reshape(-1).long()
+    flat = torch.where(flat < 0, flat + x.shape[axis], flat)
+    picked = torch.index_select(x, axis, flat)
+    return picked.reshape((*x.shape[:axis], *idx.shape, *x.shape[axis + 1 :]))
+
+
+def _slice(
+    node: onnx.NodeProto,
+    x: torch.Tensor,
+    starts: Any = None,
+    ends: Any = None,
+    axes: Any = None,
+    steps: Any = None,
+) -> torch.Tensor:
+    s = _ints(starts) if starts is not None else list(attr(node, "starts"))
+    e = _ints(ends) if ends is not None else list(attr(node, "ends"))
+    a = _ints(axes) if axes is not None else list(attr(node, "axes", range(len(s))))
+    st = _ints(steps) if steps is not None else [1] * len(s)
+    index = [slice(None)] * x.dim()
+    for start, end, axis, step in zip(s, e, a, st, strict=True):
+        if step < 0:
+            raise ValueError("Slice with a negative step is not supported by the QAT interpreter")
+        size = x.shape[axis]
+        index[axis] = slice(max(-size, min(start, size)), max(-size, min(end, size)), step)
+    return x[tuple(index)]
+
+
+def _constant(node: onnx.NodeProto) -> torch.Tensor:
+    value = attr(node, "value")
+    if isinstance(value, onnx.TensorProto):
+        return tensor_of(numpy_helper.to_array(value))
+    for name in ("value_float", "value_int"):
+        if attr(node, name) is not None:
+            return torch.tensor(attr(node, name))
+    for name in ("value_floats", "value_ints"):
+        if attr(node, name) is not None:
+            return torch.tensor(list(attr(node, name)))
+    raise ValueError(f"Constant {node.name!r}: unsupported value kind")
+
+
+def _constant_of_shape(node: onnx.NodeProto, shape: torch.Tensor) -> torch.Tensor:
+    value = attr(node, "value")
+    fill = tensor_of(numpy_helper.to_array(value)) if value is not None else torch.zeros(1)
+    return fill.reshape(()).expand(_ints(shape)).clone()
+
+
+def _clip(node: onnx.NodeProto, x: torch.Tensor, low: Any = None, high: Any = None) -> torch.Tensor:
+    low = float(low) if low is not None else attr(node, "min")
+    high = float(high) if high is not None else attr(node, "max")
+    return torch.clamp(x, low, high)
+
+
+def _batchnorm(
+    node: onnx.NodeProto,
+    x: torch.Tensor,
+    g: torch.Tensor,
+    b: torch.Tensor,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+) -> torch.Tensor:
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    eps = attr(node, "epsilon", 1e-5)
+    return (x - mean.reshape(shape)) / torch.sqrt(var.reshape(shape) + eps) * g.reshape(
+        shape
+    ) + b.reshape(shape)
+
+
+def _cast(node: onnx.NodeProto, x: torch.Tensor) -> torch.Tensor:
+    kind = onnx.helper.tensor_dtype_to_np_dtype(attr(node, "to"))
+    if kind == np.float32:
+        return x.float()
+    if np.issubdtype(kind, np.integer):
+        return x.long() if not x.is_floating_point() else torch.trunc(x).long()
+    if kind == np.bool_:
+        return x != 0
+    raise ValueError(f"Cast to {kind} is not supported by the QAT interpreter")
+
+
+def _reduce_mean(
+    node: onnx.NodeProto, x: torch.Tensor, axes: torch.Tensor | None = None
+) -> torch.Tensor:
+    dims = _axes(node, axes) or list(range(x.dim()))
+    return x.mean(dim=dims, keepdim=bool(attr(node, "keepdims", 1)))
+
+
+def _softmax(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    return lambda node, x: fn(x, dim=attr(node, "axis", -1))
+
+
+def _split(
+    node: onnx.NodeProto, x: torch.Tensor, sizes: torch.Tensor | None = None
+) -> tuple[torch.Tensor, ...]:
+    axis = attr(node, "axis", 0)
+    parts = _ints(sizes) if sizes is not None else list(attr(node, "split", []))
+    if not parts:
+        count = len(node.output)
+        parts = [x.shape[axis] // count] * count
+    return tuple(torch.split(x, parts, dim=axis))
+
+
+OPS: dict[str, Callable[..., Any]] = {
+    "Conv": _conv,
+    "Gemm": _gemm,
+    "MatMul": lambda n, a, b: a @ b,
+    "Add": lambda n, a, b: a + b,
+    "Sub": lambda n, a, b: a - b,
+    "Mul": lambda n, a, b: a * b,
+    "Div": lambda n, a, b: (
+        a / b if a.is_floating_point() else torch.div(a, b, rounding_mode="trunc")
+    ),
+    "Pow": lambda n, a, b: torch.pow(a, b),
+    "Sqrt": lambda n, x: torch.sqrt(x),
+    "Exp": lambda n, x: torch.exp(x),
+    "Neg": lambda n, x: -x,
+    "Abs": lambda n, x: torch.abs(x),
+    "Erf": lambda n, x: torch.erf(x),
+    "Relu": lambda n, x: F.relu(x),
+    "Sigmoid": lambda n, x: torch.sigmoid(x),
+    "Tanh": lambda n, x: torch.tanh(x),
+    "LeakyRelu": lambda n, x: F.leaky_relu(x, attr(n, "alpha", 0.01)),
+    "HardSigmoid": lambda n, x: torch.clamp(attr(n, "alpha", 0.2) * x + attr(n, "beta", 0.5), 0, 1),
+    "HardSwish": lambda n, x: x * torch.clamp(x / 6 + 0.5, 0, 1),
+    "Clip": _clip,
+    "BatchNormalization": _batchnorm,
+    "MaxPool": _pool,
+    "AveragePool": _pool,
+    "GlobalAveragePool": lambda n, x: x.mean(dim=tuple(range(2, x.dim())), keepdim=True),
+    "GlobalMaxPool": lambda n, x: x.amax(dim=tuple(range(2, x.dim())), keepdim=True),
+    "Softmax": _softmax(torch.softmax),
+    "LogSoftmax": _softmax(torch.log_softmax),
+    "ReduceMean": _reduce_mean,
+    "LSTM": _lstm,
+    "Reshape": _reshape,
+    "Flatten": lambda n, x: x.reshape(math.prod(x.shape[: attr(n, "axis", 1) % (x.dim() + 1)]), -1),
+    "Transpose": lambda n, x: x.permute(*attr(n, "perm", list(reversed(range(x.dim()))))),
+    "Squeeze": _squeeze,
+    "Unsqueeze": _unsqueeze,
+    "Concat": lambda n, *xs: torch.cat([x for x in xs if x is not None], dim=attr(n, "axis")),
+    "Split": _split,
+    "Slice": _slice,
+    "Gather": _gather,
+    "Shape": lambda n, x: torch.tensor(list(x.shape), dtype=torch.int64),
+    "Constant": _constant,
+    "ConstantOfShape": _constant_of_shape,
+    "Expand": lambda n, x, shape: x * torch.ones(_ints(shape), dtype=x.dtype),
+    "Cast": _cast,
+    "Identity": lambda n, x: x,
+    "QuantizeLinear": lambda n, *a: None,  # run by QdqGraph._qdq (needs the scales)
+    "DequantizeLinear": lambda n, *a: None,
+}
+"""What the interpreter runs (ai.onnx domain); anything else is refused before training."""

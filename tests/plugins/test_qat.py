@@ -1,0 +1,195 @@
+"""qat: the QDQ interpreter matches onnxruntime; training recovers what PTQ loses."""
+
+from __future__ import annotations
+
+import models
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+pytest.importorskip("torch", reason="the qat pass needs torch: pip install 'slimfleet[train]'")
+
+from slimfleet.host.compress import qdqtorch, recovery
+from slimfleet.host.compress.evaluate import EvalSettings
+from slimfleet.host.compress.search import compress
+from slimfleet.plugins import qat
+from slimfleet.plugins.quantize_static import QuantizeStatic
+
+PASS = qat.QuantizationAwareTraining()
+CLASSES = 10
+WIDTH = 64
+OUTLIER = 60.0
+"""One hidden channel is this much larger than the others (its next weights as much
+smaller): per-tensor uint8 activations then leave the other channels a few levels."""
+
+
+def outlier_mlp(seed: int = 0) -> onnx.ModelProto:
+    """x[N,32] -> Gemm -> Relu -> Gemm -> logits[N,10], one hidden channel an outlier."""
+    rng = np.random.default_rng(seed)
+    w1 = rng.normal(0, 0.3, (32, WIDTH)).astype(np.float32)
+    w2 = rng.normal(0, 0.3, (WIDTH, CLASSES)).astype(np.float32)
+    w1[:, 0] *= OUTLIER
+    w2[0, :] /= OUTLIER
+    b1 = rng.normal(0, 0.1, WIDTH).astype(np.float32)
+    b2 = rng.normal(0, 0.1, CLASSES).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], name="fc1"),
+            helper.make_node("Relu", ["h"], ["r"], name="relu"),
+            helper.make_node("Gemm", ["r", "w2", "b2"], ["logits"], name="fc2"),
+        ],
+        "outlier_mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 32])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", CLASSES])],
+        [
+            numpy_helper.from_array(a, n)
+            for a, n in ((w1, "w1"), (b1, "b1"), (w2, "w2"), (b2, "b2"))
+        ],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def feeds(count: int, seed: int) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [{"x": rng.normal(0, 1, (8, 32)).astype(np.float32)} for _ in range(count)]
+
+
+def outlier_ptq(context, samples: int):
+    """The outlier MLP, a pass context calibrated on ``samples`` feeds, its static int8."""
+    model = outlier_mlp()
+    ctx = context(model)
+    ctx.calibration = feeds(samples, seed=1)
+    static = QuantizeStatic()
+    return model, ctx, static.apply(model, ctx, static.resolve_options({})).model
+
+
+def unfused(model: onnx.ModelProto) -> ort.InferenceSession:
+    """onnxruntime running the QDQ graph as written (no QLinear fusion)."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(
+        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+
+
+def agreement(model: onnx.ModelProto, reference: onnx.ModelProto, samples) -> float:
+    """Share of rows whose argmax equals the reference model's (onnxruntime, fused)."""
+    a = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    b = ort.InferenceSession(reference.SerializeToString(), providers=["CPUExecutionProvider"])
+    same = [np.argmax(a.run(None, f)[0], 1) == np.argmax(b.run(None, f)[0], 1) for f in samples]
+    return float(np.mean(np.concatenate(same)))
+
+
+@pytest.mark.parametrize("build", [models.conv_bn_net, lambda: outlier_mlp()])
+def test_interpreter_matches_onnxruntime_on_the_qdq_model(build, context):
+    model = build()
+    ctx = context(model)
+    static = QuantizeStatic()
+    qdq = static.apply(model, ctx, static.resolve_options({})).model
+    session = unfused(qdq)
+    for feed in ctx.calibration[:4]:
+        assert recovery.max_difference(qdq, feed, session.run(None, feed)) < 1e-4
+
+
+def test_written_back_model_computes_what_training_computed(context):
+    import torch
+
+    model, ctx, qdq = outlier_ptq(context, 16)
+    graph = qdqtorch.QdqGraph(qdq, recovery.float_weights(model), learn_scales=True)
+    with torch.no_grad():  # move every trained value off its start
+        for p in [*graph.units.values(), *graph.logs.values()]:
+            p.add_(torch.randn_like(p) * 0.3)
+        feed = ctx.calibration[0]
+        expected = graph({"x": torch.from_numpy(feed["x"])})[0].numpy()
+    written = graph.write_back()
+    assert written.graph.initializer != qdq.graph.initializer
+    np.testing.assert_allclose(unfused(written).run(None, feed)[0], expected, atol=1e-4)
+
+
+def test_refuses_an_unsupported_operator_before_training(context):
+    model = models.conv_bn_net()
+    model.graph.node.append(helper.make_node("Det", ["logits"], ["d"], name="det"))
+    reason = PASS.check(model, context(models.conv_bn_net()), PASS.resolve_options({}))
+    assert reason == "operator Det is not supported by the QAT interpreter"
+
+
+BUDGET = 0.9
+"""Top-1 agreement the recovery tests judge by: PTQ misses it, QAT meets it."""
+STEPS = 300
+"""Training steps of the pass test (its schedule follows steps: reproducible)."""
+
+
+def test_qat_recovers_what_post_training_quantization_loses(context):
+    model, ctx, ptq = outlier_ptq(context, 24)
+    held_out = feeds(32, seed=2)
+    before = agreement(ptq, model, held_out)
+    assert before < BUDGET  # the outlier channel leaves the others a few levels
+    options = PASS.resolve_options({"seconds": 45, "max_steps": STEPS})
+    result = PASS.apply(model, ctx, options)
+    after = agreement(result.model, model, held_out)
+    assert after >= BUDGET, (before, after, result.notes)
+    curve = qat.loss_curves(
+        {"candidates": [{"id": 1, "label": "x", "steps": [{"pass": "qat", "notes": result.notes}]}]}
+    )["#1 x"]
+    assert curve["curve"][0][0] == 0 and curve["held_out_loss"][1] < curve["held_out_loss"][0]
+
+
+def search(tmp_path, samples: int, **options):
+    """``compress`` of the outlier MLP with static int8 only, judged by top-1 at BUDGET."""
+    source = tmp_path / "model.onnx"
+    onnx.save(outlier_mlp(), str(source))
+    data = tmp_path / "data.npz"
+    np.savez(data, x=np.stack([f["x"] for f in feeds(samples, seed=3)]))
+    return compress(
+        source,
+        tmp_path / "out",
+        data=data,
+        passes="quantize_static",
+        fidelity=BUDGET,
+        settings=EvalSettings.quick(),
+        **options,
+    )
+
+
+def test_search_tries_recovery_after_post_training_missed_the_budget(tmp_path):
+    # objective size: fallback variants keep nodes in float, so they never beat the target
+    report = search(tmp_path, 64, objective="size", train_budget=10)
+    candidates = report.data["candidates"]
+    ptq, recovered = candidates[1], candidates[-1]
+    assert ptq["status"] == "rejected"
+    assert recovered["label"] == "quantize_static + QAT" and recovered["parent"] == 1
+    assert [s["pass"] for s in recovered["steps"]] == ["qat"]
+    assert ptq["fidelity"]["score"] < BUDGET <= recovered["fidelity"]["score"]
+    # Within the budget; on a model this small int8 kernels may time slower than float.
+    assert recovered["status"] == "accepted" or recovered["reason"].startswith("slower than")
+    section = next(s for s in report.data["sections"] if s["title"] == "Accuracy recovery")
+    assert list(section["data"]) == [f"#{recovered['id']} quantize_static + QAT"]
+
+
+def test_search_leaves_recovery_off_without_a_train_budget(tmp_path):
+    report = search(tmp_path, 32)
+    assert not any("QAT" in c["label"] for c in report.data["candidates"])
+
+
+def test_a_missing_torch_is_one_line_naming_the_install(context, monkeypatch):
+    real = qat.importlib.util.find_spec
+    monkeypatch.setattr(
+        qat.importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "torch" else real(name, *a),
+    )
+    model = outlier_mlp()
+    assert PASS.check(model, context(model), PASS.resolve_options({})) == (
+        "needs torch: pip install 'slimfleet[train]'"
+    )
+
+
+def test_feature_distillation_reads_the_weighted_nodes_outputs_from_the_teacher(context):
+    model, ctx, ptq = outlier_ptq(context, 16)
+    # fc1's Relu is folded into its output quantization: the student's dequantized
+    # output stands for the teacher's Relu output; fc2's output is the model's.
+    assert recovery.feature_names(ptq, model) == [("r_DequantizeLinear_Output", "r")]
+    result = recovery.train(ptq, model, ctx.calibration, seconds=30, max_steps=40, features=1.0)
+    assert result.steps == 40 and result.best_step > 0
