@@ -27,6 +27,7 @@ Index: every attack of issue 8 and every TUF attack class that applies -> its te
       manifest over max_model_bytes                   agent/test_daemon.py::test_model_over_the_size_limit_is_refused_before_download
       chunk longer than declared (hash; size drop)    sec/test_agent_attacks.py::test_a_chunk_longer_than_declared_is_refused
       100 MB message over MQTT 3.1.1 and 5            sec/test_agent_wired.py::test_a_100_mb_message_is_dropped
+      20 MB / just over the limit, desired, manifest  agent/test_message_limits.py
       60 MB HTTP JSON body (413, agent alive)         sec/test_agent_http.py::test_a_60_mb_json_body_is_refused_and_the_agent_keeps_serving
       HTTP connection cap, deadline, slow client      agent/test_http_limits.py
     extraneous dependencies
@@ -57,12 +58,15 @@ Index: every attack of issue 8 and every TUF attack class that applies -> its te
       revoked key refused, its model left for the     sec/test_agent_wired.py::test_a_revoked_key_is_refused_and_its_model_left
         last good; an older revocation list refused
       certificates, rotation, revocation lists        agent/test_keyring.py
+      rotation, revocation across restarts, a forged  agent/test_revocation.py
+        list, nothing left to fall back to
     wrong software
       io not what the signed manifest declares        sec/test_agent_attacks.py::test_a_model_whose_io_is_not_what_its_manifest_declares_is_refused
       failing smoke test / over the latency budget    agent/test_daemon.py::test_model_whose_smoke_test_fails_is_not_swapped_in (and ..._latency_budget_...)
       a model that fails to load                      agent/test_daemon.py::test_model_that_fails_to_load_is_not_swapped_in_nor_retried
     the issue's own attacks
-      HTTP 4xx flood through a swap's watch window    sec/test_agent_http.py::test_client_errors_during_a_swap_never_roll_it_back
+      HTTP 4xx flood through a swap's watch window    agent/test_daemon_http_watch.py (latency check off)
+        with the latency check on                     sec/test_agent_http.py::test_client_errors_during_a_swap_never_roll_it_back
         (and the latency noise a flood causes)        sec/test_agent_http.py::test_a_latency_rise_within_scheduling_noise_is_no_regression
       skewed host clock a year ahead: refused, floor  agent/test_freshness.py::test_a_desired_state_from_the_future_is_refused_without_moving_the_floor
         kept, the next honest one applies
