@@ -98,6 +98,9 @@ import models
 import pytest
 from securefleet import SecureFleet, at, load_agent_rig
 
+from slimfleet.agent.signing import load_private_key
+from slimfleet.host.fleet.keys import generate_keys
+
 PREFIX = "slimfleet-sec"
 
 
@@ -116,11 +119,11 @@ make_rig, rig, watcher_for, watcher = _rig.make_rig, _rig.rig, _rig.watcher_for,
 publisher_for, publisher, model_files = _rig.publisher_for, _rig.publisher, _rig.model_files
 
 
-def serve_m1(rig, watcher, url: str):  # type: ignore[no-untyped-def]
+def serve_m1(rig, watcher, url: str, **extra):  # type: ignore[no-untyped-def]
     """Publish m@1 (add 1.0), start a real agent (HTTP on a free port), deploy m@1 at
     seq 1 and wait until it serves; the started agent."""
     rig.publish(models.add_const(1.0), 1)
-    running = rig.agent(url)
+    running = rig.agent(url, **extra)
     running.start()
     try:
         rig.assign(1)
@@ -141,14 +144,19 @@ def agent(mosquitto, rig, watcher):  # type: ignore[no-untyped-def]
 
 @pytest.fixture(scope="module")
 def module_agent(mosquitto, tmp_path_factory, request):  # type: ignore[no-untyped-def]
-    """``(rig, watcher, agent)``: one real agent serving m@1 (add 1.0) for a whole module
-    (the fuzzes, whose examples are too many for an agent each), its topics the module's."""
+    """``(rig, watcher, agent, root_key)``: one real agent serving m@1 (add 1.0) for a
+    whole module (the fuzzes, whose examples are too many for an agent each), its topics
+    the module's; it pins the fleet key and trusts ``root_key`` as its root."""
     name = request.module.__name__.rsplit(".", 1)[-1]
-    rig = Rig(mosquitto.url, f"slimfleet-test/{name}", tmp_path_factory.mktemp(name))
+    tmp = tmp_path_factory.mktemp(name)
+    generate_keys(tmp / "root" / "root.key", tmp / "root" / "root.pub")
+    rig = Rig(mosquitto.url, f"slimfleet-test/{name}", tmp)
     watcher = Watcher(mosquitto.url, rig.topics, rig.device, f"watch-{name}")
     try:
-        running = serve_m1(rig, watcher, mosquitto.url)
-        yield rig, watcher, running
+        running = serve_m1(
+            rig, watcher, mosquitto.url, keys={"root": str(tmp / "root" / "root.pub")}
+        )
+        yield rig, watcher, running, load_private_key(tmp / "root" / "root.key")
         running.stop()
     finally:
         watcher.close()

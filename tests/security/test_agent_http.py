@@ -169,7 +169,7 @@ _body = st.one_of(
 
 @pytest.fixture(scope="module")
 def fuzzed(module_agent):
-    _, watcher, agent = module_agent
+    _, watcher, agent, _ = module_agent
     return agent, watcher
 
 

@@ -1,5 +1,6 @@
 """A bounded fuzz of every topic a real agent subscribes to, on a real mosquitto: its
-desired state, the manifests and the chunks of the models a desired state names.
+desired state, the manifests and the chunks of the models a desired state names, and the
+root's revocation list.
 
 Payloads are random bytes, random JSON, and mutations of valid signed documents (a byte
 flipped, cut short, bytes inserted, a signed field replaced without re-signing). After
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,7 @@ from hypothesis import strategies as st
 from securefleet import at, served
 from security_agent_rig import Publisher
 
+from slimfleet.agent.keyring import issue_revocations, revocation_topic
 from slimfleet.agent.store import AgentState
 from slimfleet.host.fleet.publish import build_manifest
 
@@ -44,8 +47,9 @@ FUZZ = settings(
 class Fuzzed:
     """One agent serving m@1 (add 1.0) and the honest host's rig and a watcher."""
 
-    def __init__(self, rig: Any, watcher: Any, agent: Any) -> None:
-        self.rig, self.watcher, self.agent = rig, watcher, agent
+    def __init__(self, rig: Any, watcher: Any, agent: Any, root: Any) -> None:
+        self.rig, self.watcher, self.agent, self.root = rig, watcher, agent, root
+        self.revocations = itertools.count(1)
         self.versions = itertools.count(1)
         self.publisher = Publisher(rig.broker_url, "fuzz-security-topic-fuzz")
         self.model = rig.model_file(models.add_const(1.0), "same")
@@ -158,6 +162,20 @@ def test_fuzzed_chunks_are_refused(fuzzed, data):
     fuzzed.put(version, manifest, [chunk, *chunks[1:]])
     fuzzed.settled(fuzzed.rig.seq)
     fuzzed.check()
+
+
+@settings(FUZZ, max_examples=40)
+@given(data=st.data())
+def test_fuzzed_revocation_lists_revoke_nothing_they_should_not(fuzzed, data):
+    """Lists the root signed revoke only a key nobody uses; mutated, random or replayed
+    ones are refused. The fleet's own key is never revoked, m@1 keeps serving."""
+    rig = fuzzed.rig
+    valid = issue_revocations(fuzzed.root, next(fuzzed.revocations), ["0" * 16], time.time())
+    fuzzed.publisher.put(revocation_topic(rig.fleet.prefix), data.draw(hostile(valid)))
+    rig.put_desired(rig.desired({"main": "m@1"}))  # handled after it, in order
+    fuzzed.watcher.wait("state", at(rig.seq, "serving"), timeout=10)
+    fuzzed.check()
+    assert not fuzzed.agent.verifier.is_revoked(rig.fleet.signer().key_id)
 
 
 def test_after_the_fuzz_the_agent_follows_an_honest_desired_state(fuzzed):
