@@ -44,6 +44,7 @@ Index: every attack of issue 8 and every TUF attack class that applies -> its te
     malicious mirror
       tampered chunk refused, repaired chunk resumes  agent/test_daemon.py::test_corrupted_chunk_is_refused_then_repaired_chunk_completes
       found by verify, fixed by publish --repair      sec/test_tampering.py::test_tampered_retained_chunk_is_found_and_repaired
+      a device waiting on it completes after --repair sec/test_agent_attacks.py::test_a_tampered_and_a_deleted_chunk_are_refused_until_publish_repair
       tampered manifest found and re-signed           sec/test_tampering.py::test_tampered_manifest_is_found_and_re_signed
     mix-and-match
       manifest of m@2 with the chunks of m@3          sec/test_agent_attacks.py::test_a_manifest_of_one_version_with_the_chunks_of_another_is_refused
@@ -76,7 +77,7 @@ Index: every attack of issue 8 and every TUF attack class that applies -> its te
       anonymous client; spoofing another's state      sec/test_identity.py
       agent over mutual TLS, another's certificate    sec/test_agent_identity.py
     fuzz (hypothesis, bounded)
-      desired, manifest and chunk topics              sec/test_fuzz_topics.py
+      desired, manifest, chunk, revocation topics     sec/test_fuzz_topics.py
       the real agent's OIP endpoints                  sec/test_agent_http.py::test_fuzzed_requests_to_the_agent_get_a_4xx_and_it_keeps_serving
       the HTTP server's every endpoint                agent/test_http_limits.py::test_fuzzed_requests_get_an_answer_below_500_and_the_server_stays_up
 

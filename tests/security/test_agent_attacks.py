@@ -17,7 +17,7 @@ from securefleet import at, served
 from slimfleet.agent.signing import Signer, load_private_key
 from slimfleet.agent.wire import MAX_SLOTS, MAX_TIERS, ModelRef
 from slimfleet.host.fleet.keys import generate_keys
-from slimfleet.host.fleet.publish import build_manifest, publish_manifest
+from slimfleet.host.fleet.publish import build_manifest, publish_manifest, publish_model
 
 
 @pytest.fixture
@@ -147,6 +147,26 @@ def test_a_huge_signed_seq_is_followed_and_raises_the_floor_for_good(agent, rig,
     event = watcher.event("desired_refused", seq=2)
     assert event["stage"] == "replay"
     assert agent.state.floor == huge and served(agent) == 2.0
+
+
+# -- malicious mirror ------------------------------------------------------------------------
+
+
+def test_a_tampered_and_a_deleted_chunk_are_refused_until_publish_repair(
+    agent, rig, watcher, publisher
+):
+    """The broker's copy is damaged (one chunk swapped, one deleted) after the host
+    published; the device refuses and keeps m@1 until 'publish --repair' re-sends them."""
+    path = rig.publish(models.add_const(2.0, pad_bytes=60_000), 2)
+    publisher.put(rig.topics.chunk("m", 2, 1), b"evil bytes")
+    publisher.put(rig.topics.chunk("m", 2, 3), b"")  # a retained message deleted
+    rig.assign(2)
+    failed = watcher.event("verify_failed", model={"name": "m", "version": 2})
+    assert "chunk 1" in failed["reason"] and served(agent) == 1.0
+    fixed = publish_model(rig.fleet, path, "m", 2, chunk_size=16 * 1024, repair=True)
+    assert fixed.repaired == {"chunks": [1, 3], "manifest": False}
+    watcher.wait("state", at(2, "serving"), timeout=30)
+    assert served(agent) == 2.0
 
 
 # -- mix-and-match -----------------------------------------------------------------------------
