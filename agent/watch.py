@@ -26,7 +26,9 @@ class WatchPolicy:
     slot of the new one has served ``min_requests`` requests, the deployment is
     abandoned if that slot's error rate exceeds the slot's rate before the swap by more
     than ``max_error_rate``, or its p95 latency exceeds ``max_p95_ratio`` times the p95
-    before (when the slot served at least ``min_requests`` successful requests before).
+    before (when the slot served at least ``min_requests`` successful requests before)
+    and by more than ``LATENCY_NOISE_S`` (a sub-millisecond model's p95 doubles under any
+    burst of requests, so a ratio alone would let a client flood veto a good swap).
     ``window_s=0`` turns the watch off.
     """
 
@@ -34,6 +36,9 @@ class WatchPolicy:
     min_requests: int = 20
     max_error_rate: float = 0.05
     max_p95_ratio: float = 1.5
+
+
+LATENCY_NOISE_S = 0.002  # a p95 rise below this is scheduling noise, never a regression
 
 
 @dataclass(frozen=True)
@@ -66,7 +71,7 @@ def regression(policy: WatchPolicy, samples: np.ndarray, base: Baseline) -> str 
     ok = samples[samples >= 0]
     if base.p95_s is not None and ok.size >= policy.min_requests:
         p95 = float(np.percentile(ok, 95))
-        if p95 > policy.max_p95_ratio * base.p95_s:
+        if p95 > max(policy.max_p95_ratio * base.p95_s, base.p95_s + LATENCY_NOISE_S):
             return (
                 f"p95 latency {p95 * 1000:.3g} ms vs {base.p95_s * 1000:.3g} ms "
                 f"before (allowed x{policy.max_p95_ratio:g})"

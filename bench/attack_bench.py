@@ -18,9 +18,22 @@ Printed: each phase's p50/p99 (median over rounds), attack and control p99 as ra
 the steady p99 in the same run (goal: attack <= 2x), failed ordinary requests (goal 0),
 what the posters were answered, and the server's RSS (idle, peak while attacked, peak
 in control). Loopback only; every phase is bounded by ``--requests`` and
-``--phase-timeout``. Run::
+``--phase-timeout``.
 
-    python bench/attack_bench.py             # about a minute
+Two parts then attack a real agent (``slimfleet-agent`` in a process of its own, on a
+mosquitto this script starts; the tests' rig publishes and signs):
+
+- mqtt: one 100 MB message on the agent's desired-state topic, over MQTT 3.1.1 and 5.
+  Printed: the agent's RSS idle, peak within ``--settle`` s, and the growth (goal
+  <= 10 MB); whether it dropped the message and followed the next desired state.
+- swap: a good new model swapped in under ``--flood`` malformed requests a second
+  through its whole watch window, beside one ordinary client. Printed: whether it was
+  rolled back (goal: no) and how many ordinary requests failed (goal 0).
+
+Run::
+
+    python bench/attack_bench.py                 # all three parts, a few minutes
+    python bench/attack_bench.py --part mqtt     # one part: http, mqtt or swap
 """
 
 from __future__ import annotations
@@ -32,6 +45,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -192,6 +206,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=150, help="per ordinary client per phase")
     parser.add_argument("--attack-mb", type=int, default=60)
     parser.add_argument("--phase-timeout", type=float, default=60.0)
+    parser.add_argument("--part", choices=["http", "mqtt", "swap", "all"], default="all")
+    parser.add_argument("--settle", type=float, default=5.0, help="s to watch RSS after")
+    parser.add_argument("--flood", type=float, default=40.0, help="malformed requests/s")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--post", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -202,6 +219,13 @@ def main() -> None:
     if args.post is not None:
         posters(args.port, args.post)
         return
+    if args.part in ("http", "all"):
+        http_part(args)
+    if args.part in ("mqtt", "swap", "all"):
+        agent_parts(args)
+
+
+def http_part(args: argparse.Namespace) -> None:
     proc = subprocess.Popen(
         [sys.executable, __file__, "--serve"],
         stdin=subprocess.PIPE,
@@ -263,6 +287,171 @@ def run(port: int, server: psutil.Process, args: argparse.Namespace) -> None:
     goal = median(p99["attack"]) <= 2 * steady
     print(f"failed ordinary requests: {len(fails)} {dict(Counter(fails)) if fails else ''}")
     print(f"goal attack p99 <= 2x steady p99: {'met' if goal else 'NOT met'}")
+
+
+# -- a real agent attacked over MQTT and during a swap ------------------------------------
+
+MB = 1024 * 1024
+
+
+def agent_parts(args: argparse.Namespace) -> None:
+    """Start mosquitto, then run the mqtt and/or swap parts against real agents."""
+    sys.path[:0] = [str(REPO / "tests")]
+    from brokers import Mosquitto
+    from securefleet import load_agent_rig
+
+    rigs = load_agent_rig()
+    with tempfile.TemporaryDirectory() as tmp:
+        broker = Mosquitto(Path(tmp) / "mosquitto")
+        broker.start()
+        try:
+            if args.part in ("mqtt", "all"):
+                for protocol in ("3.1.1", "5"):
+                    mqtt_part(rigs, broker.url, Path(tmp) / f"mqtt{protocol}", protocol, args)
+            if args.part in ("swap", "all"):
+                swap_part(rigs, broker.url, Path(tmp) / "swap", args)
+        finally:
+            broker.stop()
+
+
+class AgentUnderAttack:
+    """A rig (fleet, keys, publisher) and a ``slimfleet-agent`` process serving m@1."""
+
+    def __init__(self, rigs, url: str, tmp: Path, protocol: str = "3.1.1", **extra) -> None:  # type: ignore[no-untyped-def]
+        sys.path[:0] = [str(REPO / "tests")]
+        import models
+
+        self.models, self.tmp = models, tmp
+        self.rig = rigs.Rig(url, f"bench/attack/{tmp.name}", tmp)
+        self.watcher = rigs.Watcher(url, self.rig.topics, self.rig.device, f"w-{tmp.name}")
+        for version in (1, 2):
+            self.rig.publish(models.add_const(float(version)), version)
+        config = self.rig.write_agent_yaml(url, protocol, **extra)
+        self.proc = rigs.AgentProcess(config, tmp / "agent.log")
+        self.ps = psutil.Process(self.proc.proc.pid)
+        try:  # a desired state issued before the agent's store exists would be a replay
+            self.watcher.wait("status", lambda s: s == "online", 60)
+            self.deploy(1)
+        except BaseException:
+            self.close()
+            raise
+
+    def deploy(self, version: int, timeout: float = 60.0) -> None:
+        """Deploy m@version; wait until the agent serves it (an AssertionError if not)."""
+        self.rig.assign(version)
+        seq = self.rig.seq
+        self.watcher.wait(
+            "state", lambda s: (s["desired"] or {}).get("seq") == seq and s["status"] == "serving",
+            timeout,
+        )  # fmt: skip
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.watcher.close()
+        self.rig.close()
+
+
+def mqtt_part(rigs, url: str, tmp: Path, protocol: str, args: argparse.Namespace) -> None:  # type: ignore[no-untyped-def]
+    """One 100 MB message on the agent's desired topic; its RSS before and after."""
+    agent = AgentUnderAttack(rigs, url, tmp, protocol)
+    publisher = rigs.Publisher(url, f"attacker-{tmp.name}")
+    try:
+        time.sleep(1.0)
+        idle = 0
+        for _ in range(10):  # its steady size: the highest of ten samples over half a second
+            idle = max(idle, agent.ps.memory_info().rss)
+            time.sleep(0.05)
+        rss: list[int] = []
+        stop = threading.Event()
+        watch = threading.Thread(target=rss_peak, args=(agent.ps, stop, rss))
+        watch.start()
+        publisher.put(agent.rig.topics.device(agent.rig.device, "desired"), b"{" * (100 * MB),
+                      retain=False)  # fmt: skip
+        time.sleep(args.settle)
+        stop.set()
+        watch.join()
+        dropped = agent.watcher.events("message_dropped")
+        followed = "followed"
+        try:
+            agent.deploy(2)
+        except AssertionError:
+            followed = "NOT followed"
+        alive = agent.proc.proc.poll() is None
+        growth = (max(rss) - idle) / MB
+        print(
+            f"mqtt {protocol:5s}: agent RSS idle {idle / MB:.0f} MB, peak {max(rss) / MB:.0f} MB "
+            f"(+{growth:.1f} MB) after one 100 MB message; dropped by "
+            f"{'the agent (message_dropped)' if dropped else 'the broker (max packet size)'}"
+            f"; next desired state {followed}; agent {'alive' if alive else 'DEAD'}; "
+            f"goal +<= 10 MB: {'met' if growth <= 10 and alive else 'NOT met'}"
+        )
+    finally:
+        publisher.close()
+        agent.close()
+
+
+def swap_part(rigs, url: str, tmp: Path, args: argparse.Namespace) -> None:  # type: ignore[no-untyped-def]
+    """A swap under a flood of malformed requests: rolled back? ordinary requests failed?"""
+    sys.path[:0] = [str(REPO / "tests")]
+    from brokers import free_port
+
+    port, window = free_port(), 5.0
+    watch = {"window_s": window, "min_requests": 10, "max_error_rate": 0.05}
+    agent = AgentUnderAttack(rigs, url, tmp, http={"host": "127.0.0.1", "port": port}, watch=watch)
+    x = json.dumps({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32",
+                                "data": [0.0, 1.0, 2.0, 3.0]}]}).encode()  # fmt: skip
+    bad = [b"{not json", x.replace(b"[1, 4]", b"[2, 4]"), x.replace(b'"x"', b'"z"')]
+    stop = threading.Event()
+    sent: Counter[str] = Counter()
+    fails: list[str] = []
+
+    def hostile() -> None:
+        i = 0
+        while not stop.wait(1 / args.flood):
+            sent[str(call(port, bad[i % len(bad)]))] += 1
+            i += 1
+
+    def ordinary() -> None:
+        while not stop.wait(0.02):
+            status = call(port, x)
+            sent["ordinary"] += 1
+            if status != 200:
+                fails.append(str(status))
+
+    threads = [threading.Thread(target=hostile), threading.Thread(target=ordinary)]
+    try:
+        for thread in threads:
+            thread.start()
+        time.sleep(1.0)
+        agent.deploy(2)
+        time.sleep(window + 2.0)
+        stop.set()
+        for thread in threads:
+            thread.join(30)
+        fallbacks = agent.watcher.events("fallback")
+        print(
+            f"swap: m@1 -> m@2 under {args.flood:.0f} malformed requests/s through a {window:.0f}"
+            f" s watch window: {'ROLLED BACK' if fallbacks else 'not rolled back'}; answers "
+            f"{dict(sent)}; failed ordinary requests: {len(fails)}; goal no rollback and 0 "
+            f"failed: {'met' if not fallbacks and not fails else 'NOT met'}"
+        )
+    finally:
+        stop.set()
+        agent.close()
+
+
+def call(port: int, body: bytes) -> int | str:
+    """POST ``body`` to the main slot on a new connection; the status or the error."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("POST", PATH, body, {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        response.read()
+        return response.status
+    except (OSError, http.client.HTTPException) as exc:
+        return type(exc).__name__
+    finally:
+        conn.close()
 
 
 if __name__ == "__main__":

@@ -3,11 +3,17 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
+import numpy as np
 import paho.mqtt.client as mqtt
 import yaml
 from brokers import Mosquitto, free_port
@@ -200,3 +206,40 @@ def connect(settings: BrokerSettings, client_id: str, *, persistent: bool = Fals
     client.loop_start()
     answered.wait(10)
     return probe
+
+
+# -- what a real agent serves, for the attacks on it (tests/security/test_agent_*.py) -------
+
+X = np.arange(4, dtype=np.float32).reshape(1, 4)
+
+
+def served(agent: Agent) -> float:
+    """The constant the agent's main slot adds (models.add_const), through its inference."""
+    answer = agent.infer({"x": X})["y"]
+    return float(answer[0, 0] - X[0, 0])
+
+
+def at(seq: int, result: str | None = None) -> Callable[[dict[str, Any]], bool]:
+    """A predicate on the agent's state document: it has handled desired state ``seq``
+    (with ``result``, e.g. serving, refused, pending, stale, when given)."""
+
+    def check(state: dict[str, Any]) -> bool:
+        handled = state.get("desired") or {}
+        return handled.get("seq") == seq and result in (None, handled.get("outcome"))
+
+    return check
+
+
+def load_agent_rig() -> ModuleType:
+    """tests/agent/conftest.py loaded by path as module ``security_agent_rig``: its Rig,
+    Watcher, Publisher and AgentProcess drive a real agent on real mosquitto for the
+    security suite and bench/attack_bench.py too."""
+    if "security_agent_rig" in sys.modules:
+        return sys.modules["security_agent_rig"]
+    path = Path(__file__).resolve().parent / "agent" / "conftest.py"
+    spec = importlib.util.spec_from_file_location("security_agent_rig", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
