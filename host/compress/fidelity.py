@@ -151,15 +151,31 @@ def class_axis(array: np.ndarray) -> bool:
         return True
     narrow = array.shape[-1] <= NARROW_CLASSES
     if narrow and array.ndim == 3:
-        return True
+        return _comparable_columns(array)
     if array.shape[-1] < max(array.shape[1:] or array.shape):
         return False
     if narrow:
-        return True
+        return _comparable_columns(array)
     rows = _rows(array)
     spread = rows.std(-1)
     peak = (rows.max(-1) - rows.mean(-1)) / np.where(spread > 0, spread, np.inf)
     return bool(rows.min() < 0 and np.median(peak) >= LOGIT_PEAK)
+
+
+COLUMN_SCALE_RATIO = 50.0
+"""Scores of one class axis vary on comparable scales; a ``[N, anchors, 4 + 1 + K]``
+detector's rows mix box coordinates, objectness and class scores, whose spreads differ
+by two orders of magnitude or more (ddddocr's detector: 131x), so its last axis is not
+read as classes (nor its rows as CTC time steps)."""
+
+
+def _comparable_columns(array: np.ndarray) -> bool:
+    """The last axis's columns vary within :data:`COLUMN_SCALE_RATIO` of each other."""
+    spread = _rows(array).std(0)
+    spread = spread[np.isfinite(spread)]
+    if spread.size < 2 or spread.max() == 0:
+        return True  # constant or a single column: nothing tells them apart
+    return bool(spread.max() <= COLUMN_SCALE_RATIO * max(spread.min(), 1e-12))
 
 
 def _sequence_layout(array: np.ndarray) -> int | None:

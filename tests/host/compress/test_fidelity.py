@@ -50,6 +50,23 @@ def test_wide_peaked_logits_are_class_scores():
     assert detect([logits]).kind == "top1"
 
 
+def _anchors(rows: int = 3549) -> np.ndarray:
+    """A YOLO-style detector's [1, anchors, 6] rows: box centre and size in pixels,
+    objectness and one class score in [0, 1] (ddddocr's common_det layout)."""
+    boxes = RNG.uniform(0, 416, size=(1, rows, 4))
+    scores = RNG.uniform(0, 0.02, size=(1, rows, 2))
+    return np.concatenate([boxes, scores], -1).astype(np.float32)
+
+
+def test_a_detectors_anchor_rows_are_not_ctc_text():
+    """Box coordinates and objectness vary on scales 10^4 apart: not a class axis, so
+    the detector is judged by cosine, not by 'decoded text' of argmax over x, y, w, h."""
+    assert detect([_anchors()]).kind == "cosine"
+    # CTC logits whose vocabulary columns vary on comparable scales stay CTC
+    logits = RNG.normal(size=(1, 3549, 6)) * RNG.uniform(0.5, 3, size=6)
+    assert detect([logits.astype(np.float32)]).kind == "ctc"
+
+
 def test_ctc_layout_is_detected():
     assert detect([RNG.normal(size=(20, 1, 37))]).option("batch_axis") == 1
     assert detect([RNG.normal(size=(1, 20, 37))]).option("batch_axis") == 0
