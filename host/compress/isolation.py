@@ -11,11 +11,12 @@ end of the search. Both ways of starting a child share one supervisor:
   evaluation's worker runs this way; the module writes its JSON result to
   ``job["result"]``.
 
-The supervisor waits for the child, sampling the RSS of the child's whole tree every
-20 ms. Over ``Limits.memory`` it kills the tree ("killed at 4.1 GiB (limit 4.0 GiB)");
+The supervisor waits for the child, sampling the private memory (USS) of the child's
+whole tree every 20 ms: pages a forked child still shares with its parent are not new
+memory and are not charged. Over ``Limits.memory`` it kills the tree ("killed at 4.1 GiB (limit 4.0 GiB)");
 past ``Limits.timeout`` too ("timed out after 300 s"); a signal shows as "crashed:
 SIGSEGV". The child also gets an address-space rlimit of ``ADDRESS_SPACE_FACTOR`` times
-the memory limit: onnxruntime and onnxsim reserve address space well beyond what they
+the memory limit on top of the address space it starts with: onnxruntime and onnxsim reserve address space well beyond what they
 touch (measured: 1.1 GiB of address space for 0.8 GiB resident on u2net), so the
 rlimit only stops a single runaway allocation the sampler would see too late, and the
 RSS watchdog is what enforces the limit. Linux and macOS (needs ``fork``).
@@ -37,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from slimfleet.host.compress.resources import SAMPLE_INTERVAL, format_bytes, tree_rss
+from slimfleet.host.compress.resources import SAMPLE_INTERVAL, format_bytes, tree_private
 
 ADDRESS_SPACE_FACTOR = 3
 """The child's RLIMIT_AS is this many times its memory limit (see the module docstring)."""
@@ -119,13 +120,24 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first or 'no message'}"
 
 
+def _mapped_now() -> int:
+    """This process's address space in bytes (VmSize); 0 where it cannot be read."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 def _limit_address_space(memory: int | None) -> None:
     if memory is None:
         return
     try:
         import resource
 
-        limit = max(MIN_ADDRESS_SPACE, memory * ADDRESS_SPACE_FACTOR)
+        # on top of what the child already maps: a child forked from a process that
+        # imported torch starts with gigabytes of address space it never touches
+        limit = _mapped_now() + max(MIN_ADDRESS_SPACE, memory * ADDRESS_SPACE_FACTOR)
         _, hard = resource.getrlimit(resource.RLIMIT_AS)
         if hard != resource.RLIM_INFINITY:
             limit = min(limit, hard)
@@ -227,7 +239,7 @@ def _supervise(child: _Supervised, limits: Limits, what: str) -> Outcome:
             elapsed = time.monotonic() - started
             if code is not None:
                 break
-            rss = tree_rss(child.pid)
+            rss = tree_private(child.pid)
             peak = max(peak, rss)
             TREE_PEAK.see(rss)
             if limits.memory is not None and rss > limits.memory:
