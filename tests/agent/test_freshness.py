@@ -189,17 +189,18 @@ def test_a_wiped_store_refuses_desired_states_issued_before_its_enrolment(
     store = agent.store.root
     agent.stop()
     shutil.rmtree(store)
+    # the broker now retains the captured state (an attacker re-published it), not the
+    # honest one issued seconds ago, which the clock-skew allowance would still accept
+    rig.put_desired(captured)
     time.sleep(0.01)
     again = started()
-    assert again.state.floor == 0 and again.server.current() is None
-    assert again.state.enrolled > json.loads(captured)["signed"]["issued"]
-    rig.put_desired(captured)
     refused = watcher.event("desired_refused", seq=7)
     assert (
         refused["stage"] == "replay"
         and "before this device's store was created" in (refused["reason"])
     )
-    assert again.server.current() is None
+    assert again.state.floor == 0 and again.server.current() is None
+    assert again.state.enrolled > json.loads(captured)["signed"]["issued"]
     rig.assign(2)  # one issued after the enrolment is followed
     watcher.wait("state", lambda s: outcome(s) == (3, "serving"))
     assert served_const(again) == 2.0
