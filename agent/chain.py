@@ -35,8 +35,9 @@ import onnxruntime as ort
 from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
 from slimfleet.agent.confidence import Confidence, resolve_confidence
+from slimfleet.agent.deployment import Gate, SlotSpec
 from slimfleet.agent.inference import FeedError, InferenceError, NoModelError
-from slimfleet.agent.wire import Gate, ModelRef, SlotSpec
+from slimfleet.agent.wire import ModelRef
 
 Outputs = dict[str, np.ndarray]
 REMOTE_LABEL = "remote"

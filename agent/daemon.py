@@ -34,6 +34,7 @@ import numpy as np
 
 from slimfleet.agent.cli_runner import run_cli
 from slimfleet.agent.config import AgentConfig
+from slimfleet.agent.deployment import SLOT_MAIN, Deployment, DesiredState
 from slimfleet.agent.desired import (
     OUTCOME_PENDING,
     OUTCOME_REFUSED,
@@ -67,13 +68,7 @@ from slimfleet.agent.serving import DeploymentError, DeploymentServer
 from slimfleet.agent.store import AgentState, ModelStore
 from slimfleet.agent.telemetry import Telemetry
 from slimfleet.agent.update import Superseded, Timing, UpdateFailed, Updater, check_order
-from slimfleet.agent.wire import (
-    EVENT_DESIRED_REFUSED,
-    EVENT_DESIRED_STALE,
-    SLOT_MAIN,
-    Deployment,
-    DesiredState,
-)
+from slimfleet.agent.wire import EVENT_DESIRED_REFUSED, EVENT_DESIRED_STALE
 
 __all__ = ["Agent", "Timing", "main"]
 

@@ -25,10 +25,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from slimfleet.agent.deployment import DesiredState
 from slimfleet.agent.errors import VerifyError
 from slimfleet.agent.signing import Verifier
 from slimfleet.agent.store import AgentState, ModelStore, atomic_write_bytes
-from slimfleet.agent.wire import DesiredState
 
 log = logging.getLogger(__name__)
 

@@ -17,19 +17,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from slimfleet.agent.deployment import Deployment
 from slimfleet.agent.errors import VerifyError
 from slimfleet.agent.inbox import Message
 from slimfleet.agent.keyring import KeyRing
 from slimfleet.agent.report import tiers
 from slimfleet.agent.serving import DeploymentError, DeploymentServer
 from slimfleet.agent.update import Emit, Updater
-from slimfleet.agent.wire import (
-    EVENT_DESIRED_REFUSED,
-    EVENT_FALLBACK,
-    EVENT_KEY_REVOKED,
-    Deployment,
-    ModelRef,
-)
+from slimfleet.agent.wire import EVENT_DESIRED_REFUSED, EVENT_FALLBACK, EVENT_KEY_REVOKED, ModelRef
 
 log = logging.getLogger(__name__)
 

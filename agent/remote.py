@@ -6,7 +6,7 @@ the slot names in full (``http(s)://host:port/v2/models/<model>/infer``); the an
 ``outputs`` become the tier's outputs by name. Bounds, all per request:
 
 - the whole exchange (connect, send, wait, read) must finish within the slot's
-  ``timeout_s`` (:class:`slimfleet.agent.wire.RemoteTier`, at most 60 s), else
+  ``timeout_s`` (:class:`slimfleet.agent.deployment.RemoteTier`, at most 60 s), else
   :class:`~slimfleet.agent.chain.TierTimeout`;
 - an answer over :data:`MAX_RESPONSE_BYTES` is refused unread (by its Content-Length)
   or as soon as it passes the cap;
@@ -39,9 +39,10 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from slimfleet.agent.chain import REMOTE_LABEL, TierTimeout, first_line
+from slimfleet.agent.deployment import RemoteTier
 from slimfleet.agent.errors import ConfigError
 from slimfleet.agent.inference import InferenceError
-from slimfleet.agent.wire import EVENT_TIER_FAILING, EVENT_TIER_RECOVERED, RemoteTier
+from slimfleet.agent.wire import EVENT_TIER_FAILING, EVENT_TIER_RECOVERED
 
 log = logging.getLogger(__name__)
 

@@ -18,9 +18,10 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from slimfleet.agent.deployment import SCHEMA_VERSION_DESIRED, Deployment
 from slimfleet.agent.desired import OUTCOME_REFUSED, OUTCOME_STALE, Record
 from slimfleet.agent.store import AgentState
-from slimfleet.agent.wire import SCHEMA_VERSION_DESIRED, Deployment, ModelRef
+from slimfleet.agent.wire import ModelRef
 
 STATUS_IDLE = "idle"
 STATUS_UPDATING = "updating"

@@ -54,6 +54,7 @@ from urllib.parse import unquote
 import numpy as np
 
 from slimfleet.agent import oip
+from slimfleet.agent.deployment import SLOT_MAIN
 from slimfleet.agent.errors import SlimfleetError
 from slimfleet.agent.httpserver import (
     JSON,
@@ -72,7 +73,7 @@ from slimfleet.agent.inference import (
     NoModelError,
     UnknownSlotError,
 )
-from slimfleet.agent.wire import SLOT_MAIN, ModelRef
+from slimfleet.agent.wire import ModelRef
 
 log = logging.getLogger(__name__)
 

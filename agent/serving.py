@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from slimfleet.agent.deployment import Deployment
 from slimfleet.agent.errors import InputError, SlimfleetError
 from slimfleet.agent.inference import (
     Answer,
@@ -62,7 +63,6 @@ from slimfleet.agent.wire import (
     EVENT_SWAP_OK,
     EVENT_SWAP_STARTED,
     EVENT_TIER_SKIPPED,
-    Deployment,
     ModelRef,
     SmokeTest,
 )

@@ -19,12 +19,13 @@ from typing import Any, Protocol
 import numpy as np
 
 from slimfleet.agent.chain import REMOTE_LABEL, Chain, chain_for_slot
+from slimfleet.agent.deployment import Deployment, SlotSpec
 from slimfleet.agent.inference import Answer, FeedError, InferenceError, ModelIO, UnknownSlotError
 from slimfleet.agent.remote import RemoteClient
 from slimfleet.agent.sessions import LoadedModel, first_line
 from slimfleet.agent.telemetry import Telemetry
 from slimfleet.agent.watch import FAILED
-from slimfleet.agent.wire import Deployment, ModelRef, SlotSpec
+from slimfleet.agent.wire import ModelRef
 
 RECENT_SAMPLES = 2048  # per slot of a serving set, for the watch window
 

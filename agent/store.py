@@ -31,14 +31,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from slimfleet.agent.errors import SlimfleetError, VerifyError
-from slimfleet.agent.wire import (
+from slimfleet.agent.deployment import (
     SCHEMA_VERSION_DESIRED,
     Deployment,
-    ModelRef,
     deployment_from_dict,
     deployment_to_dict,
 )
+from slimfleet.agent.errors import SlimfleetError, VerifyError
+from slimfleet.agent.wire import ModelRef
 
 log = logging.getLogger(__name__)
 

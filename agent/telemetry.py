@@ -26,7 +26,7 @@ while it is in the serving deployment or had requests in the interval.
 
 Bounds: at most ``MAX_SAMPLES`` latencies per slot and ``MAX_TIER_SAMPLES`` per tier
 are kept per interval (the most recent); counters exist only for the slots of the
-serving deployment (at most wire.MAX_SLOTS) and slots with requests this interval.
+serving deployment (at most deployment.MAX_SLOTS) and slots with requests this interval.
 """
 
 from __future__ import annotations
@@ -50,7 +50,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from slimfleet.agent.wire import SCHEMA_VERSION_DESIRED, ModelRef
+from slimfleet.agent.deployment import SCHEMA_VERSION_DESIRED
+from slimfleet.agent.wire import ModelRef
 
 # Latency histogram bucket upper bounds, seconds.
 BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)

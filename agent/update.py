@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from slimfleet.agent.config import AgentConfig
+from slimfleet.agent.deployment import Deployment, DesiredState
 from slimfleet.agent.download import ChunkDownload, DownloadCancelled, DownloadError, clear_partials
 from slimfleet.agent.errors import SlimfleetError, VerifyError
 from slimfleet.agent.inbox import MANIFEST_LIMIT
@@ -36,8 +37,6 @@ from slimfleet.agent.wire import (
     EVENT_DOWNLOAD_PROGRESS,
     EVENT_INTEGRITY_FAILED,
     EVENT_VERIFY_FAILED,
-    Deployment,
-    DesiredState,
     Manifest,
     ModelRef,
 )

@@ -28,8 +28,8 @@ import numpy as np
 
 from slimfleet.agent.chain import Chain, SessionTier
 from slimfleet.agent.confidence import resolve_confidence
+from slimfleet.agent.deployment import Gate
 from slimfleet.agent.runtime import open_session
-from slimfleet.agent.wire import Gate
 from slimfleet.host.chaincal import curve, measure, pick
 from slimfleet.host.compress.fidelity import ctc_decode
 

@@ -39,9 +39,9 @@ from slimfleet.agent.confidence import (
     function_for_shape,
     resolve_confidence,
 )
+from slimfleet.agent.deployment import Gate, check_slot
 from slimfleet.agent.errors import InputError, SlimfleetError
 from slimfleet.agent.runtime import open_session
-from slimfleet.agent.wire import Gate, check_slot
 from slimfleet.host.compress.data import load_samples
 from slimfleet.host.compress.fidelity import (
     MetricSpec,

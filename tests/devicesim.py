@@ -20,9 +20,9 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from slimfleet.agent.deployment import Deployment, DesiredState
 from slimfleet.agent.errors import VerifyError
 from slimfleet.agent.mqtt import BrokerSettings
-from slimfleet.agent.wire import Deployment, DesiredState
 from slimfleet.host.fleet.config import FleetConfig
 
 # (device, desired) -> ("serving", None, None) or ("refused", stage, reason)

@@ -11,9 +11,10 @@ from typing import Any
 import numpy as np
 
 from slimfleet.agent import wire
+from slimfleet.agent.deployment import SlotSpec
 from slimfleet.agent.serving import DeploymentServer, ModelSource
 from slimfleet.agent.watch import WatchPolicy
-from slimfleet.agent.wire import ModelRef, SlotSpec, SmokeTest
+from slimfleet.agent.wire import ModelRef, SmokeTest
 
 EVENT_TYPES = {v for k, v in vars(wire).items() if k.startswith("EVENT_") and isinstance(v, str)}
 

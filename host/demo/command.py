@@ -27,8 +27,9 @@ import click
 import numpy as np
 import onnx
 
+from slimfleet.agent.deployment import Deployment, SlotSpec
 from slimfleet.agent.errors import SlimfleetError
-from slimfleet.agent.wire import Deployment, ModelRef, SlotSpec
+from slimfleet.agent.wire import ModelRef
 from slimfleet.host.chaincal import calibrate
 from slimfleet.host.compress.search import compress
 from slimfleet.host.demo import models

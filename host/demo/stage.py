@@ -13,8 +13,8 @@ from pathlib import Path
 
 from slimfleet.agent.config import load_agent_config
 from slimfleet.agent.daemon import Agent
+from slimfleet.agent.deployment import Deployment
 from slimfleet.agent.errors import SlimfleetError
-from slimfleet.agent.wire import Deployment
 from slimfleet.host.fleet import deploy
 from slimfleet.host.fleet.broker import EmbeddedBroker
 from slimfleet.host.fleet.config import FleetConfig, load_fleet

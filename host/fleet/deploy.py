@@ -17,18 +17,16 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from slimfleet.agent.errors import InputError, SlimfleetError, VerifyError
-from slimfleet.agent.wire import (
+from slimfleet.agent.deployment import (
     SLOT_MAIN,
     Deployment,
     DesiredState,
-    Manifest,
-    ModelRef,
     SlotSpec,
     deployment_from_dict,
     deployment_to_dict,
-    parse_json,
 )
+from slimfleet.agent.errors import InputError, SlimfleetError, VerifyError
+from slimfleet.agent.wire import Manifest, ModelRef, parse_json
 from slimfleet.host.fleet.config import FleetConfig
 from slimfleet.host.fleet.mqttio import BrokerLink
 from slimfleet.host.fleet.outcomes import read_states

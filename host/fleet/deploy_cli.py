@@ -16,14 +16,9 @@ from typing import Any
 
 import click
 
+from slimfleet.agent.deployment import Deployment, DesiredState, SlotSpec, check_slot
 from slimfleet.agent.errors import InputError, SlimfleetError
-from slimfleet.agent.wire import (
-    Deployment,
-    DesiredState,
-    ModelRef,
-    SlotSpec,
-    check_slot,
-)
+from slimfleet.agent.wire import ModelRef
 from slimfleet.host.fleet import deploy
 from slimfleet.host.fleet.cli import fleet_option, json_option
 from slimfleet.host.fleet.config import FleetConfig, load_fleet

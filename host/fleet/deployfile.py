@@ -12,7 +12,7 @@ Format (one file describes a whole deployment)::
 
 ``slimfleet assign --deployment FILE`` sends it; ``slimfleet chain calibrate`` writes a
 slot's gate threshold into it with :func:`set_gate`. The wire contract
-(:class:`~slimfleet.agent.wire.SlotSpec`) stays the single authority on what is valid:
+(:class:`~slimfleet.agent.deployment.SlotSpec`) stays the single authority on what is valid:
 this module only adds the positions to its errors.
 """
 
@@ -26,16 +26,16 @@ from typing import Any
 import yaml
 
 from slimfleet.agent.configfile import Node, load_yaml, parse_yaml
-from slimfleet.agent.errors import ConfigError, InputError, VerifyError
-from slimfleet.agent.wire import (
+from slimfleet.agent.deployment import (
     MAX_SLOTS,
     Deployment,
     Gate,
-    ModelRef,
     SlotSpec,
     check_slot,
     deployment_to_dict,
 )
+from slimfleet.agent.errors import ConfigError, InputError, VerifyError
+from slimfleet.agent.wire import ModelRef
 
 
 def load_deployment(path: str | Path) -> Deployment:

@@ -17,7 +17,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from slimfleet.agent.wire import DesiredState, Topics
+from slimfleet.agent.deployment import DesiredState
+from slimfleet.agent.wire import Topics
 from slimfleet.host.fleet.mqttio import BrokerLink
 from slimfleet.host.fleet.reports import (
     OUTCOME_PENDING,

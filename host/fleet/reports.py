@@ -25,14 +25,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from slimfleet.agent.deployment import MAX_SLOTS, MAX_TIERS, check_slot
 from slimfleet.agent.errors import SlimfleetError
-from slimfleet.agent.wire import (
-    EVENT_TYPES,
-    MAX_SLOTS,
-    MAX_TIERS,
-    ModelRef,
-    check_slot,
-)
+from slimfleet.agent.wire import EVENT_TYPES, ModelRef
 
 SCHEMA = 2
 MAX_REPORT_BYTES = 256 * 1024  # a larger state/telemetry/event body is refused unread

@@ -26,13 +26,9 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
+from slimfleet.agent.deployment import SlotSpec, deployment_from_dict, deployment_to_dict
 from slimfleet.agent.errors import InputError, VerifyError
-from slimfleet.agent.wire import (
-    ModelRef,
-    SlotSpec,
-    deployment_from_dict,
-    deployment_to_dict,
-)
+from slimfleet.agent.wire import ModelRef
 from slimfleet.host.fleet import deploy
 from slimfleet.host.fleet.config import FleetConfig
 from slimfleet.host.fleet.mqttio import BrokerLink

@@ -9,8 +9,8 @@ from typing import Any
 
 import click
 
+from slimfleet.agent.deployment import SLOT_MAIN, check_slot
 from slimfleet.agent.errors import InputError, SlimfleetError
-from slimfleet.agent.wire import SLOT_MAIN, check_slot
 from slimfleet.host.fleet import deploy
 from slimfleet.host.fleet import rollout as rollouts
 from slimfleet.host.fleet.cli import fleet_option, json_option

@@ -26,18 +26,12 @@ from serving_rig import EVENT_TYPES, NO_WATCH, PipelineClients, Recorder
 
 from slimfleet.agent.config import load_agent_config
 from slimfleet.agent.daemon import Agent, Timing
+from slimfleet.agent.deployment import SLOT_MAIN, DesiredState, SlotSpec, deployment_from_dict
 from slimfleet.agent.link import Backoff, Link
 from slimfleet.agent.mqtt import BrokerSettings, make_client
 from slimfleet.agent.serving import DeploymentServer
 from slimfleet.agent.watch import WatchPolicy
-from slimfleet.agent.wire import (
-    SLOT_MAIN,
-    DesiredState,
-    ModelRef,
-    SlotSpec,
-    Topics,
-    deployment_from_dict,
-)
+from slimfleet.agent.wire import ModelRef, Topics
 from slimfleet.host.fleet.config import load_fleet
 from slimfleet.host.fleet.keys import generate_keys
 from slimfleet.host.fleet.publish import publish_model

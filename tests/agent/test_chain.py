@@ -15,10 +15,11 @@ from onnx import TensorProto, helper, numpy_helper
 
 from slimfleet.agent.chain import Chain, ChainAnswer, SessionTier, TierTimeout, chain_for_slot
 from slimfleet.agent.confidence import max_prob
+from slimfleet.agent.deployment import Gate, SlotSpec
 from slimfleet.agent.errors import ConfigError
 from slimfleet.agent.inference import FeedError, InferenceError, NoModelError
 from slimfleet.agent.runtime import open_session
-from slimfleet.agent.wire import Gate, ModelRef, SlotSpec
+from slimfleet.agent.wire import ModelRef
 
 X = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
 P = helper.make_tensor_value_info("p", TensorProto.FLOAT, [1, 4])

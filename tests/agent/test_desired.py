@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from slimfleet.agent.deployment import DesiredState, SlotSpec
 from slimfleet.agent.desired import (
     DESIRED_FILE,
     MAX_DESIRED_FILE_BYTES,
@@ -27,7 +28,7 @@ from slimfleet.agent.signing import (
     load_public_key,
 )
 from slimfleet.agent.store import AgentState, ModelStore
-from slimfleet.agent.wire import DesiredState, ModelRef, SlotSpec
+from slimfleet.agent.wire import ModelRef
 
 
 @pytest.fixture

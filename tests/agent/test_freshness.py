@@ -11,8 +11,9 @@ import models
 import numpy as np
 import pytest
 
+from slimfleet.agent.deployment import DesiredState
 from slimfleet.agent.desired import admit
-from slimfleet.agent.wire import DesiredState, ModelRef
+from slimfleet.agent.wire import ModelRef
 
 X = np.arange(4, dtype=np.float32).reshape(1, 4)
 

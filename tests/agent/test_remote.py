@@ -23,6 +23,7 @@ from cryptography.x509.oid import NameOID
 
 from slimfleet.agent.chain import Chain, TierTimeout
 from slimfleet.agent.confidence import max_prob
+from slimfleet.agent.deployment import Gate, RemoteTier
 from slimfleet.agent.errors import ConfigError
 from slimfleet.agent.inference import InferenceError
 from slimfleet.agent.remote import (
@@ -32,7 +33,7 @@ from slimfleet.agent.remote import (
     decode_response,
     encode_request,
 )
-from slimfleet.agent.wire import EVENT_TIER_FAILING, EVENT_TIER_RECOVERED, Gate, RemoteTier
+from slimfleet.agent.wire import EVENT_TIER_FAILING, EVENT_TIER_RECOVERED
 
 CAP = 4096  # the response cap the tests give the client (the default is 16 MiB)
 

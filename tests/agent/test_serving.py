@@ -22,11 +22,12 @@ from serving_rig import (
     value_of,
 )
 
+from slimfleet.agent.deployment import SlotSpec
 from slimfleet.agent.errors import InputError, SlimfleetError
 from slimfleet.agent.inference import FeedError, InferenceError, NoModelError, UnknownSlotError
 from slimfleet.agent.serving import DeploymentError, DeploymentServer, ModelSource
 from slimfleet.agent.watch import WatchPolicy
-from slimfleet.agent.wire import SlotSpec, SmokeTest
+from slimfleet.agent.wire import SmokeTest
 
 # -- requests -------------------------------------------------------------------------
 

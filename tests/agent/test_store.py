@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pytest
 
+from slimfleet.agent.deployment import SlotSpec
 from slimfleet.agent.errors import SlimfleetError
 from slimfleet.agent.store import AgentState, ModelStore, atomic_write_bytes
-from slimfleet.agent.wire import ModelRef, SlotSpec
+from slimfleet.agent.wire import ModelRef
 
 
 def ref(name: str, version: int) -> ModelRef:
@@ -237,7 +238,8 @@ CRASHER = textwrap.dedent(
     import sys
     from pathlib import Path
     from slimfleet.agent.store import AgentState, ModelStore
-    from slimfleet.agent.wire import ModelRef, SlotSpec
+    from slimfleet.agent.wire import ModelRef
+from slimfleet.agent.deployment import SlotSpec
 
     store = ModelStore(Path(sys.argv[1]), keep=2)
     data = b"w" * 200_000

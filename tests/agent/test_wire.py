@@ -3,15 +3,12 @@ import json
 import numpy as np
 import pytest
 
+from slimfleet.agent.deployment import DesiredState, Gate, RemoteTier, SlotSpec
 from slimfleet.agent.errors import VerifyError
 from slimfleet.agent.wire import (
     MAX_PAYLOAD_BYTES,
-    DesiredState,
-    Gate,
     Manifest,
     ModelRef,
-    RemoteTier,
-    SlotSpec,
     SmokeTest,
     Topics,
     canonical_json,

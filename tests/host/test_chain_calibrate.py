@@ -16,8 +16,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from slimfleet.agent.chain import Chain, SessionTier
 from slimfleet.agent.confidence import max_prob
+from slimfleet.agent.deployment import Gate
 from slimfleet.agent.runtime import open_session
-from slimfleet.agent.wire import Gate
 from slimfleet.host.chaincal import Measured, Point, budget_lines, curve, parse_budget, pick
 from slimfleet.host.cli import main
 

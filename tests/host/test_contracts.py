@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-HOST = Path(__file__).resolve().parents[2] / "host"
+REPO = Path(__file__).resolve().parents[2]
+FOLDERS = {"slimfleet.host.": REPO / "host", "slimfleet.agent.": REPO / "agent"}
 CONTRACTS = {
     "slimfleet.host.hookspecs",
     "slimfleet.host.passes",
@@ -16,6 +17,10 @@ CONTRACTS = {
     "slimfleet.host.registry",
     "slimfleet.host.feeds",
     "slimfleet.host.sections",
+    # the wire protocol both sides share
+    "slimfleet.agent.wire",
+    "slimfleet.agent.deployment",
+    "slimfleet.agent.inference",
 }
 ALLOWED = CONTRACTS | {"slimfleet.agent.errors"}
 
@@ -32,5 +37,6 @@ def _slimfleet_imports(path: Path) -> set[str]:
 
 @pytest.mark.parametrize("module", sorted(CONTRACTS))
 def test_a_contract_imports_only_contracts(module):
-    path = HOST / (module.removeprefix("slimfleet.host.").replace(".", "/") + ".py")
+    prefix = next(p for p in FOLDERS if module.startswith(p))
+    path = FOLDERS[prefix] / (module.removeprefix(prefix).replace(".", "/") + ".py")
     assert _slimfleet_imports(path) <= ALLOWED, f"{module} imports an implementation"

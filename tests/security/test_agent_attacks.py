@@ -14,8 +14,9 @@ import models
 import pytest
 from securefleet import at, served
 
+from slimfleet.agent.deployment import MAX_SLOTS, MAX_TIERS
 from slimfleet.agent.signing import Signer, load_private_key
-from slimfleet.agent.wire import MAX_SLOTS, MAX_TIERS, ModelRef
+from slimfleet.agent.wire import ModelRef
 from slimfleet.host.fleet.keys import generate_keys
 from slimfleet.host.fleet.publish import build_manifest, publish_manifest, publish_model
 

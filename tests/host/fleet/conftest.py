@@ -18,8 +18,9 @@ import pytest
 from brokers import Mosquitto, free_port
 from paho.mqtt.enums import CallbackAPIVersion
 
+from slimfleet.agent.deployment import DesiredState
 from slimfleet.agent.mqtt import BrokerSettings
-from slimfleet.agent.wire import MAX_PAYLOAD_BYTES, DesiredState, Manifest
+from slimfleet.agent.wire import MAX_PAYLOAD_BYTES, Manifest
 from slimfleet.host.fleet.broker import EmbeddedBroker
 from slimfleet.host.fleet.config import FleetConfig, load_fleet
 from slimfleet.host.fleet.keys import generate_keys

@@ -12,9 +12,10 @@ import models
 import pytest
 from brokers import free_port
 
+from slimfleet.agent.deployment import DesiredState
 from slimfleet.agent.errors import InputError, SlimfleetError
 from slimfleet.agent.mqtt import BrokerSettings
-from slimfleet.agent.wire import DesiredState, Manifest, ModelRef
+from slimfleet.agent.wire import Manifest, ModelRef
 from slimfleet.host.fleet.broker import EmbeddedBroker
 from slimfleet.host.fleet.config import FleetConfig
 from slimfleet.host.fleet.deploy import assign_main

@@ -13,16 +13,10 @@ import pytest
 from devicesim import DeviceSimulator
 from reportdocs import state_doc
 
+from slimfleet.agent.deployment import SLOT_MAIN, DesiredState, Gate, RemoteTier, SlotSpec
 from slimfleet.agent.errors import InputError, SlimfleetError
 from slimfleet.agent.signing import Signer, load_private_key
-from slimfleet.agent.wire import (
-    SLOT_MAIN,
-    DesiredState,
-    Gate,
-    ModelRef,
-    RemoteTier,
-    SlotSpec,
-)
+from slimfleet.agent.wire import ModelRef
 from slimfleet.host.fleet import deploy
 from slimfleet.host.fleet.config import FleetConfig
 from slimfleet.host.fleet.keys import generate_keys

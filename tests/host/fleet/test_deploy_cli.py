@@ -13,7 +13,8 @@ import pytest
 from brokers import Mosquitto, free_port
 from devicesim import DeviceSimulator
 
-from slimfleet.agent.wire import SLOT_MAIN, ModelRef
+from slimfleet.agent.deployment import SLOT_MAIN
+from slimfleet.agent.wire import ModelRef
 from slimfleet.host.cli import main
 from slimfleet.host.fleet import deploy
 from slimfleet.host.fleet.config import BROKER_ENV, FleetConfig, load_fleet

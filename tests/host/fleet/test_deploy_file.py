@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from slimfleet.agent.deployment import Gate, RemoteTier, SlotSpec
 from slimfleet.agent.errors import ConfigError, InputError
-from slimfleet.agent.wire import Gate, ModelRef, RemoteTier, SlotSpec
+from slimfleet.agent.wire import ModelRef
 from slimfleet.host.fleet.deployfile import (
     dump_deployment,
     load_deployment,

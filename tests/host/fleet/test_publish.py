@@ -16,8 +16,9 @@ import onnxruntime as ort
 import pytest
 from brokers import free_port
 
+from slimfleet.agent.deployment import DesiredState
 from slimfleet.agent.errors import InputError, SlimfleetError
-from slimfleet.agent.wire import MAX_PAYLOAD_BYTES, DesiredState, Manifest, ModelRef
+from slimfleet.agent.wire import MAX_PAYLOAD_BYTES, Manifest, ModelRef
 from slimfleet.host.fleet.config import FleetConfig
 from slimfleet.host.fleet.deploy import assign_main
 from slimfleet.host.fleet.publish import build_manifest, publish_manifest, publish_model

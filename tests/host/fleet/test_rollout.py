@@ -11,8 +11,9 @@ import models
 import pytest
 from devicesim import DeviceSimulator
 
+from slimfleet.agent.deployment import SLOT_MAIN
 from slimfleet.agent.errors import InputError
-from slimfleet.agent.wire import SLOT_MAIN, ModelRef
+from slimfleet.agent.wire import ModelRef
 from slimfleet.host.fleet import deploy
 from slimfleet.host.fleet import rollout as rollouts
 from slimfleet.host.fleet.config import FleetConfig
