@@ -40,14 +40,10 @@ from slimfleet.host.compress.evaluate import (
     measure,
     write_samples,
 )
-from slimfleet.host.compress.fidelity import (
-    MetricSpec,
-    compare,
-    metric_specs,
-    score_metrics,
-    state_outputs,
-)
+from slimfleet.host.compress.fidelity import compare, score_metrics
 from slimfleet.host.compress.judging import Judging
+from slimfleet.host.compress.metricdetection import metric_specs, state_outputs
+from slimfleet.host.compress.metricspec import MetricSpec
 from slimfleet.host.compress.modelfile import (
     digest,
     io_signature,
