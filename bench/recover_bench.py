@@ -25,7 +25,7 @@ import onnx
 from benchlib import latencies_ms, outputs_of
 from compress_bench import ensure_packages, ocr_samples
 
-from slimfleet.host.compress.fidelity import wilson
+from slimfleet.host.compress.intervals import wilson
 from slimfleet.host.passes import PassContext
 from slimfleet.plugins.normalize import Normalize
 from slimfleet.plugins.qat import QuantizationAwareTraining

@@ -43,13 +43,9 @@ from slimfleet.agent.deployment import Gate, check_slot
 from slimfleet.agent.errors import InputError, SlimfleetError
 from slimfleet.agent.runtime import open_session
 from slimfleet.host.compress.data import load_samples
-from slimfleet.host.compress.fidelity import (
-    MetricSpec,
-    compare,
-    detect,
-    metric_specs,
-    parse_metric,
-)
+from slimfleet.host.compress.fidelity import compare
+from slimfleet.host.compress.metricdetection import detect, metric_specs
+from slimfleet.host.compress.metricspec import MetricSpec, parse_metric
 from slimfleet.host.compress.modelfile import io_signature, load_model
 from slimfleet.host.plugins import load_plugins
 

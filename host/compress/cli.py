@@ -14,7 +14,7 @@ import click
 from slimfleet.host.compress import outdir
 from slimfleet.host.compress.data import parse_input_shape, show_shape
 from slimfleet.host.compress.evaluate import EvalSettings
-from slimfleet.host.compress.fidelity import parse_metric
+from slimfleet.host.compress.metricspec import parse_metric
 from slimfleet.host.compress.modelfile import describe, load_model
 from slimfleet.host.compress.reporthtml import output_line, undecided_notes
 from slimfleet.host.compress.resources import format_bytes, parse_bytes

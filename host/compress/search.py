@@ -1,12 +1,15 @@
 """The search: build a candidate per recipe, measure each, fall back per layer, choose one.
 
 :func:`compress` is the library entry point; ``slimfleet compress`` is a thin layer over it.
+:class:`Search` drives one run: it measures the original, builds each candidate
+(:class:`~slimfleet.host.compress.building.RecipeBuilding`), judges it
+(:class:`~slimfleet.host.compress.judging.Judging`) and adds the fallback and recovery
+variants of near misses (:class:`~slimfleet.host.compress.variants.Variants`).
 """
 
 from __future__ import annotations
 
 import logging
-import shutil
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -14,45 +17,35 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnx
 
-from slimfleet.agent.errors import InputError, SlimfleetError
+from slimfleet.agent.errors import InputError
 from slimfleet.host import convert
-from slimfleet.host.compress import fallback, isolation, outdir, report, retrain
+from slimfleet.host.compress import isolation, outdir, report
 from slimfleet.host.compress.arrayfiles import ArrayFiles
-from slimfleet.host.compress.building import ModelFile, apply_step
+from slimfleet.host.compress.building import ModelFile, RecipeBuilding, StepFailed, step_key
 from slimfleet.host.compress.candidate import (
     ACCEPTED,
     BASELINE,
     FAILED,
-    REJECTED,
     SKIPPED,
     Candidate,
     StepRecord,
 )
-from slimfleet.host.compress.choice import choose, ratio_text
+from slimfleet.host.compress.choice import choose
 from slimfleet.host.compress.data import Samples, load_samples
 from slimfleet.host.compress.evaluate import (
-    TOO_SLOW,
     EvalSettings,
     Outputs,
     measure,
-    race,
     write_samples,
 )
-from slimfleet.host.compress.fidelity import (
-    MetricSpec,
-    compare,
-    metric_specs,
-    samples_to_settle,
-    score_metrics,
-    state_outputs,
-    straddles,
-)
+from slimfleet.host.compress.fidelity import compare, score_metrics
+from slimfleet.host.compress.judging import Judging
+from slimfleet.host.compress.metricdetection import metric_specs, state_outputs
+from slimfleet.host.compress.metricspec import MetricSpec
 from slimfleet.host.compress.modelfile import (
     digest,
-    imports_default_domain,
     io_signature,
     load_model,
     name_dynamic_dims,
@@ -60,36 +53,24 @@ from slimfleet.host.compress.modelfile import (
     save_model,
     total_size,
 )
-from slimfleet.host.compress.planning import Budget, batch_bytes
+from slimfleet.host.compress.planning import Budget
 from slimfleet.host.compress.resources import (
     DEFAULT_MAX_MEMORY,
     DEFAULT_TIME_BUDGET,
-    format_bytes,
 )
-from slimfleet.host.passes import Pass, PassContext
+from slimfleet.host.compress.variants import Variants
 from slimfleet.host.plugins import Plugins, load_plugins
 from slimfleet.host.recipes import Recipe, Step, parse_recipe
 
 log = logging.getLogger(__name__)
 
 OBJECTIVES = ("latency", "size")
-SLOWER_TOLERANCE = 0.05
-"""A candidate up to 5% slower than the original still counts as "not slower" (timing noise)."""
-RACE_SIZE = 8
-"""Accepted candidates (best on the objective first) re-timed round-robin with the original."""
-FALLBACK_SERIES = 2
-"""How many quantized candidates that missed the budget get per-layer fallback variants."""
 SHORT_TIMING = EvalSettings(min_repeats=3, max_repeats=20, latency_seconds=0.3)
 """Latency timing when the full one would not fit the time budget."""
 GIVE_UP_FACTOR = 3.0
 GIVE_UP_FLOOR_MS = 200.0
 """A candidate whose run takes 3x the original's median latency (and at least 200 ms: short
 runs are noisy and cheap to finish) is stopped and rejected."""
-PROBE_SAMPLES = 4
-"""Evaluation samples used to rank nodes for fallback."""
-EXCLUDE_OPTION = "exclude_nodes"
-UPGRADE_PASS = "normalize"
-"""The pass (with option ``opset``) run when a pass needs a newer opset than the model's."""
 
 Progress = Callable[[int, int, str], None]
 """``progress(done, total, label)``; ``total`` grows when fallback variants are added."""
@@ -249,18 +230,7 @@ def _refuse_skipped_steps(candidates: Sequence[Candidate]) -> None:
                 raise InputError(f"--passes: pass {step.pass_name} was skipped: {step.notes}")
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    if isinstance(exc, SlimfleetError) and text:
-        return text.splitlines()[0]
-    return f"{type(exc).__name__}: {text.splitlines()[0] if text else 'no message'}"
-
-
-class _StepFailed(Exception):
-    """A pass raised; the candidate fails with this one-line reason."""
-
-
-class Search:
+class Search(Judging, Variants, RecipeBuilding):
     """The candidates of one ``compress`` run, built in ``workdir`` (a temp dir)."""
 
     def __init__(
@@ -323,7 +293,7 @@ class Search:
         """Measure the original and every recipe, add fallback variants of near misses,
         then race the finalists against the original and give the latency verdicts."""
         self._total = len(recipes) + 2
-        self._shared = {_key(r.steps[:n]) for r in recipes for n in range(1, len(r.steps))}
+        self._shared = {step_key(r.steps[:n]) for r in recipes for n in range(1, len(r.steps))}
         self._measure_original()
         self._shorten_if_needed(len(recipes))
         for recipe in recipes:
@@ -440,7 +410,7 @@ class Search:
     def _build_and_measure(self, recipe: Recipe, candidate: Candidate) -> None:
         try:
             model = self._build(recipe.steps, candidate.steps, candidate.id)
-        except _StepFailed as exc:
+        except StepFailed as exc:
             candidate.status, candidate.reason = FAILED, str(exc)
             return
         if model.digest in self._digests:
@@ -483,356 +453,3 @@ class Search:
                 step.options
             )
         return self._resolved[key]
-
-    def _build(
-        self, steps: Sequence[Step], records: list[StepRecord], candidate_id: int
-    ) -> ModelFile:
-        """Apply ``steps`` to the original, reusing models built for shared prefixes.
-
-        Each pass runs in its own process; the models live on disk. A step's output
-        that no later candidate shares is deleted once the next step has read it.
-        """
-        model, start = self.original_file, 0
-        for length in range(len(steps), 0, -1):
-            cached = self._prefixes.get(_key(steps[:length]))
-            if cached is not None:
-                model, done = cached
-                records.extend(done)
-                start = length
-                break
-        context = PassContext(
-            workdir=self.workdir / f"cand-{candidate_id}" / "work",
-            calibration=self.samples.calibration,
-            threads=self.settings.threads,
-        )
-        context.workdir.mkdir(parents=True, exist_ok=True)
-        kept = {m.path for m, _ in self._prefixes.values()} | {self.model_path}
-        for index in range(start, len(steps)):
-            before = model
-            model = self._apply(model, steps[index], records, context)
-            if before.path != model.path and before.path not in kept:
-                before.path.unlink(missing_ok=True)
-            if _key(steps[: index + 1]) in self._shared:
-                self._prefixes[_key(steps[: index + 1])] = (model, list(records))
-                kept.add(model.path)
-        return model
-
-    def _apply(
-        self,
-        model: ModelFile,
-        step: Step,
-        records: list[StepRecord],
-        context: PassContext,
-    ) -> ModelFile:
-        try:
-            pass_ = self.plugins.passes.get(step.pass_name)
-            options = self._options(step)
-        except SlimfleetError as exc:
-            records.append(StepRecord(step.pass_name, dict(step.options), "failed", str(exc)))
-            raise _StepFailed(str(exc)) from None
-        try:
-            needed = pass_.min_opset(options)
-        except Exception as exc:  # a plugin's bug fails this candidate, never the search
-            reason = f"{pass_.name}: min_opset raised {_one_line(exc)}"
-            records.append(StepRecord(pass_.name, options, "failed", reason))
-            raise _StepFailed(reason) from None
-        if needed > model.opset and not imports_default_domain(self.model):
-            reason = "the model has no ai.onnx operators to upgrade (only other domains)"
-            records.append(StepRecord(pass_.name, options, "skipped", reason))
-            return model
-        if needed > model.opset:
-            model = self._upgrade(model, needed, pass_.name, records, context)
-        return self._run_pass(pass_, model, options, records, context)
-
-    def _run_pass(
-        self,
-        pass_: Pass,
-        model: ModelFile,
-        options: dict[str, Any],
-        records: list[StepRecord],
-        context: PassContext,
-        auto: bool = False,
-    ) -> ModelFile:
-        self._steps_run += 1
-        target = context.workdir.parent / f"step-{self._steps_run}-{pass_.name}.onnx"
-        limits = self.plan.child_limits()
-        context.memory = limits.memory
-        source = self.model if model is self.original_file else model.path
-        done = apply_step(self.plugins, source, pass_, options, context, target, limits)
-        records.append(StepRecord(pass_.name, options, done.status, done.notes, done.seconds, auto))
-        if done.status == "failed":
-            raise _StepFailed(done.notes)
-        log.info("%s: %s %s", pass_.name, done.status, done.notes)
-        return done.model or model
-
-    def _upgrade(
-        self,
-        model: ModelFile,
-        needed: int,
-        for_pass: str,
-        records: list[StepRecord],
-        context: PassContext,
-    ) -> ModelFile:
-        if UPGRADE_PASS not in self.plugins.passes:
-            reason = (
-                f"{for_pass} needs opset {needed}, the model has {model.opset}, and no "
-                f"{UPGRADE_PASS!r} pass is registered to upgrade it"
-            )
-            records.append(StepRecord(for_pass, {}, "failed", reason))
-            raise _StepFailed(reason)
-        upgrade = self.plugins.passes.get(UPGRADE_PASS)
-        options = self._options(Step(UPGRADE_PASS, {"opset": needed}))
-        return self._run_pass(upgrade, model, options, records, context, auto=True)
-
-    # -- judging ------------------------------------------------------------------------
-
-    def _judge(self, candidate: Candidate) -> None:
-        measurement = candidate.measurement
-        assert measurement is not None
-        if measurement.error:
-            too_slow = measurement.error.startswith(TOO_SLOW)
-            candidate.status, candidate.reason = REJECTED if too_slow else FAILED, measurement.error
-            return
-        outputs, measurement.outputs = measurement.outputs, []
-        candidate.fidelity = compare(self.reference, outputs, self.specs)
-        candidate.undecided = self._undecided(candidate)
-        try:
-            candidate.metrics = score_metrics(self.plugins.metrics, self.reference, outputs)
-        except SlimfleetError as exc:
-            candidate.status, candidate.reason = FAILED, str(exc)
-            return
-        finally:
-            shutil.rmtree(self.workdir / f"cand-{candidate.id}" / "outputs", ignore_errors=True)
-        fidelity = candidate.fidelity
-        low_metrics = {k: v for k, v in candidate.metrics.items() if v < self.budget}
-        if fidelity.problem:
-            candidate.status, candidate.reason = REJECTED, fidelity.problem
-        elif fidelity.score < self.budget:
-            worst = fidelity.worst()
-            assert worst is not None
-            candidate.status = REJECTED
-            candidate.reason = (
-                f"fidelity {fidelity.score:.6g} is below the budget {self.budget} "
-                f"(output {worst.name!r}, {worst.metric}, {worst.samples} samples)"
-            )
-        elif low_metrics:
-            name, value = next(iter(low_metrics.items()))
-            candidate.status = REJECTED
-            candidate.reason = f"task metric {name} {value:.6g} is below the budget {self.budget}"
-        else:  # the latency verdict comes after the race
-            candidate.status = ACCEPTED
-            return
-        self._missed_budget.add(candidate.id)
-
-    def _undecided(self, candidate: Candidate) -> list[dict[str, Any]]:
-        """Outputs whose 95% interval holds the budget: the samples cannot tell."""
-        assert candidate.fidelity is not None
-        return [
-            {
-                "output": o.name,
-                "interval": list(o.interval or ()),
-                "samples": o.samples,
-                "samples_to_settle": samples_to_settle(o, self.budget),
-            }
-            for o in candidate.fidelity.outputs
-            if straddles(o, self.budget)
-        ]
-
-    def _race(self) -> None:
-        """Re-time the best accepted candidates round-robin with the original."""
-        baseline = self.candidates[0]
-        self._alone = dict(baseline.measurement.latency_ms) if baseline.measurement else {}
-        accepted = [c for c in self.candidates if c.status == ACCEPTED]
-        runners = sorted(accepted, key=self._objective_key)[:RACE_SIZE]
-        if not runners:
-            self._total -= 1
-            return
-        self._step(f"timing {len(runners)} finalist(s) against the original, interleaved")
-        racers = [baseline, *runners]
-        load = sum((c.measurement.load_ms or 0) / 1000 for c in racers if c.measurement)
-        over = self.plan.why_not(load + len(racers) * self.settings.latency_seconds)
-        if over:
-            self.skipped.append(f"skipped the interleaved latency race: {over}")
-            return
-        self.plan.start_candidate()
-        figures = race(
-            [c.path for c in racers if c.path],
-            self.sample_paths[0],
-            self._eval_settings(),
-            self.workdir / "race",
-        )
-        self.plan.deadline = None
-        if isinstance(figures, str):
-            log.warning("latency race failed (%s); using each model's own timing", figures)
-            return
-        for candidate, latency in zip(racers, figures, strict=True):
-            assert candidate.measurement is not None
-            candidate.measurement.latency_ms = latency
-
-    def _objective_key(self, candidate: Candidate) -> tuple[float, float]:
-        latency, size = candidate.latency_ms or np.inf, candidate.size_bytes or np.inf
-        return (latency, size) if self.objective == "latency" else (size, latency)
-
-    def _judge_latency(self, candidate: Candidate) -> None:
-        """Reject a candidate slower than the original, timed the same way (raced or alone)."""
-        assert candidate.measurement is not None and candidate.fidelity is not None
-        baseline = self.candidates[0]
-        base = baseline.latency_ms
-        if candidate.measurement.latency_ms.get("method") != baseline.measurement.latency_ms.get(
-            "method"
-        ):
-            base = self._alone.get("median")
-        mine = candidate.latency_ms or np.inf
-        if mine > (base or 0) * (1 + SLOWER_TOLERANCE):
-            candidate.status = REJECTED
-            candidate.reason = f"slower than the original: {_ms(mine)} vs {_ms(base)}"
-            return
-        candidate.reason = (
-            f"fidelity {candidate.fidelity.score:.6g} within budget; "
-            f"{ratio_text(mine, base, candidate.size_bytes, baseline.size_bytes)}"
-        )
-
-    # -- accuracy recovery ----------------------------------------------------------------
-
-    def _recover(self) -> None:
-        """Try accuracy recovery (PaddleSlim ACT's order: only after the post-training
-        candidates missed the budget): the target's recipe with ``quantize_static``
-        replaced by ``qat`` for ``train_budget`` seconds, judged like every candidate.
-        The training time is added to the time budget and to this candidate's timeout."""
-        if not self.train_budget or retrain.RECOVERY_PASS not in self.plugins.passes:
-            return
-        target = retrain.recovery_target(
-            self.candidates, self._missed_budget, self.recipes, self._objective_key
-        )
-        if target is None:
-            return
-        recipe = retrain.recovery_recipe(self.recipes[target.id], self._options, self.train_budget)
-        self._total += 1
-        self.plan.seconds += self.train_budget
-        self.plan.candidate_timeout += self.train_budget
-        try:
-            self.try_recipe(
-                recipe,
-                parent=target.id,
-                excluded=target.excluded_nodes,
-                label=f"{target.label} + QAT",
-            )
-        finally:
-            self.plan.candidate_timeout -= self.train_budget
-
-    # -- per-layer fallback ---------------------------------------------------------------
-
-    def _fallback_targets(self) -> list[Candidate]:
-        """Quantized candidates that missed the budget but would otherwise pay off."""
-        baseline = self.candidates[0]
-        targets = [
-            c
-            for c in self.candidates
-            if c.id in self._missed_budget
-            and self._quantize_step(self.recipes[c.id]) is not None
-            and (
-                (c.latency_ms or 0) < (baseline.latency_ms or 0)
-                or (c.size_bytes or 0) < (baseline.size_bytes or 0)
-            )
-        ]
-        targets.sort(key=lambda c: (c.latency_ms or 0, c.size_bytes or 0))
-        return targets[:FALLBACK_SERIES]
-
-    def _quantize_step(self, recipe: Recipe) -> int | None:
-        """Index of the first step whose pass takes ``exclude_nodes``."""
-        for index, step in enumerate(recipe.steps):
-            if step.pass_name in self.plugins.passes and any(
-                o.name == EXCLUDE_OPTION for o in self.plugins.passes.get(step.pass_name).options
-            ):
-                return index
-        return None
-
-    def _fall_back(self, candidate: Candidate) -> None:
-        recipe = self.recipes[candidate.id]
-        first = self._quantize_step(recipe)
-        assert first is not None and candidate.path is not None
-        self._step(f"ranking nodes of #{candidate.id} for fallback", counts=False)
-        ranked = self._rank(candidate, recipe, first)
-        if isinstance(ranked, str):
-            candidate.reason += f"; per-layer fallback: {ranked}"
-            return
-        names = [name for name, _ in ranked]
-        sizes = fallback.exclusion_sizes(len(names))
-        self._total += len(sizes)
-        for done, count in enumerate(sizes, 1):
-            variant = self.try_recipe(
-                self._excluding(recipe, names[:count]),
-                parent=candidate.id,
-                excluded=names[:count],
-                label=f"{candidate.label} + fallback: {count} node{'s' * (count > 1)} in float",
-            )
-            if variant.status == SKIPPED and variant.reason.startswith("time budget"):
-                self._total -= len(sizes) - done  # the rest would not fit either
-                break
-            if variant.status == SKIPPED:  # the quantizer ignored these exclusions
-                continue
-            if variant.id not in self._missed_budget:
-                self._total -= len(sizes) - done  # met the budget, or failed
-                break
-
-    def _excluding(self, recipe: Recipe, names: Sequence[str]) -> Recipe:
-        """``recipe`` with ``names`` added to ``exclude_nodes`` of every step that takes it."""
-        steps = []
-        for step in recipe.steps:
-            pass_ = self.plugins.passes.get(step.pass_name)
-            if any(o.name == EXCLUDE_OPTION for o in pass_.options):
-                kept = list(self._options(step)[EXCLUDE_OPTION])
-                merged = kept + [n for n in names if n not in kept]
-                step = Step(step.pass_name, {**step.options, EXCLUDE_OPTION: merged})
-            steps.append(step)
-        return Recipe(recipe.name, tuple(steps), recipe.description, recipe.lossy)
-
-    def _rank(self, candidate: Candidate, recipe: Recipe, first: int) -> list[Any] | str:
-        """The quantized nodes of ``candidate`` ranked by harm (in a child process), or
-        why they could not be."""
-        baseline = self.candidates[0].measurement
-        limits = self.plan.child_limits()
-        session = baseline.peak_memory_bytes if baseline and baseline.peak_memory_bytes else 0
-        # Two sessions, the two models loaded once more, and at least 1 MiB of tensors.
-        need = 2 * session + 2 * self.original_file.path.stat().st_size + (1 << 20)
-        if limits.memory is not None and need > limits.memory:
-            return (
-                f"analysis skipped: two sessions of this model need about {format_bytes(need)}, "
-                f"{format_bytes(limits.memory)} is available (--max-memory)"
-            )
-        over = self.plan.why_not()
-        if over:
-            return f"analysis skipped: {over}"
-        self.plan.start_candidate()  # rebuilding and ranking share one deadline
-        try:
-            float_model = (
-                self._build(recipe.steps[:first], [], candidate.id) if first else self.original_file
-            )
-            limits = self.plan.child_limits()
-            outcome = isolation.call(
-                fallback.rank_files,
-                float_model.path,
-                candidate.path,
-                self.sample_paths[:PROBE_SAMPLES],
-                self.settings.threads,
-                batch_bytes(limits.memory),
-                limits=limits,
-                workdir=self.workdir / f"rank-{candidate.id}",
-            )
-        except _StepFailed as exc:
-            return f"could not rebuild the float model ({exc})"
-        finally:
-            self.plan.deadline = None
-        if not outcome.ok:
-            return f"node ranking failed ({outcome.failure})"
-        if not outcome.value:
-            return "no quantized node could be ranked"
-        return outcome.value
-
-
-def _key(steps: Sequence[Step]) -> tuple[str, ...]:
-    return tuple(s.label() for s in steps)
-
-
-def _ms(value: float | None) -> str:
-    return f"{value:.3f} ms" if value is not None and np.isfinite(value) else "n/a"

@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 
 from slimfleet.agent.errors import InputError
-from slimfleet.host.compress import fidelity
-from slimfleet.host.compress.fidelity import MetricSpec, compare, detect, parse_metric
+from slimfleet.host.compress import fidelity, intervals, metricdetection
+from slimfleet.host.compress.fidelity import compare
+from slimfleet.host.compress.metricdetection import detect
+from slimfleet.host.compress.metricspec import MetricSpec, parse_metric
 
 RNG = np.random.default_rng(3)
 
@@ -90,7 +92,7 @@ def test_ctc_judges_the_decoded_text_and_reports_step_agreement():
     assert out.score == pytest.approx(3 / 4) and out.samples == 4
     assert out.step_agreement == pytest.approx(1 - 3 / 20)
     assert out.interval_method == "wilson"
-    assert out.interval == pytest.approx(fidelity.wilson(3, 4))
+    assert out.interval == pytest.approx(intervals.wilson(3, 4))
 
 
 def test_ctc_blank_option_changes_the_decoding():
@@ -172,22 +174,22 @@ def test_the_score_is_the_worst_output():
 
 
 def test_wilson_interval_matches_the_textbook():
-    low, high = fidelity.wilson(98, 100)
+    low, high = intervals.wilson(98, 100)
     assert low == pytest.approx(0.9300, abs=1e-4) and high == pytest.approx(0.9945, abs=1e-4)
-    assert fidelity.wilson(10, 10)[1] == 1.0
+    assert intervals.wilson(10, 10)[1] == 1.0
 
 
 def test_samples_to_settle_a_straddling_proportion():
-    out = fidelity.OutputFidelity("y", "top1", 0.995, 200, fidelity.wilson(199, 200), "wilson")
+    out = fidelity.OutputFidelity("y", "top1", 0.995, 200, intervals.wilson(199, 200), "wilson")
     assert fidelity.straddles(out, 0.99)
     needed = fidelity.samples_to_settle(out, 0.99)
     assert needed is not None and needed > 200
-    assert fidelity.wilson(0.995 * needed, needed)[0] >= 0.99
-    assert fidelity.wilson(0.995 * (needed - 1), needed - 1)[0] < 0.99
+    assert intervals.wilson(0.995 * needed, needed)[0] >= 0.99
+    assert intervals.wilson(0.995 * (needed - 1), needed - 1)[0] < 0.99
 
 
 def test_no_amount_of_data_settles_a_score_on_the_budget():
-    out = fidelity.OutputFidelity("y", "top1", 0.99, 100, fidelity.wilson(99, 100), "wilson")
+    out = fidelity.OutputFidelity("y", "top1", 0.99, 100, intervals.wilson(99, 100), "wilson")
     assert fidelity.samples_to_settle(out, 0.99) is None
 
 
@@ -218,7 +220,7 @@ def test_bad_metric_text(text, message):
 
 def test_a_metric_for_an_unknown_output_is_refused():
     with pytest.raises(InputError, match="the model has no such output"):
-        fidelity.metric_specs([_outs(y=np.ones(2))], {"z": MetricSpec("cosine", given=True)})
+        metricdetection.metric_specs([_outs(y=np.ones(2))], {"z": MetricSpec("cosine", given=True)})
 
 
 def test_outputs_shaped_like_inputs_are_state_and_judged_by_cosine():
@@ -232,8 +234,8 @@ def test_outputs_shaped_like_inputs_are_state_and_judged_by_cosine():
             {"name": "h_out", "dtype": "float32", "shape": [16]},
         ],
     }
-    assert fidelity.state_outputs(signature) == {"h_out"}
+    assert metricdetection.state_outputs(signature) == {"h_out"}
     reference = [_outs(scores=RNG.normal(size=(1, 5)), h_out=RNG.normal(size=16))]
-    specs = fidelity.metric_specs(reference, states={"h_out"})
+    specs = metricdetection.metric_specs(reference, states={"h_out"})
     assert (specs["scores"].kind, specs["h_out"].kind) == ("top1", "cosine")
-    assert fidelity.metric_specs(reference)["h_out"].kind == "top1"  # what it would be
+    assert metricdetection.metric_specs(reference)["h_out"].kind == "top1"  # what it would be

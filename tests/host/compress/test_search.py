@@ -14,7 +14,7 @@ import pytest
 from onnx import numpy_helper
 
 from slimfleet.agent.errors import InputError
-from slimfleet.host.compress import search
+from slimfleet.host.compress import judging, search
 from slimfleet.host.compress.candidate import (
     ACCEPTED,
     BASELINE,
@@ -401,7 +401,7 @@ def test_the_builtin_search_end_to_end(tmp_path, save_model, make_plugins):
     assert {c["status"] for c in result.candidates} <= STATUSES
     summary = result.summary
     assert summary["fidelity"] >= 0.99
-    assert summary["latency_ratio"] <= 1 + search.SLOWER_TOLERANCE
+    assert summary["latency_ratio"] <= 1 + judging.SLOWER_TOLERANCE
     session = ort.InferenceSession(str(result.model_path), providers=["CPUExecutionProvider"])
     with np.load(tmp_path / "out" / "sample.npz") as sample:
         (logits,) = session.run(None, {"input": sample["input"]})

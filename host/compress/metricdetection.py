@@ -1,0 +1,175 @@
+"""Detecting each output's task metric from the original model's values.
+
+:func:`detect` reads one output's dtype, shape and values (the heuristics:
+:func:`class_axis`, :func:`looks_like_probabilities`, probability maps, CTC sequence
+layouts); :func:`metric_specs` gives every output its :class:`MetricSpec`: the
+``--metric`` choice where given, cosine for a streaming model's state outputs
+(:func:`state_outputs`), else detected. Pure functions over arrays; they never raise
+on odd values (anything unrecognised is judged by cosine).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+
+from slimfleet.agent.errors import InputError
+from slimfleet.host.compress.metricspec import MetricSpec
+
+Outputs = dict[str, np.ndarray]
+
+NARROW_CLASSES = 64
+"""A float last axis up to this wide can be read as class scores; a wider one only when
+its values look like probabilities (rows sum to 1) or a classifier's logits (see
+:data:`LOGIT_PEAK`). 384- and 512-wide embeddings are judged by cosine."""
+LOGIT_PEAK = 6.0
+"""Median z-score of a row's maximum from which a wide axis counts as classifier logits;
+a Gaussian-like embedding of 1000 entries peaks near 3."""
+MAP_ELEMENTS = 64
+"""A float output in [0, 1] with at least this many non-class entries per sample is a
+probability map (judged by IoU)."""
+
+
+def as_rows(array: np.ndarray) -> np.ndarray:
+    """``array`` as float64 rows of its last axis (``[..., C]`` -> ``[rows, C]``)."""
+    return array.reshape(-1, array.shape[-1]).astype(np.float64)
+
+
+def looks_like_probabilities(array: np.ndarray) -> bool:
+    """Every row of the last axis is a probability distribution (softmax output)."""
+    rows = as_rows(array)
+    return bool(rows.size and rows.min() >= -1e-6 and rows.max() <= 1 + 1e-6) and np.allclose(
+        rows.sum(-1), 1.0, atol=1e-3
+    )
+
+
+def class_axis(array: np.ndarray) -> bool:
+    """True when the last axis holds class scores, so the argmax is the prediction.
+
+    A float output of rank 1 to 3 whose last axis ``C`` has at least 2 entries, and:
+    its rows are probability distributions; or ``C`` is narrow (:data:`NARROW_CLASSES`)
+    and either the output is a ``[N, T, C]`` sequence or ``C`` is its longest non-batch
+    axis; or ``C`` is that longest axis and rows look like a classifier's logits (signed,
+    with a peak of :data:`LOGIT_PEAK` deviations). Embeddings and features are wide and
+    flat, box lists and images are not longest on their last axis: not class axes.
+    """
+    if array.dtype.kind != "f" or not 1 <= array.ndim <= 3 or array.shape[-1] < 2:
+        return False
+    if looks_like_probabilities(array):
+        return True
+    narrow = array.shape[-1] <= NARROW_CLASSES
+    if narrow and array.ndim == 3:
+        return _comparable_columns(array)
+    if array.shape[-1] < max(array.shape[1:] or array.shape):
+        return False
+    if narrow:
+        return _comparable_columns(array)
+    rows = as_rows(array)
+    spread = rows.std(-1)
+    peak = (rows.max(-1) - rows.mean(-1)) / np.where(spread > 0, spread, np.inf)
+    return bool(rows.min() < 0 and np.median(peak) >= LOGIT_PEAK)
+
+
+COLUMN_SCALE_RATIO = 50.0
+"""Scores of one class axis vary on comparable scales; a ``[N, anchors, 4 + 1 + K]``
+detector's rows mix box coordinates, objectness and class scores, whose spreads differ
+by two orders of magnitude or more (ddddocr's detector: 131x), so its last axis is not
+read as classes (nor its rows as CTC time steps)."""
+
+
+def _comparable_columns(array: np.ndarray) -> bool:
+    """The last axis's columns vary within :data:`COLUMN_SCALE_RATIO` of each other."""
+    spread = as_rows(array).std(0)
+    spread = spread[np.isfinite(spread)]
+    if spread.size < 2 or spread.max() == 0:
+        return True  # constant or a single column: nothing tells them apart
+    return bool(spread.max() <= COLUMN_SCALE_RATIO * max(spread.min(), 1e-12))
+
+
+def _sequence_layout(array: np.ndarray) -> int | None:
+    """The batch axis of a ``[N, T, C]`` / ``[T, N, C]`` sequence output, or None."""
+    if array.ndim != 3 or not class_axis(array):
+        return None
+    first, second = array.shape[:2]
+    if first > 1 and second == 1:
+        return 1  # [T, 1, C]: time-major, as CTC recognisers export
+    if second > 1:
+        return 0
+    return None  # a single step: plain class scores
+
+
+def _leading_squeezed(array: np.ndarray) -> np.ndarray:
+    """``array`` without leading size-1 axes (``[1, 1, 1, 96]`` -> ``[96]``)."""
+    shape = list(array.shape)
+    while len(shape) > 1 and shape[0] == 1:
+        shape.pop(0)
+    return array.reshape(shape)
+
+
+def detect(reference: Sequence[np.ndarray]) -> MetricSpec:
+    """The metric for one output, from the original model's values on the samples.
+
+    In order: integers and bools -> exact; values in [0, 1] that are not rows of
+    probabilities, with at least :data:`MAP_ELEMENTS` entries -> iou; sequence scores
+    -> ctc; class scores -> top1; a single probability -> binary; else cosine.
+    """
+    first = reference[0]
+    if first.dtype.kind in "iub":
+        return MetricSpec("exact")
+    if first.dtype.kind != "f":
+        return MetricSpec("ignore")
+    values = np.concatenate([r.ravel() for r in reference]).astype(np.float64)
+    finite = values[np.isfinite(values)]
+    unit_range = finite.size > 0 and finite.min() >= 0 and finite.max() <= 1
+    distributions = first.ndim <= 3 and first.shape[-1] >= 2 and looks_like_probabilities(first)
+    if unit_range and not distributions and first.size >= MAP_ELEMENTS:
+        return MetricSpec("iou", (("threshold", 0.5),))
+    batch_axis = _sequence_layout(first)
+    if batch_axis is not None:
+        return MetricSpec("ctc", (("blank", 0), ("batch_axis", batch_axis)))
+    squeezed = _leading_squeezed(first)
+    if squeezed.ndim <= 2 and class_axis(squeezed):
+        return MetricSpec("top1")
+    if unit_range and first.size < 2:
+        return MetricSpec("binary", (("threshold", 0.5),))
+    return MetricSpec("cosine")
+
+
+def state_outputs(signature: dict[str, list[dict[str, Any]]]) -> set[str]:
+    """Float outputs shaped and typed like one of the inputs: a streaming model's state
+    (``h_out`` for ``h_in``), judged by cosine rather than as class scores."""
+    inputs = {
+        (spec["dtype"], tuple(spec["shape"]))
+        for spec in signature["inputs"]
+        if spec["shape"] and spec["dtype"].startswith("float")
+    }
+    return {
+        spec["name"]
+        for spec in signature["outputs"]
+        if spec["shape"] and (spec["dtype"], tuple(spec["shape"])) in inputs
+    }
+
+
+def metric_specs(
+    reference: Sequence[Outputs],
+    given: dict[str, MetricSpec] | None = None,
+    states: Iterable[str] = (),
+) -> dict[str, MetricSpec]:
+    """The metric of every output: ``given`` (``--metric``) where set, cosine for the
+    ``states`` (see :func:`state_outputs`), else detected from the values.
+
+    A ``given`` name that is not an output is an InputError naming the outputs.
+    """
+    given = dict(given or {})
+    names = list(reference[0]) if reference else []
+    unknown = [n for n in given if n not in names]
+    if unknown:
+        raise InputError(f"--metric {unknown[0]!r}: the model has no such output ({names})")
+    states = set(states)
+    return {
+        n: given.get(n)
+        or (MetricSpec("cosine") if n in states else detect([r[n] for r in reference]))
+        for n in names
+    }

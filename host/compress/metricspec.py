@@ -1,0 +1,95 @@
+"""Which task metric judges an output: the kinds, their options, ``--metric`` parsing.
+
+Each output of a model gets a task metric, detected from its dtype, shape and values
+(:mod:`~slimfleet.host.compress.metricdetection`) or given with
+``--metric OUTPUT=KIND[:OPTION=VALUE,...]``:
+
+``top1``
+    class scores ``[..., C]``: share of rows whose argmax (the predicted class) agrees.
+``ctc`` (options ``blank``, default 0; ``batch_axis``)
+    sequence scores ``[N, T, C]`` or ``[T, N, C]``: share of sequences whose greedy-CTC
+    decoding (argmax per step, repeats collapsed, blanks dropped) equals the original's;
+    the per-step argmax agreement is reported beside it.
+``steps`` (option ``batch_axis``)
+    sequence tagging: share of sequences whose every per-step argmax agrees.
+``iou`` (option ``threshold``, default 0.5)
+    probability maps (masks, saliency): mean IoU of the maps thresholded at ``threshold``.
+``binary`` (option ``threshold``)
+    single probabilities (a wake word, a yes/no head): share of decisions that agree.
+``cosine``
+    embeddings, features, boxes and anything else float: mean cosine similarity per sample.
+``exact``
+    integer and bool outputs: share of samples whose output is identical.
+``ignore``
+    not judged (a streaming model's state output, a debug tensor).
+
+This module is pure data and parsing: :class:`MetricSpec` is what the detection
+returns and the scoring (:mod:`~slimfleet.host.compress.fidelity`) reads; a bad
+``--metric`` is an InputError whose one line says what is wrong.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from slimfleet.agent.errors import InputError
+
+PROPORTION_KINDS = ("top1", "ctc", "steps", "binary", "exact")
+CONTINUOUS_KINDS = ("iou", "cosine")
+KINDS = (*PROPORTION_KINDS, *CONTINUOUS_KINDS, "ignore")
+_OPTIONS: dict[str, dict[str, type]] = {
+    "top1": {},
+    "ctc": {"blank": int, "batch_axis": int},
+    "steps": {"batch_axis": int},
+    "binary": {"threshold": float},
+    "exact": {},
+    "iou": {"threshold": float},
+    "cosine": {},
+    "ignore": {},
+}
+_DEFAULTS: dict[str, Any] = {"blank": 0, "threshold": 0.5}
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """How one output is judged: a kind from :data:`KINDS` and its options."""
+
+    kind: str
+    options: tuple[tuple[str, Any], ...] = ()
+    given: bool = False
+    """True when the user chose it with ``--metric``; False when detected."""
+
+    def option(self, name: str) -> Any:
+        return dict(self.options).get(name, _DEFAULTS.get(name))
+
+    def label(self) -> str:
+        """``ctc:blank=0`` as on the command line."""
+        if not self.options:
+            return self.kind
+        return f"{self.kind}:" + ",".join(f"{k}={v}" for k, v in self.options)
+
+
+def parse_metric(text: str) -> tuple[str, MetricSpec]:
+    """Parse ``--metric OUTPUT=KIND[:OPTION=VALUE,...]``; an InputError says what is wrong."""
+    name, sep, rest = text.partition("=")  # output names may hold ':' (onnx::Shape_4)
+    if not sep or not name or not rest:
+        raise InputError(f"--metric {text!r}: expected OUTPUT=KIND, e.g. logits=ctc:blank=0")
+    kind, _, opts = rest.partition(":")
+    kind = kind.strip().lower()
+    if kind not in KINDS:
+        raise InputError(f"--metric {text!r}: unknown kind {kind!r} (kinds: {', '.join(KINDS)})")
+    options = []
+    for item in filter(None, opts.split(",")):
+        key, eq, value = item.partition("=")
+        allowed = _OPTIONS[kind]
+        if not eq or key not in allowed:
+            known = ", ".join(allowed) or "none"
+            raise InputError(f"--metric {text!r}: {kind} takes options {known}; got {item!r}")
+        try:
+            options.append((key, allowed[key](value)))
+        except ValueError:
+            raise InputError(
+                f"--metric {text!r}: {key}={value!r} is not a {allowed[key].__name__}"
+            ) from None
+    return name, MetricSpec(kind, tuple(options), given=True)
