@@ -30,11 +30,16 @@ from slimfleet.host.passes import Option, Pass, PassContext, PassResult
 from slimfleet.host.registry import Registry
 from slimfleet.plugins.normalize import infer_shapes
 from slimfleet.plugins.onnxgraph import consumers, copy_model
-from slimfleet.plugins.prune import _attr, _Cut, _few, _step
+from slimfleet.plugins.prune import _CHANNEL_WISE, _attr, _Cut, _few, _step
 
 PRODUCERS = ("Conv", "Gemm", "MatMul")
-MAX_ROWS = 20_000
-"""Rows (samples x output positions) one consumer's refit reads at most."""
+MAX_ROWS = 8_192
+"""Rows (samples x output positions) one consumer's refit reads at most (with
+``MAX_FEATURES`` columns: 128 MiB of float32 patches)."""
+MAX_GROUP = 16
+"""Producers cut alike because residual Adds join their outputs, at most."""
+CHUNK = 1_024
+"""Rows converted to float64 at a time when summing the normal equations."""
 MAX_FEATURES = 4_096
 """Columns (kept input channels x kernel size) of one consumer's refit at most."""
 RIDGE = 1e-3
@@ -110,11 +115,13 @@ def _plan(
     for position, node in enumerate(graph.node):
         if node.op_type not in layers or len(node.input) < 2 or node.input[1] not in inits:
             continue
-        label = node.name or node.output[0]
-        cut, readers, why = _plan_one(graph, position, inits, options)
+        label = _label(node)
+        if id(node) in touched:
+            continue  # cut with a residual partner already
+        cut, readers, group, why = _plan_one(graph, position, inits, options)
         if cut is not None:
             shared = [n for n, _ in cut.slices if uses.get(n, 0) > 1]
-            overlap = {id(node)} | {id(r) for r in readers}
+            overlap = {id(n) for n in group} | {id(r) for r in readers}
             if shared:
                 cut, why = None, f"parameter {shared[0]} is shared with other nodes"
             elif overlap & touched:
@@ -134,50 +141,115 @@ def _plan_one(
     position: int,
     inits: dict[str, onnx.TensorProto],
     options: dict[str, Any],
-) -> tuple[_Cut | None, list[onnx.NodeProto], str]:
-    """The cut of the producer at ``position``, the consumers reading its channels, or why
-    it cannot be pruned."""
-    node = graph.node[position]
+) -> tuple[_Cut | None, list[onnx.NodeProto], list[onnx.NodeProto], str]:
+    """The cut of the producer at ``position`` (with the producers of the other branches
+    of residual Adds it meets, cut alike), the consumers reading its channels, the
+    producers cut, or why it cannot be pruned."""
+    group = [position]
+    while True:
+        cut, readers, partner, why = _propagate(graph, group, inits, options)
+        if partner is None or partner in group or len(group) >= MAX_GROUP:
+            return cut, readers, [graph.node[p] for p in group], why
+        group.append(partner)
+
+
+def _producer(
+    node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]
+) -> tuple[int, str, np.ndarray, list[tuple[str, int]], str]:
+    """(output channel axis, layout, channel norms, slices) of a producer, or why not."""
     weights = numpy_helper.to_array(inits[node.input[1]])
     if node.op_type == "Conv":
         if _attr(node, "group", 1) != 1:
-            return None, [], "grouped Conv"
+            return 0, "", weights, [], "grouped Conv"
         axis, layout = 0, "spatial"
     elif weights.ndim != 2 or (node.op_type == "Gemm" and _attr(node, "transA", 0)):
-        return None, [], "not a plain 2-D weight"
+        return 0, "", weights, [], "not a plain 2-D weight"
     else:
         axis, layout = (0 if _attr(node, "transB", 0) else 1), "flat"
     count = weights.shape[axis]
-    k = min(int(count * options["ratio"]), count - options["min_channels"])
-    if k <= 0:
-        return None, [], f"only {count} channels"
     norms = np.sqrt((np.moveaxis(weights, axis, 0).reshape(count, -1) ** 2).sum(axis=1))
-    cut = _Cut(node.name or node.output[0], count, np.sort(np.argsort(norms)[:k]))
-    cut.slices = [(node.input[1], axis)]
+    slices = [(node.input[1], axis)]
     if len(node.input) > 2 and node.input[2]:
         bias = inits.get(node.input[2])
         if bias is None or list(bias.dims) != [count]:
-            return None, [], "its bias is not a constant vector per channel"
-        cut.slices.append((node.input[2], 0))
+            return 0, "", norms, [], "its bias is not a constant vector per channel"
+        slices.append((node.input[2], 0))
+    return axis, layout, norms, slices, ""
+
+
+def _propagate(
+    graph: onnx.GraphProto,
+    group: list[int],
+    inits: dict[str, onnx.TensorProto],
+    options: dict[str, Any],
+) -> tuple[_Cut | None, list[onnx.NodeProto], int | None, str]:
+    """Cut the producers at ``group`` alike and follow their channels: (cut, readers,
+    None, "") or (None, [], partner, why), partner being the producer of a residual
+    Add's other branch when that is what stopped it."""
+    nodes = list(graph.node)
+    region, slices, total = {}, [], None
+    for position in group:
+        _, layout, norms, cuts, why = _producer(nodes[position], inits)
+        if why or (total is not None and len(norms) != len(total)):
+            return None, [], None, why or "residual branches of different widths"
+        region[nodes[position].output[0]] = layout
+        slices += cuts
+        total = norms if total is None else total + norms
+    count = len(total)
+    k = min(int(count * options["ratio"]), count - options["min_channels"])
+    if k <= 0:
+        return None, [], None, f"only {count} channels"
+    label = "+".join(_label(nodes[p]) for p in group)
+    cut = _Cut(label, count, np.sort(np.argsort(total)[:k]), slices)
     outputs = {o.name for o in graph.output}
-    region, readers = {node.output[0]: layout}, []
-    for after_node in list(graph.node)[position + 1 :]:
-        inside = [i for i, name in enumerate(after_node.input) if name in region]
-        if not inside:
+    readers = []
+    for position in range(min(group) + 1, len(nodes)):
+        node = nodes[position]
+        inside = [i for i, name in enumerate(node.input) if name in region]
+        if not inside or position in group:
+            if inside:
+                return None, [], None, f"{_label(node)} reads channels it produces"
             continue
         before = len(cut.slices)
-        after, why = _step(
-            after_node, inside, region[after_node.input[inside[0]]], region, cut, inits
-        )
+        after, why = _step(node, inside, region[node.input[inside[0]]], region, cut, inits)
         if why:
-            return None, [], why
+            partner = _partner(nodes, position, inside, inits, options)
+            return None, [], partner, why
         if after is None and len(cut.slices) > before:
-            readers.append(after_node)
+            readers.append(node)
         if after is not None:
-            region[after_node.output[0]] = after
+            region[node.output[0]] = after
     if any(name in outputs for name in region):
-        return None, [], "its channels reach a graph output"
-    return cut, readers, ""
+        return None, [], None, "its channels reach a graph output"
+    return cut, readers, None, ""
+
+
+def _partner(
+    nodes: list[onnx.NodeProto],
+    position: int,
+    inside: list[int],
+    inits: dict[str, onnx.TensorProto],
+    options: dict[str, Any],
+) -> int | None:
+    """The producer of the other branch of the residual Add at ``position``, reached back
+    through channel-wise ops and BatchNormalization, or None."""
+    node = nodes[position]
+    if node.op_type != "Add" or len(node.input) != 2 or len(inside) != 1:
+        return None
+    name = node.input[1 - inside[0]]
+    made = {o: i for i, n in enumerate(nodes) for o in n.output}
+    while name in made:
+        source = nodes[made[name]]
+        if source.op_type in _layers(options) and source.input[1] in inits:
+            return made[name]
+        if source.op_type not in _CHANNEL_WISE | {"BatchNormalization"}:
+            return None
+        name = source.input[0]
+    return None
+
+
+def _label(node: onnx.NodeProto) -> str:
+    return node.name or node.output[0]
 
 
 def _refit_all(
@@ -262,14 +334,17 @@ def _refit(
 
 def _ridge(x: np.ndarray, y: np.ndarray, start: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
     """argmin |[x 1] w - y|^2 + lam |w - [start; bias]|^2, in float64 (bias row last)."""
-    x, y = x.astype(np.float64), y.astype(np.float64)
     prior = start.astype(np.float64)
     if bias is not None:
-        x = np.hstack([x, np.ones((len(x), 1))])
+        x = np.hstack([x, np.ones((len(x), 1), x.dtype)])
         prior = np.vstack([prior, bias.reshape(1, -1)])
-    gram = x.T @ x
+    gram, moment = np.zeros((x.shape[1],) * 2), np.zeros(prior.shape)
+    for at in range(0, len(x), CHUNK):  # float64 sums without a float64 copy of x
+        part, target = x[at : at + CHUNK].astype(np.float64), y[at : at + CHUNK]
+        gram += part.T @ part
+        moment += part.T @ target.astype(np.float64)
     lam = RIDGE * max(float(np.trace(gram)) / len(gram), 1e-12)
-    return np.linalg.solve(gram + lam * np.eye(len(gram)), x.T @ y + lam * prior)
+    return np.linalg.solve(gram + lam * np.eye(len(gram)), moment + lam * prior)
 
 
 def _conv_rows(
