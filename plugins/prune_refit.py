@@ -111,12 +111,12 @@ def _plan(
     inits = {t.name: t for t in graph.initializer}
     uses = {name: len(r) for name, r in consumers(graph).items()}
     layers = _layers(options)
-    cuts, refit, skipped, touched = [], [], [], set()
+    cuts, refit, skipped, touched, partners = [], [], [], set(), set()
     for position, node in enumerate(graph.node):
         if node.op_type not in layers or len(node.input) < 2 or node.input[1] not in inits:
             continue
         label = _label(node)
-        if id(node) in touched:
+        if id(node) in partners:
             continue  # cut with a residual partner already
         cut, readers, group, why = _plan_one(graph, position, inits, options)
         if cut is not None:
@@ -128,6 +128,7 @@ def _plan(
                 cut, why = None, "its weights are already cut by a neighbour's pruning"
             else:
                 touched |= overlap
+                partners |= {id(n) for n in group}
         if cut is None:
             skipped.append(f"{label} ({why})")
             continue
