@@ -12,7 +12,9 @@ without training. A producer whose channels reach something that cannot be follo
 
 Bounds: the refit samples at most ``MAX_ROWS`` rows (samples x positions) per
 consumer and solves one ``d x d`` system per consumer (d = its kept inputs x kernel
-size); ``MAX_FEATURES`` caps d, a bigger consumer is pruned but not refitted.
+size); ``MAX_FEATURES`` caps d, a bigger consumer is pruned but not refitted. It holds
+one consumer's input and output on all calibration samples at a time (two onnxruntime
+passes over them per consumer).
 Opt-in only (``--passes prune_refit``); it is not in any default recipe.
 """
 
@@ -263,13 +265,16 @@ def _refit_all(
     model gives it, towards the original model's outputs of that node."""
     order = {n.output[0]: i for i, n in enumerate(pruned.graph.node)}
     readers = sorted(readers, key=lambda n: order[n.output[0]])
-    targets = _values(original, [r.output[0] for r in readers], context)
     inits = {t.name: t for t in pruned.graph.initializer}
     fitted, unfitted = 0, []
-    for reader in readers:
+    for reader in readers:  # one value of one node in memory at a time
         node = next(n for n in pruned.graph.node if n.output[0] == reader.output[0])
+        target = _values(original, [node.output[0]], context)[node.output[0]]
         feeds = _values(pruned, [node.input[0]], context)[node.input[0]]
-        why = _refit(node, inits, feeds, targets[node.output[0]])
+        try:
+            why = _refit(node, inits, feeds, target)
+        except np.linalg.LinAlgError as exc:
+            why = f"least squares failed: {exc}"
         if why:
             unfitted.append(f"{node.name or node.output[0]} ({why})")
         else:
