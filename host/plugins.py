@@ -33,6 +33,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "slimfleet.plugins.quantize_static",
     "slimfleet.plugins.fp16",
     "slimfleet.plugins.prune",
+    "slimfleet.plugins.prune_refit",
     "slimfleet.plugins.qat",
     "slimfleet.plugins.recipes",
     "slimfleet.plugins.npzdata",
