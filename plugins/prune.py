@@ -25,7 +25,7 @@ from slimfleet.plugins.normalize import infer_shapes
 from slimfleet.plugins.onnxgraph import consumers, copy_model
 
 WEIGHT_INPUT = {"MatMul": 1, "Gemm": 1, "Conv": 1}
-_CHANNEL_WISE = frozenset(
+CHANNEL_WISE = frozenset(
     {"Relu", "LeakyRelu", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "Clip", "Elu", "Selu"}
     | {"Softplus", "MaxPool", "AveragePool", "Identity", "Dropout"}
 )
@@ -104,7 +104,7 @@ def _unstructured(model: onnx.ModelProto, sparsity: float) -> PassResult:
 
 
 @dataclass
-class _Cut:
+class ChannelCut:
     """Removing output channels ``drop`` of one Conv: the initializer slices it takes."""
 
     conv: str
@@ -139,10 +139,10 @@ def _channels(original: onnx.ModelProto, model: onnx.ModelProto, sparsity: float
         removed, total = sum(len(c.drop) for c in cuts), sum(c.channels for c in cuts)
         detail = ", ".join(f"{c.conv} {c.channels}->{c.channels - len(c.drop)}" for c in cuts)
         notes.append(
-            f"removed {removed} of {total} output channels in {len(cuts)} Conv: {_few(detail)}"
+            f"removed {removed} of {total} output channels in {len(cuts)} Conv: {shorten(detail)}"
         )
     if skipped:
-        notes.append(f"left {len(skipped)} Conv as they were: {_few(', '.join(skipped))}")
+        notes.append(f"left {len(skipped)} Conv as they were: {shorten(', '.join(skipped))}")
     if not cuts:
         why = "; ".join(notes) or "no Conv with its weights in an initializer"
         return PassResult(copy_model(original), False, f"changed nothing: {why}")
@@ -153,13 +153,13 @@ def _channels(original: onnx.ModelProto, model: onnx.ModelProto, sparsity: float
 
 def _plan_cut(
     graph: onnx.GraphProto, position: int, inits: dict[str, onnx.TensorProto], sparsity: float
-) -> tuple[_Cut | None, str]:
+) -> tuple[ChannelCut | None, str]:
     """Which channels of the Conv at ``position`` to drop and what to slice with them,
     or why it cannot be done. Follows the Conv's output in topological order through
     channel-wise ops to the layers that read the channels (next Conv, or a Gemm/MatMul
     after global pooling and Flatten)."""
     conv = graph.node[position]
-    if _attr(conv, "group", 1) != 1:
+    if int_attr(conv, "group", 1) != 1:
         return None, "grouped Conv"
     weights = numpy_helper.to_array(inits[conv.input[1]])
     count = weights.shape[0]
@@ -167,7 +167,7 @@ def _plan_cut(
     if k == 0:
         return None, f"only {count} channels"
     norms = np.abs(weights).reshape(count, -1).sum(axis=1)
-    cut = _Cut(conv.name or conv.output[0], count, np.sort(np.argsort(norms)[:k]))
+    cut = ChannelCut(conv.name or conv.output[0], count, np.sort(np.argsort(norms)[:k]))
     cut.slices = [(conv.input[1], 0)] + ([(conv.input[2], 0)] if len(conv.input) > 2 else [])
     outputs = {o.name for o in graph.output}
     if conv.output[0] in outputs:
@@ -178,7 +178,7 @@ def _plan_cut(
         if not inside:
             continue
         layout = region[node.input[inside[0]]]
-        after, why = _step(node, inside, layout, region, cut, inits)
+        after, why = channel_step(node, inside, layout, region, cut, inits)
         if why:
             return None, why
         if after is not None:
@@ -188,25 +188,25 @@ def _plan_cut(
     return cut, ""
 
 
-def _step(
+def channel_step(
     node: onnx.NodeProto,
     inside: list[int],
     layout: str,
     region: dict[str, str],
-    cut: _Cut,
+    cut: ChannelCut,
     inits: dict[str, onnx.TensorProto],
 ) -> tuple[str | None, str]:
     """How ``node`` treats the pruned channels: (layout of its output, "") when they flow
     on, (None, "") when it consumes them, (None, why) when pruning must not go on."""
     op, name = node.op_type, node.name or node.output[0]
     first_only = inside == [0]
-    if op == "Conv" and first_only and layout != "flat" and _attr(node, "group", 1) == 1:
+    if op == "Conv" and first_only and layout != "flat" and int_attr(node, "group", 1) == 1:
         if node.input[1] not in inits:
             return None, f"Conv {name} has no initializer weights"
         cut.slices.append((node.input[1], 1))
         return None, ""
     if op in ("Gemm", "MatMul") and first_only and layout == "flat" and node.input[1] in inits:
-        transposed = op == "Gemm" and _attr(node, "transB", 0)
+        transposed = op == "Gemm" and int_attr(node, "transB", 0)
         cut.slices.append((node.input[1], 1 if transposed else 0))
         return None, ""
     if op == "BatchNormalization" and first_only:
@@ -214,11 +214,11 @@ def _step(
             return None, f"BatchNormalization {name} has non-constant statistics"
         cut.slices += [(p, 0) for p in node.input[1:5]]
         return layout, ""
-    if op in _CHANNEL_WISE and first_only:
+    if op in CHANNEL_WISE and first_only:
         return layout, ""
     if op in _GLOBAL_POOLS and first_only and layout == "spatial":
         return "pooled", ""
-    if op == "Flatten" and first_only and layout == "pooled" and _attr(node, "axis", 1) == 1:
+    if op == "Flatten" and first_only and layout == "pooled" and int_attr(node, "axis", 1) == 1:
         return "flat", ""
     if op in ("Mul", "Add", "Sub", "Div") and len(node.input) == 2:
         if len(inside) == 2 and region[node.input[0]] == region[node.input[1]]:
@@ -231,7 +231,7 @@ def _per_channel_operand(
     node: onnx.NodeProto,
     index: int,
     layout: str,
-    cut: _Cut,
+    cut: ChannelCut,
     inits: dict[str, onnx.TensorProto],
 ) -> tuple[str | None, str]:
     """A Mul/Add/Sub/Div with a constant operand: a scalar passes, a per-channel one is cut."""
@@ -249,11 +249,11 @@ def _per_channel_operand(
     return layout, ""
 
 
-def _few(text: str, limit: int = 160) -> str:
+def shorten(text: str, limit: int = 160) -> str:
     return text if len(text) <= limit else text[: limit - 3].rsplit(", ", 1)[0] + ", ..."
 
 
-def _attr(node: onnx.NodeProto, name: str, default: int) -> int:
+def int_attr(node: onnx.NodeProto, name: str, default: int) -> int:
     return next((a.i for a in node.attribute if a.name == name), default)
 
 

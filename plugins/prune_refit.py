@@ -3,7 +3,7 @@
 Removes the output channels with the smallest L2 norm from each Conv and Gemm/MatMul
 producer (``ratio`` of them, keeping at least ``min_channels``), with the matching
 input channels of every consumer (through BatchNorm, channel-wise ops, per-channel
-Mul/Add, global pooling + Flatten; the path is :func:`slimfleet.plugins.prune._step`).
+Mul/Add, global pooling + Flatten; the path is :func:`slimfleet.plugins.prune.channel_step`).
 Then each consumer's weights and bias are refitted in closed form (ridge-regularised
 least squares towards its pruned weights) so that its output on the calibration
 samples matches the unpruned model's: this recovers most of what pruning loses,
@@ -32,7 +32,7 @@ from slimfleet.host.passes import Option, Pass, PassContext, PassResult
 from slimfleet.host.registry import Registry
 from slimfleet.plugins.normalize import infer_shapes
 from slimfleet.plugins.onnxgraph import consumers, copy_model
-from slimfleet.plugins.prune import _CHANNEL_WISE, _attr, _Cut, _few, _step
+from slimfleet.plugins.prune import CHANNEL_WISE, ChannelCut, channel_step, int_attr, shorten
 
 PRODUCERS = ("Conv", "Gemm", "MatMul")
 MAX_ROWS = 8_192
@@ -80,7 +80,7 @@ class PruneRefit(Pass):
         out = copy_model(model)
         cuts, refit, skipped = _plan(out.graph, options)
         if not cuts:
-            why = f": {_few(', '.join(skipped))}" if skipped else ""
+            why = f": {shorten(', '.join(skipped))}" if skipped else ""
             return PassResult(copy_model(model), False, f"changed nothing, nothing to prune{why}")
         inits = {t.name: t for t in out.graph.initializer}
         for cut in cuts:
@@ -92,12 +92,12 @@ class PruneRefit(Pass):
         fitted, unfitted = _refit_all(model, out, refit, context)
         removed, total = sum(len(c.drop) for c in cuts), sum(c.channels for c in cuts)
         detail = ", ".join(f"{c.conv} {c.channels}->{c.channels - len(c.drop)}" for c in cuts)
-        notes = [f"removed {removed} of {total} output channels: {_few(detail)}"]
+        notes = [f"removed {removed} of {total} output channels: {shorten(detail)}"]
         notes.append(f"refitted {fitted} of {len(refit)} consumers by least squares")
         if unfitted:
-            notes.append(f"not refitted: {_few(', '.join(unfitted))}")
+            notes.append(f"not refitted: {shorten(', '.join(unfitted))}")
         if skipped:
-            notes.append(f"left {len(skipped)} as they were: {_few(', '.join(skipped))}")
+            notes.append(f"left {len(skipped)} as they were: {shorten(', '.join(skipped))}")
         return PassResult(out, True, "; ".join(notes + ([failure] if failure else [])))
 
 
@@ -107,7 +107,7 @@ def _layers(options: dict[str, Any]) -> list[str]:
 
 def _plan(
     graph: onnx.GraphProto, options: dict[str, Any]
-) -> tuple[list[_Cut], list[onnx.NodeProto], list[str]]:
+) -> tuple[list[ChannelCut], list[onnx.NodeProto], list[str]]:
     """The cuts to make, the consumers to refit after them, and the producers left alone
     (with why). A node is cut at most once: as a producer or as a consumer, not both."""
     inits = {t.name: t for t in graph.initializer}
@@ -144,7 +144,7 @@ def _plan_one(
     position: int,
     inits: dict[str, onnx.TensorProto],
     options: dict[str, Any],
-) -> tuple[_Cut | None, list[onnx.NodeProto], list[onnx.NodeProto], str]:
+) -> tuple[ChannelCut | None, list[onnx.NodeProto], list[onnx.NodeProto], str]:
     """The cut of the producer at ``position`` (with the producers of the other branches
     of residual Adds it meets, cut alike), the consumers reading its channels, the
     producers cut, or why it cannot be pruned."""
@@ -162,13 +162,13 @@ def _producer(
     """(output channel axis, layout, channel norms, slices) of a producer, or why not."""
     weights = numpy_helper.to_array(inits[node.input[1]])
     if node.op_type == "Conv":
-        if _attr(node, "group", 1) != 1:
+        if int_attr(node, "group", 1) != 1:
             return 0, "", weights, [], "grouped Conv"
         axis, layout = 0, "spatial"
-    elif weights.ndim != 2 or (node.op_type == "Gemm" and _attr(node, "transA", 0)):
+    elif weights.ndim != 2 or (node.op_type == "Gemm" and int_attr(node, "transA", 0)):
         return 0, "", weights, [], "not a plain 2-D weight"
     else:
-        axis, layout = (0 if _attr(node, "transB", 0) else 1), "flat"
+        axis, layout = (0 if int_attr(node, "transB", 0) else 1), "flat"
     count = weights.shape[axis]
     norms = np.sqrt((np.moveaxis(weights, axis, 0).reshape(count, -1) ** 2).sum(axis=1))
     slices = [(node.input[1], axis)]
@@ -185,7 +185,7 @@ def _propagate(
     group: list[int],
     inits: dict[str, onnx.TensorProto],
     options: dict[str, Any],
-) -> tuple[_Cut | None, list[onnx.NodeProto], int | None, str]:
+) -> tuple[ChannelCut | None, list[onnx.NodeProto], int | None, str]:
     """Cut the producers at ``group`` alike and follow their channels: (cut, readers,
     None, "") or (None, [], partner, why), partner being the producer of a residual
     Add's other branch when that is what stopped it."""
@@ -203,7 +203,7 @@ def _propagate(
     if k <= 0:
         return None, [], None, f"only {count} channels"
     label = "+".join(_label(nodes[p]) for p in group)
-    cut = _Cut(label, count, np.sort(np.argsort(total)[:k]), slices)
+    cut = ChannelCut(label, count, np.sort(np.argsort(total)[:k]), slices)
     outputs = {o.name for o in graph.output}
     readers = []
     for position in range(min(group) + 1, len(nodes)):
@@ -214,7 +214,7 @@ def _propagate(
                 return None, [], None, f"{_label(node)} reads channels it produces"
             continue
         before = len(cut.slices)
-        after, why = _step(node, inside, region[node.input[inside[0]]], region, cut, inits)
+        after, why = channel_step(node, inside, region[node.input[inside[0]]], region, cut, inits)
         if why:
             partner = _partner(nodes, position, inside, inits, options)
             return None, [], partner, why
@@ -245,7 +245,7 @@ def _partner(
         source = nodes[made[name]]
         if source.op_type in _layers(options) and source.input[1] in inits:
             return made[name]
-        if source.op_type not in _CHANNEL_WISE | {"BatchNormalization"}:
+        if source.op_type not in CHANNEL_WISE | {"BatchNormalization"}:
             return None
         name = source.input[0]
     return None
@@ -316,10 +316,12 @@ def _refit(
         start = weights.reshape(weights.shape[0], -1).T
     else:
         if node.op_type == "Gemm" and (
-            _attr(node, "transA", 0) or _float(node, "alpha") != 1.0 or _float(node, "beta") != 1.0
+            int_attr(node, "transA", 0)
+            or _float(node, "alpha") != 1.0
+            or _float(node, "beta") != 1.0
         ):
             return "Gemm with transA, alpha or beta"
-        transposed = node.op_type == "Gemm" and _attr(node, "transB", 0)
+        transposed = node.op_type == "Gemm" and int_attr(node, "transB", 0)
         start = weights.T if transposed else weights
         columns, rows = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
     if columns.shape[1] + 1 > MAX_FEATURES:
