@@ -209,7 +209,8 @@ def test_slower_model_is_rolled_back_by_the_watch_window(mosquitto, rig, watcher
         thread.start()
         while len(served) < 200:
             time.sleep(0.01)
-        rig.publish(models.mlp(hidden=8192), 2)  # same signature, ~40x slower
+        # same signature, ~300x slower (about 5 ms here): above the watch's 2 ms noise floor
+        rig.publish(models.mlp(hidden=65536), 2)
         rig.assign(2)
         watcher.event("swap_ok", deployment=main("m", 2))
         fallback = watcher.event("fallback", stage="watch")
