@@ -239,7 +239,7 @@ CRASHER = textwrap.dedent(
     from pathlib import Path
     from slimfleet.agent.store import AgentState, ModelStore
     from slimfleet.agent.wire import ModelRef
-from slimfleet.agent.deployment import SlotSpec
+    from slimfleet.agent.deployment import SlotSpec
 
     store = ModelStore(Path(sys.argv[1]), keep=2)
     data = b"w" * 200_000
