@@ -161,6 +161,11 @@ def clear_partials(directory: Path) -> None:
             path.unlink(missing_ok=True)
 
 
+ASK_AGAIN_S = 3.0
+"""With chunks pending and none arriving for this long, the download subscribes to them
+again (the broker re-sends retained messages on a new subscription)."""
+
+
 class ChunkDownload:
     """Fetch the chunks of one manifest through ``link`` into ``partial_dir``.
 
@@ -252,7 +257,10 @@ class ChunkDownload:
         next_step = self._next_step()
         last_chunk = last_persist = time.monotonic()
         limit = min(chunk_limit(self.manifest.chunk_size), MAX_PACKET_BYTES)
-        with self.link.subscribe(max_bytes=limit, max_queued_bytes=self.window * limit) as sub:
+        asked = time.monotonic()  # when the pending chunks were last (re)subscribed
+        # twice the window: after a reconnect a chunk may come both as the session's
+        # redelivery and as the retained copy the new subscription sends
+        with self.link.subscribe(max_bytes=limit, max_queued_bytes=2 * self.window * limit) as sub:
             while queue or pending:
                 refill = queue[: self.window - len(pending)]
                 if refill:
@@ -270,6 +278,17 @@ class ChunkDownload:
                     if self.partial.dirty:  # idle: a good moment to record progress
                         self.partial.persist()
                         last_persist = now
+                    if (
+                        self.link.connected
+                        and now - max(last_chunk, asked) > ASK_AGAIN_S
+                        and pending
+                    ):
+                        # a copy dropped on a full queue or lost in a broker restart is
+                        # never sent again unprompted: subscribing anew re-sends retained ones
+                        again = [topic_of[i] for i in pending]
+                        sub.remove(again)
+                        sub.add(again)
+                        asked = now
                     if now - last_chunk > self.chunk_timeout_s:
                         self.partial.persist()
                         raise DownloadError(
