@@ -21,6 +21,8 @@ PREPARE_OPSET13 = (Step("normalize", {"opset": 13}), Step("simplify"))
 """Per-channel QDQ needs per-axis DequantizeLinear, which arrived in opset 13."""
 DYNAMIC_OPS = ["MatMul", "Gemm", "LSTM", "Attention"]
 """What dynamic quantization speeds up on CPU (GRU has no dynamic int8 kernel in ORT)."""
+GPTQ_OPS = ["MatMul", "Gemm", "LSTM"]
+"""The weights ``gptq`` rounds: those of DYNAMIC_OPS but Attention."""
 CONV_FAMILY = ["Conv", "ConvTranspose", "Add", "Mul", "Sigmoid", "Relu", "Clip", "LeakyRelu"]
 CONV_FAMILY += ["MaxPool", "AveragePool", "GlobalAveragePool", "Concat", "Resize", "Pad"]
 """Ops around convolutions that QDQ keeps in int8 between QLinearConv kernels."""
@@ -40,6 +42,16 @@ BUILTIN_RECIPES = (
         "int8_dynamic_matmul",
         (*PREPARE, Step("quantize_dynamic", {"op_types": DYNAMIC_OPS, "per_channel": True})),
         "dynamic int8 on MatMul, Gemm, LSTM and Attention only, per channel",
+    ),
+    Recipe(
+        "int8_dynamic_gptq",
+        (
+            *PREPARE,
+            Step("gptq", {"op_types": GPTQ_OPS}),
+            Step("quantize_dynamic", {"op_types": DYNAMIC_OPS, "per_channel": True}),
+        ),
+        "dynamic int8 on MatMul, Gemm, LSTM and Attention, per channel, with the weights "
+        "rounded by GPTQ on the calibration data (ddddocr's OCR: 94% -> 96% of texts kept)",
     ),
     Recipe(
         "int8_static",
