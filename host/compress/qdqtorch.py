@@ -114,6 +114,9 @@ class QdqGraph(torch.nn.Module):
         """log(scale / initial scale) by scale initializer name (with ``learn_scales``)."""
         self.bias_of: dict[str, tuple[str, str]] = {}
         """int32 bias initializer -> (input scale name, weight scale name)."""
+        self._shared: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+        """Between :meth:`begin_step` and :meth:`end_step`: each trained initializer's
+        dequantized value, and the detached leaf the forward passes read instead."""
         float_weights = float_weights or {}
         producers = {o: n for n in self.nodes for o in n.output}
         for node in self.nodes:
@@ -241,7 +244,30 @@ class QdqGraph(torch.nn.Module):
             return self.consts[name]
         raise KeyError(f"tensor {name!r} is neither computed nor an initializer")
 
+    def begin_step(self) -> None:
+        """Quantize each trained weight once for the forward passes until :meth:`end_step`
+        (not once per pass: on a model with millions of weights, that and its backward
+        were most of a step's time), their gradients accumulating on shared leaves."""
+        self._shared = {}
+
+    def end_step(self) -> None:
+        """Send the gradients accumulated since :meth:`begin_step` through the weights'
+        quantization to the trained parameters, once."""
+        shared, self._shared = self._shared or {}, None
+        pairs = [(real, leaf.grad) for real, leaf in shared.values() if leaf.grad is not None]
+        if pairs:
+            torch.autograd.backward([p[0] for p in pairs], [p[1] for p in pairs])
+
     def _dequantize_trained(self, node: onnx.NodeProto) -> torch.Tensor:
+        if self._shared is None or not torch.is_grad_enabled():
+            return self._dequantized(node)
+        name = node.input[0]
+        if name not in self._shared:
+            real = self._dequantized(node)
+            self._shared[name] = (real, real.detach().requires_grad_())
+        return self._shared[name][1]
+
+    def _dequantized(self, node: onnx.NodeProto) -> torch.Tensor:
         name = node.input[0]
         integers = self.integers(name)
         if name in self.bias_of:

@@ -244,10 +244,12 @@ def train(
         for group, base in zip(optimizer.param_groups, rates, strict=True):
             group["lr"] = base * schedule(progress)
         optimizer.zero_grad()
+        graph.begin_step()
         for k in range(batch):  # gradients accumulated over ``batch`` samples
             i = train_ids[(step * batch + k) % len(train_ids)]
             loss = train_loss(i) / batch
             loss.backward()
+        graph.end_step()
         optimizer.step()
         step += 1
         done = time.monotonic() - started >= seconds or step == max_steps

@@ -108,6 +108,31 @@ def test_written_back_model_computes_what_training_computed(context):
     np.testing.assert_allclose(unfused(written).run(None, feed)[0], expected, atol=1e-4)
 
 
+def test_a_step_quantizing_weights_once_gets_the_gradients_of_one_pass_per_sample(context):
+    import torch
+
+    model, ctx, qdq = outlier_ptq(context, 8)
+    graph = qdqtorch.QdqGraph(qdq, recovery.float_weights(model), learn_scales=True)
+    samples = [{"x": torch.from_numpy(f["x"])} for f in ctx.calibration[:3]]
+
+    def gradients(shared: bool) -> list[torch.Tensor]:
+        graph.zero_grad()
+        if shared:
+            graph.begin_step()
+        for feed in samples:
+            graph(feed)[0].square().mean().backward()
+        if shared:
+            graph.end_step()
+        return [
+            torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in graph.parameters()
+        ]
+
+    separate, shared = gradients(False), gradients(True)
+    assert len(separate) == len(shared) > 2 and any(g.abs().sum() > 0 for g in shared)
+    for a, b in zip(separate, shared, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_refuses_an_unsupported_operator_before_training(context):
     model = models.conv_bn_net()
     model.graph.node.append(helper.make_node("Det", ["logits"], ["d"], name="det"))
