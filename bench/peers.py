@@ -65,9 +65,13 @@ def _preprocessed(model: Path, workdir: Path) -> Path:
     source = model
     proto = onnx.load(str(model), load_external_data=False)
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
-    if opset is not None and opset < 13:
-        upgraded = version_converter.convert_version(onnx.load(str(model)), 13)
-        source = workdir / "ort_opset13.onnx"
+    external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
+    if (opset is not None and opset < 13) or external:
+        # quant_pre_process copies the model alone into a temporary directory, so weights
+        # in an external data file are lost there: hand it one self-contained file
+        full = onnx.load(str(model))
+        upgraded = version_converter.convert_version(full, 13) if opset and opset < 13 else full
+        source = workdir / "ort_source.onnx"
         onnx.save(upgraded, str(source))
     try:
         _quiet(lambda: quant_pre_process(str(source), str(target)))

@@ -110,3 +110,38 @@ def test_combined_recipe_on_an_lstm_quantizes_it_dynamically(plugins, context, h
     )
     feed = helpers.feeds(model, 1, seed=9)[0]
     assert helpers.cosine(helpers.run(out, feed)[0], helpers.run(model, feed)[0]) > 0.98
+
+
+def embedding_model() -> onnx.ModelProto:
+    """Token ids -> a 1000x64 embedding table (Gather) -> MatMul head."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(4)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Gather", ["table", "ids"], ["emb"], "embed"),
+            helper.make_node("MatMul", ["emb", "head"], ["out"], "head_mm"),
+        ],
+        "embedding",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 16])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 16, 8])],
+        [
+            numpy_helper.from_array(rng.normal(0, 1, (1000, 64)).astype(np.float32), "table"),
+            numpy_helper.from_array(rng.normal(0, 0.2, (64, 8)).astype(np.float32), "head"),
+        ],
+    )
+    return onnx.helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def test_dynamic_recipe_stores_an_embedding_table_in_int8(plugins, context, helpers):
+    loaded = plugins(*PASS_MODULES)
+    model = embedding_model()
+    ctx = context()
+    out, notes = run_recipe(loaded, loaded.recipes.get("int8_dynamic_matmul"), model, ctx)
+    assert (
+        notes[-1]
+        == "quantize_dynamic: quantized 1 Gather, 1 MatMul (dynamic, int8 weights, per channel)"
+    )
+    assert out.ByteSize() < model.ByteSize() * 0.3
+    feed = {"ids": np.random.default_rng(1).integers(0, 1000, (1, 16)).astype(np.int64)}
+    assert helpers.cosine(helpers.run(out, feed)[0], helpers.run(model, feed)[0]) > 0.99
