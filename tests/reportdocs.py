@@ -198,14 +198,34 @@ def slimfleet(*args: Any, timeout: float = 120) -> subprocess.CompletedProcess[s
     )
 
 
+STARTED: list[subprocess.Popen[str]] = []
+"""CLI processes :func:`start_slimfleet` started; :func:`reap_started` kills what is left."""
+
+
 def start_slimfleet(*args: Any) -> subprocess.Popen[str]:
-    return subprocess.Popen(
+    """Start the slimfleet CLI (a long-running command); killed after the test if alive."""
+    proc = subprocess.Popen(
         [sys.executable, "-c", RUN, *map(str, args)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         env=CLEAN_ENV,
     )
+    STARTED.append(proc)
+    return proc
+
+
+def reap_started() -> None:
+    """Kill every started CLI process still running (a test that failed before stopping
+    it must not leave a follower or an exporter behind for the rest of the session)."""
+    while STARTED:
+        proc = STARTED.pop()
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        for stream in (proc.stdout, proc.stderr):
+            if stream:
+                stream.close()
 
 
 def one_line_error(result: subprocess.CompletedProcess[str]) -> str:

@@ -34,6 +34,15 @@ Collect = Callable[..., dict[str, mqtt.MQTTMessage]]
 MakeFleet = Callable[[str], FleetConfig]
 
 
+@pytest.fixture(autouse=True)
+def _reap_cli_processes() -> Iterator[None]:
+    """Whatever a test started with reportdocs.start_slimfleet does not outlive it."""
+    from reportdocs import reap_started
+
+    yield
+    reap_started()
+
+
 @pytest.fixture
 def fleet_yaml() -> Path:
     """The repository's example fleet.yaml."""

@@ -157,7 +157,7 @@ def test_events_for_one_device_then_follow_until_ctrl_c(
 
         follow = start_slimfleet("events", "--fleet", fleet_file, "--follow")
         first = follow.stdout.readline()
-        assert " swap_" in first and "slot=main model=ocr@3 seq=1" in first
+        assert " swap_" in first and "slot=main model=ocr@3 seq=1" in first, first
         follow.send_signal(signal.SIGINT)
         assert follow.wait(20) == 0
         assert "stopped" in follow.stderr.read()
