@@ -55,7 +55,9 @@ CASES: dict[str, Case] = {
         inputs.minilm,
         (judging.cosine(3, "sentence embedding cosine"), judging.cosine(2, "token cosine")),
     ),
-    "model@khmersm": Case(inputs.khmersm, (judging.step_agreement(),)),
+    "model@khmersm": Case(  # judged as the search judges [1, T, 2] emissions: greedy CTC
+        inputs.khmersm, (judging.ctc_text(time_axis=1, blank=0), judging.step_agreement())
+    ),
     "embedding_model": Case(inputs.oww_embedding, (judging.cosine(),)),
     "hey_jarvis_v0.1": Case(inputs.hey_jarvis, (judging.within(0, 0.02),)),
     "model@magika": Case(inputs.magika, (judging.top1(),)),
