@@ -76,6 +76,10 @@ def test_status_online_then_offline_on_stop(mosquitto, prefix, watcher, protocol
 @pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_retained_and_live_messages_reach_the_subscription(mosquitto, prefix, watcher, protocol):
     watcher.publish(f"{prefix}/a", b"retained", retain=True)
+    # the broker holds it once the watcher reads it back (its publish goes first on the
+    # same connection); else the link could subscribe first and get it live, unretained
+    with watcher.subscribe([f"{prefix}/a"]) as check:
+        wait_for(check, b"retained")
     link = make_link(mosquitto, f"dev-{prefix}", protocol)
     link.start()
     try:
