@@ -36,11 +36,12 @@ import onnx
 import onnxruntime as ort
 from onnx import numpy_helper
 
+from slimfleet.agent.runtime import open_session
 from slimfleet.host.hookspecs import hookimpl
 from slimfleet.host.passes import Feed, Option, Pass, PassContext, PassResult
 from slimfleet.host.registry import Registry
 from slimfleet.plugins import quantization as q
-from slimfleet.plugins.onnxgraph import copy_model, describe_counts
+from slimfleet.plugins.onnxgraph import copy_model, describe_counts, float_attr, with_outputs
 from slimfleet.plugins.prune import int_attr
 
 SUPPORTED = ("Gemm", "LSTM", "MatMul")
@@ -209,13 +210,13 @@ def targets(
         if node.op_type == "MatMul" and weight(node.input[1], 2):
             weights.append(Weight(key, "MatMul", node.input[1], node.input[0], transposed=True))
         elif node.op_type == "Gemm" and weight(node.input[1], 2):
-            if int_attr(node, "transA", 0) or _float(node, "alpha", 1.0) != 1.0:
+            if int_attr(node, "transA", 0) or float_attr(node, "alpha", 1.0) != 1.0:
                 continue
             transposed = not int_attr(node, "transB", 0)
             width = inits[node.input[1]].dims[1 if transposed else 0]
             bias = None
             has_c = len(node.input) > 2 and _bias(inits.get(node.input[2]), width)
-            if has_c and _float(node, "beta", 1.0) == 1.0:
+            if has_c and float_attr(node, "beta", 1.0) == 1.0:
                 bias = (node.input[2], 0, width)
             weights.append(
                 Weight(key, "Gemm", node.input[1], node.input[0], transposed, None, bias)
@@ -268,13 +269,6 @@ def _bias(tensor: onnx.TensorProto | None, size: int) -> bool:
     return int(np.prod(tensor.dims)) == size
 
 
-def _float(node: onnx.NodeProto, name: str, default: float) -> float:
-    for attribute in node.attribute:
-        if attribute.name == name:
-            return attribute.f
-    return default
-
-
 def _width(weight: Weight, inits: dict[str, onnx.TensorProto]) -> int:
     """The number of inputs of ``weight`` (the size of its Hessian's side)."""
     dims = inits[weight.tensor].dims
@@ -313,7 +307,7 @@ def _moments(
     sources = list(dict.fromkeys(w.source for w in group))
     sizes = {w.source: _width(w, inits) for w in group}
     tapped = list(dict.fromkeys(states[s].y if s in states else s for s in sources))
-    session = _session(model, tapped, context.threads)
+    session = open_session(with_outputs(model, tapped).SerializeToString(), context.threads)
     moments = {s: Moments(sizes[s]) for s in sources}
     for feed in context.calibration:
         values = dict(zip(tapped, _run(session, tapped, feed), strict=True))
@@ -323,24 +317,6 @@ def _moments(
             else:
                 moments[source].add(values[source])
     return moments
-
-
-def _session(model: onnx.ModelProto, names: list[str], threads: int) -> ort.InferenceSession:
-    """A session over ``model`` whose outputs include ``names`` (graph inputs excepted)."""
-    probe = copy_model(model)
-    feeds = {i.name for i in probe.graph.input}
-    present = {o.name for o in probe.graph.output}
-    probe.graph.output.extend(
-        onnx.helper.make_empty_tensor_value_info(n)
-        for n in names
-        if n not in present and n not in feeds
-    )
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.log_severity_level = 3  # declared output shapes are often wrong; not our concern
-    return ort.InferenceSession(
-        probe.SerializeToString(), options, providers=["CPUExecutionProvider"]
-    )
 
 
 def _run(session: ort.InferenceSession, names: list[str], feed: Feed) -> list[np.ndarray]:

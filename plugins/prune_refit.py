@@ -24,14 +24,14 @@ from typing import Any
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import numpy_helper
 
+from slimfleet.agent.runtime import open_session
 from slimfleet.host.hookspecs import hookimpl
 from slimfleet.host.passes import Option, Pass, PassContext, PassResult
 from slimfleet.host.registry import Registry
 from slimfleet.plugins.normalize import infer_shapes
-from slimfleet.plugins.onnxgraph import consumers, copy_model
+from slimfleet.plugins.onnxgraph import consumers, copy_model, float_attr, with_outputs
 from slimfleet.plugins.prune import CHANNEL_WISE, ChannelCut, channel_step, int_attr, shorten
 
 PRODUCERS = ("Conv", "Gemm", "MatMul")
@@ -286,14 +286,7 @@ def _values(
     model: onnx.ModelProto, names: list[str], context: PassContext
 ) -> dict[str, np.ndarray]:
     """The values ``names`` on every calibration sample, concatenated on axis 0."""
-    probe = copy_model(model)
-    del probe.graph.output[:]
-    probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = context.threads
-    session = ort.InferenceSession(
-        probe.SerializeToString(), options, providers=["CPUExecutionProvider"]
-    )
+    session = open_session(with_outputs(model, names).SerializeToString(), context.threads)
     runs = [session.run(names, feed) for feed in context.calibration]
     return {n: np.concatenate([r[i] for r in runs]) for i, n in enumerate(names)}
 
@@ -317,8 +310,8 @@ def _refit(
     else:
         if node.op_type == "Gemm" and (
             int_attr(node, "transA", 0)
-            or _float(node, "alpha") != 1.0
-            or _float(node, "beta") != 1.0
+            or float_attr(node, "alpha", 1.0) != 1.0
+            or float_attr(node, "beta", 1.0) != 1.0
         ):
             return "Gemm with transA, alpha or beta"
         transposed = node.op_type == "Gemm" and int_attr(node, "transB", 0)
@@ -376,10 +369,6 @@ def _conv_rows(
     n, i, j = np.unravel_index(pick, (count, height, width))
     columns = windows[n, :, i, j].reshape(len(pick), -1)  # never the whole im2col
     return columns, y[n, :, i, j], ""
-
-
-def _float(node: onnx.NodeProto, name: str) -> float:
-    return next((a.f for a in node.attribute if a.name == name), 1.0)
 
 
 @hookimpl

@@ -15,10 +15,12 @@ from slimfleet.plugins.onnxgraph import (
     describe_counts,
     error_line,
     fix_ir_version,
+    float_attr,
     has_subgraphs,
     multiply_accumulates,
     opset_of,
     or_list,
+    with_outputs,
 )
 
 
@@ -72,3 +74,20 @@ def test_model_facts():
         )
     )
     assert has_subgraphs(branchy)
+
+
+def test_with_outputs_adds_intermediate_tensors_once(helpers):
+    model = models.mlp()
+    probe = with_outputs(model, ["h", "r", "h", "x", "y"])
+    assert [o.name for o in probe.graph.output] == ["y", "h", "r"]
+    assert [o.name for o in model.graph.output] == ["y"]  # the input model is untouched
+    feed = helpers.feeds(model, 1)[0]
+    y, h, r = helpers.run(probe, feed)
+    np.testing.assert_allclose(helpers.run(model, feed)[0], y)
+    assert h.shape[-1] == r.shape[-1] == 128
+
+
+def test_float_attr_reads_or_defaults():
+    node = helper.make_node("Gemm", ["a", "b"], ["c"], alpha=0.5)
+    assert float_attr(node, "alpha", 1.0) == 0.5
+    assert float_attr(node, "beta", 1.0) == 1.0
