@@ -2,7 +2,7 @@
 
 :data:`OPS` maps an ai.onnx op type to ``fn(node, *inputs)`` returning a tensor or a
 tuple of tensors; absent inputs are None. Forms these functions cannot run exactly
-(LSTM peepholes or short sequences, negative Slice steps, Cast to other types) raise
+(LSTM peepholes or short sequences, Cast to other types) raise
 ValueError with one line.
 """
 
@@ -191,13 +191,28 @@ def _slice(
     e = _ints(ends) if ends is not None else list(attr(node, "ends"))
     a = _ints(axes) if axes is not None else list(attr(node, "axes", range(len(s))))
     st = _ints(steps) if steps is not None else [1] * len(s)
-    index = [slice(None)] * x.dim()
     for start, end, axis, step in zip(s, e, a, st, strict=True):
-        if step < 0:
-            raise ValueError("Slice with a negative step is not supported by the QAT interpreter")
-        size = x.shape[axis]
-        index[axis] = slice(max(-size, min(start, size)), max(-size, min(end, size)), step)
-    return x[tuple(index)]
+        dim = axis % x.dim()
+        picked = _slice_range(start, end, step, x.shape[dim])
+        if step > 0:
+            index = [slice(None)] * x.dim()
+            index[dim] = slice(picked.start, picked.stop, step)
+            x = x[tuple(index)]
+        else:
+            x = torch.index_select(x, dim, torch.tensor(list(picked), dtype=torch.long))
+    return x
+
+
+def _slice_range(start: int, end: int, step: int, size: int) -> range:
+    """The indices ONNX's Slice takes along one axis (negative starts and ends count from
+    the end; both are clamped, to ``[0, size]`` for a positive step and to ``[-1, size - 1]``
+    for a negative one)."""
+    if step == 0:
+        raise ValueError("Slice with a step of 0")
+    start, end = (v + size if v < 0 else v for v in (start, end))
+    low, high = (0, size) if step > 0 else (-1, size - 1)
+    start = min(max(start, 0), size if step > 0 else size - 1)
+    return range(start, min(max(end, low), high), step)
 
 
 def _constant(node: onnx.NodeProto) -> torch.Tensor:

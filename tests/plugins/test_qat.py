@@ -93,6 +93,46 @@ def test_interpreter_matches_onnxruntime_on_the_qdq_model(build, context):
         assert recovery.max_difference(qdq, feed, session.run(None, feed)) < 1e-4
 
 
+SLICES = [  # (start, end, step) on an axis of 7, as exporters write them
+    (0, 7, 1),
+    (-1, -8, -1),
+    (-1, -9223372036854775807, -1),
+    (6, 0, -1),
+    (5, 1, -2),
+    (2, 9223372036854775807, 2),
+    (-3, -1, 1),
+    (9, -20, -3),
+    (-20, 20, 1),
+    (3, 3, -1),
+]
+
+
+@pytest.mark.parametrize(("start", "end", "step"), SLICES)
+def test_the_interpreter_slices_as_onnxruntime_does(start, end, step):
+    import torch
+
+    from slimfleet.host.compress import torchops
+
+    x = np.arange(2 * 7, dtype=np.float32).reshape(2, 7)
+    ints = [
+        numpy_helper.from_array(np.array([v], np.int64), n)
+        for v, n in ((start, "s"), (end, "e"), (1, "a"), (step, "t"))
+    ]
+    node = helper.make_node("Slice", ["x", "s", "e", "a", "t"], ["y"])
+    graph = helper.make_graph(
+        [node],
+        "slice",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 7])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        ints,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    expected = unfused(model).run(None, {"x": x})[0]
+    args = [torch.tensor([v]) for v in (start, end, 1, step)]
+    got = torchops.OPS["Slice"](node, torch.from_numpy(x), *args).numpy()
+    assert got.shape == expected.shape and np.array_equal(got, expected)
+
+
 def test_written_back_model_computes_what_training_computed(context):
     import torch
 
