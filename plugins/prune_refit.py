@@ -15,11 +15,19 @@ consumer and solves one ``d x d`` system per consumer (d = its kept inputs x ker
 size); ``MAX_FEATURES`` caps d, a bigger consumer is pruned but not refitted. It holds
 one consumer's input and output on all calibration samples at a time (two onnxruntime
 passes over them per consumer).
+With ``seconds`` > 0 (needs torch, extra ``train``) the refitted model is then
+distilled from the unpruned one for that long: its float Conv/Gemm/MatMul weights and
+biases are trained on the calibration samples against the original's outputs and, with
+``features``, against the outputs of every weighted node whose shape pruning kept (the
+QAT pass's loop, :func:`slimfleet.host.compress.recovery.train`; the weights with the
+lowest held-out loss are kept, so it never returns a model worse on that loss than the
+refit). Its loss curve is in the step's notes and the report.
 Opt-in only (``--passes prune_refit``); it is not in any default recipe.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any
 
 import numpy as np
@@ -31,8 +39,15 @@ from slimfleet.host.hookspecs import hookimpl
 from slimfleet.host.passes import Option, Pass, PassContext, PassResult
 from slimfleet.host.registry import Registry
 from slimfleet.plugins.normalize import infer_shapes
-from slimfleet.plugins.onnxgraph import consumers, copy_model, float_attr, with_outputs
+from slimfleet.plugins.onnxgraph import (
+    consumers,
+    copy_model,
+    error_line,
+    float_attr,
+    with_outputs,
+)
 from slimfleet.plugins.prune import CHANNEL_WISE, ChannelCut, channel_step, int_attr, shorten
+from slimfleet.plugins.qat import MISSING_TORCH
 
 PRODUCERS = ("Conv", "Gemm", "MatMul")
 MAX_ROWS = 8_192
@@ -58,6 +73,9 @@ class PruneRefit(Pass):
         Option("ratio", float, 0.25, "share of output channels removed per layer, 0..1"),
         Option("min_channels", int, 1, "never keep fewer channels than this in a layer"),
         Option("layers", str, "Conv,Gemm,MatMul", "comma-separated producer ops to prune"),
+        Option("seconds", float, 0.0, "then distil from the original for this long (0: off)"),
+        Option("lr", float, 0.02, "distillation's Adam rate, in units of max|w|/127"),
+        Option("features", float, 1.0, "weight of the kept nodes' outputs in the loss"),
     )
 
     def check(
@@ -72,6 +90,16 @@ class PruneRefit(Pass):
             return f"layers {options['layers']!r}: use some of {', '.join(PRODUCERS)}"
         if not context.calibration:
             return "needs calibration samples for the refit"
+        if options["seconds"] < 0 or options["lr"] <= 0 or options["features"] < 0:
+            return "seconds and features must be at least 0, lr positive"
+        if options["seconds"] > 0:
+            if importlib.util.find_spec("torch") is None:
+                return MISSING_TORCH
+            from slimfleet.host.compress.qdqtorch import unsupported
+
+            missing = unsupported(model)
+            if missing:
+                return f"operator {missing[0]} is not supported by the distillation interpreter"
         return None
 
     def apply(
@@ -98,7 +126,42 @@ class PruneRefit(Pass):
             notes.append(f"not refitted: {shorten(', '.join(unfitted))}")
         if skipped:
             notes.append(f"left {len(skipped)} as they were: {shorten(', '.join(skipped))}")
-        return PassResult(out, True, "; ".join(notes + ([failure] if failure else [])))
+        if failure:
+            notes.append(failure)
+        if options["seconds"] > 0:
+            out = _distill(out, model, context, options, notes)
+        return PassResult(out, True, "; ".join(notes))
+
+
+def _distill(
+    pruned: onnx.ModelProto,
+    teacher: onnx.ModelProto,
+    context: PassContext,
+    options: dict[str, Any],
+    notes: list[str],
+) -> onnx.ModelProto:
+    """``pruned`` distilled from ``teacher`` (see the module docstring); on a failure, the
+    refitted model as it was, with the reason in ``notes``."""
+    from slimfleet.host.compress.recovery import train
+
+    try:
+        trained = train(
+            pruned,
+            teacher,
+            context.calibration,
+            seconds=options["seconds"],
+            lr=options["lr"],
+            features=options["features"],
+            threads=context.threads,
+            train_float=True,
+        )
+    except Exception as exc:  # an operator form the interpreter refuses, or its bug
+        reason = error_line(exc)
+        context.log.warning("prune_refit: distillation failed, kept the refit: %s", reason)
+        notes.append(f"distillation failed: {reason}")
+        return pruned
+    notes.append(trained.summary())
+    return trained.model
 
 
 def _layers(options: dict[str, Any]) -> list[str]:

@@ -28,7 +28,11 @@ from slimfleet.plugins.quantize_static import QuantizeStatic
 NAME = "qat"
 MISSING_TORCH = "needs torch: pip install 'slimfleet[train]'"
 TRAIN_OPTIONS = ("seconds", "lr", "learn_scales", "max_steps", "features")
-CURVE = re.compile(r"QAT (\d+) steps in (\d+) s: held-out loss (\S+) -> (\S+) .*curve ([^)]*)\)")
+CURVE = re.compile(
+    r"(?:QAT|distillation) (\d+) steps in (\d+) s: held-out loss (\S+) -> (\S+) .*curve ([^)]*)\)"
+)
+TRAINING_PASSES = (NAME, "prune_refit")
+"""Passes whose notes hold a loss curve (``prune_refit`` with ``seconds``)."""
 
 
 class QuantizationAwareTraining(Pass):
@@ -113,11 +117,13 @@ def _static(options: dict[str, Any]) -> dict[str, Any]:
 
 
 def loss_curves(report: dict[str, Any]) -> dict[str, Any]:
-    """The QAT loss curve of every candidate that trained, by candidate label."""
+    """The loss curve of every candidate that trained (QAT, or distillation after
+    pruning), by candidate label."""
     curves = {}
     for candidate in report.get("candidates", []):
         for step in candidate.get("steps", []):
-            found = CURVE.search(step.get("notes", "")) if step.get("pass") == NAME else None
+            trains = step.get("pass") in TRAINING_PASSES
+            found = CURVE.search(step.get("notes", "")) if trains else None
             if found:
                 steps, seconds, first, best, curve = found.groups()
                 curves[f"#{candidate['id']} {candidate['label']}"] = {
@@ -144,7 +150,8 @@ def slimfleet_report_section(report: dict[str, Any]) -> ReportSection | None:
         return None
     return ReportSection(
         "Accuracy recovery",
-        "Quantization-aware training against the float model: held-out distillation loss "
-        "(step: loss) from the post-training model (step 0) to the weights kept.",
+        "Training against the float model (quantization-aware training, or distillation "
+        "after pruning): held-out distillation loss (step: loss) from the post-training or "
+        "refitted model (step 0) to the weights kept.",
         curves,
     )

@@ -12,7 +12,9 @@ scale`` in float32), with straight-through gradients for the rounding. What it t
   [-127, 127] (onnxruntime's symmetric range), uint8 in [0, 255];
 * every int32 bias behind a DequantizeLinear; its scale is recomputed as input scale x
   weight scale, as onnxruntime's quantizer defines it;
-* optionally (``learn_scales``) every scale, LSQ-style, as ``scale0 * exp(t)``.
+* optionally (``learn_scales``) every scale, LSQ-style, as ``scale0 * exp(t)``;
+* optionally (``train_float``) every float weight and bias of Conv, Gemm and MatMul, in
+  units of its tensor's ``max|w| / 127`` (a float model: distillation after pruning).
 
 :meth:`QdqGraph.write_back` writes the trained integers and scales into a copy of the
 model, so onnxruntime then computes what the last forward pass computed. Operators
@@ -42,6 +44,8 @@ WEIGHT_RANGES = {onnx.TensorProto.INT8: (-127, 127), onnx.TensorProto.UINT8: (0,
 BIAS_UNIT = 128.0
 """A bias is trained in units of 128 of its int32 steps (input scale x weight scale):
 about one step of the layer's output, so the weights' learning rate suits it too."""
+FLOAT_TRAINED = ("Conv", "Gemm", "MatMul")
+"""Ops whose float weight (input 1) and bias (input 2) ``train_float`` trains."""
 QUANT_SUFFIX = "_quantized"
 """onnxruntime's quantizer names a quantized initializer ``<float name>_quantized``."""
 
@@ -92,6 +96,7 @@ class QdqGraph(torch.nn.Module):
         model: onnx.ModelProto,
         float_weights: Mapping[str, np.ndarray] | None = None,
         learn_scales: bool = False,
+        train_float: bool = False,
     ) -> None:
         super().__init__()
         missing = unsupported(model)
@@ -114,6 +119,8 @@ class QdqGraph(torch.nn.Module):
         """log(scale / initial scale) by scale initializer name (with ``learn_scales``)."""
         self.bias_of: dict[str, tuple[str, str]] = {}
         """int32 bias initializer -> (input scale name, weight scale name)."""
+        self.float_trained: set[str] = set()
+        """Float initializers trained as they are (``train_float``), read as units x step."""
         self._shared: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
         """Between :meth:`begin_step` and :meth:`end_step`: each trained initializer's
         dequantized value, and the detached leaf the forward passes read instead."""
@@ -124,6 +131,18 @@ class QdqGraph(torch.nn.Module):
                 self._trainable(node, producers, float_weights)
             if node.op_type in ("QuantizeLinear", "DequantizeLinear") and learn_scales:
                 self._learnable_scale(node.input[1])
+            if node.op_type in FLOAT_TRAINED and train_float:
+                for name in node.input[1:3]:
+                    self._trainable_float(name)
+
+    def _trainable_float(self, name: str) -> None:
+        if name in self.float_trained or self.types.get(name) != onnx.TensorProto.FLOAT:
+            return
+        value = torch.from_numpy(self.inits[name].astype(np.float32))
+        step = torch.clamp(value.abs().max() / 127, min=1e-12)
+        self.steps[name] = step
+        self.units[self._key(name)] = torch.nn.Parameter(value / step)
+        self.float_trained.add(name)
 
     def _key(self, name: str) -> str:
         return name.replace(".", "\u00b7")  # ParameterDict keys may not hold dots
@@ -240,6 +259,8 @@ class QdqGraph(torch.nn.Module):
     def _value(self, name: str, values: dict[str, Any]) -> Any:
         if name in values:
             return values[name]
+        if name in self.float_trained:
+            return self.units[self._key(name)] * self.steps[name]
         if name in self.consts:
             return self.consts[name]
         raise KeyError(f"tensor {name!r} is neither computed nor an initializer")
@@ -300,6 +321,9 @@ class QdqGraph(torch.nn.Module):
             new: dict[str, np.ndarray] = {}
             for key in self.units:
                 name = key.replace("\u00b7", ".")
+                if name in self.float_trained:
+                    new[name] = (self.units[key] * self.steps[name]).numpy()
+                    continue
                 node = self.dq_of[name]
                 zero = self._zero_point(node)
                 new[name] = (self.integers(name) + zero).numpy().astype(self.inits[name].dtype)

@@ -61,13 +61,15 @@ class TrainResult:
     best_step: int = 0
     steps: int = 0
     seconds: float = 0.0
+    label: str = "QAT"
+    """What trained: ``QAT``, or ``distillation`` for a float model."""
 
     def summary(self) -> str:
         """One line: the held-out loss before and after, steps, time, the curve."""
         first, best = self.curve[0][2], min(c[2] for c in self.curve)
         curve = " ".join(f"{step}:{loss:.4g}" for step, _, loss in self.curve)
         return (
-            f"QAT {self.steps} steps in {self.seconds:.0f} s: held-out loss {first:.4g} -> "
+            f"{self.label} {self.steps} steps in {self.seconds:.0f} s: held-out loss {first:.4g} -> "
             f"{best:.4g} (best at step {self.best_step}; curve {curve})"
         )
 
@@ -178,6 +180,7 @@ def train(
     features: float = 0.0,
     threads: int = 1,
     seed: int = 0,
+    train_float: bool = False,
 ) -> TrainResult:
     """Fine-tune ``qdq`` against ``teacher`` on ``samples`` (see the module docstring).
 
@@ -185,12 +188,16 @@ def train(
     are learned in log space at ``lr * SCALE_LR``); one step accumulates the gradients
     of ``batch`` samples. ``features`` > 0 adds that weight times the mean relative MSE
     of every weighted node's output against the teacher's (computed per step by
-    onnxruntime, never stored). Raises ValueError when the graph holds an operator the
-    interpreter cannot run.
+    onnxruntime, never stored; a pruned producer's output, narrower than the teacher's,
+    is left out). ``train_float`` trains the float weights of a model without QDQ (a
+    pruned one) instead: distillation. Raises ValueError when the graph holds an operator
+    the interpreter cannot run.
     """
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
-    graph = QdqGraph(qdq, float_weights(teacher), learn_scales=learn_scales)
+    graph = QdqGraph(
+        qdq, float_weights(teacher), learn_scales=learn_scales, train_float=train_float
+    )
     targets = [
         [torch.from_numpy(np.asarray(o, dtype=np.float32)) for o in outs if o.dtype.kind == "f"]
         for outs in teacher_outputs(teacher, samples, threads)
@@ -221,7 +228,8 @@ def train(
             return loss
         wanted = inner.run(wanted_names, dict(samples[i]))
         pairs = [(s, torch.from_numpy(t)) for s, t in zip(got[outputs:], wanted, strict=True)]
-        return loss + features * torch.stack([relative_mse(s, t) for s, t in pairs]).mean()
+        matched = [relative_mse(s, t) for s, t in pairs if s.shape == t.shape]
+        return loss + features * torch.stack(matched).mean() if matched else loss
 
     def evaluate() -> float:
         with torch.no_grad():
@@ -232,7 +240,7 @@ def train(
             )
 
     started = time.monotonic()
-    result = TrainResult(qdq)
+    result = TrainResult(qdq, label="distillation" if train_float else "QAT")
     best = evaluate()
     result.curve.append((0, 0.0, best))
     best_state = {k: v.detach().clone() for k, v in graph.state_dict().items()}
