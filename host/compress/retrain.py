@@ -17,6 +17,9 @@ from slimfleet.host.recipes import Recipe, Step
 RECOVERY_PASS = "qat"
 """The accuracy-recovery pass (``--train-budget``): takes ``quantize_static``'s options."""
 STATIC_PASS = "quantize_static"
+BUDGETED_PASSES = (RECOVERY_PASS, "prune_refit")
+"""Passes that train for their ``seconds`` option (``prune_refit``: distillation after
+the refit); named in ``--passes`` without it, they train for ``--train-budget``."""
 
 
 def recovery_target(
@@ -56,3 +59,14 @@ def recovery_recipe(
         for s in recipe.steps
     )
     return Recipe(recipe.name, steps, recipe.description, recipe.lossy)
+
+
+def with_train_budget(recipe: Recipe, seconds: float) -> tuple[Recipe, int]:
+    """``recipe`` with ``seconds`` set on each :data:`BUDGETED_PASSES` step that does not
+    set it, and how many steps that is (each adds ``seconds`` to the search's time)."""
+    given = [s.pass_name in BUDGETED_PASSES and "seconds" not in s.options for s in recipe.steps]
+    steps = tuple(
+        Step(s.pass_name, {**s.options, "seconds": seconds}) if g else s
+        for s, g in zip(recipe.steps, given, strict=True)
+    )
+    return Recipe(recipe.name, steps, recipe.description, recipe.lossy), sum(given)

@@ -21,7 +21,7 @@ import onnx
 
 from slimfleet.agent.errors import InputError
 from slimfleet.host import convert
-from slimfleet.host.compress import isolation, outdir, report
+from slimfleet.host.compress import isolation, outdir, report, retrain
 from slimfleet.host.compress.arrayfiles import ArrayFiles
 from slimfleet.host.compress.building import ModelFile, RecipeBuilding, StepFailed, step_key
 from slimfleet.host.compress.candidate import (
@@ -114,7 +114,8 @@ def compress(
     raises :class:`InputError`; temp files are removed in every case. ``train_budget``
     (seconds, ``--train-budget``) turns on accuracy recovery: when the best post-training
     int8 candidate missed the budget, it is rebuilt with quantization-aware training
-    (pass ``qat``) for that long, which adds to ``time_budget``.
+    (pass ``qat``) for that long, which adds to ``time_budget``; a ``qat`` or
+    ``prune_refit`` step that ``passes`` names without ``seconds`` trains that long too.
     """
     started = time.monotonic()
     isolation.TREE_PEAK.reset()
@@ -146,6 +147,10 @@ def compress(
     model_path = Path(model_path)
     model = load_model(model_path, external_data=True)
     recipes = _recipes(plugins, passes)
+    if passes is not None and train_budget:  # 'qat' or 'prune_refit' named without seconds
+        recipes[0], training = retrain.with_train_budget(recipes[0], train_budget)
+        budget.seconds += training * train_budget
+        budget.candidate_timeout += training * train_budget
     signature = io_signature(model)
     outdir.prepare(out, force=force or model_path.parent == out)
     try:

@@ -163,6 +163,25 @@ def test_compress_end_to_end(tmp_path):
     assert "prune_refit" in listed.stdout
 
 
+def test_train_budget_distils_a_prune_refit_named_without_seconds(tmp_path):
+    pytest.importorskip("torch", reason="distillation needs torch: pip install 'slimfleet[train]'")
+    model_path, data = tmp_path / "gemm.onnx", tmp_path / "data.npz"
+    onnx.save(gemm_chain(), str(model_path))
+    np.savez(data, x=RNG.normal(size=(60, 4, 12)).astype(np.float32))
+    args = ["compress", str(model_path), "-o", str(tmp_path / "out"), *QUICK, str(data)]
+    run = subprocess.run(
+        [sys.executable, "-c", RUN, *args, "--train-budget", "3s"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    steps = [s for c in report["candidates"] for s in c["steps"]]
+    notes = [s["notes"] for s in steps if s["pass"] == "prune_refit"]
+    assert notes and "distillation" in notes[0] and " in 3 s:" in notes[0], notes
+
+
 def test_residual_branches_are_cut_alike(context, helpers):
     """Conv0 -> Relu -> r; r -> Conv1 -> Relu -> Conv2 -> a; Relu(r + a) -> Conv3: Conv0 and
     Conv2 lose the same channels, Conv1 and Conv3 are refitted."""

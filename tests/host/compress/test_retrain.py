@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from slimfleet.host.compress.candidate import ACCEPTED, BASELINE, REJECTED
-from slimfleet.host.compress.retrain import recovery_recipe, recovery_target
-from slimfleet.host.recipes import Recipe, Step
+from slimfleet.host.compress.retrain import recovery_recipe, recovery_target, with_train_budget
+from slimfleet.host.recipes import Recipe, Step, parse_recipe
 
 STATIC = Recipe("int8_static", (Step("normalize"), Step("quantize_static", {"per_channel": True})))
 DYNAMIC = Recipe("int8_dynamic", (Step("quantize_dynamic"),))
@@ -57,6 +57,18 @@ def test_the_recipe_runs_qat_with_the_static_options_and_the_budget():
         "calibration": "minmax",
         "seconds": 600.0,
     }
+
+
+def test_train_budget_sets_seconds_on_training_steps_named_without_them():
+    recipe = parse_recipe("simplify,prune_refit[ratio=0.5],qat[seconds=30],prune_refit")
+    budgeted, count = with_train_budget(recipe, 90.0)
+    assert count == 2
+    assert [s.options for s in budgeted.steps] == [
+        {},
+        {"ratio": "0.5", "seconds": 90.0},
+        {"seconds": "30"},
+        {"seconds": 90.0},
+    ]
 
 
 def test_a_bad_train_budget_is_one_line_and_exit_2(slimfleet, mlp_case, tmp_path):
