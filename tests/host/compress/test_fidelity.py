@@ -69,6 +69,16 @@ def test_a_detectors_anchor_rows_are_not_ctc_text():
     assert detect([logits.astype(np.float32)]).kind == "ctc"
 
 
+def test_a_taggers_scores_with_never_predicted_tags_are_a_sequence():
+    """lac's [1, T, 59] emissions: 10 tags the model never predicts sit at -13.7 with a
+    spread of 1e-4 (the others vary by 0.3-2.1). They once made it 'not a class axis'
+    and the tagger was judged by cosine (0.99996 while 1.8% of its tags changed)."""
+    emissions = RNG.normal(size=(1, 19, 59)) * RNG.uniform(0.3, 2.1, size=59)
+    emissions[..., 49:] = -13.7 + RNG.normal(scale=1e-4, size=(1, 19, 10))
+    assert detect([emissions.astype(np.float32)]).kind == "ctc"
+    assert detect([_anchors()]).kind == "cosine"  # its small scores vary: still not classes
+
+
 def test_ctc_layout_is_detected():
     assert detect([RNG.normal(size=(20, 1, 37))]).option("batch_axis") == 1
     assert detect([RNG.normal(size=(1, 20, 37))]).option("batch_axis") == 0
