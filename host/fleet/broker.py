@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import threading
 from pathlib import Path
 from typing import Any
@@ -21,12 +20,12 @@ from typing import Any
 from slimfleet.agent.errors import InputError, SlimfleetError
 from slimfleet.host.fleet.acl import BrokerPolicy, fleet_policy
 from slimfleet.host.fleet.config import DEFAULT_FLEET_FILE, load_fleet
+from slimfleet.host.fleet.stopsignals import stop_signals
 
 log = logging.getLogger(__name__)
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 1883
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def broker_config(host: str, port: int) -> dict[str, Any]:
@@ -133,15 +132,9 @@ def run_broker(
     host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, policy: BrokerPolicy | None = None
 ) -> None:
     """Run the embedded broker in the foreground until SIGINT (Ctrl-C) or SIGTERM."""
-    stop = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in STOP_SIGNALS}
-    try:
-        with EmbeddedBroker(host, port, policy):
-            while not stop.wait(1.0):
-                pass
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    with stop_signals() as stop, EmbeddedBroker(host, port, policy):
+        while not stop.wait(1.0):
+            pass
 
 
 def broker_policy(fleet_path: Path | None) -> BrokerPolicy | None:

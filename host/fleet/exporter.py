@@ -213,7 +213,7 @@ def run_exporter(
     stop: threading.Event | None = None,
     ready: Callable[[str], object] = log.info,
 ) -> None:
-    """Serve ``/metrics`` on ``host:port`` until ``stop`` is set (or Ctrl-C); ``ready`` is
+    """Serve ``/metrics`` on ``host:port`` until ``stop`` is set; ``ready`` is
     called with a line saying where once it serves."""
     stop = stop or threading.Event()
     broker = replace(fleet.broker, protocol="5") if share else fleet.broker
@@ -230,7 +230,7 @@ def run_exporter(
         ready(f"serving metrics of {fleet.prefix} on http://{host}:{port}/metrics")
         try:
             while not stop.wait(1.0):
-                pass  # Ctrl-C raises KeyboardInterrupt here; the caller reports it
+                pass
         finally:
             server.shutdown()
             thread.join(5)

@@ -28,6 +28,7 @@ from slimfleet.host.fleet.status import (
     row_cells,
     selected,
 )
+from slimfleet.host.fleet.stopsignals import stop_signals
 from slimfleet.host.fleet.watch import FleetFeed, report_filters
 
 PIPE_WIDTH = 200  # columns drawn when the output is not a terminal
@@ -85,17 +86,15 @@ def run_monitor(
         feed.subscribe(report_filters(fleet.topics))
         deadline = None if duration_s is None else time.monotonic() + duration_s
         frame = render(view, devices, title)
-        try:
-            with Live(frame, console=console, auto_refresh=False) as live:
-                while deadline is None or time.monotonic() < deadline:
-                    pause = (
-                        refresh_s
-                        if deadline is None
-                        else min(refresh_s, deadline - time.monotonic())
-                    )
-                    time.sleep(max(0.0, pause))
-                    view.forget(FORGET_AFTER_S)
-                    state = "" if feed.connected.is_set() else "  [broker unreachable: retrying]"
-                    live.update(render(view, devices, title + state), refresh=True)
-        except KeyboardInterrupt:
+        with stop_signals() as stop, Live(frame, console=console, auto_refresh=False) as live:
+            while deadline is None or time.monotonic() < deadline:
+                pause = (
+                    refresh_s if deadline is None else min(refresh_s, deadline - time.monotonic())
+                )
+                if stop.wait(max(0.0, pause)):
+                    break
+                view.forget(FORGET_AFTER_S)
+                state = "" if feed.connected.is_set() else "  [broker unreachable: retrying]"
+                live.update(render(view, devices, title + state), refresh=True)
+        if stop.is_set():
             console.print("monitor stopped")

@@ -7,8 +7,6 @@ Thin click layers over :mod:`.status`, :mod:`.catalog`, :mod:`.monitor` and
 from __future__ import annotations
 
 import json
-import signal
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -32,6 +30,7 @@ from slimfleet.host.fleet.status import (
     read_fleet,
     selected,
 )
+from slimfleet.host.fleet.stopsignals import stop_signals
 from slimfleet.host.fleet.watch import FleetFeed
 from slimfleet.host.units import parse_duration
 
@@ -137,11 +136,10 @@ def events(
             return
         click.echo(json.dumps(event_row(event), sort_keys=True) if as_json else format_event(event))
 
-    with FleetFeed(fleet.broker, show, reconnect=follow) as feed:
+    with stop_signals() as stop, FleetFeed(fleet.broker, show, reconnect=follow) as feed:
         feed.subscribe(filters or [topics.all_devices("events")])
-        try:
-            feed.wait(float("inf") if follow else wait_s)
-        except KeyboardInterrupt:
+        feed.wait(float("inf") if follow else wait_s, until=stop.is_set)
+        if stop.is_set():
             click.echo("stopped", err=True)
 
 
@@ -235,9 +233,7 @@ def exporter(
     Runs until Ctrl-C or SIGTERM.
     """
     fleet = load_fleet(fleet_path)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
-    try:
+    with stop_signals() as stop:
         run_exporter(
             fleet,
             port=port,
@@ -248,5 +244,4 @@ def exporter(
             stop=stop,
             ready=lambda line: click.echo(line, err=True),
         )
-    except KeyboardInterrupt:
-        click.echo("stopped", err=True)
+    click.echo("stopped", err=True)
