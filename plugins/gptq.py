@@ -37,11 +37,12 @@ import onnxruntime as ort
 from onnx import numpy_helper
 
 from slimfleet.agent.runtime import open_session
+from slimfleet.host.compress.modelfile import with_outputs
 from slimfleet.host.hookspecs import hookimpl
 from slimfleet.host.passes import Feed, Option, Pass, PassContext, PassResult
 from slimfleet.host.registry import Registry
 from slimfleet.plugins import quantization as q
-from slimfleet.plugins.onnxgraph import copy_model, describe_counts, float_attr, with_outputs
+from slimfleet.plugins.onnxgraph import copy_model, describe_counts, float_attr
 from slimfleet.plugins.prune import int_attr
 
 SUPPORTED = ("Gemm", "LSTM", "MatMul")

@@ -20,17 +20,6 @@ def copy_model(model: onnx.ModelProto) -> onnx.ModelProto:
     return copy
 
 
-def with_outputs(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProto:
-    """A copy of ``model`` that also outputs the intermediate tensors ``names`` (graph
-    inputs and tensors already output are left as they are), to read them on data."""
-    copy = copy_model(model)
-    skip = {o.name for o in copy.graph.output} | {i.name for i in copy.graph.input}
-    copy.graph.output.extend(
-        onnx.helper.make_empty_tensor_value_info(n) for n in dict.fromkeys(names) if n not in skip
-    )
-    return copy
-
-
 def float_attr(node: onnx.NodeProto, name: str, default: float) -> float:
     """Float attribute ``name`` of ``node``, or ``default`` when absent."""
     return next((a.f for a in node.attribute if a.name == name), default)

@@ -35,17 +35,12 @@ import onnx
 from onnx import numpy_helper
 
 from slimfleet.agent.runtime import open_session
+from slimfleet.host.compress.modelfile import with_outputs
 from slimfleet.host.hookspecs import hookimpl
 from slimfleet.host.passes import Option, Pass, PassContext, PassResult
 from slimfleet.host.registry import Registry
 from slimfleet.plugins.normalize import infer_shapes
-from slimfleet.plugins.onnxgraph import (
-    consumers,
-    copy_model,
-    error_line,
-    float_attr,
-    with_outputs,
-)
+from slimfleet.plugins.onnxgraph import consumers, copy_model, error_line, float_attr
 from slimfleet.plugins.prune import CHANNEL_WISE, ChannelCut, channel_step, int_attr, shorten
 from slimfleet.plugins.qat import MISSING_TORCH
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import onnx
 
+from slimfleet.host.compress.retrain import BUDGETED_PASSES
 from slimfleet.host.hookspecs import hookimpl
 from slimfleet.host.passes import Option, Pass, PassContext, PassResult
 from slimfleet.host.registry import Registry
@@ -31,8 +32,6 @@ TRAIN_OPTIONS = ("seconds", "lr", "learn_scales", "max_steps", "features")
 CURVE = re.compile(
     r"(?:QAT|distillation) (\d+) steps in (\d+) s: held-out loss (\S+) -> (\S+) .*curve ([^)]*)\)"
 )
-TRAINING_PASSES = (NAME, "prune_refit")
-"""Passes whose notes hold a loss curve (``prune_refit`` with ``seconds``)."""
 
 
 class QuantizationAwareTraining(Pass):
@@ -122,7 +121,7 @@ def loss_curves(report: dict[str, Any]) -> dict[str, Any]:
     curves = {}
     for candidate in report.get("candidates", []):
         for step in candidate.get("steps", []):
-            trains = step.get("pass") in TRAINING_PASSES
+            trains = step.get("pass") in BUDGETED_PASSES
             found = CURVE.search(step.get("notes", "")) if trains else None
             if found:
                 steps, seconds, first, best, curve = found.groups()

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnx
 
+from slimfleet.agent.runtime import open_session
 from slimfleet.host.compress.arrayfiles import ArrayFiles
+from slimfleet.host.compress.modelfile import with_outputs
 from slimfleet.host.compress.tensorsizes import batches, tensor_bytes
 from slimfleet.host.passes import Feed
 
@@ -63,29 +64,11 @@ def quantized_nodes(float_model: onnx.ModelProto, quantized: onnx.ModelProto) ->
     return names
 
 
-def with_outputs(model: onnx.ModelProto, tensors: Sequence[str]) -> onnx.ModelProto:
-    """A copy of ``model`` that also returns ``tensors`` (types left to onnxruntime)."""
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    present = {o.name for o in probe.graph.output}
-    for name in tensors:
-        if name not in present:
-            probe.graph.output.append(onnx.ValueInfoProto(name=name))
-            present.add(name)
-    return probe
-
-
 def _relative_error(ref: np.ndarray, got: np.ndarray) -> float | None:
     if ref.shape != got.shape or ref.dtype.kind != "f":
         return None
     ref64, got64 = ref.astype(np.float64), got.astype(np.float64)
     return float(np.linalg.norm(ref64 - got64) / (np.linalg.norm(ref64) + 1e-12))
-
-
-def _session(model: onnx.ModelProto, threads: int) -> Any:
-    from slimfleet.agent.runtime import open_session
-
-    return open_session(model.SerializeToString(), threads)
 
 
 def tensor_errors(
@@ -109,8 +92,8 @@ def tensor_errors(
     sums = dict.fromkeys(tensors, 0.0)
     counts = dict.fromkeys(tensors, 0)
     for group in groups:
-        reference = _session(with_outputs(float_model, group), threads)
-        candidate = _session(with_outputs(quantized, group), threads)
+        reference = open_session(with_outputs(float_model, group).SerializeToString(), threads)
+        candidate = open_session(with_outputs(quantized, group).SerializeToString(), threads)
         for feed in samples:  # one sample's batch at a time
             ref = dict(zip(group, reference.run(group, feed), strict=True))
             got = dict(zip(group, candidate.run(group, feed), strict=True))

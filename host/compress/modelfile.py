@@ -5,6 +5,9 @@ file, operators onnxruntime does not know) is an :class:`InputError` whose messa
 names the file. Weights in external data files are read from beside the model when the
 caller allows it (``compress`` does; ``publish`` ships one file and does not), and
 :func:`save_model` writes external data only when the model would pass protobuf's 2 GB.
+The helpers below it read a model without running it (its signature, a description)
+or copy it to expose intermediate tensors (:func:`with_outputs`, for fallback ranking,
+GPTQ, the refit and distillation).
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -313,3 +316,15 @@ def describe(model: onnx.ModelProto, size_bytes: int | None = None) -> dict[str,
         "initializers": len(model.graph.initializer),
         "constant_weights": constant_weights(model),
     }
+
+
+def with_outputs(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProto:
+    """A copy of ``model`` that also outputs the intermediate tensors ``names`` (graph
+    inputs and tensors already output are left as they are), to read them on data."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    skip = {o.name for o in copy.graph.output} | {i.name for i in copy.graph.input}
+    copy.graph.output.extend(
+        onnx.helper.make_empty_tensor_value_info(n) for n in dict.fromkeys(names) if n not in skip
+    )
+    return copy

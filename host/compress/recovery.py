@@ -25,13 +25,14 @@ import random
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import onnx
 import torch
 import torch.nn.functional as F
 
+from slimfleet.agent.runtime import open_session
+from slimfleet.host.compress.modelfile import with_outputs
 from slimfleet.host.compress.qdqtorch import QdqGraph
 from slimfleet.host.passes import Feed
 
@@ -87,19 +88,8 @@ def teacher_outputs(
     model: onnx.ModelProto, samples: Sequence[Feed], threads: int = 1
 ) -> list[list[np.ndarray]]:
     """The float model's outputs on every sample (onnxruntime, one sample at a time)."""
-    session = _session(model, threads)
+    session = open_session(model.SerializeToString(), threads)
     return [session.run(None, dict(feed)) for feed in samples]
-
-
-def _session(model: onnx.ModelProto, threads: int) -> Any:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    return ort.InferenceSession(
-        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
-    )
 
 
 def feature_names(qdq: onnx.ModelProto, teacher: onnx.ModelProto) -> list[tuple[str, str]]:
@@ -130,12 +120,22 @@ def feature_names(qdq: onnx.ModelProto, teacher: onnx.ModelProto) -> list[tuple[
     return pairs
 
 
-def with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
-    """A copy of ``model`` that also outputs the intermediate tensors ``names``."""
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    copy.graph.output.extend(onnx.ValueInfoProto(name=name) for name in names)
-    return copy
+def _same_shapes(
+    graph: QdqGraph,
+    teacher: onnx.ModelProto,
+    pairs: list[tuple[str, str]],
+    sample: Feed,
+    threads: int,
+) -> list[tuple[str, str]]:
+    """The ``pairs`` whose student and teacher tensors have one shape on ``sample``
+    (a pruned producer's output is narrower than the teacher's), found once."""
+    wanted = [name for _, name in pairs]
+    session = open_session(with_outputs(teacher, wanted).SerializeToString(), threads)
+    theirs = session.run(wanted, dict(sample))
+    with torch.no_grad():
+        feed = {k: _input(v) for k, v in sample.items()}
+        ours = graph(feed, [name for name, _ in pairs])[len(graph.outputs) :]
+    return [p for p, s, t in zip(pairs, ours, theirs, strict=True) if tuple(s.shape) == t.shape]
 
 
 def distill_loss(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -216,9 +216,15 @@ def train(
         return {k: _input(v) for k, v in samples[i].items()}
 
     pairs = feature_names(qdq, teacher) if features > 0 else []
+    if pairs:
+        pairs = _same_shapes(graph, teacher, pairs, samples[0], threads)
     names = [student for student, _ in pairs]
     wanted_names = [name for _, name in pairs]
-    inner = _session(with_outputs(teacher, wanted_names), threads) if pairs else None
+    inner = (
+        open_session(with_outputs(teacher, wanted_names).SerializeToString(), threads)
+        if pairs
+        else None
+    )
     outputs = len(graph.outputs)
 
     def train_loss(i: int) -> torch.Tensor:
@@ -228,8 +234,7 @@ def train(
             return loss
         wanted = inner.run(wanted_names, dict(samples[i]))
         pairs = [(s, torch.from_numpy(t)) for s, t in zip(got[outputs:], wanted, strict=True)]
-        matched = [relative_mse(s, t) for s, t in pairs if s.shape == t.shape]
-        return loss + features * torch.stack(matched).mean() if matched else loss
+        return loss + features * torch.stack([relative_mse(s, t) for s, t in pairs]).mean()
 
     def evaluate() -> float:
         with torch.no_grad():

@@ -20,7 +20,6 @@ from slimfleet.plugins.onnxgraph import (
     multiply_accumulates,
     opset_of,
     or_list,
-    with_outputs,
 )
 
 
@@ -74,17 +73,6 @@ def test_model_facts():
         )
     )
     assert has_subgraphs(branchy)
-
-
-def test_with_outputs_adds_intermediate_tensors_once(helpers):
-    model = models.mlp()
-    probe = with_outputs(model, ["h", "r", "h", "x", "y"])
-    assert [o.name for o in probe.graph.output] == ["y", "h", "r"]
-    assert [o.name for o in model.graph.output] == ["y"]  # the input model is untouched
-    feed = helpers.feeds(model, 1)[0]
-    y, h, r = helpers.run(probe, feed)
-    np.testing.assert_allclose(helpers.run(model, feed)[0], y)
-    assert h.shape[-1] == r.shape[-1] == 128
 
 
 def test_float_attr_reads_or_defaults():

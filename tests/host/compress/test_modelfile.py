@@ -175,3 +175,19 @@ def test_save_model_uses_external_data_only_past_the_limit(tmp_path, monkeypatch
     np.testing.assert_array_equal(
         numpy_helper.to_array(reloaded.graph.initializer[0]), np.ones(4096, np.float32)
     )
+
+
+def test_with_outputs_adds_intermediate_tensors_once():
+    import onnxruntime as ort
+
+    def run(m, feed):
+        return ort.InferenceSession(m.SerializeToString()).run(None, feed)
+
+    model = models.mlp()
+    probe = modelfile.with_outputs(model, ["h", "r", "h", "x", "y"])
+    assert [o.name for o in probe.graph.output] == ["y", "h", "r"]
+    assert [o.name for o in model.graph.output] == ["y"]  # the input model is untouched
+    feed = {"x": np.random.default_rng(0).normal(size=(2, 64)).astype(np.float32)}
+    y, h, r = run(probe, feed)
+    np.testing.assert_allclose(run(model, feed)[0], y)
+    assert h.shape[-1] == r.shape[-1] == 128
