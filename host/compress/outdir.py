@@ -1,10 +1,18 @@
-"""The output directory of ``compress``: checked before the search, written atomically after."""
+"""The output directory of ``compress``: checked before the search, written atomically after.
+
+The files of one output are written into a staging directory inside it first and moved
+into place together (:func:`staged`), ``report.json`` last: a full disk or a failed write
+leaves the directory as it was, never a new model beside an earlier report."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from slimfleet.agent.errors import InputError
@@ -56,24 +64,42 @@ def write_atomic(path: Path, data: bytes) -> None:
     atomic_write_bytes(path, data, mode=0o666)
 
 
+@contextmanager
+def staged(out: Path) -> Iterator[Path]:
+    """A staging directory inside ``out`` to write one output's files into. When the block
+    ends without an error they replace their namesakes in ``out`` (``report.json`` last;
+    an earlier ``model.onnx.data`` the new output lacks is removed); on an error nothing
+    in ``out`` changes. The staging directory is removed either way."""
+    stage = Path(tempfile.mkdtemp(dir=out, prefix=".slimfleet-output-"))
+    try:
+        yield stage
+        files = sorted(stage.iterdir(), key=lambda p: p.name == REPORT_JSON)
+        for path in files:  # the one rename failure a same-directory move can meet, first
+            if (out / path.name).is_dir():
+                raise IsADirectoryError(
+                    errno.EISDIR, os.strerror(errno.EISDIR), str(out / path.name)
+                )
+        for path in files:
+            os.replace(path, out / path.name)
+        if MODEL_DATA not in {p.name for p in files}:
+            (out / MODEL_DATA).unlink(missing_ok=True)  # an earlier output's
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
 def write_model(out: Path, source: Path) -> list[str]:
     """Write the model at ``source`` as ``out/model.onnx``; the names of the files written.
 
     A self-contained model is copied byte for byte. One whose weights sit in external
     data files is written self-contained when it fits under protobuf's 2 GB, else as
-    ``model.onnx`` plus ``model.onnx.data`` (the data renamed into place first).
+    ``model.onnx`` plus ``model.onnx.data``.
     """
     if not modelfile.external_files(source):
         write_atomic(out / MODEL, source.read_bytes())
-        (out / MODEL_DATA).unlink(missing_ok=True)  # an earlier output's
         return [MODEL]
     model = modelfile.load_model(source, external_data=True)
     if model.ByteSize() < modelfile.EXTERNAL_DATA_LIMIT:
         write_atomic(out / MODEL, model.SerializeToString())
-        (out / MODEL_DATA).unlink(missing_ok=True)
         return [MODEL]
-    with tempfile.TemporaryDirectory(dir=out, prefix=".slimfleet-model-") as tmp:
-        modelfile.save_model(model, Path(tmp) / MODEL)
-        os.replace(Path(tmp) / MODEL_DATA, out / MODEL_DATA)
-        os.replace(Path(tmp) / MODEL, out / MODEL)
+    modelfile.save_model(model, out / MODEL)
     return [MODEL, MODEL_DATA]

@@ -145,21 +145,23 @@ def _npz_bytes(feed: Feed) -> bytes:
 
 def write(out: Path, doc: dict[str, Any], model: Path, sample: Feed) -> None:
     """Write model.onnx (from the file ``model``), report.json, report.html and sample.npz
-    into ``out``, each atomically."""
-    try:
-        outdir.write_model(out, model)
-    except OSError as exc:
-        raise InputError(f"{out / outdir.MODEL}: cannot write ({exc.strerror or exc})") from None
+    into ``out``, all or none (:func:`~.outdir.staged`): a failed write leaves ``out`` as
+    it was and is an InputError naming the file."""
     files = {
         outdir.SAMPLE: _npz_bytes(sample),
         outdir.REPORT_JSON: (json.dumps(doc, indent=2, default=_json_default) + "\n").encode(),
         outdir.REPORT_HTML: reporthtml.to_html(doc).encode(),
     }
-    for name, data in files.items():
-        try:
-            outdir.write_atomic(out / name, data)
-        except OSError as exc:
-            raise InputError(f"{out / name}: cannot write ({exc.strerror or exc})") from None
+    name = outdir.MODEL
+    try:
+        with outdir.staged(out) as stage:
+            outdir.write_model(stage, model)
+            for name, data in files.items():
+                outdir.write_atomic(stage / name, data)
+    except OSError as exc:
+        failed = Path(exc.filename) if exc.filename else None
+        where = failed if failed is not None and failed.parent == out else out / name
+        raise InputError(f"{where}: cannot write ({exc.strerror or exc})") from None
 
 
 def _json_default(value: Any) -> Any:

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import errno
 import json
+import os
 import re
 from xml.etree import ElementTree
 
@@ -9,7 +11,7 @@ import numpy as np
 import pytest
 
 from slimfleet.agent.errors import InputError
-from slimfleet.host.compress import report, reporthtml
+from slimfleet.host.compress import outdir, report, reporthtml
 from slimfleet.host.compress.evaluate import EvalSettings
 from slimfleet.host.compress.search import compress
 from slimfleet.host.hookspecs import hookimpl
@@ -182,7 +184,28 @@ def test_write_failure_is_one_line_and_leaves_no_temp_file(tmp_path, finished):
             models.save(models.add_one(), tmp_path / "m.onnx"),
             {"x": np.zeros((1, 4), np.float32)},
         )
-    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "report.json", "sample.npz"]
+    assert [p.name for p in out.iterdir()] == ["report.json"]  # all or nothing: as it was
+
+
+def test_a_full_disk_leaves_the_earlier_output_as_it_was(tmp_path, finished, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()  # compress made it before the search (outdir.prepare)
+    model = models.save(models.add_one(), tmp_path / "m.onnx")
+    sample = {"x": np.zeros((1, 4), np.float32)}
+    report.write(out, finished.data, model, sample)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    written = outdir.write_atomic
+
+    def disk_full_at_the_html(path, data):
+        if path.name == "report.html":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        written(path, data)
+
+    monkeypatch.setattr(outdir, "write_atomic", disk_full_at_the_html)
+    other = models.save(models.mlp(), tmp_path / "other.onnx")
+    with pytest.raises(InputError, match=r"out/report\.html: cannot write \(No space left"):
+        report.write(out, {**finished.data, "elapsed_seconds": 99.0}, other, sample)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no staging left
 
 
 def test_a_section_that_is_not_a_report_section_is_a_plugin_bug(finished):
