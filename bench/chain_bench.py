@@ -32,6 +32,7 @@ from slimfleet.agent.deployment import Gate
 from slimfleet.agent.runtime import open_session
 from slimfleet.host.chaincal import curve, measure, pick
 from slimfleet.host.compress.fidelity import ctc_decode
+from slimfleet.plugins.recipes import BUILTIN_RECIPES
 
 sys.path[:0] = [str(Path(__file__).resolve().parent)]
 from benchlib import GIB, run_compress, write_samples  # noqa: E402
@@ -53,10 +54,7 @@ def common_onnx() -> Path:
     return Path(ddddocr.__file__).parent / "common.onnx"
 
 
-INT8_PASSES = (
-    "normalize,simplify,gptq[op_types=MatMul+Gemm+LSTM],"
-    "quantize_dynamic[op_types=MatMul+Gemm+LSTM+Attention,per_channel=true]"
-)
+INT8_PASSES = next(r for r in BUILTIN_RECIPES if r.name == "int8_dynamic_gptq").passes_text()
 """The built-in recipe ``int8_dynamic_gptq``: the most faithful int8 model ``slimfleet
 compress`` builds of common.onnx (its text matched fp32's on 95-96% of 600 captchas)."""
 

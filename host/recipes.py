@@ -39,6 +39,10 @@ class Recipe:
     def label(self) -> str:
         return " > ".join(s.label() for s in self.steps) or "(original)"
 
+    def passes_text(self) -> str:
+        """The ``--passes`` text that runs this recipe (:func:`parse_recipe` reads it back)."""
+        return ",".join(s.label() for s in self.steps)
+
 
 def parse_recipe(text: str) -> Recipe:
     """Parse ``--passes`` text: ``simplify,quantize_dynamic[op_types=MatMul+LSTM]``."""

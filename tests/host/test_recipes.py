@@ -33,3 +33,11 @@ def test_parse_errors(text, message):
 def test_labels_show_lists_and_empty_recipe():
     assert Step("q", {"exclude_nodes": ["a", "b"]}).label() == "q[exclude_nodes=a+b]"
     assert Recipe("none", ()).label() == "(original)"
+
+
+def test_passes_text_reads_back_as_the_same_steps():
+    from slimfleet.plugins.recipes import BUILTIN_RECIPES
+
+    for recipe in BUILTIN_RECIPES:
+        again = parse_recipe(recipe.passes_text())
+        assert [s.label() for s in again.steps] == [s.label() for s in recipe.steps]
