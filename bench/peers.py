@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,16 @@ class Peer:
     """``build(model, calibration, workdir, target, validate)`` writes ``target``."""
     needs: str | None = None
     """Module that must be importable, or None."""
+
+    def build_in(self, workdir: Path, model, calibration, target, validate) -> None:
+        """``build`` with ``workdir`` as the current directory: onnxruntime's symbolic
+        shape inference, when it gives up inside ``quant_pre_process``, saves
+        ``sym_shape_infer_temp.onnx`` and a ``<uuid>.data`` of all the weights into the
+        current directory; there they go away with the workdir. Meant for a child process
+        (the directory change is the process's)."""
+        model, workdir, target = Path(model).resolve(), workdir.resolve(), target.resolve()
+        os.chdir(workdir)
+        self.build(model, calibration, workdir, target, validate)
 
     def missing(self) -> str | None:
         if self.needs and importlib.util.find_spec(self.needs) is None:

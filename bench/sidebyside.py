@@ -101,8 +101,8 @@ def _peer_rows(name, model, judge, calibration, limits, workdir, paths, judged) 
         click.echo(f"  peer {peer.name} ...", err=True)
         target = workdir / f"peer-{len(rows)}.onnx"
         watched = run_bounded(
-            lambda peer=peer, target=target: peer.build(
-                model, calibration, workdir, target, validate
+            lambda peer=peer, target=target: peer.build_in(
+                workdir, model, calibration, target, validate
             ),
             timeout_s=limits.peer_timeout_s,
             max_rss=limits.max_rss,
