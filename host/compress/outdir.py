@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,6 +26,12 @@ MODEL_DATA = MODEL + ".data"
 REPORT_JSON = "report.json"
 REPORT_HTML = "report.html"
 SAMPLE = "sample.npz"
+STAGE_PREFIX = ".slimfleet-output-"
+"""Staging directories :func:`staged` makes inside OUTDIR."""
+STALE_STAGE_S = 3600
+"""A staging directory untouched this long was left by a killed run (staging takes
+seconds to minutes): :func:`prepare` removes it. A younger one may be another run's, in
+the middle of its moves, and is left alone."""
 
 
 def earlier_output(path: Path) -> bool:
@@ -43,7 +50,9 @@ def prepare(outdir: Path | str, *, force: bool = False) -> Path:
     compress overwrites model.onnx there, and a typo in ``-o`` must not cost a file.
     """
     path = Path(outdir)
-    if path.is_dir() and not force and any(path.iterdir()) and not earlier_output(path):
+    if path.is_dir():
+        _remove_stale_stages(path)
+    if path.is_dir() and not force and _user_files(path) and not earlier_output(path):
         raise InputError(
             f"output directory {path} is not empty and holds no earlier slimfleet output; "
             "choose another or pass --force to write into it"
@@ -58,6 +67,27 @@ def prepare(outdir: Path | str, *, force: bool = False) -> Path:
     return path
 
 
+def _stages(path: Path) -> list[Path]:
+    return [p for p in path.iterdir() if p.name.startswith(STAGE_PREFIX) and p.is_dir()]
+
+
+def _user_files(path: Path) -> bool:
+    """True when ``path`` holds anything but staging directories of slimfleet's."""
+    stages = set(_stages(path))
+    return any(p not in stages for p in path.iterdir())
+
+
+def _remove_stale_stages(path: Path) -> None:
+    """Remove what a run killed while staging (SIGKILL, power loss) left in ``path``."""
+    now = time.time()
+    for stage in _stages(path):
+        try:
+            if now - stage.stat().st_mtime > STALE_STAGE_S:
+                shutil.rmtree(stage, ignore_errors=True)
+        except OSError:
+            continue  # gone meanwhile, or not ours to read: the check below judges
+
+
 def write_atomic(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically, with the usual permissions (0666 less the
     umask) rather than the agent store's private ones."""
@@ -70,7 +100,7 @@ def staged(out: Path) -> Iterator[Path]:
     ends without an error they replace their namesakes in ``out`` (``report.json`` last;
     an earlier ``model.onnx.data`` the new output lacks is removed); on an error nothing
     in ``out`` changes. The staging directory is removed either way."""
-    stage = Path(tempfile.mkdtemp(dir=out, prefix=".slimfleet-output-"))
+    stage = Path(tempfile.mkdtemp(dir=out, prefix=STAGE_PREFIX))
     try:
         yield stage
         files = sorted(stage.iterdir(), key=lambda p: p.name == REPORT_JSON)

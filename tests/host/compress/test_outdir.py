@@ -49,3 +49,21 @@ def test_write_atomic_cleans_up_when_the_rename_fails(tmp_path):
     with pytest.raises(OSError):
         outdir.write_atomic(tmp_path / "taken", b"data")
     assert [p.name for p in tmp_path.iterdir()] == ["taken"]
+
+
+def test_prepare_removes_what_a_killed_run_left_while_staging(tmp_path):
+    # a SIGKILL between staging and the moves leaves .slimfleet-output-* behind
+    out = tmp_path / "out"
+    stale = out / f"{outdir.STAGE_PREFIX}killed"
+    fresh = out / f"{outdir.STAGE_PREFIX}running"
+    for stage in (stale, fresh):
+        stage.mkdir(parents=True)
+        (stage / "model.onnx").write_bytes(b"half")
+    old = stale.stat().st_mtime - outdir.STALE_STAGE_S - 60
+    os.utime(stale, (old, old))
+    assert outdir.prepare(out) == out  # staging leftovers alone are not the user's files
+    assert not stale.exists()
+    assert (fresh / "model.onnx").exists()  # maybe another run's, in the middle of its moves
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(InputError, match="is not empty"):
+        outdir.prepare(out)
