@@ -103,6 +103,34 @@ def ctc_text(output: int = 0, *, time_axis: int, blank: int) -> Judge:
     return Judge(f"decoded text equality (CTC, blank {blank})", output, score)
 
 
+def deciding_margins(scores: np.ndarray, *, time_axis: int, blank: int) -> np.ndarray:
+    """For each sequence of ``[T, N, C]`` (or ``[N, T, C]``) scores, the smallest margin
+    (best minus runner-up score) among the steps where the runner-up winning would change
+    the greedy-CTC text; ``inf`` when no single step's change would.
+
+    A text whose deciding margin is ``m`` changes under any perturbation that moves that
+    step's two scores by about ``m``: the share of texts under ``m`` is how many any
+    compressed model with errors of that size will change, whatever its method."""
+    moved = np.moveaxis(scores, time_axis, -2)
+    seqs = moved.reshape(-1, *moved.shape[-2:])  # [N, T, C]
+    margins = []
+    for seq in seqs:
+        order = np.argsort(seq, -1)
+        top, second = order[:, -1], order[:, -2]
+        steps = np.arange(len(seq))
+        margin = seq[steps, top] - seq[steps, second]
+        text = greedy_ctc(seq[:, None], time_axis=0, blank=blank)
+        found = np.inf
+        for t in np.argsort(margin, kind="stable"):
+            flipped = seq.copy()
+            flipped[t, second[t]] = seq[t, top[t]] + 1.0
+            if greedy_ctc(flipped[:, None], time_axis=0, blank=blank) != text:
+                found = float(margin[t])
+                break
+        margins.append(found)
+    return np.asarray(margins)
+
+
 def cosine(output: int = 0, name: str = "output cosine") -> Judge:
     """Mean cosine similarity of each sample's whole output."""
 

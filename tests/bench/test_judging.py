@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import judging
 import numpy as np
+import pytest
 
 
 def _one_hot(labels: list[int], classes: int = 4) -> np.ndarray:
@@ -40,3 +41,25 @@ def test_top1_cosine_iou_exact_within() -> None:
     assert judging.within(0, 0.31)(ref, cand).value == 0.0
     assert judging.within(0, 0.61)(ref, cand).value == 1.0
     assert judging.top1()(ref, cand).show() == "0.5000 of 2 rows"
+
+
+def test_deciding_margins_are_the_smallest_margin_that_changes_the_text():
+    blank = 0
+    # steps: a (margin 3), a (margin 0.1: its runner-up is blank, same text "a" either way),
+    # b (margin 0.5: runner-up c changes the text), blank (margin 2)
+    seq = np.array(
+        [
+            [0.0, 3.0, 0.0, 0.0],
+            [2.9, 3.0, 0.0, 0.0],
+            [0.0, 0.0, 3.0, 2.5],
+            [2.0, 0.0, 0.0, 0.0],
+        ],
+        dtype=np.float32,
+    )
+    steady = np.array([[5.0, 0.0, 0.0, 0.0]] * 4, dtype=np.float32)  # blank everywhere
+    tn_c = np.stack([seq, steady], axis=1)  # [T, N, C]
+    found = judging.deciding_margins(tn_c, time_axis=0, blank=blank)
+    assert found[0] == pytest.approx(0.5)
+    assert found[1] == pytest.approx(5.0)  # any step's runner-up adds a label
+    again = judging.deciding_margins(tn_c.swapaxes(0, 1), time_axis=1, blank=blank)
+    assert np.allclose(again, found)
