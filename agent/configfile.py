@@ -72,6 +72,8 @@ class Node:
         value = self.scalar()
         if not isinstance(value, str) or not value:
             raise self.error(f"expected a non-empty string, got {value!r}")
+        if "\0" in value:  # no name or path holds one; the OS refuses it with a ValueError
+            raise self.error("must not contain a NUL character")
         return value
 
     def int(self, minimum: int | None = None, maximum: int | None = None) -> int:
@@ -126,9 +128,22 @@ def _kind(value: Any) -> str:
     return f"{value!r}"
 
 
+MAX_CONFIG_BYTES = 1 << 20
+"""A config file larger than this is refused before parsing (real ones are a few KiB;
+PyYAML's pure-Python parser needs about 50x the text in memory)."""
+MAX_DEPTH = 64
+"""Deepest nesting of mappings and lists accepted."""
+MAX_VALUES = 100_000
+"""Most values a config may hold once its aliases are expanded: a "billion laughs" file
+(anchors of anchors) expands exponentially and is refused at this count."""
+
+
 def parse_yaml(text: str, file: str) -> Node:
-    """Parse YAML text into a :class:`Node` tree; syntax errors become ConfigError."""
+    """Parse YAML text into a :class:`Node` tree; syntax errors become ConfigError, and so
+    do nesting deeper than :data:`MAX_DEPTH`, more than :data:`MAX_VALUES` values after
+    alias expansion, an alias inside itself, and a mapping key that is not a single value."""
     try:
+        _check_depth(text, file)
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
@@ -140,34 +155,79 @@ def parse_yaml(text: str, file: str) -> Node:
         raise ConfigError(f"{file}:{line}: invalid YAML: {problem}") from None
     if root is None:
         raise ConfigError(f"{file}:1: the file is empty")
-    return _convert(root, "", file)
+    return _Converter(file).convert(root, "")
 
 
-def _convert(node: yaml.Node, path: str, file: str, key_line: int = 0) -> Node:
-    line = node.start_mark.line + 1
-    if isinstance(node, yaml.MappingNode):
+def _check_depth(text: str, file: str) -> None:
+    """Refuse nesting deeper than MAX_DEPTH from the event stream (which, unlike the
+    composer, does not recurse), at the line where it goes too deep."""
+    depth = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+            depth += 1
+            if depth > MAX_DEPTH:
+                line = event.start_mark.line + 1
+                raise ConfigError(f"{file}:{line}: nested deeper than {MAX_DEPTH} levels")
+        elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+            depth -= 1
+
+
+class _Converter:
+    """Turns a composed YAML node graph into :class:`Node` trees, counting values (an alias
+    is converted again wherever it is used) and refusing an alias used inside itself."""
+
+    def __init__(self, file: str) -> None:
+        self.file = file
+        self.values = 0
+        self.open: set[int] = set()
+        """ids of the nodes being converted: an alias to one of them is a cycle."""
+
+    def convert(self, node: yaml.Node, path: str, key_line: int = 0) -> Node:
+        file, line = self.file, node.start_mark.line + 1
+        self.values += 1
+        if self.values > MAX_VALUES:
+            raise ConfigError(
+                f"{file}:{line}: more than {MAX_VALUES} values once aliases are expanded"
+            )
+        if id(node) in self.open:
+            raise ConfigError(f"{file}:{line}: {path or '<root>'}: an alias refers to itself")
+        if isinstance(node, yaml.ScalarNode):
+            value = yaml.SafeLoader(  # resolve the scalar's type exactly as safe_load would
+                ""
+            ).construct_object(node, deep=True)
+            return Node(value, path, line, file, key_line)
+        self.open.add(id(node))
+        try:
+            if isinstance(node, yaml.MappingNode):
+                return Node(self._mapping(node, path), path, line, file, key_line)
+            items = [self.convert(v, f"{path}[{i}]") for i, v in enumerate(node.value)]
+            return Node(items, path, line, file, key_line)
+        finally:
+            self.open.discard(id(node))
+
+    def _mapping(self, node: yaml.MappingNode, path: str) -> dict[str, Node]:
         mapping: dict[str, Node] = {}
         for key_node, value_node in node.value:
+            key_line = key_node.start_mark.line + 1
+            if not isinstance(key_node, yaml.ScalarNode):
+                raise ConfigError(f"{self.file}:{key_line}: a key must be a single value")
             key = key_node.value
             if key in mapping:
-                raise ConfigError(f"{file}:{key_node.start_mark.line + 1}: duplicate key {key!r}")
+                raise ConfigError(f"{self.file}:{key_line}: duplicate key {key!r}")
             child = f"{path}.{key}" if path else str(key)
-            mapping[key] = _convert(value_node, child, file, key_node.start_mark.line + 1)
-        return Node(mapping, path, line, file, key_line)
-    if isinstance(node, yaml.SequenceNode):
-        items = [_convert(v, f"{path}[{i}]", file) for i, v in enumerate(node.value)]
-        return Node(items, path, line, file, key_line)
-    value = yaml.SafeLoader(  # resolve the scalar's type exactly as safe_load would
-        ""
-    ).construct_object(node, deep=True)
-    return Node(value, path, line, file, key_line)
+            mapping[key] = self.convert(value_node, child, key_line)
+        return mapping
 
 
 def load_yaml(path: str | Path) -> Node:
     """Read and parse a YAML config file."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as handle:
+            data = handle.read(MAX_CONFIG_BYTES + 1)
+        if len(data) > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path}: config is larger than {MAX_CONFIG_BYTES >> 10} KiB")
+        text = data.decode("utf-8")
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config: {exc.strerror or exc}") from None
     except UnicodeDecodeError:

@@ -113,6 +113,8 @@ class BrokerSettings:
             raise node.error("cert_file and key_file go together (mutual TLS needs both)")
         if not base.tls and (files["ca_file"] or files["cert_file"]):
             raise url_node.error("ca_file, cert_file and key_file need an mqtts:// URL")
+        if base.tls:
+            _check_tls_files(node_map, files)
         protocol = "3.1.1"
         if "protocol" in node_map:
             protocol = str(node_map["protocol"].scalar())
@@ -131,6 +133,25 @@ class BrokerSettings:
             files["cert_file"],
             files["key_file"],
         )
+
+
+def _check_tls_files(node_map: dict[str, Node], files: dict[str, Path | None]) -> None:
+    """Load the TLS files as :func:`client` will, so that a file that is not a PEM
+    certificate (or a key that does not match its certificate) is a config error naming
+    its key and line, not an SSLError when the agent first connects."""
+    context = ssl.create_default_context()
+    if files["ca_file"] is not None:
+        try:
+            context.load_verify_locations(cafile=str(files["ca_file"]))
+        except (ssl.SSLError, OSError) as exc:
+            raise node_map["ca_file"].error(f"not a PEM CA certificate ({exc})") from None
+    if files["cert_file"] is not None and files["key_file"] is not None:
+        try:
+            context.load_cert_chain(str(files["cert_file"]), str(files["key_file"]))
+        except (ssl.SSLError, OSError) as exc:
+            raise node_map["cert_file"].error(
+                f"cert_file and key_file are not a PEM certificate and its key ({exc})"
+            ) from None
 
 
 def _one_of(

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -29,7 +27,6 @@ from typing import Any
 
 import click
 import numpy as np
-import yaml
 
 from slimfleet.agent.chain import SessionTier, first_line
 from slimfleet.agent.confidence import (
@@ -47,6 +44,7 @@ from slimfleet.host.compress.fidelity import compare
 from slimfleet.host.compress.metricdetection import detect, metric_specs
 from slimfleet.host.compress.metricspec import MetricSpec, parse_metric
 from slimfleet.host.compress.modelfile import io_signature, load_model
+from slimfleet.host.fleet.deployfile import set_gate
 from slimfleet.host.plugins import load_plugins
 
 MAX_THRESHOLDS = 2000
@@ -197,32 +195,6 @@ def _confidence(function: Callable[[dict[str, np.ndarray]], float], outputs: dic
         ) from None
 
 
-def write_gate(path: Path, slot: str, gate: Gate) -> None:
-    """Set ``slots.<slot>.gate`` in the deployment YAML at ``path`` (atomically: a temporary
-    file beside it, then a rename). The file keeps its other keys, not its comments.
-
-    The minimal update until the deploy branch's ``host/fleet/deployfile.set_gate`` (same
-    behaviour and messages, plus validation of the whole file) is merged and replaces it.
-    """
-    try:
-        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise InputError(f"--deployment {path}: not readable YAML ({first_line(exc)})") from None
-    slots = doc.get("slots") if isinstance(doc, dict) else None
-    if not isinstance(slots, dict) or not isinstance(slots.get(slot), dict):
-        known = ", ".join(map(str, slots)) if isinstance(slots, dict) else "none"
-        raise InputError(f"{path}: no slot {slot!r} to set a gate on (slots: {known})")
-    slots[slot]["gate"] = gate.to_dict()
-    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            yaml.safe_dump(doc, out, sort_keys=False)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 def _check_options(models: Sequence[Path], deployment: Path | None, slot: str | None) -> None:
     if len(models) < 2:
         raise InputError("give at least two models: FIRST.onnx STRONGER.onnx [MORE.onnx]")
@@ -324,7 +296,7 @@ def calibrate(
         )
     gate = Gate(function, chosen.threshold)
     if deployment is not None and slot is not None:
-        write_gate(deployment, slot, gate)
+        set_gate(deployment, slot, gate)
     lines = budget_lines(points)
     if as_json:
         doc: dict[str, Any] = {

@@ -9,6 +9,7 @@ import pytest
 from slimfleet.agent.configfile import parse_yaml
 from slimfleet.agent.errors import ConfigError
 from slimfleet.agent.mqtt import MAX_SECRET_BYTES, BrokerSettings
+from slimfleet.host.fleet.certs import issue_certs
 
 
 def settings(text: str, base: Path) -> BrokerSettings:
@@ -23,8 +24,7 @@ def secret(path: Path, text: str, mode: int = 0o600) -> Path:
 
 def test_password_file_and_client_certificate(tmp_path: Path) -> None:
     secret(tmp_path / "pw", "s3cret-line\nignored second line\n")
-    for name in ("ca.pem", "me.pem", "me.key"):
-        (tmp_path / name).write_text("x")
+    issue_certs(tmp_path, ["me"], ["b"])  # ca.pem, me.pem, me.key
     s = settings(
         "broker:\n  url: mqtts://b\n  username: cam-01\n  password_file: pw\n"
         "  ca_file: ca.pem\n  cert_file: me.pem\n  key_file: me.key\n",

@@ -79,3 +79,41 @@ def test_load_yaml_unreadable(tmp_path):
     (tmp_path / "bin.yaml").write_bytes(b"\xff\xfe")
     with pytest.raises(ConfigError, match="not UTF-8"):
         load_yaml(tmp_path / "bin.yaml")
+
+
+BOMB = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 10)}]\n" for i in range(8)
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (BOMB, r"f.yaml:\d+: more than 100000 values once aliases are expanded"),
+        ("top:\n  a: &a [*a]\n", r"f.yaml:2: top.a\[0\]: an alias refers to itself"),
+        ("k: " + "[" * 70 + "]" * 70 + "\n", r"f.yaml:1: nested deeper than 64 levels"),
+        ("devices:\n  ok: 1\n  [a, b]: {site: lab}\n", r"f.yaml:3: a key must be a single value"),
+        ("devices:\n  {a: 1}: x\n", r"f.yaml:2: a key must be a single value"),
+    ],
+)
+def test_hostile_yaml_is_one_error_with_a_line(text, message):
+    # a billion-laughs file used to expand without bound; the others were tracebacks
+    with pytest.raises(ConfigError, match=message):
+        parse_yaml(text, "f.yaml")
+
+
+def test_a_deep_file_is_refused_before_the_recursive_composer_sees_it():
+    with pytest.raises(ConfigError, match="nested deeper than 64 levels"):
+        parse_yaml("k:\n" + "".join(" " * i + "- \n" for i in range(1, 5000)), "f.yaml")
+
+
+def test_aliases_within_the_budget_still_work():
+    root = parse_yaml("base: &b {port: 1}\none: *b\ntwo: *b\n", "f.yaml")
+    assert root.plain() == {"base": {"port": 1}, "one": {"port": 1}, "two": {"port": 1}}
+
+
+def test_load_yaml_refuses_a_file_over_the_size_cap(tmp_path):
+    path = tmp_path / "big.yaml"
+    path.write_text("a: " + "x" * (1 << 20) + "\n")
+    with pytest.raises(ConfigError, match=r"big.yaml: config is larger than 1024 KiB"):
+        load_yaml(path)

@@ -14,20 +14,6 @@ def test_from_url_defaults_ports():
         BrokerSettings.from_url("http://h")
 
 
-def test_from_node_full(tmp_path, monkeypatch):
-    (tmp_path / "ca.pem").write_text("x")
-    monkeypatch.setenv("U", "user")
-    monkeypatch.setenv("P", "secret")
-    node = parse_yaml(
-        "broker:\n  url: mqtts://b:8884\n  username_env: U\n  password_env: P\n"
-        "  ca_file: ca.pem\n  protocol: '5'\n  keepalive: 10\n",
-        "f.yaml",
-    ).require("broker")
-    s = BrokerSettings.from_node(node, tmp_path)
-    assert (s.host, s.port, s.tls, s.username, s.password) == ("b", 8884, True, "user", "secret")
-    assert s.ca_file == tmp_path / "ca.pem" and s.protocol == "5" and s.keepalive == 10
-
-
 def test_from_node_shorthand():
     node = parse_yaml("broker: mqtt://b:1999\n", "f.yaml").require("broker")
     assert BrokerSettings.from_node(node, ".").port == 1999
