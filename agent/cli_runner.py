@@ -18,8 +18,16 @@ EXIT_INTERNAL = 70  # sysexits EX_SOFTWARE: a bug in slimfleet, please report it
 def run_cli(command: click.Command, prog_name: str) -> None:
     """Invoke ``command``; map SlimfleetError to its exit code and one line on stderr."""
     try:
-        command.main(prog_name=prog_name, standalone_mode=False)
+        # without standalone mode click *returns* the code of a click.exceptions.Exit
+        # (ctx.exit(1), raise Exit(1)) instead of raising it: it is the exit code
+        code = command.main(prog_name=prog_name, standalone_mode=False)
+        if isinstance(code, int) and not isinstance(code, bool):
+            sys.exit(code)
     except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.UsageError as exc:  # one line, not click's usage block
+        command_path = exc.ctx.command_path if exc.ctx is not None else prog_name
+        click.echo(f"error: {exc.format_message()} (see '{command_path} -h')", err=True)
         sys.exit(exc.exit_code)
     except click.ClickException as exc:
         exc.show()

@@ -29,6 +29,7 @@ from slimfleet.agent.deployment import DesiredState
 from slimfleet.agent.errors import VerifyError
 from slimfleet.agent.signing import Verifier
 from slimfleet.agent.store import AgentState, ModelStore, atomic_write_bytes
+from slimfleet.agent.wire import loads_json
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +175,7 @@ def load_record(root: Path, verifier: Verifier) -> tuple[Record | None, Freshnes
     try:
         if len(raw) > MAX_DESIRED_FILE_BYTES:
             raise ValueError(f"over {MAX_DESIRED_FILE_BYTES} bytes")
-        doc = json.loads(raw)
+        doc = loads_json(raw)
         envelope = doc["envelope"].encode()
         desired = DesiredState.from_dict(verifier.verify(envelope, str(path)))
         floor, enrolled = doc["floor"], doc["enrolled"]

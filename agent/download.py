@@ -27,7 +27,7 @@ from slimfleet.agent.errors import SlimfleetError, VerifyError
 from slimfleet.agent.inbox import MAX_PACKET_BYTES, chunk_limit
 from slimfleet.agent.link import Link
 from slimfleet.agent.store import atomic_write_bytes
-from slimfleet.agent.wire import Manifest, Topics, sha256_hex
+from slimfleet.agent.wire import Manifest, Topics, loads_json, sha256_hex
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +142,7 @@ class PartialFile:
     def _load_bitmap(self) -> set[int]:
         m = self.manifest
         try:
-            doc = json.loads(self.bitmap_path.read_bytes())
+            doc = loads_json(self.bitmap_path.read_bytes())
             if (doc["sha256"], doc["size"], doc["chunk_size"]) != (m.sha256, m.size, m.chunk_size):
                 return set()
             bits = base64.b64decode(doc["done"], validate=True)

@@ -51,6 +51,8 @@ BYTES = "BYTES"
 # Which numpy kinds a JSON array may hold for each datatype family (b bool, i/u int, f float).
 _JSON_KINDS = {"b": "b", "u": "iu", "i": "iu", "f": "iuf"}
 _KIND_NAMES = {"b": "booleans", "i": "integers", "u": "integers", "f": "numbers"}
+MAX_RANK = 32
+"""Most dimensions a tensor may have (numpy's limit is 64; no model here takes over 8)."""
 _UNSUPPORTED_PARAMETERS = ("shared_memory_region", "shared_memory_byte_size", "classification")
 
 
@@ -119,6 +121,8 @@ def _shape(value: Any, where: str) -> tuple[int, ...]:
         isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in value
     ):
         raise ProtocolError(f"{where}.shape must be a list of non-negative integers")
+    if len(value) > MAX_RANK:
+        raise ProtocolError(f"{where}.shape has {len(value)} dimensions, at most {MAX_RANK}")
     return tuple(value)
 
 

@@ -42,7 +42,7 @@ from slimfleet.agent.chain import REMOTE_LABEL, TierTimeout, first_line
 from slimfleet.agent.deployment import RemoteTier
 from slimfleet.agent.errors import ConfigError
 from slimfleet.agent.inference import InferenceError
-from slimfleet.agent.wire import EVENT_TIER_FAILING, EVENT_TIER_RECOVERED
+from slimfleet.agent.wire import EVENT_TIER_FAILING, EVENT_TIER_RECOVERED, loads_json
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ def encode_request(feeds: dict[str, np.ndarray]) -> bytes:
 
 def decode_response(body: bytes) -> dict[str, np.ndarray]:
     """The outputs of an OIP v2 JSON answer; ValueError saying what is wrong."""
-    doc = json.loads(body)
+    doc = loads_json(body)
     outputs = doc.get("outputs") if isinstance(doc, dict) else None
     if not isinstance(outputs, list) or not outputs:
         raise ValueError("no 'outputs' list")
@@ -243,7 +243,7 @@ class RemoteClient:
             raise InferenceError(f"remote: HTTP {response.status}: {_error_text(data)}")
         try:
             return decode_response(data)
-        except (ValueError, TypeError, RecursionError) as exc:
+        except (ValueError, TypeError) as exc:  # loads_json: deep nesting too
             raise InferenceError(f"remote: not an OIP v2 answer: {first_line(exc)}") from None
 
     def _read(
@@ -280,7 +280,7 @@ def _remaining(
 def _error_text(body: bytes) -> str:
     """The ``error`` field of an OIP error answer, else the body's first line (bounded)."""
     try:
-        doc: Any = json.loads(body)
+        doc: Any = loads_json(body)
         if isinstance(doc, dict) and isinstance(doc.get("error"), str):
             return doc["error"][:200]
     except ValueError:

@@ -73,7 +73,7 @@ from slimfleet.agent.inference import (
     NoModelError,
     UnknownSlotError,
 )
-from slimfleet.agent.wire import ModelRef
+from slimfleet.agent.wire import ModelRef, loads_json
 
 log = logging.getLogger(__name__)
 
@@ -362,14 +362,10 @@ class _Handler(BoundedHandler):
         body = self.read_body(size, cost=size + (JSON_COST - 1) * header_size)
         view = memoryview(body)
         try:
-            doc = json.loads(view[:header_size].tobytes())
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            doc = loads_json(view[:header_size].tobytes())
+        except ValueError as exc:
             raise HttpError(
                 HTTPStatus.BAD_REQUEST, f"the JSON header is not valid: {exc}"
-            ) from None
-        except RecursionError:
-            raise HttpError(
-                HTTPStatus.BAD_REQUEST, "the JSON header is nested too deeply"
             ) from None
         request = oip.parse_infer(doc, view[header_size:], self.api.backend.slot_io(slot))
         answer = self.api.backend.predict(slot, request.feeds)

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from slimfleet.agent.errors import InputError, VerifyError
-from slimfleet.agent.wire import canonical_json
+from slimfleet.agent.wire import canonical_json, loads_json
 
 
 def key_id(public_key: Ed25519PublicKey) -> str:
@@ -92,14 +92,14 @@ class Signer:
         }
         if self._certificate is not None:
             envelope["certificate"] = self._certificate
-        return json.dumps(envelope, sort_keys=True, separators=(",", ":")).encode()
+        return json.dumps(envelope, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
 
 
 def open_envelope(payload: bytes, what: str) -> tuple[dict[str, Any], bytes, dict[str, Any]]:
     """``(document, signature, envelope)`` of an envelope, unverified; VerifyError if it
     is not one."""
     try:
-        envelope = json.loads(payload.decode("utf-8"))
+        envelope = loads_json(payload)
         document = envelope["signed"]
         signature = base64.b64decode(envelope["signature"], validate=True)
     except (UnicodeDecodeError, ValueError, KeyError, TypeError, binascii.Error):

@@ -38,7 +38,7 @@ from slimfleet.agent.deployment import (
     deployment_to_dict,
 )
 from slimfleet.agent.errors import SlimfleetError, VerifyError
-from slimfleet.agent.wire import ModelRef
+from slimfleet.agent.wire import ModelRef, loads_json
 
 log = logging.getLogger(__name__)
 
@@ -356,7 +356,7 @@ class ModelStore:
             log.warning("cannot read %s (%s): ignoring it", self.state_path, exc)
             return None
         try:
-            return AgentState.from_dict(json.loads(raw.decode("utf-8")))
+            return AgentState.from_dict(loads_json(raw))
         except (UnicodeDecodeError, ValueError) as exc:
             log.warning(
                 "%s is corrupt (%s): ignoring it, kept as %s.corrupt",

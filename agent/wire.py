@@ -109,7 +109,9 @@ def finite(value: Any) -> bool:
 
 def canonical_json(doc: Any) -> bytes:
     """The exact bytes that are signed: sorted keys, no spaces, ASCII only."""
-    return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+    return json.dumps(
+        doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
+    ).encode()
 
 
 def sha256_hex(data: bytes) -> str:
@@ -358,11 +360,22 @@ def make_manifest(
     return manifest, chunks
 
 
+def loads_json(payload: bytes | str) -> Any:
+    """``json.loads`` for bytes from outside this process (broker, network, files):
+    nesting deep enough to make the parser recurse past Python's limit is a ValueError
+    like any other malformed JSON, not a RecursionError that escapes the caller's checks;
+    bytes that are not UTF-8 are a ValueError too (UnicodeDecodeError)."""
+    try:
+        return json.loads(payload.decode("utf-8") if isinstance(payload, bytes) else payload)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+
+
 def parse_json(payload: bytes, what: str) -> Any:
     """Decode a JSON body; a malformed one is a VerifyError saying what it was."""
     try:
-        return json.loads(payload.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return loads_json(payload)
+    except ValueError as exc:
         raise VerifyError(f"{what}: not valid JSON ({exc})") from None
 
 

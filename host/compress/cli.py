@@ -21,7 +21,7 @@ from slimfleet.host.compress.resources import format_bytes, parse_bytes
 from slimfleet.host.compress.search import OBJECTIVES
 from slimfleet.host.compress.search import compress as run_compress
 from slimfleet.host.plugins import load_plugins
-from slimfleet.host.units import parse_duration
+from slimfleet.host.units import FiniteFloat, parse_duration
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def _print_json(doc: Any) -> None:
 )
 @click.option(
     "--fidelity",
-    type=click.FloatRange(0, 1, min_open=True),
+    type=FiniteFloat(0, 1, min_open=True),
     default=0.99,
     show_default=True,
     help="Lowest fidelity accepted (argmax agreement or cosine per output, task metrics).",

@@ -7,7 +7,6 @@ leaves the directory as it was, never a new model beside an earlier report."""
 from __future__ import annotations
 
 import errno
-import json
 import os
 import shutil
 import tempfile
@@ -18,6 +17,7 @@ from pathlib import Path
 
 from slimfleet.agent.errors import InputError
 from slimfleet.agent.store import atomic_write_bytes
+from slimfleet.agent.wire import loads_json
 from slimfleet.host.compress import modelfile
 
 MODEL = "model.onnx"
@@ -37,7 +37,7 @@ the middle of its moves, and is left alone."""
 def earlier_output(path: Path) -> bool:
     """True when ``path`` holds a report.json written by slimfleet compress."""
     try:
-        doc = json.loads((path / REPORT_JSON).read_text())
+        doc = loads_json((path / REPORT_JSON).read_bytes())
     except (OSError, ValueError):
         return False
     return isinstance(doc, dict) and "slimfleet_version" in doc

@@ -8,7 +8,6 @@ file, whose smoke input is drawn at random from its io signature (dynamic dims -
 
 from __future__ import annotations
 
-import json
 import logging
 import zipfile
 from dataclasses import dataclass, field
@@ -19,7 +18,7 @@ import numpy as np
 
 from slimfleet.agent.errors import InputError
 from slimfleet.agent.runtime import open_session
-from slimfleet.agent.wire import SmokeTest
+from slimfleet.agent.wire import SmokeTest, loads_json
 from slimfleet.host.compress.modelfile import io_signature, load_model, opset
 
 log = logging.getLogger(__name__)
@@ -80,8 +79,8 @@ def load_artifact(source: str | Path) -> Artifact:
 
 def _read_summary(path: Path) -> dict[str, Any]:
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        doc = loads_json(path.read_bytes())
+    except (OSError, ValueError) as exc:
         raise InputError(f"{path}: cannot read the report: {exc}") from None
     summary = doc.get("summary") if isinstance(doc, dict) else None
     if not isinstance(summary, dict):

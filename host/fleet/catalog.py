@@ -9,7 +9,6 @@ rest); each is at most one MQTT payload.
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -17,7 +16,7 @@ from typing import Any
 
 from slimfleet.agent.errors import SlimfleetError, VerifyError
 from slimfleet.agent.signing import Verifier
-from slimfleet.agent.wire import Manifest, ModelRef
+from slimfleet.agent.wire import Manifest, ModelRef, loads_json
 from slimfleet.host.fleet.config import FleetConfig
 from slimfleet.host.fleet.fleetview import FleetView
 from slimfleet.host.fleet.mqttio import DEFAULT_TIMEOUT_S
@@ -75,7 +74,7 @@ class Catalog:
     def _read(self, name: str, version: int, payload: bytes) -> PublishedModel:
         model = PublishedModel(name, version)
         try:
-            signed = json.loads(payload.decode("utf-8"))["signed"]
+            signed = loads_json(payload)["signed"]
             manifest = Manifest.from_dict(signed)
         except (UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
             model.problem = f"not a signed manifest envelope ({exc})"

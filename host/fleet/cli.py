@@ -20,6 +20,7 @@ from slimfleet.host.fleet.broker import DEFAULT_HOST, DEFAULT_PORT, broker_polic
 from slimfleet.host.fleet.config import BROKER_ENV, DEFAULT_FLEET_FILE, load_fleet
 from slimfleet.host.fleet.mqttio import Progress
 from slimfleet.host.fleet.publish import publish_model
+from slimfleet.host.units import Duration, FiniteFloat
 
 fleet_option = click.option(
     "--fleet",
@@ -77,8 +78,17 @@ def _progress_bar(enabled: bool) -> Iterator[Progress]:
     show_default=True,
     help="Bytes per chunk message.",
 )
-@click.option("--ttl", "ttl_s", type=float, help="Seconds until the manifest expires.")
-@click.option("--max-latency-ms", type=float, help="Smoke-test latency budget on the device.")
+@click.option(
+    "--ttl",
+    "ttl_s",
+    type=Duration(minimum=0.001),
+    help="How long until the manifest expires: 90s, 12h, 30d or seconds.",
+)
+@click.option(
+    "--max-latency-ms",
+    type=FiniteFloat(min=0, min_open=True),
+    help="Smoke-test latency budget on the device.",
+)
 @click.option(
     "--repair",
     is_flag=True,

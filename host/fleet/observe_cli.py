@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
 
 import click
 
@@ -32,30 +31,7 @@ from slimfleet.host.fleet.status import (
 )
 from slimfleet.host.fleet.stopsignals import stop_signals
 from slimfleet.host.fleet.watch import FleetFeed
-from slimfleet.host.units import parse_duration
-
-
-class Duration(click.ParamType):
-    """``3s``, ``500ms``, ``2m``, ``1h`` or plain seconds, between 0 and ``maximum``."""
-
-    name = "duration"
-
-    def __init__(self, maximum: float | None = None, minimum: float = 0.0) -> None:
-        self.maximum, self.minimum = maximum, minimum
-
-    def convert(self, value: Any, param: Any, ctx: Any) -> float:
-        if isinstance(value, (int, float)):
-            seconds = float(value)
-        else:
-            try:
-                seconds = parse_duration(value, param.opts[0] if param else "duration")
-            except InputError as exc:
-                self.fail(str(exc), param, ctx)
-        if seconds < self.minimum or (self.maximum is not None and seconds > self.maximum):
-            upper = f" and {self.maximum:g}s" if self.maximum is not None else ""
-            self.fail(f"must be between {self.minimum:g}s{upper}, got {value!r}", param, ctx)
-        return seconds
-
+from slimfleet.host.units import Duration
 
 group_option = click.option("--group", help="Only the devices of this group of the fleet file.")
 wait_option = click.option(

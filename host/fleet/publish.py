@@ -8,6 +8,7 @@ manifest on the broker means its chunks are there too. Versions are immutable.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,10 +80,10 @@ def build_manifest(
     check_version(version)
     if not 0 < chunk_size <= MAX_PAYLOAD_BYTES:
         raise InputError(f"chunk size must be between 1 and {MAX_PAYLOAD_BYTES} bytes")
-    if ttl_s is not None and ttl_s <= 0:
-        raise InputError(f"ttl must be positive, got {ttl_s}")
-    if max_latency_ms is not None and max_latency_ms <= 0:
-        raise InputError(f"max latency must be positive, got {max_latency_ms}")
+    if ttl_s is not None and not (math.isfinite(ttl_s) and ttl_s > 0):
+        raise InputError(f"ttl must be a positive finite number of seconds, got {ttl_s}")
+    if max_latency_ms is not None and not (math.isfinite(max_latency_ms) and max_latency_ms > 0):
+        raise InputError(f"max latency must be a positive finite number, got {max_latency_ms}")
     artifact = load_artifact(source)
     return make_manifest(
         name,

@@ -20,14 +20,13 @@ exporter can expose monotonic counters.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from slimfleet.agent.deployment import MAX_SLOTS, MAX_TIERS, check_slot
 from slimfleet.agent.errors import SlimfleetError
-from slimfleet.agent.wire import EVENT_TYPES, ModelRef
+from slimfleet.agent.wire import EVENT_TYPES, ModelRef, loads_json
 
 SCHEMA = 2
 MAX_REPORT_BYTES = 256 * 1024  # a larger state/telemetry/event body is refused unread
@@ -61,8 +60,8 @@ def decode(payload: bytes, what: str) -> Any:
     if len(payload) > MAX_REPORT_BYTES:
         raise ReportError(f"{what}: {len(payload)} bytes, over the {MAX_REPORT_BYTES} byte limit")
     try:
-        return json.loads(payload.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        return loads_json(payload)
+    except ValueError as exc:
         raise ReportError(f"{what}: not valid JSON ({exc})") from None
 
 

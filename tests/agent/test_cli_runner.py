@@ -24,7 +24,9 @@ def _command(exc: BaseException | None):
         (SlimfleetError("broker unreachable"), 1, "error: broker unreachable\n"),
         (ConfigError("f.yaml:3: bad"), 2, "error: f.yaml:3: bad\n"),
         (KeyboardInterrupt(), 130, "aborted\n"),  # click turns Ctrl-C into Abort
-        (click.UsageError("no such option"), 2, "Error: no such option\n"),
+        (click.UsageError("no such option"), 2, "error: no such option (see 'prog -h')\n"),
+        (click.exceptions.Exit(1), 1, ""),  # raise Exit(1) / ctx.exit(1): was exit 0
+        (click.exceptions.Exit(0), 0, ""),
     ],
 )
 def test_exit_codes_and_one_line(monkeypatch, capsys, exc, code, stderr):

@@ -126,6 +126,20 @@ BAD_INFERS: list[tuple[str, str, Any, int, str]] = [
         400,
         "must be a boolean",
     ),
+    (
+        "shape deeper than numpy allows",  # was a 500 and a traceback in the agent's log
+        "det",
+        {"inputs": [{**_X, "shape": [1] * 10000, "data": [1.0]}, _M]},
+        400,
+        "shape has 10000 dimensions, at most 32",
+    ),
+    (
+        "nested too deeply",  # was a RecursionError
+        "det",
+        b'{"inputs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+        400,
+        "nested too deeply",
+    ),
     ("unknown slot", "nope", {"inputs": [_X, _M]}, 404, "no slot 'nope'"),
 ]
 

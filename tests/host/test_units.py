@@ -1,7 +1,8 @@
+import click
 import pytest
 
 from slimfleet.agent.errors import InputError
-from slimfleet.host.units import parse_duration
+from slimfleet.host.units import Duration, FiniteFloat, parse_duration
 
 
 @pytest.mark.parametrize(
@@ -33,3 +34,17 @@ def test_a_maximum_is_enforced():
     assert parse_duration("3650d", "--expires", maximum=3650 * 86400) == 3650 * 86400
     with pytest.raises(InputError, match="at most"):
         parse_duration("3651d", "--expires", maximum=3650 * 86400)
+
+
+@pytest.mark.parametrize("text", ["nan", "inf", "-inf", "NaN"])
+def test_finite_float_refuses_what_float_accepts_but_no_bound_catches(text):
+    # click's FloatRange lets nan through: it compares false with every bound
+    with pytest.raises(click.BadParameter, match="is not a finite number"):
+        FiniteFloat().convert(text, None, None)
+    assert FiniteFloat(0, 1, min_open=True).convert("0.5", None, None) == 0.5
+
+
+def test_duration_option_type_takes_units_and_refuses_nan():
+    assert Duration(minimum=0.001).convert("12h", None, None) == 43200
+    with pytest.raises(click.BadParameter, match="expected a duration"):
+        Duration(minimum=0.001).convert("nan", None, None)

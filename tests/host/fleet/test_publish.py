@@ -129,6 +129,23 @@ def test_chunk_size_limits(fleet: FleetConfig, outdir: Path, chunk_size: int) ->
         publish_model(fleet, outdir, "net", 1, chunk_size=chunk_size)
 
 
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"ttl_s": float("nan")}, "ttl must be a positive finite number"),
+        ({"ttl_s": float("inf")}, "ttl must be a positive finite number"),
+        ({"ttl_s": 0.0}, "ttl must be a positive finite number"),
+        ({"max_latency_ms": float("nan")}, "max latency must be a positive finite number"),
+    ],
+)
+def test_non_finite_manifest_numbers_are_refused_before_anything_is_signed(
+    fleet: FleetConfig, outdir: Path, options: dict[str, float], message: str
+) -> None:
+    # a NaN expiry used to be signed and retained: a manifest no device could read
+    with pytest.raises(InputError, match=message):
+        publish_model(fleet, outdir, "net", 1, **options)
+
+
 @pytest.mark.parametrize("broker", ["strict_mosquitto", "embedded"])
 def test_largest_chunk_size_fits_a_2mb_packet_limit(
     broker: str,
