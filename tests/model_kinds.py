@@ -271,3 +271,51 @@ def wrong_output_shape(model: onnx.ModelProto, dims: list[int]) -> onnx.ModelPro
     for d in dims:
         shape.dim.add().dim_value = d
     return out
+
+
+def with_string_output(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with a second output: its first output cast to strings (as a label
+    lookup does), which onnxruntime returns as an array of Python str objects."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    first = out.graph.output[0].name
+    out.graph.node.append(helper.make_node("Cast", [first], ["text"], to=TensorProto.STRING))
+    text = onnx.ValueInfoProto()
+    text.CopyFrom(out.graph.output[0])
+    text.name = "text"
+    text.type.tensor_type.elem_type = TensorProto.STRING
+    out.graph.output.append(text)
+    onnx.checker.check_model(out)
+    return out
+
+
+def optional_input(opset: int = 18) -> onnx.ModelProto:
+    """``o``: optional(tensor(float, [1, 4])), unwrapped by OptionalGetElement."""
+    tensor = helper.make_tensor_type_proto(TensorProto.FLOAT, [1, 4])
+    graph = helper.make_graph(
+        [
+            helper.make_node("OptionalGetElement", ["o"], ["x"]),
+            helper.make_node("Relu", ["x"], ["y"]),
+        ],
+        "optional_input",
+        [helper.make_value_info("o", helper.make_optional_type_proto(tensor))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+    )
+    return _model(graph, opset)
+
+
+def declared_input(shape: list[int], elem_type: int = TensorProto.FLOAT) -> onnx.ModelProto:
+    """Relu over ``x`` declared ``shape`` of ``elem_type`` (a Cast to float first when it
+    is not float)."""
+    nodes = [helper.make_node("Relu", ["f"], ["y"])]
+    if elem_type == TensorProto.FLOAT:
+        nodes[0].input[0] = "x"
+    else:
+        nodes.insert(0, helper.make_node("Cast", ["x"], ["f"], to=TensorProto.FLOAT))
+    graph = helper.make_graph(
+        nodes,
+        "declared_input",
+        [helper.make_tensor_value_info("x", elem_type, shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)],
+    )
+    return _model(graph, 13)

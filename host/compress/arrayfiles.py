@@ -22,14 +22,25 @@ _NAMES = "names"
 
 
 def write(path: Path, arrays: Mapping[str, np.ndarray]) -> Path:
-    """Save ``arrays`` (name -> array) to ``path`` (an uncompressed ``.npz``)."""
+    """Save ``arrays`` (name -> array) to ``path`` (an uncompressed ``.npz``).
+
+    onnxruntime returns a string tensor as an array of Python ``str`` objects, which
+    ``.npz`` could only hold pickled (and :func:`read` never unpickles): it is stored as
+    a fixed-width unicode array, the same strings."""
     names = list(arrays)
     np.savez(
         path,
         **{_NAMES: np.array(names, dtype=str)},
-        **{f"a{i}": np.asarray(arrays[n]) for i, n in enumerate(names)},
+        **{f"a{i}": _storable(arrays[n]) for i, n in enumerate(names)},
     )
     return path
+
+
+def _storable(value: np.ndarray) -> np.ndarray:
+    array = np.asarray(value)
+    if array.dtype == object and all(isinstance(v, str) for v in array.flat):
+        return array.astype(str)
+    return array
 
 
 def read(path: Path | str) -> Arrays:

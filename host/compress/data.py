@@ -10,6 +10,7 @@ sample only evaluates.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,9 @@ SPLIT_SEED = 0
 MAX_CALIBRATION = 64
 """Calibration samples used at most; the rest all evaluate."""
 RANDOM_SAMPLES = 16
+RANDOM_BYTES = 1 << 30
+"""Most memory the random samples may take together (a model may declare an input of
+10^10 elements); past it, --input-shape or --data is asked for."""
 
 
 @dataclass
@@ -75,13 +79,15 @@ def random_feeds(
 ) -> list[Feed]:
     """``count`` random samples: floats uniform in [0, 1), integers and bools 0 or 1."""
     rng = np.random.default_rng(SPLIT_SEED)
-    for spec in inputs:
-        if spec["shape"] is None and "(" in str(spec["dtype"]):
-            raise InputError(
-                f"input {spec['name']!r} is a {spec['dtype']}, not a tensor: slimfleet feeds "
-                "tensor inputs only"
-            )
     resolved = {spec["name"]: _random_shape(spec, shapes.get(spec["name"])) for spec in inputs}
+    per_sample = sum(math.prod(resolved[s["name"]]) * np.dtype(s["dtype"]).itemsize for s in inputs)
+    if per_sample * count > RANDOM_BYTES:
+        name, shape = max(resolved.items(), key=lambda item: math.prod(item[1]))
+        raise InputError(
+            f"input {name!r} {show_shape(shape)}: {count} random samples would take "
+            f"{per_sample * count / 2**30:.1f} GiB (at most {RANDOM_BYTES >> 30} GiB): give a "
+            f"smaller --input-shape {name}:... or --data"
+        )
     feeds = []
     for _ in range(count):
         feed = {}
@@ -89,15 +95,35 @@ def random_feeds(
             dtype, shape = np.dtype(spec["dtype"]), resolved[spec["name"]]
             if dtype.kind == "f":
                 feed[spec["name"]] = rng.random(shape).astype(dtype)
-            elif dtype.kind in "iub":
+            else:  # check_feedable: b, i or u
                 feed[spec["name"]] = rng.integers(0, 2, shape).astype(dtype)
-            else:
-                raise InputError(
-                    f"input {spec['name']!r} is {dtype.name}: random inputs cannot be made, "
-                    "give --data"
-                )
         feeds.append(feed)
     return feeds
+
+
+def check_feedable(inputs: Sequence[InputSpec]) -> None:
+    """InputError unless every input is a tensor onnxruntime's Python API can be fed:
+    numeric or bool (string, bfloat16 and float8 arrays, sequences, maps and optionals
+    cannot be passed from numpy)."""
+    for spec in inputs:
+        name, dtype = spec["name"], spec["dtype"]
+        if spec["shape"] is None and "(" in str(dtype):
+            raise InputError(
+                f"input {name!r} is of type {dtype}, not a tensor: slimfleet feeds tensor inputs only"
+            )
+        try:
+            kind = np.dtype(dtype).kind
+        except TypeError:
+            kind = "?"
+        if kind in "OUS":
+            raise InputError(
+                f"input {name!r} holds strings: slimfleet feeds numeric and bool inputs only"
+            )
+        if kind not in "biuf":
+            raise InputError(
+                f"input {name!r} is {dtype}: onnxruntime's Python API cannot be fed it from "
+                "numpy, so slimfleet cannot run this model (numeric and bool inputs only)"
+            )
 
 
 def split(
@@ -127,6 +153,7 @@ def load_samples(
     against ``inputs``; ``input_shapes`` (``--input-shape``) sizes random inputs.
     """
     shapes = dict(input_shapes or {})
+    check_feedable(inputs)
     known = [spec["name"] for spec in inputs]
     for name in shapes:
         if name not in known:

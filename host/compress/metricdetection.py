@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from slimfleet.agent.errors import InputError
-from slimfleet.host.compress.metricspec import MetricSpec
+from slimfleet.host.compress.metricspec import MetricSpec, check_against_values
 
 Outputs = dict[str, np.ndarray]
 
@@ -178,6 +178,8 @@ def metric_specs(
     unknown = [n for n in given if n not in names]
     if unknown:
         raise InputError(f"--metric {unknown[0]!r}: the model has no such output ({names})")
+    for name, spec in given.items():
+        check_against_values(name, spec, [r[name] for r in reference])
     states = set(states)
     return {
         n: given.get(n)

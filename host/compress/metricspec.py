@@ -30,6 +30,7 @@ returns and the scoring (:mod:`~slimfleet.host.compress.fidelity`) reads; a bad
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,9 +88,54 @@ def parse_metric(text: str) -> tuple[str, MetricSpec]:
             known = ", ".join(allowed) or "none"
             raise InputError(f"--metric {text!r}: {kind} takes options {known}; got {item!r}")
         try:
-            options.append((key, allowed[key](value)))
+            parsed = allowed[key](value)
         except ValueError:
             raise InputError(
                 f"--metric {text!r}: {key}={value!r} is not a {allowed[key].__name__}"
             ) from None
+        if problem := _option_problem(kind, key, parsed):
+            raise InputError(f"--metric {text!r}: {key}={value}: {problem}")
+        options.append((key, parsed))
     return name, MetricSpec(kind, tuple(options), given=True)
+
+
+def _option_problem(kind: str, key: str, value: Any) -> str | None:
+    """What is wrong with one option's value, whatever the output (the output's own
+    limits, such as a blank index past its classes, are checked against its values)."""
+    if key == "threshold" and not math.isfinite(value):
+        return "must be a finite number"
+    if key == "threshold" and kind == "iou" and not 0 < value < 1:
+        return "an iou threshold cuts a probability map: it must lie between 0 and 1"
+    if key in ("blank", "batch_axis") and value < 0:
+        return "must be >= 0"
+    return None
+
+
+def check_against_values(name: str, spec: MetricSpec, values: list[Any]) -> None:
+    """InputError when a ``--metric`` choice cannot judge this output's values (the
+    original's, on the evaluation samples): a blank index past the classes, a batch axis
+    past the rank, a threshold no value crosses (every candidate would agree)."""
+    label = f"--metric {name}={spec.label()}"
+    shapes = {tuple(v.shape) for v in values}
+    if spec.kind in ("ctc", "steps"):
+        ranks = {len(s) for s in shapes}
+        axis = spec.option("batch_axis") or 0
+        if ranks - {2, 3} or (axis and ranks != {3}) or axis > 1:
+            raise InputError(
+                f"{label}: needs [N, T, C] or [T, N, C] scores with batch_axis 0 or 1, "
+                f"got shape {list(sorted(shapes)[0])}"
+            )
+        classes = min(s[-1] for s in shapes)
+        blank = spec.option("blank")
+        if spec.kind == "ctc" and blank >= classes:
+            raise InputError(f"{label}: blank {blank} is not one of the {classes} classes")
+    if spec.kind in ("iou", "binary"):
+        threshold = spec.option("threshold")
+        above = [bool((v > threshold).any()) for v in values]
+        below = [bool((v <= threshold).any()) for v in values]
+        if not any(above) or not any(below):
+            side = "above" if not any(above) else "at or below"
+            raise InputError(
+                f"{label}: no value of the original's is {side} {threshold} on these "
+                "samples, so every candidate would agree with it"
+            )

@@ -230,6 +230,8 @@ def _type_text(type_: onnx.TypeProto) -> str:
     if kind == "tensor_type":
         elem = type_.tensor_type.elem_type
         return f"tensor({helper.tensor_dtype_to_np_dtype(elem).name})"
+    if kind == "optional_type":
+        return f"optional({_type_text(type_.optional_type.elem_type)})"
     return kind or "unknown"
 
 

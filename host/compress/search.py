@@ -134,7 +134,8 @@ def compress(
     plugins = plugins or load_plugins()
     out = Path(outdir_path)
     created = not out.exists()
-    if not convert.is_onnx(model_path):  # a front-end converts it to outdir/converted.onnx
+    converted = not convert.is_onnx(model_path)
+    if converted:  # a front-end converts it to outdir/converted.onnx
         outdir.prepare(out, force=force)
         try:
             model_path = convert.convert_to_file(
@@ -152,7 +153,8 @@ def compress(
         budget.seconds += training * train_budget
         budget.candidate_timeout += training * train_budget
     signature = io_signature(model)
-    outdir.prepare(out, force=force or model_path.parent == out)
+    if not converted:  # a model beside other files in OUTDIR is the user's: --force
+        outdir.prepare(out, force=force)
     try:
         samples = load_samples(plugins.pm.hook, data, signature["inputs"], input_shapes)
         with tempfile.TemporaryDirectory(prefix="slimfleet-compress-") as tmp:

@@ -72,6 +72,22 @@ def test_outdir_that_is_not_an_earlier_output_needs_force(slimfleet, mlp_case, t
     assert slimfleet(*args)[0] == 0  # now an earlier output: rewritten without --force
 
 
+def test_the_models_own_directory_is_not_an_output_without_force(slimfleet, mlp_case, tmp_path):
+    # it was exempt from the check, and compress replaced the model, the user's samples
+    # and their notes beside it
+    model, data = mlp_case
+    home = tmp_path / "work"
+    home.mkdir()
+    for source, name in ((model, "model.onnx"), (data, "sample.npz")):
+        (home / name).write_bytes(Path(source).read_bytes())
+    (home / "report.html").write_text("my notes")
+    before = {p.name: p.read_bytes() for p in home.iterdir()}
+    args = ["compress", home / "model.onnx", "-o", home, "--data", home / "sample.npz"]
+    code, _, stderr = slimfleet(*args, "--quick", "--passes", "normalize")
+    assert code == 2 and f"output directory {home} is not empty" in stderr
+    assert {p.name: p.read_bytes() for p in home.iterdir()} == before
+
+
 def test_metric_override_and_a_bad_metric(slimfleet, mlp_case, tmp_path):
     model, data = mlp_case
     args = ["compress", model, "-o", tmp_path / "out", "--data", data, "--quick"]

@@ -221,11 +221,31 @@ def test_parse_metric():
         ("logits=bleu", "unknown kind 'bleu'"),
         ("logits=ctc:space=1", "ctc takes options blank, batch_axis"),
         ("logits=ctc:blank=x", "blank='x' is not a int"),
+        ("p=binary:threshold=nan", "threshold=nan: must be a finite number"),
+        ("mask=iou:threshold=5", "it must lie between 0 and 1"),
+        ("logits=ctc:blank=-1", "blank=-1: must be >= 0"),
     ],
 )
 def test_bad_metric_text(text, message):
     with pytest.raises(InputError, match=message):
         parse_metric(text)
+
+
+@pytest.mark.parametrize(
+    ("given", "values", "message"),
+    [
+        ("y=ctc:blank=10", np.zeros((1, 5, 10)), "blank 10 is not one of the 10 classes"),
+        ("y=ctc:batch_axis=2", np.zeros((1, 5, 10)), "with batch_axis 0 or 1"),
+        ("y=steps", np.zeros((2, 1, 5, 10)), r"needs \[N, T, C\]"),
+        ("y=binary:threshold=0.9", np.full((4, 1), 0.5), "no value of the original's is above"),
+        ("y=iou:threshold=0.1", np.full((1, 8, 8), 0.5), "is at or below 0.1"),
+    ],
+)
+def test_a_given_metric_that_cannot_judge_the_outputs_values_is_refused(given, values, message):
+    # a threshold no value crosses made every candidate agree (the 99%-pruned model passed)
+    name, spec = parse_metric(given)
+    with pytest.raises(InputError, match=message):
+        metricdetection.metric_specs([_outs(y=values)] * 2, {name: spec})
 
 
 def test_a_metric_for_an_unknown_output_is_refused():

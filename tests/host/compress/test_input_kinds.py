@@ -202,3 +202,43 @@ def test_oldest_and_newest_opsets(tmp_path, quick, opset):
     assert all(c["fidelity"]["score"] > 0.9 for c in result.candidates if c["fidelity"])
     doc = json.loads((tmp_path / "out" / "report.json").read_text())
     assert doc["model"]["opset"] == opset
+
+
+def test_a_string_output_beside_a_numeric_one(tmp_path, quick):
+    # onnxruntime returns str objects, which the search's .npz files could only pickle:
+    # it was an internal error (exit 70)
+    model = _save(kinds.with_string_output(models.mlp()), tmp_path / "labels.onnx")
+    np.savez(tmp_path / "d.npz", x=RNG.random((8, 1, 64)).astype(np.float32))
+    result = compress(model, tmp_path / "out", data=tmp_path / "d.npz", settings=quick)
+    assert result.candidates[0]["status"] == BASELINE
+    assert {c["status"] for c in result.candidates} <= STATUSES - {FAILED}, _reasons(result)
+
+
+@pytest.mark.parametrize(
+    ("model", "shapes", "message"),
+    [
+        (
+            kinds.optional_input(),
+            {"o": (1, 4)},
+            r"input 'o' is of type optional\(tensor\(float32\)\), not a tensor",
+        ),
+        (
+            kinds.declared_input([100_000, 100_000]),
+            {},
+            r"input 'x' 100000x100000: 16 random samples would take 596.0 GiB \(at most 1 GiB\)",
+        ),
+        (
+            kinds.declared_input([1, 4], onnx.TensorProto.BFLOAT16),
+            {},
+            "input 'x' is bfloat16: onnxruntime's Python API cannot be fed it",
+        ),
+        (kinds.declared_input([1, 4], onnx.TensorProto.STRING), {}, "input 'x' holds strings"),
+    ],
+    ids=["optional", "huge declared dims", "bfloat16", "string"],
+)
+def test_inputs_that_cannot_be_fed_are_one_line(tmp_path, quick, model, shapes, message):
+    # each was an internal error (TypeError, MemoryError) or a dead-end hint before
+    path = _save(model, tmp_path / "m.onnx")
+    with pytest.raises(InputError, match=message):
+        compress(path, tmp_path / "out", settings=quick, input_shapes=shapes)
+    assert not (tmp_path / "out").exists()
