@@ -32,6 +32,7 @@ from slimfleet.agent.runtime import open_session
 from slimfleet.host.compress import outdir as outdirs
 from slimfleet.host.compress.data import RANDOM_SAMPLES
 from slimfleet.host.compress.modelfile import PROTOBUF_LIMIT
+from slimfleet.host.feeds import load_npz
 from slimfleet.host.passes import Feed
 
 log = logging.getLogger(__name__)
@@ -131,14 +132,6 @@ def one_line(exc: BaseException, limit: int = 200) -> str:
     return f"{type(exc).__name__}: {text.splitlines()[0][:limit]}"
 
 
-def _npz(path: Path) -> dict[str, np.ndarray]:
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            return {key: npz[key] for key in npz.files}
-    except (OSError, ValueError, EOFError) as exc:
-        raise InputError(f"{path}: not a readable .npz file ({one_line(exc)})") from None
-
-
 def example_feeds(
     data: Path | str | None, input_shapes: dict[str, tuple[int, ...]] | None = None
 ) -> list[Feed]:
@@ -165,9 +158,9 @@ def example_feeds(
         files = sorted(path.glob("*.npz"))[:MAX_EXAMPLES]
         if not files:
             raise InputError(f"--data {path}: no .npz files in this directory")
-        feeds = [_npz(f) for f in files]
+        feeds = [load_npz(f) for f in files]
     elif path.is_file():
-        arrays = _npz(path)
+        arrays = load_npz(path)
         counts = {key: len(a) if a.ndim else 0 for key, a in arrays.items()}
         if not arrays or 0 in counts.values() or len(set(counts.values())) != 1:
             raise InputError(

@@ -10,7 +10,9 @@ missing dimension all accept any size.
 
 from __future__ import annotations
 
+import zipfile
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -41,6 +43,28 @@ def fits(shape: Sequence[int], expected: Sequence[Any] | None) -> bool:
     return len(shape) == len(expected) and all(
         not fixed(e) or e == s for s, e in zip(shape, expected, strict=True)
     )
+
+
+def load_npz(path: Path) -> dict[str, np.ndarray]:
+    """The arrays of the ``.npz`` file at ``path``, by key; InputError with one line when
+    it is missing, not a zip (which ``np.load`` would try to unpickle, and say so), or
+    holds object arrays (pickled Python objects, never loaded)."""
+    try:
+        if path.exists() and not zipfile.is_zipfile(path):
+            raise InputError(f"{path}: not an .npz file (numpy.savez writes one: a zip of arrays)")
+        with np.load(path, allow_pickle=False) as npz:
+            return {key: npz[key] for key in npz.files}
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file") from None
+    except ValueError as exc:
+        if "allow_pickle" in str(exc):
+            raise InputError(
+                f"{path}: holds object arrays (pickled Python objects), which slimfleet never "
+                "loads: save numeric arrays"
+            ) from None
+        raise InputError(f"{path}: not a readable .npz file ({exc})") from None
+    except (OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise InputError(f"{path}: not a readable .npz file ({exc})") from None
 
 
 def check_keys(keys: Iterable[str], inputs: Sequence[InputSpec], where: str) -> None:

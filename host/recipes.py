@@ -47,23 +47,25 @@ class Recipe:
 def parse_recipe(text: str) -> Recipe:
     """Parse ``--passes`` text: ``simplify,quantize_dynamic[op_types=MatMul+LSTM]``."""
     steps = []
-    for part in _split_top_level(text):
-        part = part.strip()
+    parts = [part.strip() for part in _split_top_level(text)]
+    if not any(parts):
+        raise InputError("--passes: no pass given")
+    for part in parts:
         if not part:
-            continue
-        name, _, rest = part.partition("[")
+            raise InputError(f"--passes {text!r}: an empty item (two commas in a row?)")
+        name, bracket, rest = part.partition("[")
         options: dict[str, Any] = {}
-        if rest:
-            if not rest.endswith("]"):
+        if not name.strip() or "]" in name:
+            raise InputError(f"--passes: expected NAME or NAME[key=value,...], got {part!r}")
+        if bracket:
+            if not rest.endswith("]") or "[" in rest or "]" in rest[:-1]:
                 raise InputError(f"--passes: missing ']' in {part!r}")
-            for item in rest[:-1].split(","):
+            for item in rest[:-1].split(",") if rest != "]" else []:
                 key, eq, value = item.partition("=")
                 if not eq or not key.strip():
                     raise InputError(f"--passes: expected key=value in {part!r}, got {item!r}")
                 options[key.strip()] = value.strip()
         steps.append(Step(name.strip(), options))
-    if not steps:
-        raise InputError("--passes: no pass given")
     return Recipe("custom", tuple(steps), "the recipe given with --passes")
 
 

@@ -109,6 +109,14 @@ class Normalize(Pass):
     lossless = True
     options = (Option("opset", int, 0, "upgrade to this ai.onnx opset (0 keeps the model's own)"),)
 
+    def check(
+        self, model: onnx.ModelProto, context: PassContext, options: dict[str, Any]
+    ) -> str | None:
+        target, newest = options["opset"], onnx.defs.onnx_opset_version()
+        if not 0 <= target <= newest:
+            return f"opset={target}: onnx knows ai.onnx opsets 1 to {newest} (0 keeps the model's)"
+        return None
+
     def apply(
         self, model: onnx.ModelProto, context: PassContext, options: dict[str, Any]
     ) -> PassResult:

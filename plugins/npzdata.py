@@ -12,7 +12,6 @@ Runs last (``trylast``) so a plugin can take over ``.npz`` files it knows better
 
 from __future__ import annotations
 
-import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,19 +19,13 @@ from typing import Any
 import numpy as np
 
 from slimfleet.agent.errors import InputError
-from slimfleet.host.feeds import check_keys, conform_feed, show_shape
+from slimfleet.host.feeds import check_keys, conform_feed, load_npz, show_shape
 from slimfleet.host.hookspecs import hookimpl
 from slimfleet.host.passes import Feed
 
 
 def _read(path: Path, inputs: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {key: npz[key] for key in npz.files}
-    except FileNotFoundError:
-        raise InputError(f"{path}: no such file") from None
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        raise InputError(f"{path}: not a readable .npz file ({exc})") from None
+    arrays = load_npz(path)
     check_keys(arrays, inputs, str(path))
     return arrays
 

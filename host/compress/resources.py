@@ -29,6 +29,9 @@ from slimfleet.agent.errors import InputError
 GIB = 1 << 30
 DEFAULT_MAX_MEMORY = 4 * GIB
 """``--max-memory`` default: the whole process tree of a search stays below it."""
+MIN_MAX_MEMORY = 512 << 20
+"""The smallest ``--max-memory`` accepted: the search's own process (Python, onnx,
+onnxruntime) takes about 350 MiB before it loads a model."""
 DEFAULT_TIME_BUDGET = 300.0
 """``--time-budget`` default in seconds."""
 SAMPLE_INTERVAL = 0.02

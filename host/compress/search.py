@@ -57,6 +57,8 @@ from slimfleet.host.compress.planning import Budget
 from slimfleet.host.compress.resources import (
     DEFAULT_MAX_MEMORY,
     DEFAULT_TIME_BUDGET,
+    MIN_MAX_MEMORY,
+    format_bytes,
 )
 from slimfleet.host.compress.variants import Variants
 from slimfleet.host.plugins import Plugins, load_plugins
@@ -127,6 +129,11 @@ def compress(
         raise InputError(f"threads {threads}: must be at least 1")
     if max_memory <= 0 or time_budget <= 0:
         raise InputError("--max-memory and --time-budget must be positive")
+    if max_memory < MIN_MAX_MEMORY:
+        raise InputError(
+            f"--max-memory {format_bytes(max_memory)}: at least {format_bytes(MIN_MAX_MEMORY)} "
+            "(compress itself takes about 350 MiB before the first model is loaded)"
+        )
     if train_budget is not None and train_budget <= 0:
         raise InputError(f"--train-budget {train_budget}: must be positive")
     settings = replace(settings or EvalSettings(), threads=threads)

@@ -184,7 +184,7 @@ def test_example_inputs_are_needed(tmp_path):
     with pytest.raises(InputError, match="no such file"):
         convert.example_feeds(tmp_path / "nope.npz")
     (tmp_path / "junk.npz").write_text("junk")
-    with pytest.raises(InputError, match="not a readable .npz"):
+    with pytest.raises(InputError, match="not an .npz file"):
         convert.example_feeds(tmp_path / "junk.npz")
     feeds = convert.example_feeds(None, {"x": (1, 8)})
     assert feeds[0]["x"].shape == (1, 8) and feeds[0]["x"].dtype == np.float32

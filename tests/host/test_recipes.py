@@ -23,11 +23,21 @@ def test_parse_plain_and_optioned_steps():
         (" , ", "no pass given"),
         ("prune[sparsity=0.5", "missing ']'"),
         ("prune[sparsity]", "expected key=value"),
+        ("quantize_dynamic[", "missing ']'"),  # was accepted as quantize_dynamic
+        ("prune[a=1]]", "missing ']'"),
+        ("prune[a=[1]]", "missing ']'"),
+        ("simplify,,fp16", "an empty item"),
+        ("[a=1]", "expected NAME or NAME"),
+        ("prune]", "expected NAME or NAME"),
     ],
 )
 def test_parse_errors(text, message):
     with pytest.raises(InputError, match=message):
         parse_recipe(text)
+
+
+def test_empty_brackets_are_no_options():
+    assert parse_recipe("simplify[],fp16").steps[0].options == {}
 
 
 def test_labels_show_lists_and_empty_recipe():

@@ -73,3 +73,15 @@ def test_upgrade_opset_returns_a_converted_copy():
 def test_upgrade_opset_beyond_onnx_is_one_clear_error():
     with pytest.raises(SlimfleetError, match=r"cannot upgrade opset 13 -> 99: onnx knows up to"):
         upgrade_opset(models.mlp(), 99)
+
+
+@pytest.mark.parametrize("opset", [-1, onnx.defs.onnx_opset_version() + 1, 99])
+def test_an_opset_onnx_does_not_know_is_a_skip_with_the_reason(context, opset):
+    # it failed the candidate inside apply, so --passes 'normalize[opset=99]' exited 0
+    normalize = Normalize()
+    reason = normalize.check(models.mlp(), context(), normalize.resolve_options({"opset": opset}))
+    assert reason == (
+        f"opset={opset}: onnx knows ai.onnx opsets 1 to {onnx.defs.onnx_opset_version()} "
+        "(0 keeps the model's)"
+    )
+    assert normalize.check(models.mlp(), context(), normalize.resolve_options({})) is None

@@ -103,7 +103,7 @@ def test_bad_file_in_a_directory_is_named(tmp_path):
 def test_corrupt_npz(tmp_path):
     path = tmp_path / "data.npz"
     path.write_bytes(b"PK\x03\x04 not really a zip")
-    with pytest.raises(InputError, match=r"data\.npz: not a readable \.npz file"):
+    with pytest.raises(InputError, match=r"data\.npz: not an \.npz file"):
         slimfleet_load_data(path=path, inputs=VECTOR)
 
 
@@ -120,5 +120,14 @@ def test_empty_directory(tmp_path):
 def test_pickled_object_arrays_are_refused(tmp_path):
     path = tmp_path / "data.npz"
     np.savez(path, x=np.array([{"a": 1}], dtype=object))
-    with pytest.raises(InputError, match=r"not a readable \.npz file"):
+    with pytest.raises(InputError, match=r"holds object arrays \(pickled Python objects\)"):
+        slimfleet_load_data(path=path, inputs=VECTOR)
+
+
+def test_a_file_that_is_not_a_zip_is_not_called_pickled(tmp_path):
+    # np.load falls back to unpickling anything that is neither .npz nor .npy, and its
+    # error advised allow_pickle=True for a plain text file
+    path = tmp_path / "notes.npz"
+    path.write_text("just text\n")
+    with pytest.raises(InputError, match=r"notes.npz: not an .npz file \(numpy.savez"):
         slimfleet_load_data(path=path, inputs=VECTOR)

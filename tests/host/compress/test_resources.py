@@ -12,6 +12,7 @@ import pytest
 from slimfleet.agent.errors import InputError
 from slimfleet.host.compress import resources
 from slimfleet.host.compress.planning import Budget
+from slimfleet.host.compress.search import compress
 
 
 def test_tree_rss_counts_children():
@@ -77,3 +78,10 @@ def test_a_candidate_deadline_caps_every_child_timeout():
     budget.start_candidate()
     assert 0 < budget.child_limits().timeout <= 5
     assert budget.child_limits().memory <= 1 << 30
+
+
+def test_a_memory_limit_the_search_itself_cannot_keep_is_refused(tmp_path):
+    # 1 KiB was accepted, and the report then said "peak memory 350 MiB of 1.0 KiB"
+    with pytest.raises(InputError, match=r"--max-memory 1.0 KiB: at least 512.0 MiB"):
+        compress(str(tmp_path / "none.onnx"), tmp_path / "out", max_memory=1024)
+    assert not (tmp_path / "out").exists()
