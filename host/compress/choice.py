@@ -110,7 +110,8 @@ def choose(candidates: Sequence[Candidate], objective: str) -> Choice:
         return Choice(
             chosen,
             f"{figure} of {len(winners)} candidate{'s' * (len(winners) > 1)} that beat the "
-            f"original inside the fidelity budget, neither larger nor slower: {kind}{ratios}",
+            f"original inside the fidelity budget, neither larger (beyond {SIZE_TIE:.0%}) nor "
+            f"slower (beyond {TIE:.0%}, timing noise): {kind}{ratios}",
             kept_original=chosen.lossless,
         )
     return Choice(

@@ -101,6 +101,10 @@ def random_feeds(
     return feeds
 
 
+def _finite(feed: Feed) -> bool:
+    return all(np.isfinite(a).all() for a in feed.values() if a.dtype.kind == "f")
+
+
 def check_feedable(inputs: Sequence[InputSpec]) -> None:
     """InputError unless every input is a tensor onnxruntime's Python API can be fed:
     numeric or bool (string, bfloat16 and float8 arrays, sequences, maps and optionals
@@ -180,6 +184,12 @@ def load_samples(
         if not feeds:
             raise InputError(f"--data {path}: holds no samples")
         feeds = [conform_feed(f, inputs, f"{path} sample {i}") for i, f in enumerate(feeds)]
+        if bad := [i for i, f in enumerate(feeds) if not _finite(f)]:
+            warnings.append(
+                f"--data {path}: {len(bad)} of {len(feeds)} samples hold NaN or Inf (first: "
+                f"sample {bad[0]}); a model's outputs on them are rarely comparable, so "
+                "candidates may all be rejected"
+            )
         if shapes:
             warnings.append("--input-shape only sizes random inputs; ignored with --data")
         source = str(path)

@@ -150,3 +150,12 @@ def test_show_shape():
     assert data.show_shape([1, "width", None]) == "1xwidthx?"
     assert data.show_shape([]) == "scalar"
     assert data.show_shape(None) == "?"
+
+
+def test_samples_holding_nan_are_warned_about(tmp_path):
+    # every candidate was rejected and nothing said why the data was to blame
+    x = np.ones((6, 4), np.float32)
+    x[2, 1] = np.nan
+    np.savez(tmp_path / "d.npz", x=x)
+    samples = data.load_samples(_hook(), tmp_path / "d.npz", INPUTS)
+    assert any("1 of 6 samples hold NaN or Inf (first: sample 2)" in w for w in samples.warnings)
