@@ -166,6 +166,7 @@ class Agent:
         self._subscription = self.link.subscribe(
             [self._topic("desired"), revocation_topic(self.config.prefix)],
             max_bytes=DOCUMENT_LIMIT,
+            resync=True,  # a flood on these topics must not make the device lose one
         )
         self._publish_state()
         self.link.start()

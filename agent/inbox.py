@@ -9,6 +9,12 @@ A hostile publisher on the broker must not exhaust the device's memory, so:
 - a subscription queues at most ``max_messages`` (default 256) messages and
   ``max(max_queued_bytes, max_bytes)`` payload bytes (default 32 MiB); when full, a new
   message is dropped;
+- a subscription to topics that hold retained *state* (``resync=True``: desired states,
+  revocation lists) asks the broker for the retained messages again (re-subscribing
+  re-sends them) once its queue has drained and :data:`RESYNC_QUIET_S` passed without a
+  drop, and in any case every :data:`RESYNC_INTERVAL_S` (the broker may drop messages for
+  a slow client too, unseen here): a flood on such a topic can delay a valid document,
+  not make the device lose it;
 - every drop is a :class:`Dropped` the link counts (:class:`DropLog`) and, at most once a
   second per reason (:data:`DROP_REPORT_INTERVAL_S`), logs and hands to its ``on_drop``:
   a flood of bad messages cannot become a flood of warnings and events.
@@ -16,6 +22,7 @@ A hostile publisher on the broker must not exhaust the device's memory, so:
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
@@ -27,6 +34,8 @@ from slimfleet.agent.wire import MAX_PAYLOAD_BYTES
 
 if TYPE_CHECKING:
     from slimfleet.agent.link import Link
+
+log = logging.getLogger(__name__)
 
 # The largest packet the broker may send us (MQTT 5 CONNECT Maximum Packet Size), and the
 # default per-subscription limit: every legitimate message fits (wire.MAX_PAYLOAD_BYTES).
@@ -41,6 +50,10 @@ DEFAULT_MAX_MESSAGES = 256
 # One download window (16 chunk topics, download.py) of the largest chunks fits.
 DEFAULT_MAX_QUEUED_BYTES = 16 * MAX_PACKET_BYTES
 
+RESYNC_QUIET_S = 1.0
+"""A state subscription re-fetches its retained messages this long after its last drop."""
+RESYNC_INTERVAL_S = 60.0
+"""... and at least this often: what the broker dropped for us comes back within it."""
 DROP_REPORT_INTERVAL_S = 1.0
 DROP_TOO_LARGE = "too_large"
 DROP_QUEUE_FULL = "queue_full"
@@ -124,6 +137,7 @@ class Subscription:
         max_bytes: int = MAX_PACKET_BYTES,
         max_messages: int = DEFAULT_MAX_MESSAGES,
         max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES,
+        resync: bool = False,
     ) -> None:
         if not 0 <= max_bytes <= MAX_PACKET_BYTES or max_messages < 1:
             raise ValueError(
@@ -133,10 +147,15 @@ class Subscription:
         self.max_bytes = max_bytes
         self.max_messages = max_messages
         self.max_queued_bytes = max(max_queued_bytes, max_bytes)
-        # Guards _messages and _queued_bytes (written by the link thread, read by readers).
+        self.resync = resync
+        # Guards _messages, _queued_bytes, _lost, _last_drop and _last_resync (written by
+        # the link thread, read by readers).
         self._ready = threading.Condition()
         self._messages: deque[Message] = deque()
         self._queued_bytes = 0
+        self._lost = False
+        """A message was dropped for a full queue since the last resync."""
+        self._last_drop = self._last_resync = time.monotonic()
         self.filters: set[str] = set()
 
     def add(self, filters: Iterable[str]) -> None:
@@ -148,12 +167,26 @@ class Subscription:
 
     def get(self, timeout: float | None = None) -> Message | None:
         """The next message, or None after ``timeout`` seconds."""
+        message = None
         with self._ready:
-            if not self._ready.wait_for(lambda: self._messages, timeout):
-                return None
-            message = self._messages.popleft()
-            self._queued_bytes -= len(message.payload)
-            return message
+            if self._ready.wait_for(lambda: self._messages, timeout):
+                message = self._messages.popleft()
+                self._queued_bytes -= len(message.payload)
+            resync = self.resync and not self._messages and self._resync_due()
+        if resync:  # the retained state again (outside the lock: the link thread takes it)
+            log.debug("re-fetching the retained messages of %s", sorted(self.filters))
+            self.add(list(self.filters))
+        return message
+
+    def _resync_due(self) -> bool:
+        """Whether to re-fetch the retained messages now (and, if so, note it); the
+        caller holds ``_ready``."""
+        now = time.monotonic()
+        lost = self._lost and now - self._last_drop >= RESYNC_QUIET_S
+        if lost or now - self._last_resync >= RESYNC_INTERVAL_S:
+            self._lost, self._last_resync = False, now
+            return True
+        return False
 
     def close(self) -> None:
         self.remove(list(self.filters))
@@ -170,10 +203,11 @@ class Subscription:
         if size > self.max_bytes:
             return Dropped(message.topic, size, self.max_bytes, DROP_TOO_LARGE)
         with self._ready:
-            if len(self._messages) >= self.max_messages:
-                return Dropped(message.topic, size, self.max_messages, DROP_QUEUE_FULL)
-            if self._queued_bytes + size > self.max_queued_bytes:
-                return Dropped(message.topic, size, self.max_queued_bytes, DROP_QUEUE_FULL)
+            full = len(self._messages) >= self.max_messages
+            if full or self._queued_bytes + size > self.max_queued_bytes:
+                self._lost, self._last_drop = True, time.monotonic()
+                limit = self.max_messages if full else self.max_queued_bytes
+                return Dropped(message.topic, size, limit, DROP_QUEUE_FULL)
             self._messages.append(message)
             self._queued_bytes += size
             self._ready.notify()

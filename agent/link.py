@@ -110,12 +110,15 @@ class Link:
         self.connects = 0  # successful connections so far
         self.last_error: str | None = None
         self.on_drop = on_drop
-        # Guards _filters, _stale and _retained.
+        # Guards _filters, _stale, _retained and _unsent.
         self._lock = threading.Lock()
         self._drops = DropLog()
         self._filters: dict[str, set[Subscription]] = {}
         self._stale: set[str] = set()  # filters dropped while offline: unsubscribe on connect
         self._retained: dict[str, bytes] = {}
+        self._unsent: set[str] = set()
+        """Retained topics whose latest payload paho refused (its outgoing queue was full):
+        the link thread publishes them again (:meth:`_resend_unsent`)."""
         self._connected = threading.Event()
         self._stop = threading.Event()
         self._connack: Any = None
@@ -161,11 +164,17 @@ class Link:
         max_bytes: int = MAX_PACKET_BYTES,
         max_messages: int = DEFAULT_MAX_MESSAGES,
         max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES,
+        resync: bool = False,
     ) -> Subscription:
         """A new :class:`Subscription` to ``filters`` (more can be added later) that drops
-        messages over ``max_bytes`` and queues within the bounds described there."""
+        messages over ``max_bytes`` and queues within the bounds described there
+        (``resync``: fetch the retained messages again after a drop)."""
         sub = Subscription(
-            self, max_bytes=max_bytes, max_messages=max_messages, max_queued_bytes=max_queued_bytes
+            self,
+            max_bytes=max_bytes,
+            max_messages=max_messages,
+            max_queued_bytes=max_queued_bytes,
+            resync=resync,
         )
         sub.add(filters)
         return sub
@@ -181,11 +190,26 @@ class Link:
 
     def set_retained(self, topic: str, payload: bytes) -> None:
         """Publish a retained document now and again after every reconnect, so the
-        broker holds the latest value even if it lost its store (one kept per topic)."""
+        broker holds the latest value even if it lost its store (one kept per topic).
+        When paho refuses it (its outgoing queue is full: a flood of events), the link
+        thread tries again until it is queued: the broker never keeps a stale state."""
         with self._lock:
             self._retained[topic] = payload
-        if self.connected:
-            self.publish(topic, payload, retain=True)
+            self._unsent.discard(topic)
+        if self.connected and not self.publish(topic, payload, retain=True):
+            with self._lock:
+                self._unsent.add(topic)
+
+    def _resend_unsent(self) -> None:
+        """Queue again the retained documents paho refused (link thread)."""
+        with self._lock:
+            pending = {t: self._retained[t] for t in self._unsent}
+            self._unsent.clear()
+        for topic, payload in pending.items():
+            if not self.publish(topic, payload, retain=True):
+                with self._lock:
+                    if topic not in self._unsent and self._retained.get(topic) == payload:
+                        self._unsent.add(topic)
 
     # -- the reconnect loop -------------------------------------------------------
 
@@ -249,6 +273,8 @@ class Link:
         """Run the network loop until the connection drops or stop() is called."""
         while not self._stop.is_set():
             self._loop_once()
+            if self._unsent:  # read without the lock: a miss is caught on the next turn
+                self._resend_unsent()
 
     def _loop_once(self) -> None:
         try:
@@ -263,7 +289,10 @@ class Link:
         if self._client.is_connected() and self.status_topic:
             info = self._client.publish(self.status_topic, STATUS_OFFLINE, qos=1, retain=True)
             deadline = time.monotonic() + 2.0
-            while not info.is_published() and time.monotonic() < deadline:
+            # a full outgoing queue (a flood kept the link busy) refuses it: is_published()
+            # would raise; the Will then marks the device offline instead
+            queued = info.rc == mqtt.MQTT_ERR_SUCCESS
+            while queued and not info.is_published() and time.monotonic() < deadline:
                 try:
                     self._loop_once()
                 except LinkError:

@@ -294,6 +294,63 @@ def test_a_full_subscription_queue_drops_and_counts(mosquitto, prefix, watcher):
         link.stop()
 
 
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_a_state_subscription_fetches_the_retained_message_a_flood_pushed_out(
+    mosquitto, prefix, watcher, protocol
+):
+    # a flood of junk on devices/<id>/desired filled the agent's queue, the valid retained
+    # desired state that arrived meanwhile was dropped, and the device never saw it again
+    link = make_link(mosquitto, f"dev-{prefix}", protocol)
+    topics = {"state": f"{prefix}/{protocol}/desired", "plain": f"{prefix}/{protocol}/other"}
+    subs = {
+        "state": link.subscribe([topics["state"]], max_messages=2, resync=True),
+        "plain": link.subscribe([topics["plain"]], max_messages=2),
+    }
+    link.start()
+    try:
+        assert link.wait_connected(10)
+        time.sleep(0.2)
+        for topic in topics.values():
+            watcher.publish(topic, b"junk 1")
+            watcher.publish(topic, b"junk 2")
+            watcher.publish(topic, b"valid", retain=True)  # dropped: the queue is full
+        deadline = time.monotonic() + 10
+        while link.dropped[DROP_QUEUE_FULL] < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for sub in subs.values():
+            assert [sub.get(timeout=1).payload for _ in range(2)] == [b"junk 1", b"junk 2"]
+        wait_for(subs["state"], b"valid")  # drained: re-subscribed, the broker sent it again
+        assert subs["plain"].get(timeout=1) is None  # without resync it is gone
+    finally:
+        link.stop()
+
+
+def test_a_retained_state_paho_refused_is_sent_again(mosquitto, prefix, watcher, monkeypatch):
+    # after a flood of events filled paho's outgoing queue, the agent's state publish was
+    # refused and never retried: the broker kept the state from before the flood
+    link = make_link(mosquitto, f"dev-{prefix}")
+    topic = f"{prefix}/state"
+    seen = watcher.subscribe([topic])
+    link.start()
+    try:
+        assert link.wait_connected(10)
+        refused: list[str] = []
+        real = link.publish
+
+        def full_once(topic_, payload, **kw):
+            if not refused:
+                refused.append(topic_)
+                return False  # what paho's MQTT_ERR_QUEUE_SIZE looks like from here
+            return real(topic_, payload, **kw)
+
+        monkeypatch.setattr(link, "publish", full_once)
+        link.set_retained(topic, b"after the flood")
+        assert refused == [topic]
+        wait_for(seen, b"after the flood")
+    finally:
+        link.stop()
+
+
 def test_the_queued_bytes_bound_drops_what_would_exceed_it(mosquitto, prefix, watcher):
     link = make_link(mosquitto, f"dev-{prefix}")
     topic = f"{prefix}/bytes"
