@@ -4,10 +4,15 @@ Mechanics only; what the endpoints mean lives in :mod:`slimfleet.agent.serve`.
 
 Bounds (all in :class:`HttpLimits`):
 
-- ``max_connections`` open connections at once, each served by one thread. A
-  connection over the cap is answered ``503`` at once, without a thread, and closed
-  (at most ``MAX_REFUSED_LINGERING`` refused sockets linger ``REFUSED_LINGER_S`` to
-  read what the client sent, so it reads the 503 rather than a reset).
+- ``max_connections`` open connections at once, each served by one thread. At the
+  cap, a new connection takes the place of the open one that has waited longest for
+  its next request or is still sending it (headers or body): that one is closed. A
+  client that holds slots by sending its requests slowly (slowloris) therefore loses
+  them to anyone who sends a whole request; a request being answered is never cut.
+  When every open connection is busy answering, the new one is answered ``503`` at
+  once, without a thread, and closed (at most ``MAX_REFUSED_LINGERING`` refused sockets
+  linger ``REFUSED_LINGER_S`` to read what the client sent, so it reads the 503 rather
+  than a reset).
 - ``idle_timeout_s``: how long a connection may wait before the first byte of a
   request (a keep-alive connection is closed quietly after that).
 - ``request_timeout_s``: from a request's first byte, the whole request (request
@@ -200,7 +205,9 @@ class BoundedHttpServer(ThreadingHTTPServer):
         self.limits = limits
         self.budget = ByteBudget(limits.max_inflight_bytes)
         self._connections_lock = threading.Lock()  # guards _connections
-        self._connections: set[socket.socket] = set()
+        self._connections: dict[socket.socket, float | None] = {}
+        """Open connection -> since when it has been waiting for (or reading) a request,
+        or None while one is being answered."""
         # Refused sockets waiting to be closed; used only by the serve_forever thread
         # (process_request and service_actions run there) and by close_connections once
         # that thread has stopped, so it needs no lock.
@@ -213,10 +220,20 @@ class BoundedHttpServer(ThreadingHTTPServer):
             return len(self._connections)
 
     def process_request(self, request: Any, client_address: Any) -> None:
+        victim = None
         with self._connections_lock:
+            if len(self._connections) >= self.limits.max_connections:
+                waiting = {s: since for s, since in self._connections.items() if since is not None}
+                victim = min(waiting, key=waiting.__getitem__, default=None)
+                if victim is not None:  # its thread ends on the shutdown below
+                    del self._connections[victim]
             admitted = len(self._connections) < self.limits.max_connections
             if admitted:
-                self._connections.add(request)
+                self._connections[request] = time.monotonic()
+        if victim is not None:
+            log.debug("HTTP connection closed for a new one: %d open", self.limits.max_connections)
+            with contextlib.suppress(OSError):
+                victim.shutdown(socket.SHUT_RDWR)
         if not admitted:
             self._refuse(request)
             return
@@ -234,7 +251,15 @@ class BoundedHttpServer(ThreadingHTTPServer):
 
     def _forget(self, request: socket.socket) -> None:
         with self._connections_lock:
-            self._connections.discard(request)
+            self._connections.pop(request, None)
+
+    def mark(self, request: socket.socket, *, answering: bool) -> None:
+        """Note that ``request`` (a connection) is answering a whole request, or waiting
+        for (or reading) its next one since now: only the latter may be closed for a
+        newcomer at the cap."""
+        with self._connections_lock:
+            if request in self._connections:
+                self._connections[request] = None if answering else time.monotonic()
 
     def _refuse(self, sock: socket.socket) -> None:
         log.debug("HTTP connection refused: %d open", self.limits.max_connections)
@@ -315,6 +340,7 @@ class BoundedHandler(BaseHTTPRequestHandler):
     def handle_one_request(self) -> None:
         self._reader.deadline = None
         self._body_pending = 0
+        self.server.mark(self.connection, answering=False)
         try:
             super().handle_one_request()
         except RequestDeadline:
@@ -347,6 +373,8 @@ class BoundedHandler(BaseHTTPRequestHandler):
             self.close_connection = True
         elif length:
             self._body_pending = int(length)
+        if not self._body_pending:  # a body still to come keeps it evictable (read_body)
+            self.server.mark(self.connection, answering=True)
         return True
 
     def content_length(self, limit: int, what: str) -> int:
@@ -396,6 +424,7 @@ class BoundedHandler(BaseHTTPRequestHandler):
                 )
             got += count
         self._body_pending = 0
+        self.server.mark(self.connection, answering=True)
         return body
 
     def _drain(self) -> None:

@@ -3,8 +3,11 @@ bounded fuzz of every endpoint (the server answers, with a 4xx, and stays up).""
 
 from __future__ import annotations
 
+import concurrent.futures
+import http.client
 import json
 import socket
+import threading
 import time
 from collections.abc import Iterator
 
@@ -135,14 +138,57 @@ def _wait_connections(api: HttpApi, count: int) -> None:
     assert api.open_connections == count
 
 
-def test_connections_over_the_cap_get_a_quick_503(oip_backend: OrtBackend) -> None:
+def test_at_the_cap_a_newcomer_replaces_the_slowest_sender(oip_backend: OrtBackend) -> None:
+    # slowloris: 70 connections sending a header line every 5 s held the 64 slots, and an
+    # ordinary client got 503 on most tries
     limits = HttpLimits(max_connections=4, request_timeout_s=20, idle_timeout_s=20)
     with HttpApi(oip_backend, limits=limits) as api:
-        held = [socket.create_connection(("127.0.0.1", api.port), timeout=10) for _ in range(4)]
+        held = []
+        for _ in range(4):
+            sock = socket.create_connection(("127.0.0.1", api.port), timeout=10)
+            sock.sendall(b"GET /v2 HTTP/1.1\r\n")  # started, never finished
+            held.append(sock)
+            _wait_connections(api, len(held))
+        newcomers = [
+            http.client.HTTPConnection("127.0.0.1", api.port, timeout=10) for _ in range(3)
+        ]
         try:
+            for conn in newcomers:  # each keeps its connection: the next one needs a slot
+                started = time.monotonic()
+                assert call(api.port, "GET", "/v2/health/live", conn=conn).status == 200
+                assert time.monotonic() - started < 5.0
+            for sock in held[:3]:  # the oldest three gave their slots up
+                assert sock.recv(100) == b""
+            held[3].settimeout(0.3)
+            with pytest.raises(TimeoutError):
+                held[3].recv(100)  # the youngest keeps its slot
+        finally:
             for sock in held:
-                sock.sendall(b"GET /v2 HTTP/1.1\r\n")  # started, never finished
+                sock.close()
+            for conn in newcomers:
+                conn.close()
+        _wait_connections(api, 0)
+
+
+def test_connections_over_the_cap_get_a_quick_503_when_all_are_answering(
+    oip_backend: OrtBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    limits = HttpLimits(max_connections=4, request_timeout_s=20, idle_timeout_s=20)
+    release = threading.Event()
+    predict = oip_backend.predict
+
+    def slow_predict(*args, **kwargs):
+        release.wait(20)
+        return predict(*args, **kwargs)
+
+    monkeypatch.setattr(oip_backend, "predict", slow_predict)
+    x, mask = _rows(1)
+    body = json.dumps({"inputs": [tensor("x", x), tensor("mask", mask)]}).encode()
+    with HttpApi(oip_backend, limits=limits) as api:
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            answers = [pool.submit(call, api.port, "POST", INFER, body) for _ in range(4)]
             _wait_connections(api, 4)
+            time.sleep(0.2)  # all four are being answered: none may be cut
             for _ in range(3):
                 started = time.monotonic()
                 with socket.create_connection(("127.0.0.1", api.port), timeout=10) as extra:
@@ -150,12 +196,9 @@ def test_connections_over_the_cap_get_a_quick_503(oip_backend: OrtBackend) -> No
                     reply = extra.makefile("rb").read()
                 assert reply.startswith(b"HTTP/1.1 503"), reply
                 assert b"too many connections" in reply
-                assert (
-                    time.monotonic() - started < 5.0
-                )  # the held connections keep their slots 20 s
-        finally:
-            for sock in held:
-                sock.close()
+                assert time.monotonic() - started < 5.0
+            release.set()
+            assert [a.result(timeout=20).status for a in answers] == [200] * 4
         _wait_connections(api, 0)
         assert call(api.port, "GET", "/v2/health/live").status == 200
 
