@@ -101,6 +101,66 @@ def _pool(node: onnx.NodeProto, x: torch.Tensor) -> torch.Tensor:
     return total / count
 
 
+_RESIZE_MODES = {
+    ("linear", "half_pixel"): False,
+    ("linear", "pytorch_half_pixel"): False,
+    ("linear", "align_corners"): True,
+    ("nearest", "asymmetric"): None,
+}
+"""(mode, coordinate_transformation_mode) -> F.interpolate's align_corners (None: nearest)
+for the Resize forms torch computes the same way."""
+
+
+def _resize(
+    node: onnx.NodeProto,
+    x: torch.Tensor,
+    roi: Any = None,
+    scales: torch.Tensor | None = None,
+    sizes: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """ONNX Resize of the spatial dims of an [N, C, ...] tensor (opset 10's inputs are
+    ``x, scales``): bilinear/trilinear with half_pixel, pytorch_half_pixel or
+    align_corners coordinates, and nearest with asymmetric coordinates rounding down
+    (what ``torch.nn.Upsample`` exports). Other forms are refused by name."""
+    mode = attr(node, "mode", "nearest")
+    coordinates = attr(node, "coordinate_transformation_mode", "half_pixel")
+    if len(node.input) == 2:  # opset 10: Resize(X, scales)
+        scales, roi = roi, None
+    key = (mode, coordinates)
+    rounding = attr(node, "nearest_mode", "round_prefer_floor")
+    if key not in _RESIZE_MODES or (mode == "nearest" and rounding != "floor"):
+        raise ValueError(
+            f"Resize mode={mode} coordinate_transformation_mode={coordinates}"
+            f"{f' nearest_mode={rounding}' if mode == 'nearest' else ''} is not supported"
+        )
+    if attr(node, "antialias", 0) or attr(node, "axes", None) is not None:
+        raise ValueError("Resize with antialias or axes is not supported")
+    dims = x.dim() - 2
+    if sizes is not None and sizes.numel():
+        size, factor = _ints(sizes), None
+        if size[:2] != list(x.shape[:2]):
+            raise ValueError("Resize of the batch or channel dims is not supported")
+        size = size[2:]
+    elif scales is not None and scales.numel():
+        values = [float(v) for v in scales.tolist()]
+        if values[:2] != [1.0, 1.0]:
+            raise ValueError("Resize of the batch or channel dims is not supported")
+        size, factor = None, values[2:]
+    else:
+        raise ValueError("Resize needs scales or sizes")
+    if mode == "nearest":
+        return F.interpolate(x, size=size, scale_factor=factor, mode="nearest")
+    interpolation = ("linear", "bilinear", "trilinear")[dims - 1]
+    return F.interpolate(
+        x,
+        size=size,
+        scale_factor=factor,
+        mode=interpolation,
+        align_corners=_RESIZE_MODES[key],
+        recompute_scale_factor=False if factor is not None else None,
+    )
+
+
 def _gemm(
     node: onnx.NodeProto, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -325,6 +385,7 @@ OPS: dict[str, Callable[..., Any]] = {
     "Transpose": lambda n, x: x.permute(*attr(n, "perm", list(reversed(range(x.dim()))))),
     "Squeeze": _squeeze,
     "Unsqueeze": _unsqueeze,
+    "Resize": _resize,
     "Concat": lambda n, *xs: torch.cat([x for x in xs if x is not None], dim=attr(n, "axis")),
     "Split": _split,
     "Slice": _slice,

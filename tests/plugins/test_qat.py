@@ -133,6 +133,59 @@ def test_the_interpreter_slices_as_onnxruntime_does(start, end, step):
     assert got.shape == expected.shape and np.array_equal(got, expected)
 
 
+RESIZES = [  # (mode, coordinate_transformation_mode, nearest_mode, scales or None, sizes)
+    ("linear", "pytorch_half_pixel", "floor", None, [1, 2, 10, 14]),  # U-2-Net's upsampling
+    ("linear", "half_pixel", "floor", [1, 1, 2, 2], None),
+    ("linear", "align_corners", "floor", None, [1, 2, 9, 4]),
+    ("nearest", "asymmetric", "floor", [1, 1, 2, 3], None),  # torch.nn.Upsample
+]
+
+
+@pytest.mark.parametrize(("mode", "coordinates", "rounding", "scales", "sizes"), RESIZES)
+def test_the_interpreter_resizes_as_onnxruntime_does(mode, coordinates, rounding, scales, sizes):
+    import torch
+
+    from slimfleet.host.compress import torchops
+
+    x = np.random.default_rng(0).normal(size=(1, 2, 5, 7)).astype(np.float32)
+    given = [
+        numpy_helper.from_array(np.array(scales or [], np.float32), "scales"),
+        numpy_helper.from_array(np.array(sizes or [], np.int64), "sizes"),
+    ]
+    node = helper.make_node(
+        "Resize",
+        ["x", "", "scales", "sizes" if sizes else ""],
+        ["y"],
+        mode=mode,
+        coordinate_transformation_mode=coordinates,
+        nearest_mode=rounding,
+    )
+    graph = helper.make_graph(
+        [node],
+        "resize",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 5, 7])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        given,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    expected = unfused(model).run(None, {"x": x})[0]
+    args = [None, torch.tensor(scales or [], dtype=torch.float32)]
+    args.append(torch.tensor(sizes) if sizes else None)
+    got = torchops.OPS["Resize"](node, torch.from_numpy(x), *args).numpy()
+    assert got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_a_resize_torch_computes_differently_is_refused_by_name():
+    import torch
+
+    from slimfleet.host.compress import torchops
+
+    node = helper.make_node("Resize", ["x", "", "s"], ["y"], mode="cubic")
+    with pytest.raises(ValueError, match="Resize mode=cubic .* is not supported"):
+        torchops.OPS["Resize"](node, torch.ones(1, 1, 2, 2), None, torch.tensor([1.0, 1, 2, 2]))
+
+
 def test_written_back_model_computes_what_training_computed(context):
     import torch
 

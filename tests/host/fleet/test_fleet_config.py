@@ -8,6 +8,7 @@ import pytest
 
 from slimfleet.agent.errors import ConfigError, InputError
 from slimfleet.host.fleet.config import BROKER_ENV, load_fleet
+from slimfleet.host.fleet.certs import issue_certs
 from slimfleet.host.fleet.keys import generate_keys
 
 GOOD = """\
@@ -67,7 +68,7 @@ def test_broker_url_override_order(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 def test_credentials_come_from_the_environment(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    (tmp_path / "ca.pem").write_text("not checked here")
+    issue_certs(tmp_path, [], ["broker.example"])  # ca.pem: TLS files are loaded when read
     text = GOOD.replace(
         "broker: mqtt://127.0.0.1:1883\n",
         "broker:\n  url: mqtts://broker.example\n  username_env: FLEET_U\n"
