@@ -30,6 +30,15 @@ def _print_json(doc: Any) -> None:
     click.echo(json.dumps(doc, indent=2, default=str))
 
 
+class _OutputDir(click.Path):
+    """A directory path that is not empty text: ``-o ""`` would be the current directory."""
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> Any:
+        if isinstance(value, str) and not value.strip():
+            self.fail("an empty path (use -o . for the current directory)", param, ctx)
+        return super().convert(value, param, ctx)
+
+
 @click.command()
 @click.argument("model")
 @click.option(
@@ -37,7 +46,7 @@ def _print_json(doc: Any) -> None:
     "--outdir",
     "out",
     required=True,
-    type=click.Path(path_type=Path, file_okay=False),
+    type=_OutputDir(path_type=Path, file_okay=False),
     help="Directory for model.onnx, report.json, report.html and sample.npz.",
 )
 @click.option(

@@ -72,6 +72,12 @@ def test_outdir_that_is_not_an_earlier_output_needs_force(slimfleet, mlp_case, t
     assert slimfleet(*args)[0] == 0  # now an earlier output: rewritten without --force
 
 
+def test_an_empty_output_path_is_refused(slimfleet, mlp_case):
+    model, data = mlp_case
+    code, _, stderr = slimfleet("compress", model, "-o", "", "--data", data)
+    assert code == 2 and "an empty path (use -o . for the current directory)" in stderr
+
+
 def test_the_models_own_directory_is_not_an_output_without_force(slimfleet, mlp_case, tmp_path):
     # it was exempt from the check, and compress replaced the model, the user's samples
     # and their notes beside it

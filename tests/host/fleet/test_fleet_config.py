@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from slimfleet.agent.errors import ConfigError, InputError
-from slimfleet.host.fleet.config import BROKER_ENV, load_fleet
 from slimfleet.host.fleet.certs import issue_certs
+from slimfleet.host.fleet.config import BROKER_ENV, load_fleet
 from slimfleet.host.fleet.keys import generate_keys
 
 GOOD = """\
