@@ -368,6 +368,9 @@ class BoundedHandler(BaseHTTPRequestHandler):
         closes the connection when its end cannot be known)."""
         if not super().parse_request():
             return False
+        if len(set(self.headers.get_all("Content-Length") or [])) > 1:  # RFC 9112 6.3
+            self.send_error(HTTPStatus.BAD_REQUEST, "conflicting Content-Length headers")
+            return False
         length = self.headers.get("Content-Length")
         if self.headers.get("Transfer-Encoding") is not None or not (length or "0").isdigit():
             self.close_connection = True

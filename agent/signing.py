@@ -13,6 +13,7 @@ import base64
 import binascii
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from slimfleet.agent.errors import InputError, VerifyError
 from slimfleet.agent.wire import canonical_json, loads_json
+
+log = logging.getLogger(__name__)
 
 
 def key_id(public_key: Ed25519PublicKey) -> str:
@@ -57,6 +60,8 @@ def load_private_key(path: Path) -> Ed25519PrivateKey:
         raise InputError(f"{path}: not an unencrypted PEM private key") from None
     if not isinstance(key, Ed25519PrivateKey):
         raise InputError(f"{path}: not an Ed25519 key")
+    if Path(path).stat().st_mode & 0o077:
+        log.warning("%s: the signing key is readable by other users; chmod 600 it", path)
     return key
 
 

@@ -93,6 +93,18 @@ def test_an_oversized_body_is_refused_before_it_is_read(api: HttpApi) -> None:
         assert _status_line(sock).startswith(b"HTTP/1.1 413")
 
 
+def test_conflicting_content_lengths_are_a_400(api: HttpApi) -> None:
+    # the first one won: a body boundary a proxy in front may read differently
+    with socket.create_connection(("127.0.0.1", api.port), timeout=10) as sock:
+        sock.sendall(
+            b"POST " + INFER.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n"
+            b"Content-Length: 10\r\n\r\n{}"
+        )
+        reply = sock.makefile("rb").read()
+    assert reply.startswith(b"HTTP/1.1 400"), reply
+    assert b"conflicting Content-Length headers" in reply
+
+
 def test_a_slow_client_is_cut_off_at_the_request_deadline(
     api: HttpApi, oip_backend: OrtBackend
 ) -> None:

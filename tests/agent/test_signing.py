@@ -66,3 +66,25 @@ def test_bad_key_files_are_input_errors(tmp_path):
         load_public_key(tmp_path / "junk.pem")
     with pytest.raises(InputError, match="cannot read"):
         load_public_key(tmp_path / "missing.pub")
+
+
+def test_a_signing_key_others_can_read_is_warned_about(tmp_path, caplog):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from slimfleet.agent.signing import load_private_key
+
+    path = tmp_path / "signing.key"
+    path.write_bytes(
+        Ed25519PrivateKey.generate().private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    path.chmod(0o600)
+    load_private_key(path)
+    assert "readable by other users" not in caplog.text
+    path.chmod(0o644)
+    load_private_key(path)
+    assert f"{path}: the signing key is readable by other users; chmod 600 it" in caplog.text
