@@ -182,8 +182,10 @@ class _Converter:
         self.open: set[int] = set()
         """ids of the nodes being converted: an alias to one of them is a cycle."""
 
-    def convert(self, node: yaml.Node, path: str, key_line: int = 0) -> Node:
+    def convert(self, node: yaml.Node, path: str, key_line: int = 0, depth: int = 0) -> Node:
         file, line = self.file, node.start_mark.line + 1
+        if depth > MAX_DEPTH:  # aliases nest too: the file's own nesting was checked before
+            raise ConfigError(f"{file}:{line}: nested deeper than {MAX_DEPTH} levels")
         self.values += 1
         if self.values > MAX_VALUES:
             raise ConfigError(
@@ -199,13 +201,15 @@ class _Converter:
         self.open.add(id(node))
         try:
             if isinstance(node, yaml.MappingNode):
-                return Node(self._mapping(node, path), path, line, file, key_line)
-            items = [self.convert(v, f"{path}[{i}]") for i, v in enumerate(node.value)]
+                return Node(self._mapping(node, path, depth), path, line, file, key_line)
+            items = [
+                self.convert(v, f"{path}[{i}]", depth=depth + 1) for i, v in enumerate(node.value)
+            ]
             return Node(items, path, line, file, key_line)
         finally:
             self.open.discard(id(node))
 
-    def _mapping(self, node: yaml.MappingNode, path: str) -> dict[str, Node]:
+    def _mapping(self, node: yaml.MappingNode, path: str, depth: int) -> dict[str, Node]:
         mapping: dict[str, Node] = {}
         for key_node, value_node in node.value:
             key_line = key_node.start_mark.line + 1
@@ -215,7 +219,7 @@ class _Converter:
             if key in mapping:
                 raise ConfigError(f"{self.file}:{key_line}: duplicate key {key!r}")
             child = f"{path}.{key}" if path else str(key)
-            mapping[key] = self.convert(value_node, child, key_line)
+            mapping[key] = self.convert(value_node, child, key_line, depth + 1)
         return mapping
 
 

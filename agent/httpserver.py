@@ -6,7 +6,8 @@ Bounds (all in :class:`HttpLimits`):
 
 - ``max_connections`` open connections at once, each served by one thread. At the
   cap, a new connection takes the place of the open one that has waited longest for
-  its next request or is still sending it (headers or body): that one is closed. A
+  its next request or is still sending it (headers or body), if that has lasted at least
+  ``EVICT_AFTER_S``: that one is closed. A
   client that holds slots by sending its requests slowly (slowloris) therefore loses
   them to anyone who sends a whole request; a request being answered is never cut.
   When every open connection is busy answering, the new one is answered ``503`` at
@@ -54,6 +55,9 @@ DRAIN_S = 1.0
 DRAIN_BYTES = 8 * MiB
 SMALL_BODY = 64 * 1024
 REFUSED_LINGER_S = 1.0
+EVICT_AFTER_S = 1.0
+"""A connection may lose its slot to a newcomer once it has waited this long for (or
+spent this long sending) its request: a request sent at once is never cut."""
 MAX_REFUSED_LINGERING = 256
 JSON = "application/json"
 
@@ -223,7 +227,10 @@ class BoundedHttpServer(ThreadingHTTPServer):
         victim = None
         with self._connections_lock:
             if len(self._connections) >= self.limits.max_connections:
-                waiting = {s: since for s, since in self._connections.items() if since is not None}
+                cutoff = time.monotonic() - EVICT_AFTER_S
+                waiting = {
+                    s: t for s, t in self._connections.items() if t is not None and t <= cutoff
+                }
                 victim = min(waiting, key=waiting.__getitem__, default=None)
                 if victim is not None:  # its thread ends on the shutdown below
                     del self._connections[victim]
@@ -253,13 +260,15 @@ class BoundedHttpServer(ThreadingHTTPServer):
         with self._connections_lock:
             self._connections.pop(request, None)
 
-    def mark(self, request: socket.socket, *, answering: bool) -> None:
-        """Note that ``request`` (a connection) is answering a whole request, or waiting
-        for (or reading) its next one since now: only the latter may be closed for a
-        newcomer at the cap."""
+    def mark(self, request: socket.socket, *, answering: bool) -> bool:
+        """Note that ``request`` (a connection) is answering a request, or waiting for
+        (or reading) its next one since now: only the latter may be closed for a newcomer
+        at the cap. False when it was already closed for one (the caller stops)."""
         with self._connections_lock:
-            if request in self._connections:
-                self._connections[request] = None if answering else time.monotonic()
+            if request not in self._connections:
+                return False
+            self._connections[request] = None if answering else time.monotonic()
+            return True
 
     def _refuse(self, sock: socket.socket) -> None:
         log.debug("HTTP connection refused: %d open", self.limits.max_connections)
@@ -376,8 +385,10 @@ class BoundedHandler(BaseHTTPRequestHandler):
             self.close_connection = True
         elif length:
             self._body_pending = int(length)
-        if not self._body_pending:  # a body still to come keeps it evictable (read_body)
-            self.server.mark(self.connection, answering=True)
+        # a body still to come keeps it evictable (read_body); False: closed meanwhile
+        if not self._body_pending and not self.server.mark(self.connection, answering=True):
+            self.close_connection = True
+            return False
         return True
 
     def content_length(self, limit: int, what: str) -> int:
@@ -466,6 +477,7 @@ class BoundedHandler(BaseHTTPRequestHandler):
         headers: dict[str, str] | None = None,
     ) -> None:
         """Answer with the body ``parts`` written in order (no join)."""
+        self.server.mark(self.connection, answering=True)  # an early answer (404, 413...)
         if self._body_pending:
             self.close_connection = True
         self.connection.settimeout(self.limits.request_timeout_s)

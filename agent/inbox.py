@@ -174,8 +174,8 @@ class Subscription:
                 self._queued_bytes -= len(message.payload)
             resync = self.resync and not self._messages and self._resync_due()
         if resync:  # the retained state again (outside the lock: the link thread takes it)
-            log.debug("re-fetching the retained messages of %s", sorted(self.filters))
-            self.add(list(self.filters))
+            log.debug("re-fetching the retained messages of a state subscription")
+            self._link._resubscribe(self)
         return message
 
     def _resync_due(self) -> bool:

@@ -196,20 +196,32 @@ class Link:
         with self._lock:
             self._retained[topic] = payload
             self._unsent.discard(topic)
-        if self.connected and not self.publish(topic, payload, retain=True):
-            with self._lock:
+        if self.connected:
+            self._queue_retained(topic, payload)
+
+    def _queue_retained(self, topic: str, payload: bytes) -> None:
+        """Publish ``payload`` retained; when paho refuses it, or when a newer payload was
+        set meanwhile (then this one may reach the broker after it), leave the topic to
+        :meth:`_resend_unsent`, which sends the latest."""
+        queued = self.publish(topic, payload, retain=True)
+        with self._lock:
+            if not queued or self._retained.get(topic) != payload:
                 self._unsent.add(topic)
 
     def _resend_unsent(self) -> None:
-        """Queue again the retained documents paho refused (link thread)."""
+        """Queue again the latest retained documents paho refused (link thread)."""
         with self._lock:
             pending = {t: self._retained[t] for t in self._unsent}
             self._unsent.clear()
         for topic, payload in pending.items():
-            if not self.publish(topic, payload, retain=True):
-                with self._lock:
-                    if topic not in self._unsent and self._retained.get(topic) == payload:
-                        self._unsent.add(topic)
+            self._queue_retained(topic, payload)
+
+    def _resubscribe(self, sub: Subscription) -> None:
+        """Subscribe ``sub``'s filters again: the broker re-sends their retained messages."""
+        with self._lock:
+            filters = list(sub.filters)
+        if filters and self.connected:
+            self._client.subscribe([(f, 1) for f in filters])
 
     # -- the reconnect loop -------------------------------------------------------
 
@@ -350,7 +362,7 @@ class Link:
         if self.status_topic:
             self._client.publish(self.status_topic, STATUS_ONLINE, qos=1, retain=True)
         for topic, payload in retained.items():
-            self._client.publish(topic, payload, qos=1, retain=True)
+            self._queue_retained(topic, payload)
 
     def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
         try:

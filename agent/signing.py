@@ -121,6 +121,8 @@ def check_signature(
         key.verify(signature, canonical_json(document))
     except InvalidSignature:
         raise VerifyError(f"{what}: bad signature") from None
+    except ValueError:  # NaN or Infinity: no canonical form, so nothing was signed
+        raise VerifyError(f"{what}: not canonical JSON") from None
 
 
 class Verifier:

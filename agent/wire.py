@@ -364,7 +364,9 @@ def loads_json(payload: bytes | str) -> Any:
     """``json.loads`` for bytes from outside this process (broker, network, files):
     nesting deep enough to make the parser recurse past Python's limit is a ValueError
     like any other malformed JSON, not a RecursionError that escapes the caller's checks;
-    bytes that are not UTF-8 are a ValueError too (UnicodeDecodeError)."""
+    bytes that are not UTF-8 are a ValueError too (UnicodeDecodeError). NaN and Infinity
+    are read (reports may hold them); a signed document holding one has no canonical form
+    and is refused by :func:`~slimfleet.agent.signing.check_signature`."""
     try:
         return json.loads(payload.decode("utf-8") if isinstance(payload, bytes) else payload)
     except RecursionError:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import logging
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ import onnx
 from slimfleet.agent.errors import InputError, SlimfleetError
 from slimfleet.agent.runtime import open_session
 from slimfleet.host.compress import outdir as outdirs
-from slimfleet.host.compress.data import RANDOM_SAMPLES
+from slimfleet.host.compress.data import RANDOM_BYTES, RANDOM_SAMPLES
 from slimfleet.host.compress.modelfile import PROTOBUF_LIMIT
 from slimfleet.host.feeds import load_npz
 from slimfleet.host.passes import Feed
@@ -144,6 +145,13 @@ def example_feeds(
             raise InputError(
                 "converting a model that is not ONNX needs example inputs: "
                 "--data samples.npz (keys = input names) or --input-shape NAME:DIMS"
+            )
+        per_sample = sum(4 * math.prod(shape) for shape in input_shapes.values())
+        if per_sample * RANDOM_SAMPLES > RANDOM_BYTES:
+            raise InputError(
+                f"--input-shape: {RANDOM_SAMPLES} random float32 samples would take "
+                f"{per_sample * RANDOM_SAMPLES / 2**30:.1f} GiB (at most "
+                f"{RANDOM_BYTES >> 30} GiB): give smaller shapes or --data"
             )
         rng = np.random.default_rng(0)
         return [

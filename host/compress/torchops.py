@@ -123,11 +123,13 @@ def _resize(
     align_corners coordinates, and nearest with asymmetric coordinates rounding down
     (what ``torch.nn.Upsample`` exports). Other forms are refused by name."""
     mode = attr(node, "mode", "nearest")
-    coordinates = attr(node, "coordinate_transformation_mode", "half_pixel")
-    if len(node.input) == 2:  # opset 10: Resize(X, scales)
+    if len(node.input) == 2:  # opset 10: Resize(X, scales), asymmetric coordinates, floor
         scales, roi = roi, None
+        coordinates, rounding = "asymmetric", "floor"
+    else:
+        coordinates = attr(node, "coordinate_transformation_mode", "half_pixel")
+        rounding = attr(node, "nearest_mode", "round_prefer_floor")
     key = (mode, coordinates)
-    rounding = attr(node, "nearest_mode", "round_prefer_floor")
     if key not in _RESIZE_MODES or (mode == "nearest" and rounding != "floor"):
         raise ValueError(
             f"Resize mode={mode} coordinate_transformation_mode={coordinates}"
@@ -135,6 +137,8 @@ def _resize(
         )
     if attr(node, "antialias", 0) or attr(node, "axes", None) is not None:
         raise ValueError("Resize with antialias or axes is not supported")
+    if attr(node, "keep_aspect_ratio_policy", "stretch") != "stretch":
+        raise ValueError("Resize with a keep_aspect_ratio_policy is not supported")
     dims = x.dim() - 2
     if sizes is not None and sizes.numel():
         size, factor = _ints(sizes), None
@@ -150,6 +154,8 @@ def _resize(
         raise ValueError("Resize needs scales or sizes")
     if mode == "nearest":
         return F.interpolate(x, size=size, scale_factor=factor, mode="nearest")
+    if coordinates == "pytorch_half_pixel" and size is not None and 1 in size:
+        raise ValueError("Resize to a length of 1 with pytorch_half_pixel is not supported")
     interpolation = ("linear", "bilinear", "trilinear")[dims - 1]
     return F.interpolate(
         x,

@@ -147,7 +147,10 @@ def format_catalog(models: list[PublishedModel]) -> str:
             signature = ("INVALID: " if m.signature_valid is False else "? ") + (m.problem or "")
         expires = "never"
         if m.expires is not None:
-            expires = time.strftime("%Y-%m-%d %H:%M", time.gmtime(m.expires))
+            try:
+                expires = time.strftime("%Y-%m-%d %H:%M", time.gmtime(m.expires))
+            except (OverflowError, OSError, ValueError):  # past what a calendar holds
+                expires = f"{m.expires:.6g} s"
         lines.append(
             [
                 f"{m.name}@{m.version}",

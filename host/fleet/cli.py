@@ -22,6 +22,9 @@ from slimfleet.host.fleet.mqttio import Progress
 from slimfleet.host.fleet.publish import publish_model
 from slimfleet.host.units import Duration, FiniteFloat
 
+MAX_TTL_S = 100 * 365.25 * 86400
+"""The longest --ttl: an expiry past it is not a date anyone can read back."""
+
 fleet_option = click.option(
     "--fleet",
     "fleet_path",
@@ -81,8 +84,8 @@ def _progress_bar(enabled: bool) -> Iterator[Progress]:
 @click.option(
     "--ttl",
     "ttl_s",
-    type=Duration(minimum=0.001),
-    help="How long until the manifest expires: 90s, 12h, 30d or seconds.",
+    type=Duration(MAX_TTL_S, minimum=0.001),
+    help="How long until the manifest expires: 90s, 12h, 30d or seconds (at most 100 years).",
 )
 @click.option(
     "--max-latency-ms",

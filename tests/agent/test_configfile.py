@@ -102,6 +102,17 @@ def test_hostile_yaml_is_one_error_with_a_line(text, message):
         parse_yaml(text, "f.yaml")
 
 
+def test_aliases_that_nest_deeper_together_are_refused():
+    # each anchor is 60 deep, under the limit; expanded inside each other they were a
+    # RecursionError (exit 70)
+    lines, inner = [], "x"
+    for i in range(20):
+        lines.append(f"a{i}: &a{i} " + "[" * 60 + inner + "]" * 60)
+        inner = f"*a{i}"
+    with pytest.raises(ConfigError, match=r"f.yaml:\d+: nested deeper than 64 levels"):
+        parse_yaml("\n".join(lines) + "\n", "f.yaml")
+
+
 def test_a_deep_file_is_refused_before_the_recursive_composer_sees_it():
     with pytest.raises(ConfigError, match="nested deeper than 64 levels"):
         parse_yaml("k:\n" + "".join(" " * i + "- \n" for i in range(1, 5000)), "f.yaml")

@@ -249,6 +249,24 @@ def test_malformed_messages_are_reported_and_the_agent_keeps_running(
     assert served_const(agent) == 3.0
 
 
+def test_a_document_refused_again_for_the_same_reason_is_reported_once(
+    agent, rig, watcher, publisher
+):
+    # the state subscription re-fetches retained messages after a flood and every 60 s:
+    # a retained forgery must not become a desired_refused event a minute, forever
+    desired_topic = rig.topics.device(rig.device, "desired")
+    publisher.put(desired_topic, b"{not json")
+    watcher.event("desired_refused", stage="verify")
+    for _ in range(3):
+        publisher.put(desired_topic, b"{not json")  # what a resync re-delivers
+    publisher.put(desired_topic, b"{still not json")
+    watcher.wait("events", lambda e: len(watcher.events("desired_refused")) >= 2)
+    time.sleep(0.5)  # room for any repeat to arrive
+    assert len(watcher.events("desired_refused")) == 2  # one per distinct payload
+    publisher.put(desired_topic, b"{not json")  # after another payload: reported again
+    watcher.wait("events", lambda e: len(watcher.events("desired_refused")) >= 3)
+
+
 def test_expired_manifest_is_refused_for_good(agent, rig, watcher, publisher):
     rig.publish(models.add_const(2.0), 2, ttl_s=0.5)
     time.sleep(1.0)

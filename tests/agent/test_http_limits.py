@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from oip_rig import OrtBackend, binary_body, call, tensor
 
-from slimfleet.agent.httpserver import HttpLimits, MiB
+from slimfleet.agent.httpserver import EVICT_AFTER_S, HttpLimits, MiB
 from slimfleet.agent.serve import HttpApi
 
 LIMITS = HttpLimits(
@@ -161,6 +161,7 @@ def test_at_the_cap_a_newcomer_replaces_the_slowest_sender(oip_backend: OrtBacke
             sock.sendall(b"GET /v2 HTTP/1.1\r\n")  # started, never finished
             held.append(sock)
             _wait_connections(api, len(held))
+        time.sleep(EVICT_AFTER_S + 0.1)  # a request sent within the second is never cut
         newcomers = [
             http.client.HTTPConnection("127.0.0.1", api.port, timeout=10) for _ in range(3)
         ]
@@ -194,13 +195,21 @@ def test_connections_over_the_cap_get_a_quick_503_when_all_are_answering(
         return predict(*args, **kwargs)
 
     monkeypatch.setattr(oip_backend, "predict", slow_predict)
+    entered = threading.Semaphore(0)
+
+    def counted_predict(*args, **kwargs):
+        entered.release()
+        return slow_predict(*args, **kwargs)
+
+    monkeypatch.setattr(oip_backend, "predict", counted_predict)
     x, mask = _rows(1)
     body = json.dumps({"inputs": [tensor("x", x), tensor("mask", mask)]}).encode()
     with HttpApi(oip_backend, limits=limits) as api:
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
             answers = [pool.submit(call, api.port, "POST", INFER, body) for _ in range(4)]
-            _wait_connections(api, 4)
-            time.sleep(0.2)  # all four are being answered: none may be cut
+            for _ in range(4):  # all four are being answered: none may be cut
+                assert entered.acquire(timeout=10)
+            time.sleep(EVICT_AFTER_S + 0.1)  # old enough to be cut, were they evictable
             for _ in range(3):
                 started = time.monotonic()
                 with socket.create_connection(("127.0.0.1", api.port), timeout=10) as extra:

@@ -88,3 +88,12 @@ def test_a_signing_key_others_can_read_is_warned_about(tmp_path, caplog):
     path.chmod(0o644)
     load_private_key(path)
     assert f"{path}: the signing key is readable by other users; chmod 600 it" in caplog.text
+
+
+def test_a_nan_in_a_signed_document_is_a_refusal_not_a_crash(keys):
+    # canonical JSON refuses NaN; the ValueError escaped the verifier's callers
+    kid, _, public = keys
+    verifier = Verifier([public])
+    payload = b'{"signed": {"key_id": "' + kid.encode() + b'", "x": NaN}, "signature": "AAAA"}'
+    with pytest.raises(VerifyError, match="desired: not canonical JSON"):
+        verifier.verify(payload, "desired")

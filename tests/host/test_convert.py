@@ -186,6 +186,8 @@ def test_example_inputs_are_needed(tmp_path):
     (tmp_path / "junk.npz").write_text("junk")
     with pytest.raises(InputError, match="not an .npz file"):
         convert.example_feeds(tmp_path / "junk.npz")
+    with pytest.raises(InputError, match=r"16 random float32 samples would take .* GiB"):
+        convert.example_feeds(None, {"x": (100_000, 100_000, 100)})  # was a MemoryError
     feeds = convert.example_feeds(None, {"x": (1, 8)})
     assert feeds[0]["x"].shape == (1, 8) and feeds[0]["x"].dtype == np.float32
 

@@ -229,3 +229,11 @@ def test_publish_and_assign_over_mqtt5(
     assert data == path.read_bytes()
     [sent] = assign_main(fleet, ModelRef("a", 1), ["cam-01"])
     assert desired(fleet, ["cam-01"])["cam-01"] == sent
+
+
+def test_the_catalog_shows_an_expiry_past_any_calendar_without_failing() -> None:
+    # a hostile manifest's expires: 1e300 made time.gmtime raise in 'slimfleet models'
+    from slimfleet.host.fleet.catalog import PublishedModel, format_catalog
+
+    text = format_catalog([PublishedModel("net", 1, expires=1e300, signature_valid=False)])
+    assert "1e+300 s" in text
