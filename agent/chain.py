@@ -152,7 +152,7 @@ class Chain:
             return None
         try:
             value = float(self.confidence(outputs))
-        except Exception as exc:  # a user function can raise anything: escalate
+        except (Exception, SystemExit) as exc:  # a user function can raise (or exit): escalate
             return f"failed: confidence {self.gate.function}: {type(exc).__name__}: {exc}"
         if math.isnan(value):
             return "confidence is NaN"

@@ -222,7 +222,7 @@ def resolve_confidence(name: str, user_functions: Mapping[str, str] | None = Non
         target = importlib.import_module(module_name)
         for part in attr.split("."):
             target = getattr(target, part)
-    except Exception as exc:  # a user module can raise anything while importing
+    except (Exception, SystemExit) as exc:  # a user module can raise, or exit, on import
         why = (str(exc).strip().splitlines() or [""])[0]
         raise ConfigError(
             f"confidence function {name!r}: cannot import {path}: {type(exc).__name__}: {why}"

@@ -174,8 +174,10 @@ def _public_keys(node: Node, base: Path) -> tuple[tuple[Path, ...], tuple[Ed2551
     files, keys = [], []
     for item in items:
         file = (base / item.str()).resolve()
-        if not file.is_file():
+        if not file.exists():
             raise item.error(f"public key file {file} does not exist")
+        if not file.is_file():
+            raise item.error(f"public key file {file} is not a regular file")
         try:
             keys.append(load_public_key(file))
         except InputError as exc:

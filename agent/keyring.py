@@ -50,7 +50,14 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from slimfleet.agent.errors import VerifyError
-from slimfleet.agent.signing import Signer, Verifier, check_signature, key_id, open_envelope
+from slimfleet.agent.signing import (
+    Signer,
+    Verifier,
+    check_signature,
+    key_id,
+    open_envelope,
+    read_trust_file,
+)
 
 log = logging.getLogger(__name__)
 
@@ -212,8 +219,8 @@ class KeyRing:
         self._revocations_payload: bytes | None = None
         if revocations_path is not None and revocations_path.exists():
             try:
-                self.apply_revocations(revocations_path.read_bytes(), str(revocations_path))
-            except (OSError, VerifyError) as exc:
+                self.apply_revocations(read_trust_file(revocations_path), str(revocations_path))
+            except (OSError, ValueError, VerifyError) as exc:
                 log.warning("ignored the saved revocation list: %s", exc)
 
     @property

@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -51,11 +52,37 @@ def generate_keypair(private_path: Path, public_path: Path) -> str:
     return key_id(key.public_key())
 
 
-def load_private_key(path: Path) -> Ed25519PrivateKey:
+MAX_TRUST_FILE_BYTES = 64 * 1024
+"""Keys are under 1 KiB, certificates and revocation lists under 64 KiB (the document
+limit of the topics they travel on): a bigger file (``/dev/zero``) is refused unread."""
+
+
+def read_trust_file(path: Path | str) -> bytes:
+    """The bytes of a key, certificate or revocation-list file; OSError if it cannot be
+    read, ValueError if it is over :data:`MAX_TRUST_FILE_BYTES` or not a regular file."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO must not block the open
+    with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError("not a regular file")
+        data = handle.read(MAX_TRUST_FILE_BYTES + 1)
+    if len(data) > MAX_TRUST_FILE_BYTES:
+        raise ValueError(f"over {MAX_TRUST_FILE_BYTES >> 10} KiB")
+    return data
+
+
+def _read_key(path: Path, what: str) -> bytes:
     try:
-        key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
+        return read_trust_file(path)
     except OSError as exc:
-        raise InputError(f"{path}: cannot read signing key: {exc.strerror or exc}") from None
+        raise InputError(f"{path}: cannot read {what}: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise InputError(f"{path}: not a {what} file ({exc})") from None
+
+
+def load_private_key(path: Path) -> Ed25519PrivateKey:
+    data = _read_key(path, "signing key")
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError):
         raise InputError(f"{path}: not an unencrypted PEM private key") from None
     if not isinstance(key, Ed25519PrivateKey):
@@ -66,10 +93,9 @@ def load_private_key(path: Path) -> Ed25519PrivateKey:
 
 
 def load_public_key(path: Path) -> Ed25519PublicKey:
+    data = _read_key(path, "public key")
     try:
-        key = serialization.load_pem_public_key(Path(path).read_bytes())
-    except OSError as exc:
-        raise InputError(f"{path}: cannot read public key: {exc.strerror or exc}") from None
+        key = serialization.load_pem_public_key(data)
     except ValueError:
         raise InputError(f"{path}: not a PEM public key") from None
     if not isinstance(key, Ed25519PublicKey):

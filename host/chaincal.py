@@ -189,7 +189,7 @@ def measure(
 def _confidence(function: Callable[[dict[str, np.ndarray]], float], outputs: dict) -> float:
     try:
         return float(function(outputs))
-    except Exception as exc:  # a user function can raise anything
+    except (Exception, SystemExit) as exc:  # a user function can raise, or call sys.exit
         raise SlimfleetError(
             f"the confidence function failed: {type(exc).__name__}: {first_line(exc)}"
         ) from None

@@ -15,11 +15,13 @@ of one); in a directory of ``.npz`` files each file is one sample as the model t
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 import logging
 import math
 import re
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,13 +109,14 @@ def resolve(source: Any) -> Any:
     if not isinstance(source, str) or Path(source).exists() or not IMPORT_SPEC.match(source):
         return source
     module_name, attr = source.split(":", 1)
-    try:
-        obj: Any = importlib.import_module(module_name)
+    try:  # what the user's code prints goes to stderr: stdout may be --json
+        with contextlib.redirect_stdout(sys.stderr):
+            obj: Any = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
         if exc.name and exc.name.split(".")[0] in EXTRAS:
             raise missing_extra(source, exc.name) from None
         raise InputError(f"{source}: cannot import {module_name} ({exc})") from None
-    except Exception as exc:  # the user's module failed while importing
+    except (Exception, SystemExit) as exc:  # the user's module failed (or exited) importing
         raise InputError(f"{source}: importing {module_name} failed ({one_line(exc)})") from None
     for part in attr.split("."):
         if not hasattr(obj, part):
@@ -121,8 +124,9 @@ def resolve(source: Any) -> Any:
         obj = getattr(obj, part)
     if inspect.isfunction(obj) or inspect.isclass(obj):
         try:
-            obj = obj()
-        except Exception as exc:
+            with contextlib.redirect_stdout(sys.stderr):
+                obj = obj()
+        except (Exception, SystemExit) as exc:
             raise InputError(f"{source}: calling {attr}() failed ({one_line(exc)})") from None
     return obj
 

@@ -48,6 +48,7 @@ from slimfleet.agent.signing import (
     key_id,
     load_private_key,
     load_public_key,
+    read_trust_file,
 )
 from slimfleet.agent.wire import Topics, check_name
 from slimfleet.host.fleet.rollout_policy import RolloutSettings
@@ -114,8 +115,8 @@ class FleetConfig:
         if self.certificate is None:
             return None
         try:
-            payload = self.certificate.read_bytes()
-        except OSError as exc:
+            payload = read_trust_file(self.certificate)
+        except (OSError, ValueError) as exc:
             raise InputError(f"{self.certificate}: cannot read: {exc.strerror or exc}") from None
         try:
             cert = self.verifier().certificate(payload, str(self.certificate))

@@ -24,7 +24,13 @@ from slimfleet.agent.keyring import (
     issue_revocations,
     revocation_topic,
 )
-from slimfleet.agent.signing import generate_keypair, key_id, load_private_key, load_public_key
+from slimfleet.agent.signing import (
+    generate_keypair,
+    key_id,
+    load_private_key,
+    load_public_key,
+    read_trust_file,
+)
 from slimfleet.host.fleet.config import FleetConfig
 from slimfleet.host.fleet.mqttio import BrokerLink
 
@@ -107,8 +113,8 @@ def _local_revocations(fleet: FleetConfig, ring: KeyRing) -> None:
     path = fleet.revocations_file
     if path.exists():
         try:
-            ring.apply_revocations(path.read_bytes(), str(path))
-        except (OSError, VerifyError) as exc:
+            ring.apply_revocations(read_trust_file(path), str(path))
+        except (OSError, ValueError, VerifyError) as exc:
             raise InputError(f"{path}: {exc}") from None
 
 
@@ -191,12 +197,12 @@ def _certificate_row(
 ) -> dict[str, Any]:
     row: dict[str, Any] = {"role": "signing", "file": str(path)}
     try:
-        payload = path.read_bytes()
+        payload = read_trust_file(path)
         if checker is None:
             row["state"] = "unchecked (no keys.root in fleet.yaml)"
             return row
         cert = checker.certificate(payload, str(path), allow_expired=True)
-    except (OSError, VerifyError) as exc:
+    except (OSError, ValueError, VerifyError) as exc:
         row["state"] = f"invalid: {exc}"
         return row
     row.update(key_id=cert.key_id, not_before=cert.not_before, expires=cert.expires)

@@ -156,3 +156,19 @@ def test_a_user_module_that_raises_on_import_is_a_config_error(tmp_path: Path, m
     with pytest.raises(ConfigError, match="RuntimeError: boom") as caught:
         resolve_confidence("brokenconf:fn")
     assert "\n" not in str(caught.value)
+
+
+def test_a_user_module_that_exits_on_import_is_a_config_error(tmp_path, monkeypatch) -> None:
+    # SystemExit is not an Exception: it ended the agent (or the calibrating command)
+    import sys
+
+    import pytest
+
+    from slimfleet.agent.confidence import resolve_confidence
+    from slimfleet.agent.errors import ConfigError
+
+    (tmp_path / "gate_exits.py").write_text("import sys\nsys.exit(4)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "gate_exits", raising=False)
+    with pytest.raises(ConfigError, match="cannot import gate_exits:f: SystemExit: 4"):
+        resolve_confidence("gate_exits:f")

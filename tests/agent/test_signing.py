@@ -1,4 +1,5 @@
 import json
+import re
 import stat
 
 import pytest
@@ -97,3 +98,18 @@ def test_a_nan_in_a_signed_document_is_a_refusal_not_a_crash(keys):
     payload = b'{"signed": {"key_id": "' + kid.encode() + b'", "x": NaN}, "signature": "AAAA"}'
     with pytest.raises(VerifyError, match="desired: not canonical JSON"):
         verifier.verify(payload, "desired")
+
+
+@pytest.mark.parametrize("source", ["/dev/zero", "big"])
+def test_a_key_path_without_an_end_is_refused_unread(tmp_path, source):
+    # /dev/zero as --root-key grew to 8.7 GB and ignored Ctrl-C
+    from slimfleet.agent.signing import load_public_key
+
+    path = tmp_path / "big.pem" if source == "big" else source
+    if source == "big":
+        path.write_bytes(b"A" * (65 * 1024))
+    reason = "not a regular file" if source == "/dev/zero" else "over 64 KiB"
+    with pytest.raises(InputError, match=re.escape(f"not a signing key file ({reason})")):
+        load_private_key(path)
+    with pytest.raises(InputError, match=re.escape(f"not a public key file ({reason})")):
+        load_public_key(path)

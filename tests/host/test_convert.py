@@ -262,3 +262,19 @@ def test_each_front_end_names_its_extra_when_its_framework_is_absent(
         source = sklearn.LinearRegression()
     with pytest.raises(convert.MissingExtra, match=rf"pip install 'slimfleet\[{extra}\]'"):
         convert.convert(source, load_plugins().pm.hook, data=None, input_shapes={"x": (1, 2)})
+
+
+def test_user_code_that_exits_or_prints_cannot_end_or_garble_the_command(user_module, capsys):
+    # sys.exit(0) at import ended 'compress' with exit 0 and no output; prints went to the
+    # stdout of 'compress --json'
+    user_module("import sys\nprint('hello from import')\nsys.exit(0)\n", "exits_on_import")
+    with pytest.raises(InputError, match=r"importing exits_on_import failed \(SystemExit"):
+        convert.resolve("exits_on_import:net")
+    user_module(
+        "import sys\nprint('hello')\ndef build():\n    print('building')\n    sys.exit(3)\n",
+        "exits_in_build",
+    )
+    with pytest.raises(InputError, match=r"calling build\(\) failed \(SystemExit: 3"):
+        convert.resolve("exits_in_build:build")
+    printed = capsys.readouterr()
+    assert printed.out == "" and "building" in printed.err
