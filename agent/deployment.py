@@ -10,6 +10,7 @@ import re
 import time
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import SplitResult, urlsplit
 
 from slimfleet.agent.errors import VerifyError
 from slimfleet.agent.wire import ModelRef, finite
@@ -55,6 +56,19 @@ def check_slot(name: str) -> str:
             "starting with a letter, digit or '_'"
         )
     return name
+
+
+def split_http_url(url: str) -> SplitResult:
+    """``url`` split, or ValueError unless it is ``http(s)://host[:port]/...`` with a
+    host and a port that parse (``http://[::1`` made urlsplit raise deep in the agent)."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port out of range or not a number
+    except ValueError as exc:
+        raise ValueError(f"expected an http(s) URL, got {url!r} ({exc})") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"expected an http(s) URL (http(s)://host[:port]/path), got {url!r}")
+    return parts
 
 
 @dataclass(frozen=True)
@@ -133,8 +147,12 @@ class SlotSpec:
             r = doc["remote"]
             url = r.get("url") if isinstance(r, dict) else None
             timeout = r.get("timeout_s", 2.0) if isinstance(r, dict) else None
-            if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+            if not isinstance(url, str):
                 raise VerifyError(f"{where}.remote.url: expected an http(s) URL")
+            try:
+                split_http_url(url)
+            except ValueError as exc:
+                raise VerifyError(f"{where}.remote.url: {exc}") from None
             if not (finite(timeout) and 0 < timeout <= 60):
                 raise VerifyError(f"{where}.remote.timeout_s: expected a number in (0, 60]")
             remote = RemoteTier(url, float(timeout))

@@ -34,12 +34,11 @@ import threading
 import time
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import urlsplit
 
 import numpy as np
 
 from slimfleet.agent.chain import REMOTE_LABEL, TierTimeout, first_line
-from slimfleet.agent.deployment import RemoteTier
+from slimfleet.agent.deployment import RemoteTier, split_http_url
 from slimfleet.agent.errors import ConfigError
 from slimfleet.agent.inference import InferenceError
 from slimfleet.agent.wire import EVENT_TIER_FAILING, EVENT_TIER_RECOVERED, loads_json
@@ -131,9 +130,10 @@ class RemoteClient:
         max_response_bytes: int = MAX_RESPONSE_BYTES,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        url = urlsplit(spec.url)
-        if url.scheme not in ("http", "https") or not url.hostname:
-            raise ConfigError(f"remote url {spec.url!r}: expected http(s)://host[:port]/path")
+        try:
+            url = split_http_url(spec.url)
+        except ValueError as exc:
+            raise ConfigError(f"remote url: {exc}") from None
         if not (math.isfinite(spec.timeout_s) and spec.timeout_s > 0):
             raise ConfigError(f"remote timeout_s {spec.timeout_s!r}: expected seconds > 0")
         self.spec = spec

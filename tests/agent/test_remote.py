@@ -188,8 +188,13 @@ def test_nobody_listening_is_a_failure() -> None:
 
 
 def test_only_http_urls() -> None:
-    for url in ("ftp://host/v2/models/m/infer", "file:///etc/passwd", "http:///nohost"):
-        with pytest.raises(ConfigError, match="expected http"):
+    for url in (
+        "ftp://host/v2/models/m/infer",
+        "file:///etc/passwd",
+        "http:///nohost",
+        "http://[::1",
+    ):
+        with pytest.raises(ConfigError, match="expected an http"):
             RemoteClient(RemoteTier(url, 1.0))
 
 

@@ -154,7 +154,10 @@ def test_bad_deployment_file_and_unknown_group(slimfleet, tmp_path: Path) -> Non
     path.write_text("slots:\n  rec:\n    models: [a@1]\n    remote: {url: ftp://x}\n")
     run = slimfleet("assign", "--deployment", path, "--device", "cam-01")
     assert run.code == 2
-    assert run.one_line_error() == f"error: {path}:4: slots.rec.remote.url: expected an http(s) URL"
+    assert run.one_line_error() == (
+        f"error: {path}:4: slots.rec.remote.url: expected an http(s) URL "
+        "(http(s)://host[:port]/path), got 'ftp://x'"
+    )
     run = slimfleet("unassign", "--group", "nope")
     assert run.code == 2 and "unknown group 'nope'" in run.one_line_error()
 

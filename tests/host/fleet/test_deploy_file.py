@@ -47,6 +47,14 @@ def test_reads_slots_tiers_gate_and_remote() -> None:
         (("ocr-det@3", "ocr-det"), "f.yaml:3: slots.det.models[0]: expected name@version"),
         (("ocr-det@3", "ocr-det@0"), "f.yaml:3: slots.det.models[0]: model version must be >= 1"),
         (('"http://ocr', '"ftp://ocr'), "f.yaml:7: slots.rec.remote.url: expected an http(s) URL"),
+        (
+            ('"http://ocr', '"http://[::1'),
+            "f.yaml:7: slots.rec.remote.url: expected an http(s) URL",
+        ),
+        (
+            ('"http://ocr', '"http://ocr:x'),
+            "f.yaml:7: slots.rec.remote.url: expected an http(s) URL",
+        ),
         (("timeout_s: 2", "timeout_s: 600"), "f.yaml:7: slots.rec.remote.timeout_s: expected"),
         (("threshold: 0.81", "threshold: high"), "f.yaml:6: slots.rec.gate: expected {'function'"),
         (("ocr-rec@5, ocr-rec@4", "ocr-rec@5, ocr-rec@5"), "f.yaml:5: slots.rec.models: a model"),
