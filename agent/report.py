@@ -28,6 +28,7 @@ STATUS_UPDATING = "updating"
 STATUS_SERVING = "serving"
 STATUS_STALE = "stale"
 STATUS_FAILED = "failed"
+STATUSES = (STATUS_IDLE, STATUS_UPDATING, STATUS_SERVING, STATUS_STALE, STATUS_FAILED)
 
 
 def tiers(deployment: Deployment | None) -> dict[str, list[dict[str, Any]]] | None:

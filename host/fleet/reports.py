@@ -21,11 +21,13 @@ exporter can expose monotonic counters.
 from __future__ import annotations
 
 import math
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Any
 
 from slimfleet.agent.deployment import MAX_SLOTS, MAX_TIERS, check_slot
 from slimfleet.agent.errors import SlimfleetError
+from slimfleet.agent.report import STATUSES
 from slimfleet.agent.wire import EVENT_TYPES, ModelRef, loads_json
 
 SCHEMA = 2
@@ -33,6 +35,7 @@ MAX_REPORT_BYTES = 256 * 1024  # a larger state/telemetry/event body is refused 
 MAX_DEVICES = 10_000  # devices a view tracks (declared ones always; others up to the cap)
 RECENT_EVENTS = 100  # fleet-wide recent events a view keeps (for monitor)
 DUPLICATE_HOLD_S = 600.0  # a duplicate-id finding is shown this long after its last sign
+LATEST_TIMESTAMP = 253402300799.0  # 9999-12-31T23:59:59Z: a later (or negative) one is refused
 
 # desired.outcome values (what became of the last desired state a device saw)
 OUTCOME_PENDING = "pending"
@@ -104,9 +107,19 @@ class _Fields:
         return value
 
     def maybe_text(self, key: str) -> str | None:
+        """The string at ``key`` with control and format characters escaped (``\\n``
+        as ``\\u000a``): a device's text must not forge lines in a terminal or a log."""
         value = self.doc.get(key)
         if value is not None and not isinstance(value, str):
             raise self.error(key, f"expected a string, got {value!r}")
+        return None if value is None else printable(value)
+
+    def timestamp(self, key: str) -> float:
+        """Unix seconds between 0 and :data:`LATEST_TIMESTAMP` (a ts of -1e308 is finite
+        and made every age column 300 digits wide)."""
+        value = self.number(key)
+        if not 0 <= value <= LATEST_TIMESTAMP:
+            raise self.error(key, f"expected Unix seconds, got {value!r}")
         return value
 
     def text(self, key: str) -> str:
@@ -211,19 +224,22 @@ def parse_state(doc: Any, what: str = "state") -> DeviceState:
     if d is not None:
         desired = DesiredReport(
             seq=d.count("seq"),
-            issued=d.number("issued"),
-            expires=d.number("expires"),
+            issued=d.timestamp("issued"),
+            expires=d.timestamp("expires"),
             rollback=bool(d.doc.get("rollback", False)),
             deployment=d.maybe_deployment("deployment") or {},
             outcome=d.text("outcome"),
             stage=d.maybe_text("stage"),
             reason=d.maybe_text("reason"),
         )
+    status = f.text("status")
+    if status not in STATUSES:
+        raise f.error("status", f"expected one of {', '.join(STATUSES)}, got {status!r}")
     return DeviceState(
         device=f.text("device"),
-        ts=f.number("ts"),
-        started=f.number("started"),
-        status=f.text("status"),
+        ts=f.timestamp("ts"),
+        started=f.timestamp("started"),
+        status=status,
         deployment=f.maybe_deployment("deployment") or {},
         last_good=f.maybe_deployment("last_good"),
         previous=f.maybe_deployment("previous"),
@@ -324,8 +340,8 @@ def parse_telemetry(doc: Any, what: str = "telemetry") -> Telemetry:
     slots = f.maybe_slots("slots") or {}
     return Telemetry(
         device=f.text("device"),
-        ts=f.number("ts"),
-        started=f.number("started"),
+        ts=f.timestamp("ts"),
+        started=f.timestamp("started"),
         uptime_s=f.maybe_number("uptime_s") or 0.0,
         interval_s=f.maybe_number("interval_s") or 0.0,
         rss_bytes=f.count("rss_bytes", optional=True),
@@ -357,7 +373,7 @@ def parse_event(doc: Any, what: str = "event") -> Event:
         raise f.error("type", "must not be empty")
     return Event(
         type=kind,
-        ts=f.number("ts"),
+        ts=f.timestamp("ts"),
         device=f.text("device"),
         slot=f.maybe_text("slot"),
         model=f.maybe_ref("model"),
@@ -366,6 +382,14 @@ def parse_event(doc: Any, what: str = "event") -> Event:
         reason=f.maybe_text("reason"),
         fields=dict(f.doc),
     )
+
+
+def printable(text: str) -> str:
+    """``text`` with every control, format or unassigned character (newlines, escape
+    sequences, bidi overrides) written as ``\\uXXXX``."""
+    if text.isprintable():
+        return text
+    return "".join(c if unicodedata.category(c)[0] != "C" else f"\\u{ord(c):04x}" for c in text)
 
 
 def event_label(kind: str) -> str:

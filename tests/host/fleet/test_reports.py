@@ -69,11 +69,27 @@ def test_event_keeps_type_specific_fields_and_bounds_its_label() -> None:
         ({**state_doc("d"), "deployment": {"Main!": []}}, "invalid slot name"),
         ({**state_doc("d"), "deployment": {"main": [{"name": "x"}]}}, "state.deployment.main"),
         ({k: v for k, v in state_doc("d").items() if k != "started"}, "state.started: missing"),
+        ({**state_doc("d"), "ts": -1e308}, "state.ts: expected Unix seconds, got -1e.308"),
+        ({**state_doc("d"), "started": 1e20}, "state.started: expected Unix seconds"),
+        ({**state_doc("d"), "status": "serving\nFAKE"}, "state.status: expected one of idle,"),
     ],
 )
 def test_malformed_state_is_one_report_error_naming_the_field(doc, message) -> None:
     with pytest.raises(ReportError, match=message.replace("(", r"\(")):
         parse_state(doc)
+
+
+def test_a_devices_text_cannot_forge_lines() -> None:
+    # a reason holding "\n09:00:00 d1 swap_ok ..." printed a line that looked like d1's
+    forged = "bad\n09:00:00 d1 swap_ok slot=main model=big@9 seq=99\r\x1b[2K\u202e"
+    event = parse_event(event_doc("j-ev", "swap_failed\nFAKE", reason=forged))
+    assert event.type == "swap_failed\\u000aFAKE"
+    assert event.reason == (
+        "bad\\u000a09:00:00 d1 swap_ok slot=main model=big@9 seq=99\\u000d\\u001b[2K\\u202e"
+    )
+    assert parse_event(event_doc("d", "swap_ok", reason="plain, ünïcode ok")).reason == (
+        "plain, ünïcode ok"
+    )
 
 
 def test_malformed_telemetry_and_events() -> None:
