@@ -11,6 +11,7 @@ from typing import Any
 import yaml
 
 from slimfleet.agent.errors import ConfigError
+from slimfleet.agent.store import FileTooLarge, read_bounded
 
 
 @dataclass
@@ -227,13 +228,13 @@ def load_yaml(path: str | Path) -> Node:
     """Read and parse a YAML config file."""
     path = Path(path)
     try:
-        with path.open("rb") as handle:
-            data = handle.read(MAX_CONFIG_BYTES + 1)
-        if len(data) > MAX_CONFIG_BYTES:
-            raise ConfigError(f"{path}: config is larger than {MAX_CONFIG_BYTES >> 10} KiB")
-        text = data.decode("utf-8")
+        text = read_bounded(path, MAX_CONFIG_BYTES).decode("utf-8")
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config: {exc.strerror or exc}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: config is not UTF-8 text") from None
+    except FileTooLarge:
+        raise ConfigError(f"{path}: config is larger than {MAX_CONFIG_BYTES >> 10} KiB") from None
+    except ValueError as exc:  # not a regular file
+        raise ConfigError(f"{path}: cannot read config: {exc}") from None
     return parse_yaml(text, str(path))

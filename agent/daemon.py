@@ -135,10 +135,6 @@ class Agent:
         self.last_update: dict[str, Any] | None = None  # figures of the last switch
         self._threads: list[threading.Thread] = []
         self._subscription: Subscription | None = None
-        self._refused: dict[str, tuple[bytes, str]] = {}
-        """topic -> the payload last refused there and the refusal's kind and reason
-        (listen thread only): the same document refused again for the same reason (the
-        subscription re-fetches retained messages) is not reported again."""
 
     # -- in-process API -----------------------------------------------------------
 
@@ -228,7 +224,9 @@ class Agent:
             try:
                 if message.topic != revocation_topic(self.config.prefix):
                     self._on_desired(message)
-                elif adopt_revocations(self.verifier, message, partial(self._refusal, message)):
+                elif adopt_revocations(
+                    self.verifier, message, partial(self.outbox.refusal, message)
+                ):
                     self._cancel.set()  # an update in progress re-checks its manifests
                     self._wake.set()  # the control thread leaves revoked models
             except Exception:  # a bug must not stop the agent following its desired state
@@ -241,7 +239,7 @@ class Agent:
         try:
             desired = DesiredState.from_dict(self.verifier.verify(message.payload, message.topic))
         except VerifyError as exc:
-            self._refusal(message, EVENT_DESIRED_REFUSED, stage=STAGE_VERIFY, reason=str(exc))
+            self.outbox.refusal(message, EVENT_DESIRED_REFUSED, stage=STAGE_VERIFY, reason=str(exc))
             return
         with self._lock:
             seen = [r.envelope for r in (self._record, self._noticed) if r is not None]
@@ -268,7 +266,7 @@ class Agent:
         if refusal is not None:
             kind = EVENT_DESIRED_STALE if refusal.stage == STAGE_EXPIRED else EVENT_DESIRED_REFUSED
             fields = {"seq": desired.seq, "stage": refusal.stage, "reason": refusal.reason}
-            if self._refusal(message, kind, **fields):
+            if self.outbox.refusal(message, kind, **fields):
                 log.warning("desired seq %d not applied: %s", desired.seq, refusal.reason)
         else:
             log.info("desired seq %d: %s", desired.seq, tiers(desired.deployment))
@@ -276,17 +274,6 @@ class Agent:
             self._wake.set()
         if record is not None:
             self._publish_state()
-
-    def _refusal(self, message: Message, kind: str, **fields: Any) -> bool:
-        """Emit the event ``kind`` for refusing ``message`` unless the same payload was
-        refused for the same reason last time on its topic; whether it was emitted."""
-        key = (message.payload, f"{kind}:{fields.get('stage')}:{fields.get('reason')}")
-        if self._refused.get(message.topic) == key:
-            log.debug("%s refused again for the same reason", message.topic)
-            return False
-        self._refused[message.topic] = key
-        self._emit(kind, **fields)
-        return True
 
     def _freshness(self) -> Freshness:
         return Freshness(self._state.floor, self._state.enrolled)

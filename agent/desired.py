@@ -28,7 +28,7 @@ from typing import Any
 from slimfleet.agent.deployment import DesiredState
 from slimfleet.agent.errors import VerifyError
 from slimfleet.agent.signing import Verifier
-from slimfleet.agent.store import AgentState, ModelStore, atomic_write_bytes
+from slimfleet.agent.store import AgentState, ModelStore, atomic_write_bytes, read_bounded
 from slimfleet.agent.wire import loads_json
 
 log = logging.getLogger(__name__)
@@ -160,21 +160,27 @@ def merge_freshness(*copies: Freshness | None, now: float) -> Freshness:
     return Freshness(floor, max(times) if times else now)
 
 
+def _set_aside(path: Path, why: Exception) -> tuple[None, None]:
+    log.warning("%s is corrupt (%s): ignoring it, kept as %s.corrupt", path, why, path.name)
+    with contextlib.suppress(OSError):  # unreadable: the warning is all we can do
+        os.replace(path, path.with_name(f"{DESIRED_FILE}.corrupt"))
+    return None, None
+
+
 def load_record(root: Path, verifier: Verifier) -> tuple[Record | None, Freshness | None]:
     """Read ``desired.json``; a missing, corrupt or unverifiable file gives (None, None)
     (a corrupt one is kept as ``desired.json.corrupt``) and is logged, never raised."""
     path = Path(root) / DESIRED_FILE
     try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_DESIRED_FILE_BYTES + 1)
+        raw = read_bounded(path, MAX_DESIRED_FILE_BYTES)
     except FileNotFoundError:
         return None, None
     except OSError as exc:
         log.warning("cannot read %s: %s", path, exc)
         return None, None
+    except ValueError as exc:  # too large, or not a regular file
+        return _set_aside(path, exc)
     try:
-        if len(raw) > MAX_DESIRED_FILE_BYTES:
-            raise ValueError(f"over {MAX_DESIRED_FILE_BYTES} bytes")
         doc = loads_json(raw)
         envelope = doc["envelope"].encode()
         desired = DesiredState.from_dict(verifier.verify(envelope, str(path)))
@@ -190,10 +196,7 @@ def load_record(root: Path, verifier: Verifier) -> tuple[Record | None, Freshnes
             raise ValueError(f"unknown outcome {outcome!r}")
         stage, reason = doc.get("stage"), doc.get("reason")
     except (ValueError, KeyError, TypeError, AttributeError, VerifyError) as exc:
-        log.warning("%s is corrupt (%s): ignoring it, kept as %s.corrupt", path, exc, path.name)
-        with contextlib.suppress(OSError):  # unreadable: the warning is all we can do
-            os.replace(path, path.with_name(f"{DESIRED_FILE}.corrupt"))
-        return None, None
+        return _set_aside(path, exc)
     record = Record(desired, envelope, outcome, _text(stage), _text(reason))
     return record, Freshness(floor, float(enrolled))
 

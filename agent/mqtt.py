@@ -13,6 +13,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from slimfleet.agent.configfile import Node
+from slimfleet.agent.store import FileTooLarge, read_bounded
 
 PROTOCOLS = {"3.1.1": mqtt.MQTTv311, "5": mqtt.MQTTv5}
 
@@ -187,16 +188,18 @@ def read_secret(path: Path) -> str:
     """The first line of a secret file, which must exist, be readable by its owner only,
     hold at most ``MAX_SECRET_BYTES`` and not be blank; ValueError says what is wrong."""
     try:
-        if path.stat().st_mode & 0o077:
-            raise ValueError(f"{path} is readable by others: chmod 600 it")
-        with path.open("rb") as handle:
-            raw = handle.read(MAX_SECRET_BYTES + 1)
+        raw = read_bounded(path, MAX_SECRET_BYTES)
+        private = not path.stat().st_mode & 0o077
     except FileNotFoundError:
         raise ValueError(f"password file {path} does not exist") from None
     except OSError as exc:
         raise ValueError(f"cannot read password file {path}: {exc.strerror}") from None
-    if len(raw) > MAX_SECRET_BYTES:
-        raise ValueError(f"{path} is over {MAX_SECRET_BYTES} bytes: not a password file")
+    except FileTooLarge:
+        raise ValueError(f"{path} is over {MAX_SECRET_BYTES} bytes: not a password file") from None
+    except ValueError as exc:  # not a regular file
+        raise ValueError(f"password file {path}: {exc}") from None
+    if not private:
+        raise ValueError(f"{path} is readable by others: chmod 600 it")
     lines = raw.decode("utf-8", "replace").splitlines()
     secret = lines[0].strip() if lines else ""
     if not secret:

@@ -6,7 +6,9 @@ Events go to ``devices/<id>/events`` (QoS 1, one JSON document each, see the end
 thread for each message a subscription refused; that only appends to a bounded deque
 (:data:`MAX_PENDING_DROPS`, the oldest forgotten when full) and never blocks: the
 daemon's listen thread turns the reports into ``message_dropped`` events
-(:meth:`Outbox.report_drops`).
+(:meth:`Outbox.report_drops`). A refused document is reported once while it is refused
+for the same reason (:meth:`Outbox.refusal`): the desired-state subscription re-fetches
+retained messages, and a retained forgery must not become an event a minute.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from slimfleet.agent.inbox import Dropped
+from slimfleet.agent.inbox import Dropped, Message
 from slimfleet.agent.report import event_document
 from slimfleet.agent.telemetry import Telemetry
 from slimfleet.agent.wire import EVENT_DOWNLOAD_PROGRESS, EVENT_MESSAGE_DROPPED
@@ -52,12 +54,25 @@ class Outbox:
         self._seq = seq
         # Appended by the link thread, popped by the listen thread (deque ops are atomic).
         self._drops: deque[Dropped] = deque(maxlen=MAX_PENDING_DROPS)
+        # topic -> (payload, why) of the document last refused there; listen thread only.
+        self._refused: dict[str, tuple[bytes, str]] = {}
 
     def emit(self, kind: str, **fields: Any) -> None:
         """Count and publish one event of type ``kind``."""
         event = event_document(kind, **fields)
         self.telemetry.count_event(event)
         self.publish_event(event)
+
+    def refusal(self, message: Message, kind: str, **fields: Any) -> bool:
+        """Emit ``kind`` for refusing ``message`` unless the same payload was refused for
+        the same reason last time on its topic; whether it was emitted."""
+        key = (message.payload, f"{kind}:{fields.get('stage')}:{fields.get('reason')}")
+        if self._refused.get(message.topic) == key:
+            log.debug("%s refused again for the same reason", message.topic)
+            return False
+        self._refused[message.topic] = key
+        self.emit(kind, **fields)
+        return True
 
     def publish_event(self, event: dict[str, Any]) -> None:
         """Publish an event document (the device and, if missing, the seq added)."""

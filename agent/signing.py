@@ -15,7 +15,6 @@ import hashlib
 import json
 import logging
 import os
-import stat
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from slimfleet.agent.errors import InputError, VerifyError
+from slimfleet.agent.store import FileTooLarge, read_bounded
 from slimfleet.agent.wire import canonical_json, loads_json
 
 log = logging.getLogger(__name__)
@@ -58,16 +58,9 @@ limit of the topics they travel on): a bigger file (``/dev/zero``) is refused un
 
 
 def read_trust_file(path: Path | str) -> bytes:
-    """The bytes of a key, certificate or revocation-list file; OSError if it cannot be
-    read, ValueError if it is over :data:`MAX_TRUST_FILE_BYTES` or not a regular file."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO must not block the open
-    with os.fdopen(fd, "rb") as handle:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise ValueError("not a regular file")
-        data = handle.read(MAX_TRUST_FILE_BYTES + 1)
-    if len(data) > MAX_TRUST_FILE_BYTES:
-        raise ValueError(f"over {MAX_TRUST_FILE_BYTES >> 10} KiB")
-    return data
+    """The bytes of a key, certificate or revocation-list file (:func:`read_bounded` at
+    :data:`MAX_TRUST_FILE_BYTES`)."""
+    return read_bounded(path, MAX_TRUST_FILE_BYTES)
 
 
 def _read_key(path: Path, what: str) -> bytes:
@@ -75,7 +68,11 @@ def _read_key(path: Path, what: str) -> bytes:
         return read_trust_file(path)
     except OSError as exc:
         raise InputError(f"{path}: cannot read {what}: {exc.strerror or exc}") from None
-    except ValueError as exc:
+    except FileTooLarge:
+        raise InputError(
+            f"{path}: not a {what} file (over {MAX_TRUST_FILE_BYTES >> 10} KiB)"
+        ) from None
+    except ValueError as exc:  # not a regular file
         raise InputError(f"{path}: not a {what} file ({exc})") from None
 
 

@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import shutil
+import stat
 import tempfile
 import time
 import uuid
@@ -118,6 +119,25 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class FileTooLarge(ValueError):
+    """A file holds more than its reader's limit."""
+
+
+def read_bounded(path: Path | str, limit: int) -> bytes:
+    """The bytes of the regular file at ``path`` if it holds at most ``limit``: OSError
+    when it cannot be opened, ValueError when it is not a regular file (a FIFO, a device
+    such as ``/dev/zero``, a directory) or :class:`FileTooLarge` when it holds more (it is
+    not read further)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO must not block the open
+    with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError("not a regular file")
+        data = handle.read(limit + 1)
+    if len(data) > limit:
+        raise FileTooLarge(f"over {limit} bytes")
+    return data
 
 
 def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o600) -> None:
