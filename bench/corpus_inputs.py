@@ -32,6 +32,8 @@ IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 class Inputs:
     feeds: list[Feed]
     warnings: list[str] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
+    """What each feed shows, where a generator draws text (the captchas)."""
 
 
 def _font(size: int):
@@ -126,7 +128,7 @@ def captcha_crnn(count: int, seed: int, model_dir: Path) -> Inputs:
     """160x60 text rendered with DejaVuSans 34px, noise lines, BGR 0..255 CHW."""
     rng = np.random.default_rng(seed)
     font = _font(34)
-    feeds = []
+    feeds, texts = [], []
     for _ in range(count):
         image = Image.new("RGB", (160, 60), _colour(rng))
         draw = ImageDraw.Draw(image)
@@ -145,7 +147,8 @@ def captcha_crnn(count: int, seed: int, model_dir: Path) -> Inputs:
             )
         bgr = np.asarray(image, np.float32)[:, :, ::-1]
         feeds.append({"image": np.ascontiguousarray(bgr.transpose(2, 0, 1))[None]})
-    return Inputs(feeds)
+        texts.append(text)
+    return Inputs(feeds, texts=texts)
 
 
 def _padded_ids(rng, count, length, draw_ids, pad=0):

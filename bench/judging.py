@@ -85,8 +85,19 @@ def greedy_ctc(scores: np.ndarray, *, time_axis: int, blank: int) -> list[tuple[
     return decoded
 
 
-def ctc_text(output: int = 0, *, time_axis: int, blank: int) -> Judge:
-    """Decoded-text equality: greedy CTC on both models' scores, sequence by sequence."""
+def ctc_text(
+    output: int = 0,
+    *,
+    time_axis: int,
+    blank: int,
+    spell: Callable[[tuple[int, ...]], str] | None = None,
+    name: str = "decoded text equality",
+) -> Judge:
+    """Decoded-text equality: greedy CTC on both models' scores, sequence by sequence;
+    with ``spell`` the texts the label ids spell are compared (e.g. case-folded)."""
+
+    def text(ids: tuple[int, ...]):
+        return ids if spell is None else spell(ids)
 
     def score(reference, candidate) -> Score:
         hits = total = 0
@@ -96,11 +107,11 @@ def ctc_text(output: int = 0, *, time_axis: int, blank: int) -> Judge:
                 greedy_ctc(c, time_axis=time_axis, blank=blank),
                 strict=True,
             ):
-                hits += a == b
+                hits += text(a) == text(b)
                 total += 1
         return Score(hits / total, total, "texts")
 
-    return Judge(f"decoded text equality (CTC, blank {blank})", output, score)
+    return Judge(f"{name} (CTC, blank {blank})", output, score)
 
 
 def deciding_margins(scores: np.ndarray, *, time_axis: int, blank: int) -> np.ndarray:

@@ -32,8 +32,8 @@ import corpus_inputs
 import judging
 import numpy as np
 import onnx
-from benchlib import latencies_ms, outputs_of
-from compress_bench import ensure_packages, ocr_samples
+from benchlib import latencies_ms, outputs_of, session
+from compress_bench import ensure_packages, ocr_samples, readable_ocr_samples
 from corpus_bench import DEFAULT_CORPUS, case_name
 from corpus_fetch import DEFAULT_CACHE, FetchError, fetch
 
@@ -57,6 +57,8 @@ class Case:
     time_axis: int
     blank: int
     budget: float
+    read_right: Callable[[int, int], list[corpus_inputs.Feed]]
+    """``(count, seed)`` -> feeds of captchas fp32 reads right (``--read-right``)."""
 
     @property
     def text(self) -> judging.Judge:
@@ -88,6 +90,24 @@ def _captcha_crnn() -> Path:
     return fetch(index, entries[index], DEFAULT_CACHE)
 
 
+def _captcha_crnn_read_right(count: int, seed: int) -> list[corpus_inputs.Feed]:
+    """``count`` of the corpus's captchas that fp32 captcha_crnn reads right."""
+    fp32 = session(_captcha_crnn())
+    drawn = corpus_inputs.captcha_crnn(4 * count, seed, Path())
+    kept = []
+    for feed, text in zip(drawn.feeds, drawn.texts, strict=True):
+        (ids,) = judging.greedy_ctc(fp32.run(None, feed)[0], time_axis=0, blank=36)
+        if "".join(corpus_inputs.CAPTCHA_LABELS[i] for i in ids) == text:
+            kept.append(feed)
+            if len(kept) == count:
+                return kept
+    raise click.ClickException(f"fp32 read only {len(kept)} of {4 * count} captchas right")
+
+
+def _feeds(samples: Callable[[int, int], list[np.ndarray]]):
+    return lambda count, seed: [{"input1": x} for x in samples(count, seed)]
+
+
 CASES = {
     "captcha_crnn": Case(
         _captcha_crnn,
@@ -95,14 +115,9 @@ CASES = {
         0,
         36,
         0.99,
+        _captcha_crnn_read_right,
     ),
-    "common": Case(
-        _common,
-        lambda count, seed: [{"input1": x} for x in ocr_samples(count, seed)],
-        0,
-        0,
-        0.98,
-    ),
+    "common": Case(_common, _feeds(ocr_samples), 0, 0, 0.98, _feeds(readable_ocr_samples)),
 }
 STEPS = judging.step_agreement()
 FRAGILITY_MARGINS = (0.02, 0.05, 0.1, 0.2, 0.4)
@@ -148,6 +163,11 @@ def judge(case: Case, reference, outputs) -> dict:
 @click.option("--features", default=0.0, show_default=True, help="qat's feature weight.")
 @click.option("--prune-ratio", default=0.25, show_default=True, help="prune_refit's ratio.")
 @click.option("--distill-budget", default=120.0, show_default=True, help="Seconds of distillation.")
+@click.option(
+    "--read-right",
+    is_flag=True,
+    help="Calibrate and judge on captchas fp32 reads right (common: plain ones, case aside).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
 def main(
     name: str,
@@ -159,6 +179,7 @@ def main(
     features: float,
     prune_ratio: float,
     distill_budget: float,
+    read_right: bool,
     as_json: bool,
 ):
     """PTQ alone vs PTQ + QAT vs prune + distill on a text recognizer (see the module docstring)."""
@@ -169,8 +190,9 @@ def main(
     except FetchError as exc:
         click.echo(f"--model {name}: cannot fetch: {exc}", err=True)
         sys.exit(2)
-    feeds = case.samples(calibration, 11)
-    held_out = case.samples(test_samples, 12)
+    samples = case.read_right if read_right else case.samples
+    feeds = samples(calibration, 11)
+    held_out = samples(test_samples, 12)
     rows = {}
     with tempfile.TemporaryDirectory(prefix="recover-bench-") as tmp:
         work = Path(tmp)
@@ -230,7 +252,8 @@ def main(
         click.echo(json.dumps(rows, indent=2))
         return
     click.echo(
-        f"{source.name}, {calibration} calibration + {test_samples} held-out captchas, "
+        f"{source.name}, {calibration} calibration + {test_samples} held-out captchas"
+        f"{' fp32 reads right' if read_right else ''}, "
         f"budget {fidelity} decoded-text equality, 1 onnxruntime thread"
     )
     click.echo(

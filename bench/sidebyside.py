@@ -49,8 +49,10 @@ def compare(
     judges: Sequence[Judge],
     limits: Limits,
     workdir: Path,
+    compress_args: Sequence[str] = (),
 ) -> tuple[list[Row], CompressRun]:
-    """Rows for one model (original, slimfleet, then each peer) and compress's run."""
+    """Rows for one model (original, slimfleet, then each peer) and compress's run;
+    ``compress_args`` are added to compress's command line (e.g. ``--fidelity``)."""
     reference = outputs_of(model, held_out)
 
     def judged(path: Path) -> list[str]:
@@ -66,6 +68,7 @@ def compare(
         workdir / "slimfleet",
         timeout_s=limits.compress_timeout_s,
         max_rss=limits.max_rss,
+        extra_args=compress_args,
     )
     row = Row(name, "slimfleet", peak_rss=run.watched.peak_rss, seconds=run.watched.seconds)
     if run.model is None:

@@ -95,9 +95,11 @@ class _OutputDir(click.Path):
     "metrics",
     multiple=True,
     metavar="OUTPUT=KIND",
-    help="How to judge an output instead of the detected metric: top1, ctc[:blank=N], "
-    "steps, iou[:threshold=T], binary[:threshold=T], cosine, exact or ignore, e.g. "
-    "logits=ctc:blank=0. Repeat per output.",
+    help="How to judge an output instead of the detected metric: top1, "
+    "ctc[:blank=N,labels=FILE,case=insensitive], steps, iou[:threshold=T], "
+    "binary[:threshold=T], cosine, exact or ignore, e.g. logits=ctc:blank=0 (labels: "
+    "what each class spells, a JSON list or a line each; texts then compare as "
+    "strings). Repeat per output.",
 )
 @click.option(
     "--force", is_flag=True, help="Write into a non-empty OUTDIR that holds no earlier output."

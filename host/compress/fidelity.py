@@ -22,7 +22,7 @@ import numpy as np
 from slimfleet.agent.errors import InputError, SlimfleetError
 from slimfleet.host.compress.intervals import bootstrap, wilson
 from slimfleet.host.compress.metricdetection import Outputs, as_rows, detect, metric_specs
-from slimfleet.host.compress.metricspec import PROPORTION_KINDS, MetricSpec
+from slimfleet.host.compress.metricspec import PROPORTION_KINDS, MetricSpec, ctc_labels
 
 if TYPE_CHECKING:
     from slimfleet.host.metrics import Metric
@@ -116,6 +116,17 @@ def ctc_decode(steps: np.ndarray, blank: int) -> list[int]:
     return [int(c) for c in best[keep]]
 
 
+def _ctc_text(steps: np.ndarray, spec: MetricSpec) -> list[int] | str:
+    """What a ``ctc`` metric compares: the decoded class ids, or the text they spell
+    when the spec names labels (case-folded with ``case=insensitive``)."""
+    decoded = ctc_decode(steps, spec.option("blank"))
+    if spec.option("labels") is None:
+        return decoded
+    labels = ctc_labels(spec.option("labels"))
+    text = "".join(labels[i] for i in decoded)
+    return text.casefold() if spec.option("case") == "insensitive" else text
+
+
 def _sequences(array: np.ndarray, batch_axis: int) -> np.ndarray:
     """``[N, T, C]`` whatever the layout; a rank-2 ``[T, C]`` is one sequence."""
     if array.ndim == 2:
@@ -139,8 +150,7 @@ def _units(spec: MetricSpec, ref: np.ndarray, got: np.ndarray) -> tuple[list[flo
             same_steps = r.argmax(-1) == g.argmax(-1)
             steps.append(float(same_steps.mean()) if same_steps.size else 1.0)
             if kind == "ctc":
-                blank = spec.option("blank")
-                units.append(float(ctc_decode(r, blank) == ctc_decode(g, blank)))
+                units.append(float(_ctc_text(r, spec) == _ctc_text(g, spec)))
             else:
                 units.append(float(same_steps.all()))
         return units, steps

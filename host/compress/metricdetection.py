@@ -11,6 +11,7 @@ on odd values (anything unrecognised is judged by cosine).
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -111,6 +112,16 @@ def _sequence_layout(array: np.ndarray) -> int | None:
     return None  # a single step: plain class scores
 
 
+def _with_layout(spec: MetricSpec, first: np.ndarray) -> MetricSpec:
+    """A given ``ctc`` or ``steps`` metric without ``batch_axis`` takes it from the shape:
+    ``[T, 1, C]`` is time-major as CTC recognisers export it (judging its T steps as T
+    one-step sequences would count characters, not texts)."""
+    if spec.kind not in ("ctc", "steps") or "batch_axis" in dict(spec.options):
+        return spec
+    time_major = first.ndim == 3 and first.shape[0] > 1 and first.shape[1] == 1
+    return replace(spec, options=(*spec.options, ("batch_axis", 1 if time_major else 0)))
+
+
 def _leading_squeezed(array: np.ndarray) -> np.ndarray:
     """``array`` without leading size-1 axes (``[1, 1, 1, 96]`` -> ``[96]``)."""
     shape = list(array.shape)
@@ -180,6 +191,7 @@ def metric_specs(
         raise InputError(f"--metric {unknown[0]!r}: the model has no such output ({names})")
     for name, spec in given.items():
         check_against_values(name, spec, [r[name] for r in reference])
+        given[name] = _with_layout(spec, reference[0][name])
     states = set(states)
     return {
         n: given.get(n)

@@ -6,10 +6,14 @@ Each output of a model gets a task metric, detected from its dtype, shape and va
 
 ``top1``
     class scores ``[..., C]``: share of rows whose argmax (the predicted class) agrees.
-``ctc`` (options ``blank``, default 0; ``batch_axis``)
+``ctc`` (options ``blank``, default 0; ``batch_axis``; ``labels``; ``case``)
     sequence scores ``[N, T, C]`` or ``[T, N, C]``: share of sequences whose greedy-CTC
     decoding (argmax per step, repeats collapsed, blanks dropped) equals the original's;
-    the per-step argmax agreement is reported beside it.
+    the per-step argmax agreement is reported beside it. ``labels=FILE`` names each
+    class (a JSON list of strings, or one label per line; entry ``i`` is class ``i``) so
+    sequences compare as the texts they spell, and ``case=insensitive`` then compares
+    them with letter case folded, the standard scene-text protocol and how most captcha
+    checks compare (class ids that spell the same text agree either way).
 ``steps`` (option ``batch_axis``)
     sequence tagging: share of sequences whose every per-step argmax agrees.
 ``iou`` (option ``threshold``, default 0.5)
@@ -30,18 +34,21 @@ returns and the scoring (:mod:`~slimfleet.host.compress.fidelity`) reads; a bad
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
 
 from slimfleet.agent.errors import InputError
+from slimfleet.agent.store import read_bounded
+from slimfleet.agent.wire import loads_json
 
 PROPORTION_KINDS = ("top1", "ctc", "steps", "binary", "exact")
 CONTINUOUS_KINDS = ("iou", "cosine")
 KINDS = (*PROPORTION_KINDS, *CONTINUOUS_KINDS, "ignore")
 _OPTIONS: dict[str, dict[str, type]] = {
     "top1": {},
-    "ctc": {"blank": int, "batch_axis": int},
+    "ctc": {"blank": int, "batch_axis": int, "labels": str, "case": str},
     "steps": {"batch_axis": int},
     "binary": {"threshold": float},
     "exact": {},
@@ -49,7 +56,10 @@ _OPTIONS: dict[str, dict[str, type]] = {
     "cosine": {},
     "ignore": {},
 }
-_DEFAULTS: dict[str, Any] = {"blank": 0, "threshold": 0.5}
+_DEFAULTS: dict[str, Any] = {"blank": 0, "threshold": 0.5, "case": "sensitive"}
+CASES = ("sensitive", "insensitive")
+MAX_LABELS_BYTES = 16 * 2**20
+"""A labels file is read whole: a charset of 100,000 classes is well under this."""
 
 
 @dataclass(frozen=True)
@@ -96,7 +106,12 @@ def parse_metric(text: str) -> tuple[str, MetricSpec]:
         if problem := _option_problem(kind, key, parsed):
             raise InputError(f"--metric {text!r}: {key}={value}: {problem}")
         options.append((key, parsed))
-    return name, MetricSpec(kind, tuple(options), given=True)
+    spec = MetricSpec(kind, tuple(options), given=True)
+    if spec.option("case") == "insensitive" and spec.option("labels") is None:
+        raise InputError(
+            f"--metric {text!r}: case=insensitive needs labels=FILE (what each class spells)"
+        )
+    return name, spec
 
 
 def _option_problem(kind: str, key: str, value: Any) -> str | None:
@@ -108,7 +123,39 @@ def _option_problem(kind: str, key: str, value: Any) -> str | None:
         return "an iou threshold cuts a probability map: it must lie between 0 and 1"
     if key in ("blank", "batch_axis") and value < 0:
         return "must be >= 0"
+    if key == "case" and value not in CASES:
+        return f"must be one of {', '.join(CASES)}"
+    if key == "labels":
+        try:
+            ctc_labels(value)
+        except InputError as exc:
+            return str(exc)
     return None
+
+
+@functools.lru_cache(maxsize=8)
+def ctc_labels(path: str) -> tuple[str, ...]:
+    """What each class spells, from a JSON list of strings or a file of one label per
+    line (entry ``i`` is class ``i``); an InputError says why a file cannot be one."""
+    try:
+        data = read_bounded(path, MAX_LABELS_BYTES).decode("utf-8")
+    except (OSError, ValueError) as exc:  # FileTooLarge and UnicodeDecodeError included
+        raise InputError(f"cannot read labels file {path}: {exc}") from None
+    if data.lstrip().startswith("["):
+        try:
+            labels = loads_json(data)
+        except ValueError as exc:
+            raise InputError(f"labels file {path} is not a JSON list: {exc}") from None
+        if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
+            raise InputError(f"labels file {path}: a JSON labels file is a list of strings")
+    else:
+        labels = data.split("\n")
+        if labels and labels[-1] == "":
+            labels.pop()  # the newline that ends the last line
+        labels = [label.removesuffix("\r") for label in labels]
+    if not labels:
+        raise InputError(f"labels file {path} names no class")
+    return tuple(labels)
 
 
 def check_against_values(name: str, spec: MetricSpec, values: list[Any]) -> None:
@@ -129,6 +176,12 @@ def check_against_values(name: str, spec: MetricSpec, values: list[Any]) -> None
         blank = spec.option("blank")
         if spec.kind == "ctc" and blank >= classes:
             raise InputError(f"{label}: blank {blank} is not one of the {classes} classes")
+        labels = spec.option("labels")
+        if spec.kind == "ctc" and labels is not None and len(ctc_labels(labels)) != classes:
+            raise InputError(
+                f"{label}: the labels file names {len(ctc_labels(labels))} classes, "
+                f"the output has {classes}"
+            )
     if spec.kind in ("iou", "binary"):
         threshold = spec.option("threshold")
         above = [bool((v > threshold).any()) for v in values]

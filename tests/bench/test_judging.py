@@ -29,6 +29,22 @@ def test_ctc_text_counts_whole_texts_while_steps_hide_a_flip() -> None:
     assert (steps.value, steps.count) == (0.8, 10)
 
 
+def test_ctc_text_can_compare_what_the_ids_spell() -> None:
+    charset = ["", "c", "C", "4"]  # ddddocr's charset holds both cases of a letter
+    reference = [[_one_hot([1, 0, 3])[:, None]]]
+    candidate = [[_one_hot([2, 0, 3])[:, None]]]  # "C4" where fp32 read "c4"
+    exact = judging.ctc_text(time_axis=0, blank=0)
+    caseless = judging.ctc_text(
+        time_axis=0,
+        blank=0,
+        spell=lambda ids: "".join(charset[i] for i in ids).casefold(),
+        name="text equality, case aside",
+    )
+    assert exact(reference, candidate).value == 0.0
+    assert caseless(reference, candidate).value == 1.0
+    assert caseless.name == "text equality, case aside (CTC, blank 0)"
+
+
 def test_top1_cosine_iou_exact_within() -> None:
     ref = [[np.array([[0.9, 0.1], [0.2, 0.8]]), np.zeros((2, 2))]]
     cand = [[np.array([[0.6, 0.4], [0.6, 0.4]]), np.zeros((2, 2))]]

@@ -113,6 +113,32 @@ def test_ctc_blank_option_changes_the_decoding():
     assert blank3.score == 1.0  # both decode to 1 2
 
 
+def test_ctc_with_labels_compares_the_texts_they_spell(tmp_path):
+    # ddddocr's charset holds 'c' and 'C' as different classes: with case=insensitive a
+    # flip between them keeps the text; class ids that spell the same text agree anyway
+    labels = tmp_path / "charset.json"
+    labels.write_text('["", "c", "C", "x", "x"]')
+    ref = [_outs(y=_sequence(1, 0, 3, width=5)), _outs(y=_sequence(1, 0, 3, width=5))]
+    got = [_outs(y=_sequence(2, 0, 3, width=5)), _outs(y=_sequence(1, 0, 4, width=5))]
+
+    def score(metric: str) -> float:
+        return compare(ref, got, {"y": parse_metric(f"y={metric}")[1]}).score
+
+    assert score("ctc:batch_axis=1") == 0.0  # ids: [1, 3] vs [2, 3] and [1, 4]
+    assert score(f"ctc:batch_axis=1,labels={labels}") == 0.5  # "cx" vs "Cx", "cx"
+    assert score(f"ctc:batch_axis=1,labels={labels},case=insensitive") == 1.0
+
+
+def test_a_labels_file_is_a_line_per_class(tmp_path):
+    labels = tmp_path / "keys.txt"
+    labels.write_text("\na\nA\n")
+    spec = parse_metric(f"y=ctc:labels={labels},case=insensitive,batch_axis=1")[1]
+    ref, got = [_outs(y=_sequence(1, 0, width=3))], [_outs(y=_sequence(2, 0, width=3))]
+    assert compare(ref, got, {"y": spec}).score == 1.0
+    with pytest.raises(InputError, match="the labels file names 3 classes, the output has 4"):
+        metricdetection.metric_specs([_outs(y=np.zeros((5, 1, 4)))], {"y": spec})
+
+
 def test_top1_counts_rows_over_samples():
     ref = [_outs(y=np.eye(4, dtype=np.float32)) for _ in range(2)]
     got = [_outs(y=np.eye(4, dtype=np.float32)) for _ in range(2)]
@@ -219,11 +245,15 @@ def test_parse_metric():
     [
         ("logits", "expected OUTPUT=KIND"),
         ("logits=bleu", "unknown kind 'bleu'"),
-        ("logits=ctc:space=1", "ctc takes options blank, batch_axis"),
+        ("logits=ctc:space=1", "ctc takes options blank, batch_axis, labels, case"),
         ("logits=ctc:blank=x", "blank='x' is not a int"),
         ("p=binary:threshold=nan", "threshold=nan: must be a finite number"),
         ("mask=iou:threshold=5", "it must lie between 0 and 1"),
         ("logits=ctc:blank=-1", "blank=-1: must be >= 0"),
+        ("logits=ctc:case=lower", "case=lower: must be one of sensitive, insensitive"),
+        ("logits=ctc:case=insensitive", "case=insensitive needs labels=FILE"),
+        ("logits=ctc:labels=/no/such/file", "cannot read labels file /no/such/file"),
+        ("logits=ctc:labels=/dev/zero", "cannot read labels file /dev/zero: not a regular"),
     ],
 )
 def test_bad_metric_text(text, message):
@@ -269,3 +299,33 @@ def test_outputs_shaped_like_inputs_are_state_and_judged_by_cosine():
     specs = metricdetection.metric_specs(reference, states={"h_out"})
     assert (specs["scores"].kind, specs["h_out"].kind) == ("top1", "cosine")
     assert metricdetection.metric_specs(reference)["h_out"].kind == "top1"  # what it would be
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b'["a", 1]', "a JSON labels file is a list of strings"),
+        (b"[1, 2]", "a JSON labels file is a list of strings"),
+        (b"[" * 100_000, "is not a JSON list"),
+        (b"\xff\xfe", "cannot read labels file"),
+        (b"", "names no class"),
+    ],
+)
+def test_a_labels_file_that_cannot_be_one_is_one_line(tmp_path, content, message):
+    labels = tmp_path / "labels"
+    labels.write_bytes(content)
+    with pytest.raises(InputError, match=message):
+        parse_metric(f"y=ctc:labels={labels}")
+
+
+def test_a_given_ctc_metric_takes_the_time_major_layout_from_the_shape():
+    # `--metric 387=ctc:blank=0` on a CRNN's [T, 1, C] scores judged each step as a
+    # one-character text: 27 "texts" per captcha, and a wrong text counted as 1 of 27
+    ref = [_outs(y=_sequence(1, 0, 2, 2)) for _ in range(3)]
+    got = [_outs(y=_sequence(1, 0, 2, 2)), _outs(y=_sequence(1, 0, 1, 2))] * 2
+    spec = metricdetection.metric_specs(ref, {"y": parse_metric("y=ctc:blank=0")[1]})["y"]
+    assert spec.label() == "ctc:blank=0,batch_axis=1"
+    out = compare(ref, got[:3], {"y": spec})
+    assert (out.score, out.outputs[0].samples) == (pytest.approx(2 / 3), 3)
+    explicit = parse_metric("y=ctc:blank=0,batch_axis=0")[1]
+    assert metricdetection.metric_specs(ref, {"y": explicit})["y"] == explicit
