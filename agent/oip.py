@@ -126,6 +126,19 @@ def _shape(value: Any, where: str) -> tuple[int, ...]:
     return tuple(value)
 
 
+def _holds_bool(data: Any) -> bool:
+    """Whether JSON ``data`` (nested lists) holds a boolean: numpy reads ``[1, true]`` as
+    the integers ``[1, 1]``, which a number tensor must not take silently."""
+    stack = [data]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, bool):
+            return True
+    return False
+
+
 def _json_tensor(data: Any, datatype: str, shape: tuple[int, ...], where: str) -> np.ndarray:
     dtype = DATATYPES[datatype]
     try:
@@ -137,10 +150,15 @@ def _json_tensor(data: Any, datatype: str, shape: tuple[int, ...], where: str) -
         raise ProtocolError(
             f"{where}.data has {raw.size} values, shape {list(shape)} needs {count}"
         )
-    if raw.size and raw.dtype.kind not in _JSON_KINDS[dtype.kind]:
+    if raw.size and dtype.kind != "b" and raw.dtype.kind != "b" and _holds_bool(data):
+        got = "a boolean among them"
+    elif raw.size and raw.dtype.kind not in _JSON_KINDS[dtype.kind]:
+        got = f"{raw.dtype.name} values"
+    else:
+        got = ""
+    if got:
         raise ProtocolError(
-            f"{where}.data must hold {_KIND_NAMES[dtype.kind]} for {datatype}"
-            f" (got {raw.dtype.name} values)"
+            f"{where}.data must hold {_KIND_NAMES[dtype.kind]} for {datatype} (got {got})"
         )
     if raw.size and dtype.kind in "iu":
         info = np.iinfo(dtype)

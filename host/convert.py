@@ -74,8 +74,6 @@ def missing_extra(what: str, module: str) -> MissingExtra:
 
 FRONTEND_SUFFIXES = frozenset({".pt", ".pt2", ".pth", ".pdmodel"})
 """File suffixes that go to the front-ends; any other file is loaded as ONNX."""
-CONVERTED_NAME = "converted.onnx"
-"""The converted float model, written into the output directory beside ``model.onnx``."""
 
 
 def is_onnx(source: Any) -> bool:
@@ -312,7 +310,7 @@ def convert_to_file(
             f"{converted.source}: the converted model is {size / 1e9:.1f} GB, over the 2 GB "
             "protobuf limit slimfleet works within"
         )
-    path = outdirs.prepare(outdir) / CONVERTED_NAME
+    path = outdirs.prepare(outdir) / outdirs.CONVERTED
     outdirs.write_atomic(path, converted.model.SerializeToString())
     log.info("converted %s to %s", converted.source, path)
     return path

@@ -23,6 +23,8 @@ from slimfleet.host.compress import modelfile
 MODEL = "model.onnx"
 MODEL_DATA = MODEL + ".data"
 """The chosen model's external data, written only when it would pass protobuf's 2 GB."""
+CONVERTED = "converted.onnx"
+"""What a front-end converted a non-ONNX source to, written before the search."""
 REPORT_JSON = "report.json"
 REPORT_HTML = "report.html"
 SAMPLE = "sample.npz"
@@ -95,11 +97,13 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 
 @contextmanager
-def staged(out: Path) -> Iterator[Path]:
+def staged(out: Path, *, converted: bool = False) -> Iterator[Path]:
     """A staging directory inside ``out`` to write one output's files into. When the block
     ends without an error they replace their namesakes in ``out`` (``report.json`` last;
-    an earlier ``model.onnx.data`` the new output lacks is removed); on an error nothing
-    in ``out`` changes. The staging directory is removed either way."""
+    an earlier output's ``model.onnx.data``, and its ``converted.onnx`` unless this output
+    was ``converted`` from a non-ONNX source too, are removed when the new output lacks
+    them); on an error nothing in ``out`` changes. The staging directory is removed
+    either way."""
     stage = Path(tempfile.mkdtemp(dir=out, prefix=STAGE_PREFIX))
     try:
         yield stage
@@ -111,8 +115,9 @@ def staged(out: Path) -> Iterator[Path]:
                 )
         for path in files:
             os.replace(path, out / path.name)
-        if MODEL_DATA not in {p.name for p in files}:
-            (out / MODEL_DATA).unlink(missing_ok=True)  # an earlier output's
+        obsolete = {MODEL_DATA} | (set() if converted else {CONVERTED})
+        for name in obsolete - {p.name for p in files}:
+            (out / name).unlink(missing_ok=True)  # an earlier output's
     finally:
         shutil.rmtree(stage, ignore_errors=True)
 

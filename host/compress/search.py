@@ -216,7 +216,9 @@ def compress(
             doc["warnings"].extend(search.skipped)
             doc["sections"] = report.sections(plugins.pm.hook, doc)
             assert choice.candidate.path is not None
-            report.write(out, doc, choice.candidate.path, samples.evaluation[0])
+            report.write(
+                out, doc, choice.candidate.path, samples.evaluation[0], converted=converted
+            )
     except BaseException:
         if created and out.is_dir() and not any(out.iterdir()):
             out.rmdir()

@@ -63,6 +63,20 @@ BAD_INFERS: list[tuple[str, str, Any, int, str]] = [
         "must hold numbers",
     ),
     (
+        "bools among FP32",
+        "det",
+        {"inputs": [{**_X, "data": [[1.5, True], [0, 2]]}, _M]},
+        400,
+        "must hold numbers",
+    ),
+    (
+        "bools among INT64",
+        "rec",
+        {"inputs": [_input("ids", [1, 3], "INT64", [1, False, 2])]},
+        400,
+        "must hold integers",
+    ),
+    (
         "numbers as BOOL",
         "det",
         {"inputs": [_X, {**_M, "data": [1, 0, 1, 0]}]},

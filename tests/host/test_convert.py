@@ -16,6 +16,7 @@ from onnx import numpy_helper
 
 from slimfleet.agent.errors import InputError
 from slimfleet.host import convert
+from slimfleet.host.compress import outdir
 from slimfleet.host.compress.search import compress
 from slimfleet.host.hookspecs import hookimpl
 from slimfleet.host.plugins import load_plugins, make_plugin_manager
@@ -119,9 +120,15 @@ def test_compress_runs_a_converted_source_end_to_end(tmp_path, samples):
     plugins.pm.register(MlpFrontEnd())
     out = tmp_path / "out"
     result = compress(SOURCE, out, data=samples, passes="simplify", plugins=plugins)
-    assert (out / convert.CONVERTED_NAME).is_file()
+    assert (out / outdir.CONVERTED).is_file()
     assert (out / "model.onnx").is_file()
     assert result.data["candidates"][0]["status"] == "baseline"
+    # an ONNX run into the same OUTDIR replaces that output: the old conversion is not its
+    onnx_model = tmp_path / "m.onnx"
+    onnx_model.write_bytes((out / outdir.CONVERTED).read_bytes())
+    compress(onnx_model, out, data=samples, passes="simplify", plugins=plugins)
+    assert not (out / outdir.CONVERTED).exists()
+    assert (out / "model.onnx").is_file()
 
 
 def test_a_failed_conversion_creates_no_output_directory(tmp_path, samples):
