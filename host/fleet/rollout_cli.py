@@ -141,9 +141,17 @@ def rollout_status(group: str | None, fleet_path: Path, as_json: bool) -> None:
         f"rollout of {record.target} on {group} (slot {record.slot}): {record.state}{reason}, "
         f"{record.completed} of {len(record.waves)} wave(s) passed"
     )
-    for device, t in record.devices.items():
-        p95 = f", p95 {t.p95_before} -> {t.p95_after} ms" if t.p95_after is not None else ""
-        click.echo(f"  {device}: wave {t.wave + 1}, seq {t.seq}, {t.result or 'waiting'}{p95}")
+    for device, touched in record.devices.items():
+        click.echo(f"  {device_line(device, touched, record.state)}")
+
+
+def device_line(device: str, touched: rollouts.Touched, state: str) -> str:
+    """What became of one device in a rollout whose state is ``state``: a device with no
+    outcome is waiting while the rollout runs, and was never heard from once it ended."""
+    t = touched
+    outcome = t.result or ("waiting" if state == rollouts.RUNNING else f"no outcome ({state})")
+    p95 = f", p95 {t.p95_before} -> {t.p95_after} ms" if t.p95_after is not None else ""
+    return f"{device}: wave {t.wave + 1}, seq {t.seq}, {outcome}{p95}"
 
 
 def _act_on_running(

@@ -17,10 +17,12 @@ from slimfleet.agent.deployment import SLOT_MAIN
 from slimfleet.agent.wire import ModelRef
 from slimfleet.host.cli import main
 from slimfleet.host.fleet import deploy
+from slimfleet.host.fleet import rollout as rollouts
 from slimfleet.host.fleet.config import BROKER_ENV, FleetConfig, load_fleet
 from slimfleet.host.fleet.deploy_cli import reissue_loop
 from slimfleet.host.fleet.keys import generate_keys
 from slimfleet.host.fleet.publish import publish_model
+from slimfleet.host.fleet.rollout_cli import device_line
 
 
 @dataclass
@@ -276,3 +278,17 @@ def test_reissue_loop_reports_a_failed_round_and_goes_on(
             {"device": "cam-01", "seq": 2, "outcome": "serving", "stage": None, "reason": None}
         ],
     }
+
+
+def test_rollout_status_says_a_device_was_never_heard_from_once_the_rollout_ended() -> None:
+    # an operator's abort mid-wave left touched devices without outcome: "waiting" misled
+    touched = rollouts.Touched(previous={}, wave=0, seq=4)
+    assert device_line("cam-01", touched, rollouts.RUNNING) == "cam-01: wave 1, seq 4, waiting"
+    assert (
+        device_line("cam-01", touched, rollouts.ABORTED)
+        == "cam-01: wave 1, seq 4, no outcome (aborted)"
+    )
+    served = rollouts.Touched({}, 1, 5, result="serving", p95_before=3.0, p95_after=3.2)
+    assert device_line("cam-02", served, rollouts.DONE) == (
+        "cam-02: wave 2, seq 5, serving, p95 3.0 -> 3.2 ms"
+    )
