@@ -96,13 +96,23 @@ def write_atomic(path: Path, data: bytes) -> None:
     atomic_write_bytes(path, data, mode=0o666)
 
 
+def stale_files(out: Path, source: Path) -> tuple[str, ...]:
+    """Files of an earlier output in ``out`` that an ONNX run from ``source`` replaces
+    and does not write: a front-end run's ``converted.onnx`` (unless it is ``source``
+    itself). Asked before the run, while ``out``'s report.json is still the earlier one's;
+    a directory that holds no earlier output has none (its files are the user's)."""
+    conversion = out / CONVERTED
+    if not earlier_output(out) or not conversion.is_file():
+        return ()
+    return () if conversion.resolve() == source.resolve() else (CONVERTED,)
+
+
 @contextmanager
-def staged(out: Path, *, converted: bool = False) -> Iterator[Path]:
+def staged(out: Path, *, stale: tuple[str, ...] = ()) -> Iterator[Path]:
     """A staging directory inside ``out`` to write one output's files into. When the block
     ends without an error they replace their namesakes in ``out`` (``report.json`` last;
-    an earlier output's ``model.onnx.data``, and its ``converted.onnx`` unless this output
-    was ``converted`` from a non-ONNX source too, are removed when the new output lacks
-    them); on an error nothing in ``out`` changes. The staging directory is removed
+    an earlier ``model.onnx.data`` and the ``stale`` files the new output lacks are
+    removed); on an error nothing in ``out`` changes. The staging directory is removed
     either way."""
     stage = Path(tempfile.mkdtemp(dir=out, prefix=STAGE_PREFIX))
     try:
@@ -115,8 +125,7 @@ def staged(out: Path, *, converted: bool = False) -> Iterator[Path]:
                 )
         for path in files:
             os.replace(path, out / path.name)
-        obsolete = {MODEL_DATA} | (set() if converted else {CONVERTED})
-        for name in obsolete - {p.name for p in files}:
+        for name in {MODEL_DATA, *stale} - {p.name for p in files}:
             (out / name).unlink(missing_ok=True)  # an earlier output's
     finally:
         shutil.rmtree(stage, ignore_errors=True)

@@ -144,12 +144,12 @@ def _npz_bytes(feed: Feed) -> bytes:
 
 
 def write(
-    out: Path, doc: dict[str, Any], model: Path, sample: Feed, *, converted: bool = False
+    out: Path, doc: dict[str, Any], model: Path, sample: Feed, *, stale: tuple[str, ...] = ()
 ) -> None:
     """Write model.onnx (from the file ``model``), report.json, report.html and sample.npz
-    into ``out``, all or none (:func:`~.outdir.staged`): a failed write leaves ``out`` as
-    it was and is an InputError naming the file. ``converted``: the source was converted
-    to ``out/converted.onnx``, which stays."""
+    into ``out``, all or none (:func:`~.outdir.staged`), removing an earlier output's
+    ``stale`` files: a failed write leaves ``out`` as it was and is an InputError naming
+    the file."""
     files = {
         outdir.SAMPLE: _npz_bytes(sample),
         outdir.REPORT_JSON: (json.dumps(doc, indent=2, default=_json_default) + "\n").encode(),
@@ -157,7 +157,7 @@ def write(
     }
     name = outdir.MODEL
     try:
-        with outdir.staged(out, converted=converted) as stage:
+        with outdir.staged(out, stale=stale) as stage:
             outdir.write_model(stage, model)
             for name, data in files.items():
                 outdir.write_atomic(stage / name, data)

@@ -160,8 +160,10 @@ def compress(
         budget.seconds += training * train_budget
         budget.candidate_timeout += training * train_budget
     signature = io_signature(model)
+    stale: tuple[str, ...] = ()
     if not converted:  # a model beside other files in OUTDIR is the user's: --force
         outdir.prepare(out, force=force)
+        stale = outdir.stale_files(out, model_path)
     try:
         samples = load_samples(plugins.pm.hook, data, signature["inputs"], input_shapes)
         with tempfile.TemporaryDirectory(prefix="slimfleet-compress-") as tmp:
@@ -216,9 +218,7 @@ def compress(
             doc["warnings"].extend(search.skipped)
             doc["sections"] = report.sections(plugins.pm.hook, doc)
             assert choice.candidate.path is not None
-            report.write(
-                out, doc, choice.candidate.path, samples.evaluation[0], converted=converted
-            )
+            report.write(out, doc, choice.candidate.path, samples.evaluation[0], stale=stale)
     except BaseException:
         if created and out.is_dir() and not any(out.iterdir()):
             out.rmdir()

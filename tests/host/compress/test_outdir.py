@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import os
 import stat
+from pathlib import Path
 
 import pytest
 
@@ -67,3 +68,27 @@ def test_prepare_removes_what_a_killed_run_left_while_staging(tmp_path):
     (out / "notes.txt").write_text("mine")
     with pytest.raises(InputError, match="is not empty"):
         outdir.prepare(out)
+
+
+def _earlier_output(path: Path) -> Path:
+    path.mkdir()
+    (path / outdir.REPORT_JSON).write_text('{"slimfleet_version": "0"}')
+    (path / outdir.CONVERTED).write_bytes(b"onnx")
+    return path
+
+
+def test_a_front_end_runs_conversion_is_stale_only_in_its_own_earlier_output(tmp_path):
+    out = _earlier_output(tmp_path / "out")
+    assert outdir.stale_files(out, tmp_path / "other.onnx") == (outdir.CONVERTED,)
+    # compressing that conversion itself into its own directory (--force) keeps it
+    assert outdir.stale_files(out, out / outdir.CONVERTED) == ()
+    # a user's directory written into with --force: its converted.onnx is the user's
+    (out / outdir.REPORT_JSON).unlink()
+    assert outdir.stale_files(out, tmp_path / "other.onnx") == ()
+
+
+def test_staged_removes_the_stale_files_the_new_output_lacks(tmp_path):
+    out = _earlier_output(tmp_path / "out")
+    with outdir.staged(out, stale=(outdir.CONVERTED,)) as stage:
+        (stage / outdir.MODEL).write_bytes(b"new")
+    assert sorted(p.name for p in out.iterdir()) == [outdir.MODEL, outdir.REPORT_JSON]
