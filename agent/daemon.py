@@ -65,7 +65,7 @@ from slimfleet.agent.outbox import Outbox
 from slimfleet.agent.report import state_document, tiers
 from slimfleet.agent.serve import HttpApi
 from slimfleet.agent.serving import DeploymentError, DeploymentServer
-from slimfleet.agent.store import AgentState, ModelStore
+from slimfleet.agent.store import AgentState, ModelStore, StateFile
 from slimfleet.agent.telemetry import Telemetry
 from slimfleet.agent.update import Superseded, Timing, UpdateFailed, Updater, check_order
 from slimfleet.agent.wire import EVENT_DESIRED_REFUSED, EVENT_DESIRED_STALE
@@ -124,11 +124,12 @@ class Agent:
         )
         #: Guards _state, _record (the desired state followed), _noticed (a newer one that
         #: is not applied: shown in the state document instead), _updating,
-        #: _serving_revoked and last_update, and orders their writes
+        #: _serving_revoked, last_update and _state_file, and orders their writes
         #: to state.json/desired.json (held for a file write, never for a download,
         #: a model load or a publish).
         self._lock = threading.Lock()
         self._state, self._record = restore(self.store, self.verifier)
+        self._state_file = StateFile(self.store, self.store.load_state())
         self._noticed: Record | None = None
         self._updating = False
         self._serving_revoked: list[Revoked] = []  # revoked models served for want of another
@@ -283,7 +284,8 @@ class Agent:
     def _control(self) -> None:
         attempt, retry_at = 0, None
         while not self._stop.is_set():
-            wake_at = [t for t in (retry_at, expiry_deadline(self._followed())) if t is not None]
+            deadlines = (retry_at, expiry_deadline(self._followed()), self._state_file.retry_at)
+            wake_at = [t for t in deadlines if t is not None]
             timeout = max(0.0, min(wake_at) - time.monotonic()) if wake_at else None
             woken = self._wake.wait(timeout)
             self._wake.clear()
@@ -291,6 +293,8 @@ class Agent:
                 record = self._record
                 if not self._stop.is_set():
                     self._cancel.clear()
+                if self._state_file.retry_at is not None:  # state.json lags (a full disk)
+                    self._save_state(self._state)
             if self._stop.is_set():
                 return
             self._leave_revoked()
@@ -451,10 +455,11 @@ class Agent:
     # -- state and events ---------------------------------------------------------------
 
     def _save_state(self, state: AgentState) -> None:
-        """Persist ``state`` and drop versions nothing points at any more; the caller
-        holds ``_lock``."""
-        self.store.save_state(state)
+        """Adopt ``state``, persist it (a full disk: from memory, :class:`StateFile`) and
+        drop versions nothing points at any more; the caller holds ``_lock``."""
         self._state = state
+        if not self._state_file.save(state):
+            return  # state.json may still point at versions a prune would drop
         try:
             self.store.prune(protect=state.refs())
         except (OSError, SlimfleetError) as exc:

@@ -232,7 +232,10 @@ def restore(store: ModelStore, verifier: Verifier) -> tuple[AgentState, Record |
     merged = merge_freshness(from_state, fresh, now=time.time())
     state = replace(saved or AgentState(), floor=merged.floor, enrolled=merged.enrolled)
     if state != saved:
-        store.save_state(state)
+        try:
+            store.save_state(state)
+        except OSError as exc:  # a full disk: the agent writes it again (StateFile)
+            log.error("cannot write the merged state: %s", exc)
     if record is not None and fresh != merged:
         save_record(store.root, record, merged)
     return state, record

@@ -237,7 +237,8 @@ class ChunkDownload:
             if self.resumed:
                 log.info("%s: resuming with %d/%d chunks", self._label, self.resumed, self.total)
             self._fetch_missing()
-            self.partial.persist()
+            if self.partial.dirty:  # a resumed file already whole needs no write (full disk)
+                self.partial.persist()
             return self.partial.verify()
         finally:
             self.partial.close()

@@ -402,3 +402,38 @@ class ModelStore:
                 shutil.rmtree(path, ignore_errors=True)
             else:
                 path.unlink(missing_ok=True)
+
+
+class StateFile:
+    """state.json as the agent last adopted it: written only when it differs from what the
+    disk holds, and never raising on a disk error (full, read-only, failing). The agent
+    then goes on from memory and says so once; :attr:`retry_at` says when to write again.
+    Guards nothing itself: the agent calls it under the lock that guards its state."""
+
+    RETRY_S = 10.0
+
+    def __init__(self, store: ModelStore, saved: AgentState | None) -> None:
+        self.store = store
+        self.saved = saved
+        """What state.json holds (None: unknown or absent)."""
+        self.error: str | None = None
+        """Why the last write failed, while the disk lags behind memory."""
+        self.retry_at: float | None = None
+        """time.monotonic() at which to write again, while the disk lags behind memory."""
+
+    def save(self, state: AgentState) -> bool:
+        """Write ``state`` unless state.json already holds it; False when the disk refused
+        (logged when the reason changes, and retried by the caller at :attr:`retry_at`)."""
+        if state == self.saved:
+            return True
+        try:
+            self.store.save_state(state)
+        except OSError as exc:
+            if str(exc) != self.error:
+                log.error("cannot write %s (%s): going on from memory", self.store.state_path, exc)
+            self.error, self.retry_at = str(exc), time.monotonic() + self.RETRY_S
+            return False
+        if self.error is not None:
+            log.info("%s written again", self.store.state_path)
+        self.saved, self.error, self.retry_at = state, None, None
+        return True

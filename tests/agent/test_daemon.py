@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import threading
 import time
@@ -12,6 +13,7 @@ import pytest
 from brokers import free_port
 
 from slimfleet.agent.errors import SlimfleetError
+from slimfleet.agent.store import ModelStore, StateFile
 from slimfleet.agent.wire import Manifest, ModelRef, make_manifest
 from slimfleet.host.fleet.broker import EmbeddedBroker
 from slimfleet.host.fleet.publish import build_manifest, publish_manifest
@@ -485,3 +487,40 @@ def test_a_failed_install_keeps_the_download_and_the_retry_installs_it(agent, ri
     again = [e for e in watcher.events("download_progress") if e["model"] == ref("n", 1)]
     assert again == first
     assert not list((agent.store.root / "partial").glob("n-1-*"))
+
+
+def test_a_full_disk_never_stops_the_agent_and_state_json_catches_up(
+    agent, rig, watcher, monkeypatch, caplog
+):
+    # A disk full while state.json is written (after a swap, on a desired state, at the
+    # end of a watch window) raised out of the agent: the swap was reported as failed
+    # and retried, the desired state was lost, and a restart exited 70 (the device dark).
+    real_save = ModelStore.save_state
+
+    def no_space(store, state):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(StateFile, "RETRY_S", 0.2)
+    monkeypatch.setattr(ModelStore, "save_state", no_space)
+    rig.publish(models.add_const(2.0), 2)
+    rig.assign(2)
+    watcher.wait("state", lambda s: outcome(s) == (2, "serving"))
+    assert served_const(agent) == 2.0
+    assert "No space left on device" in caplog.text
+    assert agent.store.load_state().current["main"].primary == ModelRef("m", 1)
+    assert agent.store.has(ModelRef("m", 1))  # kept: state.json still points at it
+
+    monkeypatch.setattr(ModelStore, "save_state", real_save)  # room again
+    deadline = time.monotonic() + 10
+    while agent.store.load_state().current["main"].primary != ModelRef("m", 2):
+        assert time.monotonic() < deadline, "state.json never caught up"
+        time.sleep(0.05)
+
+    agent.stop()
+    monkeypatch.setattr(ModelStore, "save_state", no_space)  # full again, then a restart
+    restarted = rig.agent(f"mqtt://127.0.0.1:{free_port()}")
+    restarted.start()
+    try:
+        assert served_const(restarted) == 2.0
+    finally:
+        restarted.stop()

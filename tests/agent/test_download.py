@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 import time
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 from brokers import Mosquitto
 
+from slimfleet.agent import download
 from slimfleet.agent.download import ChunkDownload, DownloadCancelled, DownloadError, PartialFile
 from slimfleet.agent.errors import VerifyError
 from slimfleet.agent.link import Backoff, Link
@@ -213,3 +215,22 @@ def test_a_failing_preallocation_leaks_no_file_descriptor(link, prefix, tmp_path
         with pytest.raises(OSError):
             download.run()
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_a_whole_download_resumed_on_a_full_disk_needs_no_write(
+    link, publisher, prefix, tmp_path, monkeypatch
+):
+    # an install that failed on a full disk keeps the download; the retry resumed it and
+    # rewrote its unchanged bitmap, which a full disk refused: "download: No space left"
+    topics = Topics(prefix)
+    data, manifest, chunks = make_file()
+    put_chunks(publisher, topics, manifest, chunks)
+    ChunkDownload(link, topics, manifest, tmp_path, max_bytes=10**6).run()
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(download, "atomic_write_bytes", no_space)
+    again = ChunkDownload(link, topics, manifest, tmp_path, max_bytes=10**6)
+    assert again.run().read_bytes() == data
+    assert again.resumed == again.total
