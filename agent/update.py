@@ -16,7 +16,9 @@ Failures raise :class:`UpdateFailed` with the stage of the wire format (``verify
 
 from __future__ import annotations
 
+import errno
 import logging
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -256,6 +258,16 @@ class Updater:
             )
         return manifest
 
+    def _space(self, exc: Exception, ref: ModelRef, size: int) -> str:
+        """Why a download failed; a full disk says how much the model needs and is free."""
+        if not (isinstance(exc, OSError) and exc.errno == errno.ENOSPC):
+            return str(exc)
+        try:
+            free = f"{shutil.disk_usage(self.store.partial_dir()).free} bytes free"
+        except OSError:
+            free = "free space unknown"
+        return f"the store's disk is full: {ref} needs {size} bytes, {free}"
+
     def _download(self, manifest: Manifest, seq: int) -> ChunkDownload:
         """Fetch and verify the model file (``download.partial.data_path``)."""
         ref = ModelRef(manifest.name, manifest.version)
@@ -293,7 +305,7 @@ class Updater:
             )
             raise UpdateFailed(STAGE_DOWNLOAD, str(exc)) from None
         except (DownloadError, OSError) as exc:
-            raise UpdateFailed(STAGE_DOWNLOAD, str(exc)) from None
+            raise UpdateFailed(STAGE_DOWNLOAD, self._space(exc, ref, manifest.size)) from None
         log.info(
             "downloaded %s: %d bytes in %.2fs (%d chunks resumed)",
             ref,

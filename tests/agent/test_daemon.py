@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from brokers import free_port
 
+from slimfleet.agent.download import PartialFile
 from slimfleet.agent.errors import SlimfleetError
 from slimfleet.agent.store import ModelStore, StateFile
 from slimfleet.agent.wire import Manifest, ModelRef, make_manifest
@@ -524,3 +525,17 @@ def test_a_full_disk_never_stops_the_agent_and_state_json_catches_up(
         assert served_const(restarted) == 2.0
     finally:
         restarted.stop()
+
+
+def test_a_model_the_disk_cannot_hold_is_pending_with_its_size(agent, rig, watcher, monkeypatch):
+    def no_space(partial):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(PartialFile, "open", no_space)  # preallocation on a full disk
+    rig.publish(models.add_const(5.0, pad_bytes=100_000), 1, name="n")
+    rig.deploy({"main": "n@1"})
+    state = watcher.wait("state", lambda s: (s["desired"] or {}).get("stage") == "download")
+    assert outcome(state) == (2, "pending")
+    assert state["desired"]["reason"].startswith("the store's disk is full: n@1 needs ")
+    assert "bytes free" in state["desired"]["reason"]
+    assert served_const(agent) == 1.0
