@@ -49,7 +49,7 @@ from slimfleet.agent.desired import (
     restore,
     save_record,
 )
-from slimfleet.agent.errors import SlimfleetError, VerifyError
+from slimfleet.agent.errors import VerifyError
 from slimfleet.agent.fallback import (
     STAGE_REVOKED,
     Revoked,
@@ -129,7 +129,7 @@ class Agent:
         #: a model load or a publish).
         self._lock = threading.Lock()
         self._state, self._record = restore(self.store, self.verifier)
-        self._state_file = StateFile(self.store, self.store.load_state())
+        self._state_file = StateFile(self.store, self.store.load_state(), self._rewrite_state)
         self._noticed: Record | None = None
         self._updating = False
         self._serving_revoked: list[Revoked] = []  # revoked models served for want of another
@@ -192,6 +192,7 @@ class Agent:
         self._wake.set()
         for thread in self._threads:
             thread.join(timeout=30)
+        self._state_file.close()
         self.link.stop()
         if self.http is not None:
             self.http.stop()
@@ -284,8 +285,7 @@ class Agent:
     def _control(self) -> None:
         attempt, retry_at = 0, None
         while not self._stop.is_set():
-            deadlines = (retry_at, expiry_deadline(self._followed()), self._state_file.retry_at)
-            wake_at = [t for t in deadlines if t is not None]
+            wake_at = [t for t in (retry_at, expiry_deadline(self._followed())) if t is not None]
             timeout = max(0.0, min(wake_at) - time.monotonic()) if wake_at else None
             woken = self._wake.wait(timeout)
             self._wake.clear()
@@ -293,8 +293,6 @@ class Agent:
                 record = self._record
                 if not self._stop.is_set():
                     self._cancel.clear()
-                if self._state_file.retry_at is not None:  # state.json lags (a full disk)
-                    self._save_state(self._state)
             if self._stop.is_set():
                 return
             self._leave_revoked()
@@ -455,15 +453,14 @@ class Agent:
     # -- state and events ---------------------------------------------------------------
 
     def _save_state(self, state: AgentState) -> None:
-        """Adopt ``state``, persist it (a full disk: from memory, :class:`StateFile`) and
-        drop versions nothing points at any more; the caller holds ``_lock``."""
+        """Adopt ``state``, persist it and drop versions nothing points at any more (a full
+        disk: from memory, see :class:`StateFile`); the caller holds ``_lock``."""
         self._state = state
-        if not self._state_file.save(state):
-            return  # state.json may still point at versions a prune would drop
-        try:
-            self.store.prune(protect=state.refs())
-        except (OSError, SlimfleetError) as exc:
-            log.warning("pruning the store failed: %s", exc)
+        self._state_file.save(state)
+
+    def _rewrite_state(self) -> None:  # on a timer thread, while state.json lags (full disk)
+        with self._lock:
+            self._save_state(self._state)
 
     def state_document(self) -> dict[str, Any]:
         """What the agent publishes, retained, on ``devices/<id>/state``."""

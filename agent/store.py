@@ -25,9 +25,10 @@ import os
 import shutil
 import stat
 import tempfile
+import threading
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -407,33 +408,57 @@ class ModelStore:
 class StateFile:
     """state.json as the agent last adopted it: written only when it differs from what the
     disk holds, and never raising on a disk error (full, read-only, failing). The agent
-    then goes on from memory and says so once; :attr:`retry_at` says when to write again.
-    Guards nothing itself: the agent calls it under the lock that guards its state."""
+    then goes on from memory and says so once, and ``on_due`` is called on a timer thread
+    every :attr:`RETRY_S` until a write succeeds. Guards nothing itself: the agent calls
+    :meth:`save` (also from ``on_due``) under the lock that guards its state."""
 
     RETRY_S = 10.0
 
-    def __init__(self, store: ModelStore, saved: AgentState | None) -> None:
+    def __init__(
+        self, store: ModelStore, saved: AgentState | None, on_due: Callable[[], None]
+    ) -> None:
         self.store = store
         self.saved = saved
         """What state.json holds (None: unknown or absent)."""
         self.error: str | None = None
         """Why the last write failed, while the disk lags behind memory."""
-        self.retry_at: float | None = None
-        """time.monotonic() at which to write again, while the disk lags behind memory."""
+        self.on_due = on_due
+        self._timer: threading.Timer | None = None
 
     def save(self, state: AgentState) -> bool:
-        """Write ``state`` unless state.json already holds it; False when the disk refused
-        (logged when the reason changes, and retried by the caller at :attr:`retry_at`)."""
-        if state == self.saved:
-            return True
+        """Write ``state`` unless state.json already holds it, then drop versions nothing
+        points at any more; False when the disk refused (logged when the reason changes;
+        ``on_due`` is called to write again, and nothing is pruned while state.json may
+        still point at versions memory has left)."""
+        if state != self.saved:
+            try:
+                self.store.save_state(state)
+            except OSError as exc:
+                if str(exc) != self.error:
+                    log.error(
+                        "cannot write %s (%s): going on from memory", self.store.state_path, exc
+                    )
+                self.error = str(exc)
+                self._schedule()
+                return False
+            if self.error is not None:
+                log.info("%s written again", self.store.state_path)
+            self.saved, self.error = state, None
         try:
-            self.store.save_state(state)
-        except OSError as exc:
-            if str(exc) != self.error:
-                log.error("cannot write %s (%s): going on from memory", self.store.state_path, exc)
-            self.error, self.retry_at = str(exc), time.monotonic() + self.RETRY_S
-            return False
-        if self.error is not None:
-            log.info("%s written again", self.store.state_path)
-        self.saved, self.error, self.retry_at = state, None, None
+            self.store.prune(protect=state.refs())
+        except (OSError, SlimfleetError) as exc:
+            log.warning("pruning the store failed: %s", exc)
         return True
+
+    def _schedule(self) -> None:
+        timer = self._timer
+        if timer is not None and timer.is_alive() and timer is not threading.current_thread():
+            return  # one retry pending is enough
+        self._timer = threading.Timer(self.RETRY_S, self.on_due)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def close(self) -> None:
+        """Cancel a pending retry (the agent is stopping)."""
+        if self._timer is not None:
+            self._timer.cancel()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -10,6 +11,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -17,7 +19,7 @@ import pytest
 
 from slimfleet.agent.deployment import SlotSpec
 from slimfleet.agent.errors import SlimfleetError
-from slimfleet.agent.store import AgentState, ModelStore, atomic_write_bytes
+from slimfleet.agent.store import AgentState, ModelStore, StateFile, atomic_write_bytes
 from slimfleet.agent.wire import ModelRef
 
 
@@ -347,3 +349,29 @@ def test_an_install_that_fails_with_efbig_keeps_the_download(tmp_path: Path) -> 
     assert not store.has(ModelRef("m", 1)) and leftovers(store.root) == []
     store.install(ModelRef("m", 1), source, b"m" * 4096)  # the retry, with room
     assert store.model_path(ModelRef("m", 1)).read_bytes() == b"the downloaded model" * 1000
+
+
+def test_state_file_goes_on_from_memory_and_writes_again_on_a_timer(tmp_path, monkeypatch):
+    # a full disk at the end of a watch window (a serving thread's write) was never
+    # retried: state.json kept the old last_good until the next desired state
+    store = ModelStore(tmp_path / "store")
+    due = threading.Event()
+    state_file = StateFile(store, None, due.set)
+    monkeypatch.setattr(StateFile, "RETRY_S", 0.05)
+    real_save = ModelStore.save_state
+
+    def no_space(self, state):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ModelStore, "save_state", no_space)
+    state = AgentState(floor=3)
+    results = []
+    writer = threading.Thread(target=lambda: results.append(state_file.save(state)))
+    writer.start()
+    writer.join()
+    assert results == [False] and store.load_state() is None
+    assert due.wait(5), "no retry was scheduled"
+    monkeypatch.setattr(ModelStore, "save_state", real_save)
+    assert state_file.save(state) and store.load_state() == state
+    assert state_file.error is None
+    state_file.close()
