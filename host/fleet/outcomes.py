@@ -75,6 +75,9 @@ class Outcome:
     def line(self) -> str:
         if self.outcome == REFUSED:
             return f"{self.device}: refused at {self.stage or '?'}: {self.reason or 'no reason'}"
+        if self.outcome == PENDING and self.stage:  # a transient failure, retried
+            why = f"{self.stage}: {self.reason}" if self.reason else self.stage
+            return f"{self.device}: pending at {why} (retrying seq {self.seq})"
         if self.outcome == PENDING:
             return f"{self.device}: no answer (still working on seq {self.seq})"
         if self.outcome == SUPERSEDED:

@@ -46,6 +46,12 @@ def test_outcome_of_a_state_document() -> None:
     refused = outcome_of("d", 3, state(3, "refused", stage="smoke_test", reason="output differs"))
     assert not refused.ok
     assert refused.line() == "d: refused at smoke_test: output differs"
+    # a device retrying after a transient failure said "no answer": its reason was hidden
+    full = state(3, "pending", stage="download", reason="the store's disk is full")
+    assert outcome_of("d", 3, full).line() == (
+        "d: pending at download: the store's disk is full (retrying seq 3)"
+    )
+    assert outcome_of("d", 3, state(3, "pending")).line() == "d: no answer (still working on seq 3)"
 
 
 @pytest.mark.parametrize(
