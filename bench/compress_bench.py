@@ -131,7 +131,7 @@ def ocr_samples(count: int, seed: int) -> list[np.ndarray]:
 def readable_ocr_samples(count: int, seed: int) -> list[np.ndarray]:
     """``count`` plain 4-character captchas that fp32 common.onnx reads right (case
     aside), the kind its users rely on it for: ``[1, 1, 64, 213]`` inputs. Prints how many
-    it drew to find them (fp32 reads about 95%); refuses when it reads under a quarter."""
+    it drew to find them (fp32 reads about 93%); refuses when it reads under a quarter."""
     fp32 = session(Path(importlib.import_module("ddddocr").__file__).parent / "common.onnx")
     charset = _charset()
     samples: list[np.ndarray] = []
@@ -140,7 +140,7 @@ def readable_ocr_samples(count: int, seed: int) -> list[np.ndarray]:
         drawn += 1
         x = _ocr_input(image)
         (read,) = judging.greedy_ctc(fp32.run(None, {"input1": x})[0], time_axis=0, blank=0)
-        if "".join(charset[i] for i in read).lower() == text.lower():
+        if "".join(charset[i] for i in read).casefold() == text.casefold():
             samples.append(x)
             if len(samples) == count:
                 break
