@@ -424,6 +424,7 @@ class StateFile:
         """Why the last write failed, while the disk lags behind memory."""
         self.on_due = on_due
         self._timer: threading.Timer | None = None
+        self._closed = False
 
     def save(self, state: AgentState) -> bool:
         """Write ``state`` unless state.json already holds it, then drop versions nothing
@@ -452,6 +453,8 @@ class StateFile:
 
     def _schedule(self) -> None:
         timer = self._timer
+        if self._closed:
+            return  # the agent stopped: the next start writes what differs
         if timer is not None and timer.is_alive() and timer is not threading.current_thread():
             return  # one retry pending is enough
         self._timer = threading.Timer(self.RETRY_S, self.on_due)
@@ -459,6 +462,7 @@ class StateFile:
         self._timer.start()
 
     def close(self) -> None:
-        """Cancel a pending retry (the agent is stopping)."""
+        """Cancel a pending retry and schedule no more (the agent is stopping)."""
+        self._closed = True
         if self._timer is not None:
             self._timer.cancel()
