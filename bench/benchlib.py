@@ -17,9 +17,10 @@ import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import psutil
@@ -35,6 +36,24 @@ SAMPLE_EVERY = 0.2
 def session(path: Path):
     """A one-thread, sequential CPU session: the options the agent serves with."""
     return open_session(path, 1)
+
+
+T = TypeVar("T")
+
+
+def read_right(drawn: Iterable[tuple[str, T]], read: Callable[[T], str], count: int):
+    """The first ``count`` inputs of ``drawn`` (``(text, input)`` pairs) whose text
+    ``read`` (the fp32 model's reading) gets right, and how many were drawn to find them
+    (fewer kept when ``drawn`` runs out): the captchas a user relies on the model for."""
+    kept: list[T] = []
+    tried = 0
+    for text, item in drawn:
+        tried += 1
+        if read(item) == text:
+            kept.append(item)
+            if len(kept) == count:
+                break
+    return kept, tried
 
 
 def outputs_of(path: Path, feeds: Sequence[Feed]) -> list[list[np.ndarray]]:

@@ -36,7 +36,7 @@ from pathlib import Path
 import click
 import judging
 import numpy as np
-from benchlib import GIB, CompressRun, Row, cpu_note, format_table, session
+from benchlib import GIB, CompressRun, Row, cpu_note, format_table, read_right, session
 from sidebyside import Limits, compare
 
 PACKAGES = {"ddddocr": "ddddocr", "captcha": "captcha", "cv2": "opencv-python-headless"}
@@ -133,20 +133,17 @@ def readable_ocr_samples(count: int, seed: int) -> list[np.ndarray]:
     aside), the kind its users rely on it for: ``[1, 1, 64, 213]`` inputs. Prints how many
     it drew to find them (fp32 reads about 93%); refuses when it reads under a quarter."""
     fp32 = session(Path(importlib.import_module("ddddocr").__file__).parent / "common.onnx")
-    charset = _charset()
-    samples: list[np.ndarray] = []
-    drawn = 0
-    for text, image in _captchas(4 * count, seed, _plain(READABLE_SIZE), (4, 4)):
-        drawn += 1
-        x = _ocr_input(image)
-        (read,) = judging.greedy_ctc(fp32.run(None, {"input1": x})[0], time_axis=0, blank=0)
-        if "".join(charset[i] for i in read).casefold() == text.casefold():
-            samples.append(x)
-            if len(samples) == count:
-                break
+
+    def read(x: np.ndarray) -> str:
+        (ids,) = judging.greedy_ctc(fp32.run(None, {"input1": x})[0], time_axis=0, blank=0)
+        return _caseless(ids)
+
+    drawn = _captchas(4 * count, seed, _plain(READABLE_SIZE), (4, 4))
+    pairs = ((text.casefold(), _ocr_input(image)) for text, image in drawn)
+    samples, tried = read_right(pairs, read, count)
     if len(samples) < count:
-        raise click.ClickException(f"fp32 read only {len(samples)} of {drawn} captchas right")
-    click.echo(f"  fp32 read {count} of the first {drawn} captchas right (seed {seed})", err=True)
+        raise click.ClickException(f"fp32 read only {len(samples)} of {tried} captchas right")
+    click.echo(f"  fp32 read {count} of the first {tried} captchas right (seed {seed})", err=True)
     return samples
 
 
@@ -174,12 +171,15 @@ def _charset() -> list[str]:
     return ddddocr.charsets.CHARSET_BETA
 
 
+def _caseless(ids: tuple[int, ...]) -> str:
+    """The text common.onnx's class ids spell, letter case folded."""
+    charset = _charset()
+    return "".join(charset[i] for i in ids).casefold()
+
+
 EXACT_TEXT = judging.ctc_text(time_axis=0, blank=0)
 CASELESS_TEXT = judging.ctc_text(
-    time_axis=0,
-    blank=0,
-    spell=lambda ids: "".join(_charset()[i] for i in ids).casefold(),
-    name="text equality, case aside",
+    time_axis=0, blank=0, spell=_caseless, name="text equality, case aside"
 )
 
 

@@ -32,7 +32,7 @@ import corpus_inputs
 import judging
 import numpy as np
 import onnx
-from benchlib import latencies_ms, outputs_of, session
+from benchlib import latencies_ms, outputs_of, read_right, session
 from compress_bench import ensure_packages, ocr_samples, readable_ocr_samples
 from corpus_bench import DEFAULT_CORPUS, case_name
 from corpus_fetch import DEFAULT_CACHE, FetchError, fetch
@@ -93,15 +93,16 @@ def _captcha_crnn() -> Path:
 def _captcha_crnn_read_right(count: int, seed: int) -> list[corpus_inputs.Feed]:
     """``count`` of the corpus's captchas that fp32 captcha_crnn reads right."""
     fp32 = session(_captcha_crnn())
-    drawn = corpus_inputs.captcha_crnn(4 * count, seed, Path())
-    kept = []
-    for feed, text in zip(drawn.feeds, drawn.texts, strict=True):
+
+    def read(feed: corpus_inputs.Feed) -> str:
         (ids,) = judging.greedy_ctc(fp32.run(None, feed)[0], time_axis=0, blank=36)
-        if "".join(corpus_inputs.CAPTCHA_LABELS[i] for i in ids) == text:
-            kept.append(feed)
-            if len(kept) == count:
-                return kept
-    raise click.ClickException(f"fp32 read only {len(kept)} of {4 * count} captchas right")
+        return "".join(corpus_inputs.CAPTCHA_LABELS[i] for i in ids)
+
+    drawn = corpus_inputs.captcha_crnn(4 * count, seed, Path())
+    kept, tried = read_right(zip(drawn.texts, drawn.feeds, strict=True), read, count)
+    if len(kept) < count:
+        raise click.ClickException(f"fp32 read only {len(kept)} of {tried} captchas right")
+    return kept
 
 
 def _feeds(samples: Callable[[int, int], list[np.ndarray]]):

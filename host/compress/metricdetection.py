@@ -104,12 +104,16 @@ def _sequence_layout(array: np.ndarray) -> int | None:
     """The batch axis of a ``[N, T, C]`` / ``[T, N, C]`` sequence output, or None."""
     if array.ndim != 3 or not class_axis(array):
         return None
-    first, second = array.shape[:2]
-    if first > 1 and second == 1:
-        return 1  # [T, 1, C]: time-major, as CTC recognisers export
-    if second > 1:
+    if _time_major(array):
+        return 1
+    if array.shape[1] > 1:
         return 0
     return None  # a single step: plain class scores
+
+
+def _time_major(array: np.ndarray) -> bool:
+    """``[T, 1, C]`` with T > 1: time-major, as CTC recognisers export it."""
+    return array.ndim == 3 and array.shape[0] > 1 and array.shape[1] == 1
 
 
 def _with_layout(spec: MetricSpec, first: np.ndarray) -> MetricSpec:
@@ -118,8 +122,7 @@ def _with_layout(spec: MetricSpec, first: np.ndarray) -> MetricSpec:
     one-step sequences would count characters, not texts)."""
     if spec.kind not in ("ctc", "steps") or "batch_axis" in dict(spec.options):
         return spec
-    time_major = first.ndim == 3 and first.shape[0] > 1 and first.shape[1] == 1
-    return replace(spec, options=(*spec.options, ("batch_axis", 1 if time_major else 0)))
+    return replace(spec, options=(*spec.options, ("batch_axis", 1 if _time_major(first) else 0)))
 
 
 def _leading_squeezed(array: np.ndarray) -> np.ndarray:
