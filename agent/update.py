@@ -258,15 +258,26 @@ class Updater:
             )
         return manifest
 
-    def _space(self, exc: Exception, ref: ModelRef, size: int) -> str:
-        """Why a download failed; a full disk says how much the model needs and is free."""
+    def _space(self, exc: Exception, ref: ModelRef, size: int) -> UpdateFailed:
+        """Why a download failed. A full disk says how much the model needs and is free,
+        and is final when the model is larger than the whole disk (no retry could fit it);
+        otherwise the retries wait for room."""
         if not (isinstance(exc, OSError) and exc.errno == errno.ENOSPC):
-            return str(exc)
+            return UpdateFailed(STAGE_DOWNLOAD, str(exc))
         try:
-            free = f"{shutil.disk_usage(self.store.partial_dir()).free} bytes free"
+            usage = shutil.disk_usage(self.store.partial_dir())
         except OSError:
-            free = "free space unknown"
-        return f"the store's disk is full: {ref} needs {size} bytes, {free}"
+            usage = None
+        if usage is not None and size > usage.total:
+            return UpdateFailed(
+                STAGE_DOWNLOAD,
+                f"{ref} needs {size} bytes, more than the store's whole disk ({usage.total} bytes)",
+                permanent=True,
+            )
+        free = f"{usage.free} bytes free" if usage is not None else "free space unknown"
+        return UpdateFailed(
+            STAGE_DOWNLOAD, f"the store's disk is full: {ref} needs {size} bytes, {free}"
+        )
 
     def _download(self, manifest: Manifest, seq: int) -> ChunkDownload:
         """Fetch and verify the model file (``download.partial.data_path``)."""
@@ -305,7 +316,7 @@ class Updater:
             )
             raise UpdateFailed(STAGE_DOWNLOAD, str(exc)) from None
         except (DownloadError, OSError) as exc:
-            raise UpdateFailed(STAGE_DOWNLOAD, self._space(exc, ref, manifest.size)) from None
+            raise self._space(exc, ref, manifest.size) from None
         log.info(
             "downloaded %s: %d bytes in %.2fs (%d chunks resumed)",
             ref,

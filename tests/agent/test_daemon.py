@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import errno
 import json
+import shutil
 import threading
 import time
+from collections import namedtuple
 
 import models
 import numpy as np
@@ -29,6 +31,10 @@ def ref(name: str, version: int) -> dict:
 def main(name: str, version: int) -> dict:
     """What the state document and events say slot main serves."""
     return {"main": [ref(name, version)]}
+
+
+Usage = namedtuple("Usage", "total used free")
+"""What ``shutil.disk_usage`` returns."""
 
 
 def outcome(state: dict) -> tuple:
@@ -538,4 +544,25 @@ def test_a_model_the_disk_cannot_hold_is_pending_with_its_size(agent, rig, watch
     assert outcome(state) == (2, "pending")
     assert state["desired"]["reason"].startswith("the store's disk is full: n@1 needs ")
     assert "bytes free" in state["desired"]["reason"]
+    assert served_const(agent) == 1.0
+
+
+def test_a_model_larger_than_the_whole_disk_is_refused_not_retried(
+    agent, rig, watcher, monkeypatch
+):
+    def no_space(partial):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def tiny_disk(path):
+        return Usage(total=50_000, used=40_000, free=10_000)
+
+    monkeypatch.setattr(PartialFile, "open", no_space)
+    monkeypatch.setattr(shutil, "disk_usage", tiny_disk)
+    rig.publish(models.add_const(5.0, pad_bytes=100_000), 1, name="n")
+    rig.deploy({"main": "n@1"})
+    refused = watcher.event("desired_refused", stage="download")
+    assert "more than the store's whole disk (50000 bytes)" in refused["reason"]
+    assert refused["reason"].startswith("n@1 needs ")
+    state = watcher.wait("state", lambda s: (s["desired"] or {}).get("outcome") == "refused")
+    assert outcome(state)[1] == "refused"
     assert served_const(agent) == 1.0
