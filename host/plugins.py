@@ -30,6 +30,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "slimfleet.plugins.simplify",
     "slimfleet.plugins.ortopt",
     "slimfleet.plugins.quantize_dynamic",
+    "slimfleet.plugins.smoothquant",
     "slimfleet.plugins.gptq",
     "slimfleet.plugins.quantize_static",
     "slimfleet.plugins.fp16",

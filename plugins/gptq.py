@@ -33,17 +33,23 @@ from typing import Any
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import numpy_helper
 
 from slimfleet.agent.runtime import open_session
 from slimfleet.host.compress.modelfile import with_outputs
 from slimfleet.host.hookspecs import hookimpl
-from slimfleet.host.passes import Feed, Option, Pass, PassContext, PassResult
+from slimfleet.host.passes import Option, Pass, PassContext, PassResult
 from slimfleet.host.registry import Registry
 from slimfleet.plugins import quantization as q
-from slimfleet.plugins.onnxgraph import copy_model, describe_counts, float_attr
-from slimfleet.plugins.prune import int_attr
+from slimfleet.plugins.layerweights import (
+    LstmState,
+    Weight,
+    fetch,
+    layer_weights,
+    name_lstm_outputs,
+    width,
+)
+from slimfleet.plugins.onnxgraph import copy_model, describe_counts
 
 SUPPORTED = ("Gemm", "LSTM", "MatMul")
 QMAX = 127
@@ -54,62 +60,6 @@ HESSIAN_SHARE = 4
 """The matrices of one group may take 1/HESSIAN_SHARE of the pass's memory limit."""
 UNLIMITED_MEMORY = 4 << 30
 """What the pass plans with when it has no memory limit."""
-
-
-@dataclass(frozen=True)
-class Weight:
-    """One weight matrix to round and where its inputs come from.
-
-    Its rows (output channel x input) are ``tensor`` itself, its transpose
-    (``transposed``: MatMul's [K, N], Gemm's B without transB), or slice ``direction``
-    of an LSTM's [D, 4H, K] W or R.
-    """
-
-    node: str
-    op_type: str
-    tensor: str
-    source: str
-    """The tensor whose values are this weight's inputs; ``LSTM_STATE`` keys for R."""
-    transposed: bool = False
-    direction: int | None = None
-    bias: tuple[str, int, int] | None = None
-    """The bias initializer and the [start, stop) of it (flattened) these outputs add to."""
-
-    def rows(self, array: np.ndarray) -> np.ndarray:
-        if self.direction is not None:
-            return array[self.direction]
-        return array.T if self.transposed else array
-
-    def write(self, array: np.ndarray, rows: np.ndarray) -> None:
-        if self.direction is not None:
-            array[self.direction] = rows
-        elif self.transposed:
-            array[...] = rows.T
-        else:
-            array[...] = rows
-
-
-@dataclass(frozen=True)
-class LstmState:
-    """Where an LSTM's previous hidden states come from: output ``y`` of ``node``."""
-
-    y: str
-    direction: int
-    reverse: bool
-    layout: int
-
-    @property
-    def key(self) -> str:
-        return f"{self.y}#h{self.direction}"
-
-    def previous(self, y: np.ndarray) -> np.ndarray:
-        """[steps*batch, H] hidden states each step starts from (zeros before the first)."""
-        if self.layout:  # [B, T, D, H] -> [T, D, B, H]
-            y = y.transpose(1, 2, 0, 3)
-        states = y[:, self.direction]
-        zeros = np.zeros_like(states[:1])
-        moved = (states[1:], zeros) if self.reverse else (zeros, states[:-1])
-        return np.concatenate(moved).reshape(-1, states.shape[-1])
 
 
 @dataclass
@@ -157,11 +107,10 @@ class Gptq(Pass):
             return "needs calibration data"
         if not options["damp"] > 0:
             return f"damp must be > 0, got {options['damp']}"
-        exclude = options["exclude_nodes"]
-        nodes = q.selected(model, options["op_types"], SUPPORTED, exclude)
-        if not nodes:
-            return q.no_targets_reason(model, options["op_types"], SUPPORTED, exclude)
-        if not targets(model, nodes)[0]:
+        nodes, reason = q.targets(model, options["op_types"], SUPPORTED, options["exclude_nodes"])
+        if reason:
+            return reason
+        if not layer_weights(model, nodes)[0]:
             return "no MatMul, Gemm or LSTM node has float32 weights in an initializer"
         return None
 
@@ -169,9 +118,9 @@ class Gptq(Pass):
         self, model: onnx.ModelProto, context: PassContext, options: dict[str, Any]
     ) -> PassResult:
         out = copy_model(model)
-        _name_lstm_outputs(out)
+        name_lstm_outputs(out)
         nodes = q.selected(out, options["op_types"], SUPPORTED, options["exclude_nodes"])
-        weights, states = targets(out, nodes)
+        weights, states = layer_weights(out, nodes)
         inits = {t.name: t for t in out.graph.initializer}
         budget = (context.memory or UNLIMITED_MEMORY) // HESSIAN_SHARE
         for group in _groups(weights, inits, budget):
@@ -186,98 +135,6 @@ class Gptq(Pass):
         return PassResult(out, changed=True, notes=notes)
 
 
-def targets(
-    model: onnx.ModelProto, nodes: list[onnx.NodeProto]
-) -> tuple[list[Weight], dict[str, LstmState]]:
-    """The weight matrices of ``nodes`` this pass can round (others stay as they are), and
-    the LSTM hidden states some of them read, by key."""
-    inits = {t.name: t for t in model.graph.initializer}
-    produced = {o for n in model.graph.node for o in n.output} | {i.name for i in model.graph.input}
-
-    def weight(name: str, rank: int) -> bool:
-        tensor = inits.get(name)
-        return (
-            tensor is not None
-            and tensor.data_type == onnx.TensorProto.FLOAT
-            and (len(tensor.dims) == rank)
-        )
-
-    weights: list[Weight] = []
-    states: dict[str, LstmState] = {}
-    for node in nodes:
-        if node.input[0] not in produced or node.input[0] in inits:
-            continue  # its input is a constant: nothing to learn from data
-        key = node.name or node.output[0]
-        if node.op_type == "MatMul" and weight(node.input[1], 2):
-            weights.append(Weight(key, "MatMul", node.input[1], node.input[0], transposed=True))
-        elif node.op_type == "Gemm" and weight(node.input[1], 2):
-            if int_attr(node, "transA", 0) or float_attr(node, "alpha", 1.0) != 1.0:
-                continue
-            transposed = not int_attr(node, "transB", 0)
-            width = inits[node.input[1]].dims[1 if transposed else 0]
-            bias = None
-            has_c = len(node.input) > 2 and _bias(inits.get(node.input[2]), width)
-            if has_c and float_attr(node, "beta", 1.0) == 1.0:
-                bias = (node.input[2], 0, width)
-            weights.append(
-                Weight(key, "Gemm", node.input[1], node.input[0], transposed, None, bias)
-            )
-        elif node.op_type == "LSTM" and weight(node.input[1], 3) and weight(node.input[2], 3):
-            found, found_states = _lstm(key, node, inits)
-            weights += found
-            states.update(found_states)
-    return weights, states
-
-
-def _lstm(
-    key: str, node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]
-) -> tuple[list[Weight], dict[str, LstmState]]:
-    """W and R of each direction; W reads X, R the previous hidden state (from Y)."""
-    directions, gates = inits[node.input[1]].dims[:2]
-    bias_name = node.input[3] if len(node.input) > 3 else ""
-    has_bias = _bias(inits.get(bias_name), directions * 2 * gates)
-    reverse = any(a.name == "direction" and a.s == b"reverse" for a in node.attribute)
-    layout = int_attr(node, "layout", 0)
-    weights, states = [], {}
-    y = node.output[0] if node.output else ""
-    for d in range(directions):
-        state = LstmState(y, d, reverse or d == 1, layout)
-        sources = [(node.input[1], node.input[0])]
-        if y:  # else (check() on an unnamed Y) only W counts
-            states[state.key] = state
-            sources.append((node.input[2], state.key))
-        for k, (tensor, source) in enumerate(sources):
-            start = (2 * d + k) * gates
-            bias = (bias_name, start, start + gates) if has_bias else None
-            weights.append(Weight(key, "LSTM", tensor, source, direction=d, bias=bias))
-    return weights, states
-
-
-def _name_lstm_outputs(model: onnx.ModelProto) -> None:
-    """Give every LSTM's unused output Y a name, so its hidden states can be read."""
-    for node in model.graph.node:
-        if node.op_type == "LSTM" and not (node.output and node.output[0]):
-            name = f"{node.name or node.input[0]}__gptq_Y"
-            if node.output:
-                node.output[0] = name
-            else:
-                node.output.append(name)
-
-
-def _bias(tensor: onnx.TensorProto | None, size: int) -> bool:
-    if tensor is None or tensor.data_type != onnx.TensorProto.FLOAT:
-        return False
-    return int(np.prod(tensor.dims)) == size
-
-
-def _width(weight: Weight, inits: dict[str, onnx.TensorProto]) -> int:
-    """The number of inputs of ``weight`` (the size of its Hessian's side)."""
-    dims = inits[weight.tensor].dims
-    if weight.direction is not None:
-        return dims[2]
-    return dims[0] if weight.transposed else dims[1]
-
-
 def _groups(
     weights: list[Weight], inits: dict[str, onnx.TensorProto], budget: int
 ) -> list[list[Weight]]:
@@ -286,7 +143,7 @@ def _groups(
     groups: list[list[Weight]] = []
     sizes: dict[str, int] = {}
     for weight in weights:
-        size = _width(weight, inits) ** 2 * 8
+        size = width(weight, inits) ** 2 * 8
         new = weight.source not in sizes
         if groups and (not new or sum(sizes.values()) + size <= budget):
             groups[-1].append(weight)
@@ -306,25 +163,18 @@ def _moments(
     """The second moments of every input ``group`` reads, over the calibration data."""
     inits = {t.name: t for t in model.graph.initializer}
     sources = list(dict.fromkeys(w.source for w in group))
-    sizes = {w.source: _width(w, inits) for w in group}
+    sizes = {w.source: width(w, inits) for w in group}
     tapped = list(dict.fromkeys(states[s].y if s in states else s for s in sources))
     session = open_session(with_outputs(model, tapped).SerializeToString(), context.threads)
     moments = {s: Moments(sizes[s]) for s in sources}
     for feed in context.calibration:
-        values = dict(zip(tapped, _run(session, tapped, feed), strict=True))
+        values = dict(zip(tapped, fetch(session, tapped, feed), strict=True))
         for source in sources:
             if source in states:
                 moments[source].add(states[source].previous(values[states[source].y]))
             else:
                 moments[source].add(values[source])
     return moments
-
-
-def _run(session: ort.InferenceSession, names: list[str], feed: Feed) -> list[np.ndarray]:
-    outputs = {o.name for o in session.get_outputs()}
-    fetched = [n for n in names if n in outputs]
-    values = dict(zip(fetched, session.run(fetched, feed), strict=True)) if fetched else {}
-    return [values[n] if n in values else np.asarray(feed[n]) for n in names]
 
 
 def _round(

@@ -75,6 +75,14 @@ def no_targets_reason(
     return f"no {or_list(wanted)} nodes"
 
 
+def targets(
+    model: onnx.ModelProto, op_types: list[str], supported: Iterable[str], exclude: list[str]
+) -> tuple[list[onnx.NodeProto], str | None]:
+    """:func:`selected`, and when it is empty, :func:`no_targets_reason` (else None)."""
+    nodes = selected(model, op_types, supported, exclude)
+    return nodes, None if nodes else no_targets_reason(model, op_types, supported, exclude)
+
+
 def run_quantizer(
     model: onnx.ModelProto,
     context: PassContext,

@@ -60,9 +60,9 @@ class QuantizeDynamic(Pass):
         self, model: onnx.ModelProto, context: PassContext, options: dict[str, Any]
     ) -> str | None:
         op_types, exclude = options["op_types"], options["exclude_nodes"]
-        nodes = q.selected(model, _family(op_types), SUPPORTED, exclude)
-        if not nodes:
-            return q.no_targets_reason(model, _family(op_types), SUPPORTED, exclude)
+        nodes, reason = q.targets(model, _family(op_types), SUPPORTED, exclude)
+        if reason:
+            return reason
         inits = {t.name for t in model.graph.initializer}
         weighted = [n for n in nodes if n.op_type in _WEIGHT_OPS]
         if weighted and not any(inits.intersection(n.input[1:]) for n in weighted):

@@ -190,11 +190,7 @@ class QuantizeStatic(Pass):
         if have < need:
             what = "per-channel QDQ" if options["per_channel"] else "QDQ"
             return f"{what} needs opset {need}, the model has {have}"
-        if not q.selected(model, options["op_types"], SUPPORTED, options["exclude_nodes"]):
-            return q.no_targets_reason(
-                model, options["op_types"], SUPPORTED, options["exclude_nodes"]
-            )
-        return None
+        return q.targets(model, options["op_types"], SUPPORTED, options["exclude_nodes"])[1]
 
     def apply(
         self, model: onnx.ModelProto, context: PassContext, options: dict[str, Any]

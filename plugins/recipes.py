@@ -24,7 +24,8 @@ DYNAMIC_OPS = ["MatMul", "Gemm", "LSTM", "Attention", "Gather"]
 Gather: an embedding table stored in int8 is 4x smaller (MiniLM-L3: 53.2 -> 17.5 MB, mean
 output cosine 0.997 -> 0.995 on 32 sentences; Gathers of shapes have no float weight)."""
 GPTQ_OPS = ["MatMul", "Gemm", "LSTM"]
-"""The weights ``gptq`` rounds: those of DYNAMIC_OPS but Attention and Gather."""
+"""The weights ``gptq`` rounds and ``smoothquant`` scales: those of DYNAMIC_OPS but
+Attention and Gather."""
 CONV_FAMILY = ["Conv", "ConvTranspose", "Add", "Mul", "Sigmoid", "Relu", "Clip", "LeakyRelu"]
 CONV_FAMILY += ["MaxPool", "AveragePool", "GlobalAveragePool", "Concat", "Resize", "Pad"]
 """Ops around convolutions that QDQ keeps in int8 between QLinearConv kernels."""
@@ -44,6 +45,19 @@ BUILTIN_RECIPES = (
         "int8_dynamic_matmul",
         (*PREPARE, Step("quantize_dynamic", {"op_types": DYNAMIC_OPS, "per_channel": True})),
         "dynamic int8 on MatMul, Gemm, LSTM, Attention and Gather (embeddings) only, per channel",
+    ),
+    Recipe(
+        "int8_dynamic_smooth_gptq",
+        (
+            *PREPARE,
+            Step("smoothquant", {"op_types": GPTQ_OPS}),
+            Step("gptq", {"op_types": GPTQ_OPS}),
+            Step("quantize_dynamic", {"op_types": DYNAMIC_OPS, "per_channel": True}),
+        ),
+        "dynamic int8 on MatMul, Gemm, LSTM, Attention and Gather, per channel, after "
+        "moving the MatMul/Gemm/LSTM inputs' channel ranges into their weights "
+        "(SmoothQuant) and rounding those by GPTQ, both from the calibration data "
+        "(ddddocr's OCR: 95.7% -> 98.5% of 536 texts kept)",
     ),
     Recipe(
         "int8_dynamic_gptq",

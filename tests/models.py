@@ -97,28 +97,57 @@ def mlp(
     return _model(graph, opset)
 
 
+def gemm(trans_b: int, beta: float = 1.0, seed: int = 5) -> onnx.ModelProto:
+    """One Gemm ``fc`` with bias: x [8, 64] -> y [8, 16]; weight ``w`` [16, 64] with
+    ``transB=1``, else [64, 16]."""
+    rng = np.random.default_rng(seed)
+    shape = (16, 64) if trans_b else (64, 16)
+    node = helper.make_node("Gemm", ["x", "w", "b"], ["y"], "fc", transB=trans_b, beta=beta)
+    graph = helper.make_graph(
+        [node],
+        "gemm",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [8, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [8, 16])],
+        [_init("w", rng.normal(0, 0.3, shape)), _init("b", rng.normal(0, 0.1, 16))],
+    )
+    return _model(graph, 13)
+
+
 def lstm(
-    opset: int = 13, steps: int = 8, features: int = 16, hidden: int = 32, seed: int = SEED
+    opset: int = 13,
+    steps: int = 8,
+    features: int = 16,
+    hidden: int = 32,
+    seed: int = SEED,
+    directions: int = 1,
 ) -> onnx.ModelProto:
-    """A single-direction LSTM followed by a MatMul head: input [steps, 1, features]."""
+    """An LSTM followed by a MatMul head: input [steps, 1, features]. Forward, output
+    [steps, 1, 5]; with ``directions=2`` bidirectional, output [steps, 2, 1, 5]."""
     rng = np.random.default_rng(seed)
     inits = [
-        _init("W", rng.normal(0, 0.2, (1, 4 * hidden, features))),
-        _init("R", rng.normal(0, 0.2, (1, 4 * hidden, hidden))),
-        _init("B", rng.normal(0, 0.1, (1, 8 * hidden))),
+        _init("W", rng.normal(0, 0.2, (directions, 4 * hidden, features))),
+        _init("R", rng.normal(0, 0.2, (directions, 4 * hidden, hidden))),
+        _init("B", rng.normal(0, 0.1, (directions, 8 * hidden))),
         _init("head", rng.normal(0, 0.2, (hidden, 5))),
-        onnx.helper.make_tensor("axes", TensorProto.INT64, [1], [1]),
     ]
-    nodes = [
-        helper.make_node("LSTM", ["seq", "W", "R", "B"], ["Y"], name="lstm", hidden_size=hidden),
-        helper.make_node("Squeeze", ["Y", "axes"], ["Ys"], name="squeeze"),
-        helper.make_node("MatMul", ["Ys", "head"], ["out"], name="head_mm"),
-    ]
+    cell = helper.make_node("LSTM", ["seq", "W", "R", "B"], ["Y"], name="lstm", hidden_size=hidden)
+    if directions == 2:
+        cell.attribute.append(helper.make_attribute("direction", "bidirectional"))
+        nodes = [cell, helper.make_node("MatMul", ["Y", "head"], ["out"], name="head_mm")]
+        out_shape = [steps, 2, 1, 5]
+    else:
+        inits.append(onnx.helper.make_tensor("axes", TensorProto.INT64, [1], [1]))
+        nodes = [
+            cell,
+            helper.make_node("Squeeze", ["Y", "axes"], ["Ys"], name="squeeze"),
+            helper.make_node("MatMul", ["Ys", "head"], ["out"], name="head_mm"),
+        ]
+        out_shape = [steps, 1, 5]
     graph = helper.make_graph(
         nodes,
         "lstm",
         [helper.make_tensor_value_info("seq", TensorProto.FLOAT, [steps, 1, features])],
-        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [steps, 1, 5])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, out_shape)],
         inits,
     )
     return _model(graph, opset)

@@ -1,7 +1,9 @@
 """Choosing the model to ship from the judged candidates: pure functions, no I/O.
 
 The rule: among accepted candidates that are better than the original on the objective
-and neither larger nor slower than it, the best on the objective. When none is, a
+and neither larger nor slower than it, the best on the objective; what timing or size
+noise cannot tell apart goes to the other figure, then to the more faithful candidate
+(so a plainer variant never wins on a few bytes or a noisy millisecond). When none is, a
 lossless candidate (the original, simplified) that is smaller or faster and no worse on
 the other figure; else the original itself, byte for byte.
 """
@@ -70,14 +72,20 @@ def beats(candidate: Candidate, baseline: Candidate) -> bool:
 
 
 def best(candidates: Sequence[Candidate], objective: str) -> Candidate:
-    """Best on the objective; near-ties on it go to the better other figure."""
-    if objective == "latency":
-        fastest = min(c.latency_ms or np.inf for c in candidates)
-        tied = [c for c in candidates if (c.latency_ms or np.inf) <= fastest * (1 + TIE)]
-        return min(tied, key=lambda c: (c.size_bytes or np.inf, c.latency_ms or np.inf, c.id))
-    smallest = min(c.size_bytes or np.inf for c in candidates)
-    tied = [c for c in candidates if (c.size_bytes or np.inf) <= smallest * (1 + SIZE_TIE)]
-    return min(tied, key=lambda c: (c.latency_ms or np.inf, c.size_bytes or np.inf, c.id))
+    """Best on the objective; near-ties on it go to the better other figure, and
+    candidates tied on both (within the noise margins) to the higher fidelity score."""
+    first = 0 if objective == "latency" else 1  # the objective's index in _figures
+    second = 1 - first
+    margins = (TIE, SIZE_TIE)
+    tied = list(candidates)
+    for index in (first, second):
+        lowest = min(_figures(c)[index] for c in tied)
+        tied = [c for c in tied if _figures(c)[index] <= lowest * (1 + margins[index])]
+    return min(tied, key=lambda c: (-_score(c), _figures(c)[second], _figures(c)[first], c.id))
+
+
+def _score(candidate: Candidate) -> float:
+    return candidate.fidelity.score if candidate.fidelity is not None else 0.0
 
 
 @dataclass(frozen=True)

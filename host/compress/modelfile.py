@@ -138,7 +138,7 @@ def _uses_external_data(model: onnx.ModelProto) -> bool:
     tensors = [t for g in _all_graphs(model.graph) for t in g.initializer]
     tensors += [
         a.t
-        for n in _all_nodes(model.graph)
+        for n in all_nodes(model.graph)
         for a in n.attribute
         if a.type == onnx.AttributeProto.TENSOR
     ]
@@ -157,7 +157,7 @@ def _ort_operators() -> frozenset[tuple[str, str]]:
 def _check_operators(model: onnx.ModelProto, path: Path) -> None:
     local = {(f.domain, f.name) for f in model.functions}
     known = _ort_operators()
-    for node in _all_nodes(model.graph):
+    for node in all_nodes(model.graph):
         key = (node.domain or "", node.op_type)
         if key not in known and key not in local:
             where = f"node {node.name!r}" if node.name else "a node"
@@ -180,7 +180,8 @@ def _all_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
                     yield from _all_graphs(sub)
 
 
-def _all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
+def all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
+    """Every node of ``graph`` and of its subgraphs."""
     for g in _all_graphs(graph):
         yield from g.node
 

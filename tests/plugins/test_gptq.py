@@ -99,26 +99,9 @@ def test_outputs_are_closer_than_rounding_to_nearest(tmp_path, helpers):
     assert np.mean(errors["gptq"]) < 0.7 * np.mean(errors["plain"])
 
 
-def gemm_model(trans_b: int, beta: float = 1.0) -> onnx.ModelProto:
-    rng = np.random.default_rng(5)
-    shape = (16, 64) if trans_b else (64, 16)
-    node = helper.make_node("Gemm", ["x", "w", "b"], ["y"], "fc", transB=trans_b, beta=beta)
-    graph = helper.make_graph(
-        [node],
-        "gemm",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [8, 64])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [8, 16])],
-        [
-            numpy_helper.from_array(rng.normal(0, 0.3, shape).astype(np.float32), "w"),
-            numpy_helper.from_array(rng.normal(0, 0.1, 16).astype(np.float32), "b"),
-        ],
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-
-
 def test_gemm_in_both_layouts_gets_its_bias_corrected(tmp_path, helpers):
     for trans_b in (0, 1):
-        model = gemm_model(trans_b)
+        model = models.gemm(trans_b)
         samples = correlated(model, 16, seed=1)
         context = PassContext(workdir=tmp_path / str(trans_b), calibration=samples)
         corrected = gptq(model, context)
@@ -139,7 +122,7 @@ def test_gemm_in_both_layouts_gets_its_bias_corrected(tmp_path, helpers):
 
 
 def test_a_scaled_gemm_is_left_to_the_quantizer(tmp_path):
-    model = gemm_model(1)
+    model = models.gemm(1)
     model.graph.node[0].attribute.append(helper.make_attribute("alpha", 0.5))
     context = PassContext(workdir=tmp_path, calibration=correlated(model, 4, seed=1))
     reason = PASS.check(model, context, PASS.resolve_options({}))
@@ -191,7 +174,7 @@ def test_lstm_weights_of_both_directions_round_even_when_y_is_unused(tmp_path, h
         "rounded the weights of 1 LSTM, 1 MatMul onto the int8 grid (12 samples)"
     )
     assert [o.name for o in rounded.model.graph.output] == ["out"]
-    assert rounded.model.graph.node[0].output[0] == "lstm__gptq_Y"
+    assert rounded.model.graph.node[0].output[0] == "lstm__Y"
     before, after = weights(model), weights(rounded.model)
     assert not np.allclose(after["R"], before["R"]) and not np.allclose(after["B"], before["B"])
     quantized = dequantized(dynamic(rounded.model, context))

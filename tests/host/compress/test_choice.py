@@ -8,6 +8,7 @@ import pytest
 
 from slimfleet.host.compress import choice
 from slimfleet.host.compress.candidate import BASELINE, REJECTED
+from slimfleet.host.compress.fidelity import Fidelity, OutputFidelity
 
 
 @pytest.fixture
@@ -31,6 +32,20 @@ def test_latency_ties_go_to_the_smaller(choose, make_candidate):
         choose("latency", make_candidate(1, 5.0, 900), make_candidate(2, 5.1, 300)).candidate.id
         == 2
     )
+
+
+@pytest.mark.parametrize("objective", ["latency", "size"])
+def test_ties_on_both_figures_go_to_the_more_faithful(choose, make_candidate, objective):
+    """Plain int8 and int8 with SmoothQuant (a few bytes more, same speed): the score
+    decides, not the noise."""
+    c = make_candidate
+    plain, smoothed, worse = c(1, 5.0, 500), c(2, 5.1, 502), c(3, 5.05, 501)
+    for candidate, score in ((plain, 0.9961), (smoothed, 1.0), (worse, 0.99)):
+        candidate.fidelity = Fidelity([OutputFidelity("y", "ctc", score, 256)])
+    assert choose(objective, plain, smoothed, worse).candidate.id == 2
+    faster = c(4, 4.0, 500)  # clearly faster (or, by size, a tie broken by latency)
+    faster.fidelity = Fidelity([OutputFidelity("y", "ctc", 0.99, 256)])
+    assert choose(objective, plain, smoothed, faster).candidate.id == 4
 
 
 def test_size_objective_picks_the_smallest_and_breaks_ties_by_latency(choose, make_candidate):
