@@ -123,10 +123,10 @@ class Gptq(Pass):
         weights, states = layer_weights(out, nodes)
         inits = {t.name: t for t in out.graph.initializer}
         budget = (context.memory or UNLIMITED_MEMORY) // HESSIAN_SHARE
-        for group in _groups(weights, inits, budget):
+        for group in _groups(_shared(weights), inits, budget):
             moments = _moments(out, group, states, context)
-            for weight in group:
-                _round(weight, inits, moments[weight.source], options)
+            for weight, sources in group:
+                _round(weight, inits, moments[sources], options)
         counts = Counter(op for _, op in dict.fromkeys((w.node, w.op_type) for w in weights))
         notes = (
             f"rounded the weights of {describe_counts(counts)} onto the int8 grid "
@@ -135,45 +135,61 @@ class Gptq(Pass):
         return PassResult(out, changed=True, notes=notes)
 
 
+Sources = tuple[str, ...]
+"""The tensors whose values one weight matrix reads: one, or one per node sharing it (an
+RNN unrolled into a Gemm per step)."""
+
+
+def _shared(weights: list[Weight]) -> list[tuple[Weight, Sources]]:
+    """Each weight matrix once (the first node reading it stands for all), with the
+    inputs of every node that reads it: GPTQ then rounds it for all its uses at once."""
+    readers: dict[tuple[str, int | None], list[Weight]] = {}
+    for weight in weights:
+        readers.setdefault((weight.tensor, weight.direction), []).append(weight)
+    return [(ws[0], tuple(dict.fromkeys(w.source for w in ws))) for ws in readers.values()]
+
+
 def _groups(
-    weights: list[Weight], inits: dict[str, onnx.TensorProto], budget: int
-) -> list[list[Weight]]:
+    weights: list[tuple[Weight, Sources]], inits: dict[str, onnx.TensorProto], budget: int
+) -> list[list[tuple[Weight, Sources]]]:
     """Consecutive weights whose distinct inputs' matrices fit ``budget`` bytes together
     (a single one that does not fit is a group of its own)."""
-    groups: list[list[Weight]] = []
-    sizes: dict[str, int] = {}
-    for weight in weights:
+    groups: list[list[tuple[Weight, Sources]]] = []
+    sizes: dict[Sources, int] = {}
+    for weight, sources in weights:
         size = width(weight, inits) ** 2 * 8
-        new = weight.source not in sizes
+        new = sources not in sizes
         if groups and (not new or sum(sizes.values()) + size <= budget):
-            groups[-1].append(weight)
+            groups[-1].append((weight, sources))
         else:
-            groups.append([weight])
+            groups.append([(weight, sources)])
             sizes = {}
-        sizes[weight.source] = size
+        sizes[sources] = size
     return groups
 
 
 def _moments(
     model: onnx.ModelProto,
-    group: list[Weight],
+    group: list[tuple[Weight, Sources]],
     states: dict[str, LstmState],
     context: PassContext,
-) -> dict[str, Moments]:
-    """The second moments of every input ``group`` reads, over the calibration data."""
+) -> dict[Sources, Moments]:
+    """The second moments of the inputs of every weight in ``group`` (all its readers'
+    inputs stacked), over the calibration data."""
     inits = {t.name: t for t in model.graph.initializer}
-    sources = list(dict.fromkeys(w.source for w in group))
-    sizes = {w.source: width(w, inits) for w in group}
-    tapped = list(dict.fromkeys(states[s].y if s in states else s for s in sources))
+    sizes = {sources: width(weight, inits) for weight, sources in group}
+    every = list(dict.fromkeys(s for sources in sizes for s in sources))
+    tapped = list(dict.fromkeys(states[s].y if s in states else s for s in every))
     session = open_session(with_outputs(model, tapped).SerializeToString(), context.threads)
-    moments = {s: Moments(sizes[s]) for s in sources}
+    moments = {sources: Moments(size) for sources, size in sizes.items()}
     for feed in context.calibration:
         values = dict(zip(tapped, fetch(session, tapped, feed), strict=True))
-        for source in sources:
+        for source in every:
             if source in states:
-                moments[source].add(states[source].previous(values[states[source].y]))
-            else:
-                moments[source].add(values[source])
+                values[source] = states[source].previous(values[states[source].y])
+        for sources, moment in moments.items():
+            rows = [np.reshape(values[s], (-1, moment.size)) for s in sources]
+            moment.add(rows[0] if len(rows) == 1 else np.concatenate(rows))
     return moments
 
 

@@ -207,3 +207,38 @@ def test_rounding_keeps_each_rows_largest_weight_and_handles_dead_inputs():
     steps = out / (np.abs(rows).max(axis=1, keepdims=True) / 127)
     np.testing.assert_allclose(steps, np.round(steps), atol=1e-9)
     assert np.all(np.abs(np.round(steps)) <= 127)
+
+
+def test_a_weight_shared_by_several_nodes_is_rounded_once_for_all_their_inputs(tmp_path, helpers):
+    """An RNN unrolled into a Gemm per step shares one weight: GPTQ rounds it once, from
+    the inputs of every node reading it, and all those outputs get closer."""
+    rng = np.random.default_rng(4)
+    w = numpy_helper.from_array(rng.normal(0, 0.3, (64, 16)).astype(np.float32), "w")
+    nodes = [helper.make_node("MatMul", [x, "w"], [f"y{x}"], f"mm_{x}") for x in ("a", "b")]
+    inputs = [helper.make_tensor_value_info(x, TensorProto.FLOAT, [8, 64]) for x in ("a", "b")]
+    outputs = [helper.make_tensor_value_info(f"y{x}", TensorProto.FLOAT, None) for x in "ab"]
+    graph = helper.make_graph(nodes, "shared", inputs, outputs, [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+    def samples(count, seed):
+        first = correlated(model, count, seed)
+        second = correlated(model, count, seed + 100)
+        return [
+            {"a": f["a"], "b": 0.5 * g["a"][:, ::-1].copy()}
+            for f, g in zip(first, second, strict=True)
+        ]
+
+    context = PassContext(workdir=tmp_path, calibration=samples(32, 1))
+    rounded = gptq(model, context)
+    assert rounded.notes == "rounded the weights of 2 MatMul onto the int8 grid (32 samples)"
+    after = weights(rounded.model)["w"]
+    np.testing.assert_allclose(dequantized(dynamic(rounded.model, context))["w"], after, atol=1e-6)
+    plain, shared = dynamic(model, context), dynamic(rounded.model, context)
+    errors = {"plain": np.zeros(2), "gptq": np.zeros(2)}
+    for feed in samples(16, 2):  # held out
+        reference = helpers.run(model, feed)
+        for label, candidate in (("plain", plain), ("gptq", shared)):
+            got = helpers.run(candidate, feed)
+            errors[label] += [np.mean((g - r) ** 2) for g, r in zip(got, reference, strict=True)]
+    assert np.all(errors["gptq"] < errors["plain"]), errors
+    assert errors["gptq"].sum() < 0.8 * errors["plain"].sum(), errors
