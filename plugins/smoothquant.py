@@ -16,10 +16,12 @@ then kept 299 of 300 texts instead of 292.
 
 The division is one ``Mul`` inserted before the layers that read the input (one per
 distinct input, shared by the layers reading it): an elementwise product on the
-activation, small beside the product with the weights. An LSTM's recurrent weights are
-left alone: the hidden state they read lives inside the operator. A weight initializer
-that something else reads too is left alone, as is an input that a layer not selected
-reads with the same tensor name (it keeps reading the unscaled one).
+activation, small beside the product with the weights. A weight several selected layers
+read (an RNN unrolled into a MatMul per step) takes one set of scales, and every input
+it reads is divided by them (one initializer, one ``Mul`` per input). An LSTM's
+recurrent weights are left alone (the hidden state they read lives inside the
+operator), as is a weight something else reads too (a subgraph, a layer not selected);
+a node that is not a selected layer keeps reading the unscaled input.
 
 Calibration is one run over the data keeping each channel's running maximum: memory in
 proportion to the channels, not the samples. Put it before ``gptq`` and
@@ -29,6 +31,7 @@ proportion to the channels, not the samples. Put it before ``gptq`` and
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -93,19 +96,25 @@ class SmoothQuant(Pass):
         groups = _groups(out, nodes)
         peaks = _input_peaks(out, groups, context)
         inits = {t.name: t for t in out.graph.initializer}
+        names = _Names(out.graph)
         largest = 1.0
-        for source, weights in groups.items():
-            scales = _scales(peaks[source], _weight_peaks(weights, inits), options["alpha"])
-            for weight in weights:
+        for group in groups:
+            inputs = np.max([peaks[source] for source in group.sources], axis=0)
+            scales = _scales(inputs, _weight_peaks(group.weights, inits), options["alpha"])
+            for weight in {(w.tensor, w.direction): w for w in group.weights}.values():
                 tensor = inits[weight.tensor]
                 array = numpy_helper.to_array(tensor).copy()
                 weight.write(array, weight.rows(array) * scales)
                 tensor.CopyFrom(numpy_helper.from_array(array, weight.tensor))
-            _divide_input(out, source, scales, [w.node for w in weights])
+            inverse = names.take(f"{group.sources[0]}__smooth_inv")
+            out.graph.initializer.append(
+                numpy_helper.from_array((1.0 / scales).astype(np.float32), inverse)
+            )
+            for source in group.sources:
+                readers = [w.node for w in group.weights if w.source == source]
+                _divide_input(out, source, inverse, readers, names)
             largest = max(largest, float(np.max(np.maximum(scales, 1 / scales))))
-        counts = Counter(
-            op for _, op in {(w.node, w.op_type) for ws in groups.values() for w in ws}
-        )
+        counts = Counter(op for _, op in {(w.node, w.op_type) for g in groups for w in g.weights})
         notes = (
             f"scaled the input channels of {describe_counts(counts)} (alpha "
             f"{options['alpha']:g}, {len(context.calibration)} samples; largest change "
@@ -114,28 +123,56 @@ class SmoothQuant(Pass):
         return PassResult(out, changed=True, notes=notes)
 
 
-def _groups(model: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> dict[str, list[Weight]]:
-    """The weights to scale, by the input they read: every selected layer's data-side
-    weights (not an LSTM's recurrent ones) that no other node reads, in a subgraph either."""
+@dataclass
+class _Group:
+    """Weights that take one set of scales, and the inputs they read. A weight several
+    nodes read (an RNN unrolled into a Gemm per step) ties their inputs together, and an
+    input several weights read ties those weights."""
+
+    sources: list[str] = field(default_factory=list)
+    weights: list[Weight] = field(default_factory=list)
+
+
+def _groups(model: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> list[_Group]:
+    """The weights to scale: every selected layer's data-side weights (not an LSTM's
+    recurrent ones) that only selected layers read (in a subgraph neither), grouped."""
     weights, states = layer_weights(model, nodes)
+    weights = [w for w in weights if w.source not in states]
     reads = Counter(name for node in all_nodes(model.graph) for name in node.input)
     outputs = {o.name for o in model.graph.output}
-    groups: dict[str, list[Weight]] = {}
+    users: dict[str, set[str]] = {}
     for weight in weights:
-        own = reads[weight.tensor] == 1 and weight.tensor not in outputs
-        if weight.source not in states and own:
-            groups.setdefault(weight.source, []).append(weight)
-    return groups
+        users.setdefault(weight.tensor, set()).add(weight.node)
+    weights = [
+        w for w in weights if reads[w.tensor] == len(users[w.tensor]) and w.tensor not in outputs
+    ]
+    parent: dict[str, str] = {}
+
+    def root(key: str) -> str:
+        while parent.setdefault(key, key) != key:
+            key = parent[key]
+        return key
+
+    for weight in weights:
+        parent[root(f"t:{weight.tensor}")] = root(f"s:{weight.source}")
+    groups: dict[str, _Group] = {}
+    for weight in weights:
+        group = groups.setdefault(root(f"s:{weight.source}"), _Group())
+        group.weights.append(weight)
+        if weight.source not in group.sources:
+            group.sources.append(weight.source)
+    return list(groups.values())
 
 
 def _input_peaks(
-    model: onnx.ModelProto, groups: dict[str, list[Weight]], context: PassContext
+    model: onnx.ModelProto, groups: list[_Group], context: PassContext
 ) -> dict[str, np.ndarray]:
     """Each input's largest magnitude per channel (its last axis) over the calibration data."""
     inits = {t.name: t for t in model.graph.initializer}
-    sources = list(groups)
+    sizes = {s: width(g.weights[0], inits) for g in groups for s in g.sources}
+    sources = list(sizes)
     session = open_session(with_outputs(model, sources).SerializeToString(), context.threads)
-    peaks = {s: np.zeros(width(groups[s][0], inits), np.float64) for s in sources}
+    peaks = {s: np.zeros(size, np.float64) for s, size in sizes.items()}
     for feed in context.calibration:
         for source, value in zip(sources, fetch(session, sources, feed), strict=True):
             rows = np.abs(np.asarray(value, np.float64)).reshape(-1, len(peaks[source]))
@@ -145,7 +182,7 @@ def _input_peaks(
 
 
 def _weight_peaks(weights: list[Weight], inits: dict[str, onnx.TensorProto]) -> np.ndarray:
-    """The largest weight magnitude per input channel, over every weight reading the input."""
+    """The largest weight magnitude per input channel, over ``weights``."""
     columns = [
         np.abs(weight.rows(numpy_helper.to_array(inits[weight.tensor]))).max(axis=0)
         for weight in weights
@@ -163,29 +200,37 @@ def _scales(inputs: np.ndarray, weights: np.ndarray, alpha: float) -> np.ndarray
     return np.clip(scales, 1 / SCALE_LIMIT, SCALE_LIMIT).astype(np.float32)
 
 
+class _Names:
+    """Fresh value names in ``graph``: ``take(base)`` returns ``base``, or ``base`` with the
+    first number that makes it unused, and marks it used."""
+
+    def __init__(self, graph: onnx.GraphProto) -> None:
+        self.taken = {o for n in graph.node for o in n.output}
+        self.taken |= {t.name for t in graph.initializer} | {i.name for i in graph.input}
+
+    def take(self, base: str) -> str:
+        name = next(
+            f"{base}{i or ''}"
+            for i in range(len(self.taken) + 1)
+            if f"{base}{i or ''}" not in self.taken
+        )
+        self.taken.add(name)
+        return name
+
+
 def _divide_input(
-    model: onnx.ModelProto, source: str, scales: np.ndarray, readers: list[str]
+    model: onnx.ModelProto, source: str, inverse: str, readers: list[str], names: _Names
 ) -> None:
-    """Insert ``source * (1 / scales)`` before the first of the nodes ``readers`` (keyed by
+    """Insert ``source * inverse`` before the first of the nodes ``readers`` (keyed by
     name, else first output) and make them read it."""
     graph = model.graph
-    taken = {o for n in graph.node for o in n.output} | {t.name for t in graph.initializer}
-    taken |= {i.name for i in graph.input}
-    base = f"{source}__smoothed"
-    name = next(
-        f"{base}{i or ''}"
-        for i in range(len(taken) + 1)
-        if not {f"{base}{i or ''}", f"{base}{i or ''}_inv"} & taken
-    )
-    inverse = numpy_helper.from_array((1.0 / scales).astype(np.float32), f"{name}_inv")
-    graph.initializer.append(inverse)
+    name = names.take(f"{source}__smoothed")
     wanted = set(readers)
     positions = [i for i, n in enumerate(graph.node) if (n.name or n.output[0]) in wanted]
     for i in positions:
         if graph.node[i].input[0] == source:
             graph.node[i].input[0] = name
-    mul = helper.make_node("Mul", [source, inverse.name], [name], name=name)
-    graph.node.insert(positions[0], mul)
+    graph.node.insert(positions[0], helper.make_node("Mul", [source, inverse], [name], name=name))
 
 
 @hookimpl

@@ -72,9 +72,9 @@ def test_registers_and_explains_what_it_cannot_do(plugins, context, tmp_path):
     )
     bad = PASS.resolve_options({"alpha": "1.5"})
     assert PASS.check(model, context(model), bad) == "alpha must be between 0 and 1, got 1.5"
-    shared = fan_out(shared_weight=True)
-    only_shared = PASS.resolve_options({"exclude_nodes": "relu"})
-    assert PASS.check(shared, PassContext(tmp_path, uneven(shared, 2, 1)), only_shared) == (
+    branched = read_in_a_branch()
+    samples = [{**feed, "c": np.array(True)} for feed in uneven(branched, 2, seed=1)]
+    assert PASS.check(branched, PassContext(tmp_path, samples), options) == (
         "no MatMul, Gemm or LSTM node reads data through float32 weights of its own in an "
         "initializer"
     )
@@ -162,10 +162,53 @@ def read_in_a_branch() -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
 
 
-def test_a_shared_weight_or_a_dead_channel_is_left_alone(tmp_path, helpers):
-    shared = fan_out(shared_weight=True)
-    context = PassContext(workdir=tmp_path, calibration=uneven(shared, 4, seed=1))
-    assert PASS.check(shared, context, PASS.resolve_options({})) is not None
+def unrolled() -> onnx.ModelProto:
+    """One weight ``w`` read by two MatMuls on different inputs ``a`` and ``b`` (a
+    recurrent layer unrolled into a MatMul per step), and ``b`` read by a Relu too."""
+    weight = np.random.default_rng(6).normal(0, 0.3, (64, 8)).astype(np.float32)
+    nodes = [
+        helper.make_node("MatMul", ["a", "w"], ["ya"], "step_a"),
+        helper.make_node("MatMul", ["b", "w"], ["yb"], "step_b"),
+        helper.make_node("Relu", ["b"], ["rb"], "relu"),
+    ]
+    inputs = [helper.make_tensor_value_info(x, TensorProto.FLOAT, [4, 64]) for x in "ab"]
+    outputs = [
+        helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("ya", "yb", "rb")
+    ]
+    graph = helper.make_graph(
+        nodes, "unrolled", inputs, outputs, [numpy_helper.from_array(weight, "w")]
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def test_a_weight_read_by_several_nodes_takes_one_set_of_scales(tmp_path, helpers):
+    for model in (fan_out(shared_weight=True), unrolled()):
+        name = model.graph.name
+        value = model.graph.input[0].name
+        samples = [
+            {i.name: feed[value] * (1 + k) for k, i in enumerate(model.graph.input)}
+            for feed in uneven(model, 4, seed=1)
+        ]
+        result = smooth(model, PassContext(workdir=tmp_path / name, calibration=samples))
+        muls = [n for n in result.model.graph.node if n.op_type == "Mul"]
+        inverses = [t for t in result.model.graph.initializer if t.name.endswith("_inv")]
+        assert len(muls) == len(model.graph.input) and len(inverses) == 1, name
+        assert {m.input[1] for m in muls} == {inverses[0].name}, name
+        scales = 1 / numpy_helper.to_array(inverses[0])
+        weight = next(n.input[1] for n in model.graph.node if n.op_type == "MatMul")
+        after = {t.name: numpy_helper.to_array(t) for t in result.model.graph.initializer}
+        before = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+        np.testing.assert_allclose(after[weight], before[weight] * scales[:, None], rtol=1e-6)
+        relu = next(n for n in result.model.graph.node if n.op_type == "Relu")
+        assert not relu.input[0].endswith("__smoothed"), name  # reads the original
+        feed = samples[0]
+        for got, want in zip(
+            helpers.run(result.model, feed), helpers.run(model, feed), strict=True
+        ):
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4, err_msg=name)
+
+
+def test_a_weight_read_elsewhere_or_a_dead_channel_is_left_alone(tmp_path, helpers):
     branched = read_in_a_branch()
     samples = [{**feed, "c": np.array(True)} for feed in uneven(branched, 2, seed=1)]
     context = PassContext(workdir=tmp_path, calibration=samples)
@@ -181,7 +224,7 @@ def test_a_shared_weight_or_a_dead_channel_is_left_alone(tmp_path, helpers):
         for t in result.model.graph.initializer
         if t.name.endswith("_inv")
     }
-    first = scales["x__smoothed_inv"]
+    first = scales["x__smooth_inv"]
     assert np.all(np.isfinite(first)) and first[5] == 1.0
     feed = samples[0]
     np.testing.assert_allclose(
