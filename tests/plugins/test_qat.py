@@ -267,6 +267,11 @@ BUDGET = 0.9
 """Top-1 agreement the recovery tests judge by: PTQ misses it, QAT meets it."""
 STEPS = 300
 """Training steps of the pass test (its schedule follows steps: reproducible)."""
+SEARCH_BUDGET = 0.88
+"""The budget of the search tests, whose training is bounded by wall time: PTQ keeps
+0.81; the checkpoint QAT keeps scored 0.894 (a CI run) and 0.926 (5351 steps) (its
+held-out loss is flat after about 400 steps, so which checkpoint wins depends on the
+steps a loaded machine fits in 40 s)."""
 
 
 def test_qat_recovers_what_post_training_quantization_loses(context):
@@ -285,7 +290,8 @@ def test_qat_recovers_what_post_training_quantization_loses(context):
 
 
 def search(tmp_path, samples: int, **options):
-    """``compress`` of the outlier MLP with static int8 only, judged by top-1 at BUDGET."""
+    """``compress`` of the outlier MLP with static int8 only, judged by top-1 at
+    SEARCH_BUDGET."""
     source = tmp_path / "model.onnx"
     onnx.save(outlier_mlp(), str(source))
     data = tmp_path / "data.npz"
@@ -295,7 +301,7 @@ def search(tmp_path, samples: int, **options):
         tmp_path / "out",
         data=data,
         passes="quantize_static",
-        fidelity=BUDGET,
+        fidelity=SEARCH_BUDGET,
         settings=EvalSettings.quick(),
         **options,
     )
@@ -310,7 +316,7 @@ def test_search_tries_recovery_after_post_training_missed_the_budget(tmp_path):
     assert ptq["status"] == "rejected"
     assert recovered["label"] == "quantize_static + QAT" and recovered["parent"] == 1
     assert [s["pass"] for s in recovered["steps"]] == ["qat"]
-    assert ptq["fidelity"]["score"] < BUDGET <= recovered["fidelity"]["score"]
+    assert ptq["fidelity"]["score"] < SEARCH_BUDGET <= recovered["fidelity"]["score"]
     # Within the budget; on a model this small int8 kernels may time slower than float.
     assert recovered["status"] == "accepted" or recovered["reason"].startswith("slower than")
     section = next(s for s in report.data["sections"] if s["title"] == "Accuracy recovery")
