@@ -17,10 +17,14 @@ channel's largest weight is never moved, so the scale it implies stays put. Run 
 before ``quantize_dynamic`` with the same ``per_channel``; alone it only makes a float
 model worse.
 
-Memory: one ``K x K`` float64 matrix per distinct layer input (an LSTM adds one per
-direction for its recurrent weights), accumulated one calibration sample at a time; the
-layers are taken in groups whose matrices fit in a quarter of the pass's memory limit,
-one run over the calibration data per group. The recurrent weights' inputs are the
+A weight several nodes read (an RNN unrolled into a Gemm per step) is rounded once,
+for all its uses: its matrix sums the inputs of every node reading it.
+
+Memory: one ``K x K`` float64 matrix per distinct set of inputs a weight reads (layers
+reading the same input share it; an LSTM adds one per direction for its recurrent
+weights), accumulated one calibration sample at a time; the layers are taken in groups
+whose matrices fit in a quarter of the pass's memory limit, one run over the
+calibration data per group. The recurrent weights' inputs are the
 previous hidden states, read from the LSTM's output ``Y`` (zeros before the first step;
 ``sequence_lens`` is not looked at).
 """
