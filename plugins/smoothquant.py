@@ -129,8 +129,11 @@ class _Group:
     nodes read (an RNN unrolled into a Gemm per step) ties their inputs together, and an
     input several weights read ties those weights."""
 
-    sources: list[str] = field(default_factory=list)
     weights: list[Weight] = field(default_factory=list)
+
+    @property
+    def sources(self) -> list[str]:
+        return list(dict.fromkeys(w.source for w in self.weights))
 
 
 def _groups(model: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> list[_Group]:
@@ -157,10 +160,7 @@ def _groups(model: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> list[_Group]
         parent[root(f"t:{weight.tensor}")] = root(f"s:{weight.source}")
     groups: dict[str, _Group] = {}
     for weight in weights:
-        group = groups.setdefault(root(f"s:{weight.source}"), _Group())
-        group.weights.append(weight)
-        if weight.source not in group.sources:
-            group.sources.append(weight.source)
+        groups.setdefault(root(f"s:{weight.source}"), _Group()).weights.append(weight)
     return list(groups.values())
 
 
@@ -175,9 +175,9 @@ def _input_peaks(
     peaks = {s: np.zeros(size, np.float64) for s, size in sizes.items()}
     for feed in context.calibration:
         for source, value in zip(sources, fetch(session, sources, feed), strict=True):
-            rows = np.abs(np.asarray(value, np.float64)).reshape(-1, len(peaks[source]))
-            if len(rows):
-                np.fmax(peaks[source], rows.max(axis=0), out=peaks[source])
+            rows = np.asarray(value).reshape(-1, len(peaks[source]))
+            if len(rows):  # the sample's own dtype: no float64 copy of the activation
+                np.fmax(peaks[source], np.abs(rows).max(axis=0), out=peaks[source])
     return peaks
 
 
