@@ -18,7 +18,7 @@ from slimfleet.host.hookspecs import hookimpl
 from slimfleet.host.passes import Option, Pass, PassContext, PassResult
 from slimfleet.host.registry import Registry
 from slimfleet.plugins import quantization as q
-from slimfleet.plugins.onnxgraph import or_list
+from slimfleet.plugins.onnxgraph import copy_model, or_list
 
 SUPPORTED = (*IntegerOpsRegistry, "Gemm")
 _WEIGHT_OPS = (*q.WEIGHT_OPS, "LSTM", "Attention")
@@ -74,6 +74,7 @@ class QuantizeDynamic(Pass):
         self, model: onnx.ModelProto, context: PassContext, options: dict[str, Any]
     ) -> PassResult:
         op_types = _ort_op_types(_family(options["op_types"]))
+        given = _earlier_qdq_renamed(model)
 
         def quantize(source: Path, target: Path) -> None:
             quantize_dynamic(
@@ -85,11 +86,30 @@ class QuantizeDynamic(Pass):
                 nodes_to_exclude=_ort_exclude(model, options["exclude_nodes"]),
             )
 
-        quantized = q.run_quantizer(model, context, self.name, quantize)
+        quantized = q.run_quantizer(given, context, self.name, quantize)
         summary = f"dynamic, {options['weight_type']} weights"
         if options["per_channel"]:
             summary += ", per channel"
         return q.result(model, quantized, summary, options["exclude_nodes"])
+
+
+QDQ_NAMES = ("_QuantizeLinear", "_DequantizeLinear")
+EARLIER = "_earlier"
+
+
+def _earlier_qdq_renamed(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model``, its QuantizeLinear/DequantizeLinear nodes from an earlier static pass
+    renamed (node names only). onnxruntime's dynamic quantizer names the
+    DequantizeLinear it puts after a quantized Gather "<tensor>_DequantizeLinear";
+    finding a node of that name already (``int8_combined`` on a transformer: the
+    embedding's output was put in QDQ for the Mul after it), it fails an assertion."""
+    if not any(n.name.endswith(QDQ_NAMES) for n in model.graph.node):
+        return model
+    renamed = copy_model(model)
+    for node in renamed.graph.node:
+        if node.name.endswith(QDQ_NAMES):
+            node.name += EARLIER
+    return renamed
 
 
 def _family(op_types: list[str]) -> list[str]:

@@ -36,6 +36,7 @@ from slimfleet.plugins.onnxgraph import (
     multiply_accumulates,
     opset_of,
 )
+from slimfleet.plugins.sentinels import CARRIABLE, SentinelWatch, keep_float
 
 SUPPORTED = tuple(sorted({*QDQRegistry, *QLinearOpsRegistry}))
 """What quantize_static picks when op_types is empty (its own default)."""
@@ -44,6 +45,8 @@ CALIBRATION = {
     "entropy": CalibrationMethod.Entropy,
     "percentile": CalibrationMethod.Percentile,
 }
+MIN_MAX_OUTPUTS = ("_ReduceMin", "_ReduceMax")
+"""What onnxruntime's min-max calibrator appends to the tensors it reads."""
 PER_AXIS_OPSET = 13
 QDQ_OPSET = 10
 
@@ -80,20 +83,26 @@ class _Chunk(CalibrationDataReader):
 
 
 @contextlib.contextmanager
-def calibrating_in_chunks(size: int) -> Iterator[None]:
-    """Make onnxruntime's calibrators reduce every ``size`` samples.
+def calibrating(size: int, watch: list[SentinelWatch]) -> Iterator[None]:
+    """Make onnxruntime's calibrators reduce every ``size`` samples, and watch what they
+    see for values int8 cannot carry.
 
     As shipped, its histogram calibrators (percentile, entropy) keep every intermediate
     output of every calibration sample until the end: 64 samples of a 3x640x640 detector
     are tens of GB. Their ``collect_data`` merges into what earlier calls collected
     (histograms, min/max ranges), so calling it on chunks gives the same result with
-    one chunk in memory. Patches the classes for the duration (passes run one at a
-    time, each in its own process).
+    one chunk in memory. The calibrator's session is wrapped in a
+    :class:`~slimfleet.plugins.sentinels.SentinelWatch`, appended to ``watch``. Patches
+    the classes for the duration (passes run one at a time, each in its own process).
     """
     saved = {cls: cls.collect_data for cls in (HistogramCalibrater, MinMaxCalibrater)}
 
     def chunked(original: Any) -> Any:
         def collect_data(self: Any, reader: CalibrationDataReader) -> None:
+            if not isinstance(self.infer_session, SentinelWatch):
+                reduced = MIN_MAX_OUTPUTS if isinstance(self, MinMaxCalibrater) else ()
+                self.infer_session = SentinelWatch(self.infer_session, reduced)
+                watch.append(self.infer_session)
             while (first := reader.get_next()) is not None:
                 original(self, _Chunk(reader, first, size))
 
@@ -204,9 +213,11 @@ class QuantizeStatic(Pass):
         if chunk < len(context.calibration):
             notes.append(f"calibrated in chunks of {chunk} samples to bound memory")
 
+        watch: list[SentinelWatch] = []
+
         def quantize(source: Path, target: Path) -> None:
             prepared = _preprocess(source, notes) if options["preprocess"] else source
-            with calibrating_in_chunks(chunk):
+            with calibrating(chunk, watch):
                 quantize_static(
                     prepared,
                     target,
@@ -223,6 +234,12 @@ class QuantizeStatic(Pass):
                 )
 
         quantized = q.run_quantizer(model, context, self.name, quantize)
+        if kept := keep_float(quantized, {n for w in watch for n in w.names}):
+            shown = ", ".join(kept[:3]) + (", ..." if len(kept) > 3 else "")
+            notes.append(
+                f"kept {len(kept)} activations in float: they hold values int8 cannot "
+                f"carry (masks: inf or beyond {CARRIABLE:g}): {shown}"
+            )
         method = options["calibration"]
         if method == "percentile":
             method += f" {options['percentile']:g}"

@@ -192,6 +192,70 @@ def add_const(
     return _model(graph, opset)
 
 
+ATTENTION_WIDTH = 16
+ATTENTION_STEPS = 12
+
+
+def masked_attention(mask_value: float = float("-inf"), seed: int = SEED) -> onnx.ModelProto:
+    """One self-attention block as PyTorch exports a padded encoder: x [1, T, 16] and a
+    bool ``mask`` [1, T] (True: a real step); padded keys get ``mask_value`` added to
+    their scores (``masked_fill``: -inf, -1e9 or float32's lowest), then Softmax,
+    LayerNormalization and a MatMul head to 4 scores per step."""
+    rng = np.random.default_rng(seed)
+    d = ATTENTION_WIDTH
+    nodes = [
+        helper.make_node("MatMul", ["x", "wq"], ["q"], "query"),
+        helper.make_node("MatMul", ["x", "wk"], ["k"], "key"),
+        helper.make_node("MatMul", ["x", "wv"], ["v"], "value"),
+        helper.make_node("Transpose", ["k"], ["kt"], "keys_t", perm=[0, 2, 1]),
+        helper.make_node("MatMul", ["q", "kt"], ["raw"], "scores"),
+        helper.make_node("Mul", ["raw", "scale"], ["scaled"], "scale_scores"),
+        helper.make_node("Not", ["mask"], ["padded"], "padding"),
+        helper.make_node("Where", ["padded", "fill", "zero"], ["bias"], "masked_fill"),
+        helper.make_node("Unsqueeze", ["bias", "one"], ["bias3"], "bias_rows"),
+        helper.make_node("Add", ["scaled", "bias3"], ["masked"], "mask_scores"),
+        helper.make_node("Softmax", ["masked"], ["weights"], "softmax", axis=-1),
+        helper.make_node("MatMul", ["weights", "v"], ["mixed"], "mix"),
+        helper.make_node("Add", ["mixed", "x"], ["residual"], "residual"),
+        helper.make_node(
+            "LayerNormalization", ["residual", "gamma", "beta"], ["normed"], "norm", axis=-1
+        ),
+        helper.make_node("MatMul", ["normed", "head"], ["scores_out"], "head"),
+    ]
+    inits = [
+        *(_init(n, rng.normal(0, 0.4, (d, d))) for n in ("wq", "wk", "wv")),
+        _init("head", rng.normal(0, 0.4, (d, 4))),
+        _init("scale", np.array(d**-0.5)),
+        _init("fill", np.array(mask_value)),
+        _init("zero", np.array(0.0)),
+        _init("gamma", rng.uniform(0.5, 1.5, d)),
+        _init("beta", rng.normal(0, 0.1, d)),
+        numpy_helper.from_array(np.array([1], np.int64), "one"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "masked_attention",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "t", d]),
+            helper.make_tensor_value_info("mask", TensorProto.BOOL, [1, "t"]),
+        ],
+        [helper.make_tensor_value_info("scores_out", TensorProto.FLOAT, [1, "t", 4])],
+        inits,
+    )
+    return _model(graph, 17)
+
+
+def attention_feeds(count: int, seed: int) -> list[dict[str, np.ndarray]]:
+    """Feeds for :func:`masked_attention`: every sample padded after 4 to 11 real steps."""
+    rng = np.random.default_rng(seed)
+    feeds = []
+    for _ in range(count):
+        real = int(rng.integers(4, ATTENTION_STEPS))
+        x = rng.normal(0, 1, (1, ATTENTION_STEPS, ATTENTION_WIDTH)).astype(np.float32)
+        feeds.append({"x": x, "mask": (np.arange(ATTENTION_STEPS) < real)[None]})
+    return feeds
+
+
 def save(model: onnx.ModelProto, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(path))

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import models
+import numpy as np
+import onnx
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 
 from slimfleet.agent.errors import InputError
 from slimfleet.plugins.normalize import Normalize
 from slimfleet.plugins.quantize_dynamic import QuantizeDynamic
+from slimfleet.plugins.quantize_static import QuantizeStatic
 
 PASS = QuantizeDynamic()
 
@@ -104,3 +108,41 @@ def test_input_model_is_not_modified(context):
     before = model.SerializeToString()
     apply(model, context)
     assert model.SerializeToString() == before
+
+
+def embedding_net() -> onnx.ModelProto:
+    """ids [1, 6] -> Gather(table [50, 16]) -> Mul(4.0) -> MatMul -> y [1, 6, 8]: an
+    encoder's embedding, scaled before the first layer."""
+    rng = np.random.default_rng(3)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Gather", ["table", "ids"], ["embedding"], "embed"),
+            helper.make_node("Mul", ["embedding", "four"], ["scaled"], "scale"),
+            helper.make_node("MatMul", ["scaled", "w"], ["y"], "project"),
+        ],
+        "embedding_net",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 6, 8])],
+        [
+            numpy_helper.from_array(rng.normal(0, 1, (50, 16)).astype(np.float32), "table"),
+            numpy_helper.from_array(np.array(4.0, np.float32), "four"),
+            numpy_helper.from_array(rng.normal(0, 0.3, (16, 8)).astype(np.float32), "w"),
+        ],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def test_after_static_qdq_of_an_embeddings_output_the_gather_still_quantizes(context, helpers):
+    """int8_combined on a transformer: the static step puts the embedding's output in QDQ
+    (for the Mul), then onnxruntime's dynamic quantizer named its own DequantizeLinear
+    after the Gather's output, found the static one of that name and failed an assertion."""
+    model = embedding_net()
+    ctx = context()
+    ctx.calibration = [{"ids": np.arange(i, i + 6, dtype=np.int64)[None]} for i in range(8)]
+    static = QuantizeStatic()
+    qdq = static.apply(model, ctx, static.resolve_options({"op_types": ["Mul"]})).model
+    result = apply(qdq, context, op_types=["MatMul", "Gather"], per_channel=True)
+    assert result.notes.startswith("quantized 1 Gather, 1 MatMul")
+    for feed in ctx.calibration[:3]:
+        want, got = helpers.run(model, feed)[0], helpers.run(result.model, feed)[0]
+        assert helpers.cosine(want, got) > 0.999

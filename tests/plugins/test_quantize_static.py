@@ -152,3 +152,79 @@ def test_chunk_size_fits_a_quarter_of_the_memory(context):
     per_sample = activation_bytes(model, ctx.calibration[0])
     assert quantize_static.chunk_size(model, ctx.calibration, 4 * 5 * per_sample) == 5
     assert quantize_static.chunk_size(model, ctx.calibration, None) == 40
+
+
+MASKS = [float("-inf"), -1e9, float(np.finfo(np.float32).min)]
+
+
+@pytest.mark.parametrize("calibration", ["minmax", "percentile", "entropy"])
+@pytest.mark.parametrize("mask_value", MASKS)
+def test_attention_masks_stay_float_and_the_rest_is_quantized(
+    context, helpers, calibration, mask_value
+):
+    """A padded encoder's mask (-inf, -1e9 or float32's lowest added to the scores): the
+    histogram calibrators refused it ("range ... is not finite") and min-max spread one
+    8-bit scale over 1e9. The tensors holding it keep no QuantizeLinear; the model stays
+    close to float on padded samples."""
+    model = models.masked_attention(mask_value)
+    ctx = context()
+    ctx.calibration = models.attention_feeds(16, seed=1)
+    result = PASS.apply(model, ctx, PASS.resolve_options({"calibration": calibration}))
+    quantized_inputs = {
+        n.input[0] for n in result.model.graph.node if n.op_type == "QuantizeLinear"
+    }
+    assert not quantized_inputs & {"bias", "bias3", "masked"}
+    assert {"x", "weights", "normed"} <= quantized_inputs  # the rest is int8 as before
+    assert "kept 2 activations in float" in result.notes and "bias3, masked" in result.notes
+    used = {name for node in result.model.graph.node for name in node.input}
+    assert all(i.name in used for i in result.model.graph.initializer)  # no orphan scales
+    held_out = models.attention_feeds(8, seed=2)
+    for feed in held_out:
+        want = helpers.run(model, feed)[0]
+        got = helpers.run(result.model, feed)[0]
+        assert np.isfinite(got).all()
+        assert np.abs(got - want).max() < 0.1 * np.abs(want).max()
+
+
+def test_a_model_without_sentinels_keeps_every_quantizer(context):
+    model = models.masked_attention(-30.0)  # a mask int8 can carry: quantized like the rest
+    ctx = context()
+    ctx.calibration = models.attention_feeds(8, seed=1)
+    result = PASS.apply(model, ctx, PASS.resolve_options({}))
+    assert "float" not in result.notes
+    assert "masked" in {
+        n.input[0] for n in result.model.graph.node if n.op_type == "QuantizeLinear"
+    }
+
+
+def test_a_graph_output_holding_inf_stays_float_under_its_name(context, helpers):
+    """Scores of impossible classes at -inf, straight out of the model: onnxruntime renames
+    the tensor feeding the output's QuantizeLinear; the float tensor gets the name back."""
+    x_info = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4])
+    mask_info = onnx.helper.make_tensor_value_info("m", onnx.TensorProto.BOOL, [1, 4])
+    graph = onnx.helper.make_graph(
+        [
+            onnx.helper.make_node("Where", ["m", "fill", "x"], ["w"]),
+            onnx.helper.make_node("Add", ["w", "x"], ["y"]),
+        ],
+        "impossible_classes",
+        [x_info, mask_info],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4])],
+        [numpy_helper.from_array(np.array(-np.inf, np.float32), "fill")],
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    rng = np.random.default_rng(0)
+    mask = np.array([[False, False, True, True]])
+    ctx = context()
+    ctx.calibration = [
+        {"x": rng.normal(size=(1, 4)).astype(np.float32), "m": mask} for _ in range(4)
+    ]
+    result = PASS.apply(model, ctx, PASS.resolve_options({"op_types": ["Add", "Where"]}))
+    assert "kept 2 activations in float" in result.notes and "w, y" in result.notes
+    assert [o.name for o in result.model.graph.output] == ["y"]
+    got, want = (
+        helpers.run(result.model, ctx.calibration[0])[0],
+        helpers.run(model, ctx.calibration[0])[0],
+    )
+    assert np.isneginf(got[0, 2:]).all()
+    np.testing.assert_allclose(got[0, :2], want[0, :2], atol=0.02)
