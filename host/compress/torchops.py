@@ -59,11 +59,18 @@ def _pads(
     return list(attr(node, "pads", [0] * (2 * len(spatial))))
 
 
-def _padded(x: torch.Tensor, pads: list[int], value: float = 0.0) -> torch.Tensor:
+def _torch_pads(pads: list[int]) -> list[int]:
+    """ONNX pads [b1, b2, ..., e1, e2, ...] of the last n dims in F.pad's order (last
+    dim first, each as begin, end)."""
     n = len(pads) // 2
     torch_pads: list[int] = []
     for i in reversed(range(n)):
         torch_pads += [pads[i], pads[i + n]]
+    return torch_pads
+
+
+def _padded(x: torch.Tensor, pads: list[int], value: float = 0.0) -> torch.Tensor:
+    torch_pads = _torch_pads(pads)
     return F.pad(x, torch_pads, value=value) if any(torch_pads) else x
 
 
@@ -332,11 +339,65 @@ def _cast(node: onnx.NodeProto, x: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"Cast to {kind} is not supported by the QAT interpreter")
 
 
-def _reduce_mean(
-    node: onnx.NodeProto, x: torch.Tensor, axes: torch.Tensor | None = None
+def _reduce(
+    fn: Callable[..., torch.Tensor],
+) -> Callable[..., torch.Tensor]:
+    """ReduceMean/ReduceSum/ReduceMax: axes from the input (opset 13/18) or the attribute; none
+    given reduces every axis unless ``noop_with_empty_axes``."""
+
+    def reduce(node: onnx.NodeProto, x: torch.Tensor, axes: Any = None) -> torch.Tensor:
+        dims = _axes(node, axes)
+        if not dims and attr(node, "noop_with_empty_axes", 0):
+            return x
+        return fn(x, dim=dims or list(range(x.dim())), keepdim=bool(attr(node, "keepdims", 1)))
+
+    return reduce
+
+
+def _layer_norm(
+    node: onnx.NodeProto, x: torch.Tensor, scale: torch.Tensor, bias: Any = None
 ) -> torch.Tensor:
-    dims = _axes(node, axes) or list(range(x.dim()))
-    return x.mean(dim=dims, keepdim=bool(attr(node, "keepdims", 1)))
+    """ONNX LayerNormalization (its Y only): normalised over the axes from ``axis`` on."""
+    if any(node.output[1:]):
+        raise ValueError("LayerNormalization's Mean and InvStdDev outputs are not supported")
+    dims = list(range(attr(node, "axis", -1) % x.dim(), x.dim()))
+    mean = x.mean(dim=dims, keepdim=True)
+    var = ((x - mean) ** 2).mean(dim=dims, keepdim=True)
+    y = (x - mean) / torch.sqrt(var + attr(node, "epsilon", 1e-5)) * scale
+    return y if bias is None else y + bias
+
+
+_PAD_MODES = {"constant": "constant", "reflect": "reflect", "edge": "replicate"}
+
+
+def _pad(
+    node: onnx.NodeProto,
+    x: torch.Tensor,
+    pads: Any = None,
+    value: Any = None,
+    axes: Any = None,
+) -> torch.Tensor:
+    """ONNX Pad (opset 2's attributes or opset 11+'s inputs, axes from opset 18)."""
+    given = _ints(pads) if pads is not None else list(attr(node, "pads"))
+    dims = [a % x.dim() for a in _ints(axes)] if axes is not None else list(range(x.dim()))
+    full = [0] * (2 * x.dim())
+    for i, dim in enumerate(dims):
+        full[dim], full[dim + x.dim()] = given[i], given[i + len(dims)]
+    mode = attr(node, "mode", "constant")
+    if mode not in _PAD_MODES:
+        raise ValueError(f"Pad mode {mode!r} is not supported by the QAT interpreter")
+    if min(full) < 0:
+        raise ValueError(
+            "Pad with negative pads (cropping) is not supported by the QAT interpreter"
+        )
+    fill = float(value) if value is not None and value.numel() else attr(node, "value", 0.0)
+    if mode == "constant":
+        return _padded(x, full, fill)
+    # torch pads only the spatial dims of [N, C, ...] in these modes (1 to 3 of them)
+    if any(full[d] or full[d + x.dim()] for d in (0, 1)) or not 3 <= x.dim() <= 5:
+        raise ValueError(f"Pad mode {mode!r} of other than 1-3 spatial dims of [N, C, ...]")
+    spatial = full[2 : x.dim()] + full[x.dim() + 2 :]
+    return F.pad(x, _torch_pads(spatial), mode=_PAD_MODES[mode])
 
 
 def _softmax(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
@@ -384,7 +445,26 @@ OPS: dict[str, Callable[..., Any]] = {
     "GlobalMaxPool": lambda n, x: x.amax(dim=tuple(range(2, x.dim())), keepdim=True),
     "Softmax": _softmax(torch.softmax),
     "LogSoftmax": _softmax(torch.log_softmax),
-    "ReduceMean": _reduce_mean,
+    "ReduceMean": _reduce(torch.mean),
+    "ReduceSum": _reduce(torch.sum),
+    "ReduceMax": _reduce(torch.amax),
+    "LayerNormalization": _layer_norm,
+    "Min": lambda n, *xs: torch.stack(torch.broadcast_tensors(*xs)).amin(dim=0),
+    "Max": lambda n, *xs: torch.stack(torch.broadcast_tensors(*xs)).amax(dim=0),
+    "Not": lambda n, x: torch.logical_not(x),
+    "And": lambda n, a, b: torch.logical_and(a, b),
+    "Or": lambda n, a, b: torch.logical_or(a, b),
+    "Equal": lambda n, a, b: a == b,
+    "Less": lambda n, a, b: a < b,
+    "Greater": lambda n, a, b: a > b,
+    "LessOrEqual": lambda n, a, b: a <= b,
+    "GreaterOrEqual": lambda n, a, b: a >= b,
+    "Reciprocal": lambda n, x: torch.reciprocal(x),
+    "Range": lambda n, start, limit, delta: torch.arange(
+        start.item(), limit.item(), delta.item(), dtype=start.dtype
+    ),
+    "Pad": _pad,
+    "Where": lambda n, c, a, b: torch.where(c, a, b),
     "LSTM": _lstm,
     "Reshape": _reshape,
     "Flatten": lambda n, x: x.reshape(math.prod(x.shape[: attr(n, "axis", 1) % (x.dim() + 1)]), -1),
@@ -396,7 +476,9 @@ OPS: dict[str, Callable[..., Any]] = {
     "Split": _split,
     "Slice": _slice,
     "Gather": _gather,
-    "Shape": lambda n, x: torch.tensor(list(x.shape), dtype=torch.int64),
+    "Shape": lambda n, x: torch.tensor(
+        list(x.shape)[attr(n, "start", 0) : attr(n, "end")], dtype=torch.int64
+    ),
     "Constant": _constant,
     "ConstantOfShape": _constant_of_shape,
     "Expand": lambda n, x, shape: x * torch.ones(_ints(shape), dtype=x.dtype),

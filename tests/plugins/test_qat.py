@@ -348,3 +348,75 @@ def test_feature_distillation_reads_the_weighted_nodes_outputs_from_the_teacher(
     assert recovery.feature_names(ptq, model) == [("r_DequantizeLinear_Output", "r")]
     result = recovery.train(ptq, model, ctx.calibration, seconds=30, max_steps=40, features=1.0)
     assert result.steps == 40 and result.best_step > 0
+
+
+def test_interpreter_runs_a_masked_attention_block_as_onnxruntime_does(context):
+    """A padded encoder's block (Not, Where, -inf scores kept float, Softmax,
+    LayerNormalization), quantized, then run by the interpreter and by onnxruntime."""
+    model = models.masked_attention()
+    ctx = context()
+    ctx.calibration = models.attention_feeds(16, seed=1)
+    static = QuantizeStatic()
+    qdq = static.apply(model, ctx, static.resolve_options({})).model
+    assert qdqtorch.unsupported(qdq) == []
+    session = unfused(qdq)
+    for feed in models.attention_feeds(4, seed=2):
+        assert recovery.max_difference(qdq, feed, session.run(None, feed)) < 1e-4
+
+
+LOGIC = np.array([[True, False, True], [False, False, True]])
+NUMBERS = np.array([[1.5, -2.0, 3.0], [0.25, 7.0, -1.0]], np.float32)
+OTHER = np.array([[1.5, 2.0, -3.0], [0.5, 7.0, -2.0]], np.float32)
+IMAGE = np.arange(2 * 3 * 4 * 5, dtype=np.float32).reshape(2, 3, 4, 5)
+SINGLE_OPS = [  # (op, attributes, inputs): each computed by the interpreter and onnxruntime
+    ("Not", {}, [LOGIC]),
+    ("And", {}, [LOGIC, LOGIC[::-1]]),
+    ("Or", {}, [LOGIC, LOGIC[::-1]]),
+    ("Equal", {}, [NUMBERS, OTHER]),
+    ("Less", {}, [NUMBERS, OTHER]),
+    ("Greater", {}, [NUMBERS, OTHER]),
+    ("Where", {}, [LOGIC, NUMBERS, OTHER]),
+    ("Min", {}, [NUMBERS, OTHER, np.float32(0.5)]),
+    ("Max", {}, [NUMBERS, OTHER]),
+    ("ReduceSum", {"keepdims": 0}, [NUMBERS, np.array([1], np.int64)]),
+    ("ReduceMax", {}, [NUMBERS, np.array([0], np.int64)]),
+    ("ReduceMean", {"keepdims": 0}, [NUMBERS]),
+    ("LayerNormalization", {"axis": -1, "epsilon": 1e-3}, [NUMBERS, OTHER[0], OTHER[1]]),
+    ("LayerNormalization", {"axis": 0}, [NUMBERS, OTHER]),
+    ("LessOrEqual", {}, [NUMBERS, OTHER]),
+    ("GreaterOrEqual", {}, [NUMBERS, OTHER]),
+    ("Reciprocal", {}, [NUMBERS]),
+    ("Range", {}, [np.float32(1.0), np.float32(4.0), np.float32(0.5)]),
+    ("Range", {}, [np.int64(6), np.int64(-2), np.int64(-3)]),
+    ("Pad", {}, [NUMBERS, np.array([1, 0, 0, 2], np.int64), np.float32(-1.5)]),
+    ("Pad", {}, [NUMBERS, np.array([0, 1], np.int64), np.float32(0), np.array([1], np.int64)]),
+    ("Pad", {"mode": "reflect"}, [IMAGE, np.array([0, 0, 1, 2, 0, 0, 2, 1], np.int64)]),
+    ("Pad", {"mode": "edge"}, [IMAGE, np.array([0, 0, 2, 0, 0, 0, 1, 3], np.int64)]),
+    ("Shape", {"start": 1}, [NUMBERS]),
+    ("Shape", {"start": -2, "end": -1}, [NUMBERS]),
+]
+
+
+@pytest.mark.parametrize(("op", "attributes", "inputs"), SINGLE_OPS)
+def test_the_interpreter_computes_single_operators_as_onnxruntime_does(op, attributes, inputs):
+    import torch
+
+    from slimfleet.host.compress import torchops
+
+    names = [f"in{i}" for i in range(len(inputs))]
+    node = helper.make_node(op, names, ["y"], **attributes)
+    graph = helper.make_graph(
+        [node],
+        op,
+        [
+            helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(a.dtype), a.shape)
+            for n, a in zip(names, inputs, strict=True)
+        ],
+        [onnx.ValueInfoProto(name="y")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    arrays = [np.asarray(a) for a in inputs]
+    expected = unfused(model).run(None, dict(zip(names, arrays, strict=True)))[0]
+    got = torchops.OPS[op](node, *(torch.from_numpy(np.array(a)) for a in arrays)).numpy()
+    assert got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
