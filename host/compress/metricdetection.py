@@ -100,6 +100,12 @@ def _comparable_columns(array: np.ndarray) -> bool:
     return bool(spread.max() <= COLUMN_SCALE_RATIO * spread.min())
 
 
+TAGGER_CLASSES = 2
+"""A sequence of two scores per step is a tagger's (a word boundary or not: khmersm's
+segmenter), judged step by step, not CTC over a blank and a one-letter alphabet, whose
+decoding hides which steps moved ([1, 1, 0, 1] and [1, 0, 0, 1] both read "11")."""
+
+
 def _sequence_layout(array: np.ndarray) -> int | None:
     """The batch axis of a ``[N, T, C]`` / ``[T, N, C]`` sequence output, or None."""
     if array.ndim != 3 or not class_axis(array):
@@ -138,7 +144,7 @@ def detect(reference: Sequence[np.ndarray]) -> MetricSpec:
 
     In order: integers and bools -> exact; values in [0, 1] that are not rows of
     probabilities, with at least :data:`MAP_ELEMENTS` entries -> iou; sequence scores
-    -> ctc; class scores -> top1; a single probability -> binary; else cosine.
+    -> steps with :data:`TAGGER_CLASSES` classes, else ctc; class scores -> top1; a single probability -> binary; else cosine.
     """
     first = reference[0]
     if first.dtype.kind in "iub":
@@ -152,6 +158,8 @@ def detect(reference: Sequence[np.ndarray]) -> MetricSpec:
     if unit_range and not distributions and first.size >= MAP_ELEMENTS:
         return MetricSpec("iou", (("threshold", 0.5),))
     batch_axis = _sequence_layout(first)
+    if batch_axis is not None and first.shape[-1] <= TAGGER_CLASSES:
+        return MetricSpec("steps", (("batch_axis", batch_axis),))
     if batch_axis is not None:
         return MetricSpec("ctc", (("blank", 0), ("batch_axis", batch_axis)))
     squeezed = _leading_squeezed(first)

@@ -35,6 +35,7 @@ def _softmax(x: np.ndarray) -> np.ndarray:
         (RNG.normal(size=(1, 1, 1, 96)).astype(np.float32), "cosine"),  # wake-word features
         (RNG.normal(size=(20, 1, 37)).astype(np.float32), "ctc"),  # CRNN, time-major
         (RNG.normal(size=(1, 50, 15)).astype(np.float32), "ctc"),  # batch-major sequence
+        (RNG.normal(size=(1, 48, 2)).astype(np.float32), "steps"),  # a segmenter's 2 tags
         (RNG.random((1, 1, 32, 32)).astype(np.float32), "iou"),  # a saliency mask
         (RNG.normal(size=(1, 22, 2100)).astype(np.float32), "cosine"),  # YOLO boxes
         (np.array([[0.93]], np.float32), "binary"),  # one probability
