@@ -26,6 +26,7 @@ import numpy as np
 import psutil
 
 from slimfleet.agent.runtime import open_session
+from slimfleet.host.compress.modelfile import total_size
 
 Feed = dict[str, np.ndarray]
 GIB = 1 << 30
@@ -295,9 +296,8 @@ def format_table(rows: Sequence[Row]) -> list[str]:
 
 
 def size_mb(path: Path) -> float:
-    """The model file plus any external-data files written beside it with its stem."""
-    extra = sum(p.stat().st_size for p in path.parent.glob(f"{path.name}.*") if p.is_file())
-    return (path.stat().st_size + extra) / 1e6
+    """The model file plus every external-data file it refers to, in MB."""
+    return total_size(path) / 1e6
 
 
 def cpu_note() -> str:

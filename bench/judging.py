@@ -142,6 +142,62 @@ def deciding_margins(scores: np.ndarray, *, time_axis: int, blank: int) -> np.nd
     return np.asarray(margins)
 
 
+def viterbi(emissions: np.ndarray, transitions: np.ndarray, start: np.ndarray, end: np.ndarray):
+    """The best tag path of a linear-chain CRF over ``[T, tags]`` emissions (the decoding
+    a CRF tagger's package runs on its network's scores)."""
+    score, back = start + emissions[0], []
+    for step in emissions[1:]:
+        total = score[:, None] + transitions + step[None]
+        back.append(total.argmax(0))
+        score = total.max(0)
+    path = [int((score + end).argmax())]
+    for pointers in reversed(back):
+        path.append(int(pointers[path[-1]]))
+    return tuple(path[::-1])
+
+
+@dataclass(frozen=True)
+class Crf:
+    """A tagger's CRF: ``transitions[i, j]`` scores tag i followed by tag j."""
+
+    transitions: np.ndarray
+    start: np.ndarray
+    end: np.ndarray
+
+
+def crf_tags(crf: Crf, lengths: Sequence[int], output: int = 0) -> Judge:
+    """Tag-sequence equality of ``[1, T, tags]`` emissions decoded by ``crf`` over each
+    sample's real steps (``lengths``, one per sample; padding is not the user's): for a
+    word segmenter, the same words."""
+
+    def score(reference, candidate) -> Score:
+        pairs = list(_pairs(reference, candidate))
+        if len(pairs) != len(lengths):
+            raise ValueError(f"{len(pairs)} samples, {len(lengths)} lengths")
+        same = [
+            viterbi(r[0, :n], crf.transitions, crf.start, crf.end)
+            == viterbi(c[0, :n], crf.transitions, crf.start, crf.end)
+            for (r, c), n in zip(pairs, lengths, strict=True)
+        ]
+        return Score(float(np.mean(same)), len(same), "sequences")
+
+    return Judge("tag sequence equality (CRF Viterbi)", output, score)
+
+
+def real_steps(lengths: Sequence[int], output: int = 0) -> Judge:
+    """Per-step argmax agreement of ``[1, T, tags]`` scores over each sample's real steps."""
+    judge = step_agreement(output)
+
+    def score(reference, candidate) -> Score:
+        cut = [
+            (r[:, :n], c[:, :n])
+            for (r, c), n in zip(_pairs(reference, candidate), lengths, strict=True)
+        ]
+        return judge.score([r for r, _ in cut], [c for _, c in cut])
+
+    return Judge("step argmax agreement (real steps)", output, score)
+
+
 def cosine(output: int = 0, name: str = "output cosine") -> Judge:
     """Mean cosine similarity of each sample's whole output."""
 

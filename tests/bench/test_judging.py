@@ -79,3 +79,31 @@ def test_deciding_margins_are_the_smallest_margin_that_changes_the_text():
     assert found[1] == pytest.approx(5.0)  # any step's runner-up adds a label
     again = judging.deciding_margins(tn_c.swapaxes(0, 1), time_axis=1, blank=blank)
     assert np.allclose(again, found)
+
+
+def test_viterbi_finds_the_best_tag_path_of_the_crf() -> None:
+    import itertools
+
+    rng = np.random.default_rng(4)
+    crf = judging.Crf(rng.normal(size=(3, 3)), rng.normal(size=3), rng.normal(size=3))
+    emissions = rng.normal(size=(5, 3))
+
+    def total(path) -> float:
+        steps = sum(emissions[t, k] for t, k in enumerate(path))
+        moves = sum(crf.transitions[a, b] for a, b in itertools.pairwise(path))
+        return crf.start[path[0]] + steps + moves + crf.end[path[-1]]
+
+    best = max(itertools.product(range(3), repeat=5), key=total)
+    assert judging.viterbi(emissions, crf.transitions, crf.start, crf.end) == best
+
+
+def test_crf_tags_judge_each_sequence_over_its_real_steps_only() -> None:
+    crf = judging.Crf(np.zeros((2, 2)), np.zeros(2), np.zeros(2))
+    tags = np.eye(2, dtype=np.float32)
+    reference = [[tags[[0, 1, 1, 0]][None]], [tags[[1, 1, 0, 0]][None]]]
+    candidate = [[tags[[0, 1, 1, 1]][None]], [tags[[1, 0, 0, 0]][None]]]
+    # the first differs only on its padding (3 real steps), the second on a real step
+    score = judging.crf_tags(crf, [3, 4])(reference, candidate)
+    assert (score.value, score.count, score.unit) == (0.5, 2, "sequences")
+    steps = judging.real_steps([3, 4])(reference, candidate)
+    assert (steps.value, steps.count) == (6 / 7, 7)
