@@ -106,9 +106,15 @@ def _earlier_qdq_renamed(model: onnx.ModelProto) -> onnx.ModelProto:
     if not any(n.name.endswith(QDQ_NAMES) for n in model.graph.node):
         return model
     renamed = copy_model(model)
+    taken = {n.name for n in renamed.graph.node}
     for node in renamed.graph.node:
         if node.name.endswith(QDQ_NAMES):
-            node.name += EARLIER
+            name, count = node.name + EARLIER, 1
+            while name in taken:  # a second dynamic pass: the first one's are earlier too
+                count += 1
+                name = f"{node.name}{EARLIER}{count}"
+            taken.add(name)
+            node.name = name
     return renamed
 
 

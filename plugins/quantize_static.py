@@ -36,7 +36,7 @@ from slimfleet.plugins.onnxgraph import (
     multiply_accumulates,
     opset_of,
 )
-from slimfleet.plugins.sentinels import CARRIABLE, SentinelWatch, keep_float
+from slimfleet.plugins.sentinels import SENTINEL, SentinelWatch, constant_readers, keep_float
 
 SUPPORTED = tuple(sorted({*QDQRegistry, *QLinearOpsRegistry}))
 """What quantize_static picks when op_types is empty (its own default)."""
@@ -206,6 +206,13 @@ class QuantizeStatic(Pass):
     ) -> PassResult:
         notes: list[str] = []
         excluded = list(options["exclude_nodes"])
+        if masked := [n for n in constant_readers(model) if n not in excluded]:
+            excluded += masked
+            notes.append(
+                f"left {len(masked)} nodes reading a constant mask in float "
+                f"(inf, or {SENTINEL:g} and beyond apart from the rest): {', '.join(masked[:3])}"
+                + (", ..." if len(masked) > 3 else "")
+            )
         if options["mac_share"] < 1:
             excluded += _light_nodes(model, context, options, notes)
 
@@ -238,7 +245,7 @@ class QuantizeStatic(Pass):
             shown = ", ".join(kept[:3]) + (", ..." if len(kept) > 3 else "")
             notes.append(
                 f"kept {len(kept)} activations in float: they hold values int8 cannot "
-                f"carry (masks: inf or beyond {CARRIABLE:g}): {shown}"
+                f"carry (masks: inf, or {SENTINEL:g} and beyond apart from the rest): {shown}"
             )
         method = options["calibration"]
         if method == "percentile":

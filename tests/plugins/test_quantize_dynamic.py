@@ -9,6 +9,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from slimfleet.agent.errors import InputError
+from slimfleet.plugins import quantize_dynamic
 from slimfleet.plugins.normalize import Normalize
 from slimfleet.plugins.quantize_dynamic import QuantizeDynamic
 from slimfleet.plugins.quantize_static import QuantizeStatic
@@ -146,3 +147,8 @@ def test_after_static_qdq_of_an_embeddings_output_the_gather_still_quantizes(con
     for feed in ctx.calibration[:3]:
         want, got = helpers.run(model, feed)[0], helpers.run(result.model, feed)[0]
         assert helpers.cosine(want, got) > 0.999
+    names = [n.name for n in result.model.graph.node if n.name]
+    assert len(names) == len(set(names))
+    again = quantize_dynamic._earlier_qdq_renamed(result.model)  # before a second pass
+    names = [n.name for n in again.graph.node if n.name]
+    assert len(names) == len(set(names)) and "embedding_DequantizeLinear_earlier2" in names

@@ -154,7 +154,9 @@ def test_chunk_size_fits_a_quarter_of_the_memory(context):
     assert quantize_static.chunk_size(model, ctx.calibration, None) == 40
 
 
-MASKS = [float("-inf"), -1e9, float(np.finfo(np.float32).min)]
+MASKS = [float("-inf"), -1e9, float(np.finfo(np.float32).min), -65504.0, -1e4]
+"""PyTorch's masked_fill(-inf), older exports' -1e9, float32's and float16's lowest, and
+BERT's / GPT-2's -10000."""
 
 
 @pytest.mark.parametrize("calibration", ["minmax", "percentile", "entropy"])
@@ -228,3 +230,96 @@ def test_a_graph_output_holding_inf_stays_float_under_its_name(context, helpers)
     )
     assert np.isneginf(got[0, 2:]).all()
     np.testing.assert_allclose(got[0, :2], want[0, :2], atol=0.02)
+
+
+def _masked_scores(tail: list, *, constant_mask: bool = False) -> onnx.ModelProto:
+    """x [1, 8, 16] -> MatMul -> scores [1, 8, 16] + a mask on the padded columns (-inf
+    from the input ``mask`` through Where, or a constant -inf on the last 4 columns),
+    then ``tail`` (nodes reading ``masked``, writing ``y``)."""
+    rng = np.random.default_rng(0)
+    helper = onnx.helper
+    if constant_mask:
+        fill = np.zeros((1, 1, 16), np.float32)
+        fill[..., 12:] = -np.inf
+        head = [helper.make_node("Add", ["s", "causal"], ["masked"], "add_mask")]
+        extra = [numpy_helper.from_array(fill, "causal")]
+    else:
+        head = [
+            helper.make_node("Not", ["mask"], ["pad"], "not"),
+            helper.make_node("Unsqueeze", ["pad", "one"], ["pad3"], "rows"),
+            helper.make_node("Where", ["pad3", "fill", "zero"], ["bias"], "masked_fill"),
+            helper.make_node("Add", ["s", "bias"], ["masked"], "add_mask"),
+        ]
+        extra = [
+            numpy_helper.from_array(np.array(-np.inf, np.float32), "fill"),
+            numpy_helper.from_array(np.array(0, np.float32), "zero"),
+            numpy_helper.from_array(np.array([1], np.int64), "one"),
+        ]
+    inputs = [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 8, 16])]
+    if not constant_mask:
+        inputs.append(helper.make_tensor_value_info("mask", onnx.TensorProto.BOOL, [1, 16]))
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["s"], "proj"), *head, *tail],
+        "masked_scores",
+        inputs,
+        [onnx.ValueInfoProto(name="y")],
+        [
+            numpy_helper.from_array(rng.normal(0, 0.5, (16, 16)).astype(np.float32), "w"),
+            numpy_helper.from_array(rng.normal(0, 0.5, (8, 4)).astype(np.float32), "w2"),
+            numpy_helper.from_array(np.array([0], np.int64), "zero_i"),
+            numpy_helper.from_array(np.array([8], np.int64), "eight"),
+            numpy_helper.from_array(np.array([2], np.int64), "last"),
+            *extra,
+        ],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _score_feeds(count: int, seed: int, with_mask: bool = True):
+    rng = np.random.default_rng(seed)
+    feeds = []
+    for _ in range(count):
+        feed = {"x": rng.normal(0, 1, (1, 8, 16)).astype(np.float32)}
+        if with_mask:
+            feed["mask"] = (np.arange(16) < rng.integers(9, 16))[None]
+        feeds.append(feed)
+    return feeds
+
+
+SLICE_HEAD = [  # the first 8 columns, always real: a Slice shares its input's scale
+    onnx.helper.make_node("Slice", ["masked", "zero_i", "eight", "last"], ["first"], "slice"),
+    onnx.helper.make_node("MatMul", ["first", "w2"], ["y"], "head"),
+]
+
+
+@pytest.mark.parametrize("calibration", ["minmax", "percentile"])
+def test_an_op_sharing_a_masked_tensors_scale_gets_its_real_range(context, helpers, calibration):
+    """The Slice of the real columns shares the masked scores' quantization parameters;
+    they come from the scores' real values, not from the zeros the mask was replaced by."""
+    model = _masked_scores(SLICE_HEAD)
+    ctx = context()
+    ctx.calibration = _score_feeds(16, seed=1)
+    result = PASS.apply(model, ctx, PASS.resolve_options({"calibration": calibration}))
+    assert "masked" in result.notes
+    for feed in _score_feeds(6, seed=2):
+        want, got = helpers.run(model, feed)[0], helpers.run(result.model, feed)[0]
+        assert helpers.cosine(want, got) > 0.995  # was 0.42-0.73: the Slice clipped at 0
+
+
+def test_a_node_reading_a_constant_mask_stays_float(context, helpers):
+    """A causal mask stored as a constant with -inf: quantized as a weight it got an
+    infinite scale and the model output zeros."""
+    tail = [
+        onnx.helper.make_node("Softmax", ["masked"], ["weights"], "softmax", axis=-1),
+        onnx.helper.make_node("Slice", ["weights", "zero_i", "eight", "last"], ["first"]),
+        onnx.helper.make_node("MatMul", ["first", "w2"], ["y"], "head"),
+    ]
+    model = _masked_scores(tail, constant_mask=True)
+    ctx = context()
+    ctx.calibration = _score_feeds(16, seed=1, with_mask=False)
+    result = PASS.apply(model, ctx, PASS.resolve_options({}))
+    assert "left 1 nodes reading a constant mask in float" in result.notes
+    assert "add_mask" in result.notes
+    for feed in _score_feeds(6, seed=2, with_mask=False):
+        want, got = helpers.run(model, feed)[0], helpers.run(result.model, feed)[0]
+        assert helpers.cosine(want, got) > 0.995  # was all zeros
