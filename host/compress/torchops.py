@@ -367,6 +367,13 @@ def _layer_norm(
     return y if bias is None else y + bias
 
 
+def _range(node: onnx.NodeProto, start: Any, limit: Any, delta: Any) -> torch.Tensor:
+    """ONNX Range: ``max(ceil((limit - start) / delta), 0)`` values (empty, not an error,
+    when the limit lies behind the start)."""
+    count = max(math.ceil((limit.item() - start.item()) / delta.item()), 0)
+    return start + delta * torch.arange(count, dtype=start.dtype)
+
+
 _PAD_MODES = {"constant": "constant", "reflect": "reflect", "edge": "replicate"}
 
 
@@ -460,9 +467,7 @@ OPS: dict[str, Callable[..., Any]] = {
     "LessOrEqual": lambda n, a, b: a <= b,
     "GreaterOrEqual": lambda n, a, b: a >= b,
     "Reciprocal": lambda n, x: torch.reciprocal(x),
-    "Range": lambda n, start, limit, delta: torch.arange(
-        start.item(), limit.item(), delta.item(), dtype=start.dtype
-    ),
+    "Range": _range,
     "Pad": _pad,
     "Where": lambda n, c, a, b: torch.where(c, a, b),
     "LSTM": _lstm,

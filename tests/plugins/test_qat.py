@@ -368,6 +368,14 @@ LOGIC = np.array([[True, False, True], [False, False, True]])
 NUMBERS = np.array([[1.5, -2.0, 3.0], [0.25, 7.0, -1.0]], np.float32)
 OTHER = np.array([[1.5, 2.0, -3.0], [0.5, 7.0, -2.0]], np.float32)
 IMAGE = np.arange(2 * 3 * 4 * 5, dtype=np.float32).reshape(2, 3, 4, 5)
+OLDER_OPSETS = [  # (op, attributes, inputs, opset): attribute forms of earlier opsets
+    ("ReduceSum", {"axes": [1], "keepdims": 0}, [NUMBERS], 11),
+    ("ReduceMax", {"axes": [0]}, [NUMBERS], 13),
+    ("ReduceMean", {"axes": [-1]}, [NUMBERS], 13),
+    ("ReduceSum", {"noop_with_empty_axes": 1}, [NUMBERS], 13),
+    ("Pad", {"pads": [0, 1, 2, 0], "value": 2.5}, [NUMBERS], 10),
+    ("Pad", {"mode": "reflect", "pads": [0, 0, 2, 0, 0, 1]}, [IMAGE[:, :, 0]], 10),
+]
 SINGLE_OPS = [  # (op, attributes, inputs): each computed by the interpreter and onnxruntime
     ("Not", {}, [LOGIC]),
     ("And", {}, [LOGIC, LOGIC[::-1]]),
@@ -388,6 +396,7 @@ SINGLE_OPS = [  # (op, attributes, inputs): each computed by the interpreter and
     ("Reciprocal", {}, [NUMBERS]),
     ("Range", {}, [np.float32(1.0), np.float32(4.0), np.float32(0.5)]),
     ("Range", {}, [np.int64(6), np.int64(-2), np.int64(-3)]),
+    ("Range", {}, [np.int64(0), np.int64(-5), np.int64(1)]),  # empty
     ("Pad", {}, [NUMBERS, np.array([1, 0, 0, 2], np.int64), np.float32(-1.5)]),
     ("Pad", {}, [NUMBERS, np.array([0, 1], np.int64), np.float32(0), np.array([1], np.int64)]),
     ("Pad", {"mode": "reflect"}, [IMAGE, np.array([0, 0, 1, 2, 0, 0, 2, 1], np.int64)]),
@@ -397,8 +406,13 @@ SINGLE_OPS = [  # (op, attributes, inputs): each computed by the interpreter and
 ]
 
 
-@pytest.mark.parametrize(("op", "attributes", "inputs"), SINGLE_OPS)
-def test_the_interpreter_computes_single_operators_as_onnxruntime_does(op, attributes, inputs):
+@pytest.mark.parametrize(
+    ("op", "attributes", "inputs", "opset"),
+    [(*case, 18) for case in SINGLE_OPS] + OLDER_OPSETS,
+)
+def test_the_interpreter_computes_single_operators_as_onnxruntime_does(
+    op, attributes, inputs, opset
+):
     import torch
 
     from slimfleet.host.compress import torchops
@@ -414,7 +428,7 @@ def test_the_interpreter_computes_single_operators_as_onnxruntime_does(op, attri
         ],
         [onnx.ValueInfoProto(name="y")],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     arrays = [np.asarray(a) for a in inputs]
     expected = unfused(model).run(None, dict(zip(names, arrays, strict=True)))[0]
     got = torchops.OPS[op](node, *(torch.from_numpy(np.array(a)) for a in arrays)).numpy()
