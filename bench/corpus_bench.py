@@ -118,8 +118,20 @@ def bench_model(name: str, model: Path, settings: Settings, workdir: Path) -> li
     held_out = case.make(settings.held_out * scale, 2, model.parent)
     for warning in dict.fromkeys(search.warnings):
         click.echo(f"  warning: {warning}", err=True)
-    judges = case.judges(held_out.feeds, model.parent) if callable(case.judges) else case.judges
-    rows, _ = compare(name, model, search.feeds, held_out.feeds, judges, settings.limits, workdir)
+    judges, search_judge = case.judges, None
+    if callable(judges):
+        judges = case.judges(held_out.feeds, model.parent)
+        search_judge = case.judges(search.feeds, model.parent)[0]
+    rows, _ = compare(
+        name,
+        model,
+        search.feeds,
+        held_out.feeds,
+        judges,
+        settings.limits,
+        workdir,
+        search_judge=search_judge,
+    )
     return rows
 
 

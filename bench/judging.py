@@ -144,7 +144,9 @@ def deciding_margins(scores: np.ndarray, *, time_axis: int, blank: int) -> np.nd
 
 def viterbi(emissions: np.ndarray, transitions: np.ndarray, start: np.ndarray, end: np.ndarray):
     """The best tag path of a linear-chain CRF over ``[T, tags]`` emissions (the decoding
-    a CRF tagger's package runs on its network's scores)."""
+    a CRF tagger's package runs on its network's scores); empty for no steps."""
+    if len(emissions) == 0:
+        return ()
     score, back = start + emissions[0], []
     for step in emissions[1:]:
         total = score[:, None] + transitions + step[None]

@@ -133,7 +133,7 @@ def _step_margins(reference, feeds) -> np.ndarray:
     for r, feed in zip(reference, feeds, strict=True):
         n = int(feed["mask"].sum())
         top2 = np.sort(r[0][0, :n], -1)[:, -2:]
-        margins.append(float((top2[:, 1] - top2[:, 0]).min()))
+        margins.append(float((top2[:, 1] - top2[:, 0]).min()) if n else np.inf)
     return np.asarray(margins)
 
 

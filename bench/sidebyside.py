@@ -50,9 +50,13 @@ def compare(
     limits: Limits,
     workdir: Path,
     compress_args: Sequence[str] = (),
+    search_judge: Judge | None = None,
 ) -> tuple[list[Row], CompressRun]:
     """Rows for one model (original, slimfleet, then each peer) and compress's run;
-    ``compress_args`` are added to compress's command line (e.g. ``--fidelity``)."""
+    ``compress_args`` are added to compress's command line (e.g. ``--fidelity``).
+    ``search_judge``: the task metric on the search samples, for the peers that validate
+    on them (default ``judges[0]``; a judge built for the held-out samples, such as a
+    tagger's real lengths, cannot judge others)."""
     reference = outputs_of(model, held_out)
 
     def judged(path: Path) -> list[str]:
@@ -81,7 +85,8 @@ def compare(
         paths["slimfleet"] = run.model
     rows.append(row)
     if limits.peers:
-        rows += _peer_rows(name, model, judges[0], search, limits, workdir, paths, judged)
+        judge = search_judge or judges[0]
+        rows += _peer_rows(name, model, judge, search, limits, workdir, paths, judged)
     timings = latencies_ms(paths, held_out, limits.rounds)
     for row in rows:
         row.latency_ms = timings.get(row.variant, row.latency_ms)
