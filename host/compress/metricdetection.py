@@ -101,9 +101,11 @@ def _comparable_columns(array: np.ndarray) -> bool:
 
 
 TAGGER_CLASSES = 2
-"""A sequence of two scores per step is a tagger's (a word boundary or not: khmersm's
-segmenter), judged step by step, not CTC over a blank and a one-letter alphabet, whose
-decoding hides which steps moved ([1, 1, 0, 1] and [1, 0, 0, 1] both read "11")."""
+"""A sequence of two signed scores per step is a tagger's (a word boundary or not:
+khmersm's segmenter), judged step by step, not CTC over a blank and a one-letter
+alphabet, whose decoding hides which steps moved ([1, 1, 0, 1] and [1, 0, 0, 1] both
+read "11"). Two values per step that are never negative are coordinates (landmarks,
+keypoints in pixels): cosine."""
 
 
 def _sequence_layout(array: np.ndarray) -> int | None:
@@ -159,7 +161,9 @@ def detect(reference: Sequence[np.ndarray]) -> MetricSpec:
         return MetricSpec("iou", (("threshold", 0.5),))
     batch_axis = _sequence_layout(first)
     if batch_axis is not None and first.shape[-1] <= TAGGER_CLASSES:
-        return MetricSpec("steps", (("batch_axis", batch_axis),))
+        if finite.size and finite.min() < 0 < finite.max():  # scores, not coordinates
+            return MetricSpec("steps", (("batch_axis", batch_axis),))
+        return MetricSpec("cosine")
     if batch_axis is not None:
         return MetricSpec("ctc", (("blank", 0), ("batch_axis", batch_axis)))
     squeezed = _leading_squeezed(first)

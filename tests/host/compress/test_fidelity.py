@@ -36,6 +36,7 @@ def _softmax(x: np.ndarray) -> np.ndarray:
         (RNG.normal(size=(20, 1, 37)).astype(np.float32), "ctc"),  # CRNN, time-major
         (RNG.normal(size=(1, 50, 15)).astype(np.float32), "ctc"),  # batch-major sequence
         (RNG.normal(size=(1, 48, 2)).astype(np.float32), "steps"),  # a segmenter's 2 tags
+        (RNG.uniform(0, 112, size=(1, 68, 2)).astype(np.float32), "cosine"),  # landmarks
         (RNG.random((1, 1, 32, 32)).astype(np.float32), "iou"),  # a saliency mask
         (RNG.normal(size=(1, 22, 2100)).astype(np.float32), "cosine"),  # YOLO boxes
         (np.array([[0.93]], np.float32), "binary"),  # one probability
