@@ -36,7 +36,7 @@ from slimfleet.plugins.onnxgraph import (
     multiply_accumulates,
     opset_of,
 )
-from slimfleet.plugins.sentinels import SENTINEL, SentinelWatch, constant_readers, keep_float
+from slimfleet.plugins.sentinels import WHAT, SentinelWatch, constant_readers, keep_float, shown
 
 SUPPORTED = tuple(sorted({*QDQRegistry, *QLinearOpsRegistry}))
 """What quantize_static picks when op_types is empty (its own default)."""
@@ -209,9 +209,8 @@ class QuantizeStatic(Pass):
         if masked := [n for n in constant_readers(model) if n not in excluded]:
             excluded += masked
             notes.append(
-                f"left {len(masked)} nodes reading a constant mask in float "
-                f"(inf, or {SENTINEL:g} and beyond apart from the rest): {', '.join(masked[:3])}"
-                + (", ..." if len(masked) > 3 else "")
+                f"left {len(masked)} nodes reading a constant mask in float ({WHAT}): "
+                + shown(masked)
             )
         if options["mac_share"] < 1:
             excluded += _light_nodes(model, context, options, notes)
@@ -242,10 +241,9 @@ class QuantizeStatic(Pass):
 
         quantized = q.run_quantizer(model, context, self.name, quantize)
         if kept := keep_float(quantized, {n for w in watch for n in w.names}):
-            shown = ", ".join(kept[:3]) + (", ..." if len(kept) > 3 else "")
             notes.append(
                 f"kept {len(kept)} activations in float: they hold values int8 cannot "
-                f"carry (masks: inf, or {SENTINEL:g} and beyond apart from the rest): {shown}"
+                f"carry (masks: {WHAT}): " + shown(kept)
             )
         method = options["calibration"]
         if method == "percentile":

@@ -38,6 +38,13 @@ SENTINEL = 5e3
 mask value exporters write (-10000), so a score plus the mask still counts."""
 GAP = 10.0
 """...when they stand this many times above the tensor's largest smaller magnitude."""
+WHAT = f"inf, or {SENTINEL:g} and beyond apart from the rest"
+"""What counts, as the notes say it."""
+
+
+def shown(names: list[str], first: int = 3) -> str:
+    """``names`` for a note: the first few, then "..."."""
+    return ", ".join(names[:first]) + (", ..." if len(names) > first else "")
 
 
 def sentinels(value: Any) -> np.ndarray | None:
@@ -47,6 +54,8 @@ def sentinels(value: Any) -> np.ndarray | None:
     -10000 do, a cube's continuous tail or a lone large sum does not)."""
     if not isinstance(value, np.ndarray) or value.dtype.kind != "f" or value.size == 0:
         return None
+    if max(float(value.max()), -float(value.min())) < SENTINEL:  # the common case: no
+        return None  # temporaries (a NaN makes the test False and takes the long way)
     magnitude = np.abs(value)
     nonfinite = ~np.isfinite(value)
     small = magnitude < SENTINEL  # False for inf and NaN
@@ -84,11 +93,15 @@ class SentinelWatch:
             values = [outputs[i] for i in indices]
             if not all(isinstance(v, np.ndarray) and v.dtype.kind == "f" for v in values):
                 continue
-            odd = sentinels(np.concatenate([v.ravel() for v in values]))
+            together = (
+                values[0] if len(values) == 1 else np.concatenate([v.ravel() for v in values])
+            )
+            odd = sentinels(together)
             if odd is None:
                 continue
             self.names.add(tensor)
             start = 0
+            odd = odd.ravel()
             for i, value in zip(indices, values, strict=True):
                 here = odd[start : start + value.size].reshape(value.shape)
                 outputs[i] = np.where(here, 0, value).astype(value.dtype)

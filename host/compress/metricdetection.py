@@ -146,7 +146,8 @@ def detect(reference: Sequence[np.ndarray]) -> MetricSpec:
 
     In order: integers and bools -> exact; values in [0, 1] that are not rows of
     probabilities, with at least :data:`MAP_ELEMENTS` entries -> iou; sequence scores
-    -> steps with :data:`TAGGER_CLASSES` classes, else ctc; class scores -> top1; a single probability -> binary; else cosine.
+    -> steps with :data:`TAGGER_CLASSES` signed classes (cosine when never negative),
+    else ctc; class scores -> top1; a single probability -> binary; else cosine.
     """
     first = reference[0]
     if first.dtype.kind in "iub":
