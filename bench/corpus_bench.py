@@ -70,7 +70,7 @@ def khmersm_judges(feeds: list[inputs.Feed], model_dir: Path) -> tuple[judging.J
 
 CASES: dict[str, Case] = {
     "open_nsfw": Case(inputs.open_nsfw, (judging.top1(),)),
-    "320n": Case(inputs.nudenet, (judging.cosine(),)),
+    "320n": Case(inputs.nudenet, (judging.detections(), judging.boxes_kept())),
     "paraphrase-MiniLM-L3-v2": Case(
         inputs.minilm,
         (judging.cosine(3, "sentence embedding cosine"), judging.cosine(2, "token cosine")),

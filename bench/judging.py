@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from slimfleet.host.compress import detections as found
+
 Outputs = Sequence[np.ndarray]
 """One sample's outputs, in the model's output order."""
 
@@ -215,6 +217,36 @@ def cosine(output: int = 0, name: str = "output cosine") -> Judge:
         return Score(float(np.mean(values)), len(values), "samples")
 
     return Judge(name, output, score)
+
+
+def detections(output: int = 0, score: float = 0.25, nms: float = 0.7, iou: float = 0.5) -> Judge:
+    """Share of images whose detections (a YOLO head, see
+    :mod:`slimfleet.host.compress.detections`) equal fp32's box for box."""
+
+    def judge(reference, candidate) -> Score:
+        hits = [
+            found.same_detections(
+                found.detections(r[0], score, nms), found.detections(c[0], score, nms), iou
+            )
+            for r, c in _pairs(reference, candidate)
+        ]
+        return Score(sum(hits) / len(hits), len(hits), "images")
+
+    return Judge(f"same detections (score {score}, IoU {iou})", output, judge)
+
+
+def boxes_kept(output: int = 0, score: float = 0.25, nms: float = 0.7, iou: float = 0.5) -> Judge:
+    """Share of fp32's detections the candidate still makes (same class, IoU >= ``iou``)."""
+
+    def judge(reference, candidate) -> Score:
+        kept = total = 0
+        for r, c in _pairs(reference, candidate):
+            want = found.detections(r[0], score, nms)
+            kept += found.matched(want, found.detections(c[0], score, nms), iou)
+            total += len(want)
+        return Score(kept / total if total else 1.0, total, "fp32 boxes")
+
+    return Judge("fp32 boxes kept", output, judge)
 
 
 def mask_iou(output: int = 0, threshold: float = 0.5) -> Judge:

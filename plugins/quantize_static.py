@@ -36,6 +36,7 @@ from slimfleet.plugins.onnxgraph import (
     multiply_accumulates,
     opset_of,
 )
+from slimfleet.plugins.outputranges import MIXED_RANGE, mixed_output_tails
 from slimfleet.plugins.sentinels import WHAT, SentinelWatch, constant_readers, keep_float, shown
 
 SUPPORTED = tuple(sorted({*QDQRegistry, *QLinearOpsRegistry}))
@@ -244,6 +245,11 @@ class QuantizeStatic(Pass):
             notes.append(
                 f"kept {len(kept)} activations in float: they hold values int8 cannot "
                 f"carry (masks: {WHAT}): " + shown(kept)
+            )
+        if tails := keep_float(quantized, mixed_output_tails(quantized)):
+            notes.append(
+                f"kept {len(tails)} output tensors in float: they join parts whose ranges "
+                f"differ {MIXED_RANGE:g}x or more (a detector's boxes and scores): " + shown(tails)
             )
         method = options["calibration"]
         if method == "percentile":

@@ -260,3 +260,62 @@ def save(model: onnx.ModelProto, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(path))
     return path
+
+
+DETECTOR_CLASSES = 3
+DETECTOR_ANCHORS = 64
+DETECTOR_PIXELS = 320.0
+
+
+def detector_head(tail: str = "none", seed: int = SEED) -> onnx.ModelProto:
+    """A YOLOv8-style detector on a 1x3x16x16 image: a stride-2 Conv to 8x8 anchors, then
+    boxes (Sigmoid x 320: pixels) and 3 class probabilities (Sigmoid) concatenated to
+    ``[1, 7, 64]``; ``tail="transpose"`` lays it out ``[1, 64, 7]`` (YOLOv5's order)."""
+    rng = np.random.default_rng(seed)
+    c = DETECTOR_CLASSES
+    nodes = [
+        helper.make_node(
+            "Conv", ["x", "w1", "b1"], ["f"], "stem", pads=[1, 1, 1, 1], strides=[2, 2]
+        ),
+        helper.make_node("Relu", ["f"], ["r"], "stem_relu"),
+        helper.make_node("Conv", ["r", "wbox", "bbox"], ["box_raw"], "box_conv"),
+        helper.make_node("Conv", ["r", "wcls", "bcls"], ["cls_raw"], "cls_conv"),
+        helper.make_node("Reshape", ["box_raw", "box_shape"], ["box_flat"], "box_flat"),
+        helper.make_node("Reshape", ["cls_raw", "cls_shape"], ["cls_flat"], "cls_flat"),
+        helper.make_node("Sigmoid", ["box_flat"], ["box_unit"], "box_sigmoid"),
+        helper.make_node("Mul", ["box_unit", "pixels"], ["boxes"], "box_pixels"),
+        helper.make_node("Sigmoid", ["cls_flat"], ["scores"], "cls_sigmoid"),
+        helper.make_node("Concat", ["boxes", "scores"], ["head"], "head_concat", axis=1),
+    ]
+    out = "head"
+    shape = [1, 4 + c, DETECTOR_ANCHORS]
+    if tail == "transpose":
+        nodes.append(
+            helper.make_node("Transpose", ["head"], ["head_t"], "to_anchors", perm=[0, 2, 1])
+        )
+        out, shape = "head_t", [1, DETECTOR_ANCHORS, 4 + c]
+    inits = [
+        _init("w1", rng.normal(0, 0.5, (8, 3, 3, 3))),
+        _init("b1", rng.normal(0, 0.1, 8)),
+        _init("wbox", rng.normal(0, 0.5, (4, 8, 1, 1))),
+        _init("bbox", rng.normal(0, 0.1, 4)),
+        _init("wcls", rng.normal(0, 0.8, (c, 8, 1, 1))),
+        _init("bcls", np.full(c, -1.0)),
+        _init("pixels", np.array(DETECTOR_PIXELS)),
+        numpy_helper.from_array(np.array([1, 4, -1], np.int64), "box_shape"),
+        numpy_helper.from_array(np.array([1, c, -1], np.int64), "cls_shape"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "detector_head",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
+        [helper.make_tensor_value_info(out, TensorProto.FLOAT, shape)],
+        inits,
+    )
+    return _model(graph, 17)
+
+
+def image_feeds(count: int, seed: int) -> list[dict[str, np.ndarray]]:
+    """Feeds for :func:`detector_head`: 1x3x16x16 images in [0, 1]."""
+    rng = np.random.default_rng(seed)
+    return [{"x": rng.uniform(0, 1, (1, 3, 16, 16)).astype(np.float32)} for _ in range(count)]

@@ -4,7 +4,7 @@ Each output is judged by its task metric (a :class:`MetricSpec`, see
 :mod:`~slimfleet.host.compress.metricspec` for the kinds and
 :mod:`~slimfleet.host.compress.metricdetection` for how they are detected).
 Every score comes with its sample count and a 95% interval: a Wilson score interval for
-proportions (top1, ctc, steps, binary, exact), a percentile bootstrap of the mean
+proportions (top1, ctc, steps, detections, binary, exact), a percentile bootstrap of the mean
 (see :mod:`~slimfleet.host.compress.intervals`) for the continuous ones (iou, cosine).
 When the budget lies inside a candidate's interval, :func:`samples_to_settle` estimates
 how many samples would decide it.
@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from slimfleet.agent.errors import InputError, SlimfleetError
+from slimfleet.host.compress.detections import detections, same_detections
 from slimfleet.host.compress.intervals import bootstrap, wilson
 from slimfleet.host.compress.metricdetection import Outputs, as_rows, detect, metric_specs
 from slimfleet.host.compress.metricspec import PROPORTION_KINDS, MetricSpec, ctc_labels
@@ -154,6 +155,8 @@ def _units(spec: MetricSpec, ref: np.ndarray, got: np.ndarray) -> tuple[list[flo
             else:
                 units.append(float(same_steps.all()))
         return units, steps
+    if kind == "detections":
+        return [_same_detections(spec, r, g) for r, g in zip(ref, got, strict=True)], []
     finite = np.isfinite(ref)
     if kind == "cosine":
         return [_cosine(ref[finite], got[finite])], []
@@ -163,6 +166,17 @@ def _units(spec: MetricSpec, ref: np.ndarray, got: np.ndarray) -> tuple[list[flo
         return list((r == g).astype(float)), []
     union = np.count_nonzero(r | g)
     return [np.count_nonzero(r & g) / union if union else 1.0], []
+
+
+def _same_detections(spec: MetricSpec, ref: np.ndarray, got: np.ndarray) -> float:
+    """1.0 when one image's candidate head detects what the original's does."""
+    if ref.ndim != 2:
+        raise SlimfleetError(f"a detections metric needs [N, 4 + C, A] heads, got {ref.ndim + 1}-D")
+    found = [
+        detections(head, spec.option("score"), spec.option("nms"), bool(spec.option("objectness")))
+        for head in (ref, got)
+    ]
+    return float(same_detections(*found, spec.option("iou")))
 
 
 def score_output(

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from slimfleet.agent.errors import InputError
+from slimfleet.host.compress.detections import BOX_VALUES
 from slimfleet.host.compress.metricspec import MetricSpec, check_against_values
 
 Outputs = dict[str, np.ndarray]
@@ -108,6 +109,42 @@ read "11"). Two values per step that are never negative are coordinates (landmar
 keypoints in pixels): cosine."""
 
 
+ANCHORS_PER_VALUE = 8
+"""A detector head scores many more anchors than it has values per anchor (320n:
+2,100 anchors of 22 values; 640x640 YOLOv8: 8,400 of 84)."""
+
+
+BOX_OVERHANG = 0.1
+"""How far below zero, as a share of the largest box value, a box centre may lie (320n:
+-0.66 against 323 pixels)."""
+
+
+def detector_head(reference: Sequence[np.ndarray]) -> bool:
+    """A YOLOv8-style head ``[N, 4 + C, A]``: at least :data:`ANCHORS_PER_VALUE` times as
+    many anchors as values per anchor; the first four rows boxes in pixels (some beyond
+    1; none below -:data:`BOX_OVERHANG` of the largest: a centre may lie just off the
+    image), the rest class probabilities in [0, 1]. A head laid out
+    ``[N, A, 4 + C]`` (YOLOv5's, whose objectness column cannot be told from a class by
+    its values) is judged as detections only when given with ``--metric``."""
+    first = reference[0]
+    if first.ndim != 3 or first.shape[1] <= BOX_VALUES:
+        return False
+    if first.shape[2] < ANCHORS_PER_VALUE * first.shape[1]:
+        return False
+    if any(r.shape[:2] != first.shape[:2] for r in reference):
+        return False
+    boxes = np.concatenate([r[:, :BOX_VALUES].ravel() for r in reference])
+    scores = np.concatenate([r[:, BOX_VALUES:].ravel() for r in reference])
+    return bool(
+        np.isfinite(boxes).all()
+        and boxes.max() > 1
+        and boxes.min() >= -BOX_OVERHANG * boxes.max()
+        and scores.size
+        and scores.min() >= 0
+        and scores.max() <= 1
+    )
+
+
 def _sequence_layout(array: np.ndarray) -> int | None:
     """The batch axis of a ``[N, T, C]`` / ``[T, N, C]`` sequence output, or None."""
     if array.ndim != 3 or not class_axis(array):
@@ -144,7 +181,8 @@ def _leading_squeezed(array: np.ndarray) -> np.ndarray:
 def detect(reference: Sequence[np.ndarray]) -> MetricSpec:
     """The metric for one output, from the original model's values on the samples.
 
-    In order: integers and bools -> exact; values in [0, 1] that are not rows of
+    In order: integers and bools -> exact; a detector's head (:func:`detector_head`) ->
+    detections; values in [0, 1] that are not rows of
     probabilities, with at least :data:`MAP_ELEMENTS` entries -> iou; sequence scores
     -> steps with :data:`TAGGER_CLASSES` signed classes (cosine when never negative),
     else ctc; class scores -> top1; a single probability -> binary; else cosine.
@@ -156,6 +194,8 @@ def detect(reference: Sequence[np.ndarray]) -> MetricSpec:
         return MetricSpec("ignore")
     values = np.concatenate([r.ravel() for r in reference]).astype(np.float64)
     finite = values[np.isfinite(values)]
+    if detector_head(reference):
+        return MetricSpec("detections")
     unit_range = finite.size > 0 and finite.min() >= 0 and finite.max() <= 1
     distributions = first.ndim <= 3 and first.shape[-1] >= 2 and looks_like_probabilities(first)
     if unit_range and not distributions and first.size >= MAP_ELEMENTS:

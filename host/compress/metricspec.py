@@ -16,6 +16,13 @@ Each output of a model gets a task metric, detected from its dtype, shape and va
     checks compare (class ids that spell the same text agree either way).
 ``steps`` (option ``batch_axis``)
     sequence tagging: share of sequences whose every per-step argmax agrees.
+``detections`` (options ``score``, default 0.25; ``iou``, default 0.5; ``nms``, default
+0.7; ``objectness``, default 0)
+    a one-stage detector's raw head, ``[N, 4 + C, A]`` (YOLOv8 and later) or
+    ``[N, A, 4 + C]`` (``[N, A, 5 + C]`` with ``objectness=1``, YOLOv5/v7): share of
+    images whose detections (best class score at least ``score``, non-maximum suppression
+    at ``nms``) agree, each box matched one to one by class and IoU >= ``iou`` (see
+    :mod:`~slimfleet.host.compress.detections`).
 ``iou`` (option ``threshold``, default 0.5)
     probability maps (masks, saliency): mean IoU of the maps thresholded at ``threshold``.
 ``binary`` (option ``threshold``)
@@ -42,21 +49,31 @@ from typing import Any
 from slimfleet.agent.errors import InputError
 from slimfleet.agent.store import read_bounded
 from slimfleet.agent.wire import loads_json
+from slimfleet.host.compress.detections import BOX_VALUES
 
-PROPORTION_KINDS = ("top1", "ctc", "steps", "binary", "exact")
+PROPORTION_KINDS = ("top1", "ctc", "steps", "detections", "binary", "exact")
 CONTINUOUS_KINDS = ("iou", "cosine")
 KINDS = (*PROPORTION_KINDS, *CONTINUOUS_KINDS, "ignore")
 _OPTIONS: dict[str, dict[str, type]] = {
     "top1": {},
     "ctc": {"blank": int, "batch_axis": int, "labels": str, "case": str},
     "steps": {"batch_axis": int},
+    "detections": {"score": float, "iou": float, "nms": float, "objectness": int},
     "binary": {"threshold": float},
     "exact": {},
     "iou": {"threshold": float},
     "cosine": {},
     "ignore": {},
 }
-_DEFAULTS: dict[str, Any] = {"blank": 0, "threshold": 0.5, "case": "sensitive"}
+_DEFAULTS: dict[str, Any] = {
+    "blank": 0,
+    "threshold": 0.5,
+    "case": "sensitive",
+    "score": 0.25,
+    "iou": 0.5,
+    "nms": 0.7,
+    "objectness": 0,
+}
 CASES = ("sensitive", "insensitive")
 MAX_LABELS_BYTES = 16 * 2**20
 """A labels file is read whole: a charset of 100,000 classes is well under this."""
@@ -121,6 +138,12 @@ def _option_problem(kind: str, key: str, value: Any) -> str | None:
         return "must be a finite number"
     if key == "threshold" and kind == "iou" and not 0 < value < 1:
         return "an iou threshold cuts a probability map: it must lie between 0 and 1"
+    if key == "score" and not math.isfinite(value):
+        return "must be a finite number"
+    if key in ("iou", "nms") and not 0 < value < 1:
+        return "an overlap must lie between 0 and 1"
+    if key == "objectness" and value not in (0, 1):
+        return "must be 0 or 1"
     if key in ("blank", "batch_axis") and value < 0:
         return "must be >= 0"
     if key == "case" and value not in CASES:
@@ -181,6 +204,14 @@ def check_against_values(name: str, spec: MetricSpec, values: list[Any]) -> None
             raise InputError(
                 f"{label}: the labels file names {len(ctc_labels(labels))} classes, "
                 f"the output has {classes}"
+            )
+    if spec.kind == "detections":
+        values_per_box = BOX_VALUES + 1 + spec.option("objectness")
+        if any(len(s) != 3 or min(s[1:]) < values_per_box for s in shapes):
+            raise InputError(
+                f"{label}: needs a detector head [N, 4 + C, anchors] or [N, anchors, 4 + C] "
+                f"with at least {values_per_box} values per box, got shape "
+                f"{list(sorted(shapes)[0])}"
             )
     if spec.kind in ("iou", "binary"):
         threshold = spec.option("threshold")

@@ -107,3 +107,17 @@ def test_crf_tags_judge_each_sequence_over_its_real_steps_only() -> None:
     assert (score.value, score.count, score.unit) == (0.5, 2, "sequences")
     steps = judging.real_steps([3, 4])(reference, candidate)
     assert (steps.value, steps.count) == (6 / 7, 7)
+
+
+def test_detections_and_boxes_kept_judge_a_yolo_head() -> None:
+    head = np.zeros((1, 6, 100), np.float32)  # 4 box rows, 2 classes, 100 anchors
+    head[0, :4] = 10
+    head[0, :, 0] = [50, 50, 20, 20, 0.9, 0]
+    head[0, :, 1] = [150, 150, 20, 20, 0, 0.8]
+    lost_one = head.copy()
+    lost_one[0, 5, 1] = 0.1
+    reference, candidate = [[head], [head]], [[head], [lost_one]]
+    same = judging.detections()(reference, candidate)
+    assert (same.value, same.count, same.unit) == (0.5, 2, "images")
+    kept = judging.boxes_kept()(reference, candidate)
+    assert (kept.value, kept.count, kept.unit) == (0.75, 4, "fp32 boxes")

@@ -1,0 +1,156 @@
+"""A detector is judged by its detections: boxes after the threshold and suppression."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from slimfleet.agent.errors import InputError
+from slimfleet.host.compress import metricdetection
+from slimfleet.host.compress.detections import (
+    MAX_DETECTIONS,
+    detections,
+    matched,
+    same_detections,
+)
+from slimfleet.host.compress.fidelity import compare
+from slimfleet.host.compress.metricspec import parse_metric
+
+ANCHORS = 200
+CLASSES = 3
+
+
+def head(*boxes: tuple[float, float, float, float, int, float]) -> np.ndarray:
+    """A YOLOv8 head ``[4 + C, A]`` with the given boxes (cx, cy, w, h, class, score) on
+    the first anchors and background (scores 0.01) everywhere else."""
+    rng = np.random.default_rng(len(boxes))
+    array = np.zeros((4 + CLASSES, ANCHORS), np.float32)
+    array[:2] = rng.uniform(10, 300, (2, ANCHORS))
+    array[2:4] = rng.uniform(5, 40, (2, ANCHORS))
+    array[4:] = 0.01
+    for i, (cx, cy, w, h, cls, score) in enumerate(boxes):
+        array[:4, i] = cx, cy, w, h
+        array[4 + cls, i] = score
+    return array
+
+
+PERSON = (100, 100, 40, 80, 0, 0.9)
+DOG = (200, 220, 60, 40, 2, 0.7)
+
+
+def found(array: np.ndarray, **options):
+    return detections(array, options.get("score", 0.25), 0.7, options.get("objectness", False))
+
+
+def test_threshold_and_suppression():
+    twin = (102, 101, 40, 80, 0, 0.8)  # the same person, one anchor over: suppressed
+    other_class = (102, 101, 40, 80, 1, 0.6)  # overlapping, another class: kept
+    faint = (250, 50, 20, 20, 1, 0.2)
+    result = found(head(PERSON, twin, other_class, DOG, faint))
+    assert list(result.classes) == [0, 2, 1]
+    np.testing.assert_allclose(result.scores, [0.9, 0.7, 0.6], rtol=1e-6)
+    np.testing.assert_allclose(result.boxes[0], [80, 60, 120, 140])
+
+
+def test_either_layout_detects_the_same():
+    array = head(PERSON, DOG)
+    for a, b in zip(found(array).boxes, found(array.T.copy()).boxes, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_objectness_multiplies_the_class_scores():
+    rows = np.zeros((ANCHORS, 5 + CLASSES), np.float32)
+    rows[:, 2:4] = 10
+    rows[0, :5] = 50, 50, 20, 20, 0.5  # objectness 0.5 x class 0.9: 0.45
+    rows[0, 5] = 0.9
+    rows[1, :5] = 90, 90, 20, 20, 0.2  # 0.2 x 0.9: below 0.25
+    rows[1, 6] = 0.9
+    result = found(rows, objectness=True)
+    assert list(result.classes) == [0]
+    np.testing.assert_allclose(result.scores, [0.45], rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("candidate", "same"),
+    [
+        (head(PERSON, DOG), True),
+        (head((104, 98, 42, 80, 0, 0.6), (198, 221, 60, 42, 2, 0.3)), True),  # moved a little
+        (head(PERSON), False),  # the dog is gone
+        (head(PERSON, DOG, (250, 50, 20, 20, 1, 0.5)), False),  # a new box
+        (head(PERSON, (200, 220, 60, 40, 1, 0.7)), False),  # the dog became class 1
+        (head(PERSON, (240, 220, 60, 40, 2, 0.7)), False),  # the dog moved: IoU 0.2
+    ],
+)
+def test_same_detections_one_to_one(candidate, same):
+    want = found(head(PERSON, DOG))
+    assert same_detections(want, found(candidate), 0.5) is same
+
+
+def test_two_candidates_cannot_match_one_box_twice():
+    want = found(head(PERSON, (100, 100, 40, 80, 0, 0.3)))  # suppressed twin: one box
+    got = found(head(PERSON, (300, 300, 40, 80, 0, 0.9)))
+    assert (len(want), len(got), matched(want, got, 0.5)) == (1, 2, 1)
+
+
+def test_a_head_scoring_every_anchor_is_bounded():
+    everything = head()
+    everything[4] = 0.99
+    everything[:2] = np.random.default_rng(3).uniform(0, 3000, (2, ANCHORS))
+    assert len(found(everything)) <= MAX_DETECTIONS
+
+
+def test_a_yolov8_head_is_detected_and_judged_by_detections():
+    """320n's head: cosine 0.999 while static int8 rounded every probability to 0."""
+    reference = [{"output0": head(PERSON, DOG)[None]}, {"output0": head(DOG)[None]}]
+    assert metricdetection.metric_specs(reference)["output0"].kind == "detections"
+    blind = [{"output0": r["output0"].copy()} for r in reference]
+    for b in blind:
+        b["output0"][:, 4:] = 0
+    fidelity = compare(reference, blind)
+    worst = fidelity.worst()
+    assert worst.metric == "detections" and worst.score == 0.0
+    assert worst.cosine > 0.99  # what the proxy said
+    assert compare(reference, reference).score == 1.0
+
+
+@pytest.mark.parametrize(
+    "array",
+    [
+        head(PERSON).T[None],  # [N, A, 4 + C]: objectness cannot be told apart: given only
+        head(PERSON)[None] / 400,  # boxes as fractions: not pixels
+        head(PERSON)[None, :, :40],  # 40 anchors of 7 values: too few for a head
+        np.random.default_rng(0).normal(size=(1, 7, 200)),  # a feature map
+    ],
+)
+def test_other_outputs_are_not_detector_heads(array):
+    assert metricdetection.detect([array.astype(np.float32)]).kind != "detections"
+
+
+def test_a_given_detections_metric():
+    _, spec = parse_metric("out=detections:score=0.5,iou=0.6,nms=0.45,objectness=1")
+    assert (spec.option("score"), spec.option("iou"), spec.option("nms")) == (0.5, 0.6, 0.45)
+    assert spec.option("objectness") == 1
+    reference = [{"out": head(PERSON).T[None]}]
+    specs = metricdetection.metric_specs(reference, {"out": parse_metric("out=detections")[1]})
+    assert compare(reference, reference, specs).score == 1.0
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("out=detections:iou=1.5", "an overlap must lie between 0 and 1"),
+        ("out=detections:nms=0", "an overlap must lie between 0 and 1"),
+        ("out=detections:objectness=2", "must be 0 or 1"),
+        ("out=detections:score=inf", "must be a finite number"),
+        ("out=detections:blank=0", "detections takes options score, iou, nms, objectness"),
+    ],
+)
+def test_bad_detections_options(text, message):
+    with pytest.raises(InputError, match=message):
+        parse_metric(text)
+
+
+@pytest.mark.parametrize("values", [np.zeros((1, 8)), np.zeros((1, 200, 4))])
+def test_a_given_detections_metric_needs_a_head(values):
+    with pytest.raises(InputError, match=r"needs a detector head \[N, 4 \+ C, anchors\]"):
+        metricdetection.metric_specs([{"out": values}], {"out": parse_metric("out=detections")[1]})

@@ -1,0 +1,73 @@
+"""A detector head's Concat of pixels and probabilities stays float under static int8."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from slimfleet.host.compress.detections import detections, matched
+from slimfleet.plugins import quantize_static
+from slimfleet.plugins.outputranges import mixed_output_tails
+from tests import models
+
+PASS = quantize_static.QuantizeStatic()
+
+
+def _quantized(context, model, *, rule: bool, monkeypatch):
+    if not rule:
+        monkeypatch.setattr(quantize_static, "mixed_output_tails", lambda model: [])
+    ctx = context()
+    ctx.calibration = models.image_feeds(16, seed=1)
+    return PASS.apply(model, ctx, PASS.resolve_options({}))
+
+
+def _agreement(helpers, model, quantized) -> tuple[float, float]:
+    """Share of fp32's boxes the quantized model still detects, and the worst probability
+    error, on held-out images (about 10 boxes each, many near the 0.25 threshold)."""
+    kept = total = 0
+    error = 0.0
+    for feed in models.image_feeds(24, seed=2):
+        want, got = helpers.run(model, feed)[0][0], helpers.run(quantized, feed)[0][0]
+        if want.shape[0] > want.shape[1]:
+            want, got = want.T, got.T
+        error = max(error, float(np.abs(want[4:] - got[4:]).max()))
+        boxes = detections(want, 0.25, 0.7)
+        kept += matched(boxes, detections(got, 0.25, 0.7), 0.5)
+        total += len(boxes)
+    return kept / total, error
+
+
+@pytest.mark.parametrize("tail", ["none", "transpose"])
+def test_a_detector_heads_output_concat_stays_float(context, helpers, monkeypatch, tail):
+    """One scale for pixels (0-320) and probabilities (0-1) rounds every probability to a
+    multiple of 1.25: the detections go, while the output's cosine stays near 1."""
+    model = models.detector_head(tail)
+    result = _quantized(context, model, rule=True, monkeypatch=monkeypatch)
+    assert "kept" in result.notes and "join parts whose ranges differ" in result.notes
+    quantized_inputs = {
+        n.input[0] for n in result.model.graph.node if n.op_type == "QuantizeLinear"
+    }
+    assert {"x", "r", "boxes", "scores"} <= quantized_inputs  # the convolutions stay int8
+    assert result.model.graph.output[0].name == model.graph.output[0].name
+    score, error = _agreement(helpers, model, result.model)
+    assert error < 0.02
+    assert score >= 0.9
+
+    before = _quantized(context, model, rule=False, monkeypatch=monkeypatch)
+    lost, lost_error = _agreement(helpers, model, before.model)
+    assert lost_error > 0.3  # what the rule prevents: probabilities on a 1.25 grid
+    assert lost < 0.6  # only boxes above 0.625 survive, at 1.25
+
+
+def test_parts_of_one_range_keep_their_quantizers(context, helpers, monkeypatch):
+    model = models.detector_head()
+    for node in model.graph.node:  # boxes as unit fractions: the same range as the scores
+        if node.name == "box_pixels":
+            node.input[1] = "one_pixel"
+    model.graph.initializer.append(models._init("one_pixel", np.array(1.0)))
+    result = _quantized(context, model, rule=True, monkeypatch=monkeypatch)
+    assert mixed_output_tails(result.model) == []
+    assert "join parts" not in result.notes
+    assert "head" in {
+        n.input[0] for n in result.model.graph.node if n.op_type == "QuantizeLinear"
+    } | {n.output[0] for n in result.model.graph.node if n.op_type == "DequantizeLinear"}
