@@ -226,13 +226,19 @@ def detections(output: int = 0, score: float = 0.25, nms: float = 0.7, iou: floa
     def judge(reference, candidate) -> Score:
         hits = [
             found.same_detections(
-                found.detections(r[0], score, nms), found.detections(c[0], score, nms), iou
+                found.detections(r, score, nms), found.detections(c, score, nms), iou
             )
-            for r, c in _pairs(reference, candidate)
+            for r, c in _images(reference, candidate)
         ]
         return Score(sum(hits) / len(hits), len(hits), "images")
 
     return Judge(f"same detections (score {score}, IoU {iou})", output, judge)
+
+
+def _images(reference: list[np.ndarray], candidate: list[np.ndarray]):
+    """Each image's pair of heads, over samples and the batch axis within them."""
+    for r, c in _pairs(reference, candidate):
+        yield from zip(r, c, strict=True)
 
 
 def boxes_kept(output: int = 0, score: float = 0.25, nms: float = 0.7, iou: float = 0.5) -> Judge:
@@ -240,9 +246,9 @@ def boxes_kept(output: int = 0, score: float = 0.25, nms: float = 0.7, iou: floa
 
     def judge(reference, candidate) -> Score:
         kept = total = 0
-        for r, c in _pairs(reference, candidate):
-            want = found.detections(r[0], score, nms)
-            kept += found.matched(want, found.detections(c[0], score, nms), iou)
+        for r, c in _images(reference, candidate):
+            want = found.detections(r, score, nms)
+            kept += found.matched(want, found.detections(c, score, nms), iou)
             total += len(want)
         return Score(kept / total if total else 1.0, total, "fp32 boxes")
 

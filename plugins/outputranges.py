@@ -15,6 +15,8 @@ data movement has no arithmetic, and the output is dequantized for its user anyw
 
 from __future__ import annotations
 
+import math
+
 import onnx
 from onnx import numpy_helper
 
@@ -28,11 +30,14 @@ DATA_MOVEMENT = frozenset(
 
 
 def mixed_output_tails(model: onnx.ModelProto) -> list[str]:
-    """Float tensors (the inputs of QuantizeLinear nodes, or the graph output names
-    their DequantizeLinear give) on output tails holding a mixed-range Concat."""
+    """Float tensors from each mixed-range Concat down to the graph output it feeds
+    through data movement: the inputs of their QuantizeLinear nodes, or the graph
+    output's name (its DequantizeLinear's). Nothing above such a Concat is named, so
+    the operators computing its parts keep their quantized outputs. Each tensor is
+    visited once."""
     graph = model.graph
     made_by = {out: node for node in graph.node for out in node.output if out}
-    scales = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    initializers = {i.name: i for i in graph.initializer}
 
     def unquantized(tensor: str) -> tuple[str, float | None]:
         """The float tensor behind a Q -> DQ copy, and the copy's scale (None when
@@ -43,28 +48,27 @@ def mixed_output_tails(model: onnx.ModelProto) -> list[str]:
         quant = made_by.get(dequant.input[0])
         if quant is None or quant.op_type != "QuantizeLinear":
             return tensor, None
-        scale = scales.get(dequant.input[1])
-        value = float(scale) if scale is not None and scale.size == 1 else None
-        return quant.input[0], value
+        scale = initializers.get(dequant.input[1])
+        if scale is None or math.prod(scale.dims) != 1:
+            return quant.input[0], None
+        return quant.input[0], float(numpy_helper.to_array(scale).reshape(-1)[0])
 
-    kept: list[str] = []
+    kept: set[str] = set()
+    seen: set[str] = set()
     for output in graph.output:
-        tail: list[str] = []
-        mixed = False
-        pending = [output.name]
+        pending = [(output.name, ())]  # a tensor and the tail's tensors below it
         while pending:
-            tensor = pending.pop()
+            tensor, below = pending.pop()
             source, scale = unquantized(tensor)
             node = made_by.get(source)
-            if node is None or node.op_type not in DATA_MOVEMENT:
+            if tensor in seen or node is None or node.op_type not in DATA_MOVEMENT:
                 continue
-            if scale is not None:
-                tail.append(tensor if tensor == output.name else source)
+            seen.add(tensor)
+            here = (*below, tensor if tensor == output.name else source) if scale else below
             data = list(node.input) if node.op_type == "Concat" else list(node.input[:1])
             if node.op_type == "Concat":
                 parts = [s for s in (unquantized(i)[1] for i in data) if s]
-                mixed |= len(parts) >= 2 and max(parts) >= MIXED_RANGE * min(parts)
-            pending += data
-        if mixed:
-            kept += tail
-    return sorted(set(kept))
+                if len(parts) >= 2 and max(parts) >= MIXED_RANGE * min(parts):
+                    kept.update(here)
+            pending += [(name, here) for name in data]
+    return sorted(kept)

@@ -246,7 +246,7 @@ class QuantizeStatic(Pass):
                 f"kept {len(kept)} activations in float: they hold values int8 cannot "
                 f"carry (masks: {WHAT}): " + shown(kept)
             )
-        if tails := keep_float(quantized, mixed_output_tails(quantized)):
+        if tails := keep_float(quantized, mixed_output_tails(quantized), shared=False):
             notes.append(
                 f"kept {len(tails)} output tensors in float: they join parts whose ranges "
                 f"differ {MIXED_RANGE:g}x or more (a detector's boxes and scores): " + shown(tails)

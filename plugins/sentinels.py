@@ -115,11 +115,11 @@ class SentinelWatch:
         return output
 
 
-def keep_float(model: onnx.ModelProto, names: Iterable[str]) -> list[str]:
+def keep_float(model: onnx.ModelProto, names: Iterable[str], *, shared: bool = True) -> list[str]:
     """Take the QuantizeLinear -> DequantizeLinear pairs on ``names`` out of ``model``
-    (in place), and every pair sharing their scale (onnxruntime gives a Slice, Reshape or
-    MaxPool output its input's, which min-max calibrated with the sentinel in it):
-    whatever read the dequantized copy reads the float tensor itself. A graph output is
+    (in place), and with ``shared`` every pair sharing their scale (onnxruntime gives a
+    Slice, Reshape or MaxPool output its input's, which min-max calibrated with the
+    sentinel in it): whatever read the dequantized copy reads the float tensor itself. A graph output is
     named by its DequantizeLinear (onnxruntime renames the tensor feeding its
     QuantizeLinear); it keeps its name. Returns the tensors kept float, sorted."""
     graph, wanted = model.graph, set(names)
@@ -136,7 +136,7 @@ def keep_float(model: onnx.ModelProto, names: Iterable[str]) -> list[str]:
                 continue  # an integer reader (a QLinear op) needs the quantized tensor
             source = quant.input[0]
             names_here = {source} | {d.output[0] for d in dequants} & outputs
-            if not names_here & wanted and not tainted.intersection(quant.input[1:]):
+            if not names_here & wanted and not (shared and tainted.intersection(quant.input[1:])):
                 continue
             for dequant in dequants:
                 copy = dequant.output[0]

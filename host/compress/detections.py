@@ -7,7 +7,7 @@ objectness column, YOLOv5/v7, when ``objectness`` is set). What its user sees is
 boxes left after the score threshold and non-maximum suppression, so that is what
 :func:`detections` computes and :func:`same_detections` compares: a candidate keeps an
 image when every detection of the original's has one of its own with the same class and
-an IoU of at least ``match_iou``, one to one, and it has no others.
+an IoU of at least ``match_iou``, one to one (a maximum matching), and it has no others.
 
 Pure numpy. Bounds: at most :data:`MAX_CANDIDATES` boxes above the threshold enter
 suppression (the highest scored) and :data:`MAX_DETECTIONS` come out, so a candidate
@@ -56,7 +56,8 @@ def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     area_a = np.prod(np.clip(a[:, 2:] - a[:, :2], 0, None), axis=-1)
     area_b = np.prod(np.clip(b[:, 2:] - b[:, :2], 0, None), axis=-1)
     union = area_a[:, None] + area_b[None, :] - inter
-    return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
+    same = np.all(a[:, None, :] == b[None, :, :], axis=-1)  # a zero-area box is itself
+    return np.where(union > 0, inter / np.where(union > 0, union, 1), same.astype(float))
 
 
 def detections(
@@ -70,6 +71,10 @@ def detections(
     classes = rows[:, first_class:]
     if objectness:
         classes = classes * rows[:, BOX_VALUES : BOX_VALUES + 1]
+    if not rows.size or not classes.shape[-1]:
+        empty = np.zeros(0)
+        return Detections(np.zeros((0, BOX_VALUES)), empty.astype(int), empty)
+    classes = np.where(np.isnan(classes), -np.inf, classes)  # NaN is no score
     best = classes.argmax(-1)
     scores = classes[np.arange(len(rows)), best]
     keep = np.flatnonzero(scores >= score)
@@ -87,6 +92,8 @@ def _suppress(boxes: np.ndarray, classes: np.ndarray, nms_iou: float) -> list[in
     for i in range(len(boxes)):
         if not alive[i]:
             continue
+        if len(chosen) == MAX_DETECTIONS:
+            break
         chosen.append(i)
         rest = np.flatnonzero(alive[i + 1 :]) + i + 1
         same = rest[classes[rest] == classes[i]]
@@ -97,22 +104,25 @@ def _suppress(boxes: np.ndarray, classes: np.ndarray, nms_iou: float) -> list[in
 
 
 def matched(reference: Detections, candidate: Detections, match_iou: float) -> int:
-    """How many of ``reference``'s detections have a candidate detection of the same
-    class overlapping it by at least ``match_iou``, matched one to one, highest
-    reference score first, each to its best-overlapping free candidate."""
+    """The most of ``reference``'s detections that can each be paired with a different
+    candidate detection of the same class overlapping it by at least ``match_iou`` (a
+    maximum bipartite matching, by augmenting paths: two neighbours of one class whose
+    best overlaps cross still both match)."""
     if not len(reference) or not len(candidate):
         return 0
-    overlap = iou_matrix(reference.boxes, candidate.boxes)
-    overlap[reference.classes[:, None] != candidate.classes[None, :]] = -1
-    free = np.ones(len(candidate), dtype=bool)
-    count = 0
-    for row in overlap:
-        options = np.where(free, row, -1)
-        best = int(options.argmax())
-        if options[best] >= match_iou:
-            free[best] = False
-            count += 1
-    return count
+    fits = iou_matrix(reference.boxes, candidate.boxes) >= match_iou
+    fits &= reference.classes[:, None] == candidate.classes[None, :]
+    partner = np.full(len(candidate), -1)
+
+    def augment(row: int, tried: np.ndarray) -> bool:
+        for col in np.flatnonzero(fits[row] & ~tried):
+            tried[col] = True
+            if partner[col] < 0 or augment(int(partner[col]), tried):
+                partner[col] = row
+                return True
+        return False
+
+    return sum(augment(row, np.zeros(len(candidate), bool)) for row in range(len(reference)))
 
 
 def same_detections(reference: Detections, candidate: Detections, match_iou: float) -> bool:

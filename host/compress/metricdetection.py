@@ -18,7 +18,7 @@ import numpy as np
 
 from slimfleet.agent.errors import InputError
 from slimfleet.host.compress.detections import BOX_VALUES
-from slimfleet.host.compress.metricspec import MetricSpec, check_against_values
+from slimfleet.host.compress.metricspec import MetricSpec, check_against_values, detects_anything
 
 Outputs = dict[str, np.ndarray]
 
@@ -121,13 +121,15 @@ BOX_OVERHANG = 0.1
 
 def detector_head(reference: Sequence[np.ndarray]) -> bool:
     """A YOLOv8-style head ``[N, 4 + C, A]``: at least :data:`ANCHORS_PER_VALUE` times as
-    many anchors as values per anchor; the first four rows boxes in pixels (some beyond
+    many anchors as values per anchor, and some box detected on the samples (on
+    none, every candidate that finds nothing would agree: cosine judges it); the first
+    four rows boxes in pixels (some beyond
     1; none below -:data:`BOX_OVERHANG` of the largest: a centre may lie just off the
     image), the rest class probabilities in [0, 1]. A head laid out
     ``[N, A, 4 + C]`` (YOLOv5's, whose objectness column cannot be told from a class by
     its values) is judged as detections only when given with ``--metric``."""
     first = reference[0]
-    if first.ndim != 3 or first.shape[1] <= BOX_VALUES:
+    if first.ndim != 3 or first.shape[1] <= BOX_VALUES or not first.size:
         return False
     if first.shape[2] < ANCHORS_PER_VALUE * first.shape[1]:
         return False
@@ -142,7 +144,12 @@ def detector_head(reference: Sequence[np.ndarray]) -> bool:
         and scores.size
         and scores.min() >= 0
         and scores.max() <= 1
+        and detects_anything(DETECTIONS, reference)
     )
+
+
+DETECTIONS = MetricSpec("detections", (("score", 0.25), ("iou", 0.5), ("nms", 0.7)))
+"""The detected metric of a detector head: Ultralytics' default thresholds."""
 
 
 def _sequence_layout(array: np.ndarray) -> int | None:
@@ -192,10 +199,12 @@ def detect(reference: Sequence[np.ndarray]) -> MetricSpec:
         return MetricSpec("exact")
     if first.dtype.kind != "f":
         return MetricSpec("ignore")
+    if not first.size:
+        return MetricSpec("cosine")  # no values to read a kind from
     values = np.concatenate([r.ravel() for r in reference]).astype(np.float64)
     finite = values[np.isfinite(values)]
     if detector_head(reference):
-        return MetricSpec("detections")
+        return DETECTIONS
     unit_range = finite.size > 0 and finite.min() >= 0 and finite.max() <= 1
     distributions = first.ndim <= 3 and first.shape[-1] >= 2 and looks_like_probabilities(first)
     if unit_range and not distributions and first.size >= MAP_ELEMENTS:

@@ -49,7 +49,7 @@ from typing import Any
 from slimfleet.agent.errors import InputError
 from slimfleet.agent.store import read_bounded
 from slimfleet.agent.wire import loads_json
-from slimfleet.host.compress.detections import BOX_VALUES
+from slimfleet.host.compress.detections import BOX_VALUES, detections
 
 PROPORTION_KINDS = ("top1", "ctc", "steps", "detections", "binary", "exact")
 CONTINUOUS_KINDS = ("iou", "cosine")
@@ -207,11 +207,17 @@ def check_against_values(name: str, spec: MetricSpec, values: list[Any]) -> None
             )
     if spec.kind == "detections":
         values_per_box = BOX_VALUES + 1 + spec.option("objectness")
-        if any(len(s) != 3 or min(s[1:]) < values_per_box for s in shapes):
+        if any(len(s) != 3 or min(s[1:]) < values_per_box or s[1] == s[2] for s in shapes):
             raise InputError(
                 f"{label}: needs a detector head [N, 4 + C, anchors] or [N, anchors, 4 + C] "
-                f"with at least {values_per_box} values per box, got shape "
+                f"with at least {values_per_box} values per box and more anchors than "
+                f"values (the shorter axis holds the values), got shape "
                 f"{list(sorted(shapes)[0])}"
+            )
+        if not detects_anything(spec, values):
+            raise InputError(
+                f"{label}: the original detects nothing at score {spec.option('score')} on "
+                "these samples, so every candidate that detects nothing would agree with it"
             )
     if spec.kind in ("iou", "binary"):
         threshold = spec.option("threshold")
@@ -223,3 +229,9 @@ def check_against_values(name: str, spec: MetricSpec, values: list[Any]) -> None
                 f"{label}: no value of the original's is {side} {threshold} on these "
                 "samples, so every candidate would agree with it"
             )
+
+
+def detects_anything(spec: MetricSpec, values: list[Any]) -> bool:
+    """Some image of the original's ``[N, ...]`` heads has a detection under ``spec``."""
+    options = spec.option("score"), spec.option("nms"), bool(spec.option("objectness"))
+    return any(len(detections(head, *options)) for batch in values for head in batch)

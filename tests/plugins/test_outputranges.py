@@ -65,9 +65,29 @@ def test_parts_of_one_range_keep_their_quantizers(context, helpers, monkeypatch)
         if node.name == "box_pixels":
             node.input[1] = "one_pixel"
     model.graph.initializer.append(models._init("one_pixel", np.array(1.0)))
-    result = _quantized(context, model, rule=True, monkeypatch=monkeypatch)
+    result = _quantized(context, model, rule=False, monkeypatch=monkeypatch)
     assert mixed_output_tails(result.model) == []
+    monkeypatch.undo()
+    result = _quantized(context, model, rule=True, monkeypatch=monkeypatch)
     assert "join parts" not in result.notes
     assert "head" in {
         n.input[0] for n in result.model.graph.node if n.op_type == "QuantizeLinear"
     } | {n.output[0] for n in result.model.graph.node if n.op_type == "DequantizeLinear"}
+
+
+def test_only_the_tail_below_the_concat_stays_float(context, monkeypatch):
+    """Boxes straight from a Conv through a Reshape: onnxruntime gives the Reshape its
+    input's scale, and keeping the Reshape float took the Conv's output with it."""
+    model = models.detector_head()
+    for node in model.graph.node:
+        if node.name == "head_concat":
+            node.input[0] = "box_flat"
+    for init in model.graph.initializer:
+        if init.name == "wbox":
+            init.CopyFrom(models._init("wbox", np.full((4, 8, 1, 1), 40.0)))
+    result = _quantized(context, model, rule=True, monkeypatch=monkeypatch)
+    assert "kept 1 output tensors in float" in result.notes
+    quantized_inputs = {
+        n.input[0] for n in result.model.graph.node if n.op_type == "QuantizeLinear"
+    }
+    assert {"box_raw", "box_flat", "scores"} <= quantized_inputs

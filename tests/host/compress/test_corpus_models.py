@@ -53,12 +53,13 @@ def test_static_int8_of_a_padded_encoder_keeps_its_mask_float_khmersm(tmp_path, 
     assert "activations in float: they hold values int8 cannot carry" in json.dumps(static)
 
 
-def test_a_yolov8_head_is_judged_by_detections_and_its_output_stays_float_320n(tmp_path, quick):
+def test_static_int8_keeps_a_yolov8_heads_output_float_320n(tmp_path, quick):
     """320n's [1, 22, 2100] head: static int8 rounded its probabilities to 0 under the
-    pixels' scale while cosine said 0.9994."""
+    pixels' scale while cosine said 0.9994. On noise it detects nothing, so cosine judges
+    it (every candidate that found nothing would agree on detections)."""
     data = {"images": RNG.uniform(0, 1, (4, 1, 3, 320, 320)).astype(np.float32)}
     result, _ = _run(tmp_path, quick, "nudenet_320n", data, passes="quantize_static")
-    assert result.candidates[0]["fidelity"]["outputs"]["output0"]["metric"] == "detections"
+    assert result.candidates[0]["fidelity"]["outputs"]["output0"]["metric"] == "cosine"
     static = result.candidates[1]
     assert static["status"] != "failed", static["reason"]
     assert "join parts whose ranges differ 16x or more" in json.dumps(static)

@@ -9,6 +9,7 @@ from slimfleet.agent.errors import InputError
 from slimfleet.host.compress import metricdetection
 from slimfleet.host.compress.detections import (
     MAX_DETECTIONS,
+    Detections,
     detections,
     matched,
     same_detections,
@@ -54,8 +55,9 @@ def test_threshold_and_suppression():
 
 def test_either_layout_detects_the_same():
     array = head(PERSON, DOG)
-    for a, b in zip(found(array).boxes, found(array.T.copy()).boxes, strict=True):
-        np.testing.assert_array_equal(a, b)
+    one, other = found(array), found(array.T.copy())
+    assert len(one) == len(other) == 2
+    np.testing.assert_array_equal(one.boxes, other.boxes)
 
 
 def test_objectness_multiplies_the_class_scores():
@@ -93,10 +95,45 @@ def test_two_candidates_cannot_match_one_box_twice():
 
 
 def test_a_head_scoring_every_anchor_is_bounded():
-    everything = head()
-    everything[4] = 0.99
-    everything[:2] = np.random.default_rng(3).uniform(0, 3000, (2, ANCHORS))
-    assert len(found(everything)) <= MAX_DETECTIONS
+    """4000 separate boxes all at 0.99: the best MAX_CANDIDATES enter suppression and
+    MAX_DETECTIONS come out, highest first."""
+    anchors = 4000
+    rng = np.random.default_rng(3)
+    everything = np.zeros((4 + CLASSES, anchors), np.float32)
+    everything[0] = np.arange(anchors) * 20.0  # side by side, never overlapping
+    everything[1], everything[2:4] = 50, 10
+    everything[4] = rng.uniform(0.5, 0.99, anchors)
+    result = found(everything)
+    assert len(result) == MAX_DETECTIONS
+    np.testing.assert_array_equal(result.scores, np.sort(everything[4])[::-1][:MAX_DETECTIONS])
+
+
+def test_matching_finds_the_pairing_when_best_overlaps_cross():
+    """A's best candidate is X, but B can only take X: a maximum matching pairs A with
+    Y and B with X (greedy matching by best overlap found one pair)."""
+    want = Detections(
+        np.array([[0, 0, 10, 10], [4, 0, 14, 10]], float), np.array([0, 0]), np.array([0.9, 0.8])
+    )
+    got = Detections(
+        np.array([[1, 0, 11, 10], [-3, 0, 7, 10]], float), np.array([0, 0]), np.array([0.9, 0.8])
+    )
+    assert matched(want, got, 0.5) == 2 and same_detections(want, got, 0.5)
+
+
+def test_a_zero_area_box_matches_itself():
+    dot = found(head((100, 100, 0, 0, 1, 0.9)))
+    assert len(dot) == 1 and same_detections(dot, dot, 0.5)
+
+
+@pytest.mark.parametrize("shape", [(4 + CLASSES, 0), (4, ANCHORS)])
+def test_no_anchors_or_no_classes_detect_nothing(shape):
+    assert len(found(np.zeros(shape, np.float32))) == 0
+
+
+def test_a_nan_score_does_not_hide_the_class_that_scored():
+    array = head(PERSON)
+    array[5, 0] = np.nan
+    assert list(found(array).classes) == [0]
 
 
 def test_a_yolov8_head_is_detected_and_judged_by_detections():
@@ -108,7 +145,7 @@ def test_a_yolov8_head_is_detected_and_judged_by_detections():
         b["output0"][:, 4:] = 0
     fidelity = compare(reference, blind)
     worst = fidelity.worst()
-    assert worst.metric == "detections" and worst.score == 0.0
+    assert worst.metric == "detections:score=0.25,iou=0.5,nms=0.7" and worst.score == 0.0
     assert worst.cosine > 0.99  # what the proxy said
     assert compare(reference, reference).score == 1.0
 
@@ -120,6 +157,8 @@ def test_a_yolov8_head_is_detected_and_judged_by_detections():
         head(PERSON)[None] / 400,  # boxes as fractions: not pixels
         head(PERSON)[None, :, :40],  # 40 anchors of 7 values: too few for a head
         np.random.default_rng(0).normal(size=(1, 7, 200)),  # a feature map
+        head()[None],  # a head that detects nothing here: any candidate finding nothing agrees
+        np.zeros((0, 7, 200)),  # no images
     ],
 )
 def test_other_outputs_are_not_detector_heads(array):
@@ -150,7 +189,15 @@ def test_bad_detections_options(text, message):
         parse_metric(text)
 
 
-@pytest.mark.parametrize("values", [np.zeros((1, 8)), np.zeros((1, 200, 4))])
-def test_a_given_detections_metric_needs_a_head(values):
-    with pytest.raises(InputError, match=r"needs a detector head \[N, 4 \+ C, anchors\]"):
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        (np.zeros((1, 8)), r"needs a detector head \[N, 4 \+ C, anchors\]"),
+        (np.zeros((1, 200, 4)), "at least 5 values per box"),
+        (np.zeros((1, 84, 84)), "more anchors than values"),  # which axis holds the values?
+        (head()[None], "the original detects nothing at score 0.25"),
+    ],
+)
+def test_a_given_detections_metric_needs_a_head_that_detects(values, message):
+    with pytest.raises(InputError, match=message):
         metricdetection.metric_specs([{"out": values}], {"out": parse_metric("out=detections")[1]})
