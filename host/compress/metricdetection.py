@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from slimfleet.agent.errors import InputError
-from slimfleet.host.compress.detections import BOX_VALUES
+from slimfleet.host.compress.detections import BOX_VALUES, anchors_last
 from slimfleet.host.compress.metricspec import MetricSpec, check_against_values, detects_anything
 
 Outputs = dict[str, np.ndarray]
@@ -119,33 +119,36 @@ BOX_OVERHANG = 0.1
 -0.66 against 323 pixels)."""
 
 
-def detector_head(reference: Sequence[np.ndarray]) -> bool:
-    """A YOLOv8-style head ``[N, 4 + C, A]``: at least :data:`ANCHORS_PER_VALUE` times as
-    many anchors as values per anchor, and some box detected on the samples (on
-    none, every candidate that finds nothing would agree: cosine judges it); the first
-    four rows boxes in pixels (some beyond
-    1; none below -:data:`BOX_OVERHANG` of the largest: a centre may lie just off the
-    image), the rest class probabilities in [0, 1]. A head laid out
-    ``[N, A, 4 + C]`` (YOLOv5's, whose objectness column cannot be told from a class by
-    its values) is judged as detections only when given with ``--metric``."""
+def detector_spec(reference: Sequence[np.ndarray]) -> MetricSpec | None:
+    """The ``detections`` metric when the output is a one-stage detector's raw head,
+    else None. Two layouts, told apart by which axis is at least
+    :data:`ANCHORS_PER_VALUE` times the other: ``[N, 4 + C, A]`` (YOLOv8 and later,
+    class probabilities only) and ``[N, A, 5 + C]`` (YOLOv5/v7 and YOLOX, with an
+    objectness column that multiplies the class probabilities). The four box values are
+    pixels (some beyond 1; none below -:data:`BOX_OVERHANG` of the largest: a centre may
+    lie just off the image), the rest in [0, 1], and some box is detected on the samples
+    (on none, every candidate that finds nothing would agree: cosine judges it)."""
     first = reference[0]
-    if first.ndim != 3 or first.shape[1] <= BOX_VALUES or not first.size:
-        return False
-    if first.shape[2] < ANCHORS_PER_VALUE * first.shape[1]:
-        return False
-    if any(r.shape[:2] != first.shape[:2] for r in reference):
-        return False
-    boxes = np.concatenate([r[:, :BOX_VALUES].ravel() for r in reference])
-    scores = np.concatenate([r[:, BOX_VALUES:].ravel() for r in reference])
-    return bool(
+    if first.ndim != 3 or not first.size:
+        return None
+    values, anchors = sorted(first.shape[1:])
+    objectness = int(first.shape[2] == values)  # anchors-last: YOLOv5's order
+    if values <= BOX_VALUES + objectness or anchors < ANCHORS_PER_VALUE * values:
+        return None
+    if any(r.ndim != 3 or sorted(r.shape[1:])[0] != values for r in reference):
+        return None
+    rows = [anchors_last(image) for r in reference for image in r]
+    boxes = np.concatenate([r[:, :BOX_VALUES].ravel() for r in rows])
+    scores = np.concatenate([r[:, BOX_VALUES:].ravel() for r in rows])
+    spec = replace(DETECTIONS, options=(*DETECTIONS.options, ("objectness", objectness)))
+    heads = (
         np.isfinite(boxes).all()
         and boxes.max() > 1
         and boxes.min() >= -BOX_OVERHANG * boxes.max()
-        and scores.size
         and scores.min() >= 0
         and scores.max() <= 1
-        and detects_anything(DETECTIONS, reference)
     )
+    return spec if heads and detects_anything(spec, reference) else None
 
 
 DETECTIONS = MetricSpec("detections", (("score", 0.25), ("iou", 0.5), ("nms", 0.7)))
@@ -188,7 +191,7 @@ def _leading_squeezed(array: np.ndarray) -> np.ndarray:
 def detect(reference: Sequence[np.ndarray]) -> MetricSpec:
     """The metric for one output, from the original model's values on the samples.
 
-    In order: integers and bools -> exact; a detector's head (:func:`detector_head`) ->
+    In order: integers and bools -> exact; a detector's head (:func:`detector_spec`) ->
     detections; values in [0, 1] that are not rows of
     probabilities, with at least :data:`MAP_ELEMENTS` entries -> iou; sequence scores
     -> steps with :data:`TAGGER_CLASSES` signed classes (cosine when never negative),
@@ -203,8 +206,8 @@ def detect(reference: Sequence[np.ndarray]) -> MetricSpec:
         return MetricSpec("cosine")  # no values to read a kind from
     values = np.concatenate([r.ravel() for r in reference]).astype(np.float64)
     finite = values[np.isfinite(values)]
-    if detector_head(reference):
-        return DETECTIONS
+    if heads := detector_spec(reference):
+        return heads
     unit_range = finite.size > 0 and finite.min() >= 0 and finite.max() <= 1
     distributions = first.ndim <= 3 and first.shape[-1] >= 2 and looks_like_probabilities(first)
     if unit_range and not distributions and first.size >= MAP_ELEMENTS:

@@ -145,7 +145,8 @@ def test_a_yolov8_head_is_detected_and_judged_by_detections():
         b["output0"][:, 4:] = 0
     fidelity = compare(reference, blind)
     worst = fidelity.worst()
-    assert worst.metric == "detections:score=0.25,iou=0.5,nms=0.7" and worst.score == 0.0
+    assert worst.metric == "detections:score=0.25,iou=0.5,nms=0.7,objectness=0"
+    assert worst.score == 0.0
     assert worst.cosine > 0.99  # what the proxy said
     assert compare(reference, reference).score == 1.0
 
@@ -153,7 +154,6 @@ def test_a_yolov8_head_is_detected_and_judged_by_detections():
 @pytest.mark.parametrize(
     "array",
     [
-        head(PERSON).T[None],  # [N, A, 4 + C]: objectness cannot be told apart: given only
         head(PERSON)[None] / 400,  # boxes as fractions: not pixels
         head(PERSON)[None, :, :40],  # 40 anchors of 7 values: too few for a head
         np.random.default_rng(0).normal(size=(1, 7, 200)),  # a feature map
@@ -163,6 +163,23 @@ def test_a_yolov8_head_is_detected_and_judged_by_detections():
 )
 def test_other_outputs_are_not_detector_heads(array):
     assert metricdetection.detect([array.astype(np.float32)]).kind != "detections"
+
+
+def test_a_yolov5_head_is_detected_with_its_objectness():
+    """[N, A, 5 + C]: the fifth column multiplies the class probabilities."""
+    rows = head(PERSON, DOG).T.copy()  # [A, 4 + 3]: read as objectness + 2 classes
+    rows[:, 4] = 0.02  # background objectness
+    rows[0, 4], rows[1, 4] = 0.95, 0.9  # the person's and the dog's
+    rows[0, 5] = 0.9  # the person: class 0 of the two
+    rows[1, 6] = 0.7  # the dog: class 1
+    reference = [{"out": rows[None]}]
+    spec = metricdetection.metric_specs(reference)["out"]
+    assert spec.label() == "detections:score=0.25,iou=0.5,nms=0.7,objectness=1"
+    found_here = found(rows, objectness=True)
+    assert list(found_here.classes) == [0, 1]  # the person (0.95 x 0.9), the dog (0.9 x 0.7)
+    without = rows.copy()
+    without[1, 4] = 0.1  # the dog's objectness gone: 0.07
+    assert compare(reference, [{"out": without[None]}], {"out": spec}).score == 0.0
 
 
 def test_a_given_detections_metric():
