@@ -319,3 +319,32 @@ def image_feeds(count: int, seed: int) -> list[dict[str, np.ndarray]]:
     """Feeds for :func:`detector_head`: 1x3x16x16 images in [0, 1]."""
     rng = np.random.default_rng(seed)
     return [{"x": rng.uniform(0, 1, (1, 3, 16, 16)).astype(np.float32)} for _ in range(count)]
+
+
+def segmenter(classes: int = 5, layout: str = "nchw", seed: int = SEED) -> onnx.ModelProto:
+    """Per-pixel class scores at the input's resolution: a 3x3 Conv then a 1x1 Conv to
+    ``classes`` logits, on a 1x3x16x16 image (``layout="nhwc"``: input and output
+    transposed to [1, 16, 16, C], as TensorFlow exports)."""
+    rng = np.random.default_rng(seed)
+    nodes = [
+        helper.make_node("Conv", ["image", "w1"], ["f"], "features", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["f"], ["r"], "relu"),
+        helper.make_node("Conv", ["r", "w2", "b2"], ["logits"], "classifier"),
+    ]
+    image, out = [1, 3, 16, 16], [1, classes, 16, 16]
+    if layout == "nhwc":
+        nodes.insert(0, helper.make_node("Transpose", ["pixels"], ["image"], perm=[0, 3, 1, 2]))
+        nodes.append(helper.make_node("Transpose", ["logits"], ["scores"], perm=[0, 2, 3, 1]))
+        image, out = [1, 16, 16, 3], [1, 16, 16, classes]
+    graph = helper.make_graph(
+        nodes,
+        "segmenter",
+        [helper.make_tensor_value_info(nodes[0].input[0], TensorProto.FLOAT, image)],
+        [helper.make_tensor_value_info(nodes[-1].output[0], TensorProto.FLOAT, out)],
+        [
+            _init("w1", rng.normal(0, 0.5, (8, 3, 3, 3))),
+            _init("w2", rng.normal(0, 0.5, (classes, 8, 1, 1))),
+            _init("b2", rng.normal(0, 0.1, classes)),
+        ],
+    )
+    return _model(graph, 13)

@@ -5,7 +5,8 @@ Each output is judged by its task metric (a :class:`MetricSpec`, see
 :mod:`~slimfleet.host.compress.metricdetection` for how they are detected).
 Every score comes with its sample count and a 95% interval: a Wilson score interval for
 proportions (top1, ctc, steps, detections, binary, exact), a percentile bootstrap of the mean
-(see :mod:`~slimfleet.host.compress.intervals`) for the continuous ones (iou, cosine).
+(see :mod:`~slimfleet.host.compress.intervals`) for the continuous ones (pixels, iou,
+cosine).
 When the budget lies inside a candidate's interval, :func:`samples_to_settle` estimates
 how many samples would decide it.
 """
@@ -157,6 +158,10 @@ def _units(spec: MetricSpec, ref: np.ndarray, got: np.ndarray) -> tuple[list[flo
         return units, steps
     if kind == "detections":
         return [_same_detections(spec, r, g) for r, g in zip(ref, got, strict=True)], []
+    if kind == "pixels":
+        axis = spec.option("axis")
+        maps = zip(ref.argmax(axis), got.argmax(axis), strict=True)
+        return [label_map_iou(a, b, ref.shape[axis]) for a, b in maps], []
     finite = np.isfinite(ref)
     if kind == "cosine":
         return [_cosine(ref[finite], got[finite])], []
@@ -166,6 +171,16 @@ def _units(spec: MetricSpec, ref: np.ndarray, got: np.ndarray) -> tuple[list[flo
         return list((r == g).astype(float)), []
     union = np.count_nonzero(r | g)
     return [np.count_nonzero(r & g) / union if union else 1.0], []
+
+
+def label_map_iou(reference: np.ndarray, candidate: np.ndarray, classes: int) -> float:
+    """Mean IoU over the classes present in either of two label maps (class ids)."""
+    pairs = reference.ravel().astype(np.int64) * classes + candidate.ravel()
+    confusion = np.bincount(pairs, minlength=classes * classes).reshape(classes, classes)
+    inter = np.diag(confusion)
+    union = confusion.sum(0) + confusion.sum(1) - inter
+    present = union > 0
+    return float((inter[present] / union[present]).mean()) if present.any() else 1.0
 
 
 def _same_detections(spec: MetricSpec, ref: np.ndarray, got: np.ndarray) -> float:

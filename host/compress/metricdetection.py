@@ -242,13 +242,45 @@ def state_outputs(signature: dict[str, list[dict[str, Any]]]) -> set[str]:
     }
 
 
+def label_map_outputs(signature: dict[str, list[dict[str, Any]]]) -> dict[str, int]:
+    """Float rank-4 outputs laid out over a float image input's pixels, with their class
+    axis: ``[N, C, H, W]`` with the input's H and W (the same sizes, or the same dim
+    names) -> 1; ``[N, H, W, C]`` over an ``[N, H, W, channels]`` input -> 3. C must be
+    a fixed 2 or more and differ from the input's channel count: an image made from an
+    image (a matte, a denoised or super-resolved picture) is not class scores."""
+    images = [
+        spec["shape"]
+        for spec in signature["inputs"]
+        if spec["shape"] and len(spec["shape"]) == 4 and spec["dtype"].startswith("float")
+    ]
+    found = {}
+    for out in signature["outputs"]:
+        shape = out["shape"]
+        if not shape or len(shape) != 4 or not out["dtype"].startswith("float"):
+            continue
+        for image in images:
+            for axis, pixels in ((1, slice(2, 4)), (3, slice(1, 3))):
+                classes = shape[axis]
+                if (
+                    None not in image[pixels]
+                    and shape[pixels] == image[pixels]
+                    and isinstance(classes, int)
+                    and classes >= 2
+                    and classes != image[axis]
+                ):
+                    found.setdefault(out["name"], axis)
+    return found
+
+
 def metric_specs(
     reference: Sequence[Outputs],
     given: dict[str, MetricSpec] | None = None,
     states: Iterable[str] = (),
+    label_maps: dict[str, int] | None = None,
 ) -> dict[str, MetricSpec]:
     """The metric of every output: ``given`` (``--metric``) where set, cosine for the
-    ``states`` (see :func:`state_outputs`), else detected from the values.
+    ``states`` (see :func:`state_outputs`), ``pixels`` on the class axis of the
+    ``label_maps`` (see :func:`label_map_outputs`), else detected from the values.
 
     A ``given`` name that is not an output is an InputError naming the outputs.
     """
@@ -260,9 +292,13 @@ def metric_specs(
     for name, spec in given.items():
         check_against_values(name, spec, [r[name] for r in reference])
         given[name] = _with_layout(spec, reference[0][name])
-    states = set(states)
-    return {
-        n: given.get(n)
-        or (MetricSpec("cosine") if n in states else detect([r[n] for r in reference]))
-        for n in names
-    }
+    states, label_maps = set(states), label_maps or {}
+
+    def found(name: str) -> MetricSpec:
+        if name in states:
+            return MetricSpec("cosine")
+        if name in label_maps:
+            return MetricSpec("pixels", (("axis", label_maps[name]),))
+        return detect([r[name] for r in reference])
+
+    return {n: given.get(n) or found(n) for n in names}

@@ -23,6 +23,10 @@ Each output of a model gets a task metric, detected from its dtype, shape and va
     images whose detections (best class score at least ``score``, non-maximum suppression
     at ``nms``) agree, each box matched one to one by class and IoU >= ``iou`` (see
     :mod:`~slimfleet.host.compress.detections`).
+``pixels`` (option ``axis``, default 1)
+    per-pixel class scores of a segmenter, ``[N, C, H, W]`` (``axis=3``: ``[N, H, W, C]``):
+    per image, the mean IoU over classes of the two label maps (argmax over ``axis``),
+    counting the classes present in either.
 ``iou`` (option ``threshold``, default 0.5)
     probability maps (masks, saliency): mean IoU of the maps thresholded at ``threshold``.
 ``binary`` (option ``threshold``)
@@ -52,7 +56,7 @@ from slimfleet.agent.wire import loads_json
 from slimfleet.host.compress.detections import BOX_VALUES, detections
 
 PROPORTION_KINDS = ("top1", "ctc", "steps", "detections", "binary", "exact")
-CONTINUOUS_KINDS = ("iou", "cosine")
+CONTINUOUS_KINDS = ("pixels", "iou", "cosine")
 KINDS = (*PROPORTION_KINDS, *CONTINUOUS_KINDS, "ignore")
 _OPTIONS: dict[str, dict[str, type]] = {
     "top1": {},
@@ -61,6 +65,7 @@ _OPTIONS: dict[str, dict[str, type]] = {
     "detections": {"score": float, "iou": float, "nms": float, "objectness": int},
     "binary": {"threshold": float},
     "exact": {},
+    "pixels": {"axis": int},
     "iou": {"threshold": float},
     "cosine": {},
     "ignore": {},
@@ -73,6 +78,7 @@ _DEFAULTS: dict[str, Any] = {
     "iou": 0.5,
     "nms": 0.7,
     "objectness": 0,
+    "axis": 1,
 }
 CASES = ("sensitive", "insensitive")
 MAX_LABELS_BYTES = 16 * 2**20
@@ -144,7 +150,7 @@ def _option_problem(kind: str, key: str, value: Any) -> str | None:
         return "an overlap must lie between 0 and 1"
     if key == "objectness" and value not in (0, 1):
         return "must be 0 or 1"
-    if key in ("blank", "batch_axis") and value < 0:
+    if key in ("blank", "batch_axis", "axis") and value < 0:
         return "must be >= 0"
     if key == "case" and value not in CASES:
         return f"must be one of {', '.join(CASES)}"
@@ -218,6 +224,13 @@ def check_against_values(name: str, spec: MetricSpec, values: list[Any]) -> None
             raise InputError(
                 f"{label}: the original detects nothing at score {spec.option('score')} on "
                 "these samples, so every candidate that detects nothing would agree with it"
+            )
+    if spec.kind == "pixels":
+        axis = spec.option("axis")
+        if any(len(s) < 3 or axis >= len(s) or axis == 0 or s[axis] < 2 for s in shapes):
+            raise InputError(
+                f"{label}: needs per-pixel class scores [N, C, H, W] with 2 or more classes "
+                f"on axis {axis} (1 to rank - 1), got shape {list(sorted(shapes)[0])}"
             )
     if spec.kind in ("iou", "binary"):
         threshold = spec.option("threshold")

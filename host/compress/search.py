@@ -42,7 +42,11 @@ from slimfleet.host.compress.evaluate import (
 )
 from slimfleet.host.compress.fidelity import compare, score_metrics
 from slimfleet.host.compress.judging import Judging
-from slimfleet.host.compress.metricdetection import metric_specs, state_outputs
+from slimfleet.host.compress.metricdetection import (
+    label_map_outputs,
+    metric_specs,
+    state_outputs,
+)
 from slimfleet.host.compress.metricspec import MetricSpec
 from slimfleet.host.compress.modelfile import (
     digest,
@@ -369,8 +373,13 @@ class Search(Judging, Variants, RecipeBuilding):
             )
         self.reference = original.measurement.outputs
         original.measurement.outputs = []
-        states = state_outputs(io_signature(self.model))
-        self.specs = metric_specs(self.reference, self.given_metrics, states)
+        signature = io_signature(self.model)
+        self.specs = metric_specs(
+            self.reference,
+            self.given_metrics,
+            state_outputs(signature),
+            label_map_outputs(signature),
+        )
         original.fidelity = compare(self.reference, self.reference, self.specs)
         original.metrics = score_metrics(self.plugins.metrics, self.reference, self.reference)
         original.status, original.reason = BASELINE, "the reference for every other candidate"

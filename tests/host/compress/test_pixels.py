@@ -1,0 +1,83 @@
+"""A segmenter's per-pixel class scores are judged by the IoU of its label maps."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from slimfleet.agent.errors import InputError
+from slimfleet.host.compress import metricdetection, search
+from slimfleet.host.compress.fidelity import compare, label_map_iou
+from slimfleet.host.compress.metricspec import MetricSpec, parse_metric
+from tests import models
+
+RNG = np.random.default_rng(4)
+
+
+def signature(image, out, dtype="float32"):
+    return {
+        "inputs": [{"name": "x", "dtype": "float32", "shape": image}],
+        "outputs": [{"name": "y", "dtype": dtype, "shape": out}],
+    }
+
+
+@pytest.mark.parametrize(
+    ("image", "out", "axis"),
+    [
+        ([1, 3, 512, 512], [1, 21, 512, 512], 1),  # DeepLab's VOC logits
+        ([1, 512, 512, 3], [1, 512, 512, 21], 3),  # the same from TensorFlow
+        (["n", 3, "h", "w"], ["n", 19, "h", "w"], 1),  # dynamic, the same dim names
+        ([1, 3, 320, 320], [1, 1, 320, 320], None),  # u2net's matte: one channel
+        ([1, 3, 256, 256], [1, 3, 256, 256], None),  # an image made from an image
+        ([1, 3, 512, 512], [1, 21, 128, 128], None),  # a quarter resolution: by --metric
+        ([1, 3, None, None], [1, 21, None, None], None),  # unknown sizes tell nothing
+        ([1, 3, 64, 64], [1, 64, 64, 64], 1),  # 64 classes: as many as the pixels across
+    ],
+)
+def test_label_map_outputs_lie_over_an_image_inputs_pixels(image, out, axis):
+    expected = {} if axis is None else {"y": axis}
+    assert metricdetection.label_map_outputs(signature(image, out)) == expected
+
+
+def test_an_integer_output_is_not_class_scores():
+    assert metricdetection.label_map_outputs(signature([1, 3, 8, 8], [1, 4, 8, 8], "int64")) == {}
+
+
+def test_label_map_iou_averages_the_classes_present():
+    a = np.array([[0, 0, 1, 1], [0, 0, 1, 1]])
+    assert label_map_iou(a, a, 5) == 1.0
+    b = a.copy()
+    b[0, 0] = 2  # class 0 loses a pixel (3/4), class 1 keeps all (1), class 2 is new (0/1)
+    assert label_map_iou(a, b, 5) == pytest.approx((3 / 4 + 1 + 0) / 3)
+
+
+def test_pixels_are_judged_by_their_label_maps():
+    logits = RNG.normal(size=(1, 4, 8, 8)).astype(np.float32)
+    reference = [{"y": logits}]
+    specs = metricdetection.metric_specs(reference, label_maps={"y": 1})
+    assert specs["y"] == MetricSpec("pixels", (("axis", 1),))
+    flipped = logits.copy()
+    flipped[0, :, :4] = flipped[0, ::-1, :4]  # the top half's classes change
+    fidelity = compare(reference, [{"y": flipped}], specs)
+    assert fidelity.outputs[0].metric == "pixels:axis=1"
+    assert fidelity.score < 0.7
+    assert compare(reference, [{"y": logits * 1.5}], specs).score == 1.0  # argmax kept
+
+
+def test_a_given_pixels_metric_reads_its_axis():
+    logits = RNG.normal(size=(2, 8, 8, 3)).astype(np.float32)
+    _, spec = parse_metric("y=pixels:axis=3")
+    specs = metricdetection.metric_specs([{"y": logits}], {"y": spec})
+    assert compare([{"y": logits}], [{"y": logits}], specs).outputs[0].samples == 2
+    with pytest.raises(InputError, match="needs per-pixel class scores"):
+        metricdetection.metric_specs([{"y": logits}], {"y": parse_metric("y=pixels:axis=4")[1]})
+    with pytest.raises(InputError, match="axis=-1: must be >= 0"):
+        parse_metric("y=pixels:axis=-1")
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_the_search_judges_a_segmenter_by_its_label_maps(tmp_path, save_model, quick, layout):
+    path = save_model(models.segmenter(layout=layout))
+    result = search.compress(path, tmp_path / "out", passes="fp16", settings=quick)
+    (judged,) = result.candidates[0]["fidelity"]["outputs"].values()
+    assert judged["metric"] == f"pixels:axis={1 if layout == 'nchw' else 3}"
