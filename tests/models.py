@@ -348,3 +348,23 @@ def segmenter(classes: int = 5, layout: str = "nchw", seed: int = SEED) -> onnx.
         ],
     )
     return _model(graph, 13)
+
+
+def token_tagger(vocabulary: int = 50, tags: int = 6, seed: int = SEED) -> onnx.ModelProto:
+    """Token ids ``[1, T]`` (int64) -> ``tags`` scores per token ``[1, T, tags]``: an
+    embedding lookup and a MatMul, as a tagger or a language model's head reads text."""
+    rng = np.random.default_rng(seed)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Gather", ["table", "ids"], ["embedded"], "embed"),
+            helper.make_node("MatMul", ["embedded", "head"], ["tags"], "head"),
+        ],
+        "token_tagger",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, "t"])],
+        [helper.make_tensor_value_info("tags", TensorProto.FLOAT, [1, "t", tags])],
+        [
+            _init("table", rng.normal(0, 1, (vocabulary, 16))),
+            _init("head", rng.normal(0, 1, (16, tags))),
+        ],
+    )
+    return _model(graph, 13)

@@ -4,7 +4,8 @@
 :func:`class_axis`, :func:`looks_like_probabilities`, probability maps, CTC sequence
 layouts); :func:`metric_specs` gives every output its :class:`MetricSpec`: the
 ``--metric`` choice where given, cosine for a streaming model's state outputs
-(:func:`state_outputs`), else detected. Pure functions over arrays; they never raise
+(:func:`state_outputs`), pixels for a segmenter's (:func:`label_map_outputs`), else
+detected (steps rather than CTC for a model reading tokens: :func:`reads_tokens`). Pure functions over arrays; they never raise
 on odd values (anything unrecognised is judged by cosine).
 """
 
@@ -242,6 +243,16 @@ def state_outputs(signature: dict[str, list[dict[str, Any]]]) -> set[str]:
     }
 
 
+def reads_tokens(signature: dict[str, list[dict[str, Any]]]) -> bool:
+    """Every input is integer or bool (token ids and their masks): the model reads text,
+    so a sequence of class scores it emits is a tag or token per step (lac's tagger, a
+    language model's next tokens), judged step by step: CTC's collapse of repeats would
+    hide a tag that moved (``[A, A, B]`` and ``[A, B, B]`` both read "AB"). A CTC
+    recogniser reads a signal (pixels, audio): float input."""
+    kinds = [spec["dtype"] for spec in signature["inputs"]]
+    return bool(kinds) and all(k.startswith(("int", "uint", "bool")) for k in kinds)
+
+
 def label_map_outputs(signature: dict[str, list[dict[str, Any]]]) -> dict[str, int]:
     """Float rank-4 outputs laid out over a float image input's pixels, with their class
     axis: ``[N, C, H, W]`` with the input's H and W (the same sizes, or the same dim
@@ -277,10 +288,12 @@ def metric_specs(
     given: dict[str, MetricSpec] | None = None,
     states: Iterable[str] = (),
     label_maps: dict[str, int] | None = None,
+    tokens: bool = False,
 ) -> dict[str, MetricSpec]:
     """The metric of every output: ``given`` (``--metric``) where set, cosine for the
     ``states`` (see :func:`state_outputs`), ``pixels`` on the class axis of the
-    ``label_maps`` (see :func:`label_map_outputs`), else detected from the values.
+    ``label_maps`` (see :func:`label_map_outputs`), else detected from the values, with
+    ``steps`` for a sequence a model reading ``tokens`` emits (see :func:`reads_tokens`).
 
     A ``given`` name that is not an output is an InputError naming the outputs.
     """
@@ -299,6 +312,9 @@ def metric_specs(
             return MetricSpec("cosine")
         if name in label_maps:
             return MetricSpec("pixels", (("axis", label_maps[name]),))
-        return detect([r[name] for r in reference])
+        spec = detect([r[name] for r in reference])
+        if tokens and spec.kind == "ctc":
+            return MetricSpec("steps", (("batch_axis", spec.option("batch_axis")),))
+        return spec
 
     return {n: given.get(n) or found(n) for n in names}

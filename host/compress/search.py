@@ -45,6 +45,7 @@ from slimfleet.host.compress.judging import Judging
 from slimfleet.host.compress.metricdetection import (
     label_map_outputs,
     metric_specs,
+    reads_tokens,
     state_outputs,
 )
 from slimfleet.host.compress.metricspec import MetricSpec
@@ -379,6 +380,7 @@ class Search(Judging, Variants, RecipeBuilding):
             self.given_metrics,
             state_outputs(signature),
             label_map_outputs(signature),
+            reads_tokens(signature),
         )
         original.fidelity = compare(self.reference, self.reference, self.specs)
         original.metrics = score_metrics(self.plugins.metrics, self.reference, self.reference)

@@ -1,4 +1,5 @@
-"""A segmenter's per-pixel class scores are judged by the IoU of its label maps."""
+"""Metrics read from the model's signature: a segmenter's per-pixel class scores are
+judged by the IoU of its label maps; a model reading tokens is judged step by step."""
 
 from __future__ import annotations
 
@@ -81,3 +82,41 @@ def test_the_search_judges_a_segmenter_by_its_label_maps(tmp_path, save_model, q
     result = search.compress(path, tmp_path / "out", passes="fp16", settings=quick)
     (judged,) = result.candidates[0]["fidelity"]["outputs"].values()
     assert judged["metric"] == f"pixels:axis={1 if layout == 'nchw' else 3}"
+
+
+@pytest.mark.parametrize(
+    ("dtypes", "tokens"),
+    [
+        (["int64"], True),
+        (["int64", "bool"], True),  # ids and a mask
+        (["int32", "uint8"], True),
+        (["float32"], False),  # a recogniser reads pixels or audio
+        (["int64", "float32"], False),
+        ([], False),
+    ],
+)
+def test_a_model_reads_tokens_when_every_input_is_integer(dtypes, tokens):
+    inputs = [{"name": f"i{k}", "dtype": d, "shape": [1, 4]} for k, d in enumerate(dtypes)]
+    assert metricdetection.reads_tokens({"inputs": inputs, "outputs": []}) is tokens
+
+
+def test_a_token_models_sequence_is_judged_step_by_step():
+    """[A, A, B] and [A, B, B] read the same text under CTC: a tag moved unseen."""
+    logits = RNG.normal(size=(3, 1, 5)).astype(np.float32)  # time-major [T, 1, C]
+    reference = [{"y": logits}]
+    assert metricdetection.metric_specs(reference)["y"].kind == "ctc"
+    spec = metricdetection.metric_specs(reference, tokens=True)["y"]
+    assert spec == MetricSpec("steps", (("batch_axis", 1),))
+    tags = np.eye(5, dtype=np.float32)
+    moved = [{"y": tags[[1, 1, 2]][:, None]}], [{"y": tags[[1, 2, 2]][:, None]}]
+    assert compare(*moved, {"y": spec}).score == 0.0
+    assert compare(*moved, {"y": MetricSpec("ctc", (("batch_axis", 1),))}).score == 1.0
+
+
+def test_the_search_judges_a_token_tagger_step_by_step(tmp_path, save_model, quick):
+    path = save_model(models.token_tagger())
+    np.savez(tmp_path / "ids.npz", ids=RNG.integers(0, 50, (8, 1, 12)))
+    result = search.compress(
+        path, tmp_path / "out", data=tmp_path / "ids.npz", passes="fp16", settings=quick
+    )
+    assert result.candidates[0]["fidelity"]["outputs"]["tags"]["metric"] == "steps:batch_axis=0"
