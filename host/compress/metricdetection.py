@@ -253,9 +253,14 @@ def reads_tokens(signature: dict[str, list[dict[str, Any]]]) -> bool:
     return bool(kinds) and all(k.startswith(("int", "uint", "bool")) for k in kinds)
 
 
+IMAGE_CHANNELS = (1, 3)
+"""An input with this many channels is an image (gray, RGB); a 4- or 16-channel input
+is a feature map, RGBA or depth, whose same-sized outputs are not known to be classes."""
+
+
 def label_map_outputs(signature: dict[str, list[dict[str, Any]]]) -> dict[str, int]:
-    """Float rank-4 outputs laid out over a float image input's pixels, with their class
-    axis: ``[N, C, H, W]`` with the input's H and W (the same sizes, or the same dim
+    """Float rank-4 outputs laid out over a float image input's pixels (1 or 3
+    channels: :data:`IMAGE_CHANNELS`), with their class axis: ``[N, C, H, W]`` with the input's H and W (the same sizes, or the same dim
     names) -> 1; ``[N, H, W, C]`` over an ``[N, H, W, channels]`` input -> 3. C must be
     a fixed 2 or more and differ from the input's channel count: an image made from an
     image (a matte, a denoised or super-resolved picture) is not class scores."""
@@ -273,7 +278,8 @@ def label_map_outputs(signature: dict[str, list[dict[str, Any]]]) -> dict[str, i
             for axis, pixels in ((1, slice(2, 4)), (3, slice(1, 3))):
                 classes = shape[axis]
                 if (
-                    None not in image[pixels]
+                    image[axis] in IMAGE_CHANNELS
+                    and None not in image[pixels]
                     and shape[pixels] == image[pixels]
                     and isinstance(classes, int)
                     and classes >= 2
@@ -318,3 +324,20 @@ def metric_specs(
         return spec
 
     return {n: given.get(n) or found(n) for n in names}
+
+
+def signature_specs(
+    reference: Sequence[Outputs],
+    signature: dict[str, list[dict[str, Any]]],
+    given: dict[str, MetricSpec] | None = None,
+) -> dict[str, MetricSpec]:
+    """:func:`metric_specs` with what the model's signature tells (its state outputs,
+    label maps and whether it reads tokens): how the search judges the outputs, and what
+    recovery's distillation loss aims at."""
+    return metric_specs(
+        reference,
+        given,
+        state_outputs(signature),
+        label_map_outputs(signature),
+        reads_tokens(signature),
+    )

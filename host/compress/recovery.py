@@ -13,8 +13,11 @@ is the teacher (as PaddleSlim ACT and NNCF do). Bounds:
 One sample in :data:`HELD_OUT_SHARE` (at least one, when there are two or more) is held
 out; the weights with the lowest held-out loss are the ones written back, so training
 never returns a model worse (on that loss) than the post-training one it started from.
-The loss is each output's mean squared error divided by the mean square of the
-teacher's output (so outputs of any scale weigh alike), averaged over outputs.
+The loss follows each output's task metric, detected as the search detects it
+(:func:`output_loss`): class scores by their top classes and argmax, a detector head by
+its score logits and boxes, anything else by its mean squared error divided by the mean
+square of the teacher's output (so outputs of any scale weigh alike); averaged over
+outputs.
 """
 
 from __future__ import annotations
@@ -32,7 +35,10 @@ import torch
 import torch.nn.functional as F
 
 from slimfleet.agent.runtime import open_session
-from slimfleet.host.compress.modelfile import with_outputs
+from slimfleet.host.compress.detections import BOX_VALUES
+from slimfleet.host.compress.metricdetection import signature_specs
+from slimfleet.host.compress.metricspec import MetricSpec
+from slimfleet.host.compress.modelfile import io_signature, with_outputs
 from slimfleet.host.compress.qdqtorch import QdqGraph
 from slimfleet.host.passes import Feed
 
@@ -46,7 +52,13 @@ SCALE_LR = 5.0
 on outlier-heavy layers, scales bring most of the gain and noisy weight steps undo it."""
 FEATURE_OPS = ("Conv", "Gemm", "MatMul")
 CLASS_AXIS = 8
+CLASS_KINDS = ("top1", "ctc", "steps")
+"""Task metrics that read an argmax over the last axis."""
 TOP_K = 5
+SCORE_FLOOR = 0.05
+"""A detector's class scores from which their logits count in the loss (the threshold
+users set is 0.25, 1.1 logits above; lower scores are background)."""
+LOGIT_EPS = 1e-6
 WARMUP = 0.05
 """The learning rate rises linearly over the first 5% of the budget (Adam's first steps
 are sign steps of noisy gradients), then decays on a cosine."""
@@ -138,10 +150,30 @@ def _same_shapes(
     return [p for p, s, t in zip(pairs, ours, theirs, strict=True) if tuple(s.shape) == t.shape]
 
 
-def distill_loss(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The mean over float outputs of a distillation loss (see :func:`output_loss`)."""
+def loss_specs(
+    teacher: onnx.ModelProto, outputs: Sequence[Sequence[np.ndarray]]
+) -> list[MetricSpec]:
+    """Each float output's task metric, detected from the teacher's ``outputs`` and its
+    signature as the search detects it: what the distillation loss of that output aims
+    at (see :func:`output_loss`)."""
+    names = [o.name for o in teacher.graph.output]
+    reference = [dict(zip(names, sample, strict=True)) for sample in outputs]
+    specs = signature_specs(reference, io_signature(teacher))
+    return [specs[n] for n, value in zip(names, outputs[0], strict=True) if value.dtype.kind == "f"]
+
+
+def distill_loss(
+    student: Sequence[torch.Tensor],
+    teacher: Sequence[torch.Tensor],
+    specs: Sequence[MetricSpec | None] = (),
+) -> torch.Tensor:
+    """The mean over float outputs of a distillation loss (see :func:`output_loss`), each
+    aimed by its task metric in ``specs`` where given."""
+    specs = list(specs) or [None] * len(teacher)
     losses = [
-        output_loss(s, t) for s, t in zip(student, teacher, strict=True) if s.is_floating_point()
+        output_loss(s, t, spec)
+        for s, t, spec in zip(student, teacher, specs, strict=True)
+        if s.is_floating_point()
     ]
     return torch.stack(losses).mean()
 
@@ -151,20 +183,60 @@ def relative_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     return torch.mean((student - teacher) ** 2) / (torch.mean(teacher**2) + 1e-12)
 
 
-def output_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """Mean squared error over the teacher's mean square. For class scores (a last axis
-    of at least :data:`CLASS_AXIS` values), only over the teacher's top :data:`TOP_K`
-    classes of each row, plus the cross-entropy of the student against the teacher's
-    argmax: what decides the argmax (and a decoded text), not thousands of unlikely
-    classes' logits. Measured on ddddocr's OCR: a plain MSE or KL fell 2-3x on held-out
-    captchas while their decoded text did not move."""
-    if student.dim() < 2 or student.shape[-1] < CLASS_AXIS:
+def output_loss(
+    student: torch.Tensor, teacher: torch.Tensor, spec: MetricSpec | None = None
+) -> torch.Tensor:
+    """What the output's task metric ``spec`` judges, as a loss: a detector head's
+    :func:`detection_loss`; a segmenter's class scores (``pixels``) as class scores on
+    their axis; masks, embeddings and other floats their mean squared error over the
+    teacher's mean square. Class scores (``top1``, ``ctc``, ``steps``, or with no
+    ``spec`` a last axis of at least :data:`CLASS_AXIS` values) take that error only
+    over the teacher's top :data:`TOP_K` classes of each row, plus the cross-entropy of
+    the student against the teacher's argmax: what decides the argmax (and a decoded
+    text), not thousands of unlikely classes' logits. Measured on ddddocr's OCR: a plain
+    MSE or KL fell 2-3x on held-out captchas while their decoded text did not move."""
+    kind = spec.kind if spec is not None else None
+    if kind == "detections":
+        return detection_loss(student, teacher, bool(spec.option("objectness")))
+    if kind == "pixels":
+        axis = spec.option("axis")
+        student, teacher = student.movedim(axis, -1), teacher.movedim(axis, -1)
+    elif kind is not None and kind not in CLASS_KINDS:
+        return relative_mse(student, teacher)
+    if student.dim() < 2 or (kind is None and student.shape[-1] < CLASS_AXIS):
         return relative_mse(student, teacher)
     top = teacher.topk(min(TOP_K, teacher.shape[-1]), dim=-1).indices
     mse = relative_mse(student.gather(-1, top), teacher.gather(-1, top))
     classes = student.shape[-1]
     labels = teacher.argmax(-1).reshape(-1)
     return mse + F.cross_entropy(student.reshape(-1, classes), labels)
+
+
+def detection_loss(
+    student: torch.Tensor, teacher: torch.Tensor, objectness: bool = False
+) -> torch.Tensor:
+    """A detector head's loss (see :mod:`~slimfleet.host.compress.detections` for the
+    layouts): the squared error of the class scores in logits, over the scores either
+    model puts at :data:`SCORE_FLOOR` or more (a detection appears or goes where a
+    logit crosses the threshold's), plus the boxes' squared error over the teacher's
+    mean square, each anchor weighted by the teacher's best score (a background
+    anchor's box is never seen)."""
+    if student.shape[-2] < student.shape[-1]:  # [N, 4 + C, A] -> [N, A, 4 + C]
+        student, teacher = student.transpose(-1, -2), teacher.transpose(-1, -2)
+    first = BOX_VALUES + int(objectness)
+    scores = [m[..., first:] for m in (student, teacher)]
+    if objectness:
+        scores = [
+            p * m[..., BOX_VALUES:first] for p, m in zip(scores, (student, teacher), strict=True)
+        ]
+    mine, theirs = scores
+    live = torch.maximum(mine.detach(), theirs) >= SCORE_FLOOR
+    logits = [torch.logit(p.clamp(LOGIT_EPS, 1 - LOGIT_EPS)) for p in (mine, theirs)]
+    classes = ((logits[0] - logits[1]) ** 2)[live].mean() if live.any() else mine.sum() * 0
+    weight = theirs.max(-1).values
+    boxes = ((student[..., :BOX_VALUES] - teacher[..., :BOX_VALUES]) ** 2).mean(-1)
+    scale = (weight.sum() + 1e-12) * (torch.mean(teacher[..., :BOX_VALUES] ** 2) + 1e-12)
+    return classes + (weight * boxes).sum() / scale
 
 
 def train(
@@ -198,10 +270,13 @@ def train(
     graph = QdqGraph(
         qdq, float_weights(teacher), learn_scales=learn_scales, train_float=train_float
     )
+    taught = teacher_outputs(teacher, samples, threads)
+    specs = loss_specs(teacher, taught)
     targets = [
         [torch.from_numpy(np.asarray(o, dtype=np.float32)) for o in outs if o.dtype.kind == "f"]
-        for outs in teacher_outputs(teacher, samples, threads)
+        for outs in taught
     ]
+    del taught
     order = list(range(len(samples)))
     random.Random(seed).shuffle(order)
     held = min(MAX_HELD_OUT, len(order) // HELD_OUT_SHARE or (1 if len(order) > 1 else 0))
@@ -229,7 +304,7 @@ def train(
 
     def train_loss(i: int) -> torch.Tensor:
         got = graph(feed(i), names)
-        loss = distill_loss(_floats(got[:outputs]), targets[i])
+        loss = distill_loss(_floats(got[:outputs]), targets[i], specs)
         if inner is None:
             return loss
         wanted = inner.run(wanted_names, dict(samples[i]))
@@ -240,7 +315,10 @@ def train(
         with torch.no_grad():
             return float(
                 np.mean(
-                    [float(distill_loss(_floats(graph(feed(i))), targets[i])) for i in held_out]
+                    [
+                        float(distill_loss(_floats(graph(feed(i))), targets[i], specs))
+                        for i in held_out
+                    ]
                 )
             )
 

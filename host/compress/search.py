@@ -42,12 +42,7 @@ from slimfleet.host.compress.evaluate import (
 )
 from slimfleet.host.compress.fidelity import compare, score_metrics
 from slimfleet.host.compress.judging import Judging
-from slimfleet.host.compress.metricdetection import (
-    label_map_outputs,
-    metric_specs,
-    reads_tokens,
-    state_outputs,
-)
+from slimfleet.host.compress.metricdetection import signature_specs
 from slimfleet.host.compress.metricspec import MetricSpec
 from slimfleet.host.compress.modelfile import (
     digest,
@@ -375,13 +370,7 @@ class Search(Judging, Variants, RecipeBuilding):
         self.reference = original.measurement.outputs
         original.measurement.outputs = []
         signature = io_signature(self.model)
-        self.specs = metric_specs(
-            self.reference,
-            self.given_metrics,
-            state_outputs(signature),
-            label_map_outputs(signature),
-            reads_tokens(signature),
-        )
+        self.specs = signature_specs(self.reference, signature, self.given_metrics)
         original.fidelity = compare(self.reference, self.reference, self.specs)
         original.metrics = score_metrics(self.plugins.metrics, self.reference, self.reference)
         original.status, original.reason = BASELINE, "the reference for every other candidate"

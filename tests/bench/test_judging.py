@@ -121,3 +121,16 @@ def test_detections_and_boxes_kept_judge_a_yolo_head() -> None:
     assert (same.value, same.count, same.unit) == (0.5, 2, "images")
     kept = judging.boxes_kept()(reference, candidate)
     assert (kept.value, kept.count, kept.unit) == (0.75, 4, "fp32 boxes")
+
+
+def test_detection_margins_count_only_anchors_that_decide() -> None:
+    head = np.zeros((6, 100), np.float32)  # 4 box rows, 2 classes, 100 anchors
+    head[:4] = 10
+    head[:4, 1:] = np.arange(1, 100) * 30  # every other anchor far apart
+    head[:, 0] = [50, 50, 20, 20, 0.9, 0]  # a sure detection
+    head[:, 1] = [50, 50, 20, 20, 0.26, 0]  # its twin, suppressed: cannot decide anything
+    head[:, 2] = [400, 400, 20, 20, 0, 0.2]  # a lone anchor under the threshold
+    logit = np.log(0.2 / 0.8) - np.log(0.25 / 0.75)
+    assert abs(judging.detection_margins(head) - abs(logit)) < 1e-6
+    head[4:, 2] = 0  # nothing near the threshold but the sure one, 2.2 logits above it
+    assert abs(judging.detection_margins(head) - (np.log(9) - np.log(1 / 3))) < 1e-6

@@ -33,6 +33,8 @@ def signature(image, out, dtype="float32"):
         ([1, 3, 512, 512], [1, 21, 128, 128], None),  # a quarter resolution: by --metric
         ([1, 3, None, None], [1, 21, None, None], None),  # unknown sizes tell nothing
         ([1, 3, 64, 64], [1, 64, 64, 64], 1),  # 64 classes: as many as the pixels across
+        ([1, 1, 96, 96], [1, 4, 96, 96], 1),  # a gray scan's 4 tissue classes
+        ([1, 4, 6, 6], [1, 8, 6, 6], None),  # a 4-channel input: features, RGBA, depth
     ],
 )
 def test_label_map_outputs_lie_over_an_image_inputs_pixels(image, out, axis):

@@ -1,0 +1,87 @@
+"""Recovery's distillation loss aims at what the output's task metric judges."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="recovery needs torch: pip install 'slimfleet[train]'")
+
+from slimfleet.host.compress import recovery  # noqa: E402
+from slimfleet.host.compress.metricdetection import DETECTIONS  # noqa: E402
+from slimfleet.host.compress.metricspec import MetricSpec  # noqa: E402
+from tests import models  # noqa: E402
+
+RNG = np.random.default_rng(6)
+
+
+def yolo_head(anchors: int = 400) -> torch.Tensor:
+    """[1, 4 + 3, A]: boxes in pixels, background scores near 0, two near the threshold."""
+    head = np.zeros((1, 7, anchors), np.float32)
+    head[0, :4] = RNG.uniform(10, 300, (4, anchors))
+    head[0, 4:] = RNG.uniform(0, 0.01, (3, anchors))
+    head[0, 4, :2] = 0.3, 0.27
+    return torch.from_numpy(head)
+
+
+def test_a_detector_head_is_not_read_as_2100_classes():
+    """The old loss read [1, 22, 2100] as rows of 2100 class scores: cross-entropy against
+    the anchor with the highest value (a box coordinate), 6.9 on 320n."""
+    teacher = yolo_head()
+    assert float(recovery.output_loss(teacher, teacher, DETECTIONS)) == pytest.approx(0.0)
+    assert float(recovery.output_loss(teacher, teacher)) > 1.0  # the shape heuristic
+
+
+def test_the_detection_loss_weighs_a_score_crossing_the_threshold_over_background():
+    teacher = yolo_head()
+    lost = teacher.clone()
+    lost[0, 4, 0] = 0.2  # the detection at 0.3 falls under 0.25
+    background = teacher.clone()
+    background[0, 5, 100:] *= 3  # background scores triple, far under the threshold
+    moved_box = teacher.clone()
+    moved_box[0, 0, 300] += 50  # a background anchor's box: never seen
+    loss = {
+        name: float(recovery.output_loss(change, teacher, DETECTIONS))
+        for name, change in (("lost", lost), ("background", background), ("box", moved_box))
+    }
+    assert loss["lost"] > 100 * max(loss["background"], loss["box"])
+
+
+def test_the_detection_loss_reads_anchors_last_heads_with_objectness():
+    teacher = yolo_head().transpose(1, 2).contiguous()  # [1, A, 4 + 1 + 2]
+    teacher[0, 0, 5] = 0.9  # objectness 0.3 x class 0.9: 0.27
+    spec = MetricSpec("detections", (("objectness", 1),))
+    student = teacher.clone()
+    student[0, 0, 4] = 0.2  # objectness 0.2: 0.18, under the threshold
+    assert float(recovery.output_loss(teacher, teacher, spec)) == pytest.approx(0.0)
+    assert float(recovery.output_loss(student, teacher, spec)) > 0.1
+
+
+def test_masks_and_embeddings_are_not_class_scores():
+    """u2net's [1, 1, 320, 320] matte was read as rows of 320 classes along its width."""
+    teacher = torch.from_numpy(RNG.uniform(0, 1, (1, 1, 32, 32)).astype(np.float32))
+    student = teacher + 0.1
+    iou = MetricSpec("iou", (("threshold", 0.5),))
+    expected = recovery.relative_mse(student, teacher)
+    assert float(recovery.output_loss(student, teacher, iou)) == pytest.approx(float(expected))
+    assert float(recovery.output_loss(student, teacher)) != pytest.approx(float(expected))
+
+
+def test_a_segmenters_classes_are_on_their_axis():
+    logits = torch.from_numpy(RNG.normal(size=(1, 5, 8, 8)).astype(np.float32))
+    spec = MetricSpec("pixels", (("axis", 1),))
+    on_axis = recovery.output_loss(logits, logits, spec)
+    last = logits.movedim(1, -1)
+    by_hand = recovery.output_loss(last, last, MetricSpec("top1"))
+    assert float(on_axis) == pytest.approx(float(by_hand))
+
+
+def test_loss_specs_are_what_the_search_judges():
+    model = models.detector_head()
+    feeds = models.image_feeds(4, seed=3)
+    outputs = recovery.teacher_outputs(model, feeds)
+    (spec,) = recovery.loss_specs(model, outputs)
+    assert spec.kind == "detections"
+    seg = models.segmenter()
+    outputs = recovery.teacher_outputs(seg, [{"image": f["x"]} for f in feeds])
+    assert recovery.loss_specs(seg, outputs) == [MetricSpec("pixels", (("axis", 1),))]
