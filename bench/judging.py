@@ -255,6 +255,27 @@ def boxes_kept(output: int = 0, score: float = 0.25, nms: float = 0.7, iou: floa
     return Judge("fp32 boxes kept", output, judge)
 
 
+def detection_margins(head: np.ndarray, score: float = 0.25, nms: float = 0.7) -> float:
+    """How close one image's detections are to changing: the smallest distance, in
+    logits, between the threshold ``score`` and the best class score of an anchor that
+    decides them (a detection, which would drop out below it, or an anchor no detection
+    of its class suppresses, which would add one above it)."""
+    rows = found.anchors_last(np.asarray(head, np.float64))
+    best = rows[:, found.BOX_VALUES :].max(-1)
+    kept = found.detections(head, score, nms)
+    boxes = np.concatenate([rows[:, :2] - rows[:, 2:4] / 2, rows[:, :2] + rows[:, 2:4] / 2], -1)
+    classes = rows[:, found.BOX_VALUES :].argmax(-1)
+    deciding = np.ones(len(rows), bool)  # with no detection, any anchor could add one
+    if len(kept):
+        overlap = found.iou_matrix(boxes, kept.boxes) > nms
+        overlap &= classes[:, None] == kept.classes[None, :]
+        deciding = ~overlap.any(-1) | np.isin(best, kept.scores)
+    if not deciding.any():
+        return np.inf
+    logit = np.log(np.clip(best[deciding], 1e-7, 1 - 1e-7) / np.clip(1 - best[deciding], 1e-7, 1))
+    return float(np.abs(logit - np.log(score / (1 - score))).min())
+
+
 def mask_iou(output: int = 0, threshold: float = 0.5) -> Judge:
     """Mean IoU of the masks ``output > threshold`` (two empty masks count as 1)."""
 

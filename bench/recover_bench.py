@@ -1,13 +1,15 @@
 """Accuracy recovery: post-training int8 alone vs PTQ + QAT vs prune + distill.
 
-Three models where post-training static int8 misses a task budget: two text recognizers,
+Four models where post-training static int8 misses a task budget: two text recognizers,
 ``captcha_crnn`` (the public corpus's CRNN, fetched and cached like ``corpus_bench.py``
 does, inputs from ``corpus_inputs``; budget 0.99) and ddddocr's ``common.onnx``
 (``--model common``; budget 0.98), judged by decoded text equality (greedy CTC); and
 ``khmersm`` (``--model khmersm``: the corpus's 3-layer transformer word segmenter, on
 strings of Khmer characters from its vocabulary; budget 0.99), judged by tag sequence
 equality as its package decodes it (CRF Viterbi with the transitions it ships, over each
-string's real characters). It builds the search's ``int8_static`` candidate (normalize
+string's real characters); and ``320n`` (``--model 320n``: the corpus's YOLOv8 detector,
+nudenet, on synthetic scenes; budget 0.99), judged by same detections per image with the
+share of fp32's boxes kept beside it. It builds the search's ``int8_static`` candidate (normalize
 to opset 13, simplify, static int8 QDQ with 99.99th-percentile calibration), then the
 same with the ``qat`` pass for ``--train-budget``, and judges both against fp32 on
 held-out samples: the task metric with its Wilson 95% interval, per-step argmax
@@ -69,6 +71,8 @@ class Case:
     """What a sample is, in the table's header (``captchas``)."""
     read_right: Callable[[int, int], list[corpus_inputs.Feed]] | None = None
     """``(count, seed)`` -> feeds fp32 gets right (``--read-right``), where known."""
+    decided: str = "sequences one step"
+    """What the fragility counts and what changes them, in its line."""
 
     def fragility_line(self, reference, feeds) -> str:
         """How many of fp32's held-out sequences one step's runner-up would change, by
@@ -76,7 +80,7 @@ class Case:
         method."""
         margins = self.fragility(reference, feeds)
         shares = ", ".join(f"< {t}: {(margins < t).mean():.3f}" for t in FRAGILITY_MARGINS)
-        return f"fp32 sequences one step would change, by its margin (logits): {shares}"
+        return f"fp32 {self.decided} would change, by its margin (logits): {shares}"
 
 
 def _ctc(time_axis: int, blank: int) -> dict:
@@ -161,6 +165,17 @@ CASES = {
         _step_margins,
         budget=0.99,
         items="character strings",
+    ),
+    "320n": Case(
+        lambda: _corpus("320n"),
+        lambda count, seed: corpus_inputs.nudenet(count, seed, Path()).feeds,
+        lambda feeds: (judging.detections(), judging.boxes_kept()),
+        lambda reference, feeds: np.array(
+            [judging.detection_margins(image) for r in reference for image in r[0]]
+        ),
+        budget=0.99,
+        items="scenes",
+        decided="images one anchor's best class score",
     ),
 }
 FRAGILITY_MARGINS = (0.02, 0.05, 0.1, 0.2, 0.4)

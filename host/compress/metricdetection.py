@@ -175,7 +175,11 @@ def _time_major(array: np.ndarray) -> bool:
 def _with_layout(spec: MetricSpec, first: np.ndarray) -> MetricSpec:
     """A given ``ctc`` or ``steps`` metric without ``batch_axis`` takes it from the shape:
     ``[T, 1, C]`` is time-major as CTC recognisers export it (judging its T steps as T
-    one-step sequences would count characters, not texts)."""
+    one-step sequences would count characters, not texts). A given ``pixels`` without
+    ``axis`` on ``[N, H, W, C]`` (C below H) takes axis 3."""
+    if spec.kind == "pixels" and "axis" not in dict(spec.options) and first.ndim == 4:
+        channels_last = first.shape[3] < first.shape[1]  # [N, H, W, C]: classes are fewer
+        return replace(spec, options=(*spec.options, ("axis", 3 if channels_last else 1)))
     if spec.kind not in ("ctc", "steps") or "batch_axis" in dict(spec.options):
         return spec
     return replace(spec, options=(*spec.options, ("batch_axis", 1 if _time_major(first) else 0)))
@@ -203,8 +207,8 @@ def detect(reference: Sequence[np.ndarray]) -> MetricSpec:
         return MetricSpec("exact")
     if first.dtype.kind != "f":
         return MetricSpec("ignore")
-    if not first.size:
-        return MetricSpec("cosine")  # no values to read a kind from
+    if not first.size or not first.ndim:
+        return MetricSpec("cosine")  # no values, or one number: no axis to read a kind from
     values = np.concatenate([r.ravel() for r in reference]).astype(np.float64)
     finite = values[np.isfinite(values)]
     if heads := detector_spec(reference):
@@ -243,14 +247,37 @@ def state_outputs(signature: dict[str, list[dict[str, Any]]]) -> set[str]:
     }
 
 
+TOKEN_TYPES = ("int32", "int64", "uint32", "uint64", "bool")
+"""Types of token ids and their masks; 8- and 16-bit integers are pixels and audio."""
+
+
 def reads_tokens(signature: dict[str, list[dict[str, Any]]]) -> bool:
-    """Every input is integer or bool (token ids and their masks): the model reads text,
+    """Every input is a 32/64-bit integer or bool (token ids and their masks): the model
+    reads text,
     so a sequence of class scores it emits is a tag or token per step (lac's tagger, a
     language model's next tokens), judged step by step: CTC's collapse of repeats would
     hide a tag that moved (``[A, A, B]`` and ``[A, B, B]`` both read "AB"). A CTC
     recogniser reads a signal (pixels, audio): float input."""
     kinds = [spec["dtype"] for spec in signature["inputs"]]
-    return bool(kinds) and all(k.startswith(("int", "uint", "bool")) for k in kinds)
+    return bool(kinds) and all(k in TOKEN_TYPES for k in kinds)
+
+
+MANY_CLASSES = 5
+"""A segmenter's class count from which per-pixel scores are read as classes whatever
+their values; two to four channels over an image's pixels are as often something else
+(optical flow, colour channels, RGBA), so there they must be probabilities that sum to
+1 over the channels."""
+
+
+def class_scores(values: Sequence[np.ndarray], axis: int) -> bool:
+    """Per-pixel scores on ``axis`` read as classes: :data:`MANY_CLASSES` or more of
+    them, or fewer that are probabilities (softmax over the channels)."""
+    first = values[0]
+    if first.ndim <= axis or first.shape[axis] < 2:
+        return False
+    if first.shape[axis] >= MANY_CLASSES:
+        return True
+    return all(looks_like_probabilities(np.moveaxis(v, axis, -1)) for v in values)
 
 
 IMAGE_CHANNELS = (1, 3)
@@ -309,14 +336,14 @@ def metric_specs(
     if unknown:
         raise InputError(f"--metric {unknown[0]!r}: the model has no such output ({names})")
     for name, spec in given.items():
-        check_against_values(name, spec, [r[name] for r in reference])
         given[name] = _with_layout(spec, reference[0][name])
+        check_against_values(name, given[name], [r[name] for r in reference])
     states, label_maps = set(states), label_maps or {}
 
     def found(name: str) -> MetricSpec:
         if name in states:
             return MetricSpec("cosine")
-        if name in label_maps:
+        if name in label_maps and class_scores([r[name] for r in reference], label_maps[name]):
             return MetricSpec("pixels", (("axis", label_maps[name]),))
         spec = detect([r[name] for r in reference])
         if tokens and spec.kind == "ctc":

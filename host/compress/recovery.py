@@ -56,9 +56,10 @@ CLASS_KINDS = ("top1", "ctc", "steps")
 """Task metrics that read an argmax over the last axis."""
 TOP_K = 5
 SCORE_FLOOR = 0.05
-"""A detector's class scores from which their logits count in the loss (the threshold
-users set is 0.25, 1.1 logits above; lower scores are background)."""
-LOGIT_EPS = 1e-6
+"""A detector's class scores from which their logits count in the loss (the usual
+threshold, 0.25, is 1.85 logits above; lower scores are background)."""
+LOGIT_EPS = 1e-4
+"""Scores are squeezed into (eps, 1 - eps) before their logits: at most 9.2 logits."""
 WARMUP = 0.05
 """The learning rate rises linearly over the first 5% of the budget (Adam's first steps
 are sign steps of noisy gradients), then decays on a cosine."""
@@ -153,9 +154,10 @@ def _same_shapes(
 def loss_specs(
     teacher: onnx.ModelProto, outputs: Sequence[Sequence[np.ndarray]]
 ) -> list[MetricSpec]:
-    """Each float output's task metric, detected from the teacher's ``outputs`` and its
-    signature as the search detects it: what the distillation loss of that output aims
-    at (see :func:`output_loss`)."""
+    """Each float output's task metric, detected from the teacher's ``outputs`` on the
+    calibration samples and its signature as the search detects it (a pass does not see
+    ``--metric``): what the distillation loss of that output aims at (see
+    :func:`output_loss`)."""
     names = [o.name for o in teacher.graph.output]
     reference = [dict(zip(names, sample, strict=True)) for sample in outputs]
     specs = signature_specs(reference, io_signature(teacher))
@@ -216,7 +218,8 @@ def detection_loss(
     student: torch.Tensor, teacher: torch.Tensor, objectness: bool = False
 ) -> torch.Tensor:
     """A detector head's loss (see :mod:`~slimfleet.host.compress.detections` for the
-    layouts): the squared error of the class scores in logits, over the scores either
+    layouts): the error of the class scores in logits (smooth L1: squared within one
+    logit, linear beyond), over the scores either
     model puts at :data:`SCORE_FLOOR` or more (a detection appears or goes where a
     logit crosses the threshold's), plus the boxes' squared error over the teacher's
     mean square, each anchor weighted by the teacher's best score (a background
@@ -231,8 +234,11 @@ def detection_loss(
         ]
     mine, theirs = scores
     live = torch.maximum(mine.detach(), theirs) >= SCORE_FLOOR
-    logits = [torch.logit(p.clamp(LOGIT_EPS, 1 - LOGIT_EPS)) for p in (mine, theirs)]
-    classes = ((logits[0] - logits[1]) ** 2)[live].mean() if live.any() else mine.sum() * 0
+    # squeezed into (eps, 1 - eps), not clamped: a score int8 put at exactly 0 or 1
+    # still has a gradient; smooth L1 keeps a lost detection's 10 logits from swamping
+    logits = [torch.logit(LOGIT_EPS + (1 - 2 * LOGIT_EPS) * p) for p in (mine, theirs)]
+    error = F.smooth_l1_loss(logits[0][live], logits[1][live]) if live.any() else None
+    classes = error if error is not None else mine.sum() * 0
     weight = theirs.max(-1).values
     boxes = ((student[..., :BOX_VALUES] - teacher[..., :BOX_VALUES]) ** 2).mean(-1)
     scale = (weight.sum() + 1e-12) * (torch.mean(teacher[..., :BOX_VALUES] ** 2) + 1e-12)

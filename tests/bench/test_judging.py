@@ -132,5 +132,5 @@ def test_detection_margins_count_only_anchors_that_decide() -> None:
     head[:, 2] = [400, 400, 20, 20, 0, 0.2]  # a lone anchor under the threshold
     logit = np.log(0.2 / 0.8) - np.log(0.25 / 0.75)
     assert abs(judging.detection_margins(head) - abs(logit)) < 1e-6
-    head[4:, 2] = 0  # nothing near the threshold but the sure one, 2.2 logits above it
+    head[4:, 2] = 0  # nothing near the threshold but the sure one, 3.3 logits above it
     assert abs(judging.detection_margins(head) - (np.log(9) - np.log(1 / 3))) < 1e-6

@@ -54,7 +54,9 @@ def test_the_detection_loss_reads_anchors_last_heads_with_objectness():
     student = teacher.clone()
     student[0, 0, 4] = 0.2  # objectness 0.2: 0.18, under the threshold
     assert float(recovery.output_loss(teacher, teacher, spec)) == pytest.approx(0.0)
-    assert float(recovery.output_loss(student, teacher, spec)) > 0.1
+    logit = np.log(0.18 / 0.82) - np.log(0.27 / 0.73)  # the one score over the floor
+    expected = 0.5 * logit**2  # smooth L1 within one logit
+    assert float(recovery.output_loss(student, teacher, spec)) == pytest.approx(expected, rel=0.02)
 
 
 def test_masks_and_embeddings_are_not_class_scores():
@@ -85,3 +87,16 @@ def test_loss_specs_are_what_the_search_judges():
     seg = models.segmenter()
     outputs = recovery.teacher_outputs(seg, [{"image": f["x"]} for f in feeds])
     assert recovery.loss_specs(seg, outputs) == [MetricSpec("pixels", (("axis", 1),))]
+
+
+def test_a_score_int8_put_at_zero_still_has_a_gradient():
+    """Clamping before the logit gave no gradient to a score at exactly 0: the lost
+    detection could not be pulled back."""
+    teacher = yolo_head()
+    student = teacher.clone()
+    student[0, 4, 0] = 0.0
+    student.requires_grad_(True)
+    loss = recovery.output_loss(student, teacher, DETECTIONS)
+    loss.backward()
+    assert student.grad[0, 4, 0] < 0  # raising the score lowers the loss
+    assert torch.isfinite(student.grad).all()

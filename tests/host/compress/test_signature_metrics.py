@@ -55,7 +55,7 @@ def test_label_map_iou_averages_the_classes_present():
 
 
 def test_pixels_are_judged_by_their_label_maps():
-    logits = RNG.normal(size=(1, 4, 8, 8)).astype(np.float32)
+    logits = RNG.normal(size=(1, 6, 8, 8)).astype(np.float32)
     reference = [{"y": logits}]
     specs = metricdetection.metric_specs(reference, label_maps={"y": 1})
     assert specs["y"] == MetricSpec("pixels", (("axis", 1),))
@@ -91,7 +91,9 @@ def test_the_search_judges_a_segmenter_by_its_label_maps(tmp_path, save_model, q
     [
         (["int64"], True),
         (["int64", "bool"], True),  # ids and a mask
-        (["int32", "uint8"], True),
+        (["int32", "bool"], True),
+        (["uint8"], False),  # an image's pixels
+        (["int16"], False),  # PCM audio
         (["float32"], False),  # a recogniser reads pixels or audio
         (["int64", "float32"], False),
         ([], False),
@@ -122,3 +124,23 @@ def test_the_search_judges_a_token_tagger_step_by_step(tmp_path, save_model, qui
         path, tmp_path / "out", data=tmp_path / "ids.npz", passes="fp16", settings=quick
     )
     assert result.candidates[0]["fidelity"]["outputs"]["tags"]["metric"] == "steps:batch_axis=0"
+
+
+def test_few_channels_over_the_pixels_must_be_probabilities_to_be_classes():
+    """Optical flow or colour channels ([1, 2, H, W]) lie over the pixels too."""
+    flow = RNG.normal(0, 4, (1, 2, 8, 8)).astype(np.float32)
+    assert metricdetection.metric_specs([{"y": flow}], label_maps={"y": 1})["y"].kind == "cosine"
+    softmax = np.exp(flow) / np.exp(flow).sum(1, keepdims=True)
+    specs = metricdetection.metric_specs([{"y": softmax}], label_maps={"y": 1})
+    assert specs["y"] == MetricSpec("pixels", (("axis", 1),))
+
+
+def test_a_given_pixels_metric_on_nhwc_takes_axis_3():
+    logits = RNG.normal(size=(1, 16, 16, 5)).astype(np.float32)
+    _, spec = parse_metric("y=pixels")
+    given = metricdetection.metric_specs([{"y": logits}], {"y": spec})["y"]
+    assert given.option("axis") == 3
+
+
+def test_a_scalar_output_is_judged_by_cosine():
+    assert metricdetection.detect([np.float32(3.5).reshape(())]).kind == "cosine"
