@@ -32,9 +32,9 @@ DATA_MOVEMENT = frozenset(
 def mixed_output_tails(model: onnx.ModelProto) -> list[str]:
     """Float tensors from each mixed-range Concat down to the graph output it feeds
     through data movement: the inputs of their QuantizeLinear nodes, or the graph
-    output's name (its DequantizeLinear's). Nothing above such a Concat is named, so
-    the operators computing its parts keep their quantized outputs. Each tensor is
-    visited once."""
+    output's name (its DequantizeLinear's); and the Concat's parts whose quantized
+    copies only it reads. Nothing further up is named, so the operators computing the
+    parts keep their quantized inputs. Each tensor is visited once."""
     graph = model.graph
     made_by = {out: node for node in graph.node for out in node.output if out}
     initializers = {i.name: i for i in graph.initializer}
@@ -53,6 +53,32 @@ def mixed_output_tails(model: onnx.ModelProto) -> list[str]:
             return quant.input[0], None
         return quant.input[0], float(numpy_helper.to_array(scale).reshape(-1)[0])
 
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+
+    def unquantized_source(tensor: str) -> str | None:
+        """The float tensor behind ``tensor`` when it is a Q -> DQ copy, else None."""
+        source, scale = unquantized(tensor)
+        return source if scale is not None else None
+
+    def only_for(source: str | None, concat: onnx.NodeProto) -> bool:
+        """Every dequantized copy of ``source`` is read by ``concat`` alone: quantizing
+        it serves no integer kernel once the Concat is float, and (a detector's scores,
+        calibrated on their 99.99th percentile of mostly background) it can clip what
+        matters."""
+        if source is None:
+            return False
+        copies = [
+            reader
+            for quant in readers.get(source, [])
+            if quant.op_type == "QuantizeLinear"
+            for dequant in readers.get(quant.output[0], [])
+            for reader in readers.get(dequant.output[0], [])
+        ]
+        return bool(copies) and all(reader is concat for reader in copies)
+
     kept: set[str] = set()
     seen: set[str] = set()
     for output in graph.output:
@@ -70,5 +96,6 @@ def mixed_output_tails(model: onnx.ModelProto) -> list[str]:
                 parts = [s for s in (unquantized(i)[1] for i in data) if s]
                 if len(parts) >= 2 and max(parts) >= MIXED_RANGE * min(parts):
                     kept.update(here)
+                    kept.update(p for p in map(unquantized_source, data) if only_for(p, node))
             pending += [(name, here) for name in data]
     return sorted(kept)

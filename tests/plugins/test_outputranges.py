@@ -47,7 +47,8 @@ def test_a_detector_heads_output_concat_stays_float(context, helpers, monkeypatc
     quantized_inputs = {
         n.input[0] for n in result.model.graph.node if n.op_type == "QuantizeLinear"
     }
-    assert {"x", "r", "boxes", "scores"} <= quantized_inputs  # the convolutions stay int8
+    assert {"x", "r", "cls_flat"} <= quantized_inputs  # the convolutions stay int8
+    assert not {"boxes", "scores"} & quantized_inputs  # the parts only the Concat read
     assert result.model.graph.output[0].name == model.graph.output[0].name
     score, error = _agreement(helpers, model, result.model)
     assert error < 0.02
@@ -86,8 +87,10 @@ def test_only_the_tail_below_the_concat_stays_float(context, monkeypatch):
         if init.name == "wbox":
             init.CopyFrom(models._init("wbox", np.full((4, 8, 1, 1), 40.0)))
     result = _quantized(context, model, rule=True, monkeypatch=monkeypatch)
-    assert "kept 1 output tensors in float" in result.notes
+    # the output, and the scores only the Concat reads; box_flat's copy also feeds the
+    # (now unused) box Sigmoid, and the Conv keeps its quantized output
+    assert "kept 2 output tensors in float" in result.notes and "head, scores" in result.notes
     quantized_inputs = {
         n.input[0] for n in result.model.graph.node if n.op_type == "QuantizeLinear"
     }
-    assert {"box_raw", "box_flat", "scores"} <= quantized_inputs
+    assert {"box_raw", "cls_flat"} <= quantized_inputs
