@@ -10,7 +10,9 @@ The same holds for any output assembled from parts its user reads apart.
 and the Concats feeding it through data movement only (Reshape, Transpose...) when one of
 those Concats joins parts whose scales differ by :data:`MIXED_RANGE` or more. Keeping
 them in float (:func:`~slimfleet.plugins.sentinels.keep_float`) costs nothing in speed:
-data movement has no arithmetic, and the output is dequantized for its user anyway.
+data movement has no arithmetic, and the output is dequantized for its user anyway. The
+Concat's parts that only it reads stay float too when a light op made them (320n's
+Sigmoid and Mul: a float Sigmoid instead of QLinearSigmoid, within timing noise there).
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ DATA_MOVEMENT = frozenset(
     {"Concat", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity"}
 )
 """Ops that move values without arithmetic: a tail of them reaches the output unchanged."""
+WEIGHTED = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+SUBGRAPH_TYPES = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
 
 
 def mixed_output_tails(model: onnx.ModelProto) -> list[str]:
@@ -53,6 +57,7 @@ def mixed_output_tails(model: onnx.ModelProto) -> list[str]:
             return quant.input[0], None
         return quant.input[0], float(numpy_helper.to_array(scale).reshape(-1)[0])
 
+    subgraphs = any(a.type in SUBGRAPH_TYPES for n in graph.node for a in n.attribute)
     readers: dict[str, list[onnx.NodeProto]] = {}
     for node in graph.node:
         for name in node.input:
@@ -64,11 +69,14 @@ def mixed_output_tails(model: onnx.ModelProto) -> list[str]:
         return source if scale is not None else None
 
     def only_for(source: str | None, concat: onnx.NodeProto) -> bool:
-        """Every dequantized copy of ``source`` is read by ``concat`` alone: quantizing
-        it serves no integer kernel once the Concat is float, and (a detector's scores,
-        calibrated on their 99.99th percentile of mostly background) it can clip what
-        matters."""
-        if source is None:
+        """Every dequantized copy of ``source`` is read by ``concat`` alone, and a light
+        op made it: quantized, it can clip what matters (a detector's scores, calibrated
+        on their 99.99th percentile of mostly background), and it only lets that op run
+        as an integer kernel (QLinearSigmoid). A Conv, Gemm or MatMul keeps its pair:
+        its integer kernel needs it. Never in a model with subgraphs, whose readers
+        this does not see."""
+        producer = made_by.get(source) if source is not None else None
+        if producer is None or producer.op_type in WEIGHTED or subgraphs:
             return False
         copies = [
             reader
@@ -94,7 +102,7 @@ def mixed_output_tails(model: onnx.ModelProto) -> list[str]:
             data = list(node.input) if node.op_type == "Concat" else list(node.input[:1])
             if node.op_type == "Concat":
                 parts = [s for s in (unquantized(i)[1] for i in data) if s]
-                if len(parts) >= 2 and max(parts) >= MIXED_RANGE * min(parts):
+                if here and len(parts) >= 2 and max(parts) >= MIXED_RANGE * min(parts):
                     kept.update(here)
                     kept.update(p for p in map(unquantized_source, data) if only_for(p, node))
             pending += [(name, here) for name in data]

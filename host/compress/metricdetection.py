@@ -176,9 +176,9 @@ def _with_layout(spec: MetricSpec, first: np.ndarray) -> MetricSpec:
     """A given ``ctc`` or ``steps`` metric without ``batch_axis`` takes it from the shape:
     ``[T, 1, C]`` is time-major as CTC recognisers export it (judging its T steps as T
     one-step sequences would count characters, not texts). A given ``pixels`` without
-    ``axis`` on ``[N, H, W, C]`` (C below H) takes axis 3."""
+    ``axis`` on ``[N, H, W, C]`` (C below both H and W) takes axis 3."""
     if spec.kind == "pixels" and "axis" not in dict(spec.options) and first.ndim == 4:
-        channels_last = first.shape[3] < first.shape[1]  # [N, H, W, C]: classes are fewer
+        channels_last = first.shape[3] < min(first.shape[1:3])  # [N, H, W, C], C < H, W
         return replace(spec, options=(*spec.options, ("axis", 3 if channels_last else 1)))
     if spec.kind not in ("ctc", "steps") or "batch_axis" in dict(spec.options):
         return spec

@@ -218,8 +218,8 @@ def detection_loss(
     student: torch.Tensor, teacher: torch.Tensor, objectness: bool = False
 ) -> torch.Tensor:
     """A detector head's loss (see :mod:`~slimfleet.host.compress.detections` for the
-    layouts): the error of the class scores in logits (smooth L1: squared within one
-    logit, linear beyond), over the scores either
+    layouts): the error of the class scores in logits (smooth L1: half its square within
+    one logit, linear beyond), over the scores either
     model puts at :data:`SCORE_FLOOR` or more (a detection appears or goes where a
     logit crosses the threshold's), plus the boxes' squared error over the teacher's
     mean square, each anchor weighted by the teacher's best score (a background
@@ -234,9 +234,11 @@ def detection_loss(
         ]
     mine, theirs = scores
     live = torch.maximum(mine.detach(), theirs) >= SCORE_FLOOR
-    # squeezed into (eps, 1 - eps), not clamped: a score int8 put at exactly 0 or 1
-    # still has a gradient; smooth L1 keeps a lost detection's 10 logits from swamping
-    logits = [torch.logit(LOGIT_EPS + (1 - 2 * LOGIT_EPS) * p) for p in (mine, theirs)]
+    # squeezed into (eps, 1 - eps), not clamped there: a score int8 put at exactly 0 or 1
+    # still has a gradient (a learned scale can round past 1: clamped to [0, 1] first);
+    # smooth L1 keeps a lost detection's 9 logits from swamping the rest
+    squeezed = (LOGIT_EPS + (1 - 2 * LOGIT_EPS) * p.clamp(0, 1) for p in (mine, theirs))
+    logits = [torch.logit(p) for p in squeezed]
     error = F.smooth_l1_loss(logits[0][live], logits[1][live]) if live.any() else None
     classes = error if error is not None else mine.sum() * 0
     weight = theirs.max(-1).values

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 
 from slimfleet.host.compress.detections import detections, matched
@@ -94,3 +95,34 @@ def test_only_the_tail_below_the_concat_stays_float(context, monkeypatch):
         n.input[0] for n in result.model.graph.node if n.op_type == "QuantizeLinear"
     }
     assert {"box_raw", "cls_flat"} <= quantized_inputs
+
+
+def test_a_part_a_convolution_makes_keeps_its_quantizer(context, monkeypatch):
+    """Its integer kernel (QLinearConv) needs the output's QuantizeLinear; a Sigmoid's
+    part goes float."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(1)
+    nodes = [
+        helper.make_node("Conv", ["x", "wb"], ["boxes"], "box_conv"),
+        helper.make_node("Conv", ["x", "wc"], ["logits"], "cls_conv"),
+        helper.make_node("Sigmoid", ["logits"], ["scores"], "cls_sigmoid"),
+        helper.make_node("Concat", ["boxes", "scores"], ["head"], "head_concat", axis=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "conv_parts",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 64])],
+        [helper.make_tensor_value_info("head", TensorProto.FLOAT, [1, 7, 64])],
+        [
+            models._init("wb", rng.normal(0, 40, (4, 8, 1))),
+            models._init("wc", rng.normal(0, 1, (3, 8, 1))),
+        ],
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    ctx = context()
+    ctx.calibration = [{"x": rng.normal(size=(1, 8, 64)).astype(np.float32)} for _ in range(8)]
+    result = PASS.apply(model, ctx, PASS.resolve_options({}))
+    assert "head, scores" in result.notes
+    quantized = {n.input[0] for n in result.model.graph.node if n.op_type == "QuantizeLinear"}
+    assert "boxes" in quantized and "scores" not in quantized

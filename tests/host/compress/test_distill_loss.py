@@ -100,3 +100,13 @@ def test_a_score_int8_put_at_zero_still_has_a_gradient():
     loss.backward()
     assert student.grad[0, 4, 0] < 0  # raising the score lowers the loss
     assert torch.isfinite(student.grad).all()
+
+
+def test_a_score_past_1_from_a_learned_scale_gives_no_nan():
+    teacher = yolo_head()
+    student = teacher.clone()
+    student[0, 4, 0], student[0, 5, 1] = 1.0004, -0.0002
+    student.requires_grad_(True)
+    loss = recovery.output_loss(student, teacher, DETECTIONS)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(student.grad).all()

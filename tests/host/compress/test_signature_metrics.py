@@ -144,3 +144,11 @@ def test_a_given_pixels_metric_on_nhwc_takes_axis_3():
 
 def test_a_scalar_output_is_judged_by_cosine():
     assert metricdetection.detect([np.float32(3.5).reshape(())]).kind == "cosine"
+
+
+@pytest.mark.parametrize(("shape", "axis"), [((1, 150, 128, 128), 1), ((1, 21, 16, 16), 1)])
+def test_a_given_pixels_metric_on_nchw_with_many_classes_keeps_axis_1(shape, axis):
+    """More classes than pixels across is still NCHW (ADE20K's 150 at 128x128)."""
+    logits = RNG.normal(size=shape).astype(np.float32)
+    given = metricdetection.metric_specs([{"y": logits}], {"y": parse_metric("y=pixels")[1]})
+    assert given["y"].option("axis") == axis
