@@ -263,7 +263,7 @@ def detection_margins(head: np.ndarray, score: float = 0.25, nms: float = 0.7) -
     rows = found.anchors_last(np.asarray(head, np.float64))
     best = rows[:, found.BOX_VALUES :].max(-1)
     kept = found.detections(head, score, nms)
-    boxes = np.concatenate([rows[:, :2] - rows[:, 2:4] / 2, rows[:, :2] + rows[:, 2:4] / 2], -1)
+    boxes = found.corners(rows)
     classes = rows[:, found.BOX_VALUES :].argmax(-1)
     deciding = np.ones(len(rows), bool)  # with no detection, any anchor could add one
     if len(kept):

@@ -22,6 +22,8 @@ import math
 import onnx
 from onnx import numpy_helper
 
+from slimfleet.plugins.onnxgraph import consumers, has_subgraphs
+
 MIXED_RANGE = 16.0
 """Scale ratio from which a Concat's smallest part loses 4 of its 8 bits under the
 largest one's scale (320n: boxes 1.27 per step, probabilities 0.0039: 325x)."""
@@ -30,7 +32,6 @@ DATA_MOVEMENT = frozenset(
 )
 """Ops that move values without arithmetic: a tail of them reaches the output unchanged."""
 WEIGHTED = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
-SUBGRAPH_TYPES = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
 
 
 def mixed_output_tails(model: onnx.ModelProto) -> list[str]:
@@ -57,11 +58,8 @@ def mixed_output_tails(model: onnx.ModelProto) -> list[str]:
             return quant.input[0], None
         return quant.input[0], float(numpy_helper.to_array(scale).reshape(-1)[0])
 
-    subgraphs = any(a.type in SUBGRAPH_TYPES for n in graph.node for a in n.attribute)
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
+    subgraphs = has_subgraphs(model)
+    readers = consumers(graph)
 
     def unquantized_source(tensor: str) -> str | None:
         """The float tensor behind ``tensor`` when it is a Q -> DQ copy, else None."""
@@ -80,10 +78,10 @@ def mixed_output_tails(model: onnx.ModelProto) -> list[str]:
             return False
         copies = [
             reader
-            for quant in readers.get(source, [])
+            for quant, _ in readers.get(source, [])
             if quant.op_type == "QuantizeLinear"
-            for dequant in readers.get(quant.output[0], [])
-            for reader in readers.get(dequant.output[0], [])
+            for dequant, _ in readers.get(quant.output[0], [])
+            for reader, _ in readers.get(dequant.output[0], [])
         ]
         return bool(copies) and all(reader is concat for reader in copies)
 

@@ -48,6 +48,12 @@ def anchors_last(head: np.ndarray) -> np.ndarray:
     return head.T if head.shape[0] < head.shape[1] else head
 
 
+def corners(rows: np.ndarray) -> np.ndarray:
+    """``[K, 4]`` x1, y1, x2, y2 from rows starting with centre x, centre y, width, height."""
+    centre, size = rows[:, :2], rows[:, 2:BOX_VALUES]
+    return np.concatenate([centre - size / 2, centre + size / 2], axis=-1)
+
+
 def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """IoU of every box of ``a`` ``[K, 4]`` with every box of ``b`` ``[L, 4]`` (x1y1x2y2)."""
     low = np.maximum(a[:, None, :2], b[None, :, :2])
@@ -79,8 +85,7 @@ def detections(
     scores = classes[np.arange(len(rows)), best]
     keep = np.flatnonzero(scores >= score)
     keep = keep[np.argsort(-scores[keep], kind="stable")][:MAX_CANDIDATES]
-    centre, size = rows[keep, :2], rows[keep, 2:BOX_VALUES]
-    boxes = np.concatenate([centre - size / 2, centre + size / 2], axis=-1)
+    boxes = corners(rows[keep])
     chosen = _suppress(boxes, best[keep], nms_iou)[:MAX_DETECTIONS]
     return Detections(boxes[chosen], best[keep][chosen], scores[keep][chosen])
 
