@@ -174,11 +174,11 @@ def _units(spec: MetricSpec, ref: np.ndarray, got: np.ndarray) -> tuple[list[flo
 
 
 def label_map_iou(reference: np.ndarray, candidate: np.ndarray, classes: int) -> float:
-    """Mean IoU over the classes present in either of two label maps (class ids)."""
-    pairs = reference.ravel().astype(np.int64) * classes + candidate.ravel()
-    confusion = np.bincount(pairs, minlength=classes * classes).reshape(classes, classes)
-    inter = np.diag(confusion)
-    union = confusion.sum(0) + confusion.sum(1) - inter
+    """Mean IoU over the classes present in either of two label maps (class ids); memory
+    is three counts per class, not a classes x classes confusion matrix."""
+    a, b = reference.ravel(), candidate.ravel()
+    inter = np.bincount(a[a == b], minlength=classes)
+    union = np.bincount(a, minlength=classes) + np.bincount(b, minlength=classes) - inter
     present = union > 0
     return float((inter[present] / union[present]).mean()) if present.any() else 1.0
 
