@@ -37,6 +37,12 @@ from slimfleet.plugins.onnxgraph import (
     opset_of,
 )
 from slimfleet.plugins.outputranges import MIXED_RANGE, mixed_output_tails
+from slimfleet.plugins.precision import (
+    CANCELLATION,
+    cancellation_region,
+    cancelling_nodes,
+    divisor_chains,
+)
 from slimfleet.plugins.sentinels import WHAT, SentinelWatch, constant_readers, keep_float, shown
 
 SUPPORTED = tuple(sorted({*QDQRegistry, *QLinearOpsRegistry}))
@@ -250,6 +256,19 @@ class QuantizeStatic(Pass):
             notes.append(
                 f"kept {len(tails)} output tensors in float: they join parts whose ranges "
                 f"differ {MIXED_RANGE:g}x or more (a detector's boxes and scores): " + shown(tails)
+            )
+        cancelling = cancelling_nodes(model, context.calibration, context.threads, context.memory)
+        regions = {t for node in cancelling for t in cancellation_region(model, node)}
+        if terms := keep_float(quantized, regions, shared=False):
+            notes.append(
+                f"kept {len(terms)} tensors in float: they feed {len(cancelling)} differences "
+                f"{CANCELLATION:g}x or more smaller than their terms (a variance as "
+                "E[x^2] - E[x]^2): " + shown(terms)
+            )
+        if divisors := keep_float(quantized, divisor_chains(model), shared=False):
+            notes.append(
+                f"kept {len(divisors)} tensors in float: a reciprocal or division reads them "
+                "(rounded to 0, a divisor makes infinities): " + shown(divisors)
             )
         method = options["calibration"]
         if method == "percentile":

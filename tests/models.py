@@ -368,3 +368,54 @@ def token_tagger(vocabulary: int = 50, tags: int = 6, seed: int = SEED) -> onnx.
         ],
     )
     return _model(graph, 13)
+
+
+def moments_layer_norm(seed: int = SEED) -> onnx.ModelProto:
+    """``x [N, 16, 32]`` -> MatMul -> a LayerNorm written out as TensorFlow and JAX export
+    it (variance ``E[h^2] - E[h]^2``, then ``1 / sqrt(variance + eps)``) -> MatMul + bias
+    -> 8 class scores per row. On :func:`row_feeds`, rows whose mean lies far from 0
+    have a variance hundreds of times smaller than ``E[h^2]``, which static int8 of the
+    two terms cannot subtract (magika's first LayerNorm)."""
+    rng = np.random.default_rng(seed)
+    node = helper.make_node
+    graph = helper.make_graph(
+        [
+            node("MatMul", ["x", "w_in"], ["h"], "dense_in"),
+            node("ReduceSum", ["h", "last"], ["sum"], "ln_sum", keepdims=1),
+            node("Mul", ["sum", "inv_width"], ["mean"], "ln_mean"),
+            node("Mul", ["h", "h"], ["h2"], "ln_square"),
+            node("ReduceSum", ["h2", "last"], ["sum2"], "ln_sum2", keepdims=1),
+            node("Mul", ["sum2", "inv_width"], ["mean2"], "ln_mean2"),
+            node("Mul", ["mean", "mean"], ["mean_sq"], "ln_mean_sq"),
+            node("Sub", ["mean2", "mean_sq"], ["var_raw"], "ln_variance"),
+            node("Max", ["zero", "var_raw"], ["var"], "ln_clip"),
+            node("Add", ["var", "eps"], ["var_eps"], "ln_eps"),
+            node("Sqrt", ["var_eps"], ["std"], "ln_std"),
+            node("Reciprocal", ["std"], ["inv_std"], "ln_inv_std"),
+            node("Sub", ["h", "mean"], ["centred"], "ln_centre"),
+            node("Mul", ["centred", "inv_std"], ["normed"], "ln_scale"),
+            node("MatMul", ["normed", "w_out"], ["logits"], "dense_out"),
+            node("Add", ["logits", "b_out"], ["scores"], "bias_out"),
+        ],
+        "moments_layer_norm",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 16, 32])],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["n", 16, 8])],
+        [
+            _init("w_in", np.eye(32) + rng.normal(0, 0.005, (32, 32))),
+            numpy_helper.from_array(np.array([-1], np.int64), "last"),
+            _init("inv_width", np.array(1 / 32)),
+            _init("zero", np.array(0.0)),
+            _init("eps", np.array(1e-6)),
+            _init("w_out", rng.normal(0, 1, (32, 8))),
+            _init("b_out", rng.normal(0, 3, 8)),
+        ],
+    )
+    return _model(graph, 13)
+
+
+def row_feeds(count: int, seed: int) -> list[dict[str, np.ndarray]]:
+    """``x [1, 16, 32]`` for :func:`moments_layer_norm`: each row about its own mean,
+    between -8 and 8, with a spread of 0.5."""
+    rng = np.random.default_rng(seed)
+    means = rng.uniform(-8, 8, (count, 1, 16, 1))
+    return [{"x": (mean + rng.normal(0, 0.5, (1, 16, 32))).astype(np.float32)} for mean in means]

@@ -1,0 +1,196 @@
+"""Arithmetic whose operands need more than 8 bits: differences far smaller than their
+terms, and what a reciprocal divides by.
+
+A LayerNorm written out in elementary ops (TensorFlow and JAX exports; the corpus's
+magika) takes the variance as ``E[x^2] - E[x]^2``. Static int8 rounds each term at a step
+fitted to its own size, and when the mean is large beside the spread, the difference is
+a few of those steps: magika's variance came out as noise, and static int8 agreed with
+fp32's top-1 file type on 15.5% of 400 real files.
+
+:func:`cancelling_nodes` finds, on calibration samples, each Sub or Add of two computed
+(not constant) inputs whose largest magnitude is :data:`CANCELLATION` times its
+result's or more. :func:`cancellation_region` names what the rounding of which would
+reach that result magnified: the tensors between the node and the nearest tensors both
+its inputs come from (for the variance: the two sums, the mean and the two squares,
+not ``x``, whose rounding only adds its step's noise to the variance). Kept float by
+:func:`~slimfleet.plugins.sentinels.keep_float`, they cost only their light ops' integer
+kernels; the walk never enters a Conv, Gemm or MatMul, whose integer kernels need their
+pairs.
+
+The same LayerNorm then divides by ``sqrt(variance + 1e-6)``. Quantized, a small variance
+rounds to 0 and its reciprocal is infinite (onnxruntime saturates it; training through it
+gives NaN gradients). :func:`divisor_chains` names what a Reciprocal, a Div's divisor or
+a negative Pow reads, up through one-operand ops (Sqrt, adding a constant, Reshape,
+Expand...) to the tensor an op of several computed operands or a reduction made. That
+static rule costs a few light ops; a division by a quantized value near zero costs
+everything downstream.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from slimfleet.agent.runtime import open_session
+from slimfleet.host.compress.modelfile import with_outputs
+from slimfleet.host.compress.planning import batch_bytes
+from slimfleet.host.compress.tensorsizes import batches, tensor_bytes
+from slimfleet.plugins.layerweights import fetch
+from slimfleet.plugins.onnxgraph import has_subgraphs
+from slimfleet.plugins.outputranges import WEIGHTED
+
+Feed = dict[str, np.ndarray]
+
+CANCELLATION = 16.0
+"""Term-to-result magnitude ratio from which the terms' 8-bit rounding leaves the result
+4 bits or fewer (magika's LayerNorm variance: about 30x)."""
+SAMPLES = 8
+"""Calibration samples the magnitudes are measured on (one float run each)."""
+DIFFERENCES = frozenset({"Sub", "Add"})
+SHAPE_ONLY = frozenset({"Shape", "Size"})
+"""Ops that read only their input's shape: the walk does not go through them."""
+POINTWISE = frozenset(
+    {"Sqrt", "Abs", "Neg", "Exp", "Cast", "Identity", "Add", "Sub", "Mul", "Div", "Max", "Min"}
+    | {"Clip", "Relu", "Pow", "Reshape", "Expand", "Squeeze", "Unsqueeze", "Transpose"}
+    | {"Flatten", "Tile", "Slice", "Gather"}
+)
+"""Ops a divisor chain goes up through when they have one computed float operand (the
+others constants or shapes): each output value is one input value, transformed."""
+DATA_FIRST = frozenset({"Reshape", "Expand", "Tile", "Slice", "Gather", "Squeeze", "Unsqueeze"})
+"""Data movement whose operands after the first say where, not what."""
+
+
+def cancelling_nodes(
+    model: onnx.ModelProto,
+    calibration: Sequence[Feed],
+    threads: int = 1,
+    memory: int | None = None,
+) -> list[onnx.NodeProto]:
+    """The main graph's Sub and Add nodes of two computed float inputs whose largest
+    magnitude over the first :data:`SAMPLES` calibration samples is :data:`CANCELLATION`
+    times their output's or more. None in a model with subgraphs, whose readers this does
+    not see, or without calibration samples. The inputs and outputs read are fetched in
+    groups whose estimated size stays within a batch of ``memory`` (the search's limit
+    for one child; see :func:`~slimfleet.host.compress.planning.batch_bytes`), one float
+    run per sample and group."""
+    graph = model.graph
+    constant = _constants(graph)
+    candidates = [
+        node
+        for node in graph.node
+        if node.op_type in DIFFERENCES
+        and len(node.input) == 2
+        and not constant.intersection(node.input)
+        and node.input[0] != node.input[1]
+    ]
+    if not candidates or not calibration or has_subgraphs(model):
+        return []
+    tapped = list(dict.fromkeys(t for n in candidates for t in (*n.input, n.output[0])))
+    peak = dict.fromkeys(tapped, 0.0)
+    sizes = tensor_bytes(model, calibration[0], tapped)
+    for group in batches(sizes, batch_bytes(memory)):
+        session = open_session(with_outputs(model, group).SerializeToString(), threads)
+        for feed in calibration[:SAMPLES]:
+            for name, value in zip(group, fetch(session, group, feed), strict=True):
+                value = np.asarray(value)
+                if value.dtype.kind == "f":  # finite values: a mask's -inf is the sentinels'
+                    finite = np.abs(value[np.isfinite(value)])
+                    peak[name] = max(peak[name], float(finite.max()) if finite.size else 0.0)
+    return [
+        node
+        for node in candidates
+        if 0 < max(peak[t] for t in node.input) >= CANCELLATION * peak[node.output[0]]
+    ]
+
+
+def cancellation_region(model: onnx.ModelProto, node: onnx.NodeProto) -> set[str]:
+    """The tensors from ``node``'s inputs up to, not including, the tensors both inputs
+    are computed from, stopping at graph inputs, constants, shapes (Shape, Size) and the
+    outputs of Conv, Gemm and MatMul nodes (left out: their integer kernels need their
+    pairs). Inputs computed from nothing in common: every tensor up to those stops."""
+    graph = model.graph
+    made_by = {out: n for n in graph.node for out in n.output if out}
+    constant = _constants(graph)
+
+    def upward(start: str, stop: set[str]) -> set[str]:
+        """``start`` and the tensors it is computed from, walking no further than
+        ``stop``, graph inputs, constants, shapes and weighted nodes' outputs."""
+        found: set[str] = set()
+        pending = [start]
+        while pending:
+            tensor = pending.pop()
+            producer = made_by.get(tensor)
+            if tensor in found or tensor in stop or tensor in constant or producer is None:
+                continue
+            if producer.op_type in WEIGHTED | SHAPE_ONLY:
+                continue
+            found.add(tensor)
+            pending += _data_inputs(producer, constant)
+        return found
+
+    first, second = node.input
+    shared = upward(first, set()) & upward(second, set())
+    return upward(first, shared) | upward(second, shared)
+
+
+def divisor_chains(model: onnx.ModelProto) -> set[str]:
+    """The tensors a Reciprocal, a Div's divisor or a Pow with a negative constant
+    exponent reads, and up from each through :data:`POINTWISE` ops of one computed
+    operand, to and with the tensor another op made (a reduction, a difference). Not the
+    outputs of Conv, Gemm and MatMul, whose integer kernels need their pairs, and none in
+    a model with subgraphs."""
+    if has_subgraphs(model):
+        return set()
+    graph = model.graph
+    made_by = {out: n for n in graph.node for out in n.output if out}
+    constant = _constants(graph)
+    found: set[str] = set()
+    values = {i.name: i for i in graph.initializer}
+    pending = [d for node in graph.node if (d := _divisor(node, constant, values)) is not None]
+    while pending:
+        tensor = pending.pop()
+        producer = made_by.get(tensor)
+        if tensor in found or tensor in constant or producer is None:
+            continue
+        if producer.op_type in WEIGHTED | SHAPE_ONLY:
+            continue
+        found.add(tensor)
+        data = _data_inputs(producer, constant)
+        if producer.op_type in POINTWISE and len(data) == 1:
+            pending += data
+    return found
+
+
+def _constants(graph: onnx.GraphProto) -> set[str]:
+    """Initializers and Constant nodes' outputs."""
+    return {i.name for i in graph.initializer} | {
+        out for node in graph.node if node.op_type == "Constant" for out in node.output
+    }
+
+
+def _data_inputs(node: onnx.NodeProto, constant: set[str]) -> list[str]:
+    """``node``'s computed operands: not constants, and not the shape, index or bound
+    operands of data movement (Reshape's shape, Slice's starts...)."""
+    data = node.input[:1] if node.op_type in DATA_FIRST else node.input
+    return [name for name in data if name and name not in constant]
+
+
+def _divisor(
+    node: onnx.NodeProto, constant: set[str], values: dict[str, onnx.TensorProto]
+) -> str | None:
+    """What ``node`` divides by, when it divides by a computed tensor (a Pow: when its
+    exponent is an initializer holding a negative value)."""
+    if node.op_type == "Reciprocal":
+        divisor = node.input[0]
+    elif node.op_type == "Div" and len(node.input) == 2:
+        divisor = node.input[1]
+    elif node.op_type == "Pow" and len(node.input) == 2:
+        exponent = values.get(node.input[1])
+        negative = exponent is not None and bool((numpy_helper.to_array(exponent) < 0).any())
+        divisor = node.input[0] if negative else ""
+    else:
+        return None
+    return divisor if divisor and divisor not in constant else None

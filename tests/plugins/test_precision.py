@@ -1,0 +1,165 @@
+"""Static int8 keeps float what a cancelling difference and a reciprocal read."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from slimfleet.host.compress.modelfile import with_outputs
+from slimfleet.plugins import quantize_static
+from slimfleet.plugins.precision import cancellation_region, cancelling_nodes, divisor_chains
+from tests import models
+
+PASS = quantize_static.QuantizeStatic()
+VARIANCE_TERMS = {"h2", "sum2", "mean2", "sum", "mean", "mean_sq"}
+"""What the moments LayerNorm computes between ``h`` and ``E[h^2] - E[h]^2``."""
+
+
+def _quantized(context, model, *, rules: bool, monkeypatch):
+    if not rules:
+        monkeypatch.setattr(quantize_static, "cancelling_nodes", lambda *args: [])
+        monkeypatch.setattr(quantize_static, "divisor_chains", lambda model: set())
+    ctx = context()
+    ctx.calibration = models.row_feeds(16, seed=1)
+    return PASS.apply(model, ctx, PASS.resolve_options({}))
+
+
+def _errors(helpers, model, quantized) -> tuple[float, float]:
+    """The median relative error of the variance and the median largest score error,
+    over held-out samples."""
+    variance, scores = [], []
+    for feed in models.row_feeds(12, seed=2):
+        want = helpers.run(with_outputs(model, ["var_raw"]), feed)
+        got = helpers.run(with_outputs(quantized, ["var_raw"]), feed)
+        scores.append(float(np.abs(want[0] - got[0]).max()))
+        variance.append(float(np.median(np.abs(got[1] - want[1]) / want[1])))
+    return float(np.median(variance)), float(np.median(scores))
+
+
+def test_a_variance_as_a_difference_of_moments_is_computed_in_float(context, helpers, monkeypatch):
+    """Rows whose mean is 16x their spread: ``E[h^2]`` and ``E[h]^2`` rounded at their own
+    8-bit steps leave the variance wrong by half itself, and the scores with it."""
+    model = models.moments_layer_norm()
+    result = _quantized(context, model, rules=True, monkeypatch=monkeypatch)
+    assert "1 differences 16x or more smaller than their terms" in result.notes
+    quantized_inputs = {
+        n.input[0] for n in result.model.graph.node if n.op_type == "QuantizeLinear"
+    }
+    assert not VARIANCE_TERMS & quantized_inputs
+    assert {"x", "h", "normed"} <= quantized_inputs  # the rest stays int8
+    variance, scores = _errors(helpers, model, result.model)
+
+    before = _quantized(context, model, rules=False, monkeypatch=monkeypatch)
+    lost_variance, lost_scores = _errors(helpers, model, before.model)
+    assert variance < 0.05 < 0.2 < lost_variance
+    assert scores < lost_scores / 2
+
+
+def test_the_region_stops_where_both_terms_meet():
+    model = models.moments_layer_norm()
+    (variance,) = cancelling_nodes(model, models.row_feeds(4, seed=1))
+    assert variance.name == "ln_variance"
+    assert cancellation_region(model, variance) == VARIANCE_TERMS  # not h, nor above it
+
+
+def test_a_residual_add_and_a_bias_are_not_cancellations():
+    model = models.moments_layer_norm()
+    names = {n.name for n in cancelling_nodes(model, models.row_feeds(4, seed=1))}
+    assert "bias_out" not in names  # a constant term
+    assert "ln_centre" not in names  # h - mean: about as large as h on rows near 0
+
+
+def _graph(nodes, inputs=("a", "b"), initializers=()) -> onnx.ModelProto:
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, [4]) for name in inputs],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])],
+        list(initializers),
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def test_a_divisor_chain_goes_up_through_one_operand_ops_to_what_a_reduction_made():
+    model = models.moments_layer_norm()
+    # up from the Reciprocal: Sqrt, the eps Add and the Max clip, to the Sub that made it
+    assert divisor_chains(model) == {"std", "var_eps", "var", "var_raw"}
+
+
+def test_divisors_of_div_and_negative_pow_but_not_constants_or_squares():
+    half = onnx.numpy_helper.from_array(np.array(-0.5, np.float32), "minus_half")
+    two = onnx.numpy_helper.from_array(np.array(2.0, np.float32), "two")
+    three = onnx.numpy_helper.from_array(np.array(3.0, np.float32), "three")
+    model = _graph(
+        [
+            helper.make_node("Mul", ["a", "b"], ["ab"]),
+            helper.make_node("Abs", ["ab"], ["d"]),
+            helper.make_node("Div", ["a", "d"], ["q"]),  # divides by |a*b|
+            helper.make_node("Pow", ["b", "minus_half"], ["p"]),  # 1 / sqrt(b)
+            helper.make_node("Pow", ["a", "two"], ["s"]),  # a square: no divisor
+            helper.make_node("Div", ["s", "three"], ["t"]),  # a constant divisor
+            helper.make_node("Sum", ["q", "p", "t"], ["y"]),
+        ],
+        initializers=(half, two, three),
+    )
+    assert divisor_chains(model) == {"d", "ab"}  # b and a are graph inputs
+
+
+def test_walks_do_not_follow_shapes_or_enter_weighted_nodes():
+    shape = helper.make_node("Shape", ["a"], ["shape"])
+    model = _graph(
+        [
+            helper.make_node("MatMul", ["a", "w"], ["m"]),
+            helper.make_node("Expand", ["m", "shape"], ["e"]),
+            shape,
+            helper.make_node("Reciprocal", ["e"], ["y"]),
+        ],
+        inputs=("a",),
+        initializers=(onnx.numpy_helper.from_array(np.eye(4, dtype=np.float32), "w"),),
+    )
+    assert divisor_chains(model) == {"e"}  # not m, made by a MatMul; not a, via Shape
+
+
+def test_nothing_is_named_in_a_model_with_subgraphs():
+    model = models.moments_layer_norm()
+    branch = helper.make_graph(
+        [helper.make_node("Identity", ["h"], ["out"])],
+        "branch",
+        [],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)],
+    )
+    model.graph.node.append(
+        helper.make_node("If", ["flag"], ["unused"], then_branch=branch, else_branch=branch)
+    )
+    model.graph.input.append(helper.make_tensor_value_info("flag", TensorProto.BOOL, []))
+    feeds = [{**f, "flag": np.array(True)} for f in models.row_feeds(4, seed=1)]
+    assert divisor_chains(model) == set()
+    assert cancelling_nodes(model, feeds) == []
+
+
+def test_magnitudes_read_in_groups_under_a_memory_limit_find_the_same_nodes(monkeypatch):
+    """A limit smaller than any tensor: one tensor per run, the same answer."""
+    from slimfleet.plugins import precision
+
+    model, feeds = models.moments_layer_norm(), models.row_feeds(4, seed=1)
+    runs = []
+    real = precision.open_session
+    monkeypatch.setattr(precision, "open_session", lambda *a: runs.append(1) or real(*a))
+    whole = [n.name for n in cancelling_nodes(model, feeds)]
+    one_run = len(runs)
+    assert [n.name for n in cancelling_nodes(model, feeds, memory=1)] == whole == ["ln_variance"]
+    assert one_run == 1 and len(runs) - one_run > 5
+
+
+def test_a_mask_of_infinities_is_not_a_cancellation():
+    """scores + mask, the mask holding -inf: the output's finite values are the scores'."""
+    model = _graph(
+        [
+            helper.make_node("Mul", ["a", "b"], ["scores"]),
+            helper.make_node("Log", ["b"], ["mask"]),  # log 0 = -inf where b is 0
+            helper.make_node("Add", ["scores", "mask"], ["y"]),
+        ]
+    )
+    feeds = [{"a": np.full(4, 3.0, np.float32), "b": np.array([1, 0, 1, 0], np.float32)}]
+    assert cancelling_nodes(model, feeds) == []
