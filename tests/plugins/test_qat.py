@@ -434,3 +434,25 @@ def test_the_interpreter_computes_single_operators_as_onnxruntime_does(
     got = torchops.OPS[op](node, *(torch.from_numpy(np.array(a)) for a in arrays)).numpy()
     assert got.shape == expected.shape
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_step_with_non_finite_gradients_is_skipped_not_taken(context, monkeypatch):
+    """One sample that overflows (an infinity through a division) must not turn every
+    trained weight into NaN: its step is skipped and counted."""
+    import torch
+
+    model, ctx, ptq = outlier_ptq(context, 16)
+    real = recovery.distill_loss
+    calls = iter(range(10**6))
+
+    def sometimes_nan(*args, **kwargs):
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if torch.is_grad_enabled() and next(calls) % 8 == 0 else loss
+
+    monkeypatch.setattr(recovery, "distill_loss", sometimes_nan)
+    result = recovery.train(ptq, model, ctx.calibration, seconds=60, max_steps=12)
+    assert result.steps == 12 and 0 < result.skipped < 12
+    assert "skipped: gradients not finite" in result.summary()
+    assert all(np.isfinite(loss) for _, _, loss in result.curve)
+    for tensor in result.model.graph.initializer:
+        assert np.isfinite(numpy_helper.to_array(tensor).astype(np.float64)).all(), tensor.name

@@ -110,3 +110,32 @@ def test_a_score_past_1_from_a_learned_scale_gives_no_nan():
     loss = recovery.output_loss(student, teacher, DETECTIONS)
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(student.grad).all()
+
+
+def softmax_rows(rows: int = 6, classes: int = 214, sure: float = 8.0) -> torch.Tensor:
+    """Probabilities as a classifier that ends in a softmax outputs them: each row sure
+    of one class (magika: 214 file types)."""
+    logits = RNG.normal(0, 1, (rows, classes))
+    logits[np.arange(rows), RNG.integers(0, classes, rows)] += sure
+    return torch.softmax(torch.from_numpy(logits.astype(np.float32)), -1)
+
+
+def test_probabilities_are_judged_as_their_logits():
+    """Read as logits, a softmax's probabilities all lie within 1 of each other: the
+    cross-entropy was about log(214) = 5.4 for a student equal to its teacher."""
+    teacher = softmax_rows()
+    spec = MetricSpec("top1")
+    assert float(recovery.output_loss(teacher, teacher, spec)) < 0.5  # -log p of the sure class
+    swapped = teacher.clone()
+    best = teacher.argmax(-1)
+    swapped[torch.arange(len(best)), best] = 0.001  # the sure class lost
+    assert float(recovery.output_loss(swapped, teacher, spec)) > 3
+
+
+def test_a_probability_rounded_to_zero_still_has_a_gradient():
+    teacher = softmax_rows()
+    student = teacher.clone()
+    student[:, :100] = 0  # int8 puts every unlikely class at exactly 0
+    student.requires_grad_(True)
+    recovery.output_loss(student, teacher, MetricSpec("top1")).backward()
+    assert torch.isfinite(student.grad).all() and student.grad.abs().sum() > 0
