@@ -32,6 +32,7 @@ from slimfleet.agent.deployment import Gate
 from slimfleet.agent.runtime import open_session
 from slimfleet.host.chaincal import curve, measure, pick
 from slimfleet.host.compress.fidelity import ctc_decode
+from slimfleet.host.compress.modelfile import io_signature, load_model
 from slimfleet.plugins.recipes import BUILTIN_RECIPES
 
 sys.path[:0] = [str(Path(__file__).resolve().parent)]
@@ -104,6 +105,7 @@ def main() -> None:
     fp32_path = common_onnx()
     int8_path = args.int8 or int8_model(fp32_path, args.workdir, args.int8_samples)
     fp32 = SessionTier("fp32", open_session(fp32_path, 1))
+    signature = io_signature(load_model(fp32_path))
     int8 = SessionTier("int8", open_session(int8_path, 1))
 
     note(f"generating {args.calibrate} + {args.evaluate} captchas ...")
@@ -114,7 +116,7 @@ def main() -> None:
     for function in FUNCTIONS:
         note(f"calibrating {function} on {len(calibration)} captchas ...")
         confidence = resolve_confidence(function)
-        measured, _ = measure([int8, fp32], calibration, confidence, "text")
+        measured, _ = measure([int8, fp32], calibration, confidence, "text", signature)
         points = curve(measured)
         for budget in BUDGETS:
             chosen = pick(points, budget)

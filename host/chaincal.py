@@ -41,7 +41,7 @@ from slimfleet.agent.errors import InputError, SlimfleetError
 from slimfleet.agent.runtime import open_session
 from slimfleet.host.compress.data import load_samples
 from slimfleet.host.compress.fidelity import compare
-from slimfleet.host.compress.metricdetection import detect, metric_specs
+from slimfleet.host.compress.metricdetection import signature_specs
 from slimfleet.host.compress.metricspec import MetricSpec, parse_metric
 from slimfleet.host.compress.modelfile import io_signature, load_model
 from slimfleet.host.fleet.deployfile import set_gate
@@ -139,11 +139,15 @@ def parse_budget(text: str) -> float:
     return value
 
 
-def agreement_spec(agree: str, reference: list[dict[str, np.ndarray]]) -> tuple[str, MetricSpec]:
-    """The first output's name and how to judge it: ``auto`` detects it, ``text`` is
+def agreement_spec(
+    agree: str, reference: list[dict[str, np.ndarray]], signature: dict[str, Any]
+) -> tuple[str, MetricSpec]:
+    """The first output's name and how to judge it: ``auto`` detects it from the
+    strongest tier's outputs and ``signature`` as the search does (a tagger reading
+    tokens is judged step by step, a segmenter's map by its label maps), ``text`` is
     greedy-CTC text equality, anything else is ``KIND[:OPTION=VALUE]`` as ``--metric``."""
     name = next(iter(reference[0]))
-    detected = detect([r[name] for r in reference])
+    detected = signature_specs(reference, signature)[name]
     if agree == "auto":
         return name, detected
     if agree == "text":
@@ -161,8 +165,11 @@ def measure(
     feeds: Sequence[dict[str, np.ndarray]],
     confidence: Confidence,
     agree: str,
+    signature: dict[str, Any],
 ) -> tuple[Measured, str]:
-    """Run every tier on every sample (interleaved, so machine load hits all alike)."""
+    """Run every tier on every sample (interleaved, so machine load hits all alike);
+    agreement with the last tier is judged as :func:`agreement_spec` says, from its
+    ``signature``."""
     outputs: list[list[dict[str, np.ndarray]]] = [[] for _ in sessions]
     seconds = np.zeros((len(sessions), len(feeds)))
     for tier in sessions:
@@ -173,8 +180,8 @@ def measure(
             outputs[i].append(tier.run(feed))
             seconds[i, s] = time.perf_counter() - started
     reference = outputs[-1]
-    name, spec = agreement_spec(agree, reference)
-    specs = metric_specs(reference, {name: spec})
+    name, spec = agreement_spec(agree, reference, signature)
+    specs = signature_specs(reference, signature, {name: spec})
     agreement = np.ones((len(sessions), len(feeds)))
     confidences = np.full((len(sessions), len(feeds)), np.nan)
     for i in range(len(sessions) - 1):  # the last tier is never gated
@@ -286,7 +293,7 @@ def calibrate(
     if function is None or confidence is None:
         function = _function_for(tiers[0], feeds[0])
         confidence = resolve_confidence(function)
-    measured, judged = measure(tiers, feeds, confidence, agree)
+    measured, judged = measure(tiers, feeds, confidence, agree, signatures[-1])
     points = curve(measured)
     chosen = pick(points, share)
     if chosen is None:  # NaN confidences escalate at every threshold

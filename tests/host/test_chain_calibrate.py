@@ -218,3 +218,34 @@ def test_bad_input_is_one_line_and_exit_2(tiers, tmp_path, monkeypatch, capsys, 
     assert code == 2, (out, err)
     assert err.count("\n") == 1 and err.startswith("error: ") and message in err, err
     assert deployment.read_text() == before
+
+
+def test_agreement_is_judged_as_the_search_judges_it(tmp_path, monkeypatch, capsys):  # type: ignore[no-untyped-def]
+    """A tagger reading token ids: its [1, T, tags] scores look like CTC sequence scores,
+    and the search judges them step by step (CTC would hide a tag moved between equal
+    neighbours); chain calibrate said ctc until it read the signature too."""
+    rng = np.random.default_rng(4)
+    strong = models.token_tagger(tags=6, seed=1)
+    weak = models.token_tagger(tags=6, seed=1)
+    head = next(t for t in weak.graph.initializer if t.name == "head")
+    noisy = numpy_helper.to_array(head) + rng.normal(0, 0.5, (16, 6)).astype(np.float32)
+    head.CopyFrom(numpy_helper.from_array(noisy, "head"))
+    data = tmp_path / "ids.npz"
+    np.savez(data, ids=rng.integers(0, 50, (60, 1, 12)))
+    code, out, err = slimfleet(
+        monkeypatch,
+        capsys,
+        "chain",
+        "calibrate",
+        models.save(weak, tmp_path / "weak.onnx"),
+        models.save(strong, tmp_path / "strong.onnx"),
+        "--data",
+        data,
+        "--function",
+        "max_prob",
+        "--budget",
+        "50%",
+        "--json",
+    )
+    assert code == 0, err
+    assert json.loads(out)["agreement_metric"].startswith("steps")
