@@ -67,6 +67,10 @@ class PassContext:
     """Bytes of RSS the pass's process may use (``--max-memory`` less what the search
     holds); over it the process is killed. Plan batches from it; None means no limit."""
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("slimfleet.pass"))
+    metrics: dict[str, str] = field(default_factory=dict)
+    """The task metrics the user gave for outputs (``--metric``), ``OUTPUT -> KIND[:OPT=V,...]``:
+    what a pass whose loss follows the task (``qat``, ``prune_refit``'s distillation)
+    aims at instead of the metric it would detect."""
 
 
 @dataclass

@@ -148,6 +148,7 @@ def _distill(
             lr=options["lr"],
             features=options["features"],
             threads=context.threads,
+            metrics=context.metrics,
             train_float=True,
         )
     except Exception as exc:  # an operator form the interpreter refuses, or its bug

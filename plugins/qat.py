@@ -103,6 +103,7 @@ class QuantizationAwareTraining(Pass):
                 max_steps=options["max_steps"],
                 features=options["features"],
                 threads=context.threads,
+                metrics=context.metrics,
             )
         except Exception as exc:  # an operator form the interpreter refuses, or its bug
             reason = error_line(exc)

@@ -154,6 +154,7 @@ class RecipeBuilding:
     """Building a candidate's model from the original, step by step (a mixin of
     :class:`~slimfleet.host.compress.search.Search`; it uses the search's ``model``,
     ``original_file``, ``plugins``, ``plan``, ``samples``, ``settings``, ``workdir``,
+    ``given_metrics``,
     ``_prefixes``, ``_shared``, ``_steps_run`` and ``_options``). A failing step raises
     :class:`StepFailed`; every step is recorded as a :class:`StepRecord`."""
 
@@ -177,6 +178,7 @@ class RecipeBuilding:
             workdir=self.workdir / f"cand-{candidate_id}" / "work",
             calibration=self.samples.calibration,
             threads=self.settings.threads,
+            metrics={name: spec.label() for name, spec in self.given_metrics.items()},
         )
         context.workdir.mkdir(parents=True, exist_ok=True)
         kept = {m.path for m, _ in self._prefixes.values()} | {self.model_path}

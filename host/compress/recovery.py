@@ -22,6 +22,7 @@ outputs.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -34,10 +35,11 @@ import onnx
 import torch
 import torch.nn.functional as F
 
+from slimfleet.agent.errors import InputError
 from slimfleet.agent.runtime import open_session
 from slimfleet.host.compress.detections import BOX_VALUES
 from slimfleet.host.compress.metricdetection import looks_like_probabilities, signature_specs
-from slimfleet.host.compress.metricspec import MetricSpec
+from slimfleet.host.compress.metricspec import MetricSpec, parse_metric
 from slimfleet.host.compress.modelfile import io_signature, with_outputs
 from slimfleet.host.compress.qdqtorch import QdqGraph
 from slimfleet.host.passes import Feed
@@ -155,15 +157,28 @@ def _same_shapes(
 
 
 def loss_specs(
-    teacher: onnx.ModelProto, outputs: Sequence[Sequence[np.ndarray]]
+    teacher: onnx.ModelProto,
+    outputs: Sequence[Sequence[np.ndarray]],
+    metrics: Mapping[str, str] | None = None,
 ) -> list[MetricSpec]:
-    """Each float output's task metric, detected from the teacher's ``outputs`` on the
-    calibration samples and its signature as the search detects it (a pass does not see
-    ``--metric``): what the distillation loss of that output aims at (see
-    :func:`output_loss`)."""
+    """Each float output's task metric: what the distillation loss of that output aims
+    at (see :func:`output_loss`). ``metrics`` are the ones the user gave
+    (:attr:`~slimfleet.host.passes.PassContext.metrics`); the others are detected from
+    the teacher's ``outputs`` on the calibration samples and its signature, as the search
+    detects them. A given metric this module cannot parse (a plugin's kind) or that the
+    calibration samples refuse (a detector that finds nothing on them) is left to
+    detection."""
     names = [o.name for o in teacher.graph.output]
     reference = [dict(zip(names, sample, strict=True)) for sample in outputs]
-    specs = signature_specs(reference, io_signature(teacher))
+    given = {}
+    for name, text in (metrics or {}).items():
+        with contextlib.suppress(InputError):
+            given.update([parse_metric(f"{name}={text}")])
+    signature = io_signature(teacher)
+    try:
+        specs = signature_specs(reference, signature, given)
+    except InputError:
+        specs = signature_specs(reference, signature)
     return [specs[n] for n, value in zip(names, outputs[0], strict=True) if value.dtype.kind == "f"]
 
 
@@ -271,6 +286,7 @@ def train(
     threads: int = 1,
     seed: int = 0,
     train_float: bool = False,
+    metrics: Mapping[str, str] | None = None,
 ) -> TrainResult:
     """Fine-tune ``qdq`` against ``teacher`` on ``samples`` (see the module docstring).
 
@@ -280,8 +296,9 @@ def train(
     of every weighted node's output against the teacher's (computed per step by
     onnxruntime, never stored; a pruned producer's output, narrower than the teacher's,
     is left out). ``train_float`` trains the float weights of a model without QDQ (a
-    pruned one) instead: distillation. Raises ValueError when the graph holds an operator
-    the interpreter cannot run.
+    pruned one) instead: distillation. ``metrics``: the task metrics the user gave, which
+    the loss aims at (:func:`loss_specs`). Raises ValueError when the graph holds an
+    operator the interpreter cannot run.
     """
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -289,7 +306,7 @@ def train(
         qdq, float_weights(teacher), learn_scales=learn_scales, train_float=train_float
     )
     taught = teacher_outputs(teacher, samples, threads)
-    specs = loss_specs(teacher, taught)
+    specs = loss_specs(teacher, taught, metrics)
     targets = [
         [torch.from_numpy(np.asarray(o, dtype=np.float32)) for o in outs if o.dtype.kind == "f"]
         for outs in taught

@@ -139,3 +139,27 @@ def test_a_probability_rounded_to_zero_still_has_a_gradient():
     student.requires_grad_(True)
     recovery.output_loss(student, teacher, MetricSpec("top1")).backward()
     assert torch.isfinite(student.grad).all() and student.grad.abs().sum() > 0
+
+
+def _tagger_outputs(count: int = 4):
+    import onnxruntime as ort
+
+    teacher = models.token_tagger()
+    session = ort.InferenceSession(teacher.SerializeToString())
+    feeds = [{"ids": RNG.integers(0, 50, (1, 12))} for _ in range(count)]
+    return teacher, [session.run(None, feed) for feed in feeds]
+
+
+@pytest.mark.parametrize(
+    ("given", "kind"),
+    [
+        ({}, "steps"),  # detected: token ids in, one tag per step out
+        ({"tags": "top1"}, "top1"),  # the user's choice
+        ({"tags": "no_such_kind"}, "steps"),  # a plugin's kind: the detected one
+        ({"tags": "iou:threshold=1000"}, "steps"),  # refused here (nothing above): detected
+    ],
+)
+def test_the_loss_aims_at_the_metric_the_user_gave(given, kind):
+    teacher, outputs = _tagger_outputs()
+    (spec,) = recovery.loss_specs(teacher, outputs, given)
+    assert spec.kind == kind

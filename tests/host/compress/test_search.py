@@ -468,3 +468,40 @@ def test_a_pass_whose_check_raises_fails_its_candidate_not_the_search(
     )
     assert rows["bad_opset"]["reason"] == "buggy_check: min_opset raised KeyError: 'opset'"
     assert rows["fine"]["status"] in (ACCEPTED, REJECTED)
+
+
+class MetricsEcho(Pass):
+    name = "metrics_echo"
+    description = "notes the task metrics the search hands its passes"
+
+    def apply(self, model, context, options):
+        return PassResult(_copy(model), True, f"metrics {sorted(context.metrics.items())}")
+
+
+class MetricsEchoPlugin:
+    @hookimpl
+    def slimfleet_add_passes(self, passes):
+        passes.add(MetricsEcho())
+
+    @hookimpl
+    def slimfleet_add_recipes(self, recipes, passes):
+        recipes.add(Recipe("echo", (Step("metrics_echo"),), "notes the metrics"))
+
+
+def test_passes_see_the_task_metrics_the_user_gave(
+    tmp_path, save_model, make_plugins, quick, no_builtin_recipes
+):
+    """A pass whose loss follows the task (qat, prune_refit) aims at ``--metric``'s
+    choice, not at what it would detect."""
+    from slimfleet.host.compress.metricspec import parse_metric
+
+    result = search.compress(
+        save_model(models.mlp()),
+        tmp_path / "out",
+        data=_mlp_data(tmp_path),
+        plugins=make_plugins(MetricsEchoPlugin()),
+        settings=quick,
+        metrics=dict([parse_metric("y=cosine")]),
+    )
+    (echo,) = [c for c in result.candidates if c["label"] == "echo"]
+    assert echo["steps"][0]["notes"] == "metrics [('y', 'cosine')]"
