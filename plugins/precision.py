@@ -1,5 +1,5 @@
 """Arithmetic whose operands need more than 8 bits: differences far smaller than their
-terms, and what a reciprocal divides by.
+terms, and what a reciprocal, a division or a log reads.
 
 A LayerNorm written out in elementary ops (TensorFlow and JAX exports; the corpus's
 magika) takes the variance as ``E[x^2] - E[x]^2``. Static int8 rounds each term at a step
@@ -19,11 +19,15 @@ pairs.
 
 The same LayerNorm then divides by ``sqrt(variance + 1e-6)``. Quantized, a small variance
 rounds to 0 and its reciprocal is infinite (onnxruntime saturates it; training through it
-gives NaN gradients). :func:`divisor_chains` names what a Reciprocal, a Div's divisor or
-a negative Pow reads, up through one-operand ops (Sqrt, adding a constant, Reshape,
-Expand...) to the tensor an op of several computed operands or a reduction made. That
-static rule costs a few light ops; a division by a quantized value near zero costs
-everything downstream.
+gives NaN gradients). A log-mel front end's ``log(mel + 1e-6)`` meets the same zero: every
+frame quieter than half a step of the loud ones' scale reads ``log(0)``, and so does
+every power spectrum value before it, wherever the chain is rounded: 8 bits cannot carry
+six decades. These ops are singular at 0. :func:`singular_chains` names what a
+Reciprocal, a Div's divisor, a negative Pow or a Log reads, and up from it through ops of
+one computed operand (pointwise ops, data movement, and one Conv, Gemm or MatMul of
+constant weights) to and with the tensor an op of several computed operands, a reduction
+or a second weighted node made, or a graph input. On magika that is a few light ops; on a log-mel front end, the front
+end runs in float (its filterbank MatMul too) and the network after the Log in int8.
 """
 
 from __future__ import annotations
@@ -57,8 +61,11 @@ POINTWISE = frozenset(
     | {"Clip", "Relu", "Pow", "Reshape", "Expand", "Squeeze", "Unsqueeze", "Transpose"}
     | {"Flatten", "Tile", "Slice", "Gather"}
 )
-"""Ops a divisor chain goes up through when they have one computed float operand (the
-others constants or shapes): each output value is one input value, transformed."""
+"""Ops a singular chain goes up through when they have one computed float operand (the
+others constants or shapes): each output value is one input value, transformed. It goes
+through one Conv, Gemm or MatMul of constant weights too: its input's rounding reaches
+the singular op as surely (a filterbank), and one is where it stops (a CNN ending in a
+log keeps its other layers in int8)."""
 DATA_FIRST = frozenset({"Reshape", "Expand", "Tile", "Slice", "Gather", "Squeeze", "Unsqueeze"})
 """Data movement whose operands after the first say where, not what."""
 
@@ -136,12 +143,12 @@ def cancellation_region(model: onnx.ModelProto, node: onnx.NodeProto) -> set[str
     return upward(first, shared) | upward(second, shared)
 
 
-def divisor_chains(model: onnx.ModelProto) -> set[str]:
-    """The tensors a Reciprocal, a Div's divisor or a Pow with a negative constant
-    exponent reads, and up from each through :data:`POINTWISE` ops of one computed
-    operand, to and with the tensor another op made (a reduction, a difference). Not the
-    outputs of Conv, Gemm and MatMul, whose integer kernels need their pairs, and none in
-    a model with subgraphs."""
+def singular_chains(model: onnx.ModelProto) -> set[str]:
+    """The tensors a Reciprocal, a Div's divisor, a Pow with a negative constant exponent
+    or a Log reads (they are infinite at 0), and up from each through :data:`POINTWISE`
+    ops and at most one Conv, Gemm or MatMul of one computed operand, to and with the
+    tensor another op made (a reduction, a difference, a second weighted node) or a
+    graph input. None in a model with subgraphs."""
     if has_subgraphs(model):
         return set()
     graph = model.graph
@@ -149,18 +156,25 @@ def divisor_chains(model: onnx.ModelProto) -> set[str]:
     constant = _constants(graph)
     found: set[str] = set()
     values = {i.name: i for i in graph.initializer}
-    pending = [d for node in graph.node if (d := _divisor(node, constant, values)) is not None]
+    # (tensor, whether the walk to it went through a weighted node already)
+    pending = [
+        (t, False) for node in graph.node if (t := _singular_operand(node, constant, values))
+    ]
     while pending:
-        tensor = pending.pop()
+        tensor, crossed = pending.pop()
         producer = made_by.get(tensor)
-        if tensor in found or tensor in constant or producer is None:
+        if tensor in found or tensor in constant:
             continue
-        if producer.op_type in WEIGHTED | SHAPE_ONLY:
+        if producer is None:  # a graph input: its pair goes too
+            found.add(tensor)
+            continue
+        if producer.op_type in SHAPE_ONLY:
             continue
         found.add(tensor)
         data = _data_inputs(producer, constant)
-        if producer.op_type in POINTWISE and len(data) == 1:
-            pending += data
+        weighted = producer.op_type in WEIGHTED
+        if len(data) == 1 and (producer.op_type in POINTWISE or (weighted and not crossed)):
+            pending.append((data[0], crossed or weighted))
     return found
 
 
@@ -178,19 +192,19 @@ def _data_inputs(node: onnx.NodeProto, constant: set[str]) -> list[str]:
     return [name for name in data if name and name not in constant]
 
 
-def _divisor(
+def _singular_operand(
     node: onnx.NodeProto, constant: set[str], values: dict[str, onnx.TensorProto]
 ) -> str | None:
-    """What ``node`` divides by, when it divides by a computed tensor (a Pow: when its
-    exponent is an initializer holding a negative value)."""
-    if node.op_type == "Reciprocal":
-        divisor = node.input[0]
+    """The computed operand at whose 0 ``node`` is infinite: a Reciprocal's or a Log's
+    input, a Div's divisor, a Pow's base when its exponent is an initializer holding a
+    negative value."""
+    operand = ""
+    if node.op_type in ("Reciprocal", "Log"):
+        operand = node.input[0]
     elif node.op_type == "Div" and len(node.input) == 2:
-        divisor = node.input[1]
+        operand = node.input[1]
     elif node.op_type == "Pow" and len(node.input) == 2:
         exponent = values.get(node.input[1])
-        negative = exponent is not None and bool((numpy_helper.to_array(exponent) < 0).any())
-        divisor = node.input[0] if negative else ""
-    else:
-        return None
-    return divisor if divisor and divisor not in constant else None
+        if exponent is not None and bool((numpy_helper.to_array(exponent) < 0).any()):
+            operand = node.input[0]
+    return operand if operand and operand not in constant else None

@@ -41,7 +41,7 @@ from slimfleet.plugins.precision import (
     CANCELLATION,
     cancellation_region,
     cancelling_nodes,
-    divisor_chains,
+    singular_chains,
 )
 from slimfleet.plugins.sentinels import WHAT, SentinelWatch, constant_readers, keep_float, shown
 
@@ -265,10 +265,10 @@ class QuantizeStatic(Pass):
                 f"{CANCELLATION:g}x or more smaller than their terms (a variance as "
                 "E[x^2] - E[x]^2): " + shown(terms)
             )
-        if divisors := keep_float(quantized, divisor_chains(model), shared=False):
+        if singular := keep_float(quantized, singular_chains(model), shared=False):
             notes.append(
-                f"kept {len(divisors)} tensors in float: a reciprocal or division reads them "
-                "(rounded to 0, a divisor makes infinities): " + shown(divisors)
+                f"kept {len(singular)} tensors in float: a reciprocal, division or log reads "
+                "them (rounded to 0, they make infinities): " + shown(singular)
             )
         method = options["calibration"]
         if method == "percentile":

@@ -419,3 +419,39 @@ def row_feeds(count: int, seed: int) -> list[dict[str, np.ndarray]]:
     rng = np.random.default_rng(seed)
     means = rng.uniform(-8, 8, (count, 1, 16, 1))
     return [{"x": (mean + rng.normal(0, 0.5, (1, 16, 32))).astype(np.float32)} for mean in means]
+
+
+def log_mel_head(seed: int = SEED) -> onnx.ModelProto:
+    """``power [N, 40, 64]`` (a power spectrum's frames) -> MatMul by a mel filterbank ->
+    + 1e-6 -> Log -> MatMul -> 8 class scores per frame: a keyword spotter's front end.
+    Quiet frames' mel energies lie far below the loud ones', near 0."""
+    rng = np.random.default_rng(seed)
+    node = helper.make_node
+    graph = helper.make_graph(
+        [
+            node("MatMul", ["power", "filterbank"], ["mel"], "mel"),
+            node("Add", ["mel", "floor"], ["mel_floor"], "mel_floor"),
+            node("Log", ["mel_floor"], ["log_mel"], "log"),
+            node("MatMul", ["log_mel", "w_out"], ["scores"], "head"),
+        ],
+        "log_mel_head",
+        [helper.make_tensor_value_info("power", TensorProto.FLOAT, ["n", 40, 64])],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["n", 40, 8])],
+        [
+            _init("filterbank", np.abs(rng.normal(0, 1, (64, 16))) / 16),
+            _init("floor", np.array(1e-6)),
+            _init("w_out", rng.normal(0, 0.3, (16, 8))),
+        ],
+    )
+    return _model(graph, 13)
+
+
+def power_feeds(count: int, seed: int) -> list[dict[str, np.ndarray]]:
+    """``power [1, 40, 64]`` for :func:`log_mel_head`: frames whose loudness spans six
+    decades, as speech and silence do."""
+    rng = np.random.default_rng(seed)
+    loudness = 10.0 ** rng.uniform(-5, 1, (count, 1, 40, 1))
+    return [
+        {"power": (level * rng.exponential(1, (1, 40, 64))).astype(np.float32)}
+        for level in loudness
+    ]

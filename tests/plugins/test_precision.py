@@ -8,7 +8,7 @@ from onnx import TensorProto, helper
 
 from slimfleet.host.compress.modelfile import with_outputs
 from slimfleet.plugins import quantize_static
-from slimfleet.plugins.precision import cancellation_region, cancelling_nodes, divisor_chains
+from slimfleet.plugins.precision import cancellation_region, cancelling_nodes, singular_chains
 from tests import models
 
 PASS = quantize_static.QuantizeStatic()
@@ -19,7 +19,7 @@ VARIANCE_TERMS = {"h2", "sum2", "mean2", "sum", "mean", "mean_sq"}
 def _quantized(context, model, *, rules: bool, monkeypatch):
     if not rules:
         monkeypatch.setattr(quantize_static, "cancelling_nodes", lambda *args: [])
-        monkeypatch.setattr(quantize_static, "divisor_chains", lambda model: set())
+        monkeypatch.setattr(quantize_static, "singular_chains", lambda model: set())
     ctx = context()
     ctx.calibration = models.row_feeds(16, seed=1)
     return PASS.apply(model, ctx, PASS.resolve_options({}))
@@ -84,7 +84,7 @@ def _graph(nodes, inputs=("a", "b"), initializers=()) -> onnx.ModelProto:
 def test_a_divisor_chain_goes_up_through_one_operand_ops_to_what_a_reduction_made():
     model = models.moments_layer_norm()
     # up from the Reciprocal: Sqrt, the eps Add and the Max clip, to the Sub that made it
-    assert divisor_chains(model) == {"std", "var_eps", "var", "var_raw"}
+    assert singular_chains(model) == {"std", "var_eps", "var", "var_raw"}
 
 
 def test_divisors_of_div_and_negative_pow_but_not_constants_or_squares():
@@ -103,22 +103,51 @@ def test_divisors_of_div_and_negative_pow_but_not_constants_or_squares():
         ],
         initializers=(half, two, three),
     )
-    assert divisor_chains(model) == {"d", "ab"}  # b and a are graph inputs
+    assert singular_chains(model) == {"d", "ab", "b"}  # b, a graph input: its pair too
 
 
-def test_walks_do_not_follow_shapes_or_enter_weighted_nodes():
-    shape = helper.make_node("Shape", ["a"], ["shape"])
+def test_a_chain_goes_through_one_weighted_node_and_never_follows_shapes():
+    eye = np.eye(4, dtype=np.float32)
     model = _graph(
         [
-            helper.make_node("MatMul", ["a", "w"], ["m"]),
-            helper.make_node("Expand", ["m", "shape"], ["e"]),
-            shape,
+            helper.make_node("MatMul", ["a", "w1"], ["m1"]),
+            helper.make_node("MatMul", ["m1", "w2"], ["m2"]),
+            helper.make_node("Shape", ["a"], ["shape"]),
+            helper.make_node("Expand", ["m2", "shape"], ["e"]),
             helper.make_node("Reciprocal", ["e"], ["y"]),
         ],
         inputs=("a",),
-        initializers=(onnx.numpy_helper.from_array(np.eye(4, dtype=np.float32), "w"),),
+        initializers=(
+            onnx.numpy_helper.from_array(eye, "w1"),
+            onnx.numpy_helper.from_array(eye, "w2"),
+        ),
     )
-    assert divisor_chains(model) == {"e"}  # not m, made by a MatMul; not a, via Shape
+    # through the MatMul that made m2, to m1, which a second MatMul made: a stays int8
+    assert singular_chains(model) == {"e", "m2", "m1"}
+
+
+def test_a_log_mel_front_end_runs_in_float(context, helpers, monkeypatch):
+    """Power spectra spanning six decades: rounded anywhere before the Log at the loud
+    frames' 8-bit step, a quiet frame reads log(0 + 1e-6)."""
+    model = models.log_mel_head()
+    assert singular_chains(model) == {"mel_floor", "mel", "power"}
+
+    def worst_error(rules: bool) -> float:
+        if not rules:
+            monkeypatch.setattr(quantize_static, "singular_chains", lambda model: set())
+        ctx = context()
+        ctx.calibration = models.power_feeds(16, seed=1)
+        quantized = PASS.apply(model, ctx, PASS.resolve_options({})).model
+        return float(
+            np.median(
+                [
+                    np.abs(helpers.run(model, f)[0] - helpers.run(quantized, f)[0]).max()
+                    for f in models.power_feeds(12, seed=2)
+                ]
+            )
+        )
+
+    assert worst_error(rules=True) < 0.5 < 5 < worst_error(rules=False)
 
 
 def test_nothing_is_named_in_a_model_with_subgraphs():
@@ -134,7 +163,7 @@ def test_nothing_is_named_in_a_model_with_subgraphs():
     )
     model.graph.input.append(helper.make_tensor_value_info("flag", TensorProto.BOOL, []))
     feeds = [{**f, "flag": np.array(True)} for f in models.row_feeds(4, seed=1)]
-    assert divisor_chains(model) == set()
+    assert singular_chains(model) == set()
     assert cancelling_nodes(model, feeds) == []
 
 
