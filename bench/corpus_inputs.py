@@ -334,11 +334,14 @@ MAGIKA_PAD = 256
 
 
 def local_files(limit: int) -> list[Path]:
-    """Readable files of many kinds on this machine: sources, docs, configs, binaries."""
+    """Readable files of many kinds on this machine: sources, docs, configs, binaries.
+    Not ``__pycache__``: Python writes more of it as code runs, which would change the
+    files a seed picks from one run to the next."""
     roots = [Path(sys.prefix) / "lib", Path("/usr/share/doc"), Path("/etc"), Path("/usr/bin")]
     found: list[Path] = []
     for root in roots:
-        for path in sorted(root.rglob("*"))[: limit * 4]:
+        paths = [p for p in sorted(root.rglob("*")) if "__pycache__" not in p.parts]
+        for path in paths[: limit * 4]:
             if path.is_file() and not path.is_symlink() and path.stat().st_size > 16:
                 found.append(path)
     return found
