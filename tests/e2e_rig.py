@@ -251,7 +251,9 @@ def infer_json(agent: Agent, slot: str, x: Any) -> tuple[dict[str, Any], dict[st
 def slow_model(value: float, rows: int = 64, width: int = 256, depth: int = 64) -> onnx.ModelProto:
     """y = x + value, plus ``busy``: x tiled to ``rows`` rows, spread over ``width``
     columns, through ``depth`` width x width MatMuls: ~rows * depth * width**2
-    multiply-adds per request (about 10 ms on one core), and nothing sleeps."""
+    multiply-adds per request, and nothing sleeps. How long that takes depends on the
+    machine (2.6 ms at the defaults on one, several times more on others): for a given
+    time, take ``depth`` from :func:`models.matmul_depth`."""
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(7)

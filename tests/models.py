@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import time
 from pathlib import Path
 
 import numpy as np
@@ -455,3 +457,36 @@ def power_feeds(count: int, seed: int) -> list[dict[str, np.ndarray]]:
         {"power": (level * rng.exponential(1, (1, 40, 64))).astype(np.float32)}
         for level in loudness
     ]
+
+
+@functools.cache
+def matmul_depth(milliseconds: float, rows: int, width: int) -> int:
+    """How many ``[rows, width] x [width, width]`` MatMuls take ``milliseconds`` on this
+    machine (onnxruntime, one thread): a slow model's cost measured here, not assumed
+    (134 M multiply-adds took 1.3 ms on one machine, several on others)."""
+    import onnxruntime as ort
+
+    chain = 8
+    rng = np.random.default_rng(SEED)
+    nodes = [helper.make_node("MatMul", [f"h{i}", "w"], [f"h{i + 1}"]) for i in range(chain)]
+    graph = helper.make_graph(
+        nodes,
+        "matmul_chain",
+        [helper.make_tensor_value_info("h0", TensorProto.FLOAT, [rows, width])],
+        [helper.make_tensor_value_info(f"h{chain}", TensorProto.FLOAT, [rows, width])],
+        [_init("w", rng.normal(0, 1 / np.sqrt(width), (width, width)))],
+    )
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(
+        _model(graph, 13).SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+    feed = {"h0": rng.normal(0, 1, (rows, width)).astype(np.float32)}
+    session.run(None, feed)
+    seconds = []
+    for _ in range(15):
+        started = time.perf_counter()
+        session.run(None, feed)
+        seconds.append(time.perf_counter() - started)
+    per_matmul = float(np.median(seconds)) / chain
+    return max(1, int(np.ceil(milliseconds / 1000 / per_matmul)))

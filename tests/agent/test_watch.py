@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 
+import models
 import numpy as np
 import pytest
 from serving_rig import X, current, infer, loaded, main, ref, serve, smoke_for, value_of
@@ -77,8 +78,10 @@ def test_watch_window_rolls_back_a_slower_deployment(make_serving, model_files, 
     serve(server, 1, model_files.add(1.0))
     for _ in range(200):  # the baseline: the old deployment's recent latency
         infer(server)
-    # Same answers, but ~16M multiply-adds more per request.
-    serve(server, 2, model_files.slow(1.0, rows=64, width=512, depth=8), smoke_for(1.0))
+    # Same answers, but MatMuls worth ~10 ms more per request on this machine: over the
+    # watch's 2 ms noise floor and x1.5 wherever it runs.
+    depth = models.matmul_depth(10, rows=64, width=512)
+    serve(server, 2, model_files.slow(1.0, rows=64, width=512, depth=depth), smoke_for(1.0))
     assert current(server) == ref(2)
     assert _serve_until(server, recorder.changed, {"x": X}) == []
     assert current(server) == ref(1) and value_of(infer(server)) == 1.0
