@@ -261,9 +261,9 @@ class QuantizeStatic(Pass):
         regions = {t for node in cancelling for t in cancellation_region(model, node)}
         if terms := keep_float(quantized, regions, shared=False):
             notes.append(
-                f"kept {len(terms)} tensors in float: they feed {len(cancelling)} differences "
-                f"{CANCELLATION:g}x or more smaller than their terms (a variance as "
-                "E[x^2] - E[x]^2): " + shown(terms)
+                f"kept {len(terms)} tensors in float: they feed {len(cancelling)} "
+                f"difference{'s' * (len(cancelling) != 1)}, each {CANCELLATION:g}x or more "
+                "smaller than its terms (a variance as E[x^2] - E[x]^2): " + shown(terms)
             )
         if singular := keep_float(quantized, singular_chains(model), shared=False):
             notes.append(

@@ -213,11 +213,12 @@ def output_loss(
     ``spec`` a last axis of at least :data:`CLASS_AXIS` values) take that error only
     over the teacher's top :data:`TOP_K` classes of each row, plus the cross-entropy of
     the student against the teacher's argmax: what decides the argmax (and a decoded
-    text), not thousands of unlikely classes' logits. Probabilities (a softmax's output:
-    rows in [0, 1] summing to 1) are taken as their logs, which are logits (squeezed by
-    :data:`LOGIT_EPS`, so an int8 0 keeps a gradient); as they were, the cross-entropy
-    of magika's 214 probabilities read 4.4 for a model agreeing on 98% of files. Measured on ddddocr's OCR: a plain
-    MSE or KL fell 2-3x on held-out captchas while their decoded text did not move."""
+    text), not thousands of unlikely classes' logits. Measured on ddddocr's OCR: a plain
+    MSE or KL fell 2-3x on held-out captchas while their decoded text did not move.
+    Probabilities (a softmax's output: rows in [0, 1] summing to 1) are taken as their
+    logs, which are logits (squeezed by :data:`LOGIT_EPS`, so an int8 0 keeps a
+    gradient); taken as they were, magika's 214 probabilities gave a cross-entropy of 4.4
+    for a model agreeing with its teacher on 98% of files."""
     kind = spec.kind if spec is not None else None
     if kind == "detections":
         return detection_loss(student, teacher, bool(spec.option("objectness")))

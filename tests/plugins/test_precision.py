@@ -42,7 +42,7 @@ def test_a_variance_as_a_difference_of_moments_is_computed_in_float(context, hel
     8-bit steps leave the variance wrong by half itself, and the scores with it."""
     model = models.moments_layer_norm()
     result = _quantized(context, model, rules=True, monkeypatch=monkeypatch)
-    assert "1 differences 16x or more smaller than their terms" in result.notes
+    assert "they feed 1 difference, each 16x or more smaller than its terms" in result.notes
     quantized_inputs = {
         n.input[0] for n in result.model.graph.node if n.op_type == "QuantizeLinear"
     }
