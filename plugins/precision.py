@@ -43,7 +43,7 @@ from slimfleet.host.compress.modelfile import with_outputs
 from slimfleet.host.compress.planning import batch_bytes
 from slimfleet.host.compress.tensorsizes import batches, tensor_bytes
 from slimfleet.plugins.layerweights import fetch
-from slimfleet.plugins.onnxgraph import has_subgraphs
+from slimfleet.plugins.onnxgraph import constant_tensor, has_subgraphs
 from slimfleet.plugins.outputranges import WEIGHTED
 
 Feed = dict[str, np.ndarray]
@@ -59,15 +59,18 @@ DIFFERENCES = frozenset({"Sub", "Add"})
 SHAPE_ONLY = frozenset({"Shape", "Size"})
 """Ops that read only their input's shape: the walk does not go through them."""
 POINTWISE = frozenset(
-    {"Sqrt", "Abs", "Neg", "Exp", "Cast", "Identity", "Add", "Sub", "Mul", "Div", "Max", "Min"}
+    {"Sqrt", "Abs", "Neg", "Cast", "Identity", "Add", "Sub", "Mul", "Div", "Max", "Min"}
     | {"Clip", "Relu", "Pow", "Reshape", "Expand", "Squeeze", "Unsqueeze", "Transpose"}
     | {"Flatten", "Tile", "Slice", "Gather"}
 )
 """Ops a singular chain goes up through when they have one computed float operand (the
-others constants or shapes): each output value is one input value, transformed. It goes
-through one Conv, Gemm or MatMul of constant weights too: its input's rounding reaches
-the singular op as surely (a filterbank), and one is where it stops (a CNN ending in a
-log keeps its other layers in int8)."""
+others constants or shapes): a value near 0 after them was near 0 before, so rounding
+before them reaches the singular op. Not Exp, Sigmoid and the like: their input's
+rounding error becomes a bounded relative error (SiLU written as ``x / (1 + exp(-x))``
+keeps ``1 + exp(-x)`` and ``exp(-x)`` float, not the convolution before them). The walk
+goes through one Conv, Gemm or MatMul of constant weights too: its input's rounding
+reaches the singular op as surely (a filterbank), and one is where it stops (a CNN
+ending in a log keeps its other layers in int8)."""
 DATA_FIRST = frozenset({"Reshape", "Expand", "Tile", "Slice", "Gather", "Squeeze", "Unsqueeze"})
 """Data movement whose operands after the first say where, not what."""
 
@@ -120,9 +123,10 @@ def cancelling_nodes(
 
 def cancellation_region(model: onnx.ModelProto, node: onnx.NodeProto) -> set[str]:
     """The tensors from ``node``'s inputs up to, not including, the tensors both inputs
-    are computed from, stopping at graph inputs, constants, shapes (Shape, Size) and the
-    outputs of Conv, Gemm and MatMul nodes (left out: their integer kernels need their
-    pairs). Inputs computed from nothing in common: every tensor up to those stops."""
+    are computed from, stopping at graph inputs (named: their pairs go too), constants,
+    shapes (Shape, Size) and the outputs of Conv, ConvTranspose, Gemm and MatMul nodes
+    (left out: their integer kernels need their pairs). Inputs computed from nothing in
+    common: every tensor up to those stops."""
     graph = model.graph
     made_by = {out: n for n in graph.node for out in n.output if out}
     constant = _constants(graph)
@@ -135,12 +139,12 @@ def cancellation_region(model: onnx.ModelProto, node: onnx.NodeProto) -> set[str
         while pending:
             tensor = pending.pop()
             producer = made_by.get(tensor)
-            if tensor in found or tensor in stop or tensor in constant or producer is None:
+            if tensor in found or tensor in stop or tensor in constant:
                 continue
-            if producer.op_type in WEIGHTED | SHAPE_ONLY:
+            if producer is not None and producer.op_type in WEIGHTED | SHAPE_ONLY:
                 continue
-            found.add(tensor)
-            pending += _data_inputs(producer, constant)
+            found.add(tensor)  # a graph input too
+            pending += _data_inputs(producer, constant) if producer is not None else []
         return found
 
     first, second = node.input
@@ -160,16 +164,17 @@ def singular_chains(model: onnx.ModelProto) -> set[str]:
     made_by = {out: n for n in graph.node for out in n.output if out}
     constant = _constants(graph)
     found: set[str] = set()
-    values = {i.name: i for i in graph.initializer}
-    # (tensor, whether the walk to it went through a weighted node already)
-    pending = [
-        (t, False) for node in graph.node if (t := _singular_operand(node, constant, values))
-    ]
+    values = _constant_tensors(graph)
+    # a tensor is walked from once with no weighted node crossed on the way, and once
+    # with one crossed only if not reached otherwise: the result is the same in any order
+    pending = [(t, False) for node in graph.node if (t := _singular_operand(node, values))]
+    walked: set[tuple[str, bool]] = set()
     while pending:
         tensor, crossed = pending.pop()
-        producer = made_by.get(tensor)
-        if tensor in found or tensor in constant:
+        if (tensor, False) in walked or (tensor, crossed) in walked or tensor in constant:
             continue
+        walked.add((tensor, crossed))
+        producer = made_by.get(tensor)
         if producer is None:  # a graph input: its pair goes too
             found.add(tensor)
             continue
@@ -194,14 +199,12 @@ def _data_inputs(node: onnx.NodeProto, constant: set[str]) -> list[str]:
     """``node``'s computed operands: not constants, and not the shape, index or bound
     operands of data movement (Reshape's shape, Slice's starts...)."""
     data = node.input[:1] if node.op_type in DATA_FIRST else node.input
-    return [name for name in data if name and name not in constant]
+    return list(dict.fromkeys(name for name in data if name and name not in constant))
 
 
-def _singular_operand(
-    node: onnx.NodeProto, constant: set[str], values: dict[str, onnx.TensorProto]
-) -> str | None:
+def _singular_operand(node: onnx.NodeProto, values: dict[str, onnx.TensorProto]) -> str | None:
     """The computed operand at whose 0 ``node`` is infinite: a Reciprocal's or a Log's
-    input, a Div's divisor, a Pow's base when its exponent is an initializer holding a
+    input, a Div's divisor, a Pow's base when its exponent is a constant holding a
     negative value."""
     operand = ""
     if node.op_type in ("Reciprocal", "Log"):
@@ -212,4 +215,13 @@ def _singular_operand(
         exponent = values.get(node.input[1])
         if exponent is not None and bool((numpy_helper.to_array(exponent) < 0).any()):
             operand = node.input[0]
-    return operand if operand and operand not in constant else None
+    return operand if operand and operand not in values else None
+
+
+def _constant_tensors(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
+    """Initializers and Constant nodes' tensors by name (read only where needed)."""
+    tensors = {i.name: i for i in graph.initializer}
+    for node in graph.node:
+        if (tensor := constant_tensor(node)) is not None:
+            tensors[node.output[0]] = tensor
+    return tensors

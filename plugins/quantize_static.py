@@ -33,6 +33,7 @@ from slimfleet.plugins import quantization as q
 from slimfleet.plugins.onnxgraph import (
     describe_counts,
     error_line,
+    has_subgraphs,
     multiply_accumulates,
     opset_of,
 )
@@ -183,6 +184,13 @@ class QuantizeStatic(Pass):
             "ones, often the sensitive ones, stay in float (1: all)",
         ),
         Option(
+            "precision",
+            bool,
+            True,
+            "keep float what int8 cannot compute with: the terms of a difference 16x "
+            "smaller than them, and what a reciprocal, division or log reads",
+        ),
+        Option(
             "preprocess",
             bool,
             True,
@@ -257,19 +265,8 @@ class QuantizeStatic(Pass):
                 f"kept {len(tails)} output tensors in float: they join parts whose ranges "
                 f"differ {MIXED_RANGE:g}x or more (a detector's boxes and scores): " + shown(tails)
             )
-        cancelling = cancelling_nodes(model, context.calibration, context.threads, context.memory)
-        regions = {t for node in cancelling for t in cancellation_region(model, node)}
-        if terms := keep_float(quantized, regions, shared=False):
-            notes.append(
-                f"kept {len(terms)} tensors in float: they feed {len(cancelling)} "
-                f"difference{'s' * (len(cancelling) != 1)}, each {CANCELLATION:g}x or more "
-                "smaller than its terms (a variance as E[x^2] - E[x]^2): " + shown(terms)
-            )
-        if singular := keep_float(quantized, singular_chains(model), shared=False):
-            notes.append(
-                f"kept {len(singular)} tensors in float: a reciprocal, division or log reads "
-                "them (rounded to 0, they make infinities): " + shown(singular)
-            )
+        if options["precision"]:
+            notes += _keep_precision(model, quantized, context)
         method = options["calibration"]
         if method == "percentile":
             method += f" {options['percentile']:g}"
@@ -280,6 +277,38 @@ class QuantizeStatic(Pass):
         result = q.result(model, quantized, summary, options["exclude_nodes"])
         result.notes = "; ".join([result.notes, *notes])
         return result
+
+
+def _keep_precision(
+    model: onnx.ModelProto, quantized: onnx.ModelProto, context: PassContext
+) -> list[str]:
+    """Keep float in ``quantized`` what a cancelling difference or a singular op reads
+    (see :mod:`~slimfleet.plugins.precision`); the notes saying so. Best effort: a
+    failure to measure is a note, never a failed pass."""
+    if has_subgraphs(model):
+        return [
+            "precision rules not applied: the model has subgraphs, whose readers they do not see"
+        ]
+    notes = []
+    try:
+        cancelling = cancelling_nodes(model, context.calibration, context.threads, context.memory)
+    except Exception as exc:  # onnxruntime on the model with more outputs: whatever it raises
+        notes.append(f"cancelling differences not measured: {error_line(exc)}")
+        cancelling = []
+    regions = {node.name or node.output[0]: cancellation_region(model, node) for node in cancelling}
+    regions = {name: region for name, region in regions.items() if region}
+    if terms := keep_float(quantized, set().union(*regions.values()), shared=False):
+        notes.append(
+            f"kept {len(terms)} tensors in float: they feed {len(regions)} "
+            f"difference{'s' * (len(regions) != 1)}, each {CANCELLATION:g}x or more "
+            "smaller than its terms (a variance as E[x^2] - E[x]^2): " + shown(terms)
+        )
+    if singular := keep_float(quantized, singular_chains(model), shared=False):
+        notes.append(
+            f"kept {len(singular)} tensors in float: a reciprocal, division or log reads "
+            "them (rounded to 0, they make infinities): " + shown(singular)
+        )
+    return notes
 
 
 def _light_nodes(

@@ -13,16 +13,15 @@ is the teacher (as PaddleSlim ACT and NNCF do). Bounds:
 One sample in :data:`HELD_OUT_SHARE` (at least one, when there are two or more) is held
 out; the weights with the lowest held-out loss are the ones written back, so training
 never returns a model worse (on that loss) than the post-training one it started from.
-The loss follows each output's task metric, detected as the search detects it
-(:func:`output_loss`): class scores by their top classes and argmax, a detector head by
+The loss follows each output's task metric, the one the user gave or detected as the
+search detects it (:func:`loss_specs`, :func:`output_loss`): class scores by their top classes and argmax, a detector head by
 its score logits and boxes, anything else by its mean squared error divided by the mean
 square of the teacher's output (so outputs of any scale weigh alike); averaged over
-outputs.
+outputs, leaving out those whose metric is ``ignore``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import random
@@ -165,20 +164,22 @@ def loss_specs(
     at (see :func:`output_loss`). ``metrics`` are the ones the user gave
     (:attr:`~slimfleet.host.passes.PassContext.metrics`); the others are detected from
     the teacher's ``outputs`` on the calibration samples and its signature, as the search
-    detects them. A given metric this module cannot parse (a plugin's kind) or that the
-    calibration samples refuse (a detector that finds nothing on them) is left to
-    detection."""
+    detects them. A given metric that does not parse back or that the calibration
+    samples refuse (a detector that finds nothing on them) is left to detection, alone,
+    and logged."""
     names = [o.name for o in teacher.graph.output]
     reference = [dict(zip(names, sample, strict=True)) for sample in outputs]
+    signature = io_signature(teacher)
     given = {}
     for name, text in (metrics or {}).items():
-        with contextlib.suppress(InputError):
-            given.update([parse_metric(f"{name}={text}")])
-    signature = io_signature(teacher)
-    try:
-        specs = signature_specs(reference, signature, given)
-    except InputError:
-        specs = signature_specs(reference, signature)
+        try:
+            one = dict([parse_metric(f"{name}={text}")])
+            signature_specs(reference, signature, one)  # refused here: InputError
+        except InputError as exc:
+            log.warning("the loss of %s follows its detected metric: %s", name, exc)
+            continue
+        given.update(one)
+    specs = signature_specs(reference, signature, given)
     return [specs[n] for n, value in zip(names, outputs[0], strict=True) if value.dtype.kind == "f"]
 
 
@@ -188,13 +189,16 @@ def distill_loss(
     specs: Sequence[MetricSpec | None] = (),
 ) -> torch.Tensor:
     """The mean over float outputs of a distillation loss (see :func:`output_loss`), each
-    aimed by its task metric in ``specs`` where given."""
+    aimed by its task metric in ``specs`` where given; an output whose metric is
+    ``ignore`` (the user said it does not count) is left out."""
     specs = list(specs) or [None] * len(teacher)
     losses = [
         output_loss(s, t, spec)
         for s, t, spec in zip(student, teacher, specs, strict=True)
-        if s.is_floating_point()
+        if s.is_floating_point() and (spec is None or spec.kind != "ignore")
     ]
+    if not losses:  # every output ignored: nothing to aim at
+        return sum(s.sum() for s in student if s.is_floating_point()) * 0.0
     return torch.stack(losses).mean()
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto, helper
 
 from slimfleet.host.compress.modelfile import with_outputs
@@ -192,3 +193,103 @@ def test_a_mask_of_infinities_is_not_a_cancellation():
     )
     feeds = [{"a": np.full(4, 3.0, np.float32), "b": np.array([1, 0, 1, 0], np.float32)}]
     assert cancelling_nodes(model, feeds) == []
+
+
+def test_a_silu_written_as_a_division_keeps_only_its_denominator_float():
+    """x / (1 + exp(-x)) after a Conv: the walk stops at Exp, whose input's rounding is a
+    bounded relative error; the Conv and what feeds it stay int8."""
+    graph = helper.make_graph(
+        [
+            helper.make_node("Conv", ["img", "w"], ["c"]),
+            helper.make_node("Neg", ["c"], ["minus"]),
+            helper.make_node("Exp", ["minus"], ["e"]),
+            helper.make_node("Add", ["e", "one"], ["denominator"]),
+            helper.make_node("Div", ["c", "denominator"], ["y"]),
+        ],
+        "silu",
+        [helper.make_tensor_value_info("img", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 6, 6])],
+        [
+            onnx.numpy_helper.from_array(np.ones((4, 3, 3, 3), np.float32), "w"),
+            onnx.numpy_helper.from_array(np.array(1.0, np.float32), "one"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    assert singular_chains(model) == {"denominator", "e"}
+
+
+@pytest.mark.parametrize("log_first", [False, True])
+def test_the_chains_are_the_same_in_any_node_order(log_first):
+    """m1 is reached from the Log with no weighted node crossed, and from the Reciprocal
+    after one: whichever walk comes first, a (m1's input) is named."""
+    eye = onnx.numpy_helper.from_array(np.eye(4, dtype=np.float32), "w")
+    ends = [helper.make_node("Reciprocal", ["m2"], ["r"]), helper.make_node("Log", ["m1"], ["l"])]
+    model = _graph(
+        [
+            helper.make_node("MatMul", ["a", "w"], ["m1"]),
+            helper.make_node("MatMul", ["m1", "w"], ["m2"]),
+            *(ends[::-1] if log_first else ends),
+            helper.make_node("Add", ["r", "l"], ["y"]),
+        ],
+        inputs=("a",),
+        initializers=(eye,),
+    )
+    assert singular_chains(model) == {"a", "m1", "m2"}
+
+
+def test_a_constant_node_exponent_and_a_square_by_mul_are_read():
+    exponent = helper.make_node(
+        "Constant",
+        [],
+        ["minus_half"],
+        value=onnx.numpy_helper.from_array(np.array(-0.5, np.float32)),
+    )
+    model = _graph(
+        [
+            exponent,
+            helper.make_node("Mul", ["a", "a"], ["square"]),  # one operand, twice
+            helper.make_node("Pow", ["square", "minus_half"], ["p"]),
+            helper.make_node("Add", ["p", "b"], ["y"]),
+        ]
+    )
+    assert singular_chains(model) == {"square", "a"}
+
+
+def test_a_difference_of_two_inputs_keeps_the_inputs_float():
+    model = _graph([helper.make_node("Sub", ["a", "b"], ["y"])])
+    feeds = [{"a": np.full(4, 100.0, np.float32), "b": np.full(4, 99.5, np.float32)}]
+    (node,) = cancelling_nodes(model, feeds)
+    assert cancellation_region(model, node) == {"a", "b"}
+
+
+def test_the_region_stops_at_a_shared_ancestor_a_light_op_made():
+    """2r - 1.9r, r = Relu(a): r and a stay int8, only the two terms go float."""
+    two = onnx.numpy_helper.from_array(np.array(2.0, np.float32), "two")
+    most = onnx.numpy_helper.from_array(np.array(1.9, np.float32), "most")
+    model = _graph(
+        [
+            helper.make_node("Relu", ["a"], ["r"]),
+            helper.make_node("Mul", ["r", "two"], ["p"]),
+            helper.make_node("Mul", ["r", "most"], ["q"]),
+            helper.make_node("Sub", ["p", "q"], ["y"]),
+        ],
+        inputs=("a",),
+        initializers=(two, most),
+    )
+    (node,) = cancelling_nodes(model, [{"a": np.arange(4, dtype=np.float32)}])
+    assert cancellation_region(model, node) == {"p", "q"}
+
+
+def test_the_rules_can_be_turned_off_and_a_failed_measurement_is_a_note(context, monkeypatch):
+    model, ctx = models.moments_layer_norm(), context()
+    ctx.calibration = models.row_feeds(8, seed=1)
+    off = PASS.apply(model, ctx, PASS.resolve_options({"precision": False}))
+    assert "kept" not in off.notes
+
+    def broken(*args):
+        raise RuntimeError("onnxruntime could not load it")
+
+    monkeypatch.setattr(quantize_static, "cancelling_nodes", broken)
+    result = PASS.apply(model, ctx, PASS.resolve_options({}))
+    assert "cancelling differences not measured: onnxruntime could not load it" in result.notes
+    assert "a reciprocal, division or log reads them" in result.notes  # the other rule ran

@@ -156,10 +156,23 @@ def _tagger_outputs(count: int = 4):
         ({}, "steps"),  # detected: token ids in, one tag per step out
         ({"tags": "top1"}, "top1"),  # the user's choice
         ({"tags": "no_such_kind"}, "steps"),  # a plugin's kind: the detected one
-        ({"tags": "iou:threshold=1000"}, "steps"),  # refused here (nothing above): detected
+        ({"tags": "ctc:blank=10"}, "steps"),  # refused on these 6 classes: detected
+        ({"tags": "top1", "nope": "cosine"}, "top1"),  # one refused: the other kept
     ],
 )
 def test_the_loss_aims_at_the_metric_the_user_gave(given, kind):
     teacher, outputs = _tagger_outputs()
     (spec,) = recovery.loss_specs(teacher, outputs, given)
     assert spec.kind == kind
+
+
+def test_an_ignored_output_is_left_out_of_the_loss():
+    teacher = softmax_rows()
+    wrong = torch.flip(teacher, [-1])
+    ignore, top1 = MetricSpec("ignore"), MetricSpec("top1")
+    both = recovery.distill_loss([teacher, wrong], [teacher, teacher], [top1, ignore])
+    assert float(both) == pytest.approx(float(recovery.output_loss(teacher, teacher, top1)))
+    student = wrong.clone().requires_grad_(True)
+    none = recovery.distill_loss([student], [teacher], [ignore])
+    none.backward()  # every output ignored: a zero that still backpropagates
+    assert float(none) == 0.0 and student.grad is not None
