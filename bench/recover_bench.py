@@ -29,6 +29,7 @@ a shared machine.
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import tempfile
@@ -137,19 +138,27 @@ MAGIKA_FILES = 2000
 """This machine's files magika's calibration and held-out samples are drawn from."""
 
 
+@functools.cache
+def _magika_feeds() -> tuple[corpus_inputs.Feed, ...]:
+    """:data:`MAGIKA_FILES` of this machine's files as magika reads them, shuffled once."""
+    return tuple(corpus_inputs.magika(MAGIKA_FILES, 0, Path()).feeds)
+
+
 def _magika(count: int, seed: int) -> list[corpus_inputs.Feed]:
     """``count`` of this machine's real files as magika reads them; the calibration (odd
     ``seed``) and held-out (even) ones from the two halves of one shuffled list, so no
-    file is in both."""
-    files = corpus_inputs.magika(MAGIKA_FILES, 0, Path()).feeds[seed % 2 :: 2]
+    file is in both (by path: files of equal content, such as licence texts, can be)."""
+    files = list(_magika_feeds()[seed % 2 :: 2])
     if len(files) < count:
         raise click.ClickException(f"this machine has {len(files)} files for {count} samples")
     return files[:count]
 
 
 def _class_margins(reference, feeds) -> np.ndarray:
-    """Per sample, fp32's best class probability over its runner-up, in logits."""
-    top2 = np.log(np.sort(np.concatenate([r[0] for r in reference]), -1)[:, -2:])
+    """Per sample, fp32's best class probability over its runner-up, in logits (a
+    probability of 0 counts as float32's smallest)."""
+    probabilities = np.concatenate([r[0] for r in reference])
+    top2 = np.log(np.maximum(np.sort(probabilities, -1)[:, -2:], np.finfo(np.float32).tiny))
     return top2[:, 1] - top2[:, 0]
 
 
