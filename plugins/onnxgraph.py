@@ -61,6 +61,11 @@ def or_list(names: Iterable[str]) -> str:
     return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
 
 
+def producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
+    """Value name -> the node that outputs it (graph inputs and initializers have none)."""
+    return {out: node for node in graph.node for out in node.output if out}
+
+
 def consumers(graph: onnx.GraphProto) -> dict[str, list[tuple[onnx.NodeProto, int]]]:
     """Value name -> the (node, input index) pairs that read it."""
     found: dict[str, list[tuple[onnx.NodeProto, int]]] = {}

@@ -22,7 +22,7 @@ import math
 import onnx
 from onnx import numpy_helper
 
-from slimfleet.plugins.onnxgraph import consumers, has_subgraphs
+from slimfleet.plugins.onnxgraph import consumers, has_subgraphs, producers
 
 MIXED_RANGE = 16.0
 """Scale ratio from which a Concat's smallest part loses 4 of its 8 bits under the
@@ -41,7 +41,7 @@ def mixed_output_tails(model: onnx.ModelProto) -> list[str]:
     copies only it reads. Nothing further up is named, so the operators computing the
     parts keep their quantized inputs. Each tensor is visited once."""
     graph = model.graph
-    made_by = {out: node for node in graph.node for out in node.output if out}
+    made_by = producers(graph)
     initializers = {i.name: i for i in graph.initializer}
 
     def unquantized(tensor: str) -> tuple[str, float | None]:

@@ -9,7 +9,7 @@ fp32's top-1 file type on 13.5% of 400 real files (97% with both rules here).
 
 :func:`cancelling_nodes` finds, on calibration samples, each Sub or Add of two computed
 (not constant) inputs whose largest magnitude is :data:`CANCELLATION` times its
-result's or more on some sample. :func:`cancellation_region` names what the rounding of which would
+result's or more on some sample. :func:`cancellation_regions` names what the rounding of which would
 reach that result magnified: the tensors between the node and the nearest tensors both
 its inputs come from (for the variance: the two sums, the mean and the two squares,
 not ``x``, whose rounding only adds its step's noise to the variance). Kept float by
@@ -43,7 +43,7 @@ from slimfleet.host.compress.modelfile import with_outputs
 from slimfleet.host.compress.planning import batch_bytes
 from slimfleet.host.compress.tensorsizes import batches, tensor_bytes
 from slimfleet.plugins.layerweights import fetch
-from slimfleet.plugins.onnxgraph import constant_tensor, has_subgraphs
+from slimfleet.plugins.onnxgraph import constant_tensor, has_subgraphs, producers
 from slimfleet.plugins.outputranges import WEIGHTED
 
 Feed = dict[str, np.ndarray]
@@ -121,14 +121,14 @@ def cancelling_nodes(
     return found
 
 
-def cancellation_region(model: onnx.ModelProto, node: onnx.NodeProto) -> set[str]:
-    """The tensors from ``node``'s inputs up to, not including, the tensors both inputs
-    are computed from, stopping at graph inputs (named: their pairs go too), constants,
-    shapes (Shape, Size) and the outputs of Conv, ConvTranspose, Gemm and MatMul nodes
-    (left out: their integer kernels need their pairs). Inputs computed from nothing in
-    common: every tensor up to those stops."""
+def cancellation_regions(model: onnx.ModelProto, nodes: Sequence[onnx.NodeProto]) -> list[set[str]]:
+    """For each of ``nodes``, the tensors from its inputs up to, not including, the
+    tensors both inputs are computed from, stopping at graph inputs (named: their pairs go
+    too), constants, shapes (Shape, Size) and the outputs of Conv, ConvTranspose, Gemm
+    and MatMul nodes (left out: their integer kernels need their pairs). Inputs computed
+    from nothing in common: every tensor up to those stops."""
     graph = model.graph
-    made_by = {out: n for n in graph.node for out in n.output if out}
+    made_by = producers(graph)
     constant = _constants(graph)
 
     def upward(start: str, stop: set[str]) -> set[str]:
@@ -147,9 +147,12 @@ def cancellation_region(model: onnx.ModelProto, node: onnx.NodeProto) -> set[str
             pending += _data_inputs(producer, constant) if producer is not None else []
         return found
 
-    first, second = node.input
-    shared = upward(first, set()) & upward(second, set())
-    return upward(first, shared) | upward(second, shared)
+    regions = []
+    for node in nodes:
+        first, second = node.input
+        shared = upward(first, set()) & upward(second, set())
+        regions.append(upward(first, shared) | upward(second, shared))
+    return regions
 
 
 def singular_chains(model: onnx.ModelProto) -> set[str]:
@@ -161,7 +164,7 @@ def singular_chains(model: onnx.ModelProto) -> set[str]:
     if has_subgraphs(model):
         return set()
     graph = model.graph
-    made_by = {out: n for n in graph.node for out in n.output if out}
+    made_by = producers(graph)
     constant = _constants(graph)
     found: set[str] = set()
     values = _constant_tensors(graph)

@@ -40,7 +40,7 @@ from slimfleet.plugins.onnxgraph import (
 from slimfleet.plugins.outputranges import MIXED_RANGE, mixed_output_tails
 from slimfleet.plugins.precision import (
     CANCELLATION,
-    cancellation_region,
+    cancellation_regions,
     cancelling_nodes,
     singular_chains,
 )
@@ -295,9 +295,8 @@ def _keep_precision(
     except Exception as exc:  # onnxruntime on the model with more outputs: whatever it raises
         notes.append(f"cancelling differences not measured: {error_line(exc)}")
         cancelling = []
-    regions = {node.name or node.output[0]: cancellation_region(model, node) for node in cancelling}
-    regions = {name: region for name, region in regions.items() if region}
-    if terms := keep_float(quantized, set().union(*regions.values()), shared=False):
+    regions = [region for region in cancellation_regions(model, cancelling) if region]
+    if terms := keep_float(quantized, set().union(*regions), shared=False):
         notes.append(
             f"kept {len(terms)} tensors in float: they feed {len(regions)} "
             f"difference{'s' * (len(regions) != 1)}, each {CANCELLATION:g}x or more "
