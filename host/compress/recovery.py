@@ -187,14 +187,18 @@ def distill_loss(
     student: Sequence[torch.Tensor],
     teacher: Sequence[torch.Tensor],
     specs: Sequence[MetricSpec | None] = (),
+    probabilities: Sequence[bool | None] = (),
 ) -> torch.Tensor:
     """The mean over float outputs of a distillation loss (see :func:`output_loss`), each
-    aimed by its task metric in ``specs`` where given; an output whose metric is
-    ``ignore`` (the user said it does not count) is left out."""
+    aimed by its task metric in ``specs`` where given and read as probabilities where
+    ``probabilities`` says so (decided once on all samples by :func:`train`, not per
+    step); an output whose metric is ``ignore`` (the user said it does not count) is
+    left out."""
     specs = list(specs) or [None] * len(teacher)
+    softmax = list(probabilities) or [None] * len(teacher)
     losses = [
-        output_loss(s, t, spec)
-        for s, t, spec in zip(student, teacher, specs, strict=True)
+        output_loss(s, t, spec, p)
+        for s, t, spec, p in zip(student, teacher, specs, softmax, strict=True)
         if s.is_floating_point() and (spec is None or spec.kind != "ignore")
     ]
     if not losses:  # every output ignored: nothing to aim at
@@ -208,7 +212,10 @@ def relative_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
 
 
 def output_loss(
-    student: torch.Tensor, teacher: torch.Tensor, spec: MetricSpec | None = None
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    spec: MetricSpec | None = None,
+    probabilities: bool | None = None,
 ) -> torch.Tensor:
     """What the output's task metric ``spec`` judges, as a loss: a detector head's
     :func:`detection_loss`; a segmenter's class scores (``pixels``) as class scores on
@@ -222,7 +229,8 @@ def output_loss(
     Probabilities (a softmax's output: rows in [0, 1] summing to 1) are taken as their
     logs, which are logits (squeezed by :data:`LOGIT_EPS`, so an int8 0 keeps a
     gradient); taken as they were, magika's 214 probabilities gave a cross-entropy of 4.4
-    for a model agreeing with its teacher on 97-98% of files."""
+    for a model agreeing with its teacher on 97-98% of files. ``probabilities`` None:
+    decided from ``teacher``."""
     kind = spec.kind if spec is not None else None
     if kind == "detections":
         return detection_loss(student, teacher, bool(spec.option("objectness")))
@@ -233,7 +241,9 @@ def output_loss(
         return relative_mse(student, teacher)
     if student.dim() < 2 or (kind is None and student.shape[-1] < CLASS_AXIS):
         return relative_mse(student, teacher)
-    if looks_like_probabilities(teacher.detach().numpy()):  # a softmax's: its log is a logit
+    if probabilities is None:
+        probabilities = looks_like_probabilities(teacher.detach().numpy())
+    if probabilities:  # a softmax's: its log is a logit
         student, teacher = (
             torch.log(LOGIT_EPS + (1 - LOGIT_EPS) * p.clamp(0, 1)) for p in (student, teacher)
         )
@@ -317,6 +327,10 @@ def train(
         for outs in taught
     ]
     del taught
+    softmax = [
+        all(looks_like_probabilities(sample[k].numpy()) for sample in targets)
+        for k in range(len(targets[0]))
+    ]
     order = list(range(len(samples)))
     random.Random(seed).shuffle(order)
     held = min(MAX_HELD_OUT, len(order) // HELD_OUT_SHARE or (1 if len(order) > 1 else 0))
@@ -344,7 +358,7 @@ def train(
 
     def train_loss(i: int) -> torch.Tensor:
         got = graph(feed(i), names)
-        loss = distill_loss(_floats(got[:outputs]), targets[i], specs)
+        loss = distill_loss(_floats(got[:outputs]), targets[i], specs, softmax)
         if inner is None:
             return loss
         wanted = inner.run(wanted_names, dict(samples[i]))
@@ -356,7 +370,7 @@ def train(
             return float(
                 np.mean(
                     [
-                        float(distill_loss(_floats(graph(feed(i))), targets[i], specs))
+                        float(distill_loss(_floats(graph(feed(i))), targets[i], specs, softmax))
                         for i in held_out
                     ]
                 )
