@@ -36,6 +36,12 @@ def make_plugins() -> Callable[..., Plugins]:
 
 
 @pytest.fixture
+def no_builtin_recipes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only the recipes a test registers: the built-in ones are disabled."""
+    monkeypatch.setenv("SLIMFLEET_DISABLE_PLUGINS", "slimfleet.plugins.recipes")
+
+
+@pytest.fixture
 def quick() -> EvalSettings:
     """Few latency repeats: the tests check behaviour, never timings."""
     return EvalSettings.quick()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import models
 import numpy as np
 import onnx
-import pytest
 
 from slimfleet.host.compress import search
 from slimfleet.host.compress.metricspec import parse_metric
@@ -32,11 +31,6 @@ class MetricsEchoPlugin:
     @hookimpl
     def slimfleet_add_recipes(self, recipes, passes):
         recipes.add(Recipe("echo", (Step("metrics_echo"),), "notes the metrics"))
-
-
-@pytest.fixture
-def no_builtin_recipes(monkeypatch):
-    monkeypatch.setenv("SLIMFLEET_DISABLE_PLUGINS", "slimfleet.plugins.recipes")
 
 
 def test_passes_see_the_task_metrics_the_user_gave(

@@ -127,11 +127,6 @@ def _mlp_data(tmp_path, count: int = 40):
     return path
 
 
-@pytest.fixture
-def no_builtin_recipes(monkeypatch):
-    monkeypatch.setenv("SLIMFLEET_DISABLE_PLUGINS", "slimfleet.plugins.recipes")
-
-
 def test_every_outcome_is_a_row(tmp_path, save_model, make_plugins, quick, no_builtin_recipes):
     plugins = make_plugins(TestPasses(), TestRecipes())
     assert {r.name for r in plugins.recipes} == {

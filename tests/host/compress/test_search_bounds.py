@@ -75,11 +75,6 @@ class BadPasses:
             recipes.add(Recipe(name, (Step(name),), f"test recipe {name}"))
 
 
-@pytest.fixture
-def only_test_recipes(monkeypatch):
-    monkeypatch.setenv("SLIMFLEET_DISABLE_PLUGINS", "slimfleet.plugins.recipes")
-
-
 def _data(tmp_path):
     path = tmp_path / "data.npz"
     np.savez(path, x=np.random.default_rng(0).normal(size=(8, 1, 64)).astype(np.float32))
@@ -87,7 +82,7 @@ def _data(tmp_path):
 
 
 def test_crashing_hanging_and_hungry_passes_are_rows(
-    tmp_path, save_model, make_plugins, quick, only_test_recipes
+    tmp_path, save_model, make_plugins, quick, no_builtin_recipes
 ):
     before = _children()
     result = search.compress(
@@ -134,7 +129,7 @@ def test_the_pass_is_told_its_memory_limit(tmp_path, save_model, make_plugins, q
 
 
 def test_what_does_not_fit_the_time_budget_is_skipped_with_the_reason(
-    tmp_path, save_model, make_plugins, quick, only_test_recipes
+    tmp_path, save_model, make_plugins, quick, no_builtin_recipes
 ):
     """The hang takes its whole (3 s) timeout; with a 2 s budget nothing after it starts."""
     plugins = make_plugins(BadPasses())
