@@ -18,11 +18,12 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from slimfleet.host.compress.modelfile import DEFAULT_DOMAINS, opset
 from slimfleet.host.hookspecs import hookimpl
 from slimfleet.host.passes import Option, Pass, PassContext, PassResult
 from slimfleet.host.registry import Registry
 from slimfleet.plugins.normalize import constants_to_initializers, infer_shapes
-from slimfleet.plugins.onnxgraph import DEFAULT_DOMAINS, copy_model, has_subgraphs, opset_of
+from slimfleet.plugins.onnxgraph import copy_model, has_subgraphs
 
 FLOAT, HALF = TensorProto.FLOAT, TensorProto.FLOAT16
 FP16_MAX = float(np.finfo(np.float16).max)
@@ -92,7 +93,7 @@ class _Plan:
 
     def __init__(self, model: onnx.ModelProto, keep_ops: set[str], keep_nodes: set[str]):
         self.graph = model.graph
-        self.opset = opset_of(model)
+        self.opset = opset(model)
         self.float_values = _float_value_names(model)
         self.keep = [_kept(n, keep_ops, keep_nodes, self.opset) for n in self.graph.node]
         self.kept = sum(self.keep)

@@ -9,21 +9,18 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import onnx
-from onnx import helper, numpy_helper, version_converter
+from onnx import version_converter
 
 from slimfleet.agent.errors import SlimfleetError
-from slimfleet.host.compress.modelfile import imports_default_domain
+from slimfleet.host.compress.modelfile import constant_value, imports_default_domain, opset
 from slimfleet.host.hookspecs import hookimpl
 from slimfleet.host.passes import Option, Pass, PassContext, PassResult
 from slimfleet.host.registry import Registry
 from slimfleet.plugins.onnxgraph import (
-    DEFAULT_DOMAINS,
     copy_model,
     error_line,
     fix_ir_version,
-    opset_of,
 )
 
 _IR_WITH_FREE_INITIALIZERS = 4  # before IR 4 every initializer had to be a graph input too
@@ -36,7 +33,7 @@ def upgrade_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
     Raises :class:`SlimfleetError` with one line when onnx's version converter cannot
     convert the model (for example an op it has no adapter for).
     """
-    current = opset_of(model)
+    current = opset(model)
     if target <= current:
         return copy_model(model)
     newest = onnx.defs.onnx_opset_version()
@@ -64,10 +61,12 @@ def constants_to_initializers(model: onnx.ModelProto) -> int:
     outputs = {o.name for o in graph.output}
     kept, moved = [], 0
     for node in graph.node:
-        tensor = _constant_value(node)
-        if tensor is None or node.output[0] in outputs:
+        value = constant_value(node)
+        if value is None or node.output[0] in outputs:
             kept.append(node)
             continue
+        tensor = onnx.TensorProto()
+        tensor.CopyFrom(value)
         tensor.name = node.output[0]
         graph.initializer.append(tensor)
         moved += 1
@@ -76,20 +75,6 @@ def constants_to_initializers(model: onnx.ModelProto) -> int:
         graph.node.extend(kept)
         model.ir_version = max(model.ir_version, _IR_WITH_FREE_INITIALIZERS)
     return moved
-
-
-def _constant_value(node: onnx.NodeProto) -> onnx.TensorProto | None:
-    if node.op_type != "Constant" or node.domain not in DEFAULT_DOMAINS or len(node.attribute) != 1:
-        return None
-    attr = node.attribute[0]
-    if attr.name == "value":
-        tensor = onnx.TensorProto()
-        tensor.CopyFrom(attr.t)
-        return tensor
-    if attr.name in ("value_float", "value_floats", "value_int", "value_ints"):
-        dtype = np.float32 if attr.name.startswith("value_float") else np.int64
-        return numpy_helper.from_array(np.array(helper.get_attribute_value(attr), dtype=dtype))
-    return None  # sparse_value and strings stay as they are
 
 
 def infer_shapes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str]:
@@ -123,7 +108,7 @@ class Normalize(Pass):
         out = copy_model(model)
         moved = constants_to_initializers(out)
         notes = [f"moved {moved} Constant tensors to initializers"] if moved else []
-        before, target = opset_of(out), options["opset"]
+        before, target = opset(out), options["opset"]
         if target > before and not imports_default_domain(out):
             notes.append("opset kept: the model has no ai.onnx operators (only other domains)")
             target = 0

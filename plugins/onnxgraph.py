@@ -8,9 +8,6 @@ from collections.abc import Iterable
 
 import numpy as np
 import onnx
-from onnx import TensorProto
-
-DEFAULT_DOMAINS = ("", "ai.onnx")
 
 
 def copy_model(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -23,11 +20,6 @@ def copy_model(model: onnx.ModelProto) -> onnx.ModelProto:
 def float_attr(node: onnx.NodeProto, name: str, default: float) -> float:
     """Float attribute ``name`` of ``node``, or ``default`` when absent."""
     return next((a.f for a in node.attribute if a.name == name), default)
-
-
-def opset_of(model: onnx.ModelProto) -> int:
-    """The model's ai.onnx opset version (0 when it imports none)."""
-    return max((o.version for o in model.opset_import if o.domain in DEFAULT_DOMAINS), default=0)
 
 
 def op_counts(model: onnx.ModelProto) -> Counter[str]:
@@ -83,26 +75,6 @@ def has_subgraphs(model: onnx.ModelProto) -> bool:
         for node in model.graph.node
         for attr in node.attribute
     )
-
-
-def constant_tensor(node: onnx.NodeProto) -> onnx.TensorProto | None:
-    """The tensor a Constant node holds in its ``value`` attribute, else None."""
-    if node.op_type != "Constant" or node.domain not in DEFAULT_DOMAINS:
-        return None
-    return next((a.t for a in node.attribute if a.name == "value"), None)
-
-
-def constant_float_weights(model: onnx.ModelProto) -> int:
-    """How many Constant nodes hold float tensors with more than one element (weights)."""
-    count = 0
-    for node in model.graph.node:
-        tensor = constant_tensor(node)
-        if tensor is not None and tensor.data_type == TensorProto.FLOAT:
-            elements = 1
-            for d in tensor.dims:
-                elements *= d
-            count += elements > 1
-    return count
 
 
 def fix_ir_version(model: onnx.ModelProto) -> None:

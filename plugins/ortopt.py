@@ -9,11 +9,11 @@ import onnxruntime as ort
 
 from slimfleet.agent.errors import SlimfleetError
 from slimfleet.agent.runtime import session_options
+from slimfleet.host.compress.modelfile import DEFAULT_DOMAINS
 from slimfleet.host.hookspecs import hookimpl
 from slimfleet.host.passes import Option, Pass, PassContext, PassResult
 from slimfleet.host.registry import Registry
 from slimfleet.plugins.onnxgraph import (
-    DEFAULT_DOMAINS,
     copy_model,
     describe_change,
     error_line,

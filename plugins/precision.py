@@ -32,18 +32,18 @@ end runs in float (its filterbank MatMul too) and the network after the Log in i
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
 from slimfleet.agent.runtime import open_session
-from slimfleet.host.compress.modelfile import with_outputs
+from slimfleet.host.compress.modelfile import constant_value, with_outputs
 from slimfleet.host.compress.planning import batch_bytes
 from slimfleet.host.compress.tensorsizes import batches, tensor_bytes
 from slimfleet.plugins.layerweights import fetch
-from slimfleet.plugins.onnxgraph import constant_tensor, has_subgraphs, producers
+from slimfleet.plugins.onnxgraph import has_subgraphs, producers
 from slimfleet.plugins.outputranges import WEIGHTED
 
 Feed = dict[str, np.ndarray]
@@ -90,13 +90,13 @@ def cancelling_nodes(
     for one child; see :func:`~slimfleet.host.compress.planning.batch_bytes`), one float
     run per sample and group."""
     graph = model.graph
-    constant = _constants(graph)
+    constant = _constant_tensors(graph)
     candidates = [
         node
         for node in graph.node
         if node.op_type in DIFFERENCES
         and len(node.input) == 2
-        and not constant.intersection(node.input)
+        and not any(name in constant for name in node.input)
         and node.input[0] != node.input[1]
     ]
     if not candidates or not calibration or has_subgraphs(model):
@@ -129,7 +129,7 @@ def cancellation_regions(model: onnx.ModelProto, nodes: Sequence[onnx.NodeProto]
     from nothing in common: every tensor up to those stops."""
     graph = model.graph
     made_by = producers(graph)
-    constant = _constants(graph)
+    constant = _constant_tensors(graph)
 
     def upward(start: str, stop: set[str]) -> set[str]:
         """``start`` and the tensors it is computed from, walking no further than
@@ -165,12 +165,11 @@ def singular_chains(model: onnx.ModelProto) -> set[str]:
         return set()
     graph = model.graph
     made_by = producers(graph)
-    constant = _constants(graph)
+    constant = _constant_tensors(graph)
     found: set[str] = set()
-    values = _constant_tensors(graph)
     # a tensor is walked from once with no weighted node crossed on the way, and once
     # with one crossed only if not reached otherwise: the result is the same in any order
-    pending = [(t, False) for node in graph.node if (t := _singular_operand(node, values))]
+    pending = [(t, False) for node in graph.node if (t := _singular_operand(node, constant))]
     walked: set[tuple[str, bool]] = set()
     while pending:
         tensor, crossed = pending.pop()
@@ -191,21 +190,16 @@ def singular_chains(model: onnx.ModelProto) -> set[str]:
     return found
 
 
-def _constants(graph: onnx.GraphProto) -> set[str]:
-    """Initializers and Constant nodes' outputs."""
-    return {i.name for i in graph.initializer} | {
-        out for node in graph.node if node.op_type == "Constant" for out in node.output
-    }
-
-
-def _data_inputs(node: onnx.NodeProto, constant: set[str]) -> list[str]:
+def _data_inputs(node: onnx.NodeProto, constant: Container[str]) -> list[str]:
     """``node``'s computed operands: not constants, and not the shape, index or bound
     operands of data movement (Reshape's shape, Slice's starts...)."""
     data = node.input[:1] if node.op_type in DATA_FIRST else node.input
     return list(dict.fromkeys(name for name in data if name and name not in constant))
 
 
-def _singular_operand(node: onnx.NodeProto, values: dict[str, onnx.TensorProto]) -> str | None:
+def _singular_operand(
+    node: onnx.NodeProto, values: dict[str, onnx.TensorProto | None]
+) -> str | None:
     """The computed operand at whose 0 ``node`` is infinite: a Reciprocal's or a Log's
     input, a Div's divisor, a Pow's base when its exponent is a constant holding a
     negative value."""
@@ -221,10 +215,11 @@ def _singular_operand(node: onnx.NodeProto, values: dict[str, onnx.TensorProto])
     return operand if operand and operand not in values else None
 
 
-def _constant_tensors(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
-    """Initializers and Constant nodes' tensors by name (read only where needed)."""
-    tensors = {i.name: i for i in graph.initializer}
+def _constant_tensors(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto | None]:
+    """Initializers and Constant nodes' outputs by name, with their tensors where they can
+    be read (a sparse or string Constant maps to None)."""
+    tensors: dict[str, onnx.TensorProto | None] = {i.name: i for i in graph.initializer}
     for node in graph.node:
-        if (tensor := constant_tensor(node)) is not None:
-            tensors[node.output[0]] = tensor
+        if node.op_type == "Constant":
+            tensors[node.output[0]] = constant_value(node)
     return tensors

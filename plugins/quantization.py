@@ -16,9 +16,9 @@ from onnx import TensorProto
 from onnxruntime.quantization import QuantType
 
 from slimfleet.agent.errors import SlimfleetError
+from slimfleet.host.compress.modelfile import constant_weights
 from slimfleet.host.passes import Option, PassContext, PassResult
 from slimfleet.plugins.onnxgraph import (
-    constant_float_weights,
     copy_model,
     describe_counts,
     error_line,
@@ -219,7 +219,7 @@ def result(
         notes.append(f"ignored unknown exclude_nodes {', '.join(missing)}")
     if not counts:
         why = "no node got quantized"
-        if constant_float_weights(model):
+        if constant_weights(model):
             why += " (weights are Constant nodes, not initializers: run normalize first)"
         return PassResult(copy_model(model), False, "; ".join([f"changed nothing: {why}", *notes]))
     notes.insert(0, f"quantized {describe_counts(counts)} ({summary})")

@@ -24,6 +24,7 @@ from onnxruntime.quantization.calibrate import HistogramCalibrater, MinMaxCalibr
 from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
+from slimfleet.host.compress.modelfile import opset
 from slimfleet.host.compress.planning import batch_bytes
 from slimfleet.host.compress.tensorsizes import activation_bytes
 from slimfleet.host.hookspecs import hookimpl
@@ -35,7 +36,6 @@ from slimfleet.plugins.onnxgraph import (
     error_line,
     has_subgraphs,
     multiply_accumulates,
-    opset_of,
 )
 from slimfleet.plugins.outputranges import MIXED_RANGE, mixed_output_tails
 from slimfleet.plugins.precision import (
@@ -210,7 +210,7 @@ class QuantizeStatic(Pass):
             return f"mac_share {options['mac_share']} is not in (0, 1]"
         if not context.calibration:
             return "needs calibration data"
-        need, have = self.min_opset(options), opset_of(model)
+        need, have = self.min_opset(options), opset(model)
         if have < need:
             what = "per-channel QDQ" if options["per_channel"] else "QDQ"
             return f"{what} needs opset {need}, the model has {have}"

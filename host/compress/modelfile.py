@@ -23,12 +23,14 @@ from typing import Any
 import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from slimfleet.agent.errors import InputError
 
 log = logging.getLogger(__name__)
 
+DEFAULT_DOMAINS = ("", "ai.onnx")
+"""The names of the default operator set (both spellings are one domain)."""
 PROTOBUF_LIMIT = 2 * 1024**3
 """protobuf cannot parse a message of 2 GB or more; such models keep weights outside."""
 
@@ -187,16 +189,13 @@ def all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
 
 
 def opset(model: onnx.ModelProto) -> int:
-    """The ai.onnx opset the model imports."""
-    for entry in model.opset_import:
-        if entry.domain in ("", "ai.onnx"):
-            return entry.version
-    return 1
+    """The ai.onnx opset the model imports (0 when it imports none)."""
+    return max((e.version for e in model.opset_import if e.domain in DEFAULT_DOMAINS), default=0)
 
 
 def imports_default_domain(model: onnx.ModelProto) -> bool:
     """True unless the model uses other domains only (a pure ``ai.onnx.ml`` model)."""
-    return any(e.domain in ("", "ai.onnx") for e in model.opset_import)
+    return any(e.domain in DEFAULT_DOMAINS for e in model.opset_import)
 
 
 def _dim(d: onnx.TensorShapeProto.Dimension) -> int | str | None:
@@ -264,10 +263,18 @@ def io_signature(model: onnx.ModelProto) -> dict[str, list[dict[str, Any]]]:
     }
 
 
-def _constant_tensor(node: onnx.NodeProto) -> onnx.TensorProto | None:
-    for attr in node.attribute:
-        if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
-            return attr.t
+def constant_value(node: onnx.NodeProto) -> onnx.TensorProto | None:
+    """The tensor an ai.onnx Constant node holds, from its ``value`` (the node's own
+    tensor: copy it before changing it) or ``value_float(s)``/``value_int(s)`` attribute;
+    None for any other node, and for sparse and string constants."""
+    if node.op_type != "Constant" or node.domain not in DEFAULT_DOMAINS or len(node.attribute) != 1:
+        return None
+    attr = node.attribute[0]
+    if attr.name == "value":
+        return attr.t
+    if attr.name in ("value_float", "value_floats", "value_int", "value_ints"):
+        dtype = np.float32 if attr.name.startswith("value_float") else np.int64
+        return numpy_helper.from_array(np.array(helper.get_attribute_value(attr), dtype=dtype))
     return None
 
 
@@ -282,7 +289,7 @@ def constant_weights(model: onnx.ModelProto) -> list[str]:
     """
     names = []
     for node in model.graph.node:
-        tensor = _constant_tensor(node) if node.op_type == "Constant" else None
+        tensor = constant_value(node)
         if (
             tensor is not None
             and tensor.data_type in _FLOAT_TYPES
@@ -297,11 +304,7 @@ _FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorPro
 
 def describe(model: onnx.ModelProto, size_bytes: int | None = None) -> dict[str, Any]:
     """What ``slimfleet inspect`` shows: size, opset, io, op histogram, parameters."""
-    constants = [
-        t
-        for n in model.graph.node
-        if n.op_type == "Constant" and (t := _constant_tensor(n)) is not None
-    ]
+    constants = [t for n in model.graph.node if (t := constant_value(n)) is not None]
     histogram = Counter(
         f"{n.domain}.{n.op_type}" if n.domain else n.op_type for n in model.graph.node
     )

@@ -8,8 +8,8 @@ import onnx
 import pytest
 
 from slimfleet.agent.errors import SlimfleetError
+from slimfleet.host.compress.modelfile import opset
 from slimfleet.plugins.normalize import Normalize, upgrade_opset
-from slimfleet.plugins.onnxgraph import opset_of
 
 
 def test_registers_through_the_hook(plugins):
@@ -34,7 +34,7 @@ def test_moves_constant_weights_to_initializers_losslessly(context, helpers):
 def test_upgrades_the_opset_on_request(context, helpers):
     model = models.conv_bn_net(opset=12)
     result = Normalize().apply(model, context(), Normalize().resolve_options({"opset": "13"}))
-    assert opset_of(result.model) == 13
+    assert opset(result.model) == 13
     assert result.model.ir_version >= 7
     assert "opset 12 -> 13" in result.notes
     feed = helpers.feeds(model, 1)[0]
@@ -58,16 +58,16 @@ def test_lower_target_opset_is_kept(context):
     result = Normalize().apply(
         models.mlp(opset=13), context(), Normalize().resolve_options({"opset": 11})
     )
-    assert opset_of(result.model) == 13
+    assert opset(result.model) == 13
     assert "opset 13 kept" in result.notes
 
 
 def test_upgrade_opset_returns_a_converted_copy():
     model = models.conv_bn_net(opset=12)
     upgraded = upgrade_opset(model, 14)
-    assert (opset_of(model), opset_of(upgraded)) == (12, 14)
+    assert (opset(model), opset(upgraded)) == (12, 14)
     same = upgrade_opset(upgraded, 13)
-    assert opset_of(same) == 14 and same is not upgraded
+    assert opset(same) == 14 and same is not upgraded
 
 
 def test_upgrade_opset_beyond_onnx_is_one_clear_error():

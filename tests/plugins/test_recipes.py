@@ -6,11 +6,11 @@ import models
 import numpy as np
 import onnx
 
+from slimfleet.host.compress.modelfile import opset
 from slimfleet.host.passes import PassContext
 from slimfleet.host.plugins import Plugins
 from slimfleet.host.recipes import Recipe
 from slimfleet.plugins.normalize import upgrade_opset
-from slimfleet.plugins.onnxgraph import opset_of
 
 PASS_MODULES = (
     "normalize",
@@ -35,7 +35,7 @@ def run_recipe(
     for step in recipe.steps:
         pass_ = plugins.passes.get(step.pass_name)
         options = pass_.resolve_options(step.options)
-        if pass_.min_opset(options) > opset_of(model):
+        if pass_.min_opset(options) > opset(model):
             model = upgrade_opset(model, pass_.min_opset(options))
         reason = pass_.check(model, context, options)
         if reason:
@@ -96,7 +96,7 @@ def test_combined_recipe_mixes_qdq_and_dynamic_int8_that_onnxruntime_runs(
     counts = helpers.ops(out)
     assert counts["QuantizeLinear"] > 0 and counts["MatMulInteger"] == 1
     assert notes[-1].startswith("quantize_dynamic: quantized 1 Gemm")
-    assert opset_of(out) == 13
+    assert opset(out) == 13
     for feed in helpers.feeds(model, 3, seed=9):
         assert helpers.cosine(helpers.run(out, feed)[0], helpers.run(model, feed)[0]) > 0.98
 

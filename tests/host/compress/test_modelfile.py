@@ -116,6 +116,25 @@ def test_scalar_constants_are_not_weights():
 
 def test_opset_of_a_model():
     assert modelfile.opset(models.mlp(opset=12)) == 12
+    ml_only = models.mlp()
+    ml_only.opset_import[0].domain = "ai.onnx.ml"
+    assert modelfile.opset(ml_only) == 0 and not modelfile.imports_default_domain(ml_only)
+
+
+def test_constant_value_reads_every_dense_form():
+    def constant(**attribute):
+        return helper.make_node("Constant", [], ["c"], **attribute)
+
+    tensor = helper.make_tensor("t", TensorProto.FLOAT, [2], [1.0, 2.0])
+    assert modelfile.constant_value(constant(value=tensor)) is not None
+    assert modelfile.constant_value(constant(value_float=1.5)).data_type == TensorProto.FLOAT
+    ints = modelfile.constant_value(constant(value_ints=[1, 2, 3]))
+    assert ints.data_type == TensorProto.INT64 and list(ints.dims) == [3]
+    assert modelfile.constant_value(constant(value_string="a")) is None
+    assert modelfile.constant_value(helper.make_node("Relu", ["x"], ["y"])) is None
+    custom = constant(value=tensor)
+    custom.domain = "com.example"
+    assert modelfile.constant_value(custom) is None
 
 
 def test_load_reads_a_path_given_as_text(save_model):
