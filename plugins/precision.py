@@ -32,7 +32,7 @@ end runs in float (its filterbank MatMul too) and the network after the Log in i
 
 from __future__ import annotations
 
-from collections.abc import Container, Sequence
+from collections.abc import Collection, Container, Sequence
 
 import numpy as np
 import onnx
@@ -80,12 +80,16 @@ def cancelling_nodes(
     calibration: Sequence[Feed],
     threads: int = 1,
     memory: int | None = None,
+    rounded: Collection[str] | None = None,
 ) -> list[onnx.NodeProto]:
     """The main graph's Sub and Add nodes of two computed float inputs whose largest
     magnitude is :data:`CANCELLATION` times their output's or more on one of the first
     :data:`SAMPLES` calibration samples (a sample it cancels on is a sample it gets
-    wrong). None in a model with subgraphs, whose readers this does
-    not see, or without calibration samples. The inputs and outputs read are fetched in
+    wrong). With ``rounded`` (the tensors a quantized model rounds), only differences
+    whose :func:`cancellation_regions` hold one of them are measured: the others' terms
+    stay float anyway (their ops were left out, or their tensors are integers). None in
+    a model with subgraphs, whose readers this does not see, or without calibration
+    samples. The inputs and outputs read are fetched in
     groups whose estimated size stays within a batch of ``memory`` (the search's limit
     for one child; see :func:`~slimfleet.host.compress.planning.batch_bytes`), one float
     run per sample and group."""
@@ -99,6 +103,9 @@ def cancelling_nodes(
         and not any(name in constant for name in node.input)
         and node.input[0] != node.input[1]
     ]
+    if rounded is not None:
+        regions = cancellation_regions(model, candidates)
+        candidates = [n for n, r in zip(candidates, regions, strict=True) if r & set(rounded)]
     if not candidates or not calibration or has_subgraphs(model):
         return []
     tapped = list(dict.fromkeys(t for n in candidates for t in (*n.input, n.output[0])))

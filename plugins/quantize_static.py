@@ -291,7 +291,10 @@ def _keep_precision(
         ]
     notes = []
     try:
-        cancelling = cancelling_nodes(model, context.calibration, context.threads, context.memory)
+        rounded = {n.input[0] for n in quantized.graph.node if n.op_type == "QuantizeLinear"}
+        cancelling = cancelling_nodes(
+            model, context.calibration, context.threads, context.memory, rounded
+        )
     except Exception as exc:  # onnxruntime on the model with more outputs: whatever it raises
         notes.append(f"cancelling differences not measured: {error_line(exc)}")
         cancelling = []

@@ -182,6 +182,20 @@ def test_magnitudes_read_in_groups_under_a_memory_limit_find_the_same_nodes(monk
     assert one_run == 1 and len(runs) - one_run > 5
 
 
+def test_differences_whose_terms_stay_float_are_not_measured(monkeypatch):
+    """Given what the quantized model rounds, a difference none of whose region is
+    rounded (its ops left out of static int8) costs no float run."""
+    from slimfleet.plugins import precision
+
+    model, feeds = models.moments_layer_norm(), models.row_feeds(4, seed=1)
+    runs = []
+    real = precision.open_session
+    monkeypatch.setattr(precision, "open_session", lambda *a: runs.append(1) or real(*a))
+    assert cancelling_nodes(model, feeds, rounded={"h"}) == [] and runs == []
+    found = cancelling_nodes(model, feeds, rounded=set(VARIANCE_TERMS))
+    assert [n.name for n in found] == ["ln_variance"] and len(runs) == 1
+
+
 def test_a_mask_of_infinities_is_not_a_cancellation():
     """scores + mask, the mask holding -inf: the output's finite values are the scores'."""
     model = _graph(
