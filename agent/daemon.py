@@ -75,6 +75,9 @@ __all__ = ["Agent", "Timing", "main"]
 log = logging.getLogger(__name__)
 
 REVOCATIONS_FILE = "revoked.json"  # in the store: the revocation list, kept across restarts
+LONGEST_WAIT_S = 3600.0
+"""The control thread wakes at least this often: a desired state expiring centuries
+from now (signed, so allowed) is waited for in steps, where one wait would overflow."""
 
 
 class Agent:
@@ -286,7 +289,9 @@ class Agent:
         attempt, retry_at = 0, None
         while not self._stop.is_set():
             wake_at = [t for t in (retry_at, expiry_deadline(self._followed())) if t is not None]
-            timeout = max(0.0, min(wake_at) - time.monotonic()) if wake_at else None
+            timeout = None
+            if wake_at:  # a retry is at most minutes away; an expiry may be centuries
+                timeout = min(max(0.0, min(wake_at) - time.monotonic()), LONGEST_WAIT_S)
             woken = self._wake.wait(timeout)
             self._wake.clear()
             with self._lock:

@@ -83,6 +83,9 @@ class Topics:
 
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+MAX_VERSION = 2**63 - 1
+"""Versions fit a signed 64-bit integer (19 digits): a version names a folder and is a
+JSON number every client reads exactly."""
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 
 
@@ -95,6 +98,15 @@ def check_name(name: str) -> str:
             "starting with a letter, digit or '_'"
         )
     return name
+
+
+def check_version(version: object) -> int:
+    """A model version: an integer from 1 to :data:`MAX_VERSION` (ValueError otherwise)."""
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise ValueError(f"model version must be an integer, got {version!r}")
+    if not 1 <= version <= MAX_VERSION:
+        raise ValueError(f"model version must be from 1 to {MAX_VERSION}, got {version}")
+    return version
 
 
 def finite(value: Any) -> bool:
@@ -160,10 +172,7 @@ class ModelRef:
 
     def __post_init__(self) -> None:
         check_name(self.name)
-        if isinstance(self.version, bool) or not isinstance(self.version, int):
-            raise ValueError(f"model version must be an integer, got {self.version!r}")
-        if self.version < 1:
-            raise ValueError(f"model version must be >= 1, got {self.version}")
+        check_version(self.version)
 
     def __str__(self) -> str:
         return f"{self.name}@{self.version}"
@@ -296,7 +305,7 @@ class Manifest:
                 raise VerifyError(f"manifest field 'chunks[{i}]' must be 64 lowercase hex digits")
         if not isinstance(doc.get("report", {}), dict):
             raise VerifyError("manifest field 'report' must be a mapping")
-        if doc["version"] < 1 or doc["size"] < 0 or doc["chunk_size"] < 1:
+        if not 1 <= doc["version"] <= MAX_VERSION or doc["size"] < 0 or doc["chunk_size"] < 1:
             raise VerifyError("manifest version, size or chunk_size out of range")
         expected_chunks = max(1, -(-doc["size"] // doc["chunk_size"]))
         if len(doc["chunks"]) != expected_chunks:

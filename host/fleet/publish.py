@@ -23,6 +23,9 @@ from slimfleet.agent.wire import (
     make_manifest,
     parse_json,
 )
+from slimfleet.agent.wire import (
+    check_version as check_wire_version,
+)
 from slimfleet.host.fleet.artifact import load_artifact, make_smoke
 from slimfleet.host.fleet.config import FleetConfig
 from slimfleet.host.fleet.mqttio import BrokerLink, Progress
@@ -53,9 +56,12 @@ class PublishResult:
 
 
 def check_version(version: object) -> int:
-    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-        raise InputError(f"version must be an integer >= 1, got {version!r}")
-    return version
+    """``version`` as :func:`~slimfleet.agent.wire.check_version` allows it, else an
+    InputError."""
+    try:
+        return check_wire_version(version)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
 
 
 def _check_name(name: str) -> str:

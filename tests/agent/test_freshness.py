@@ -158,6 +158,17 @@ def test_a_served_desired_state_that_expires_becomes_stale_within_its_period(age
     watcher.wait("state", lambda s: outcome(s) == (4, "serving") and s["status"] == "serving")
 
 
+def test_a_desired_state_expiring_centuries_away_is_followed_and_so_is_the_next(
+    agent, rig, watcher
+):
+    """A signed ttl beyond what one thread wait can hold (~292 years) once killed the
+    control thread: the agent waits in steps instead."""
+    rig.deploy({"main": "m@1"}, ttl_s=1e12, rollback=True)  # seq 3
+    watcher.wait("state", lambda s: outcome(s) == (3, "serving"))
+    rig.assign(2)
+    watcher.wait("state", lambda s: outcome(s) == (4, "serving") and s["status"] == "serving")
+
+
 # -- the floor survives corrupt or wiped files --------------------------------------------
 
 

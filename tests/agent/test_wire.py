@@ -189,7 +189,8 @@ def test_desired_state_round_trip():
         ({"deployment": {"Det": {"models": [{"name": "a", "version": 1}]}}}, "invalid slot"),
         ({"deployment": {"det": {"models": []}}}, "expected 1 to"),
         ({"deployment": {"det": {"models": [{"name": "a/b", "version": 1}]}}}, "invalid name"),
-        ({"deployment": {"det": {"models": [{"name": "a", "version": 0}]}}}, ">= 1"),
+        ({"deployment": {"det": {"models": [{"name": "a", "version": 0}]}}}, "from 1 to"),
+        ({"deployment": {"det": {"models": [{"name": "a", "version": 2**63}]}}}, "from 1 to"),
         (
             {"deployment": {"d": {"models": [{"name": "a", "version": 1}] * 2}}},
             "named twice",

@@ -45,7 +45,10 @@ def test_reads_slots_tiers_gate_and_remote() -> None:
     ("change", "error"),
     [
         (("ocr-det@3", "ocr-det"), "f.yaml:3: slots.det.models[0]: expected name@version"),
-        (("ocr-det@3", "ocr-det@0"), "f.yaml:3: slots.det.models[0]: model version must be >= 1"),
+        (
+            ("ocr-det@3", "ocr-det@0"),
+            "f.yaml:3: slots.det.models[0]: model version must be from 1 to 9223372036854775807, got 0",
+        ),
         (('"http://ocr', '"ftp://ocr'), "f.yaml:7: slots.rec.remote.url: expected an http(s) URL"),
         (
             ('"http://ocr', '"http://[::1'),

@@ -116,7 +116,10 @@ def test_bad_input_exits_2(fleet_file: Path, outdir: Path, tmp_path: Path) -> No
 
     result = slimfleet("publish", outdir, "--name", "n", "--version", "0", "--fleet", fleet_file)
     assert result.returncode == 2
-    assert one_line_error(result) == "error: version must be an integer >= 1, got 0"
+    assert (
+        one_line_error(result)
+        == "error: model version must be from 1 to 9223372036854775807, got 0"
+    )
 
     no_keys = tmp_path / "nokeys" / "fleet.yaml"
     no_keys.parent.mkdir()
