@@ -211,11 +211,13 @@ class RecipeBuilding:
             reason = f"{pass_.name}: min_opset raised {_one_line(exc)}"
             records.append(StepRecord(pass_.name, options, "failed", reason))
             raise StepFailed(reason) from None
-        if needed > model.opset and not imports_default_domain(self.model):
+        # every model meets opset 1 (the default), an ai.onnx.ml-only one (opset 0) too
+        upgrade = needed > max(model.opset, 1)
+        if upgrade and not imports_default_domain(self.model):
             reason = "the model has no ai.onnx operators to upgrade (only other domains)"
             records.append(StepRecord(pass_.name, options, "skipped", reason))
             return model
-        if needed > model.opset:
+        if upgrade:
             model = self._upgrade(model, needed, pass_.name, records, context)
         return self._run_pass(pass_, model, options, records, context)
 
