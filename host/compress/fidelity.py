@@ -104,11 +104,22 @@ def _settled(p: float, n: int, budget: float) -> bool:
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    """Cosine similarity times the smaller norm over the larger: an output scaled by 0.65
+    (an fp16 weight clamped at 65504) or a scalar of the same sign is not "cosine 1",
+    and the same direction at the same length still is."""
     a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
     na, nb = np.linalg.norm(a), np.linalg.norm(b)
     if na == 0 or nb == 0:
         return 1.0 if na == nb else 0.0
-    return float(np.dot(a, b) / (na * nb))
+    return float(np.dot(a, b) / (na * nb) * min(na, nb) / max(na, nb))
+
+
+def _evidence(reference: np.ndarray) -> bool:
+    """A sample judges an output when the original gives it a value to compare: not an
+    empty tensor (a zero-sized dimension in the data), not all NaN or Inf."""
+    return reference.size > 0 and (
+        reference.dtype.kind != "f" or bool(np.isfinite(reference).any())
+    )
 
 
 def ctc_decode(steps: np.ndarray, blank: int) -> list[int]:
@@ -143,8 +154,10 @@ def _units(spec: MetricSpec, ref: np.ndarray, got: np.ndarray) -> tuple[list[flo
     kind = spec.kind
     if kind == "exact":
         return [float(np.array_equal(ref, got))], []
-    if kind == "top1":
-        return list((as_rows(ref).argmax(-1) == as_rows(got).argmax(-1)).astype(float)), []
+    if kind == "top1":  # rows the original scores NaN or Inf in judge nothing
+        rows, theirs = as_rows(ref), as_rows(got)
+        whole = np.isfinite(rows).all(-1)
+        return list((rows[whole].argmax(-1) == theirs[whole].argmax(-1)).astype(float)), []
     if kind in ("ctc", "steps"):
         axis = spec.option("batch_axis") or 0
         units, steps = [], []
@@ -206,6 +219,8 @@ def score_output(
             )
         if got.dtype.kind == "f" and not np.isfinite(got[np.isfinite(ref)]).all():
             return f"output {name!r} contains NaN or Inf (sample {i})"
+    judged = [i for i, ref in enumerate(reference) if _evidence(ref)]
+    reference, candidate = [reference[i] for i in judged], [candidate[i] for i in judged]
     units: list[float] = []
     steps: list[float] = []
     try:
@@ -215,11 +230,16 @@ def score_output(
             steps += sample_steps
     except (SlimfleetError, ValueError, IndexError) as exc:
         raise InputError(f"--metric {name}={spec.label()}: {exc}") from None
+    if not units:  # a score of nothing would read 1.0
+        raise InputError(
+            f"output {name!r}: the original gives it no value to compare on any sample (empty, "
+            f"or all NaN or Inf): check the data, or leave it out with --metric {name}=ignore"
+        )
     scores = np.asarray(units, dtype=np.float64)
     result = OutputFidelity(
         name,
         spec.label(),
-        float(scores.mean()) if scores.size else 1.0,
+        float(scores.mean()),
         samples=int(scores.size),
         detected=not spec.given,
         step_agreement=float(np.mean(steps)) if steps else None,

@@ -32,7 +32,9 @@ Each output of a model gets a task metric, detected from its dtype, shape and va
 ``binary`` (option ``threshold``)
     single probabilities (a wake word, a yes/no head): share of decisions that agree.
 ``cosine``
-    embeddings, features, boxes and anything else float: mean cosine similarity per sample.
+    embeddings, features, boxes and anything else float: per sample, the cosine
+    similarity times the smaller norm over the larger (an output scaled by 0.65 scores
+    0.65, not 1; a scalar is judged by its size, not only its sign); the mean over samples.
 ``exact``
     integer and bool outputs: share of samples whose output is identical.
 ``ignore``

@@ -169,6 +169,42 @@ def test_embeddings_by_cosine_with_a_bootstrap_interval():
     assert low < out.score < high and low > 0.99 and high <= 1.0
 
 
+def test_a_scaled_output_is_not_the_same_output():
+    """Cosine alone scores y * 0.65 (an fp16 weight clamped at 65504) and a scalar of the
+    same sign as 1.0; the score is cosine times the ratio of the norms."""
+    ref = [_outs(e=RNG.normal(size=(1, 384)).astype(np.float32)) for _ in range(5)]
+    (out,) = compare(ref, [_outs(e=r["e"] * 0.65) for r in ref]).outputs
+    assert out.metric == "cosine" and out.score == pytest.approx(0.65)
+    scalars = [_outs(s=np.float32(v)) for v in (2.0, 3.0, 4.0)]
+    (out,) = compare(scalars, [_outs(s=r["s"] * 2) for r in scalars]).outputs
+    assert out.score == pytest.approx(0.5)
+    (out,) = compare(ref, ref).outputs
+    assert out.score == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(
+    "values",
+    [np.zeros((1, 0, 8), np.float32), np.full((1, 8), np.nan, np.float32), np.zeros((0,), int)],
+)
+def test_an_output_no_sample_gives_a_value_is_bad_data_not_a_perfect_score(values):
+    """Empty tensors (a zero-sized dimension in the data) or all NaN: nothing to compare."""
+    ref = [_outs(y=values) for _ in range(3)]
+    with pytest.raises(InputError, match="no value to compare on any sample"):
+        compare(ref, ref)
+
+
+def test_samples_and_rows_the_original_scores_nan_in_judge_nothing():
+    good = RNG.normal(size=(2, 10)).astype(np.float32)
+    flipped = good.copy()
+    flipped[1] = -flipped[1]
+    nan_row = good.copy()
+    nan_row[1] = np.nan
+    ref = [_outs(y=good), _outs(y=nan_row), _outs(y=np.full((2, 10), np.nan, np.float32))]
+    got = [_outs(y=good), _outs(y=flipped), _outs(y=good)]
+    (out,) = compare(ref, got, {"y": MetricSpec("top1", given=True)}).outputs
+    assert (out.score, out.samples) == (1.0, 3)  # two rows of sample 0, one of sample 1
+
+
 def test_integer_outputs_match_exactly_per_sample():
     ref = [_outs(ids=np.array([[1, 2, 3, 4]])), _outs(ids=np.array([[5, 6, 7, 8]]))]
     got = [_outs(ids=np.array([[1, 2, 0, 4]])), _outs(ids=np.array([[5, 6, 7, 8]]))]
