@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import traceback
 
@@ -13,6 +14,25 @@ from slimfleet.agent.errors import SlimfleetError
 
 DEBUG_ENV = "SLIMFLEET_DEBUG"
 EXIT_INTERNAL = 70  # sysexits EX_SOFTWARE: a bug in slimfleet, please report it
+EXIT_TERMINATED = 128 + signal.SIGTERM
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM taken like Ctrl-C (see :func:`interrupt_on_sigterm`): what the command was
+    running unwinds, and the processes it started are taken down with it."""
+
+
+def interrupt_on_sigterm() -> None:
+    """Raise :class:`Terminated` in the main thread on SIGTERM (a service stop, ``timeout``
+    in CI), where Python's default would end the process at once and leave a child it
+    supervises (a compress evaluation worker, which leads its own session) running on with
+    no time or memory limit. Commands that stop between steps of their own
+    (``stopsignals``) replace it while they run."""
+    signal.signal(signal.SIGTERM, _raise_terminated)
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated()
 
 
 def run_cli(command: click.Command, prog_name: str) -> None:
@@ -32,11 +52,11 @@ def run_cli(command: click.Command, prog_name: str) -> None:
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
-    except click.Abort:
-        click.echo("aborted", err=True)
-        sys.exit(130)
-    except KeyboardInterrupt:
-        click.echo("interrupted", err=True)
+    except (click.Abort, KeyboardInterrupt) as exc:  # click turns Ctrl-C into Abort
+        if isinstance(exc, Terminated) or isinstance(exc.__cause__, Terminated):
+            click.echo("terminated", err=True)
+            sys.exit(EXIT_TERMINATED)
+        click.echo("aborted" if isinstance(exc, click.Abort) else "interrupted", err=True)
         sys.exit(130)
     except SlimfleetError as exc:
         click.echo(f"error: {exc}", err=True)

@@ -3,7 +3,7 @@ import logging
 import click
 import pytest
 
-from slimfleet.agent.cli_runner import EXIT_INTERNAL, run_cli, setup_logging
+from slimfleet.agent.cli_runner import EXIT_INTERNAL, Terminated, run_cli, setup_logging
 from slimfleet.agent.errors import ConfigError, SlimfleetError
 
 
@@ -24,6 +24,7 @@ def _command(exc: BaseException | None):
         (SlimfleetError("broker unreachable"), 1, "error: broker unreachable\n"),
         (ConfigError("f.yaml:3: bad"), 2, "error: f.yaml:3: bad\n"),
         (KeyboardInterrupt(), 130, "aborted\n"),  # click turns Ctrl-C into Abort
+        (Terminated(), 143, "terminated\n"),  # SIGTERM, see interrupt_on_sigterm
         (click.UsageError("no such option"), 2, "error: no such option (see 'prog -h')\n"),
         (click.exceptions.Exit(1), 1, ""),  # raise Exit(1) / ctx.exit(1): was exit 0
         (click.exceptions.Exit(0), 0, ""),

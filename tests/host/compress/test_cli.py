@@ -198,3 +198,39 @@ def test_the_console_script_runs_the_whole_search(tmp_path, save_model):
     assert "Traceback" not in proc.stderr
     # .ses: written at interpreter start-up by this machine's sandboxing, not by slimfleet
     assert [p.name for p in scratch.iterdir() if p.name != ".ses"] == []
+
+
+def test_sigterm_takes_the_evaluation_worker_down(tmp_path):
+    """The worker leads its own session, so a SIGTERM to ``slimfleet`` alone once left it
+    running on, reparented, with no time or memory limit."""
+    import signal
+    import time
+
+    import psutil
+    from oip_rig import matmul_chain
+
+    from slimfleet.host.compress.evaluate import WORKER_MODULE
+
+    model = tmp_path / "slow.onnx"
+    model.write_bytes(matmul_chain(width=1024, depth=32, rows=256))  # about a second a run
+    script = Path(sys.executable).with_name("slimfleet")
+    proc = subprocess.Popen(
+        [str(script), "compress", str(model), "-o", str(tmp_path / "out"), "--quick"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline, workers = time.monotonic() + 60, []
+    while not workers and time.monotonic() < deadline and proc.poll() is None:
+        workers = [
+            p
+            for p in psutil.Process(proc.pid).children(recursive=True)
+            if WORKER_MODULE in " ".join(p.cmdline())
+        ]
+        time.sleep(0.05)
+    assert workers, "no evaluation worker started"
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 143 and stderr.strip().endswith("terminated")
+    _, alive = psutil.wait_procs(workers, timeout=10)
+    assert not alive, f"worker {alive[0].pid} outlived slimfleet"
