@@ -72,7 +72,13 @@ class BrokerSettings:
                 "or password_env"
             )
         tls = parts.scheme == "mqtts"
-        return cls(parts.hostname, parts.port or (8883 if tls else 1883), tls, **kwargs)  # type: ignore[arg-type]
+        try:
+            port = parts.port
+        except ValueError:  # beyond 65535, or not a number
+            port = 0
+        if port == 0:
+            raise ValueError(f"broker URL {url!r}: the port must be 1 to 65535")
+        return cls(parts.hostname, port or (8883 if tls else 1883), tls, **kwargs)  # type: ignore[arg-type]
 
     @classmethod
     def from_node(cls, node: Node, base_dir: Path) -> BrokerSettings:
@@ -193,7 +199,7 @@ def read_secret(path: Path) -> str:
     except FileNotFoundError:
         raise ValueError(f"password file {path} does not exist") from None
     except OSError as exc:
-        raise ValueError(f"cannot read password file {path}: {exc.strerror}") from None
+        raise ValueError(f"cannot read password file {path}: {exc.strerror or exc}") from None
     except FileTooLarge:
         raise ValueError(f"{path} is over {MAX_SECRET_BYTES} bytes: not a password file") from None
     except ValueError as exc:  # not a regular file

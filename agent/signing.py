@@ -63,7 +63,9 @@ def read_trust_file(path: Path | str) -> bytes:
     return read_bounded(path, MAX_TRUST_FILE_BYTES)
 
 
-def _read_key(path: Path, what: str) -> bytes:
+def read_pem(path: Path, what: str) -> bytes:
+    """The bytes of a key or certificate file at ``path`` (at most
+    :data:`MAX_TRUST_FILE_BYTES`); an InputError naming ``what`` and why otherwise."""
     try:
         return read_trust_file(path)
     except OSError as exc:
@@ -77,7 +79,7 @@ def _read_key(path: Path, what: str) -> bytes:
 
 
 def load_private_key(path: Path) -> Ed25519PrivateKey:
-    data = _read_key(path, "signing key")
+    data = read_pem(path, "signing key")
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError):
@@ -90,7 +92,7 @@ def load_private_key(path: Path) -> Ed25519PrivateKey:
 
 
 def load_public_key(path: Path) -> Ed25519PublicKey:
-    data = _read_key(path, "public key")
+    data = read_pem(path, "public key")
     try:
         key = serialization.load_pem_public_key(data)
     except ValueError:

@@ -17,18 +17,30 @@ from slimfleet.agent.errors import InputError
 _DURATION = re.compile(r"\s*([0-9]*\.?[0-9]+)\s*(ms|s|min|m|h|d|w)?\s*")
 _SECONDS = {"ms": 0.001, "s": 1.0, "min": 60.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _SECONDS["w"] = 7 * _SECONDS["d"]
+MAX_DURATION_S = 10 * 365.25 * _SECONDS["d"]
+"""Durations beyond ten years are typing mistakes, and beyond about 292 years they
+overflow the clocks and waits they reach (a ttl, a soak, a timeout)."""
 
 
-def parse_duration(text: object, what: str, *, maximum: float | None = None) -> float:
-    """Seconds (> 0, and <= ``maximum`` when given) from ``text``; an InputError that names
-    ``what`` (the option) and the text otherwise."""
+def parse_duration(text: object, what: str, *, maximum: float = MAX_DURATION_S) -> float:
+    """Seconds (> 0 and <= ``maximum``) from ``text``; an InputError that names ``what``
+    (the option) and the text otherwise."""
     match = _DURATION.fullmatch(str(text).lower())
     if match is None or float(match[1]) <= 0:
         raise InputError(f"{what} {text!r}: expected a duration such as 90s, 5m, 2h or 7d")
     seconds = float(match[1]) * _SECONDS[match[2] or "s"]
-    if maximum is not None and seconds > maximum:
-        raise InputError(f"{what} {text!r}: at most {maximum:g} seconds")
+    if seconds > maximum:
+        raise InputError(f"{what} {text!r}: at most {show_duration(maximum)}")
     return seconds
+
+
+def show_duration(seconds: float) -> str:
+    """``3652.5d``, ``2h``, ``90s``: in the largest of days, hours, minutes and seconds
+    that is at most ``seconds``."""
+    for unit in ("d", "h", "m", "s"):
+        if seconds >= _SECONDS[unit] or unit == "s":
+            return f"{seconds / _SECONDS[unit]:g}{unit}"
+    raise AssertionError("unreachable")
 
 
 class Duration(click.ParamType):
@@ -36,7 +48,7 @@ class Duration(click.ParamType):
 
     name = "duration"
 
-    def __init__(self, maximum: float | None = None, minimum: float = 0.0) -> None:
+    def __init__(self, maximum: float = MAX_DURATION_S, minimum: float = 0.0) -> None:
         self.maximum, self.minimum = maximum, minimum
 
     def convert(self, value: Any, param: Any, ctx: Any) -> float:
@@ -44,12 +56,18 @@ class Duration(click.ParamType):
             seconds = float(value)
         else:
             try:
-                seconds = parse_duration(value, param.opts[0] if param else "duration")
+                seconds = parse_duration(
+                    value, param.opts[0] if param else "duration", maximum=math.inf
+                )
             except InputError as exc:
                 self.fail(str(exc), param, ctx)
-        if seconds < self.minimum or (self.maximum is not None and seconds > self.maximum):
-            upper = f" and {self.maximum:g}s" if self.maximum is not None else ""
-            self.fail(f"must be between {self.minimum:g}s{upper}, got {value!r}", param, ctx)
+        if not self.minimum <= seconds <= self.maximum:
+            self.fail(
+                f"must be between {show_duration(self.minimum)} and "
+                f"{show_duration(self.maximum)}, got {value!r}",
+                param,
+                ctx,
+            )
         return seconds
 
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import click
 
+from slimfleet.agent.config import MAX_THREADS
 from slimfleet.host.compress import outdir
 from slimfleet.host.compress.data import parse_input_shape, show_shape
 from slimfleet.host.compress.evaluate import EvalSettings
@@ -77,10 +78,11 @@ class _OutputDir(click.Path):
 )
 @click.option(
     "--threads",
-    type=click.IntRange(min=1),
+    type=click.IntRange(1, MAX_THREADS),
     default=1,
     show_default=True,
-    help="onnxruntime intra-op threads when measuring (match the device).",
+    help="onnxruntime intra-op threads when measuring (match the device; more than this "
+    "machine's CPUs measures contention, not the model).",
 )
 @click.option(
     "--input-shape",

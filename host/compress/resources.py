@@ -127,9 +127,17 @@ def format_bytes(value: float) -> str:
     raise AssertionError("unreachable")
 
 
+MAX_BYTES = 1024**5
+"""Sizes above 1 PiB are typing mistakes (and overflow the kernel's address-space limit)."""
+
+
 def parse_bytes(text: str, option: str = "--max-memory") -> int:
-    """``"4GiB"``, ``"4G"``, ``"512MiB"``, ``"1.5g"`` or plain bytes -> bytes (powers of 1024)."""
+    """``"4GiB"``, ``"4G"``, ``"512MiB"``, ``"1.5g"`` or plain bytes -> bytes (powers of
+    1024), at most :data:`MAX_BYTES`."""
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?b)?\s*", text.lower())
     if not match or float(match[1]) <= 0:
         raise InputError(f"{option} {text!r}: expected a size such as 4GiB, 512MiB or 2G")
-    return int(float(match[1]) * _UNITS[match[2]])
+    size = float(match[1]) * _UNITS[match[2]]
+    if size > MAX_BYTES:
+        raise InputError(f"{option} {text!r}: at most 1 PiB")
+    return int(size)

@@ -63,6 +63,11 @@ def _prepare(workdir: Path, force: bool) -> None:
                 f"{workdir} is not empty and is not a previous demo's output (--force deletes it)",
                 param_hint="--workdir",
             )
+        if workdir.is_symlink():
+            raise click.BadParameter(
+                f"{workdir} is a symbolic link: not deleting where it points; name a folder",
+                param_hint="--workdir",
+            )
         resolved = workdir.resolve()
         for keep in (Path.cwd().resolve(), Path.home().resolve()):
             if keep == resolved or resolved in keep.parents:

@@ -23,7 +23,9 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import ipaddress
 import os
+import re
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +38,7 @@ from slimfleet.host.fleet.config import FleetConfig, Identities
 READ, WRITE, READWRITE = "read", "write", "readwrite"
 DEVICE, HOST, MONITOR = "device", "host", "monitor"
 DEVICE_WRITES = ("state", "status", "telemetry", "events")
+_HOST_LABEL = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
 # mosquitto_passwd's defaults for "$7$" hashes: PBKDF2-HMAC-SHA512, 12-byte salt.
 PBKDF2_ITERATIONS = 101
 SALT_BYTES = 12
@@ -248,6 +251,28 @@ class AclBundle:
         }
 
 
+def check_host(text: str, what: str) -> str:
+    """``text`` when it is an IP address or a host name (dot-separated labels of letters,
+    digits, ``-`` and ``_``, at most 253 characters); an InputError naming ``what``
+    otherwise. What lands in mosquitto.conf or a certificate must be one token: a
+    newline in ``--bind`` once wrote a second directive into the config."""
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        pass
+    labels = text.rstrip(".").split(".")
+    if not 0 < len(text) <= 253 or not all(_HOST_LABEL.fullmatch(label) for label in labels):
+        raise InputError(f"{what} {text!r}: not an IP address or host name")
+    return text
+
+
+def check_port(port: int, what: str) -> int:
+    """A TCP port from 1 to 65535, else an InputError naming ``what``."""
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise InputError(f"{what} {port!r}: a port is 1 to 65535")
+    return port
+
+
 def write_acl_bundle(
     fleet: FleetConfig,
     out: Path,
@@ -258,6 +283,9 @@ def write_acl_bundle(
     tls: TlsFiles | None = None,
 ) -> AclBundle:
     """Write the ACL, both password files (mode 0600) and mosquitto.conf into ``out``."""
+    check_port(device_port, "--device-port")
+    check_port(host_port, "--host-port")
+    check_host(bind, "--bind")
     if device_port == host_port:
         raise InputError("the device and host listeners need different ports")
     identities = require_identities(fleet)

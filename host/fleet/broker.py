@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +79,8 @@ class EmbeddedBroker:
             raise SlimfleetError("the embedded broker is already running")
         self._started.clear()
         self._error = None
+        if not log.isEnabledFor(logging.DEBUG):  # its failures are ours to say, in one line
+            logging.getLogger("amqtt").setLevel(logging.CRITICAL)
         self._thread = threading.Thread(target=self._run, name="amqtt-broker", daemon=True)
         self._thread.start()
         if not self._started.wait(timeout):
@@ -129,10 +132,16 @@ class EmbeddedBroker:
 
 
 def run_broker(
-    host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, policy: BrokerPolicy | None = None
+    host: str = DEFAULT_HOST,
+    port: int = DEFAULT_PORT,
+    policy: BrokerPolicy | None = None,
+    ready: Callable[[str], None] | None = None,
 ) -> None:
-    """Run the embedded broker in the foreground until SIGINT (Ctrl-C) or SIGTERM."""
-    with stop_signals() as stop, EmbeddedBroker(host, port, policy):
+    """Run the embedded broker in the foreground until SIGINT (Ctrl-C) or SIGTERM;
+    ``ready`` is told its URL once clients can connect."""
+    with stop_signals() as stop, EmbeddedBroker(host, port, policy) as broker:
+        if ready is not None:
+            ready(broker.url)
         while not stop.wait(1.0):
             pass
 

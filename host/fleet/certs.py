@@ -26,10 +26,14 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from slimfleet.agent.errors import InputError
-from slimfleet.host.fleet.acl import write_secret
+from slimfleet.host.fleet.acl import check_host, write_secret
+from slimfleet.host.fleet.keys import MAX_CERT_LIFETIME_S
 
 CA_NAME, BROKER_NAME = "ca", "broker"
 DEFAULT_DAYS = 825
+MAX_DAYS = MAX_CERT_LIFETIME_S // 86400
+COMMON_NAME_LIMIT = 64
+"""X.509's upper bound on a common name; a client's is its MQTT username (its id)."""
 Issuer = tuple[x509.Certificate, ec.EllipticCurvePrivateKey]
 
 
@@ -127,8 +131,15 @@ def issue_certs(
     in ``folder``, keeping any that exist."""
     if not broker_hosts:
         raise InputError("name at least one broker host (--broker-host)")
-    if days < 1:
-        raise InputError(f"days must be >= 1, got {days}")
+    if not 1 <= days <= MAX_DAYS:
+        raise InputError(f"days must be 1 to {MAX_DAYS}, got {days}")
+    broker_hosts = [check_host(host, "--broker-host") for host in broker_hosts]
+    for name in (broker_hosts[0], *usernames):  # checked before anything is written
+        if len(name) > COMMON_NAME_LIMIT:
+            raise InputError(
+                f"{name[:20]}...: {len(name)} characters, and a certificate's common name "
+                f"holds at most {COMMON_NAME_LIMIT} (a client's is its username, its id)"
+            )
     clash = {CA_NAME, BROKER_NAME}.intersection(usernames)
     if clash:
         raise InputError(f"username {sorted(clash)[0]!r} clashes with the CA or broker files")

@@ -16,12 +16,15 @@ from typing import Any
 import click
 
 from slimfleet.agent.wire import DEFAULT_CHUNK_SIZE
+from slimfleet.host.fleet.acl import check_host
 from slimfleet.host.fleet.broker import DEFAULT_HOST, DEFAULT_PORT, broker_policy, run_broker
 from slimfleet.host.fleet.config import BROKER_ENV, DEFAULT_FLEET_FILE, load_fleet
 from slimfleet.host.fleet.mqttio import Progress
 from slimfleet.host.fleet.publish import publish_model
 from slimfleet.host.units import Duration, FiniteFloat
 
+PORT = click.IntRange(1, 65535)
+"""The type of a TCP port option."""
 MAX_TTL_S = 100 * 365.25 * 86400
 """The longest --ttl: an expiry past it is not a date anyone can read back."""
 
@@ -152,7 +155,13 @@ def publish(
 
 @click.command()
 @click.option("--host", default=DEFAULT_HOST, show_default=True, help="Address to listen on.")
-@click.option("--port", default=DEFAULT_PORT, show_default=True, type=int, help="TCP port.")
+@click.option(
+    "--port",
+    default=DEFAULT_PORT,
+    show_default=True,
+    type=PORT,
+    help="TCP port.",
+)
 @click.option(
     "--fleet",
     "fleet_path",
@@ -168,8 +177,11 @@ def broker(host: str, port: int, fleet_path: Path | None) -> None:
     """
     policy = broker_policy(fleet_path)
     mode = f"{len(policy.hashes)} identities" if policy else "anonymous"
-    click.echo(
-        f"embedded MQTT broker listening on mqtt://{host}:{port}, {mode} (Ctrl-C to stop)",
-        err=True,
+    run_broker(
+        check_host(host, "--host"),
+        port,
+        policy,
+        ready=lambda url: click.echo(
+            f"embedded MQTT broker listening on {url}, {mode} (Ctrl-C to stop)", err=True
+        ),
     )
-    run_broker(host, port, policy)

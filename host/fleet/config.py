@@ -48,10 +48,11 @@ from slimfleet.agent.signing import (
     key_id,
     load_private_key,
     load_public_key,
-    read_trust_file,
+    read_pem,
 )
 from slimfleet.agent.wire import Topics, check_name
 from slimfleet.host.fleet.rollout_policy import RolloutSettings
+from slimfleet.host.units import MAX_DURATION_S
 
 BROKER_ENV = "SLIMFLEET_BROKER"
 DEFAULT_FLEET_FILE = "fleet.yaml"
@@ -114,10 +115,7 @@ class FleetConfig:
         """The signing key's certificate, checked like devices check it; None if unset."""
         if self.certificate is None:
             return None
-        try:
-            payload = read_trust_file(self.certificate)
-        except (OSError, ValueError) as exc:
-            raise InputError(f"{self.certificate}: cannot read: {exc.strerror or exc}") from None
+        payload = read_pem(self.certificate, "certificate")
         try:
             cert = self.verifier().certificate(payload, str(self.certificate))
         except VerifyError as exc:
@@ -341,7 +339,11 @@ _ROLLOUT_KEYS = {
 
 def _with_deploy_settings(fleet: FleetConfig, root: Node) -> FleetConfig:
     ttl = root.get("desired_ttl_s")
-    desired_ttl_s = ttl.float(minimum=60.0) if ttl is not None else DEFAULT_DESIRED_TTL_S
+    desired_ttl_s = (
+        ttl.float(minimum=60.0, maximum=MAX_DURATION_S)
+        if ttl is not None
+        else DEFAULT_DESIRED_TTL_S
+    )
     node = root.get("rollouts")
     defaults, per_group = RolloutSettings(), {}
     if node is not None:

@@ -15,7 +15,7 @@ import click
 from slimfleet.agent.errors import InputError
 from slimfleet.agent.wire import check_name
 from slimfleet.host.fleet.catalog import format_catalog, read_catalog
-from slimfleet.host.fleet.cli import fleet_option, json_option
+from slimfleet.host.fleet.cli import PORT, fleet_option, json_option
 from slimfleet.host.fleet.config import FleetConfig, load_fleet
 from slimfleet.host.fleet.exporter import DEFAULT_MAX_DEVICES, DEFAULT_STALE_AFTER_S, run_exporter
 from slimfleet.host.fleet.reports import ReportError, decode, parse_event
@@ -173,7 +173,7 @@ def monitor(
 
 
 @click.command()
-@click.option("--port", type=click.IntRange(1, 65535), required=True, help="HTTP port.")
+@click.option("--port", type=PORT, required=True, help="HTTP port.")
 @click.option("--host", default="0.0.0.0", show_default=True, help="Address to listen on.")
 @click.option(
     "--share",

@@ -10,10 +10,14 @@ import math
 import statistics
 from dataclasses import dataclass, replace
 
+from slimfleet.host.units import MAX_DURATION_S, show_duration
+
 DEFAULT_WAVES = "1,10,50,100%"
 #: p95s below this are compared as this: under a millisecond, scheduler and timer noise
 #: on a busy device moves a p95 by more than any sensible limit (0.05 -> 0.08 ms is +60 %)
 P95_FLOOR_MS = 1.0
+#: more devices than any fleet this tool runs: a larger min_devices is a typing mistake
+MAX_DEVICES = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -40,17 +44,24 @@ class RolloutSettings:
 
     def __post_init__(self) -> None:
         parse_waves(self.waves)
-        if isinstance(self.min_devices, bool) or self.min_devices < 1:
-            raise ValueError(f"min_devices must be an integer >= 1, got {self.min_devices!r}")
+        if isinstance(self.min_devices, bool) or not 1 <= self.min_devices <= MAX_DEVICES:
+            raise ValueError(
+                f"min_devices must be an integer from 1 to {MAX_DEVICES}, got {self.min_devices!r}"
+            )
         if not 0.0 <= self.max_failure_rate <= 1.0:
             raise ValueError(f"max_failure_rate must be in [0, 1], got {self.max_failure_rate}")
         regression = self.max_p95_regression
         if regression is not None and not (math.isfinite(regression) and regression >= 0):
             raise ValueError(f"max_p95_regression must be >= 0, got {regression}")
-        if not (math.isfinite(self.soak_s) and self.soak_s >= 0):
-            raise ValueError(f"soak must be >= 0 seconds, got {self.soak_s}")
-        if not (math.isfinite(self.timeout_s) and self.timeout_s > 0):
-            raise ValueError(f"timeout must be > 0 seconds, got {self.timeout_s}")
+        if not 0 <= self.soak_s <= MAX_DURATION_S:
+            raise ValueError(
+                f"soak must be 0 to {show_duration(MAX_DURATION_S)}, got {self.soak_s}"
+            )
+        if not 0 < self.timeout_s <= MAX_DURATION_S:
+            raise ValueError(
+                f"timeout must be > 0 and at most {show_duration(MAX_DURATION_S)}, "
+                f"got {self.timeout_s}"
+            )
 
     def override(self, **changes: object) -> RolloutSettings:
         """A copy with every change that is not None applied (CLI flags over defaults)."""
@@ -71,8 +82,10 @@ class WaveSize:
 
 
 def parse_waves(text: str) -> tuple[WaveSize, ...]:
-    """Parse ``1,10,50,100%``: items are device counts, or percentages with ``%``."""
-    sizes = []
+    """Parse ``1,10,50,100%``: items are device counts, or percentages with ``%``; the
+    waves are cumulative, so each count is larger than the counts before it and each
+    percentage than the percentages (``50%,10%`` would stop at 10%)."""
+    sizes: list[WaveSize] = []
     for item in str(text).split(","):
         item = item.strip()
         number = item.removesuffix("%")
@@ -84,7 +97,14 @@ def parse_waves(text: str) -> tuple[WaveSize, ...]:
             ) from None
         if not (math.isfinite(value) and value > 0) or (item.endswith("%") and value > 100):
             raise ValueError(f"waves: {item!r} must be a count >= 1 or a percentage in (0, 100]")
-        sizes.append(WaveSize(value, item.endswith("%")))
+        size = WaveSize(value, item.endswith("%"))
+        before = [s.count for s in sizes if s.percent == size.percent]
+        if before and value <= max(before):
+            raise ValueError(
+                f"waves: {item!r} after {max(before):g}{'%' * size.percent}: waves are "
+                "cumulative sizes, each larger than the one before (e.g. 1,10,50,100%)"
+            )
+        sizes.append(size)
     return tuple(sizes)
 
 

@@ -8,8 +8,8 @@ import click
 
 from slimfleet.agent.errors import InputError
 from slimfleet.host.fleet.acl import TlsFiles, require_identities, write_acl_bundle
-from slimfleet.host.fleet.certs import BROKER_NAME, CA_NAME, DEFAULT_DAYS, issue_certs
-from slimfleet.host.fleet.cli import _emit, fleet_option, json_option, model_ref_argument
+from slimfleet.host.fleet.certs import BROKER_NAME, CA_NAME, DEFAULT_DAYS, MAX_DAYS, issue_certs
+from slimfleet.host.fleet.cli import PORT, _emit, fleet_option, json_option, model_ref_argument
 from slimfleet.host.fleet.config import load_fleet
 from slimfleet.host.fleet.verify import verify_published
 
@@ -21,8 +21,10 @@ from slimfleet.host.fleet.verify import verify_published
     type=click.Path(file_okay=False, path_type=Path),
     help="Folder for the files [default: 'mosquitto' next to the fleet file].",
 )
-@click.option("--device-port", default=8883, show_default=True, help="Devices and monitors.")
-@click.option("--host-port", default=8884, show_default=True, help="The host role only.")
+@click.option(
+    "--device-port", type=PORT, default=8883, show_default=True, help="Devices, monitors."
+)
+@click.option("--host-port", type=PORT, default=8884, show_default=True, help="The host role only.")
 @click.option("--bind", default="0.0.0.0", show_default=True, help="Address to listen on.")
 @click.option(
     "--tls/--no-tls",
@@ -84,7 +86,13 @@ def acl(
     required=True,
     help="A name or address clients use to reach the broker (repeatable).",
 )
-@click.option("--days", default=DEFAULT_DAYS, show_default=True, help="Validity of new certs.")
+@click.option(
+    "--days",
+    type=click.IntRange(1, MAX_DAYS),
+    default=DEFAULT_DAYS,
+    show_default=True,
+    help="Validity of new certs.",
+)
 @json_option
 def certs(fleet_path: Path, broker_hosts: tuple[str, ...], days: int, as_json: bool) -> None:
     """Make the fleet CA, the broker's certificate and a client certificate per identity.

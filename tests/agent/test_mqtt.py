@@ -14,6 +14,13 @@ def test_from_url_defaults_ports():
         BrokerSettings.from_url("http://h")
 
 
+@pytest.mark.parametrize("url", ["mqtt://h:0", "mqtt://h:70000", "mqtts://h:x"])
+def test_a_port_no_broker_listens_on_is_refused_not_replaced(url):
+    """Port 0 was taken as 'no port' and replaced by 1883 without a word."""
+    with pytest.raises(ValueError, match="the port must be 1 to 65535"):
+        BrokerSettings.from_url(url)
+
+
 def test_from_node_shorthand():
     node = parse_yaml("broker: mqtt://b:1999\n", "f.yaml").require("broker")
     assert BrokerSettings.from_node(node, ".").port == 1999

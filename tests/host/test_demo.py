@@ -80,6 +80,15 @@ def test_demo_never_deletes_the_current_directory_even_forced(tmp_path):
     assert (tmp_path / "keep.txt").read_text() == "mine"
 
 
+def test_demo_never_deletes_where_a_symbolic_link_points_even_forced(tmp_path):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "keep.txt").write_text("mine")
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    proc = _run("--workdir", "link", "--force", cwd=tmp_path)
+    assert proc.returncode == 2 and "is a symbolic link" in proc.stderr
+    assert (tmp_path / "real" / "keep.txt").read_text() == "mine"
+
+
 def test_demo_help():
     proc = subprocess.run([*_slimfleet(), "demo", "-h"], capture_output=True, text=True)
     assert proc.returncode == 0 and "--force" in proc.stdout and "--json" in proc.stdout

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import stat
 import subprocess
 from pathlib import Path
@@ -131,6 +132,28 @@ def test_acl_command_writes_private_files_and_never_prints_a_password(tmp_path: 
     no_certs = invoke("acl", "--fleet", secure.path)  # run_cli: InputError is exit 2
     assert isinstance(no_certs.exception, InputError)
     assert "run 'slimfleet certs' first" in str(no_certs.exception)
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--bind", "127.0.0.1\nallow_anonymous true", "--bind .*not an IP address or host name"),
+        ("--bind", "bad host", "not an IP address or host name"),
+        ("--device-port", "70000", "70000 is not in the range 1<=x<=65535"),
+        ("--host-port", "0", "0 is not in the range 1<=x<=65535"),
+    ],
+)
+def test_nothing_unchecked_reaches_mosquitto_conf(
+    tmp_path: Path, option: str, value: str, message: str
+) -> None:
+    """A newline in --bind once wrote 'allow_anonymous true' into both listeners."""
+    secure = SecureFleet(tmp_path, "cli/test", tls=False)
+    out = tmp_path / "out"
+    result = invoke("acl", "--fleet", secure.path, "--no-tls", "--out", out, option, value)
+    # click's usage errors exit 2 here; an InputError does under run_cli
+    assert result.exit_code == 2 or isinstance(result.exception, InputError)
+    assert re.search(message, str(result.exception) + result.output)
+    assert not (out / "mosquitto.conf").exists()
 
 
 @pytest.mark.parametrize(

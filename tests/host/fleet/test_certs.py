@@ -59,6 +59,24 @@ def test_certs_command_issues_a_client_certificate_per_identity(tmp_path: Path) 
     assert again["issued"] == ["cam-03"] and "ca" in again["kept"]
 
 
+@pytest.mark.parametrize(
+    ("users", "hosts", "days", "message"),
+    [
+        (["cam-01"], [""], 825, "--broker-host '': not an IP address or host name"),
+        (["cam-01"], ["a" * 40 + "." + "b" * 29], 825, "70 characters.*at most 64"),
+        (["c" * 100], ["broker.lan"], 825, "100 characters.*at most 64"),
+        (["cam-01"], ["broker.lan\nlistener 1"], 825, "not an IP address or host name"),
+        (["cam-01"], ["broker.lan"], 99999999, "days must be 1 to 3650"),
+    ],
+)
+def test_names_a_certificate_cannot_hold_are_refused_before_anything_is_written(
+    tmp_path: Path, users: list[str], hosts: list[str], days: int, message: str
+) -> None:
+    with pytest.raises(InputError, match=message):
+        issue_certs(tmp_path / "certs", users, hosts, days=days)
+    assert not (tmp_path / "certs").exists()  # no CA left behind
+
+
 def test_refuses_names_that_would_overwrite_the_ca(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="clashes with the CA"):
         issue_certs(tmp_path, ["ca"], ["b"])

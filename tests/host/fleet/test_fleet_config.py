@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -154,4 +155,17 @@ def test_signer_needs_the_key_and_its_public_pair(tmp_path: Path) -> None:
         fleet.signer()
     generate_keys(tmp_path / "other.key", fleet.public_key)
     with pytest.raises(InputError, match="is not the public key of"):
+        fleet.signer()
+
+
+@pytest.mark.parametrize(
+    ("content", "message"), [(None, "not a certificate file"), (b"x" * 70_000, "over 64 KiB")]
+)
+def test_a_certificate_that_cannot_be_one_is_one_line(make_fleet, tmp_path, content, message):
+    """/dev/null or an oversized file once ended in 'internal error: ... strerror'."""
+    cert = Path("/dev/null") if content is None else tmp_path / "big.cert"
+    if content is not None:
+        cert.write_bytes(content)
+    fleet = replace(make_fleet("mqtt://127.0.0.1:1883"), certificate=cert)
+    with pytest.raises(InputError, match=message):
         fleet.signer()

@@ -32,7 +32,9 @@ def test_wave_plan(waves: str, size: int, plan: list[int]) -> None:
     assert wave_plan(waves, size) == plan
 
 
-@pytest.mark.parametrize("waves", ["", "1,,2", "0", "150%", "x", "1.5", "-1", "nan%"])
+@pytest.mark.parametrize(
+    "waves", ["", "1,,2", "0", "150%", "x", "1.5", "-1", "nan%", "50%,10%", "1,1", "5,2,100%"]
+)
 def test_bad_waves(waves: str) -> None:
     with pytest.raises(ValueError, match="waves: "):
         parse_waves(waves)
@@ -81,6 +83,9 @@ def test_sub_millisecond_p95s_are_compared_at_the_floor() -> None:
         {"soak_s": -1},
         {"timeout_s": 0},
         {"waves": "0"},
+        {"soak_s": 8.64e18},  # a typing slip, signed into the rollout record before
+        {"timeout_s": 1e12},
+        {"min_devices": 10**21},
     ],
 )
 def test_settings_are_checked(change: dict) -> None:
