@@ -26,6 +26,11 @@ from slimfleet.plugins.onnxgraph import (
 )
 
 INT8_TYPES = (TensorProto.INT8, TensorProto.UINT8)
+_OTHER_FLOATS = {
+    TensorProto.FLOAT16: "float16",
+    TensorProto.DOUBLE: "double",
+    TensorProto.BFLOAT16: "bfloat16",
+}
 _QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 WEIGHT_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 """Ops quantized in QDQ only when their weight (input 1) is 8-bit."""
@@ -78,9 +83,22 @@ def no_targets_reason(
 def targets(
     model: onnx.ModelProto, op_types: list[str], supported: Iterable[str], exclude: list[str]
 ) -> tuple[list[onnx.NodeProto], str | None]:
-    """:func:`selected`, and when it is empty, :func:`no_targets_reason` (else None)."""
+    """:func:`selected`, and when it is empty, :func:`no_targets_reason`; for a model
+    whose weights and inputs are float16 or double and none float32, that
+    (onnxruntime's quantizer reads float32 only: on such models it built invalid graphs
+    or failed in its histograms)."""
     nodes = selected(model, op_types, supported, exclude)
-    return nodes, None if nodes else no_targets_reason(model, op_types, supported, exclude)
+    if not nodes:
+        return nodes, no_targets_reason(model, op_types, supported, exclude)
+    kinds = {t.data_type for t in model.graph.initializer}
+    kinds |= {i.type.tensor_type.elem_type for i in model.graph.input}
+    other = sorted(kinds & set(_OTHER_FLOATS))
+    if other and TensorProto.FLOAT not in kinds:
+        return nodes, (
+            f"the model computes in {_OTHER_FLOATS[other[0]]}, and onnxruntime's quantizer "
+            "reads float32 only (convert the model to float32 first)"
+        )
+    return nodes, None
 
 
 def run_quantizer(

@@ -318,7 +318,7 @@ def passes(as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the description as JSON.")
 def inspect(model: Path, as_json: bool) -> None:
     """Describe MODEL: size, opset, inputs and outputs, ops, parameters, Constant weights."""
-    info = describe(load_model(model), model.stat().st_size)
+    info = describe(load_model(model, external_data=True), model.stat().st_size)
     if as_json:
         _print_json({"path": str(model), **info})
         return

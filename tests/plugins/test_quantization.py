@@ -5,10 +5,14 @@ from __future__ import annotations
 from collections import Counter
 
 import models
+import numpy as np
+import onnx
 import pytest
+from onnx.numpy_helper import to_array
 from onnxruntime.quantization import quantize_dynamic
 
 from slimfleet.agent.errors import SlimfleetError
+from slimfleet.host.passes import PassContext
 from slimfleet.plugins import quantization as q
 
 
@@ -59,3 +63,26 @@ def test_no_targets_reason():
     assert q.no_targets_reason(model, many, many, []) == (
         "none of the 5 op types to quantize (A, B, C, ...) is in the model"
     )
+
+
+@pytest.mark.parametrize(("dtype", "name"), [(np.float16, "float16"), (np.float64, "double")])
+def test_a_model_computing_in_float16_or_double_is_refused_by_every_int8_pass(context, dtype, name):
+    """onnxruntime's quantizer built invalid graphs (DynamicQuantizeLinear of float16) or
+    failed in its histograms on these; static int8 of Relu alone (no weights) too."""
+    from slimfleet.plugins.quantize_dynamic import QuantizeDynamic
+    from slimfleet.plugins.quantize_static import QuantizeStatic
+
+    model = models.mlp()
+    elem = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    for tensor in model.graph.initializer:
+        tensor.CopyFrom(onnx.numpy_helper.from_array(to_array(tensor).astype(dtype), tensor.name))
+    for value in (*model.graph.input, *model.graph.output):
+        value.type.tensor_type.elem_type = elem
+    feeds = [{"x": np.ones((1, 64), dtype)}]
+    ctx = PassContext(workdir=context().workdir, calibration=feeds)
+    for pass_, options in ((QuantizeDynamic(), {}), (QuantizeStatic(), {"op_types": ["Relu"]})):
+        reason = pass_.check(model, ctx, pass_.resolve_options(options))
+        assert reason == (
+            f"the model computes in {name}, and onnxruntime's quantizer reads float32 only "
+            "(convert the model to float32 first)"
+        )

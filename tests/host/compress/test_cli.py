@@ -167,6 +167,16 @@ def test_inspect_shows_constant_weights(slimfleet, save_model):
     assert "parameters: 9,610 (0 initializers)" in text
 
 
+def test_inspect_reads_a_model_with_external_data(slimfleet, tmp_path):
+    import onnx
+
+    path = tmp_path / "ext.onnx"
+    onnx.save(models.mlp(), str(path), save_as_external_data=True, size_threshold=0)
+    code, stdout, stderr = slimfleet("inspect", path, "--json")
+    assert code == 0, stderr
+    assert json.loads(stdout)["parameters"] == 64 * 128 + 128 + 128 * 10 + 10
+
+
 def test_inspect_bad_file(slimfleet, tmp_path):
     bad = tmp_path / "bad.onnx"
     bad.write_text("hello")
