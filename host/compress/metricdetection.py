@@ -328,7 +328,8 @@ def metric_specs(
     ``label_maps`` (see :func:`label_map_outputs`), else detected from the values, with
     ``steps`` for a sequence a model reading ``tokens`` emits (see :func:`reads_tokens`).
 
-    A ``given`` name that is not an output is an InputError naming the outputs.
+    A ``given`` name that is not an output is an InputError naming the outputs; so is
+    every output ignored (nothing would judge a candidate: any would score 1.0).
     """
     given = dict(given or {})
     names = list(reference[0]) if reference else []
@@ -350,7 +351,14 @@ def metric_specs(
             return MetricSpec("steps", (("batch_axis", spec.option("batch_axis")),))
         return spec
 
-    return {n: given.get(n) or found(n) for n in names}
+    specs = {n: given.get(n) or found(n) for n in names}
+    if specs and all(spec.kind == "ignore" for spec in specs.values()):
+        raise InputError(
+            f"no output can judge a candidate: {', '.join(map(repr, specs))} "
+            f"{'is' if len(specs) == 1 else 'are all'} ignored (given so with --metric, or "
+            "strings slimfleet cannot compare); give one a --metric OUT=KIND"
+        )
+    return specs
 
 
 def signature_specs(

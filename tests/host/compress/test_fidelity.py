@@ -213,9 +213,19 @@ def test_integer_outputs_match_exactly_per_sample():
 
 
 def test_an_ignored_output_is_not_judged():
-    ref, got = [_outs(state=np.ones((1, 25), np.float32))], [_outs(state=np.zeros((1, 25)))]
-    result = compare(ref, got, {"state": MetricSpec("ignore", given=True)})
-    assert result.outputs == [] and result.score == 1.0
+    ids = np.array([[1, 2]])
+    ref = [_outs(state=np.ones((1, 25), np.float32), ids=ids)]
+    got = [_outs(state=np.zeros((1, 25), np.float32), ids=ids)]
+    specs = metricdetection.metric_specs(ref, {"state": MetricSpec("ignore", given=True)})
+    result = compare(ref, got, specs)
+    assert [o.name for o in result.outputs] == ["ids"] and result.score == 1.0
+
+
+def test_outputs_that_are_all_ignored_judge_nothing_and_are_refused():
+    """Any candidate would score 1.0: strings slimfleet cannot compare, or --metric."""
+    ref = [_outs(state=np.ones((1, 25), np.float32), label=np.array(["cat"]))]
+    with pytest.raises(InputError, match="no output can judge a candidate: 'state', 'label'"):
+        metricdetection.metric_specs(ref, {"state": MetricSpec("ignore", given=True)})
 
 
 def test_wrong_shape_is_a_problem():

@@ -413,7 +413,7 @@ def test_latency_verdict_without_a_timed_original_is_a_reason_not_a_crash(make_c
     judge = SimpleNamespace(candidates=[baseline], _alone={})
     search.Search._judge_latency(judge, candidate)
     assert candidate.status == REJECTED
-    assert candidate.reason == "slower than the original: 5.000 ms vs n/a"
+    assert candidate.reason == "slower than the original: 5 ms vs n/a"
 
 
 class BuggyCheck(Pass):
