@@ -144,7 +144,7 @@ def load_agent_config(path: str | Path) -> AgentConfig:
         prefix=prefix,
         public_key_files=key_files,
         public_keys=keys,
-        store_dir=(base / root.require("store_dir").str()).resolve(),
+        store_dir=_store_dir(root.require("store_dir"), base),
         keep_versions=_get(values, "keep_versions", _at_least_one, 3),
         max_model_bytes=_get(values, "max_model_bytes", _size, DEFAULT_MAX_MODEL_BYTES),
         threads=_get(values, "threads", lambda n: n.int(minimum=1, maximum=MAX_THREADS), 1),
@@ -208,6 +208,14 @@ def _get(values: dict[str, Node], key: str, parse: Callable[[Node], T], default:
 
 def _at_least_one(node: Node) -> int:
     return node.int(minimum=1)
+
+
+def _store_dir(node: Node, base: Path) -> Path:
+    """The store folder: it may not exist yet, but nothing else may sit at its path."""
+    path = (base / node.str()).resolve()
+    if path.exists() and not path.is_dir():
+        raise node.error(f"{path} is not a folder")
+    return path
 
 
 def _positive(node: Node, maximum: float | None = None) -> float:

@@ -52,9 +52,17 @@ class Topics:
     """
 
     def __init__(self, prefix: str) -> None:
-        prefix = prefix.strip("/")
-        if not prefix or any(c in prefix for c in "+#\0"):
-            raise ValueError(f"invalid topic prefix {prefix!r}")
+        """``prefix`` as given (ValueError when it is no prefix every client reads alike:
+        empty, with a leading, trailing or double '/', a leading '$' (the broker's own
+        topics), a wildcard, a space or a NUL)."""
+        if not prefix or prefix != prefix.strip("/") or "//" in prefix:
+            raise ValueError(
+                f"prefix must not start or end with '/', contain '//' or be empty, got {prefix!r}"
+            )
+        if prefix.startswith("$") or any(c in prefix for c in "+# \0"):
+            raise ValueError(
+                f"prefix must not start with '$' or contain '+', '#' or spaces: {prefix!r}"
+            )
         self.prefix = prefix
 
     def manifest(self, name: str, version: int) -> str:

@@ -212,12 +212,10 @@ def load_fleet(
 
 
 def _prefix(node: Node) -> str:
-    value = node.str()
-    if value != value.strip("/") or "//" in value:
-        raise node.error(f"prefix must not start or end with '/' or contain '//', got {value!r}")
-    if value.startswith("$") or any(c in value for c in "+# \0"):
-        raise node.error(f"prefix must not start with '$' or contain '+', '#' or spaces: {value!r}")
-    return value
+    try:
+        return Topics(node.str()).prefix
+    except ValueError as exc:
+        raise node.error(str(exc)) from None
 
 
 def _keys(node: Node, base_dir: Path) -> tuple[Path, Path, dict[str, Path]]:

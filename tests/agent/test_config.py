@@ -140,7 +140,12 @@ ERRORS = [
         1,
         r"missing required key 'device_id'",
     ),
-    ("prefix", MINIMAL.replace("slimfleet/test", "fleet/#"), 3, r"prefix: invalid topic prefix"),
+    (
+        "prefix",
+        MINIMAL.replace("slimfleet/test", "fleet/#"),
+        3,
+        r"prefix: prefix must not start with .\$. or contain",
+    ),
     ("broker", MINIMAL.replace("mqtt://", "http://"), 2, r"broker: broker URL must look like"),
     ("no keys", MINIMAL.replace("[keys/signing.pub]", "[]"), 4, r"at least one public key"),
     (
@@ -175,6 +180,12 @@ ERRORS = [
     ("watch count", MINIMAL + "watch:\n  min_requests: 0\n", 7, r"must be >= 1"),
     ("watch window", MINIMAL + "watch:\n  window_s: -3\n", 7, r"must be >= 0"),
     ("yaml", MINIMAL + "watch: [\n", 7, r"invalid YAML"),
+    (
+        "store is a file",
+        MINIMAL.replace("store_dir: store", "store_dir: keys/junk.pem"),
+        5,
+        "not a folder",
+    ),
 ]
 
 
