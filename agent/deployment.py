@@ -101,6 +101,12 @@ class SlotSpec:
     gate: Gate | None = None
     remote: RemoteTier | None = None
 
+    def __post_init__(self) -> None:
+        if self.gate is not None and len(self.models) < 2 and self.remote is None:
+            raise ValueError(
+                "a gate escalates to a second model or a remote tier, and the slot has neither"
+            )
+
     @property
     def primary(self) -> ModelRef:
         return self.models[0]
@@ -156,7 +162,10 @@ class SlotSpec:
             if not (finite(timeout) and 0 < timeout <= 60):
                 raise VerifyError(f"{where}.remote.timeout_s: expected a number in (0, 60]")
             remote = RemoteTier(url, float(timeout))
-        return cls(refs, gate, remote)
+        try:
+            return cls(refs, gate, remote)
+        except ValueError as exc:
+            raise VerifyError(f"{where}.gate: {exc}") from None
 
 
 Deployment = dict[str, SlotSpec]

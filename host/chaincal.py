@@ -44,7 +44,7 @@ from slimfleet.host.compress.fidelity import compare
 from slimfleet.host.compress.metricdetection import signature_specs
 from slimfleet.host.compress.metricspec import MetricSpec, parse_metric
 from slimfleet.host.compress.modelfile import io_signature, load_model
-from slimfleet.host.fleet.deployfile import set_gate
+from slimfleet.host.fleet.deployfile import check_gate_slot, set_gate
 from slimfleet.host.plugins import load_plugins
 
 MAX_THRESHOLDS = 2000
@@ -214,6 +214,8 @@ def _check_options(models: Sequence[Path], deployment: Path | None, slot: str | 
             raise InputError(f"--slot: {exc}") from None
     if deployment is not None and not deployment.is_file():
         raise InputError(f"--deployment {deployment}: no such file")
+    if deployment is not None and slot is not None:
+        check_gate_slot(deployment, slot)  # before the calibration, not after
 
 
 def _function_for(tier: SessionTier, feed: dict[str, np.ndarray]) -> str:

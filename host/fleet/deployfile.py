@@ -77,13 +77,26 @@ def set_gate(path: str | Path, slot: str, gate: Gate) -> Deployment:
     between). Comments in the file are not preserved.
     """
     deployment = load_deployment(path)
+    deployment[slot] = _gated(path, deployment, slot, gate)
+    write_deployment(path, deployment)
+    return deployment
+
+
+def check_gate_slot(path: str | Path, slot: str) -> None:
+    """What :func:`set_gate` would refuse, checked before the work that finds the gate:
+    no such slot, or one with nowhere to escalate to (an InputError)."""
+    _gated(path, load_deployment(path), slot, Gate("max_prob", 0.5))
+
+
+def _gated(path: str | Path, deployment: Deployment, slot: str, gate: Gate) -> SlotSpec:
     if slot not in deployment:
         known = ", ".join(sorted(deployment)) or "none"
         raise InputError(f"{path}: no slot {slot!r} to set a gate on (slots: {known})")
     spec = deployment[slot]
-    deployment[slot] = SlotSpec(spec.models, gate, spec.remote)
-    write_deployment(path, deployment)
-    return deployment
+    try:
+        return SlotSpec(spec.models, gate, spec.remote)
+    except ValueError as exc:
+        raise InputError(f"{path}: slot {slot!r}: {exc}") from None
 
 
 def _deployment(root: Node) -> Deployment:

@@ -183,6 +183,10 @@ def test_without_function_it_is_chosen_by_the_output_shape(tiers, monkeypatch, c
             "no slot 'nope' to set a gate on (slots: cls)",
         ),
         (["--deployment", "DEPLOY", "--slot", "Bad Slot"], "--slot: invalid slot name"),
+        (
+            ["--deployment", "DEPLOY", "--slot", "cls"],
+            "slot 'cls': a gate escalates to a second model or a remote tier",
+        ),
         (["ONE"], "give at least two models"),
         (["RENAMED"], "the tiers have different outputs: [['logits'], ['scores']]"),
         (["MISSING"], "no such model file"),

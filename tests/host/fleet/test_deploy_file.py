@@ -67,6 +67,13 @@ def test_reads_slots_tiers_gate_and_remote() -> None:
             "f.yaml:3: slots.det.model: unknown",
         ),
         (("slots:", "slot:"), "f.yaml:1: slot: unknown key 'slot'"),
+        (
+            (
+                "    models: [ocr-det@3]",
+                "    models: [ocr-det@3]\n    gate: {function: max_prob, threshold: 0.5}",
+            ),
+            "f.yaml:4: slots.det.gate: a gate escalates to a second model or a remote tier",
+        ),
         (("ocr-det@3]", "ocr-det@3"), "f.yaml:4: invalid YAML"),
     ],
 )
@@ -94,3 +101,11 @@ def test_set_gate_writes_the_threshold_into_the_file(tmp_path: Path) -> None:
     with pytest.raises(InputError, match=r"no slot 'cls' to set a gate on \(slots: det, rec\)"):
         set_gate(path, "cls", Gate("max_prob", 0.5))
     assert textwrap.dedent(path.read_text()).startswith("slots:")
+
+
+def test_a_gate_on_a_slot_with_nowhere_to_escalate_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "d.yaml"
+    path.write_text(GOOD)
+    with pytest.raises(InputError, match="slot 'det': a gate escalates to a second model"):
+        set_gate(path, "det", Gate("max_prob", 0.5))
+    assert path.read_text() == GOOD  # nothing written
