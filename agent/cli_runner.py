@@ -45,6 +45,9 @@ def run_cli(command: click.Command, prog_name: str) -> None:
             sys.exit(code)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
+    except click.exceptions.NoArgsIsHelpError as exc:  # a bare group: its help, as asked
+        click.echo(exc.format_message(), err=True)
+        sys.exit(exc.exit_code)
     except click.UsageError as exc:  # one line, not click's usage block
         command_path = exc.ctx.command_path if exc.ctx is not None else prog_name
         click.echo(f"error: {exc.format_message()} (see '{command_path} -h')", err=True)

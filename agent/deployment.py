@@ -71,6 +71,11 @@ def split_http_url(url: str) -> SplitResult:
     return parts
 
 
+def http_url(host: str, port: int, path: str = "") -> str:
+    """``http://host:port/path``, an IPv6 address in brackets (``http://[::1]:8080``)."""
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}{path}"
+
+
 @dataclass(frozen=True)
 class Gate:
     """When a tier's answer is good enough: ``function(outputs) >= threshold``."""
@@ -169,6 +174,14 @@ class SlotSpec:
 
 
 Deployment = dict[str, SlotSpec]
+
+
+def describe_deployment(deployment: Deployment) -> str:
+    """``det: det@3; rec: rec@5 > rec@4 > remote`` (each slot's tiers, first to last)."""
+    return "; ".join(
+        f"{slot}: " + " > ".join([*map(str, spec.models), *(["remote"] if spec.remote else [])])
+        for slot, spec in sorted(deployment.items())
+    )
 
 
 def deployment_to_dict(deployment: Deployment) -> dict[str, Any]:

@@ -54,7 +54,7 @@ from urllib.parse import unquote
 import numpy as np
 
 from slimfleet.agent import oip
-from slimfleet.agent.deployment import SLOT_MAIN
+from slimfleet.agent.deployment import SLOT_MAIN, http_url
 from slimfleet.agent.errors import SlimfleetError
 from slimfleet.agent.httpserver import (
     JSON,
@@ -125,7 +125,7 @@ class HttpApi:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return http_url(self.host, self.port)
 
     @property
     def open_connections(self) -> int:

@@ -157,7 +157,11 @@ def agreement_spec(
                 f"[T, 1, C] (it judges as {detected.label()}); try --agree top1"
             )
         return name, detected
-    return parse_metric(f"{name}={agree}")
+    text = f"{name}={agree}"
+    try:
+        return parse_metric(text)
+    except InputError as exc:  # said of the option the user typed, not of --metric
+        raise InputError(str(exc).replace(f"--metric {text!r}", f"--agree {agree!r}", 1)) from None
 
 
 def measure(

@@ -53,12 +53,20 @@ def _emit(as_json: bool, doc: dict[str, Any], text: str) -> None:
 
 @contextmanager
 def _progress_bar(enabled: bool) -> Iterator[Progress]:
-    """A progress callback drawing a bar on stderr once the chunk count is known."""
+    """A progress callback on stderr once the chunk count is known: a bar on a terminal,
+    else a line at every tenth of the chunks (``chunks sent: 3/30``) and at the last."""
     with ExitStack() as stack:
         bar: Any = None
+        shown = 0  # the tenth last printed, off a terminal
 
         def update(done: int, total: int) -> None:
-            nonlocal bar
+            nonlocal bar, shown
+            if not sys.stderr.isatty():
+                tenth = 10 * done // max(total, 1)
+                if tenth > shown:
+                    shown = tenth
+                    click.echo(f"chunks sent: {done}/{total}", err=True)
+                return
             if bar is None:
                 bar = stack.enter_context(
                     click.progressbar(length=total, label="chunks", file=sys.stderr)

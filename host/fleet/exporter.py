@@ -34,6 +34,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from slimfleet.agent.deployment import http_url
 from slimfleet.agent.errors import InputError
 from slimfleet.host.fleet.config import FleetConfig
 from slimfleet.host.fleet.fleetview import DeviceReport, FleetView
@@ -227,7 +228,7 @@ def run_exporter(
             server, thread = start_http_server(port, addr=host, registry=registry)
         except OSError as exc:
             raise InputError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-        ready(f"serving metrics of {fleet.prefix} on http://{host}:{port}/metrics")
+        ready(f"serving metrics of {fleet.prefix} on {http_url(host, port, '/metrics')}")
         try:
             while not stop.wait(1.0):
                 pass

@@ -78,3 +78,20 @@ def test_logging_follows_the_current_stderr(capsys) -> None:
     captured.close()
     logging.getLogger("slimfleet.test").warning("after the run")
     assert "after the run" in capsys.readouterr().err
+
+
+def test_a_bare_group_prints_its_help_not_an_error(monkeypatch, capsys):
+    @click.group()
+    def group() -> None:
+        """A group of commands."""
+
+    @group.command()
+    def sub() -> None:
+        pass
+
+    monkeypatch.setattr("sys.argv", ["prog"])
+    with pytest.raises(SystemExit) as info:
+        run_cli(group, "prog")
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.startswith("Usage: prog [OPTIONS] COMMAND")
+    assert "error:" not in err and "A group of commands." in err

@@ -3,7 +3,14 @@ import json
 import numpy as np
 import pytest
 
-from slimfleet.agent.deployment import DesiredState, Gate, RemoteTier, SlotSpec
+from slimfleet.agent.deployment import (
+    DesiredState,
+    Gate,
+    RemoteTier,
+    SlotSpec,
+    describe_deployment,
+    http_url,
+)
 from slimfleet.agent.errors import VerifyError
 from slimfleet.agent.wire import (
     MAX_PAYLOAD_BYTES,
@@ -223,3 +230,14 @@ def test_parse_json_errors_say_what():
     assert parse_json(b'{"a": 1}', "state") == {"a": 1}
     with pytest.raises(VerifyError, match="telemetry: not valid JSON"):
         parse_json(b"\xff{", "telemetry")
+
+
+def test_urls_and_deployments_read_as_people_type_them():
+    assert http_url("::1", 9100, "/metrics") == "http://[::1]:9100/metrics"
+    assert http_url("127.0.0.1", 8080) == "http://127.0.0.1:8080"
+    rec = SlotSpec(
+        (ModelRef("r", 5), ModelRef("r", 4)), None, RemoteTier("http://x/v2/models/r/infer", 2.0)
+    )
+    assert describe_deployment({"rec": rec, "det": SlotSpec((ModelRef("d", 3),))}) == (
+        "det: d@3; rec: r@5 > r@4 > remote"
+    )

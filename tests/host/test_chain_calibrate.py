@@ -175,7 +175,7 @@ def test_without_function_it_is_chosen_by_the_output_shape(tiers, monkeypatch, c
         (["--function", "no_such_mod:fn"], "cannot import no_such_mod:fn"),
         (["--function", "softmax_please"], "not a built-in"),
         (["--agree", "text"], "--agree text: output 'logits' does not look like sequence"),
-        (["--agree", "bogus"], "unknown kind 'bogus'"),
+        (["--agree", "bogus"], "--agree 'bogus': unknown kind 'bogus'"),
         (["--data", "missing.npz"], "missing.npz: no such file"),
         (["--slot", "cls"], "--deployment and --slot go together"),
         (

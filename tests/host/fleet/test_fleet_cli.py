@@ -105,6 +105,23 @@ def test_publish(fleet_file: Path, outdir: Path, tmp_path: Path, mosquitto: Mosq
         "error: version 1 of net is already published with different content; "
         "versions are immutable"
     )
+    shown = slimfleet(
+        "publish",
+        outdir,
+        "--name",
+        "net",
+        "--version",
+        "2",
+        "--fleet",
+        fleet_file,
+        "--chunk-size",
+        "4096",
+        broker=url,
+    )  # off a terminal: a line per tenth of the chunks, not a bar's stray label
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stderr.splitlines()
+    assert lines and all(line.startswith("chunks sent: ") for line in lines)
+    assert lines[-1] == f"chunks sent: {doc['chunks']}/{doc['chunks']}" and len(lines) <= 10
 
 
 def test_bad_input_exits_2(fleet_file: Path, outdir: Path, tmp_path: Path) -> None:
