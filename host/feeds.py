@@ -124,9 +124,15 @@ def conform_feed(feed: Mapping[str, Any], inputs: Sequence[InputSpec], where: st
             ) from None
         converted = _converted(array, dtype)
         if converted is None or not fits(array.shape, expected):
+            lost = converted is None and array.dtype.kind in "iub" and dtype.kind in "iub"
             raise InputError(
                 f"{where}: input {spec['name']!r} expects {spec['dtype']} "
                 f"{show_shape(expected)}, got {array.dtype.name} {show_shape(array.shape)}"
+                + (
+                    f" (values {array.min()} to {array.max()} do not fit {dtype.name})"
+                    if lost
+                    else ""
+                )
             )
         conformed[spec["name"]] = converted
     return conformed

@@ -105,7 +105,10 @@ def test_integers_that_do_not_fit_the_declared_type_are_refused(tmp_path, quick)
         flag=np.full((2, 1, 8), 2),  # 2 is not a bool
         pixels=np.zeros((2, 1, 8), np.uint8),
     )
-    with pytest.raises(InputError, match=r"sample 0: input 'flag' expects bool 1x8, got int64 1x8"):
+    with pytest.raises(
+        InputError,
+        match=r"sample 0: input 'flag' expects bool 1x8, got int64 1x8 \(values 2 to 2 do not fit bool\)",
+    ):
         compress(model, tmp_path / "out", data=tmp_path / "d.npz", settings=quick)
 
 
