@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from slimfleet.host.compress import detections as found
+from slimfleet.host.compress import fidelity
 
 Outputs = Sequence[np.ndarray]
 """One sample's outputs, in the model's output order."""
@@ -203,17 +204,11 @@ def real_steps(lengths: Sequence[int], output: int = 0) -> Judge:
 
 
 def cosine(output: int = 0, name: str = "output cosine") -> Judge:
-    """Mean cosine similarity of each sample's whole output."""
+    """Mean over samples of each whole output's cosine as the search scores it
+    (:func:`slimfleet.host.compress.fidelity.cosine`: times the ratio of the norms)."""
 
     def score(reference, candidate) -> Score:
-        values = []
-        for r, c in _pairs(reference, candidate):
-            r64, c64 = r.astype(np.float64).ravel(), c.astype(np.float64).ravel()
-            norms = np.linalg.norm(r64) * np.linalg.norm(c64)
-            if norms:
-                values.append(float(r64 @ c64 / norms))
-            else:  # all zeros: equal only if both are
-                values.append(float(not r64.any() and not c64.any()))
+        values = [fidelity.cosine(r, c) for r, c in _pairs(reference, candidate)]
         return Score(float(np.mean(values)), len(values), "samples")
 
     return Judge(name, output, score)

@@ -103,7 +103,7 @@ def _settled(p: float, n: int, budget: float) -> bool:
     return low >= budget if p > budget else high < budget
 
 
-def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
     """Cosine similarity times the smaller norm over the larger: an output scaled by 0.65
     (an fp16 weight clamped at 65504) or a scalar of the same sign is not "cosine 1",
     and the same direction at the same length still is."""
@@ -177,7 +177,7 @@ def _units(spec: MetricSpec, ref: np.ndarray, got: np.ndarray) -> tuple[list[flo
         return [label_map_iou(a, b, ref.shape[axis]) for a, b in maps], []
     finite = np.isfinite(ref)
     if kind == "cosine":
-        return [_cosine(ref[finite], got[finite])], []
+        return [cosine(ref[finite], got[finite])], []
     threshold = spec.option("threshold")
     r, g = ref[finite] > threshold, got[finite] > threshold
     if kind == "binary":
@@ -254,7 +254,7 @@ def score_output(
             (r[np.isfinite(r)], c[np.isfinite(r)])
             for r, c in zip(reference, candidate, strict=True)
         ]
-        result.cosine = float(np.mean([_cosine(r, c) for r, c in pairs]))
+        result.cosine = float(np.mean([cosine(r, c) for r, c in pairs]))
         result.max_abs_error = max(
             float(np.max(np.abs(r.astype(np.float64) - c), initial=0.0)) for r, c in pairs
         )
