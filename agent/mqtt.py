@@ -225,7 +225,8 @@ def _file(node_map: dict[str, Node], key: str, base_dir: Path) -> Path | None:
         return None
     path = (base_dir / node_map[key].str()).resolve()
     if not path.is_file():
-        raise node_map[key].error(f"{key.replace('_', ' ')} {path} does not exist")
+        what = "is not a file" if path.exists() else "does not exist"
+        raise node_map[key].error(f"{key.replace('_', ' ')} {path} {what}")
     return path
 
 

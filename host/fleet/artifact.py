@@ -59,6 +59,8 @@ def load_artifact(source: str | Path) -> Artifact:
         sample = _read_sample(sample_path) if sample_path.exists() else None
     elif source.is_file():
         model_path, report, sample = source, {}, None
+    elif source.exists():  # a device, a pipe: /dev/null
+        raise InputError(f"{source}: not a regular file or a compress output directory")
     else:
         raise InputError(f"{source}: no such file or directory")
     model = load_model(model_path)

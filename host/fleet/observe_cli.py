@@ -161,6 +161,9 @@ def monitor(
     """A live view of the fleet, redrawn in place until Ctrl-C."""
     from slimfleet.host.fleet.monitor import run_monitor  # rich: the host extra only
 
+    if once and duration_s is not None:
+        raise click.UsageError("--once prints one frame; --duration is for the live view")
+
     fleet = load_fleet(fleet_path)
     run_monitor(
         fleet,

@@ -32,6 +32,10 @@ def test_from_node_shorthand():
         ("broker:\n  url: http://x\n", "f.yaml:2: broker.url: broker URL must look like"),
         ("broker:\n  url: mqtt://x\n  username_env: NOPE_UNSET\n", "NOPE_UNSET is not set"),
         ("broker:\n  url: mqtt://x\n  ca_file: none.pem\n", "f.yaml:3: broker.ca_file"),
+        (
+            "broker:\n  url: mqtt://x\n  ca_file: .\n",
+            "f.yaml:3: broker.ca_file: ca file .* is not a file",
+        ),
         ("broker:\n  url: mqtt://x\n  protocol: 4\n", "f.yaml:3: broker.protocol"),
         ("broker:\n  url: mqtt://x\n  colour: red\n", "unknown key 'colour'"),
     ],

@@ -150,3 +150,8 @@ def test_external_data_is_refused(tmp_path: Path) -> None:
     )
     with pytest.raises(InputError, match="external data files"):
         load_artifact(path)
+
+
+def test_something_that_is_neither_a_file_nor_an_outdir_says_so() -> None:
+    with pytest.raises(InputError, match="/dev/null: not a regular file or a compress output"):
+        load_artifact(Path("/dev/null"))

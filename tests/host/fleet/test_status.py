@@ -210,6 +210,8 @@ def test_monitor_once_and_for_a_bounded_time(fleet_file: Path, fleet_reports) ->
     assert time.monotonic() - start < 60
     assert "cam-01" in live.stdout and "latest events:" in live.stdout
     assert "cam-01 swap_ok slot=main" in live.stdout
+    both = slimfleet("monitor", "--fleet", fleet_file, "--once", "--duration", "3s")
+    assert both.returncode == 2 and "--once prints one frame" in both.stderr
 
 
 def test_monitor_stops_cleanly_on_ctrl_c(fleet_file: Path, fleet_reports) -> None:
