@@ -11,7 +11,7 @@ import click
 from slimfleet.agent.cli_runner import setup_logging
 from slimfleet.agent.config import load_agent_config
 from slimfleet.agent.daemon import Agent
-from slimfleet.agent.deployment import describe_deployment
+from slimfleet.agent.slots import describe_loaded
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -37,15 +37,15 @@ def cli(config_path: Path, verbose: int, quiet: bool) -> None:
         signal.signal(sig, lambda *_: stop.set())
     agent = Agent(config)
     agent.start()
-    serving = agent.server.current()
-    click.echo(
-        f"slimfleet-agent {config.device_id}: serving "
-        + (describe_deployment(serving) if serving else "nothing yet")
-        + (f", HTTP on {agent.http_url}" if agent.http_url else "")
-        + f", broker {config.broker.url}",
-        err=True,
-    )
     try:
+        serving = agent.server.current()
+        click.echo(
+            f"slimfleet-agent {config.device_id}: serving "
+            + (describe_loaded(serving) if serving else "nothing yet")
+            + (f", HTTP on {agent.http_url}" if agent.http_url else "")
+            + f", broker {config.broker.url}",
+            err=True,
+        )
         while not stop.wait(0.5):
             pass
     finally:

@@ -176,14 +176,6 @@ class SlotSpec:
 Deployment = dict[str, SlotSpec]
 
 
-def describe_deployment(deployment: Deployment) -> str:
-    """``det: det@3; rec: rec@5 > rec@4 > remote`` (each slot's tiers, first to last)."""
-    return "; ".join(
-        f"{slot}: " + " > ".join([*map(str, spec.models), *(["remote"] if spec.remote else [])])
-        for slot, spec in sorted(deployment.items())
-    )
-
-
 def deployment_to_dict(deployment: Deployment) -> dict[str, Any]:
     return {slot: spec.to_dict() for slot, spec in sorted(deployment.items())}
 

@@ -32,6 +32,14 @@ RECENT_SAMPLES = 2048  # per slot of a serving set, for the watch window
 Loaded = dict[str, list[dict[str, Any]]]  # {slot: [ref dicts of the loaded tiers]}
 
 
+def describe_loaded(loaded: Loaded) -> str:
+    """``det: det@3; rec: rec@5 > rec@4`` (each slot's loaded tiers, first to last)."""
+    return "; ".join(
+        f"{slot}: " + " > ".join(f"{r['name']}@{r['version']}" for r in refs)
+        for slot, refs in sorted(loaded.items())
+    )
+
+
 class _Runs(Protocol):
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 

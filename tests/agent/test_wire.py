@@ -8,7 +8,6 @@ from slimfleet.agent.deployment import (
     Gate,
     RemoteTier,
     SlotSpec,
-    describe_deployment,
     http_url,
 )
 from slimfleet.agent.errors import VerifyError
@@ -233,11 +232,10 @@ def test_parse_json_errors_say_what():
 
 
 def test_urls_and_deployments_read_as_people_type_them():
+    from slimfleet.agent.slots import describe_loaded
+
     assert http_url("::1", 9100, "/metrics") == "http://[::1]:9100/metrics"
     assert http_url("127.0.0.1", 8080) == "http://127.0.0.1:8080"
-    rec = SlotSpec(
-        (ModelRef("r", 5), ModelRef("r", 4)), None, RemoteTier("http://x/v2/models/r/infer", 2.0)
-    )
-    assert describe_deployment({"rec": rec, "det": SlotSpec((ModelRef("d", 3),))}) == (
-        "det: d@3; rec: r@5 > r@4 > remote"
-    )
+    loaded = {"rec": [ModelRef("r", 5).to_dict(), ModelRef("r", 4).to_dict()]}
+    loaded["det"] = [ModelRef("d", 3).to_dict()]  # what DeploymentServer.current() returns
+    assert describe_loaded(loaded) == "det: d@3; rec: r@5 > r@4"
