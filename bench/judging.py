@@ -208,7 +208,8 @@ def cosine(output: int = 0, name: str = "output cosine") -> Judge:
     (:func:`slimfleet.host.compress.fidelity.cosine`: times the ratio of the norms)."""
 
     def score(reference, candidate) -> Score:
-        values = [fidelity.cosine(r, c) for r, c in _pairs(reference, candidate)]
+        pairs = [(r, c, np.isfinite(r)) for r, c in _pairs(reference, candidate)]  # as the search
+        values = [fidelity.cosine(r[finite], c[finite]) for r, c, finite in pairs]
         return Score(float(np.mean(values)), len(values), "samples")
 
     return Judge(name, output, score)

@@ -23,7 +23,13 @@ import numpy as np
 from slimfleet.agent.errors import InputError, SlimfleetError
 from slimfleet.host.compress.detections import detections, same_detections
 from slimfleet.host.compress.intervals import bootstrap, wilson
-from slimfleet.host.compress.metricdetection import Outputs, as_rows, detect, metric_specs
+from slimfleet.host.compress.metricdetection import (
+    Outputs,
+    as_rows,
+    detect,
+    has_values,
+    metric_specs,
+)
 from slimfleet.host.compress.metricspec import PROPORTION_KINDS, MetricSpec, ctc_labels
 
 if TYPE_CHECKING:
@@ -114,14 +120,6 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.dot(a, b) / (na * nb) * min(na, nb) / max(na, nb))
 
 
-def _evidence(reference: np.ndarray) -> bool:
-    """A sample judges an output when the original gives it a value to compare: not an
-    empty tensor (a zero-sized dimension in the data), not all NaN or Inf."""
-    return reference.size > 0 and (
-        reference.dtype.kind != "f" or bool(np.isfinite(reference).any())
-    )
-
-
 def ctc_decode(steps: np.ndarray, blank: int) -> list[int]:
     """Greedy CTC: argmax per step, repeats collapsed, blanks dropped."""
     best = steps.argmax(-1)
@@ -209,8 +207,11 @@ def _same_detections(spec: MetricSpec, ref: np.ndarray, got: np.ndarray) -> floa
 
 def score_output(
     name: str, spec: MetricSpec, reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray]
-) -> OutputFidelity | str:
-    """Score one output over all samples, or return the problem that rejects the candidate."""
+) -> OutputFidelity | str | None:
+    """Score one output over the samples where the original gives it values, or return
+    the problem that rejects the candidate; None when no sample has a value to judge it
+    by (one sample at a time, as ``chain calibrate`` compares, a detector may find
+    nothing: :func:`metric_specs` refuses an output that no sample judges)."""
     for i, (ref, got) in enumerate(zip(reference, candidate, strict=True)):
         if ref.shape != got.shape:
             return (
@@ -219,7 +220,7 @@ def score_output(
             )
         if got.dtype.kind == "f" and not np.isfinite(got[np.isfinite(ref)]).all():
             return f"output {name!r} contains NaN or Inf (sample {i})"
-    judged = [i for i, ref in enumerate(reference) if _evidence(ref)]
+    judged = [i for i, ref in enumerate(reference) if has_values(ref)]
     reference, candidate = [reference[i] for i in judged], [candidate[i] for i in judged]
     units: list[float] = []
     steps: list[float] = []
@@ -230,11 +231,8 @@ def score_output(
             steps += sample_steps
     except (SlimfleetError, ValueError, IndexError) as exc:
         raise InputError(f"--metric {name}={spec.label()}: {exc}") from None
-    if not units:  # a score of nothing would read 1.0
-        raise InputError(
-            f"output {name!r}: the original gives it no value to compare on any sample (empty, "
-            f"or all NaN or Inf): check the data, or leave it out with --metric {name}=ignore"
-        )
+    if not units:  # nothing to judge on these samples (metric_specs refuses it on all)
+        return None
     scores = np.asarray(units, dtype=np.float64)
     result = OutputFidelity(
         name,
@@ -284,7 +282,8 @@ def compare(
         )
         if isinstance(scored, str):
             return Fidelity(outputs=fidelity.outputs, problem=scored)
-        fidelity.outputs.append(scored)
+        if scored is not None:
+            fidelity.outputs.append(scored)
     return fidelity
 
 

@@ -35,6 +35,15 @@ MAP_ELEMENTS = 64
 probability map (judged by IoU)."""
 
 
+def has_values(reference: np.ndarray) -> bool:
+    """Whether a sample of an output can judge it: the original gives it a value to
+    compare (not an empty tensor, from a zero-sized dimension in the data; not all NaN
+    or Inf)."""
+    return reference.size > 0 and (
+        reference.dtype.kind != "f" or bool(np.isfinite(reference).any())
+    )
+
+
 def as_rows(array: np.ndarray) -> np.ndarray:
     """``array`` as float64 rows of its last axis (``[..., C]`` -> ``[rows, C]``)."""
     return array.reshape(-1, array.shape[-1]).astype(np.float64)
@@ -352,6 +361,13 @@ def metric_specs(
         return spec
 
     specs = {n: given.get(n) or found(n) for n in names}
+    for name, spec in specs.items():
+        if spec.kind != "ignore" and not any(has_values(r[name]) for r in reference):
+            raise InputError(
+                f"output {name!r}: the original gives it no value to compare on any sample "
+                f"(empty, or all NaN or Inf): check the data, or leave it out with "
+                f"--metric {name}=ignore"
+            )
     if specs and all(spec.kind == "ignore" for spec in specs.values()):
         raise InputError(
             f"no output can judge a candidate: {', '.join(map(repr, specs))} "

@@ -187,10 +187,14 @@ def test_a_scaled_output_is_not_the_same_output():
     [np.zeros((1, 0, 8), np.float32), np.full((1, 8), np.nan, np.float32), np.zeros((0,), int)],
 )
 def test_an_output_no_sample_gives_a_value_is_bad_data_not_a_perfect_score(values):
-    """Empty tensors (a zero-sized dimension in the data) or all NaN: nothing to compare."""
-    ref = [_outs(y=values) for _ in range(3)]
-    with pytest.raises(InputError, match="no value to compare on any sample"):
-        compare(ref, ref)
+    """Empty tensors (a zero-sized dimension in the data) or all NaN: nothing to compare.
+    The search's metrics refuse it; compared alone (chain calibrate, one sample at a
+    time) such a sample leaves the output out rather than scoring it 1.0."""
+    ref = [_outs(y=values, ids=np.array([[1, 2]])) for _ in range(3)]
+    with pytest.raises(InputError, match="output 'y': .*no value to compare on any sample"):
+        metricdetection.metric_specs(ref)
+    judged = compare(ref, ref, {"y": detect([values]), "ids": MetricSpec("exact")})
+    assert [o.name for o in judged.outputs] == ["ids"]
 
 
 def test_samples_and_rows_the_original_scores_nan_in_judge_nothing():
