@@ -26,13 +26,17 @@ def interrupt_on_sigterm() -> None:
     """Raise :class:`Terminated` in the main thread on SIGTERM (a service stop, ``timeout``
     in CI), where Python's default would end the process at once and leave a child it
     supervises (a compress evaluation worker, which leads its own session) running on with
-    no time or memory limit. Commands that stop between steps of their own
-    (``stopsignals``) replace it while they run."""
+    no time or memory limit. For commands that supervise children only: an exception
+    raised inside paho's lock can hang an MQTT command (see ``host.fleet.stopsignals``)."""
     signal.signal(signal.SIGTERM, _raise_terminated)
 
 
 def _raise_terminated(signum: int, frame: object) -> None:
     raise Terminated()
+
+
+_NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
+"""click 8.2+ raises it for a bare group (8.1 prints the help and exits itself)."""
 
 
 def run_cli(command: click.Command, prog_name: str) -> None:
@@ -45,7 +49,7 @@ def run_cli(command: click.Command, prog_name: str) -> None:
             sys.exit(code)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
-    except click.exceptions.NoArgsIsHelpError as exc:  # a bare group: its help, as asked
+    except _NO_ARGS_IS_HELP as exc:  # a bare group: its help, as asked
         click.echo(exc.format_message(), err=True)
         sys.exit(exc.exit_code)
     except click.UsageError as exc:  # one line, not click's usage block

@@ -10,7 +10,7 @@ import importlib
 
 import click
 
-from slimfleet.agent.cli_runner import interrupt_on_sigterm, run_cli, setup_logging
+from slimfleet.agent.cli_runner import run_cli, setup_logging
 from slimfleet.agent.errors import SlimfleetError
 
 # command name -> (module, attribute, one-line help shown by ``slimfleet --help``)
@@ -71,11 +71,10 @@ def cli(verbose: int, quiet: bool) -> None:
     """slimfleet: compress ONNX models by measurement and run them on a fleet.
 
     Exit codes: 0 success, 1 the operation failed, 2 invalid input or usage,
-    70 internal error, 130 interrupted, 143 terminated.
+    70 internal error, 130 interrupted, 143 terminated (compress).
     """
     setup_logging(verbose, quiet)
 
 
 def main() -> None:
-    interrupt_on_sigterm()
     run_cli(cli, "slimfleet")

@@ -11,6 +11,7 @@ from typing import Any
 
 import click
 
+from slimfleet.agent.cli_runner import interrupt_on_sigterm
 from slimfleet.agent.config import MAX_THREADS
 from slimfleet.host.compress import outdir
 from slimfleet.host.compress.data import parse_input_shape, show_shape
@@ -167,6 +168,7 @@ def compress(
     smallest) candidate that keeps the budget and is not slower than the original is
     written to OUTDIR/model.onnx; when none beats the original, the original is kept.
     """
+    interrupt_on_sigterm()  # its evaluation worker must not outlive a SIGTERM
     shapes = dict(parse_input_shape(text) for text in input_shapes)
     judged = dict(parse_metric(text) for text in metrics)
     memory, seconds = parse_bytes(max_memory), parse_duration(time_budget, "--time-budget")
