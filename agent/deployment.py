@@ -106,11 +106,12 @@ class SlotSpec:
     gate: Gate | None = None
     remote: RemoteTier | None = None
 
-    def __post_init__(self) -> None:
-        if self.gate is not None and len(self.models) < 2 and self.remote is None:
-            raise ValueError(
-                "a gate escalates to a second model or a remote tier, and the slot has neither"
-            )
+    @property
+    def gate_escalates(self) -> bool:
+        """Whether the gate, if any, has somewhere to send an unsure answer: a second
+        model or a remote tier (the deployment file refuses a gate without; a device
+        serving one simply never escalates)."""
+        return self.gate is None or len(self.models) > 1 or self.remote is not None
 
     @property
     def primary(self) -> ModelRef:
@@ -167,10 +168,7 @@ class SlotSpec:
             if not (finite(timeout) and 0 < timeout <= 60):
                 raise VerifyError(f"{where}.remote.timeout_s: expected a number in (0, 60]")
             remote = RemoteTier(url, float(timeout))
-        try:
-            return cls(refs, gate, remote)
-        except ValueError as exc:
-            raise VerifyError(f"{where}.gate: {exc}") from None
+        return cls(refs, gate, remote)
 
 
 Deployment = dict[str, SlotSpec]

@@ -37,6 +37,10 @@ from slimfleet.agent.deployment import (
 from slimfleet.agent.errors import ConfigError, InputError, VerifyError
 from slimfleet.agent.wire import ModelRef
 
+NOWHERE_TO_ESCALATE = (
+    "a gate escalates to a second model or a remote tier, and the slot has neither"
+)
+
 
 def load_deployment(path: str | Path) -> Deployment:
     """Read a deployment file; every problem is a ConfigError naming file and line."""
@@ -92,11 +96,10 @@ def _gated(path: str | Path, deployment: Deployment, slot: str, gate: Gate) -> S
     if slot not in deployment:
         known = ", ".join(sorted(deployment)) or "none"
         raise InputError(f"{path}: no slot {slot!r} to set a gate on (slots: {known})")
-    spec = deployment[slot]
-    try:
-        return SlotSpec(spec.models, gate, spec.remote)
-    except ValueError as exc:
-        raise InputError(f"{path}: slot {slot!r}: {exc}") from None
+    spec = SlotSpec(deployment[slot].models, gate, deployment[slot].remote)
+    if not spec.gate_escalates:
+        raise InputError(f"{path}: slot {slot!r}: {NOWHERE_TO_ESCALATE}")
+    return spec
 
 
 def _deployment(root: Node) -> Deployment:
@@ -129,10 +132,13 @@ def _slot(node: Node) -> SlotSpec:
             raise item.error(str(exc)) from None
     doc = node.plain() | {"models": refs}
     try:
-        return SlotSpec.from_dict(doc, node.path)
+        spec = SlotSpec.from_dict(doc, node.path)
     except VerifyError as exc:
         what = str(exc).partition(": ")[2] or str(exc)
         raise _field_node(node, str(exc)).error(what) from None
+    if not spec.gate_escalates:
+        raise node.require("gate").error(NOWHERE_TO_ESCALATE)
+    return spec
 
 
 def _field_node(node: Node, message: str) -> Node:

@@ -239,3 +239,14 @@ def test_urls_and_deployments_read_as_people_type_them():
     loaded = {"rec": [ModelRef("r", 5).to_dict(), ModelRef("r", 4).to_dict()]}
     loaded["det"] = [ModelRef("d", 3).to_dict()]  # what DeploymentServer.current() returns
     assert describe_loaded(loaded) == "det: d@3; rec: r@5 > r@4"
+
+
+def test_a_gate_with_nowhere_to_escalate_still_parses_on_the_device():
+    """The deployment file refuses it; a device that holds one (signed before that rule)
+    must not read its desired state as corrupt."""
+    doc = {
+        "models": [{"name": "a", "version": 1}],
+        "gate": {"function": "max_prob", "threshold": 2},
+    }
+    spec = SlotSpec.from_dict(doc)
+    assert spec.gate is not None and not spec.gate_escalates
