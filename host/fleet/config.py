@@ -372,6 +372,6 @@ def _rollout(node: Node, base: RolloutSettings) -> RolloutSettings:
         else:
             changes[key] = value.float()
     try:
-        return replace(base, **changes)
+        return replace(base, **changes).checked()
     except ValueError as exc:
         raise node.error(str(exc)) from None

@@ -106,13 +106,17 @@ def rollout_start(
     fleet = load_fleet(fleet_path)
     group = _group_of(fleet, group)
     try:
-        settings = fleet.rollout_settings(group).override(
-            waves=waves,
-            min_devices=_number(min_devices, "--min-devices", int),
-            max_failure_rate=_number(max_failure_rate, "--max-failure-rate", float),
-            max_p95_regression=_number(max_p95_regression, "--max-p95-regression", float),
-            soak_s=parse_duration(soak, "--soak") if soak else None,
-            timeout_s=parse_duration(timeout_s, "--timeout") if timeout_s else None,
+        settings = (
+            fleet.rollout_settings(group)
+            .override(
+                waves=waves,
+                min_devices=_number(min_devices, "--min-devices", int),
+                max_failure_rate=_number(max_failure_rate, "--max-failure-rate", float),
+                max_p95_regression=_number(max_p95_regression, "--max-p95-regression", float),
+                soak_s=parse_duration(soak, "--soak") if soak else None,
+                timeout_s=parse_duration(timeout_s, "--timeout") if timeout_s else None,
+            )
+            .checked()
         )
     except ValueError as exc:
         raise InputError(str(exc)) from None

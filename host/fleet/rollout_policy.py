@@ -6,6 +6,7 @@ reported and acts on the answer.
 
 from __future__ import annotations
 
+import itertools
 import math
 import statistics
 from dataclasses import dataclass, replace
@@ -43,25 +44,43 @@ class RolloutSettings:
     timeout_s: float = 120.0
 
     def __post_init__(self) -> None:
+        """What any rollout, a stored one too, must hold (see :meth:`checked` for what
+        a user may start one with)."""
         parse_waves(self.waves)
-        if isinstance(self.min_devices, bool) or not 1 <= self.min_devices <= MAX_DEVICES:
-            raise ValueError(
-                f"min_devices must be an integer from 1 to {MAX_DEVICES}, got {self.min_devices!r}"
-            )
+        if isinstance(self.min_devices, bool) or self.min_devices < 1:
+            raise ValueError(f"min_devices must be an integer >= 1, got {self.min_devices!r}")
         if not 0.0 <= self.max_failure_rate <= 1.0:
             raise ValueError(f"max_failure_rate must be in [0, 1], got {self.max_failure_rate}")
         regression = self.max_p95_regression
         if regression is not None and not (math.isfinite(regression) and regression >= 0):
             raise ValueError(f"max_p95_regression must be >= 0, got {regression}")
-        if not 0 <= self.soak_s <= MAX_DURATION_S:
-            raise ValueError(
-                f"soak must be 0 to {show_duration(MAX_DURATION_S)}, got {self.soak_s}"
-            )
-        if not 0 < self.timeout_s <= MAX_DURATION_S:
-            raise ValueError(
-                f"timeout must be > 0 and at most {show_duration(MAX_DURATION_S)}, "
-                f"got {self.timeout_s}"
-            )
+        if not (math.isfinite(self.soak_s) and self.soak_s >= 0):
+            raise ValueError(f"soak must be >= 0 seconds, got {self.soak_s}")
+        if not (math.isfinite(self.timeout_s) and self.timeout_s > 0):
+            raise ValueError(f"timeout must be > 0 seconds, got {self.timeout_s}")
+
+    def checked(self) -> RolloutSettings:
+        """``self`` when a user may start a rollout with it, else a ValueError: waves
+        that grow, soak and timeout of at most ten years, at most :data:`MAX_DEVICES`
+        devices. Checked where settings are typed (fleet.yaml, flags), not where a
+        stored rollout is read back, so records written before these bounds still load."""
+        sizes = parse_waves(self.waves)
+        for kind in (False, True):
+            counts = [s.count for s in sizes if s.percent == kind]
+            for before, after in itertools.pairwise(counts):
+                if after <= before:
+                    raise ValueError(
+                        f"waves: {after:g}{'%' * kind} after {before:g}{'%' * kind}: waves are "
+                        "cumulative sizes, each larger than the one before (e.g. 1,10,50,100%)"
+                    )
+        if self.min_devices > MAX_DEVICES:
+            raise ValueError(f"min_devices must be at most {MAX_DEVICES}, got {self.min_devices}")
+        for what, seconds in (("soak", self.soak_s), ("timeout", self.timeout_s)):
+            if seconds > MAX_DURATION_S:
+                raise ValueError(
+                    f"{what} must be at most {show_duration(MAX_DURATION_S)}, got {seconds:g} s"
+                )
+        return self
 
     def override(self, **changes: object) -> RolloutSettings:
         """A copy with every change that is not None applied (CLI flags over defaults)."""
@@ -82,9 +101,7 @@ class WaveSize:
 
 
 def parse_waves(text: str) -> tuple[WaveSize, ...]:
-    """Parse ``1,10,50,100%``: items are device counts, or percentages with ``%``; the
-    waves are cumulative, so each count is larger than the counts before it and each
-    percentage than the percentages (``50%,10%`` would stop at 10%)."""
+    """Parse ``1,10,50,100%``: items are device counts, or percentages with ``%``."""
     sizes: list[WaveSize] = []
     for item in str(text).split(","):
         item = item.strip()
@@ -97,14 +114,7 @@ def parse_waves(text: str) -> tuple[WaveSize, ...]:
             ) from None
         if not (math.isfinite(value) and value > 0) or (item.endswith("%") and value > 100):
             raise ValueError(f"waves: {item!r} must be a count >= 1 or a percentage in (0, 100]")
-        size = WaveSize(value, item.endswith("%"))
-        before = [s.count for s in sizes if s.percent == size.percent]
-        if before and value <= max(before):
-            raise ValueError(
-                f"waves: {item!r} after {max(before):g}{'%' * size.percent}: waves are "
-                "cumulative sizes, each larger than the one before (e.g. 1,10,50,100%)"
-            )
-        sizes.append(size)
+        sizes.append(WaveSize(value, item.endswith("%")))
     return tuple(sizes)
 
 
