@@ -83,15 +83,22 @@ def no_targets_reason(
 def targets(
     model: onnx.ModelProto, op_types: list[str], supported: Iterable[str], exclude: list[str]
 ) -> tuple[list[onnx.NodeProto], str | None]:
-    """:func:`selected`, and when it is empty, :func:`no_targets_reason`; for a model
-    whose weights and inputs are float16 or double and none float32, that
-    (onnxruntime's quantizer reads float32 only: on such models it built invalid graphs
-    or failed in its histograms)."""
+    """:func:`selected`, and when it is empty, :func:`no_targets_reason`; when the
+    model computes in float16 or double, that (onnxruntime's quantizer reads float32
+    only: on such models it built invalid graphs or failed in its histograms). What it
+    computes in is read from the selected nodes' weights, else from all the weights
+    (an fp16 model keeps float32 inputs and outputs behind Casts), else from its inputs."""
     nodes = selected(model, op_types, supported, exclude)
     if not nodes:
         return nodes, no_targets_reason(model, op_types, supported, exclude)
-    kinds = {t.data_type for t in model.graph.initializer}
-    kinds |= {i.type.tensor_type.elem_type for i in model.graph.input}
+    weights = {t.name: t.data_type for t in model.graph.initializer}
+    floats = set(_OTHER_FLOATS) | {TensorProto.FLOAT}
+    read = {weights[name] for node in nodes for name in node.input if name in weights}
+    kinds = (
+        (read & floats)
+        or (set(weights.values()) & floats)
+        or {i.type.tensor_type.elem_type for i in model.graph.input}
+    )
     other = sorted(kinds & set(_OTHER_FLOATS))
     if other and TensorProto.FLOAT not in kinds:
         return nodes, (

@@ -86,3 +86,17 @@ def test_a_model_computing_in_float16_or_double_is_refused_by_every_int8_pass(co
             f"the model computes in {name}, and onnxruntime's quantizer reads float32 only "
             "(convert the model to float32 first)"
         )
+
+
+def test_an_fp16_model_with_float32_inputs_and_outputs_is_refused_too(context):
+    """slimfleet's own fp16 output keeps float32 at the edges, behind Casts."""
+    from slimfleet.plugins.fp16 import Fp16
+    from slimfleet.plugins.quantize_dynamic import QuantizeDynamic
+    from slimfleet.plugins.quantize_static import QuantizeStatic
+
+    half = Fp16().apply(models.mlp(), context(), Fp16().resolve_options({})).model
+    assert half.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    ctx = PassContext(workdir=context().workdir, calibration=[{"x": np.ones((1, 64), np.float32)}])
+    for pass_, options in ((QuantizeDynamic(), {}), (QuantizeStatic(), {"op_types": ["Relu"]})):
+        reason = pass_.check(half, ctx, pass_.resolve_options(options))
+        assert reason is not None and reason.startswith("the model computes in float16")
