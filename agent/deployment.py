@@ -13,7 +13,7 @@ from typing import Any
 from urllib.parse import SplitResult, urlsplit
 
 from slimfleet.agent.errors import VerifyError
-from slimfleet.agent.wire import ModelRef, finite
+from slimfleet.agent.wire import ModelRef, finite, host_port
 
 # -- desired state, schema 2: a deployment of named slots ------------------------------
 #
@@ -73,7 +73,7 @@ def split_http_url(url: str) -> SplitResult:
 
 def http_url(host: str, port: int, path: str = "") -> str:
     """``http://host:port/path``, an IPv6 address in brackets (``http://[::1]:8080``)."""
-    return f"http://{f'[{host}]' if ':' in host else host}:{port}{path}"
+    return f"http://{host_port(host, port)}{path}"
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from slimfleet.agent.configfile import Node
 from slimfleet.agent.store import FileTooLarge, read_bounded
+from slimfleet.agent.wire import host_port
 
 PROTOCOLS = {"3.1.1": mqtt.MQTTv311, "5": mqtt.MQTTv5}
 
@@ -56,7 +57,7 @@ class BrokerSettings:
 
     @property
     def url(self) -> str:
-        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+        return f"{'mqtts' if self.tls else 'mqtt'}://{host_port(self.host, self.port)}"
 
     @classmethod
     def from_url(cls, url: str, **kwargs: object) -> BrokerSettings:
@@ -127,7 +128,9 @@ class BrokerSettings:
             protocol = str(node_map["protocol"].scalar())
             if protocol not in PROTOCOLS:
                 raise node_map["protocol"].error('protocol must be "3.1.1" or "5"')
-        keepalive = node_map["keepalive"].int(minimum=5) if "keepalive" in node_map else 30
+        keepalive = (
+            node_map["keepalive"].int(minimum=5, maximum=65535) if "keepalive" in node_map else 30
+        )
         return cls(
             base.host,
             base.port,

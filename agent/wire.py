@@ -108,6 +108,11 @@ def check_name(name: str) -> str:
     return name
 
 
+def host_port(host: str, port: int) -> str:
+    """``host:port`` for a URL, an IPv6 address in brackets (``[::1]:1883``)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def check_version(version: object) -> int:
     """A model version: an integer from 1 to :data:`MAX_VERSION` (ValueError otherwise)."""
     if isinstance(version, bool) or not isinstance(version, int):

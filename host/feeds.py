@@ -92,6 +92,10 @@ def _converted(array: np.ndarray, dtype: np.dtype) -> np.ndarray | None:
     if dst == "f" and src in "fiub":
         return array.astype(dtype)
     if dst in "iub" and src in "iub":
+        if array.size and dst in "iu":  # -1 as uint32 round-trips through 4294967295
+            limits = np.iinfo(dtype)
+            if array.min() < limits.min or array.max() > limits.max:
+                return None
         converted = array.astype(dtype)
         if np.array_equal(converted.astype(array.dtype), array):
             return converted

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from slimfleet.agent.errors import InputError, SlimfleetError
+from slimfleet.agent.wire import host_port
 from slimfleet.host.fleet.acl import BrokerPolicy, fleet_policy
 from slimfleet.host.fleet.config import DEFAULT_FLEET_FILE, load_fleet
 from slimfleet.host.fleet.stopsignals import stop_signals
@@ -71,7 +72,7 @@ class EmbeddedBroker:
 
     @property
     def url(self) -> str:
-        return f"mqtt://{self.host}:{self.port}"
+        return f"mqtt://{host_port(self.host, self.port)}"
 
     def start(self, timeout: float = 10.0) -> EmbeddedBroker:
         """Start listening; return once clients can connect (SlimfleetError if it cannot)."""

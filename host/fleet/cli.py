@@ -7,6 +7,7 @@ commands that change desired states in :mod:`slimfleet.host.fleet.deploy_cli`.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -63,7 +64,7 @@ def _progress_bar(enabled: bool) -> Iterator[Progress]:
             nonlocal bar, shown
             if not sys.stderr.isatty():
                 tenth = 10 * done // max(total, 1)
-                if tenth > shown:
+                if tenth > shown and logging.getLogger("slimfleet").isEnabledFor(logging.WARNING):
                     shown = tenth
                     click.echo(f"chunks sent: {done}/{total}", err=True)
                 return

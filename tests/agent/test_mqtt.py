@@ -14,6 +14,10 @@ def test_from_url_defaults_ports():
         BrokerSettings.from_url("http://h")
 
 
+def test_an_ipv6_broker_url_reads_back_as_given():
+    assert BrokerSettings.from_url("mqtt://[::1]:1884").url == "mqtt://[::1]:1884"
+
+
 @pytest.mark.parametrize("url", ["mqtt://h:0", "mqtt://h:70000", "mqtts://h:x"])
 def test_a_port_no_broker_listens_on_is_refused_not_replaced(url):
     """Port 0 was taken as 'no port' and replaced by 1883 without a word."""
@@ -38,6 +42,10 @@ def test_from_node_shorthand():
         ),
         ("broker:\n  url: mqtt://x\n  protocol: 4\n", "f.yaml:3: broker.protocol"),
         ("broker:\n  url: mqtt://x\n  colour: red\n", "unknown key 'colour'"),
+        (
+            "broker:\n  url: mqtt://x\n  keepalive: 70000\n",
+            "f.yaml:3: broker.keepalive: must be <= 65535",
+        ),
     ],
 )
 def test_from_node_errors(tmp_path, text, message):

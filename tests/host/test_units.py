@@ -36,13 +36,13 @@ def test_a_maximum_is_enforced():
         parse_duration("3651d", "--expires", maximum=3650 * 86400)
 
 
-@pytest.mark.parametrize("text", ["99999999999999d", "1e30", "600w"])
+@pytest.mark.parametrize("text", ["99999999999999d", "9" * 30, "600w"])
 def test_every_duration_has_a_ceiling_of_ten_years(text):
     """Unbounded, a soak of 8.6e18 s was signed into a rollout record."""
     with pytest.raises(InputError, match=r"at most 3652\.5d"):
-        parse_duration(text.replace("1e30", "9" * 30), "--soak")
+        parse_duration(text, "--soak")
     with pytest.raises(click.BadParameter, match="between 0s and 3652.5d"):
-        Duration().convert(text.replace("1e30", "9" * 30), None, None)
+        Duration().convert(text, None, None)
     assert parse_duration("520w", "--soak") == 520 * 7 * 86400
 
 

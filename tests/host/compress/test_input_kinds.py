@@ -245,3 +245,21 @@ def test_inputs_that_cannot_be_fed_are_one_line(tmp_path, quick, model, shapes, 
     with pytest.raises(InputError, match=message):
         compress(path, tmp_path / "out", settings=quick, input_shapes=shapes)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("values", "dtype", "shown"),
+    [
+        (np.array([-1], np.int32), "uint32", "values -1 to -1 do not fit uint32"),
+        (np.array([255], np.uint8), "int8", "values 255 to 255 do not fit int8"),
+        (np.array([-1], np.int64), "uint64", "values -1 to -1 do not fit uint64"),
+    ],
+)
+def test_integers_of_the_wrong_sign_are_refused_not_wrapped(values, dtype, shown):
+    """-1 given for a uint32 input once became 4294967295: the cast round-trips."""
+    from slimfleet.host.feeds import conform_feed
+
+    spec = [{"name": "x", "dtype": dtype, "shape": [1]}]
+    with pytest.raises(InputError, match=shown):
+        conform_feed({"x": values}, spec, "d.npz")
+    assert conform_feed({"x": np.array([5], np.int64)}, spec, "d.npz")["x"].dtype == dtype
