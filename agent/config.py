@@ -23,6 +23,7 @@ Relative paths are relative to the config file. See ``examples/agent.yaml``::
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -40,6 +41,7 @@ from slimfleet.agent.signing import load_public_key
 from slimfleet.agent.watch import WatchPolicy
 from slimfleet.agent.wire import Topics, check_name
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 DEFAULT_MAX_MODEL_BYTES = 512 * 1024**2
 _UNITS = {"": 1, "b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3}
@@ -128,8 +130,18 @@ def load_agent_config(path: str | Path) -> AgentConfig:
     except ValueError as exc:
         raise device_node.error(str(exc)) from None
     prefix_node = root.require("prefix")
+    given = prefix_node.str()
+    if given != given.strip("/") and given.strip("/"):  # accepted before: kept, and said
+        log.warning(
+            "%s:%d: prefix %r: slashes at its ends are dropped (the fleet's is %r; "
+            "fleet.yaml refuses them)",
+            prefix_node.file,
+            prefix_node.line,
+            given,
+            given.strip("/"),
+        )
     try:
-        prefix = Topics(prefix_node.str()).prefix
+        prefix = Topics(given.strip("/")).prefix
     except ValueError as exc:
         raise prefix_node.error(str(exc)) from None
     values = root.as_mapping()

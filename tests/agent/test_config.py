@@ -146,6 +146,7 @@ ERRORS = [
         3,
         r"prefix: prefix must not start with .\$. or contain",
     ),
+    ("prefix slashes", MINIMAL.replace("slimfleet/test", "a//b"), 3, "contain '//'"),
     ("broker", MINIMAL.replace("mqtt://", "http://"), 2, r"broker: broker URL must look like"),
     ("no keys", MINIMAL.replace("[keys/signing.pub]", "[]"), 4, r"at least one public key"),
     (
@@ -219,3 +220,10 @@ def test_clock_skew_and_confidence_functions(folder: Path) -> None:
     ):
         with pytest.raises(ConfigError, match=message):
             load_agent_config(write(folder, MINIMAL + bad))
+
+
+def test_slashes_at_the_ends_of_the_prefix_are_dropped_and_said(folder: Path, caplog) -> None:
+    """Accepted before Topics took one rule with fleet.yaml: configs on devices still load."""
+    config = load_agent_config(write(folder, MINIMAL.replace("slimfleet/test", "/slimfleet/test/")))
+    assert config.prefix == "slimfleet/test"
+    assert "slashes at its ends are dropped" in caplog.text
