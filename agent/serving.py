@@ -54,7 +54,7 @@ from slimfleet.agent.sessions import (
     load_model,
     return_freed_memory,
 )
-from slimfleet.agent.slots import Loaded, Pinned, ServingSet, Slot, build_slot
+from slimfleet.agent.slots import AnsweredShapes, Loaded, Pinned, ServingSet, Slot, build_slot
 from slimfleet.agent.telemetry import Telemetry
 from slimfleet.agent.watch import Baseline, WatchPolicy, baseline, judge
 from slimfleet.agent.wire import (
@@ -126,6 +126,7 @@ class DeploymentServer:
         self.watch_policy = watch or WatchPolicy()
         self.confidence_functions = dict(confidence_functions or {})
         self.telemetry = telemetry or Telemetry()
+        self._shapes = AnsweredShapes()  # across deployments: see AnsweredShapes
         self._on_event = on_event
         self._on_fallback = on_fallback
         self._on_settled = on_settled
@@ -201,7 +202,7 @@ class DeploymentServer:
         if active is None:
             raise NoModelError("no deployment is serving yet")
         try:
-            yield Pinned(active, self.telemetry)
+            yield Pinned(active, self.telemetry, self._shapes)
         finally:
             with self._lock:
                 active.inflight -= 1

@@ -10,6 +10,7 @@ many were passed over (``escalations``).
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -153,6 +154,38 @@ class ServingSet:
         return {name: np.array(d.copy(), dtype=np.float64) for name, d in self.recent.items()}
 
 
+ANSWERED_SHAPES = 1024
+"""Input shapes remembered per slot (see :class:`AnsweredShapes`); past it, a failure on
+a new shape is the request's."""
+
+
+class AnsweredShapes:
+    """The input shapes each slot has answered, across deployments: a model that fails
+    on a shape its slot answered before is at fault (the watch counts it); one that fails
+    on a shape no version of the slot ever answered (two inputs whose shared dimension
+    disagrees, an image size a stride cannot divide) was sent a request it cannot run,
+    which any client can send: counting those let a stranger roll a device back. At
+    most :data:`ANSWERED_SHAPES` per slot. The lock guards ``_shapes``."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._shapes: dict[str, set[tuple[tuple[int, ...], ...]]] = {}
+
+    @staticmethod
+    def _key(feeds: Mapping[str, np.ndarray]) -> tuple[tuple[int, ...], ...]:
+        return tuple(tuple(feeds[name].shape) for name in sorted(feeds))
+
+    def add(self, slot: str, feeds: Mapping[str, np.ndarray]) -> None:
+        with self._lock:
+            known = self._shapes.setdefault(slot, set())
+            if len(known) < ANSWERED_SHAPES:
+                known.add(self._key(feeds))
+
+    def answered(self, slot: str, feeds: Mapping[str, np.ndarray]) -> bool:
+        with self._lock:
+            return self._key(feeds) in self._shapes.get(slot, ())
+
+
 @dataclass(frozen=True)
 class Pinned:
     """One serving set held by :meth:`DeploymentServer.pinned`; every request of every
@@ -160,6 +193,7 @@ class Pinned:
 
     serving: ServingSet
     telemetry: Telemetry
+    shapes: AnsweredShapes
 
     def predict(self, slot: str, feeds: Mapping[str, Any], *, cast: bool = False) -> Answer:
         target = self.serving.slots.get(slot)
@@ -169,10 +203,16 @@ class Pinned:
         ready = target.primary.check_feeds(feeds, cast)  # FeedError: the client's fault
         try:
             answer = target.answer(ready)
-        except InferenceError:
+        except InferenceError as exc:
+            if not self.shapes.answered(slot, ready):
+                shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in sorted(ready.items()))
+                raise FeedError(
+                    f"slot {slot!r} has never answered inputs shaped {shapes}, and cannot: {exc}"
+                ) from None
             self.serving.recent[slot].append(FAILED)
             self.telemetry.record_error(slot)
             raise
+        self.shapes.add(slot, ready)
         latency = time.perf_counter() - started
         self.serving.recent[slot].append(latency)
         self.telemetry.record(slot, latency, answer.escalations)

@@ -114,6 +114,25 @@ def test_watch_window_rolls_back_an_erroring_deployment(
     assert reason.startswith("slot main: error rate 100.0%") and "vs 0.0% before" in reason
 
 
+def test_requests_no_version_could_run_never_roll_back_a_deployment(
+    make_serving, model_files, recorder
+) -> None:
+    """a [2, 4] and b [3, 4] share the free dimension 'batch' and cannot be added: a
+    stranger's 40 such requests once rolled a new deployment back for good. Shapes the
+    slot never answered are the request's fault (400), not the model's."""
+    server = make_serving(watch=WatchPolicy(window_s=0.5, min_requests=20, max_error_rate=0.05))
+    serve(server, 1, model_files.two_inputs())
+    serve(server, 2, model_files.two_inputs())
+    bad = {"a": np.zeros((2, 4), np.float32), "b": np.zeros((3, 4), np.float32)}
+    for _ in range(40):
+        with pytest.raises(FeedError, match="has never answered inputs shaped a \\[2, 4\\]"):
+            infer(server, bad)
+    assert recorder.changed.wait(10)
+    assert recorder.settled == [main(2)] and recorder.fallbacks == []
+    good = {"a": np.ones((2, 4), np.float32), "b": np.ones((2, 4), np.float32)}
+    assert (infer(server, good)["y"] == 2).all()
+
+
 def test_client_errors_never_roll_back_a_deployment(make_serving, model_files, recorder) -> None:
     server = make_serving(watch=WatchPolicy(window_s=0.5, min_requests=20, max_error_rate=0.05))
     serve(server, 1, model_files.add(1.0))
