@@ -13,7 +13,7 @@ from typing import Any
 from urllib.parse import SplitResult, urlsplit
 
 from slimfleet.agent.errors import VerifyError
-from slimfleet.agent.wire import ModelRef, finite, host_port
+from slimfleet.agent.wire import MAX_SAFE_INT, ModelRef, finite, host_port
 
 # -- desired state, schema 2: a deployment of named slots ------------------------------
 #
@@ -239,8 +239,10 @@ class DesiredState:
                 f"schema {SCHEMA_VERSION_DESIRED}"
             )
         seq, issued, expires = doc.get("seq"), doc.get("issued"), doc.get("expires")
-        if isinstance(seq, bool) or not isinstance(seq, int) or seq < 1:
-            raise VerifyError("desired state is malformed: seq must be an integer >= 1")
+        if isinstance(seq, bool) or not isinstance(seq, int) or not 1 <= seq <= MAX_SAFE_INT:
+            raise VerifyError(
+                f"desired state is malformed: seq must be an integer from 1 to {MAX_SAFE_INT}"
+            )
         if not (finite(issued) and finite(expires) and expires > issued):
             raise VerifyError("desired state is malformed: needs finite issued < expires")
         device, key_id = doc.get("device"), doc.get("key_id")

@@ -91,6 +91,9 @@ class Topics:
 
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+MAX_SAFE_INT = 2**53 - 1
+"""The largest integer every JSON reader reads exactly: the bound of a desired state's
+seq and of the counts a device reports (a floor of 10**4300 once broke the host)."""
 MAX_VERSION = 2**63 - 1
 """Versions fit a signed 64-bit integer (19 digits): a version names a folder and is a
 JSON number every client reads exactly."""

@@ -26,7 +26,7 @@ from slimfleet.agent.deployment import (
     deployment_to_dict,
 )
 from slimfleet.agent.errors import InputError, SlimfleetError, VerifyError
-from slimfleet.agent.wire import Manifest, ModelRef, parse_json
+from slimfleet.agent.wire import MAX_SAFE_INT, Manifest, ModelRef, parse_json
 from slimfleet.host.fleet.config import FleetConfig
 from slimfleet.host.fleet.mqttio import BrokerLink
 from slimfleet.host.fleet.outcomes import read_states
@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 # Agents drop a desired-state message over 64 KiB unread (their per-topic limit); a real
 # one is a few KiB (32 slots x 8 tiers at most), so only huge URLs or names reach this.
 MAX_DESIRED_BYTES = 64 * 1024
+FLOOR_LEAD = 1_000_000
+"""How far past the last signed seq a device's (unsigned) reported floor is followed."""
 
 
 class BrokerUnreachable(SlimfleetError):
@@ -85,8 +87,27 @@ class Current:
 
     @property
     def next_seq(self) -> int:
+        """One above the retained desired state's seq and the floor the device reports.
+        The report is not signed: a floor beyond the last signed seq by more than
+        :data:`FLOOR_LEAD` is taken only that far (a forged floor once made the host
+        sign a seq of 4300 digits and then fail on every later one)."""
         last = self.desired.seq if self.desired else 0
         floor = self.state.floor if self.state else 0
+        if self.desired is not None and floor > last + FLOOR_LEAD:
+            log.warning(
+                "%s reports floor %d, %d beyond the last seq signed for it (%d): taken as %d",
+                self.device,
+                floor,
+                floor - last,
+                last,
+                last + FLOOR_LEAD,
+            )
+            floor = last + FLOOR_LEAD
+        if max(last, floor) >= MAX_SAFE_INT:
+            raise SlimfleetError(
+                f"{self.device}: its seq would pass {MAX_SAFE_INT}; wipe its store and "
+                "enrol it again"
+            )
         return max(last, floor) + 1
 
 

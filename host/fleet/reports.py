@@ -28,7 +28,7 @@ from typing import Any
 from slimfleet.agent.deployment import MAX_SLOTS, MAX_TIERS, check_slot
 from slimfleet.agent.errors import SlimfleetError
 from slimfleet.agent.report import STATUSES
-from slimfleet.agent.wire import EVENT_TYPES, ModelRef, loads_json
+from slimfleet.agent.wire import EVENT_TYPES, MAX_SAFE_INT, ModelRef, loads_json
 
 SCHEMA = 2
 MAX_REPORT_BYTES = 256 * 1024  # a larger state/telemetry/event body is refused unread
@@ -98,12 +98,14 @@ class _Fields:
         return self._required(key, self.maybe_number(key))
 
     def count(self, key: str, optional: bool = False) -> int:
-        """A non-negative integer (0 when optional and absent)."""
+        """A non-negative integer up to :data:`~slimfleet.agent.wire.MAX_SAFE_INT` (0 when
+        optional and absent)."""
         value = self.doc.get(key)
         if value is None:
             return 0 if optional else self._required(key, value)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise self.error(key, f"expected an integer >= 0, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SAFE_INT:
+            shown = repr(value) if not isinstance(value, int) or value < MAX_SAFE_INT else "more"
+            raise self.error(key, f"expected an integer from 0 to {MAX_SAFE_INT}, got {shown}")
         return value
 
     def maybe_text(self, key: str) -> str | None:

@@ -188,7 +188,8 @@ def test_desired_state_round_trip():
     [
         ({"kind": "manifest"}, "not a desired"),
         ({"schema": 1}, "schema 1"),
-        ({"seq": 0}, "seq must be an integer >= 1"),
+        ({"seq": 0}, "seq must be an integer from 1 to"),
+        ({"seq": 2**53}, "seq must be an integer from 1 to 9007199254740991"),
         ({"seq": True}, "seq must be"),
         ({"issued": 300.0}, "issued < expires"),
         ({"expires": float("inf")}, "issued < expires"),

@@ -245,3 +245,28 @@ def test_a_desired_state_over_the_devices_limit_is_refused(
     with pytest.raises(InputError, match=r"desired state of cam-01 would be \d+ bytes, over"):
         deploy.assign(published, link, {SLOT_MAIN: SlotSpec((A1,), None, remote)}, ["cam-01"])
     assert retained_desired(link, published, "cam-01") is None
+
+
+def test_a_forged_floor_is_followed_only_a_bounded_way_past_the_last_signed_seq(caplog) -> None:
+    """A device's state is not signed: a floor of 10**4300 once made the host sign a seq
+    of that size, then fail on every later assign (exit 70)."""
+    from slimfleet.agent.wire import MAX_SAFE_INT
+    from slimfleet.host.fleet.reports import parse_state
+
+    signed = DesiredState(
+        device="cam-01",
+        deployment=deploy.main_slot(A1),
+        key_id="k",
+        seq=5,
+        issued=time.time(),
+        expires=time.time() + 60,
+    )
+    forged = parse_state({**state_doc("cam-01"), "floor": 10**12}, "cam-01")
+    current = deploy.Current("cam-01", signed, forged)
+    assert current.next_seq == 5 + deploy.FLOOR_LEAD + 1
+    assert "reports floor 1000000000000" in caplog.text
+    honest = parse_state({**state_doc("cam-01"), "floor": 9}, "cam-01")
+    assert deploy.Current("cam-01", signed, honest).next_seq == 10
+    worn_out = replace(signed, seq=MAX_SAFE_INT)
+    with pytest.raises(SlimfleetError, match="its seq would pass"):
+        deploy.Current("cam-01", worn_out, honest).next_seq  # noqa: B018
