@@ -231,17 +231,21 @@ class Updater:
         self, envelope: bytes, ref: ModelRef, where: str, *, installed: bool = False
     ) -> Manifest:
         """Verify ``envelope`` describes ``ref``; a fetched one must not have expired (nor its
-        key's certificate); an ``installed`` one is re-checked with ``allow_expired``."""
+        key's certificate); an ``installed`` one is re-checked with ``allow_expired``.
+
+        A fetched manifest that does not verify or names another model is retried, like a
+        bad chunk: the broker's copy is a mirror anyone with write access can spoil and
+        ``publish --repair`` mends, so it must not end the desired state for good."""
         try:
             document = self.verifier.verify(envelope, where, allow_expired=installed)
             manifest = Manifest.from_dict(document)
         except VerifyError as exc:
-            raise UpdateFailed(STAGE_VERIFY, str(exc), permanent=True) from None
+            raise UpdateFailed(STAGE_VERIFY, str(exc), permanent=installed) from None
         if (manifest.name, manifest.version) != (ref.name, ref.version):
             raise UpdateFailed(
                 STAGE_VERIFY,
                 f"{where}: describes {manifest.name}@{manifest.version}, not {ref}",
-                permanent=True,
+                permanent=installed,
             )
         if not installed and manifest.expired():  # published versions never change: final
             raise UpdateFailed(

@@ -108,15 +108,24 @@ def assert_refused(agent, watcher, seq: int, stage: str) -> dict:
     return refused
 
 
-def test_bad_signature_is_refused(agent, rig, watcher, publisher):
+def test_a_spoiled_manifest_is_pending_and_the_repaired_one_is_followed(
+    agent, rig, watcher, publisher
+):
+    """The broker's copy is a mirror: a manifest tampered with there was once refused for
+    good, and publish --repair could not undo it. Like a bad chunk, it is retried."""
     rig.publish(models.add_const(2.0), 2)
     topic = rig.topics.manifest("m", 2)
-    envelope = json.loads(_retained(publisher, topic))
+    good = _retained(publisher, topic)
+    envelope = json.loads(good)
     envelope["signed"]["size"] += 1  # tampered after signing
     publisher.put(topic, json.dumps(envelope).encode())
     rig.assign(2)
-    refused = assert_refused(agent, watcher, 2, "verify")
-    assert "bad signature" in refused["reason"]
+    state = watcher.wait("state", lambda s: (s["desired"] or {}).get("stage") == "verify")
+    assert outcome(state) == (2, "pending") and "bad signature" in state["desired"]["reason"]
+    assert served_const(agent) == 1.0 and not watcher.events("desired_refused")
+    publisher.put(topic, good)  # what publish --repair sends
+    watcher.event("swap_ok", deployment=main("m", 2))
+    assert served_const(agent) == 2.0
 
 
 def test_older_version_is_refused_and_a_signed_rollback_accepted(agent, rig, watcher, publisher):
@@ -249,8 +258,9 @@ def test_malformed_messages_are_reported_and_the_agent_keeps_running(
         failed = watcher.events("desired_refused")[-1]
         assert failed["stage"] == "verify" and failed["model"] is None
     publisher.put(rig.topics.manifest("m", 2), b'{"signed": [1, 2], "signature": "x"}')
-    rig.assign(2)
-    assert_refused(agent, watcher, 2, "verify")
+    rig.assign(2)  # a junk manifest: retried (pending), the device keeps serving m@1
+    state = watcher.wait("state", lambda s: (s["desired"] or {}).get("stage") == "verify")
+    assert outcome(state) == (2, "pending") and served_const(agent) == 1.0
 
     rig.publish(models.add_const(3.0), 3)  # and it still follows new desired states
     rig.assign(3)
