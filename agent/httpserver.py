@@ -411,6 +411,18 @@ class BoundedHandler(BaseHTTPRequestHandler):
             )
         return size
 
+    def charge(self, cost: int, what: str) -> None:
+        """Charge ``cost`` more bytes to the server's budget until the request is
+        answered (an answer as it is built); 503 when they do not fit."""
+        if not self.server.budget.take(cost):
+            raise HttpError(
+                HTTPStatus.SERVICE_UNAVAILABLE,
+                f"busy: {what} costing {cost} bytes does not fit in the "
+                f"{self.limits.max_inflight_bytes} bytes that requests may hold at once; "
+                "retry later",
+            )
+        self._charged += cost
+
     def read_body(self, size: int, cost: int | None = None) -> bytearray:
         """The body, read once into one buffer of ``size`` bytes. ``cost`` (default
         ``size``) is charged to the server's budget until the request is answered: 503
@@ -424,7 +436,7 @@ class BoundedHandler(BaseHTTPRequestHandler):
                     f"{self.limits.max_inflight_bytes} bytes that requests may hold at once; "
                     "retry later",
                 )
-            self._charged = cost
+            self._charged += cost
         body = bytearray(size)
         view = memoryview(body)
         got = 0

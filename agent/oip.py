@@ -289,6 +289,23 @@ def _binary(array: np.ndarray) -> bytes | memoryview:
     return memoryview(little.reshape(-1).view(np.uint8))
 
 
+JSON_VALUE_COST = 80
+"""Bytes one number of a JSON answer holds while it is built: a Python float (24), its
+list slot (8), its text (up to 24) and the joined body (24)."""
+
+
+def json_answer_cost(request: InferRequest, answer: Answer) -> int:
+    """The bytes building the outputs asked for as JSON holds at once (a 16 MiB binary
+    request once drew a 1.2 GB JSON answer that nothing counted; binary outputs are sent
+    as the model's own arrays)."""
+    selected = request.outputs or {name: request.binary_output for name in answer.outputs}
+    return sum(
+        answer.outputs[n].size * JSON_VALUE_COST
+        for n, binary in selected.items()
+        if not binary and n in answer.outputs
+    )
+
+
 def infer_response(
     slot: str, request: InferRequest, answer: Answer
 ) -> tuple[dict[str, Any], list[bytes | memoryview]]:

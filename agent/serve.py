@@ -369,6 +369,14 @@ class _Handler(BoundedHandler):
             ) from None
         request = oip.parse_infer(doc, view[header_size:], self.api.backend.slot_io(slot))
         answer = self.api.backend.predict(slot, request.feeds)
+        cost = oip.json_answer_cost(request, answer)
+        if cost > limits.max_inflight_bytes:
+            raise oip.ProtocolError(
+                f"the answer would hold {cost} bytes as JSON, over the "
+                f"{limits.max_inflight_bytes} all requests may hold at once: ask for binary "
+                'data ("parameters": {"binary_data_output": true})'
+            )
+        self.charge(cost, "the JSON answer")
         header, parts = oip.infer_response(slot, request, answer)
         head = json.dumps(header).encode()
         headers = _tier_headers(answer)

@@ -228,19 +228,18 @@ def test_bodies_in_flight_share_one_budget(oip_backend: OrtBackend) -> None:
     """A big body that does not fit beside those being read is refused 503 before it is
     read; small requests are not charged, so they still get through."""
     limits = HttpLimits(
-        max_json_bytes=16 * 1024, max_binary_bytes=256 * 1024, max_inflight_bytes=300 * 1024
+        max_json_bytes=16 * 1024, max_binary_bytes=256 * 1024, max_inflight_bytes=310 * 1024
     )
-    x, mask = _rows(5000)  # 100 KB of binary tensors
-    body, headers = binary_body(
-        {"inputs": [tensor("x", x, binary=True), tensor("mask", mask, binary=True)]}, x, mask
-    )
+    x, mask = _rows(5000)  # 100 KB of binary tensors, and the answer binary too
+    doc = {"inputs": [tensor("x", x, binary=True), tensor("mask", mask, binary=True)]}
+    body, headers = binary_body({**doc, "parameters": {"binary_data_output": True}}, x, mask)
     head = (
         f"POST {INFER} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
         f"Inference-Header-Content-Length: {headers['Inference-Header-Content-Length']}\r\n\r\n"
     ).encode()
     with HttpApi(oip_backend, limits=limits) as api:
         slow = [socket.create_connection(("127.0.0.1", api.port), timeout=10) for _ in range(3)]
-        for sock in slow:  # three bodies being read: 3 x 100 KB of the 300 KB
+        for sock in slow:  # three bodies being read: 3 x 100 KB (and headers) of 310 KB
             sock.sendall(head + body[:1000])
         deadline = time.monotonic() + 5
         server = api._server
@@ -355,3 +354,29 @@ def test_fuzzed_requests_get_an_answer_below_500_and_the_server_stays_up(
     assert status == 200 or 400 <= status < 500, (line, raw)
     assert oip_backend.model_errors == {}
     assert call(oip_api.port, "GET", "/v2/health/live").status == 200
+
+
+def test_a_json_answer_is_charged_to_the_budget_and_one_too_big_is_refused(
+    oip_backend: OrtBackend,
+) -> None:
+    """A 16 MiB binary request asking for its answer in JSON once took 1.5 GB (a Python
+    float and its text per value), uncounted; four at once took 5 GB."""
+    limits = HttpLimits(
+        max_json_bytes=16 * 1024, max_binary_bytes=256 * 1024, max_inflight_bytes=512 * 1024
+    )
+    x, mask = _rows(5000)  # 20,000 output values: 1.6 MB to build as JSON
+    doc = {"inputs": [tensor("x", x, binary=True), tensor("mask", mask, binary=True)]}
+    body, headers = binary_body(doc, x, mask)
+    with HttpApi(oip_backend, limits=limits) as api:
+        answer = call(api.port, "POST", INFER, body, headers)
+        assert answer.status == 400 and "binary_data_output" in answer.json()["error"]
+        body, headers = binary_body({**doc, "parameters": {"binary_data_output": True}}, x, mask)
+        answer = call(api.port, "POST", INFER, body, headers)
+        assert answer.status == 200
+        np.testing.assert_array_equal(answer.oip()[1]["y"], x + 1)
+        x, mask = _rows(1000)  # 320 KB as JSON: fits the budget, charged, then given back
+        body, headers = binary_body(
+            {"inputs": [tensor("x", x, binary=True), tensor("mask", mask, binary=True)]}, x, mask
+        )
+        assert call(api.port, "POST", INFER, body, headers).status == 200
+        assert api._server is not None and api._server.budget.used == 0
