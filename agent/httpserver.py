@@ -429,14 +429,7 @@ class BoundedHandler(BaseHTTPRequestHandler):
         before reading when it does not fit."""
         cost = size if cost is None else cost
         if size > SMALL_BODY:
-            if not self.server.budget.take(cost):
-                raise HttpError(
-                    HTTPStatus.SERVICE_UNAVAILABLE,
-                    f"busy: a body costing {cost} bytes does not fit in the "
-                    f"{self.limits.max_inflight_bytes} bytes that requests may hold at once; "
-                    "retry later",
-                )
-            self._charged += cost
+            self.charge(cost, "a body")
         body = bytearray(size)
         view = memoryview(body)
         got = 0
