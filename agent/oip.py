@@ -51,6 +51,7 @@ BYTES = "BYTES"
 # Which numpy kinds a JSON array may hold for each datatype family (b bool, i/u int, f float).
 _JSON_KINDS = {"b": "b", "u": "iu", "i": "iu", "f": "iuf"}
 _KIND_NAMES = {"b": "booleans", "i": "integers", "u": "integers", "f": "numbers"}
+MAX_DIM = 2**31 - 1
 MAX_RANK = 32
 """Most dimensions a tensor may have (numpy's limit is 64; no model here takes over 8)."""
 _UNSUPPORTED_PARAMETERS = ("shared_memory_region", "shared_memory_byte_size", "classification")
@@ -118,9 +119,12 @@ def _check_parameters(parameters: Mapping[str, Any], where: str) -> None:
 
 def _shape(value: Any, where: str) -> tuple[int, ...]:
     if not isinstance(value, list) or not all(
-        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in value
+        isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= MAX_DIM for d in value
     ):
-        raise ProtocolError(f"{where}.shape must be a list of non-negative integers")
+        raise ProtocolError(
+            f"{where}.shape must be a list of integers from 0 to {MAX_DIM} (numpy's limit; a "
+            "[10**30, 0] tensor holds no values but no array can have that shape)"
+        )
     if len(value) > MAX_RANK:
         raise ProtocolError(f"{where}.shape has {len(value)} dimensions, at most {MAX_RANK}")
     return tuple(value)

@@ -45,7 +45,8 @@ BAD_INFERS: list[tuple[str, str, Any, int, str]] = [
         "the model takes FP32",
     ),
     ("bytes", "det", {"inputs": [{**_X, "datatype": "BYTES"}, _M]}, 400, "BYTES tensors are not"),
-    ("bad shape", "det", {"inputs": [{**_X, "shape": [1, -4]}, _M]}, 400, "non-negative integers"),
+    ("bad shape", "det", {"inputs": [{**_X, "shape": [1, -4]}, _M]}, 400, "integers from 0 to"),
+    ("huge dim", "det", {"inputs": [{**_X, "shape": [10**30, 0]}, _M]}, 400, "integers from 0 to"),
     ("shape count", "det", {"inputs": [{**_X, "shape": [2, 4]}, _M]}, 400, "needs 8"),
     ("ragged", "det", {"inputs": [{**_X, "data": [[1, 2], [3]]}, _M]}, 400, "ragged"),
     (
