@@ -9,7 +9,8 @@ Bounds (all in :class:`HttpLimits`):
   its next request or is still sending it (headers or body), if that has lasted at least
   ``EVICT_AFTER_S``: that one is closed. A
   client that holds slots by sending its requests slowly (slowloris) therefore loses
-  them to anyone who sends a whole request; a request being answered is never cut.
+  them to anyone who sends a whole request; so does one that does not read its answer
+  within ``UNREAD_ANSWER_S``. A request being computed is never cut.
   When every open connection is busy answering, the new one is answered ``503`` at
   once, without a thread, and closed (at most ``MAX_REFUSED_LINGERING`` refused sockets
   linger ``REFUSED_LINGER_S`` to read what the client sent, so it reads the 503 rather
@@ -58,6 +59,10 @@ REFUSED_LINGER_S = 1.0
 EVICT_AFTER_S = 1.0
 """A connection may lose its slot to a newcomer once it has waited this long for (or
 spent this long sending) its request: a request sent at once is never cut."""
+UNREAD_ANSWER_S = 5.0
+"""Or once its answer has waited this long for the client to read it: 64 clients that
+sent whole requests and never read the answers once held every slot (the writes block
+up to ``request_timeout_s``, and they reconnected), so no one else got an answer."""
 MAX_REFUSED_LINGERING = 256
 JSON = "application/json"
 
@@ -209,6 +214,7 @@ class BoundedHttpServer(ThreadingHTTPServer):
         self.limits = limits
         self.budget = ByteBudget(limits.max_inflight_bytes)
         self._connections_lock = threading.Lock()  # guards _connections
+        # per connection: when it may be closed for a newcomer, None while it computes
         self._connections: dict[socket.socket, float | None] = {}
         """Open connection -> since when it has been waiting for (or reading) a request,
         or None while one is being answered."""
@@ -227,16 +233,14 @@ class BoundedHttpServer(ThreadingHTTPServer):
         victim = None
         with self._connections_lock:
             if len(self._connections) >= self.limits.max_connections:
-                cutoff = time.monotonic() - EVICT_AFTER_S
-                waiting = {
-                    s: t for s, t in self._connections.items() if t is not None and t <= cutoff
-                }
+                now = time.monotonic()
+                waiting = {s: t for s, t in self._connections.items() if t is not None and t <= now}
                 victim = min(waiting, key=waiting.__getitem__, default=None)
                 if victim is not None:  # its thread ends on the shutdown below
                     del self._connections[victim]
             admitted = len(self._connections) < self.limits.max_connections
             if admitted:
-                self._connections[request] = time.monotonic()
+                self._connections[request] = time.monotonic() + EVICT_AFTER_S
         if victim is not None:
             log.debug("HTTP connection closed for a new one: %d open", self.limits.max_connections)
             with contextlib.suppress(OSError):
@@ -260,14 +264,19 @@ class BoundedHttpServer(ThreadingHTTPServer):
         with self._connections_lock:
             self._connections.pop(request, None)
 
-    def mark(self, request: socket.socket, *, answering: bool) -> bool:
-        """Note that ``request`` (a connection) is answering a request, or waiting for
-        (or reading) its next one since now: only the latter may be closed for a newcomer
-        at the cap. False when it was already closed for one (the caller stops)."""
+    def mark(self, request: socket.socket, *, answering: bool, writing: bool = False) -> bool:
+        """Note that ``request`` (a connection) is computing an answer, writing one (it
+        may be closed for a newcomer at the cap after :data:`UNREAD_ANSWER_S`), or waiting
+        for (or reading) its next request (after :data:`EVICT_AFTER_S`). False when it
+        was already closed for one (the caller stops)."""
         with self._connections_lock:
             if request not in self._connections:
                 return False
-            self._connections[request] = None if answering else time.monotonic()
+            now = time.monotonic()
+            if writing:
+                self._connections[request] = now + UNREAD_ANSWER_S
+            else:
+                self._connections[request] = None if answering else now + EVICT_AFTER_S
             return True
 
     def _refuse(self, sock: socket.socket) -> None:
@@ -494,6 +503,7 @@ class BoundedHandler(BaseHTTPRequestHandler):
         if self.close_connection:
             self.send_header("Connection", "close")
         self.end_headers()
+        self.server.mark(self.connection, answering=True, writing=True)
         for part in parts:
             self.wfile.write(part)
         if self._body_pending:

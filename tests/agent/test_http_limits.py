@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from oip_rig import OrtBackend, binary_body, call, tensor
 
-from slimfleet.agent.httpserver import EVICT_AFTER_S, HttpLimits, MiB
+from slimfleet.agent.httpserver import EVICT_AFTER_S, UNREAD_ANSWER_S, HttpLimits, MiB
 from slimfleet.agent.serve import HttpApi
 
 LIMITS = HttpLimits(
@@ -380,3 +380,37 @@ def test_a_json_answer_is_charged_to_the_budget_and_one_too_big_is_refused(
         )
         assert call(api.port, "POST", INFER, body, headers).status == 200
         assert api._server is not None and api._server.budget.used == 0
+
+
+def test_a_client_that_never_reads_its_answer_loses_its_slot(oip_backend: OrtBackend) -> None:
+    """Whole requests whose answers are never read held every slot (the writes block,
+    and the attacker reconnects): 0 of 145 health checks got through. An answer unread
+    for UNREAD_ANSWER_S may be cut for a newcomer at the cap."""
+    limits = HttpLimits(
+        max_connections=2,
+        request_timeout_s=30,
+        idle_timeout_s=30,
+        max_binary_bytes=32 * MiB,
+        max_inflight_bytes=128 * MiB,
+    )
+    x, mask = _rows(400_000)  # 6.4 MB of answer: more than the socket buffers hold
+    doc = {
+        "inputs": [tensor("x", x, binary=True), tensor("mask", mask, binary=True)],
+        "parameters": {"binary_data_output": True},
+    }
+    body, headers = binary_body(doc, x, mask)
+    head = (
+        f"POST {INFER} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
+        f"Inference-Header-Content-Length: {headers['Inference-Header-Content-Length']}\r\n\r\n"
+    ).encode()
+    with HttpApi(oip_backend, limits=limits) as api:
+        readers = []
+        for _ in range(2):  # send whole requests, never read the answers
+            sock = socket.create_connection(("127.0.0.1", api.port), timeout=30)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.sendall(head + body)
+            readers.append(sock)
+        time.sleep(UNREAD_ANSWER_S + 1.0)
+        assert call(api.port, "GET", "/v2/health/live").status == 200
+        for sock in readers:
+            sock.close()
