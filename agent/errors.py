@@ -25,3 +25,8 @@ class ConfigError(InputError):
 
 class VerifyError(SlimfleetError):
     """A manifest, signature, chunk or model failed verification."""
+
+
+class KeyRevoked(VerifyError):
+    """A document verifies, but its signing key is revoked: final, where a spoiled or
+    forged copy on the broker is worth retrying."""

@@ -49,7 +49,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from slimfleet.agent.errors import VerifyError
+from slimfleet.agent.errors import KeyRevoked, VerifyError
 from slimfleet.agent.signing import (
     Signer,
     Verifier,
@@ -277,7 +277,7 @@ class KeyRing:
         if not isinstance(kid, str):
             raise VerifyError(f"{what}: key_id is missing")
         if self.is_revoked(kid):
-            raise VerifyError(f"{what}: signed by revoked key {kid}")
+            raise KeyRevoked(f"{what}: signed by revoked key {kid}")
         key = self._pinned.get(kid)
         if key is None:
             if "certificate" not in envelope:

@@ -28,7 +28,7 @@ from typing import Any
 from slimfleet.agent.config import AgentConfig
 from slimfleet.agent.deployment import Deployment, DesiredState
 from slimfleet.agent.download import ChunkDownload, DownloadCancelled, DownloadError, clear_partials
-from slimfleet.agent.errors import SlimfleetError, VerifyError
+from slimfleet.agent.errors import KeyRevoked, SlimfleetError, VerifyError
 from slimfleet.agent.inbox import MANIFEST_LIMIT
 from slimfleet.agent.keyring import KeyRing
 from slimfleet.agent.link import Backoff, Link
@@ -235,10 +235,13 @@ class Updater:
 
         A fetched manifest that does not verify or names another model is retried, like a
         bad chunk: the broker's copy is a mirror anyone with write access can spoil and
-        ``publish --repair`` mends, so it must not end the desired state for good."""
+        ``publish --repair`` mends, so it must not end the desired state for good. One
+        signed by a revoked key is final."""
         try:
             document = self.verifier.verify(envelope, where, allow_expired=installed)
             manifest = Manifest.from_dict(document)
+        except KeyRevoked as exc:
+            raise UpdateFailed(STAGE_VERIFY, str(exc), permanent=True) from None
         except VerifyError as exc:
             raise UpdateFailed(STAGE_VERIFY, str(exc), permanent=installed) from None
         if (manifest.name, manifest.version) != (ref.name, ref.version):

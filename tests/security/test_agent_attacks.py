@@ -76,12 +76,17 @@ def test_a_forged_desired_state_is_refused(agent, rig, watcher, attacker, forger
     follows_the_next_honest_one(agent, rig, watcher)
 
 
-def test_a_manifest_signed_by_an_unpinned_key_is_refused(agent, rig, watcher, attacker):
+def test_a_manifest_signed_by_an_unpinned_key_is_never_installed(agent, rig, watcher, attacker):
+    """Pending at verify (the broker's copy may be repaired), never installed, m@1 serves."""
     path = rig.model_file(models.add_const(2.0), "m-2")
     manifest, chunks = build_manifest(attacker, path, "m", 2, chunk_size=16 * 1024)
     publish_manifest(rig.fleet, manifest, chunks, signer=attacker)
     rig.assign(2)
-    refused(agent, watcher, 2, "verify")
+    state = watcher.wait(
+        "state", lambda s: at(2)(s) and (s["desired"] or {}).get("stage") == "verify"
+    )
+    assert state["desired"]["outcome"] == "pending" and "unknown key" in state["desired"]["reason"]
+    assert served(agent) == 1.0
     assert watcher.events("download_progress")[-1]["model"] == {"name": "m", "version": 1}
 
 

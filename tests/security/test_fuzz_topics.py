@@ -78,12 +78,14 @@ class Fuzzed:
 
     def settled(self, seq: int) -> None:
         """Wait until desired state ``seq`` was handled (refused, served, or stuck on a
-        chunk it keeps refusing)."""
+        chunk or manifest it keeps refusing)."""
 
         def done(state: dict[str, Any]) -> bool:
             handled = state.get("desired") or {}
             stage = handled.get("stage")
-            return at(seq)(state) and (handled.get("outcome") != "pending" or stage == "download")
+            return at(seq)(state) and (
+                handled.get("outcome") != "pending" or stage in ("download", "verify")
+            )
 
         self.watcher.wait("state", done, timeout=10)
 
