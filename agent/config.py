@@ -34,7 +34,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from slimfleet.agent.configfile import Node, load_yaml
 from slimfleet.agent.errors import InputError
-from slimfleet.agent.httpserver import HttpLimits
+from slimfleet.agent.httplimits import HttpLimits
 from slimfleet.agent.keyring import KeyRing
 from slimfleet.agent.mqtt import BrokerSettings
 from slimfleet.agent.signing import load_public_key

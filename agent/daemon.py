@@ -48,6 +48,7 @@ from slimfleet.agent.desired import (
     notice,
     restore,
     save_record,
+    wait_until,
 )
 from slimfleet.agent.errors import VerifyError
 from slimfleet.agent.fallback import (
@@ -75,9 +76,6 @@ __all__ = ["Agent", "Timing", "main"]
 log = logging.getLogger(__name__)
 
 REVOCATIONS_FILE = "revoked.json"  # in the store: the revocation list, kept across restarts
-LONGEST_WAIT_S = 3600.0
-"""The control thread wakes at least this often: a desired state expiring centuries
-from now (signed, so allowed) is waited for in steps, where one wait would overflow."""
 
 
 class Agent:
@@ -288,11 +286,7 @@ class Agent:
     def _control(self) -> None:
         attempt, retry_at = 0, None
         while not self._stop.is_set():
-            wake_at = [t for t in (retry_at, expiry_deadline(self._followed())) if t is not None]
-            timeout = None
-            if wake_at:  # a retry is at most minutes away; an expiry may be centuries
-                timeout = min(max(0.0, min(wake_at) - time.monotonic()), LONGEST_WAIT_S)
-            woken = self._wake.wait(timeout)
+            woken = self._wake.wait(wait_until(retry_at, expiry_deadline(self._followed())))
             self._wake.clear()
             with self._lock:
                 record = self._record

@@ -141,6 +141,18 @@ def expiry_deadline(record: Record | None) -> float | None:
     return time.monotonic() + max(0.0, record.desired.expires - time.time())
 
 
+LONGEST_WAIT_S = 3600.0
+"""The control thread wakes at least this often: a desired state expiring centuries
+from now (signed, so allowed) is waited for in steps, where one wait would overflow."""
+
+
+def wait_until(*deadlines: float | None) -> float | None:
+    """Seconds to wait for the first of the monotonic ``deadlines`` (None: no deadline),
+    at most :data:`LONGEST_WAIT_S`; None when there is none to wait for."""
+    due = [d for d in deadlines if d is not None]
+    return min(max(0.0, min(due) - time.monotonic()), LONGEST_WAIT_S) if due else None
+
+
 @dataclass(frozen=True)
 class Freshness:
     """The replay floor and the enrolment time, as read from one file."""

@@ -24,8 +24,8 @@ Bounds (all in :class:`HttpLimits`):
 - Request lines and header lines are limited by :mod:`http.server` (64 KiB, 100
   headers; 414/431). Body limits are the caller's: :meth:`BoundedHandler.content_length`.
 - ``max_inflight_bytes``: the bodies held at once, over all connections (each charged
-  its size times what parsing it costs, see :meth:`BoundedHandler.read_body`), until
-  the request is answered. A body that does not fit is answered ``503`` before it is
+  its size times what parsing it costs, see :meth:`BoundedHandler.read_body`), and the
+  answers built in JSON (:meth:`BoundedHandler.charge`), until the request is answered. A body that does not fit is answered ``503`` before it is
   read. Bodies up to ``SMALL_BODY`` are not charged (at most ``max_connections`` of
   them), so ordinary small requests get through while big ones hog the budget.
 - A body that is not read (an error answered before it) is drained, at most
@@ -43,14 +43,14 @@ import socket
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from slimfleet.agent.httplimits import ByteBudget, HttpLimits, MiB
+
 log = logging.getLogger(__name__)
 
-MiB = 1024 * 1024
 READ_BUFFER = 64 * 1024
 DRAIN_S = 1.0
 DRAIN_BYTES = 8 * MiB
@@ -65,67 +65,6 @@ sent whole requests and never read the answers once held every slot (the writes 
 up to ``request_timeout_s``, and they reconnected), so no one else got an answer."""
 MAX_REFUSED_LINGERING = 256
 JSON = "application/json"
-
-
-JSON_COST = 10  # peak memory to parse JSON tensors per byte of text (measured 2.6x-8.8x)
-
-
-@dataclass(frozen=True)
-class HttpLimits:
-    """Every bound of the HTTP server; see the module docstring for what each means."""
-
-    max_connections: int = 64
-    request_timeout_s: float = 30.0
-    idle_timeout_s: float = 10.0
-    max_json_bytes: int = 4 * MiB
-    max_binary_bytes: int = 64 * MiB
-    max_inflight_bytes: int = 256 * MiB
-
-    def __post_init__(self) -> None:
-        for name in ("max_connections", "request_timeout_s", "idle_timeout_s"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"http {name} must be > 0, got {getattr(self, name)}")
-        if not 0 < self.max_json_bytes <= self.max_binary_bytes:
-            raise ValueError(
-                f"http max_json_bytes ({self.max_json_bytes}) must be > 0 and "
-                f"<= max_binary_bytes ({self.max_binary_bytes})"
-            )
-        if self.max_json_bytes * JSON_COST > self.max_inflight_bytes:
-            raise ValueError(
-                f"http max_inflight_bytes must hold one JSON body's parse ({JSON_COST} x "
-                f"max_json_bytes = {self.max_json_bytes * JSON_COST} bytes)"
-            )
-        if self.max_inflight_bytes < self.max_binary_bytes:
-            raise ValueError(
-                f"http max_inflight_bytes ({self.max_inflight_bytes}) must be >= "
-                f"max_binary_bytes ({self.max_binary_bytes})"
-            )
-
-
-class ByteBudget:
-    """Bytes of request bodies held at once, over all connections."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self._lock = threading.Lock()  # guards _used
-        self._used = 0
-
-    def take(self, count: int) -> bool:
-        """Take ``count`` bytes if they fit; never waits."""
-        with self._lock:
-            if self._used + count > self.limit:
-                return False
-            self._used += count
-            return True
-
-    def give(self, count: int) -> None:
-        with self._lock:
-            self._used -= count
-
-    @property
-    def used(self) -> int:
-        with self._lock:
-            return self._used
 
 
 class HttpError(Exception):

@@ -56,13 +56,12 @@ import numpy as np
 from slimfleet.agent import oip
 from slimfleet.agent.deployment import SLOT_MAIN, http_url
 from slimfleet.agent.errors import SlimfleetError
+from slimfleet.agent.httplimits import JSON_COST, HttpLimits
 from slimfleet.agent.httpserver import (
     JSON,
-    JSON_COST,
     BoundedHandler,
     BoundedHttpServer,
     HttpError,
-    HttpLimits,
     RequestDeadline,
 )
 from slimfleet.agent.inference import (

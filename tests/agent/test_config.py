@@ -10,7 +10,7 @@ import pytest
 
 from slimfleet.agent.config import DEFAULT_MAX_MODEL_BYTES, HttpSettings, load_agent_config
 from slimfleet.agent.errors import ConfigError
-from slimfleet.agent.httpserver import HttpLimits
+from slimfleet.agent.httplimits import HttpLimits
 from slimfleet.agent.signing import generate_keypair
 from slimfleet.agent.watch import WatchPolicy
 

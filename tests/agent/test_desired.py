@@ -11,6 +11,7 @@ import pytest
 from slimfleet.agent.deployment import DesiredState, SlotSpec
 from slimfleet.agent.desired import (
     DESIRED_FILE,
+    LONGEST_WAIT_S,
     MAX_DESIRED_FILE_BYTES,
     Freshness,
     Record,
@@ -19,6 +20,7 @@ from slimfleet.agent.desired import (
     notice,
     restore,
     save_record,
+    wait_until,
 )
 from slimfleet.agent.signing import (
     Signer,
@@ -101,3 +103,13 @@ def test_notice_keeps_a_record_only_for_what_the_host_must_see(signer) -> None:
     future = args | {"now": fresh.desired.issued - 3600}
     refusal, kept = notice(fresh.desired, fresh.envelope, floor=2, **future)
     assert refusal.stage == "skew" and (kept.outcome, kept.stage) == ("refused", "skew")
+
+
+def test_the_control_thread_waits_for_the_first_deadline_but_never_past_an_hour():
+    import time
+
+    assert wait_until(None, None) is None
+    now = time.monotonic()
+    assert 9 < wait_until(now + 10, None, now + 50) <= 10
+    assert wait_until(now - 5) == 0.0
+    assert wait_until(now + 1e12) == LONGEST_WAIT_S  # one wait that long would overflow

@@ -17,7 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from oip_rig import OrtBackend, binary_body, call, tensor
 
-from slimfleet.agent.httpserver import EVICT_AFTER_S, UNREAD_ANSWER_S, HttpLimits, MiB
+from slimfleet.agent.httplimits import HttpLimits, MiB
+from slimfleet.agent.httpserver import EVICT_AFTER_S, UNREAD_ANSWER_S
 from slimfleet.agent.serve import HttpApi
 
 LIMITS = HttpLimits(
